@@ -1,0 +1,548 @@
+"""Every fact of the platform, as an event: the contract between services, the log and NATS.
+
+An event is a msgspec Struct tagged by its `type` (``node.registered``, ``usage.recorded``, …),
+so one decoder (`decode_event` / `AnyEvent`) reads any of them. The envelope (`id`, `stream`,
+`occurred_at`, `metadata`) is the same for all; the rest is the typed payload.
+
+- `id` is a UUIDv7: unique, time-ordered; the log and NATS (`Nats-Msg-Id`) deduplicate on it.
+- `stream` is the aggregate the event belongs to (``node:<uuid>``, ``tenant:<uuid>``), derived
+  from the payload when not given; the log versions each stream for optimistic concurrency.
+- `subject` is the NATS subject: the type plus a routing token (``node.heartbeat.<node_id>``).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+import msgspec
+
+from schemas.ids import uuid7
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+PLATFORM = "platform"
+"""Routing token for events that belong to no tenant (platform-wide subscriptions)."""
+
+
+class EventMetadata(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """Why an event happened: the request or event that caused it and who did it."""
+
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    actor: str | None = None
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="type"):
+    """The envelope shared by every event. Subclasses set `tag` and the ClassVars below."""
+
+    aggregate: ClassVar[str]
+    """Prefix of the stream name: ``node`` gives streams ``node:<id>``."""
+    stream_field: ClassVar[str]
+    """Payload field whose value names the stream."""
+    subject_field: ClassVar[str | None] = None
+    """Payload field used as the subject's routing token (default: `stream_field`)."""
+
+    id: uuid.UUID = msgspec.field(default_factory=uuid7)
+    stream: str = ""
+    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+    metadata: EventMetadata = msgspec.field(default_factory=EventMetadata)
+
+    def __post_init__(self) -> None:
+        if not self.stream:
+            self.stream = f"{self.aggregate}:{getattr(self, self.stream_field)}"
+
+    @property
+    def type(self) -> str:
+        tag = self.__struct_config__.tag
+        assert isinstance(tag, str)
+        return tag
+
+    @property
+    def routing_token(self) -> str:
+        value = getattr(self, self.subject_field or self.stream_field)
+        return PLATFORM if value is None else str(value)
+
+    @property
+    def subject(self) -> str:
+        return f"{self.type}.{self.routing_token}"
+
+
+# --------------------------------------------------------------------------- shared payload types
+
+
+class NodeStatus(enum.StrEnum):
+    LAUNCHING = "launching"
+    REGISTERED = "registered"
+    ACTIVE = "active"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+    TERMINATED = "terminated"
+    STALE = "stale"
+    FAILED = "failed"
+
+
+class EntityStatus(enum.StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    DELETED = "deleted"
+
+
+class Quota(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """Limits of an environment or an API key; None means the level's default."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    concurrency: int | None = None
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class _NodeEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "node"
+    stream_field: ClassVar[str] = "node_id"
+
+    node_id: uuid.UUID
+
+
+class NodeRegistered(_NodeEvent, tag="node.registered"):
+    """An agent announced its node (the reference document's registration payload)."""
+
+    cluster_name: str
+    provider: str
+    region: str
+    instance_type: str
+    gpu_type: str
+    vram_total_gb: int
+    model_name: str
+    endpoint_url: str
+    spot_instance: bool
+    agent_version: str = ""
+
+
+class NodeHeartbeat(_NodeEvent, tag="node.heartbeat"):
+    """An observation, not a state change: the latest one lives in Redis."""
+
+    sequence: int
+    health_score: int
+    vllm_healthy: bool
+    model_name: str = ""
+    num_requests_running: float | None = None
+    num_requests_waiting: float | None = None
+    kv_cache_usage: float | None = None
+    """Fraction 0..1 of the KV cache in use (vLLM's `vllm:kv_cache_usage_perc`)."""
+    tokens_per_second: float | None = None
+    gpu_utilization: float | None = None
+    """Percent 0..100 from nvidia-smi, when the node has it."""
+    draining: bool = False
+
+
+class NodeSpotWarning(_NodeEvent, tag="node.spot_warning"):
+    """The cloud will reclaim this spot instance: drain now, replace at once."""
+
+    provider: str
+    action: str
+    deadline: datetime | None = None
+
+
+class NodeStatusChanged(_NodeEvent, tag="node.status_changed"):
+    from_status: NodeStatus | None
+    to_status: NodeStatus
+    reason: str = ""
+    health_score: int | None = None
+
+
+class NodeDraining(_NodeEvent, tag="node.draining"):
+    reason: str
+    deadline: datetime | None = None
+
+
+class NodeDeregistered(_NodeEvent, tag="node.deregistered"):
+    """The agent left cleanly after draining."""
+
+    reason: str = ""
+
+
+class NodeTerminated(_NodeEvent, tag="node.terminated"):
+    reason: str
+    cluster_name: str = ""
+
+
+# --------------------------------------------------------------------------- usage
+
+
+class UsageRecorded(Event, tag="usage.recorded"):
+    """One inference request, as metered by the gateway from vLLM's `usage`."""
+
+    aggregate: ClassVar[str] = "usage"
+    stream_field: ClassVar[str] = "tenant_id"
+
+    request_id: str
+    tenant_id: uuid.UUID
+    environment_id: uuid.UUID
+    api_key_id: uuid.UUID
+    model: str
+    endpoint: str
+    region: str
+    node_id: uuid.UUID | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    time_to_first_token_ms: float | None = None
+    status: int = 200
+    streamed: bool = False
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+class _TenantEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "tenant"
+    stream_field: ClassVar[str] = "tenant_id"
+
+    tenant_id: uuid.UUID
+
+
+class TenantCreated(_TenantEvent, tag="tenant.created"):
+    name: str
+    email: str = ""
+    status: EntityStatus = EntityStatus.ACTIVE
+
+
+class TenantUpdated(_TenantEvent, tag="tenant.updated"):
+    """Only the fields that changed are set."""
+
+    name: str | None = None
+    email: str | None = None
+
+
+class TenantSuspended(_TenantEvent, tag="tenant.suspended"):
+    reason: str = ""
+
+
+class TenantReactivated(_TenantEvent, tag="tenant.reactivated"):
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- environments
+
+
+class _EnvironmentEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "environment"
+    stream_field: ClassVar[str] = "environment_id"
+    subject_field: ClassVar[str | None] = "tenant_id"
+
+    environment_id: uuid.UUID
+    tenant_id: uuid.UUID
+
+
+class EnvironmentCreated(_EnvironmentEvent, tag="environment.created"):
+    name: str
+    region: str
+    quota: Quota = msgspec.field(default_factory=Quota)
+    status: EntityStatus = EntityStatus.ACTIVE
+
+
+class EnvironmentUpdated(_EnvironmentEvent, tag="environment.updated"):
+    name: str | None = None
+    region: str | None = None
+    quota: Quota | None = None
+    status: EntityStatus | None = None
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+class _ApiKeyEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "apikey"
+    stream_field: ClassVar[str] = "key_id"
+    subject_field: ClassVar[str | None] = "tenant_id"
+
+    key_id: uuid.UUID
+    tenant_id: uuid.UUID
+
+
+class ApiKeyCreated(_ApiKeyEvent, tag="apikey.created"):
+    """Only the SHA-256 of the key is ever stored or sent; `last_four` is for display."""
+
+    environment_id: uuid.UUID
+    key_hash: str
+    last_four: str
+    name: str = ""
+    role: str = "developer"
+    limits: Quota = msgspec.field(default_factory=Quota)
+    expires_at: datetime | None = None
+
+
+class ApiKeyUpdated(_ApiKeyEvent, tag="apikey.updated"):
+    key_hash: str
+    name: str | None = None
+    role: str | None = None
+    limits: Quota | None = None
+    expires_at: datetime | None = None
+
+
+class ApiKeyRevoked(_ApiKeyEvent, tag="apikey.revoked"):
+    """Carries the hash so every gateway can drop it from its caches at once."""
+
+    key_hash: str
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- models and deployments
+
+
+class _ModelEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "model"
+    stream_field: ClassVar[str] = "model_id"
+
+    model_id: uuid.UUID
+
+
+class ModelCreated(_ModelEvent, tag="model.created"):
+    name: str
+    family: str
+    vram_gb: int
+    input_price_per_million: Decimal
+    output_price_per_million: Decimal
+    context_length: int
+
+
+class ModelUpdated(_ModelEvent, tag="model.updated"):
+    family: str | None = None
+    vram_gb: int | None = None
+    input_price_per_million: Decimal | None = None
+    output_price_per_million: Decimal | None = None
+    context_length: int | None = None
+    status: EntityStatus | None = None
+
+
+class _DeploymentEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "deployment"
+    stream_field: ClassVar[str] = "deployment_id"
+
+    deployment_id: uuid.UUID
+
+
+class DeploymentCreated(_DeploymentEvent, tag="deployment.created"):
+    model_id: uuid.UUID
+    model_name: str
+    regions: list[str]
+    gpu_type: str
+    spot: bool
+    min_nodes: int
+    max_nodes: int
+    allow_on_demand_fallback: bool = True
+
+
+class DeploymentUpdated(_DeploymentEvent, tag="deployment.updated"):
+    regions: list[str] | None = None
+    gpu_type: str | None = None
+    spot: bool | None = None
+    min_nodes: int | None = None
+    max_nodes: int | None = None
+    allow_on_demand_fallback: bool | None = None
+
+
+class DeploymentDeleted(_DeploymentEvent, tag="deployment.deleted"):
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- billing
+
+
+class _BillingEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "billing"
+    stream_field: ClassVar[str] = "tenant_id"
+
+    tenant_id: uuid.UUID
+
+
+class StripeCustomerLinked(_BillingEvent, tag="billing.customer_linked"):
+    customer_id: str
+    subscription_id: str | None = None
+
+
+class UsageExported(_BillingEvent, tag="billing.usage_exported"):
+    """One closed hour of one meter sent to Stripe as a Meter Event."""
+
+    meter: str
+    hour: datetime
+    value: int
+    identifier: str
+
+
+class UsageExportFailed(_BillingEvent, tag="billing.export_failed"):
+    meter: str
+    hour: datetime
+    identifier: str
+    error: str
+    retryable: bool
+
+
+class InvoicePaid(_BillingEvent, tag="billing.invoice_paid"):
+    invoice_id: str
+    amount_paid: int
+    currency: str
+    stripe_event_id: str
+
+
+class PaymentFailed(_BillingEvent, tag="billing.payment_failed"):
+    invoice_id: str
+    amount_due: int
+    currency: str
+    stripe_event_id: str
+    action_required: bool = False
+
+
+class SubscriptionChanged(_BillingEvent, tag="billing.subscription_changed"):
+    subscription_id: str
+    status: str
+    stripe_event_id: str
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+class _NotificationEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "subscription"
+    stream_field: ClassVar[str] = "subscription_id"
+    subject_field: ClassVar[str | None] = "tenant_id"
+
+    subscription_id: uuid.UUID
+    tenant_id: uuid.UUID | None = None
+    """None for a platform (operator) subscription."""
+
+
+class NotificationSubscriptionCreated(_NotificationEvent, tag="notification.subscription_created"):
+    """`target` is the URL or address; secrets never travel in events."""
+
+    kind: str
+    target: str
+    event_types: list[str]
+
+
+class NotificationSubscriptionDeleted(_NotificationEvent, tag="notification.subscription_deleted"):
+    pass
+
+
+class NotificationDelivered(_NotificationEvent, tag="notification.delivered"):
+    event_id: uuid.UUID
+    attempts: int
+    status_code: int
+
+
+class NotificationDeliveryFailed(_NotificationEvent, tag="notification.delivery_failed"):
+    event_id: uuid.UUID
+    attempts: int
+    last_status_code: int | None
+    error: str
+
+
+class NotificationEndpointDisabled(_NotificationEvent, tag="notification.endpoint_disabled"):
+    reason: str
+
+
+# --------------------------------------------------------------------------- the union
+
+AnyEvent = (
+    NodeRegistered
+    | NodeHeartbeat
+    | NodeSpotWarning
+    | NodeStatusChanged
+    | NodeDraining
+    | NodeDeregistered
+    | NodeTerminated
+    | UsageRecorded
+    | TenantCreated
+    | TenantUpdated
+    | TenantSuspended
+    | TenantReactivated
+    | EnvironmentCreated
+    | EnvironmentUpdated
+    | ApiKeyCreated
+    | ApiKeyUpdated
+    | ApiKeyRevoked
+    | ModelCreated
+    | ModelUpdated
+    | DeploymentCreated
+    | DeploymentUpdated
+    | DeploymentDeleted
+    | StripeCustomerLinked
+    | UsageExported
+    | UsageExportFailed
+    | InvoicePaid
+    | PaymentFailed
+    | SubscriptionChanged
+    | NotificationSubscriptionCreated
+    | NotificationSubscriptionDeleted
+    | NotificationDelivered
+    | NotificationDeliveryFailed
+    | NotificationEndpointDisabled
+)
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__struct_config__.tag: cls
+    for cls in AnyEvent.__args__
+}
+
+_decoder = msgspec.json.Decoder(AnyEvent)
+_encoder = msgspec.json.Encoder()
+
+
+class EventDecodeError(ValueError):
+    """Bytes that are not a valid event of a known type."""
+
+
+def decode_event(data: bytes | str) -> Event:
+    """Any event from its JSON form (with `type`); EventDecodeError when it is not one."""
+    try:
+        event: Event = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise EventDecodeError(str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"not JSON: {exc}") from exc
+    return event
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def event_from_builtins(obj: dict[str, Any]) -> Event:
+    """Any event from a dict (as read back from the log's columns)."""
+    try:
+        event: Event = msgspec.convert(obj, AnyEvent)
+    except msgspec.ValidationError as exc:
+        raise EventDecodeError(str(exc)) from exc
+    return event
+
+
+def subject_for(event_type: str, stream: str, payload: dict[str, Any]) -> str:
+    """The subject of an event known only by its stored parts (the outbox relay does not
+    decode): the same as `Event.subject` for known types; a type this build does not know
+    yet (a newer writer during a rolling deploy) is routed by its stream's id."""
+    cls = EVENT_TYPES.get(event_type)
+    if cls is None:
+        return f"{event_type}.{stream.split(':', 1)[-1]}"
+    value = payload.get(cls.subject_field or cls.stream_field)
+    return f"{event_type}.{PLATFORM if value is None else value}"
+
+
+ENVELOPE_FIELDS = frozenset({"type", "id", "stream", "occurred_at", "metadata"})
+
+
+def payload_of(event: Event) -> dict[str, Any]:
+    """The typed payload alone: what the log stores in `events.data`."""
+    data: dict[str, Any] = msgspec.to_builtins(event)
+    for name in ENVELOPE_FIELDS:
+        data.pop(name, None)
+    return data

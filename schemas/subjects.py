@@ -1,0 +1,108 @@
+"""NATS subject names and the JetStream streams that hold them: the one place they are spelled.
+
+Subjects are ``<event type>.<routing token>``: ``node.heartbeat.<node_id>``,
+``usage.recorded.<tenant_id>``, ``apikey.revoked.<tenant_id>``. Operators filter with wildcards
+(``node.*.<id>``, ``tenant.>``). Every event type is held by exactly one stream (a test checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.events import EVENT_TYPES, PLATFORM
+
+__all__ = [
+    "CONTROL",
+    "DLQ",
+    "DLQ_PREFIX",
+    "HEARTBEATS",
+    "NODES",
+    "PLATFORM",
+    "STREAMS",
+    "USAGE",
+    "StreamSpec",
+    "dlq_subject",
+    "event_subject",
+    "stream_for_subject",
+]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_seconds: float
+    """0 keeps messages until the stream's limits (none set here) drop them."""
+    description: str
+    duplicate_window_seconds: float = 120.0
+
+
+def event_subject(event_type: str, token: str = "*") -> str:
+    """``node.heartbeat`` + ``<id>`` → ``node.heartbeat.<id>``; default token is a wildcard."""
+    return f"{event_type}.{token}"
+
+
+NODES = StreamSpec(
+    name="NODES",
+    subjects=tuple(event_subject(t) for t in EVENT_TYPES
+                   if t.startswith("node.") and t != "node.heartbeat"),
+    max_age_seconds=30 * 86400,
+    description="Node lifecycle: registration, spot warnings, status changes, drain, termination.",
+)
+
+HEARTBEATS = StreamSpec(
+    name="HEARTBEATS",
+    subjects=(event_subject("node.heartbeat"),),
+    # Observations, not state: the latest lives in Redis; the stream only bridges short gaps.
+    max_age_seconds=300,
+    description="Node heartbeats (short retention).",
+    duplicate_window_seconds=60,
+)
+
+USAGE = StreamSpec(
+    name="USAGE",
+    subjects=("usage.>",),
+    max_age_seconds=14 * 86400,
+    description="Usage records from the gateways, consumed by billing.",
+)
+
+CONTROL = StreamSpec(
+    name="CONTROL",
+    subjects=("tenant.>", "environment.>", "apikey.>", "model.>", "deployment.>", "billing.>",
+              "notification.>"),
+    max_age_seconds=30 * 86400,
+    description="Control-plane events published from the log by the outbox relay.",
+)
+
+DLQ_PREFIX = "dlq"
+
+DLQ = StreamSpec(
+    name="DLQ",
+    subjects=(f"{DLQ_PREFIX}.>",),
+    max_age_seconds=14 * 86400,
+    description="Messages a consumer could not decode or kept failing on.",
+)
+
+STREAMS: tuple[StreamSpec, ...] = (NODES, HEARTBEATS, USAGE, CONTROL, DLQ)
+
+
+def dlq_subject(consumer: str, original_subject: str) -> str:
+    """Where a consumer parks a message it gave up on: ``dlq.<consumer>.<original subject>``."""
+    return f"{DLQ_PREFIX}.{consumer}.{original_subject}"
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def stream_for_subject(subject: str) -> StreamSpec | None:
+    for spec in STREAMS:
+        if any(_matches(p, subject) for p in spec.subjects):
+            return spec
+    return None
