@@ -1,0 +1,320 @@
+"""The NATS bus: JetStream for what must not be lost, core NATS queue groups for observations.
+
+- Streams (schemas.subjects.STREAMS) are created idempotently and updated in place.
+- Every JetStream publish sets ``Nats-Msg-Id`` to the event id: a retried publish within the
+  stream's duplicate window is stored once.
+- Durable pull consumers ack explicitly. A message that does not decode, or that keeps failing
+  (``max_deliver``), is parked on the dead-letter subject ``dlq.<consumer>.<subject>`` with the
+  reason in its headers, then terminated. Failures of the handler's own dependencies (Postgres
+  down) are *transient*: the batch is retried in place, without spending delivery attempts, so
+  an outage never sends good messages to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+from prometheus_client import CollectorRegistry, Counter
+
+from schemas.events import Event, EventDecodeError, decode_event, encode_event
+from schemas.subjects import STREAMS, StreamSpec, dlq_subject
+
+log = structlog.get_logger("bus")
+
+MSG_ID = "Nats-Msg-Id"
+ERROR_HEADER = "Crosslogic-Error"
+SUBJECT_HEADER = "Crosslogic-Original-Subject"
+DELIVERIES_HEADER = "Crosslogic-Deliveries"
+
+
+class TransientError(Exception):
+    """Raise from a handler when a dependency is down: the batch is retried, not failed."""
+
+
+class BusMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.published = Counter("nats_published_total", "Messages published to NATS",
+                                 ["stream"], registry=registry)
+        self.consumed = Counter("nats_consumed_total", "Messages handled by a consumer",
+                                ["consumer", "outcome"], registry=registry)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    durable: str
+    stream: str
+    subjects: tuple[str, ...]
+    batch: int = 256
+    max_deliver: int = 5
+    ack_wait: float = 30.0
+    fetch_timeout: float = 1.0
+    nak_delays: tuple[float, ...] = (0.5, 2.0, 10.0, 30.0)
+    """Redelivery delay after the 1st, 2nd, … failure (the last repeats)."""
+    transient_errors: tuple[type[BaseException], ...] = (TransientError, OSError, TimeoutError)
+    max_ack_pending: int = 10_000
+
+
+@dataclass
+class Delivery:
+    event: Event
+    subject: str
+    num_delivered: int
+    stream_sequence: int
+    msg: Msg = field(repr=False)
+
+
+BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
+EventHandler = Callable[[Event], Awaitable[None]]
+
+
+class Bus:
+    def __init__(self, nc: NATS, *, registry: CollectorRegistry | None = None) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.metrics = BusMetrics(registry)
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, user: str = "", password: str = "",
+                      registry: CollectorRegistry | None = None,
+                      connect_timeout: float = 2.0) -> Bus:
+        """Connect, and keep reconnecting for ever once connected (NATS restarts are normal)."""
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=str(exc) or type(exc).__name__)
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected")
+
+        nc = await nats.connect(
+            servers=[url], name=name, user=user or None, password=password or None,
+            connect_timeout=int(max(1, connect_timeout)), allow_reconnect=True,
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+        )
+        return cls(nc, registry=registry)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    # ------------------------------------------------------------------ streams
+
+    async def ensure_streams(self, specs: Sequence[StreamSpec] = STREAMS) -> None:
+        for spec in specs:
+            config = api.StreamConfig(
+                name=spec.name,
+                description=spec.description,
+                subjects=list(spec.subjects),
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=spec.max_age_seconds or None,
+                duplicate_window=spec.duplicate_window_seconds,
+                discard=api.DiscardPolicy.OLD,
+            )
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                # 10058: a stream by that name exists with another config; bring it up to date.
+                if exc.err_code != 10058:
+                    raise
+                await self.js.update_stream(config)
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, event: Event, *, timeout: float = 5.0) -> api.PubAck:
+        """Store an event in JetStream; returns once the stream acknowledged it."""
+        return await self.publish_raw(event.subject, encode_event(event), str(event.id),
+                                      timeout=timeout)
+
+    async def publish_raw(self, subject: str, payload: bytes, msg_id: str, *,
+                          timeout: float = 5.0,
+                          headers: dict[str, str] | None = None) -> api.PubAck:
+        ack = await self.js.publish(subject, payload, timeout=timeout,
+                                    headers={MSG_ID: msg_id, **(headers or {})})
+        self.metrics.published.labels(ack.stream).inc()
+        return ack
+
+    async def publish_observation(self, event: Event) -> None:
+        """Fire-and-forget on core NATS (heartbeats): no ack round trip. A stream holding the
+        subject still stores it, deduplicated on the id."""
+        await self.nc.publish(event.subject, encode_event(event), headers={MSG_ID: str(event.id)})
+
+    async def subscribe_observations(self, subject: str, queue: str,
+                                     handler: EventHandler) -> Subscription:
+        """Core NATS queue group: each message goes to one member of `queue`."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = decode_event(msg.data)
+            except EventDecodeError as exc:
+                log.warning("dropping undecodable observation", subject=msg.subject,
+                            error=str(exc))
+                return
+            try:
+                await handler(event)
+            except Exception:
+                log.exception("observation handler failed", subject=msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    # ------------------------------------------------------------------ consuming
+
+    async def consumer(self, spec: ConsumerSpec, handler: BatchHandler) -> Consumer:
+        config = api.ConsumerConfig(
+            durable_name=spec.durable,
+            name=spec.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            max_deliver=spec.max_deliver,
+            ack_wait=spec.ack_wait,
+            max_ack_pending=spec.max_ack_pending,
+            filter_subjects=list(spec.subjects) if len(spec.subjects) > 1 else None,
+            filter_subject=spec.subjects[0] if len(spec.subjects) == 1 else None,
+        )
+        await self.js.add_consumer(spec.stream, config)
+        sub = await self.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        return Consumer(self, spec, sub, handler)
+
+    async def dead_letter(self, consumer: str, msg: Msg, reason: str) -> None:
+        meta = msg.metadata
+        headers = {
+            ERROR_HEADER: reason[:1000],
+            SUBJECT_HEADER: msg.subject,
+            DELIVERIES_HEADER: str(meta.num_delivered),
+        }
+        # The original stream position makes parking the same message twice a no-op.
+        await self.publish_raw(dlq_subject(consumer, msg.subject), msg.data,
+                               f"dlq:{meta.stream}:{meta.sequence.stream}", headers=headers)
+
+
+class Consumer:
+    """Fetches batches from a durable pull consumer and hands them to `handler`. Run it with
+    `run()` (until cancelled) or drive it with `process_batch()` in tests."""
+
+    def __init__(self, bus: Bus, spec: ConsumerSpec, sub: JetStreamContext.PullSubscription,
+                 handler: BatchHandler) -> None:
+        self.bus = bus
+        self.spec = spec
+        self.sub = sub
+        self.handler = handler
+        self.log = log.bind(consumer=spec.durable)
+        self._outcomes = bus.metrics.consumed
+
+    async def run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.process_batch()
+                delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # NATS down or restarting: the client reconnects by itself; we wait for it.
+                self.log.warning("fetch failed; retrying", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def process_batch(self) -> int:
+        """Fetch up to `batch` messages (waiting at most `fetch_timeout`) and settle each."""
+        try:
+            msgs = await self.sub.fetch(self.spec.batch, timeout=self.spec.fetch_timeout)
+        except nats.errors.TimeoutError:
+            return 0
+        deliveries: list[Delivery] = []
+        for msg in msgs:
+            meta = msg.metadata
+            try:
+                event = decode_event(msg.data)
+            except EventDecodeError as exc:
+                self.log.warning("undecodable message to dead letters", subject=msg.subject,
+                                 error=str(exc))
+                await self._park(msg, f"decode: {exc}")
+                continue
+            deliveries.append(Delivery(event, msg.subject, meta.num_delivered,
+                                       meta.sequence.stream, msg))
+        if deliveries:
+            await self._settle(deliveries)
+        return len(msgs)
+
+    async def _settle(self, deliveries: list[Delivery]) -> None:
+        try:
+            await self._handle_with_retry(deliveries)
+        except Exception:
+            if len(deliveries) == 1:
+                await self._failed(deliveries[0])
+                return
+            # Someone in the batch is poison: find who by handling them one at a time.
+            for d in deliveries:
+                try:
+                    await self._handle_with_retry([d])
+                except Exception:
+                    await self._failed(d)
+                else:
+                    await self._ack(d)
+            return
+        for d in deliveries:
+            await self._ack(d)
+
+    async def _handle_with_retry(self, deliveries: list[Delivery]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.handler(deliveries)
+                return
+            except self.spec.transient_errors as exc:
+                self.log.warning("handler dependency unavailable; retrying batch",
+                                 error=str(exc) or type(exc).__name__, size=len(deliveries))
+                with contextlib.suppress(Exception):
+                    for d in deliveries:
+                        await d.msg.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _ack(self, d: Delivery) -> None:
+        await d.msg.ack()
+        self._outcomes.labels(self.spec.durable, "ack").inc()
+
+    async def _failed(self, d: Delivery) -> None:
+        if d.num_delivered >= self.spec.max_deliver:
+            self.log.error("message kept failing; to dead letters", subject=d.subject,
+                           deliveries=d.num_delivered)
+            await self._park(d.msg, f"failed {d.num_delivered} deliveries")
+            return
+        self.log.warning("handler failed; redelivering later", subject=d.subject,
+                         deliveries=d.num_delivered, exc_info=True)
+        delays = self.spec.nak_delays
+        await d.msg.nak(delay=delays[min(d.num_delivered, len(delays)) - 1])
+        self._outcomes.labels(self.spec.durable, "nak").inc()
+
+    async def _park(self, msg: Msg, reason: str) -> None:
+        await self.bus.dead_letter(self.spec.durable, msg, reason)
+        await msg.term()
+        self._outcomes.labels(self.spec.durable, "dead_letter").inc()
+
+
+def dlq_headers(msg: Msg) -> dict[str, Any]:
+    """What a parked message says about itself (for tools and tests)."""
+    h = msg.headers or {}
+    return {"error": h.get(ERROR_HEADER), "subject": h.get(SUBJECT_HEADER),
+            "deliveries": int(h.get(DELIVERIES_HEADER, "0"))}

@@ -1,0 +1,66 @@
+"""The recorder: events that arrive over NATS first (agents, gateways) go into the log once.
+
+It reads a durable JetStream consumer, lets the owning service validate and turn each message
+into the events to record (by default: the event itself), appends them in one transaction per
+batch with origin 'bus' (so the outbox relay does not publish them again) and acks after the
+commit. Idempotent on event id: redeliveries, replays and racing replicas record each once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from schemas.events import Event
+from services.core.bus import Bus, Consumer, ConsumerSpec, Delivery, TransientError
+from services.core.eventlog import EventLog
+
+log = structlog.get_logger("recorder")
+
+Transform = Callable[[Event], Awaitable[Sequence[Event]]]
+"""Validate an incoming event and return what to record (empty: record nothing).
+Raise ValueError for a message that must never be recorded: it goes to the dead letters."""
+
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    TransientError, OSError, TimeoutError, asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+async def record_as_is(event: Event) -> Sequence[Event]:
+    return (event,)
+
+
+class Recorder:
+    def __init__(self, eventlog: EventLog, bus: Bus, spec: ConsumerSpec, *,
+                 transform: Transform = record_as_is,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.eventlog = eventlog
+        self.bus = bus
+        self.spec = dataclasses.replace(spec, transient_errors=DATABASE_DOWN)
+        self.transform = transform
+        self.recorded = Counter("recorder_events_recorded_total",
+                                "Events recorded into the log from NATS", ["consumer"],
+                                registry=registry)
+        self.consumer: Consumer | None = None
+
+    async def start(self) -> Consumer:
+        self.consumer = await self.bus.consumer(self.spec, self.handle)
+        return self.consumer
+
+    async def run(self) -> None:
+        consumer = self.consumer or await self.start()
+        await consumer.run()
+
+    async def handle(self, deliveries: list[Delivery]) -> None:
+        events: list[Event] = []
+        for d in deliveries:
+            events.extend(await self.transform(d.event))
+        if events:
+            recorded = await self.eventlog.record(events, origin="bus")
+            self.recorded.labels(self.spec.durable).inc(len(recorded))

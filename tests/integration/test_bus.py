@@ -1,0 +1,207 @@
+"""The bus against a real NATS server with JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+
+from schemas.events import Event, NodeHeartbeat
+from schemas.subjects import STREAMS, stream_for_subject
+from services.core.bus import Bus, ConsumerSpec, Delivery, TransientError, dlq_headers
+from tests.helpers import eventually, node_registered
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    b = await Bus.connect(nats_url, name="test")
+    await b.ensure_streams()
+    yield b
+    await b.close()
+
+
+def heartbeat(node_id: uuid.UUID, seq: int = 1) -> NodeHeartbeat:
+    return NodeHeartbeat(node_id=node_id, sequence=seq, health_score=90, vllm_healthy=True)
+
+
+async def stream_messages(bus: Bus, stream: str) -> list[bytes]:
+    info = await bus.js.stream_info(stream)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        msg = await bus.js.get_msg(stream, seq)
+        out.append(msg.data or b"")
+    return out
+
+
+async def test_streams_are_created_idempotently_and_updated(bus: Bus) -> None:
+    await bus.ensure_streams()  # second time: no error
+    names = {s.config.name for s in await bus.js.streams_info()}
+    assert names == {s.name for s in STREAMS}
+    await bus.js.update_stream(config=(await bus.js.stream_info("USAGE")).config.evolve(
+        max_age=3600.0))
+    await bus.ensure_streams()  # drifted config is brought back
+    assert (await bus.js.stream_info("USAGE")).config.max_age == \
+        next(s for s in STREAMS if s.name == "USAGE").max_age_seconds
+
+
+async def test_publish_is_deduplicated_on_event_id(bus: Bus) -> None:
+    event = node_registered()
+    first = await bus.publish(event)
+    again = await bus.publish(event)
+    assert first.stream == "NODES" and not first.duplicate
+    assert again.duplicate and again.seq == first.seq
+    assert len(await stream_messages(bus, "NODES")) == 1
+
+
+async def test_every_subject_lands_in_its_stream(bus: Bus) -> None:
+    event = node_registered()
+    await bus.publish(event)
+    assert stream_for_subject(event.subject).name == "NODES"  # type: ignore[union-attr]
+    data = await stream_messages(bus, "NODES")
+    assert json.loads(data[0])["id"] == str(event.id)
+
+
+async def consume_until(bus: Bus, spec: ConsumerSpec, handler, done, timeout: float = 10):
+    consumer = await bus.consumer(spec, handler)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await eventually(done, timeout=timeout, what="consumer finished")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_consumer_acks_batches(bus: Bus) -> None:
+    events = [node_registered() for _ in range(25)]
+    for e in events:
+        await bus.publish(e)
+    seen: list[Event] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        seen.extend(d.event for d in batch)
+
+    spec = ConsumerSpec(durable="t-ack", stream="NODES", subjects=("node.registered.*",),
+                        batch=10)
+
+    async def done() -> bool:
+        return len(seen) >= 25
+
+    await consume_until(bus, spec, handler, done)
+    assert [e.id for e in seen] == [e.id for e in events]  # in order
+    info = await bus.js.consumer_info("NODES", "t-ack")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_undecodable_message_goes_to_dead_letters(bus: Bus) -> None:
+    good = node_registered()
+    await bus.publish_raw(f"node.registered.{uuid.uuid4()}", b"{not json", "bad-1")
+    await bus.publish(good)
+    seen: list[Event] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        seen.extend(d.event for d in batch)
+
+    spec = ConsumerSpec(durable="t-dlq", stream="NODES", subjects=("node.registered.*",))
+
+    async def done() -> bool:
+        return bool(seen) and (await bus.js.stream_info("DLQ")).state.messages == 1
+
+    await consume_until(bus, spec, handler, done)
+    assert seen == [good]
+    parked = await bus.js.get_msg("DLQ", 1)
+    assert parked.subject.startswith("dlq.t-dlq.node.registered.")
+    assert parked.data == b"{not json"
+    assert "decode" in (parked.headers or {}).get("Crosslogic-Error", "")
+
+
+async def test_poison_message_is_isolated_and_parked_after_max_deliver(bus: Bus) -> None:
+    events = [node_registered() for _ in range(5)]
+    poison = events[2]
+    for e in events:
+        await bus.publish(e)
+    handled: dict[uuid.UUID, int] = {}
+    attempts = {"poison": 0}
+
+    async def handler(batch: list[Delivery]) -> None:
+        if any(d.event.id == poison.id for d in batch):
+            attempts["poison"] += 1
+            raise ValueError("cannot handle this one")
+        for d in batch:
+            handled[d.event.id] = handled.get(d.event.id, 0) + 1
+
+    spec = ConsumerSpec(durable="t-poison", stream="NODES", subjects=("node.registered.*",),
+                        max_deliver=3, nak_delays=(0.05,), fetch_timeout=0.2)
+
+    async def done() -> bool:
+        return (await bus.js.stream_info("DLQ")).state.messages == 1
+
+    await consume_until(bus, spec, handler, done)
+    assert set(handled) == {e.id for e in events if e is not poison}
+    assert all(n == 1 for n in handled.values())  # good ones were not redelivered
+    parked = await bus.js.get_msg("DLQ", 1)
+    assert json.loads(parked.data)["id"] == str(poison.id)
+    meta = dlq_headers(parked)  # type: ignore[arg-type]
+    assert meta["deliveries"] == 3 and "failed 3 deliveries" in meta["error"]
+
+
+async def test_transient_errors_do_not_spend_deliveries(bus: Bus) -> None:
+    event = node_registered()
+    await bus.publish(event)
+    calls = {"n": 0}
+    ok: list[Delivery] = []
+
+    async def handler(batch: list[Delivery]) -> None:
+        calls["n"] += 1
+        if calls["n"] <= 4:  # more failures than max_deliver allows
+            raise TransientError("database down")
+        ok.extend(batch)
+
+    spec = ConsumerSpec(durable="t-transient", stream="NODES",
+                        subjects=("node.registered.*",), max_deliver=2)
+
+    async def done() -> bool:
+        return bool(ok)
+
+    await consume_until(bus, spec, handler, done)
+    assert ok[0].num_delivered == 1
+    assert (await bus.js.stream_info("DLQ")).state.messages == 0
+
+
+async def test_observations_are_shared_across_a_queue_group(bus: Bus, nats_url: str) -> None:
+    other = await Bus.connect(nats_url, name="test-2")
+    got: dict[str, list[int]] = {"a": [], "b": []}
+
+    def collector(name: str):
+        async def handle(event: Event) -> None:
+            assert isinstance(event, NodeHeartbeat)
+            got[name].append(event.sequence)
+        return handle
+
+    try:
+        await bus.subscribe_observations("node.heartbeat.*", "monitor", collector("a"))
+        await other.subscribe_observations("node.heartbeat.*", "monitor", collector("b"))
+        await bus.nc.flush()
+        await other.nc.flush()
+        node = uuid.uuid4()
+        publisher = await nats.connect(nats_url)
+        for seq in range(200):
+            await Bus(publisher).publish_observation(heartbeat(node, seq))
+        await publisher.flush()
+
+        async def all_seen() -> bool:
+            return len(got["a"]) + len(got["b"]) == 200
+
+        await eventually(all_seen, what="heartbeats delivered")
+        assert sorted(got["a"] + got["b"]) == list(range(200))  # each once
+        assert got["a"] and got["b"]  # shared
+        # The short-retention stream holds them too, for late inspection.
+        assert (await bus.js.stream_info("HEARTBEATS")).state.messages == 200
+        await publisher.close()
+    finally:
+        await other.close()
