@@ -1,0 +1,248 @@
+"""The service shell every aiohttp service is built on.
+
+`create_app` gives an application with `/health` (the process is alive), `/ready` (its
+PostgreSQL, Redis and NATS answer), `/metrics` (the app's own Prometheus registry), request ids
+bound into every log line, and its resources opened in `cleanup_ctx` under typed AppKeys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from services.core.bus import Bus
+from services.core.db import create_pool
+from services.core.eventlog import EventLog, LogWaker
+from services.core.settings import CoreSettings
+
+log = structlog.get_logger("http")
+
+SETTINGS = web.AppKey("settings", CoreSettings)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+DB = web.AppKey("db", asyncpg.Pool)
+EVENTLOG = web.AppKey("eventlog", EventLog)
+WAKER = web.AppKey("waker", LogWaker)
+REDIS = web.AppKey("redis", aioredis.Redis)
+BUS = web.AppKey("bus", Bus)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which shared resources a service opens (and `/ready` checks)."""
+
+    postgres: bool = True
+    redis: bool = True
+    nats: bool = True
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-ID when it is sane, else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+@web.middleware
+async def request_context(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+    request_id = request_id_of(request)
+    request[REQUEST_ID] = request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            raise
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+
+class HttpMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("http_requests_total", "HTTP requests",
+                                ["method", "path", "status"], registry=registry)
+        self.duration = Histogram("http_request_duration_seconds", "HTTP request duration",
+                                  ["method", "path"], registry=registry)
+
+
+HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
+
+
+def route_label(request: web.Request) -> str:
+    """The route's template (``/v1/nodes/{id}``), never the raw path: labels stay bounded."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def count_requests(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    metrics = request.app[HTTP_METRICS]
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        path = route_label(request)
+        metrics.requests.labels(request.method, path, str(status)).inc()
+        metrics.duration.labels(request.method, path).observe(time.perf_counter() - started)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok",
+                              "service": request.app[SETTINGS].service_name})
+
+
+async def _check(name: str, probe: Awaitable[object]) -> tuple[str, str]:
+    try:
+        await asyncio.wait_for(probe, 2.0)
+    except Exception as exc:
+        return name, f"error: {type(exc).__name__}"
+    return name, "ok"
+
+
+async def _nats_probe(bus: Bus) -> None:
+    if not bus.connected:
+        raise ConnectionError("not connected")
+    await bus.nc.flush(timeout=1)
+
+
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    probes = []
+    if DB in app:
+        probes.append(_check("postgres", app[DB].fetchval("SELECT 1")))
+    if REDIS in app:
+        probes.append(_check("redis", app[REDIS].ping()))
+    if BUS in app:
+        probes.append(_check("nats", _nats_probe(app[BUS])))
+    checks = dict(await asyncio.gather(*probes))
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response({"status": "ready" if ok else "not ready", "checks": checks},
+                             status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# --------------------------------------------------------------------------- resources
+
+
+async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    dsn = settings.database_url.reveal()
+    pool = await create_pool(dsn, min_size=settings.db_min_connections,
+                             max_size=settings.db_max_connections)
+    waker = LogWaker(dsn, poll_interval=settings.event_poll_interval)
+    await waker.start()
+    app[DB] = pool
+    app[EVENTLOG] = EventLog(pool)
+    app[WAKER] = waker
+    yield
+    await waker.close()
+    await pool.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    client = aioredis.from_url(app[SETTINGS].redis_url.reveal(), decode_responses=False)
+    app[REDIS] = client
+    yield
+    await client.aclose()
+
+
+async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    bus = await Bus.connect(settings.nats_url.reveal(), name=settings.service_name,
+                            user=settings.nats_user, password=settings.nats_password.reveal(),
+                            registry=app[REGISTRY])
+    await bus.ensure_streams()
+    app[BUS] = bus
+    yield
+    await bus.close()
+
+
+def background(name: str,
+               make: Callable[[web.Application], Coroutine[Any, Any, None]]) -> CleanupCtx:
+    """A cleanup context running `make(app)` as a task for the app's lifetime; a crash of the
+    task is logged (it should retry internally), and shutdown cancels it."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(make(app), name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task died", task=name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
+def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
+               middlewares: tuple[Any, ...] = (),
+               client_max_size: int = 10 * 1024 * 1024) -> web.Application:
+    registry = CollectorRegistry()
+    app = web.Application(middlewares=[request_context, count_requests, *middlewares],
+                          client_max_size=client_max_size)
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry
+    app[HTTP_METRICS] = HttpMetrics(registry)
+    if needs.postgres:
+        app.cleanup_ctx.append(postgres_ctx)
+    if needs.redis:
+        app.cleanup_ctx.append(redis_ctx)
+    if needs.nats:
+        app.cleanup_ctx.append(nats_ctx)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def serve(app: web.Application, settings: CoreSettings) -> None:
+    """Run until SIGINT/SIGTERM, on uvloop when it is installed."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    log.info("listening", service=settings.service_name, host=settings.http_host,
+             port=settings.http_port)
+    web.run_app(app, host=settings.http_host, port=settings.http_port, access_log=None,
+                print=None, shutdown_timeout=10)

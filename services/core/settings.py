@@ -1,0 +1,107 @@
+"""Typed settings read once from the environment, then passed in: never imported as a global.
+
+A service declares a msgspec Struct subclass of `CoreSettings`; `load_settings(MySettings)` reads
+each field from the upper-cased environment variable of the same name (``database_url`` ←
+``DATABASE_URL``), converting strings to the field's type and naming the variable on error.
+Secrets are `Secret` values: their repr and str are masked, so settings can be logged whole.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+
+class Secret:
+    """A value that never shows itself in logs, reprs or tracebacks; `.reveal()` to use it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and `crosslogic dev`'s banner."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+class SettingsError(ValueError):
+    """An environment variable is missing or does not parse; the message names it."""
+
+
+class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """What every service needs. Subclass it to add a service's own settings."""
+
+    service_name: str = "crosslogic"
+    database_url: Secret = Secret("postgresql://postgres@127.0.0.1:5432/crosslogic")
+    redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
+    nats_url: Secret = Secret("nats://127.0.0.1:4222")
+    nats_user: str = ""
+    nats_password: Secret = Secret("")
+    db_min_connections: int = 2
+    db_max_connections: int = 10
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    log_level: str = "info"
+    log_json: bool = True
+    event_poll_interval: float = 1.0
+    """Fallback when LISTEN/NOTIFY misses a wake-up (seconds)."""
+
+
+S = TypeVar("S", bound=CoreSettings)
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Secret:
+        if isinstance(obj, Secret):
+            return obj
+        if isinstance(obj, str):
+            return Secret(obj)
+    raise NotImplementedError
+
+
+def load_settings(cls: type[S], environ: Mapping[str, str] | None = None,
+                  **overrides: Any) -> S:
+    """Build `cls` from the environment (and explicit overrides, which win)."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for name in cls.__struct_fields__:
+        key = name.upper()
+        if key in env:
+            raw[name] = env[key]
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(raw, cls, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        # msgspec says "at `$.http_port`": name the environment variable instead.
+        message = str(exc)
+        for name in cls.__struct_fields__:
+            message = message.replace(f"`$.{name}`", f"{name.upper()}")
+        raise SettingsError(f"bad setting: {message}") from exc
