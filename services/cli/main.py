@@ -1,0 +1,188 @@
+"""The `crosslogic` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.core.eventlog import EventFilter
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    if args.database_url:
+        return str(args.database_url)
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    from services.cli.dev import read_dev_urls
+
+    urls = read_dev_urls(Path(os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev")))
+    if urls is not None:
+        return urls.database_url
+    raise SystemExit("crosslogic: set DATABASE_URL (or pass --database-url), "
+                     "or run `crosslogic dev` in this folder")
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from services.core.migrate import migrate
+
+    applied = asyncio.run(migrate(_database_url(args)))
+    for m in applied:
+        print(f"applied {m.version:04d}_{m.name}")
+    if not applied:
+        print("nothing to apply: the database is up to date")
+    return 0
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from services.cli.tail import parse_since, tail
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise SystemExit(f"crosslogic: {exc}") from None
+    flt = EventFilter(types=tuple(args.type or ()), stream=args.stream,
+                      min_position=args.from_position, since=since)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a live tail ends
+        asyncio.run(tail(_database_url(args), flt, follow=not args.no_follow,
+                         as_json=args.json))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    async def run() -> None:
+        from services.core.db import connect
+
+        conn = await connect(_database_url(args))
+        try:
+            rows = await conn.fetch(
+                "SELECT type, events, last_position, last_recorded_at FROM event_type_stats "
+                "ORDER BY type")
+        finally:
+            await conn.close()
+        print(f"{'TYPE':<36} {'EVENTS':>10} {'LAST POSITION':>14}  LAST RECORDED")
+        for r in rows:
+            print(f"{r['type']:<36} {r['events']:>10} {r['last_position']:>14}  "
+                  f"{r['last_recorded_at']:%Y-%m-%d %H:%M:%S}")
+
+    asyncio.run(run())
+    return 0
+
+
+def _cmd_projections(args: argparse.Namespace) -> int:
+    from services.cli.registry import all_projections
+    from services.core.projections import UnknownProjection
+
+    registry = all_projections()
+    if args.action == "list":
+        for name in registry.names():
+            print(name)
+        return 0
+    try:
+        projection = registry.get(args.name)
+    except UnknownProjection as exc:
+        raise SystemExit(f"crosslogic: {exc.args[0]}") from None
+
+    async def run() -> None:
+        from services.core.db import create_pool
+        from services.core.eventlog import EventLog
+        from services.core.projections import ProjectionRunner
+
+        pool = await create_pool(_database_url(args), min_size=1, max_size=2)
+        try:
+            runner = ProjectionRunner(EventLog(pool), projection)
+            if args.action == "rebuild":
+                applied = await runner.rebuild()
+                print(f"rebuilt {projection.name}: {applied} events applied, "
+                      f"checkpoint {await runner.checkpoint()}")
+            else:
+                applied = await runner.catch_up()
+                print(f"{projection.name}: caught up ({applied} events applied), "
+                      f"checkpoint {await runner.checkpoint()}")
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from services.cli.dev import run_dev
+
+    return run_dev(Path(args.state_dir), fresh=args.fresh)
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from services.core.http import serve
+    from services.core.logging import configure_logging
+    from services.core.relay import RelaySettings, relay_app
+    from services.core.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(RelaySettings, http_port=args.port)
+    except SettingsError as exc:
+        raise SystemExit(f"crosslogic relay: {exc}") from None
+    configure_logging(settings.log_level, json=settings.log_json, service="relay")
+    serve(relay_app(settings), settings)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crosslogic",
+                                     description="CrossLogic inference platform: operator CLI")
+    parser.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL, "
+                        "or the running `crosslogic dev`)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="apply the SQL migrations that are missing")
+    p.set_defaults(func=_cmd_migrate)
+
+    events = sub.add_parser("events", help="the event log")
+    events_sub = events.add_subparsers(dest="events_command", required=True)
+    p = events_sub.add_parser("tail", help="print events from the log, then follow live")
+    p.add_argument("--type", action="append", metavar="GLOB",
+                   help="event type glob, e.g. 'node.*' (repeatable)")
+    p.add_argument("--stream", metavar="S", help="stream name or glob, e.g. 'node:*'")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--since", metavar="WHEN", help="10m, 2h, 7d or an ISO time")
+    start.add_argument("--from", dest="from_position", type=int, metavar="N",
+                       help="from log position N")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--no-follow", action="store_true", help="print history and exit")
+    p.set_defaults(func=_cmd_tail)
+    p = events_sub.add_parser("stats", help="events per type (projection event_type_stats)")
+    p.set_defaults(func=_cmd_stats)
+
+    proj = sub.add_parser("projections", help="read models built from the log")
+    proj_sub = proj.add_subparsers(dest="action", required=True)
+    proj_sub.add_parser("list", help="the projections there are").set_defaults(
+        func=_cmd_projections)
+    for action, text in (("rebuild", "empty a projection and replay the whole log into it"),
+                         ("catch-up", "apply what a projection has not seen yet")):
+        p = proj_sub.add_parser(action, help=text)
+        p.add_argument("name")
+        p.set_defaults(func=_cmd_projections)
+
+    p = sub.add_parser("dev", help="run the platform locally on embedded servers")
+    p.add_argument("--state-dir", default=os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev"))
+    p.add_argument("--fresh", action="store_true", help="delete the state folder first")
+    p.set_defaults(func=_cmd_dev)
+
+    p = sub.add_parser("relay", help="run the outbox relay (log → NATS) as a service")
+    p.add_argument("--port", type=int, default=None, help="HTTP port for /health, /metrics")
+    p.set_defaults(func=_cmd_relay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Every projection of the platform, by name, for `crosslogic projections …`.
+
+The CLI is not a service: it may know each service's projections. Services never import it.
+"""
+
+from __future__ import annotations
+
+from services.core.event_stats import EventTypeStats
+from services.core.projections import ProjectionRegistry
+
+
+def all_projections() -> ProjectionRegistry:
+    return ProjectionRegistry([EventTypeStats()])
