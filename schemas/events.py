@@ -517,15 +517,6 @@ def encode_event(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
-def event_from_builtins(obj: dict[str, Any]) -> Event:
-    """Any event from a dict (as read back from the log's columns)."""
-    try:
-        event: Event = msgspec.convert(obj, AnyEvent)
-    except msgspec.ValidationError as exc:
-        raise EventDecodeError(str(exc)) from exc
-    return event
-
-
 def subject_for(event_type: str, stream: str, payload: dict[str, Any]) -> str:
     """The subject of an event known only by its stored parts (the outbox relay does not
     decode): the same as `Event.subject` for known types; a type this build does not know

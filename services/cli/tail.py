@@ -48,7 +48,7 @@ def format_json(e: RecordedEvent) -> str:
         "stream_version": e.stream_version,
         "recorded_at": e.recorded_at,
         "origin": e.origin,
-        "event": e.as_builtins(),
+        "event": msgspec.Raw(e.wire()),
     }
     return _json.encode(record).decode()
 

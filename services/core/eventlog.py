@@ -23,7 +23,7 @@ import asyncpg
 import msgspec
 import structlog
 
-from schemas.events import Event, event_from_builtins, payload_of
+from schemas.events import Event, decode_event, payload_of
 from services.core.db import Connection, connect
 
 log = structlog.get_logger("eventlog")
@@ -62,43 +62,64 @@ START: Final = LogPosition(0, 0)
 
 
 class RecordedEvent:
-    """An event as the log holds it; `.event` decodes the typed struct on first use."""
+    """An event as the log holds it. The payload stays the JSON text PostgreSQL returned until
+    someone asks: `data` parses it, `wire()` splices the envelope onto it without parsing, and
+    `event` decodes the typed struct from those bytes (msgspec's fast path)."""
 
-    __slots__ = ("_event", "data", "event_id", "metadata", "occurred_at", "origin", "position",
-                 "recorded_at", "stream", "stream_version", "transaction_id", "type")
+    __slots__ = ("_data", "_event", "event_id", "occurred_at", "origin", "position",
+                 "raw_data", "raw_metadata", "recorded_at", "stream", "stream_version",
+                 "transaction_id", "type")
 
     def __init__(self, *, position: int, transaction_id: int, event_id: Any, stream: str,
-                 stream_version: int, type: str, data: dict[str, Any],
-                 metadata: dict[str, Any], occurred_at: datetime, recorded_at: datetime,
-                 origin: str, event: Event | None = None) -> None:
+                 stream_version: int, type: str, raw_data: str, raw_metadata: str,
+                 occurred_at: datetime, recorded_at: datetime, origin: str,
+                 event: Event | None = None) -> None:
         self.position = position
         self.transaction_id = transaction_id
         self.event_id = event_id
         self.stream = stream
         self.stream_version = stream_version
         self.type = type
-        self.data = data
-        self.metadata = metadata
+        self.raw_data = raw_data
+        self.raw_metadata = raw_metadata
         self.occurred_at = occurred_at
         self.recorded_at = recorded_at
         self.origin = origin
+        self._data: dict[str, Any] | None = None
         self._event = event
 
     @property
     def checkpoint(self) -> LogPosition:
         return LogPosition(self.transaction_id, self.position)
 
-    def as_builtins(self) -> dict[str, Any]:
-        """The event in its wire form (what `encode_event` gives), without decoding it."""
-        return {**self.data, "type": self.type, "id": str(self.event_id), "stream": self.stream,
-                "occurred_at": self.occurred_at, "metadata": self.metadata}
+    @property
+    def data(self) -> dict[str, Any]:
+        """The typed payload's fields, as JSON builtins."""
+        if self._data is None:
+            self._data = _json_decode(self.raw_data)
+        return self._data
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = _json_decode(self.raw_metadata)
+        return meta
+
+    def wire(self) -> bytes:
+        """The event's JSON as `encode_event` would give it (keys in another order), built
+        without decoding: the outbox relay can publish a type this build does not know."""
+        head = _json.encode({"type": self.type, "id": str(self.event_id), "stream": self.stream,
+                             "occurred_at": self.occurred_at})
+        body = self.raw_data.strip().encode()
+        meta = self.raw_metadata.encode()
+        rest = b"}" if body == b"{}" else b"," + body[1:]
+        return head[:-1] + b',"metadata":' + meta + rest
 
     @property
     def event(self) -> Event:
         """The typed event. EventDecodeError for a type this code does not know (a newer
-        writer during a rolling deploy): callers that only pass events on use `as_builtins`."""
+        writer during a rolling deploy): callers that only pass events on use `wire()`."""
         if self._event is None:
-            self._event = event_from_builtins(self.as_builtins())
+            self._event = decode_event(self.wire())
         return self._event
 
     def __repr__(self) -> str:
@@ -194,8 +215,9 @@ class AppendResult:
     events: list[RecordedEvent] = field(default_factory=list)
 
 
-_COLUMNS = ("position, transaction_id, event_id, stream, stream_version, type, data, metadata, "
-            "occurred_at, recorded_at, origin")
+# jsonb comes back as text: RecordedEvent parses it only when asked (see `wire`).
+_COLUMNS = ("position, transaction_id, event_id, stream, stream_version, type, "
+            "data::text AS data, metadata::text AS metadata, occurred_at, recorded_at, origin")
 
 _INSERT = f"""
 INSERT INTO events (event_id, stream, stream_version, type, data, metadata, occurred_at, origin)
@@ -205,13 +227,14 @@ RETURNING {_COLUMNS}
 """
 
 _json = msgspec.json.Encoder()
+_json_decode = msgspec.json.decode
 
 
 def _row_to_recorded(row: asyncpg.Record, event: Event | None = None) -> RecordedEvent:
     return RecordedEvent(position=row["position"], transaction_id=row["transaction_id"],
                          event_id=row["event_id"], stream=row["stream"],
                          stream_version=row["stream_version"], type=row["type"],
-                         data=row["data"], metadata=row["metadata"],
+                         raw_data=row["data"], raw_metadata=row["metadata"],
                          occurred_at=row["occurred_at"], recorded_at=row["recorded_at"],
                          origin=row["origin"], event=event)
 
@@ -362,7 +385,8 @@ class EventLog:
         where, params = _filter_sql(flt, 4)
         sql = f"""
             SELECT position, transaction_id, event_id, stream, stream_version, type,
-                   CASE WHEN m THEN data END AS data, metadata, occurred_at, recorded_at, origin, m
+                   CASE WHEN m THEN data::text END AS data, metadata::text AS metadata,
+                   occurred_at, recorded_at, origin, m
             FROM (
                 SELECT *, ({where}) AS m FROM events
                 WHERE (transaction_id, position) > ($1::xid8, $2::bigint)

@@ -15,7 +15,6 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
-import msgspec
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -31,8 +30,6 @@ log = structlog.get_logger("relay")
 
 RELAY_LOCK_KEY = 0x72656C61_79303031  # "relay001"
 CHECKPOINT = "outbox-relay"
-
-_json = msgspec.json.Encoder()
 
 
 class RelayMetrics:
@@ -94,9 +91,8 @@ class OutboxRelay:
             generation = self.waker.generation if self.waker else 0
             page = await eventlog.read_all(checkpoint, self.batch_size, self.filter)
             for recorded in page.events:
-                payload = _json.encode(recorded.as_builtins())
                 subject = subject_for(recorded.type, recorded.stream, recorded.data)
-                await self._publish(subject, payload, str(recorded.event_id))
+                await self._publish(subject, recorded.wire(), str(recorded.event_id))
                 checkpoint = recorded.checkpoint
                 await self._save(conn, checkpoint)
             if page.next != checkpoint:
