@@ -84,6 +84,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.metrics = BusMetrics(registry)
+        self.closing = False
 
     @classmethod
     async def connect(cls, url: str, *, name: str, user: str = "", password: str = "",
@@ -94,8 +95,11 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc) or type(exc).__name__)
 
+        bus: Bus | None = None
+
         async def on_disconnect() -> None:
-            log.warning("nats disconnected")
+            if bus is None or not bus.closing:
+                log.warning("nats disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats reconnected")
@@ -106,13 +110,15 @@ class Bus:
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
         )
-        return cls(nc, registry=registry)
+        bus = cls(nc, registry=registry)
+        return bus
 
     @property
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
     async def close(self) -> None:
+        self.closing = True
         with contextlib.suppress(Exception):
             await self.nc.drain()
         if not self.nc.is_closed:

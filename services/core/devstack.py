@@ -454,13 +454,16 @@ class DevStack:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so `finally` blocks stop the servers."""
+    """Turn SIGTERM and SIGINT into KeyboardInterrupt so `finally` blocks stop the servers.
+    SIGINT too: a process started in the background by a script inherits SIGINT ignored, and
+    Python then installs no handler of its own."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
