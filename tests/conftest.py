@@ -21,6 +21,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from services.core.bus import Bus
 from services.core.devstack import DevStack, NatsServer
 from services.core.migrate import migrate
 
@@ -144,3 +145,12 @@ async def nats_url(servers: Servers) -> str:
         await js.delete_stream(info.config.name)
     await nc.close()
     return servers.nats_url
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    """A connected bus with the platform's streams, empty."""
+    b = await Bus.connect(nats_url, name="test")
+    await b.ensure_streams()
+    yield b
+    await b.close()

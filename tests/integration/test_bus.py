@@ -5,23 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import nats
-import pytest
 
 from schemas.events import Event, NodeHeartbeat
 from schemas.subjects import STREAMS, stream_for_subject
 from services.core.bus import Bus, ConsumerSpec, Delivery, TransientError, dlq_headers
 from tests.helpers import eventually, node_registered
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    b = await Bus.connect(nats_url, name="test")
-    await b.ensure_streams()
-    yield b
-    await b.close()
 
 
 def heartbeat(node_id: uuid.UUID, seq: int = 1) -> NodeHeartbeat:

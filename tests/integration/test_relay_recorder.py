@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -21,14 +20,6 @@ from services.core.recorder import Recorder
 from services.core.relay import OutboxRelay
 from tests.conftest import Servers
 from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    b = await Bus.connect(nats_url, name="test")
-    await b.ensure_streams()
-    yield b
-    await b.close()
 
 
 async def stream_events(bus: Bus, stream: str) -> list[Event]:
