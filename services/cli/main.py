@@ -55,15 +55,20 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     async def run() -> None:
-        from services.core.db import connect
+        from services.core.db import create_pool
+        from services.core.event_stats import EventTypeStats
+        from services.core.eventlog import EventLog
+        from services.core.projections import ProjectionRunner
 
-        conn = await connect(_database_url(args))
+        pool = await create_pool(_database_url(args), min_size=1, max_size=2)
         try:
-            rows = await conn.fetch(
+            # Bring the projection up to the end of the log first: the figures are current.
+            await ProjectionRunner(EventLog(pool), EventTypeStats()).catch_up()
+            rows = await pool.fetch(
                 "SELECT type, events, last_position, last_recorded_at FROM event_type_stats "
                 "ORDER BY type")
         finally:
-            await conn.close()
+            await pool.close()
         print(f"{'TYPE':<36} {'EVENTS':>10} {'LAST POSITION':>14}  LAST RECORDED")
         for r in rows:
             print(f"{r['type']:<36} {r['events']:>10} {r['last_position']:>14}  "

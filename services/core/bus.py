@@ -43,6 +43,10 @@ class TransientError(Exception):
     """Raise from a handler when a dependency is down: the batch is retried, not failed."""
 
 
+class PermanentError(Exception):
+    """Raise from a handler for a message that can never succeed: parked at once, not retried."""
+
+
 class BusMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.published = Counter("nats_published_total", "Messages published to NATS",
@@ -266,16 +270,16 @@ class Consumer:
     async def _settle(self, deliveries: list[Delivery]) -> None:
         try:
             await self._handle_with_retry(deliveries)
-        except Exception:
+        except Exception as exc:
             if len(deliveries) == 1:
-                await self._failed(deliveries[0])
+                await self._failed(deliveries[0], exc)
                 return
             # Someone in the batch is poison: find who by handling them one at a time.
             for d in deliveries:
                 try:
                     await self._handle_with_retry([d])
-                except Exception:
-                    await self._failed(d)
+                except Exception as exc:
+                    await self._failed(d, exc)
                 else:
                     await self._ack(d)
             return
@@ -301,11 +305,16 @@ class Consumer:
         await d.msg.ack()
         self._outcomes.labels(self.spec.durable, "ack").inc()
 
-    async def _failed(self, d: Delivery) -> None:
+    async def _failed(self, d: Delivery, exc: Exception) -> None:
+        if isinstance(exc, PermanentError):
+            self.log.warning("message refused; to dead letters", subject=d.subject,
+                             error=str(exc))
+            await self._park(d.msg, f"refused: {exc}")
+            return
         if d.num_delivered >= self.spec.max_deliver:
             self.log.error("message kept failing; to dead letters", subject=d.subject,
-                           deliveries=d.num_delivered)
-            await self._park(d.msg, f"failed {d.num_delivered} deliveries")
+                           deliveries=d.num_delivered, error=str(exc))
+            await self._park(d.msg, f"failed {d.num_delivered} deliveries: {exc}")
             return
         self.log.warning("handler failed; redelivering later", subject=d.subject,
                          deliveries=d.num_delivered, exc_info=True)

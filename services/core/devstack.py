@@ -101,10 +101,6 @@ class ManagedProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
@@ -303,10 +299,6 @@ class PostgresServer(_Server):
         result = subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p",
                                  str(self.port), "-q"], check=False)
         return result.returncode == 0
-
-    def binary(self, name: str) -> Path:
-        """pg_dump, pg_restore, psql … from the same PostgreSQL build."""
-        return self.bin / name
 
 
 # --------------------------------------------------------------------------- Redis

@@ -140,11 +140,6 @@ class EventFilter:
     min_position: int | None = None
     since: datetime | None = None
 
-    @property
-    def empty(self) -> bool:
-        return (not self.types and self.stream is None and self.origin is None
-                and self.min_position is None and self.since is None)
-
     def matches(self, event: RecordedEvent) -> bool:
         """The same test as the SQL, for events already in memory."""
         if self.types and not any(fnmatch.fnmatchcase(event.type, t) for t in self.types):

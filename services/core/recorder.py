@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from schemas.events import Event
-from services.core.bus import Bus, Consumer, ConsumerSpec, Delivery, TransientError
+from services.core.bus import Bus, Consumer, ConsumerSpec, Delivery, PermanentError, TransientError
 from services.core.eventlog import EventLog
 
 log = structlog.get_logger("recorder")
@@ -60,7 +60,10 @@ class Recorder:
     async def handle(self, deliveries: list[Delivery]) -> None:
         events: list[Event] = []
         for d in deliveries:
-            events.extend(await self.transform(d.event))
+            try:
+                events.extend(await self.transform(d.event))
+            except ValueError as exc:
+                raise PermanentError(str(exc)) from exc
         if events:
             recorded = await self.eventlog.record(events, origin="bus")
             self.recorded.labels(self.spec.durable).inc(len(recorded))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import asyncpg
 import structlog
@@ -23,7 +22,7 @@ from schemas.events import subject_for
 from services.core.bus import Bus
 from services.core.db import Connection, connect
 from services.core.eventlog import START, EventFilter, EventLog, LogPosition, LogWaker
-from services.core.http import BUS, REGISTRY, WAKER, Needs, create_app
+from services.core.http import BUS, REGISTRY, WAKER, Needs, background, create_app
 from services.core.settings import CoreSettings
 
 log = structlog.get_logger("relay")
@@ -138,26 +137,20 @@ class RelaySettings(CoreSettings, kw_only=True, frozen=True):
     relay_leader_retry: float = 2.0
 
 
-RELAY = web.AppKey("relay", OutboxRelay)
 RELAY_SETTINGS = web.AppKey("relay_settings", RelaySettings)
 
 
-async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _run_relay(app: web.Application) -> None:
     settings = app[RELAY_SETTINGS]
     relay = OutboxRelay(settings.database_url.reveal(), app[BUS], waker=app[WAKER],
                         batch_size=settings.relay_batch_size,
                         leader_retry=settings.relay_leader_retry, registry=app[REGISTRY])
-    app[RELAY] = relay
-    task = asyncio.create_task(relay.run(), name="outbox-relay")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await relay.run()
 
 
 def relay_app(settings: RelaySettings) -> web.Application:
     """`crosslogic relay`: the outbox relay with the service shell; run several, one leads."""
     app = create_app(settings, needs=Needs(postgres=True, redis=False, nats=True))
     app[RELAY_SETTINGS] = settings
-    app.cleanup_ctx.append(_relay_ctx)
+    app.cleanup_ctx.append(background("outbox-relay", _run_relay))
     return app

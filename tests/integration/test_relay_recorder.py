@@ -219,8 +219,10 @@ async def test_recorder_transform_can_refuse_and_reshape(pool: asyncpg.Pool, bus
             raise ValueError("registration without a model")
         return [event]
 
+    # max_deliver and long redelivery delays: a refusal must not wait for them.
     spec = ConsumerSpec(durable="recorder-validate", stream="NODES",
-                        subjects=("node.registered.*",), max_deliver=1, fetch_timeout=0.2)
+                        subjects=("node.registered.*",), max_deliver=10, nak_delays=(60.0,),
+                        fetch_timeout=0.2)
     recorder = Recorder(log, bus, spec, transform=validate)
     await bus.publish(bad)
     await bus.publish(good)
@@ -230,8 +232,10 @@ async def test_recorder_transform_can_refuse_and_reshape(pool: asyncpg.Pool, bus
             return (await bus.js.stream_info("DLQ")).state.messages == 1 and \
                 len(await log_order(pool, "bus")) == 1
 
-        await eventually(done, what="good recorded, bad parked")
+        await eventually(done, what="good recorded, bad parked", timeout=5)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert await log_order(pool, "bus") == [str(good.id)]
+    parked = await bus.js.get_msg("DLQ", 1)
+    assert "refused: registration without a model" in (parked.headers or {})["Crosslogic-Error"]
