@@ -23,6 +23,8 @@ __all__ = [
     "StreamSpec",
     "dlq_subject",
     "event_subject",
+    "node_ack_subject",
+    "node_command_subject",
     "stream_for_subject",
 ]
 
@@ -84,6 +86,16 @@ DLQ = StreamSpec(
 )
 
 STREAMS: tuple[StreamSpec, ...] = (NODES, HEARTBEATS, USAGE, CONTROL, DLQ)
+
+
+def node_ack_subject(node_id: object) -> str:
+    """Core NATS: the control plane acknowledges a node's registration here."""
+    return f"node.ack.{node_id}"
+
+
+def node_command_subject(node_id: object) -> str:
+    """Core NATS request/reply: commands to one node's agent (drain)."""
+    return f"node.command.{node_id}"
 
 
 def dlq_subject(consumer: str, original_subject: str) -> str:

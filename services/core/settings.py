@@ -75,7 +75,7 @@ class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     """Fallback when LISTEN/NOTIFY misses a wake-up (seconds)."""
 
 
-S = TypeVar("S", bound=CoreSettings)
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
@@ -89,7 +89,8 @@ def _dec_hook(type_: type, obj: Any) -> Any:
 
 def load_settings(cls: type[S], environ: Mapping[str, str] | None = None,
                   **overrides: Any) -> S:
-    """Build `cls` from the environment (and explicit overrides, which win)."""
+    """Build `cls` (any msgspec Struct of settings) from the environment, and explicit
+    overrides, which win."""
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     for name in cls.__struct_fields__:

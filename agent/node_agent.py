@@ -1,0 +1,359 @@
+"""The node agent: runs beside vLLM on a GPU node.
+
+It registers the node (and publishes again until the control plane acknowledges on
+``node.ack.<id>``), sends a heartbeat every interval (vLLM health, load from vLLM's /metrics,
+GPU utilisation, a health score), watches the cloud's metadata service for a spot notice, and
+answers drain commands on ``node.command.<id>``. SIGTERM, a spot notice or a drain command all
+end the same way: announce draining, let in-flight requests finish (bounded), deregister,
+exit 0. NATS or vLLM being down never stops it: it keeps retrying and says what it sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from agent.gpu import GpuReading, read_gpu
+from agent.health_score import HealthInputs, health_score
+from agent.settings import AGENT_VERSION, AgentSettings
+from agent.spot import SpotNotice, detector_for
+from agent.vllm_metrics import MetricsError, VllmLoad, parse_vllm_metrics, tokens_per_second
+from schemas.commands import CommandReply, NodeCommand, RegistrationAck
+from schemas.events import (
+    Event,
+    NodeDeregistered,
+    NodeDraining,
+    NodeHeartbeat,
+    NodeRegistered,
+    NodeSpotWarning,
+)
+from schemas.subjects import node_ack_subject, node_command_subject
+from services.core.backoff import Backoff
+from services.core.bus import Bus
+
+log = structlog.get_logger("agent")
+
+EXIT_DRAINED = 0
+EXIT_REJECTED = 3
+
+
+@dataclass(frozen=True)
+class DrainRequest:
+    reason: str
+    deadline: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    vllm_healthy: bool
+    load: VllmLoad | None
+    gpu: GpuReading
+    tokens_per_second: float | None
+    score: int
+
+
+class NodeAgent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.bus: Bus | None = None
+        self.registered = asyncio.Event()
+        self.draining = False
+        self.sequence = 0
+        self.exit_code = EXIT_DRAINED
+        self.connect_attempts = 0
+        self._drain: asyncio.Future[DrainRequest] | None = None
+        self._last_tokens: tuple[float, float] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_drain(self, reason: str, deadline: datetime | None = None) -> bool:
+        """Start a graceful drain; the first request wins. False when one is already on."""
+        if self._drain is None or self._drain.done():
+            return False
+        self._drain.set_result(DrainRequest(reason, deadline))
+        return True
+
+    async def run(self) -> int:
+        structlog.contextvars.bind_contextvars(node_id=str(self.node_id))
+        loop = asyncio.get_running_loop()
+        self._drain = loop.create_future()
+        self._install_signal_handlers(loop)
+        timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            self._session = session
+            self.bus = await self._connect()
+            tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
+                     asyncio.create_task(self._register(), name="register"),
+                     asyncio.create_task(self._watch_spot(), name="spot")]
+            await self.bus.nc.subscribe(node_command_subject(self.node_id), cb=self._on_command)
+            try:
+                request = await self._drain
+                if self.exit_code == EXIT_DRAINED:
+                    await self._drain_and_leave(request)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self.bus.close()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.remove_signal_handler(sig)
+        log.info("agent stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        def on_signal(sig: signal.Signals) -> None:
+            if not self.request_drain(f"signal {sig.name}"):
+                log.warning("second signal while draining: leaving now", signal=sig.name)
+                raise SystemExit(1)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_signal, sig)
+
+    async def _connect(self) -> Bus:
+        """NATS may not be up yet (or ever, for a while): keep trying."""
+        backoff = Backoff(initial=0.2, maximum=10.0)
+        s = self.settings
+        while True:
+            self.connect_attempts += 1
+            try:
+                bus = await Bus.connect(s.nats_url.reveal(), name=f"agent-{self.node_id}",
+                                        user=s.nats_user, password=s.nats_password.reveal())
+                log.info("connected to nats")
+                return bus
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                delay = backoff.next()
+                log.warning("nats unreachable; retrying", error=str(exc) or type(exc).__name__,
+                            retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------------ registration
+
+    def registration_event(self) -> NodeRegistered:
+        s = self.settings
+        return NodeRegistered(
+            node_id=self.node_id, cluster_name=s.cluster_name, provider=s.provider,
+            region=s.region, instance_type=s.instance_type, gpu_type=s.gpu_type,
+            vram_total_gb=s.vram_total_gb, model_name=s.model_name,
+            endpoint_url=s.advertised_url, spot_instance=s.spot_instance,
+            agent_version=AGENT_VERSION)
+
+    async def _register(self) -> None:
+        assert self.bus is not None
+        event = self.registration_event()
+        acks = await self.bus.nc.subscribe(node_ack_subject(self.node_id))
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                try:
+                    # The same event id every time: the log and the stream keep it once.
+                    await self.bus.publish(event)
+                    ack = await self._wait_for_ack(acks, event)
+                except (nats.errors.Error, TimeoutError, OSError) as exc:
+                    delay = backoff.next()
+                    log.warning("registration not acknowledged; retrying", attempt=attempt,
+                                error=str(exc) or type(exc).__name__, retry_in=round(delay, 2))
+                    await asyncio.sleep(delay)
+                    continue
+                if not ack.accepted:
+                    log.error("registration rejected by the control plane", reason=ack.reason)
+                    self.exit_code = EXIT_REJECTED
+                    self.request_drain(f"registration rejected: {ack.reason}")
+                    return
+                self.registered.set()
+                log.info("registered", attempts=attempt, event_id=str(event.id))
+                return
+        finally:
+            with contextlib.suppress(Exception):
+                await acks.unsubscribe()
+
+    async def _wait_for_ack(self, acks: Subscription,
+                            event: NodeRegistered) -> RegistrationAck:
+        deadline = time.monotonic() + self.settings.registration_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no acknowledgment")
+            msg = await acks.next_msg(timeout=remaining)
+            try:
+                ack = msgspec.json.decode(msg.data, type=RegistrationAck)
+            except msgspec.DecodeError:
+                log.warning("ignoring a malformed acknowledgment")
+                continue
+            if ack.event_id == event.id:  # an ack of an older registration is not ours
+                return ack
+
+    # ------------------------------------------------------------------ heartbeats
+
+    async def observe(self) -> Observation:
+        """Look at vLLM and the GPU. Never raises: what cannot be seen lowers the score."""
+        healthy, load, gpu = await asyncio.gather(self._vllm_healthy(), self._vllm_load(),
+                                                  read_gpu(self.settings.http_timeout))
+        now = time.monotonic()
+        rate = None
+        current = load.generation_tokens_total if load else None
+        if self._last_tokens is not None:
+            rate = tokens_per_second(self._last_tokens[1], current, now - self._last_tokens[0])
+        if current is not None:
+            self._last_tokens = (now, current)
+        score = health_score(HealthInputs(
+            vllm_healthy=healthy, metrics_ok=load is not None,
+            num_requests_waiting=load.waiting if load else None,
+            kv_cache_usage=load.kv_cache_usage if load else None,
+            gpu_probe_failed=gpu.failed))
+        return Observation(healthy, load, gpu, rate, score)
+
+    async def _vllm_healthy(self) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.settings.vllm_url}/health") as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _vllm_load(self) -> VllmLoad | None:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.settings.vllm_url}/metrics") as resp:
+                if resp.status != 200:
+                    return None
+                text = await resp.text()
+            return parse_vllm_metrics(text, self.settings.model_name)
+        except (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError):
+            return None
+
+    def heartbeat_event(self, o: Observation) -> NodeHeartbeat:
+        self.sequence += 1
+        return NodeHeartbeat(
+            node_id=self.node_id, sequence=self.sequence, health_score=o.score,
+            vllm_healthy=o.vllm_healthy, model_name=self.settings.model_name,
+            num_requests_running=o.load.running if o.load else None,
+            num_requests_waiting=o.load.waiting if o.load else None,
+            kv_cache_usage=o.load.kv_cache_usage if o.load else None,
+            tokens_per_second=o.tokens_per_second, gpu_utilization=o.gpu.utilization,
+            draining=self.draining)
+
+    async def send_heartbeat(self) -> None:
+        assert self.bus is not None
+        event = self.heartbeat_event(await self.observe())
+        if not self.bus.connected:
+            # Not buffered: a heartbeat is only worth its freshness.
+            log.warning("nats down; heartbeat skipped", sequence=event.sequence)
+            return
+        try:
+            await self.bus.publish_observation(event)
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("heartbeat not sent", error=str(exc) or type(exc).__name__)
+
+    async def _heartbeats(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            started = time.monotonic()
+            await self.send_heartbeat()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    # ------------------------------------------------------------------ spot and commands
+
+    async def _watch_spot(self) -> None:
+        s = self.settings
+        detector = detector_for(s.provider, s.metadata_base) if s.spot_instance else None
+        if detector is None:
+            return
+        assert self._session is not None
+        failing = False
+        while True:
+            try:
+                notice = await detector.poll(self._session)
+                failing = False
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                if not failing:  # say it once per outage, not every poll
+                    log.warning("metadata service unreachable", provider=s.provider,
+                                error=str(exc) or type(exc).__name__)
+                failing = True
+                notice = None
+            if notice is not None:
+                await self._on_spot_notice(notice)
+                return
+            await asyncio.sleep(s.spot_poll_interval)
+
+    async def _on_spot_notice(self, notice: SpotNotice) -> None:
+        log.warning("spot termination notice", provider=notice.provider, action=notice.action,
+                    deadline=notice.deadline.isoformat() if notice.deadline else None)
+        warning = NodeSpotWarning(node_id=self.node_id, provider=notice.provider,
+                                  action=notice.action, deadline=notice.deadline)
+        await self._publish_until(warning, notice.deadline)
+        self.request_drain(f"spot {notice.action}", notice.deadline)
+
+    async def _on_command(self, msg: Msg) -> None:
+        try:
+            command = msgspec.json.decode(msg.data, type=NodeCommand)
+        except msgspec.DecodeError as exc:
+            reply = CommandReply(accepted=False, detail=f"bad command: {exc}")
+        else:
+            deadline = (datetime.now(UTC) + timedelta(seconds=command.deadline_seconds)
+                        if command.deadline_seconds is not None else None)
+            started = self.request_drain(f"command: {command.reason or command.command}",
+                                         deadline)
+            reply = CommandReply(accepted=True,
+                                 detail="draining" if started else "already draining")
+            log.info("command received", command=command.command, by=command.issued_by)
+        if msg.reply:
+            await msg.respond(msgspec.json.encode(reply))
+
+    # ------------------------------------------------------------------ drain
+
+    async def _publish_until(self, event: Event, deadline: datetime | None) -> bool:
+        """Publish to JetStream, retrying through a NATS outage until `deadline`."""
+        assert self.bus is not None
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        while True:
+            try:
+                await self.bus.publish(event, timeout=2.0)
+                return True
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                if deadline is not None and datetime.now(UTC) >= deadline:
+                    log.error("could not publish before the deadline", type=event.type,
+                              error=str(exc) or type(exc).__name__)
+                    return False
+                await asyncio.sleep(backoff.next())
+
+    async def _drain_and_leave(self, request: DrainRequest) -> None:
+        s = self.settings
+        limit = datetime.now(UTC) + timedelta(seconds=s.drain_timeout)
+        deadline = min(limit, request.deadline) if request.deadline else limit
+        self.draining = True
+        log.info("draining", reason=request.reason, deadline=deadline.isoformat())
+        await self._publish_until(NodeDraining(node_id=self.node_id, reason=request.reason,
+                                               deadline=deadline), deadline)
+        await self.send_heartbeat()  # the load balancers see draining=True at once
+        grace = min(s.drain_grace, max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
+        await asyncio.sleep(grace)
+        while datetime.now(UTC) < deadline:
+            load = await self._vllm_load()
+            if load is None or load.running + load.waiting == 0:
+                break
+            log.info("waiting for in-flight requests", running=load.running,
+                     waiting=load.waiting)
+            await asyncio.sleep(s.drain_poll_interval)
+        else:
+            log.warning("drain deadline passed with requests in flight")
+        await self._publish_until(
+            NodeDeregistered(node_id=self.node_id, reason=request.reason),
+            datetime.now(UTC) + timedelta(seconds=5))
+        log.info("deregistered")

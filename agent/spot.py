@@ -1,0 +1,132 @@
+"""Spot/preemption notices from each cloud's instance metadata service.
+
+- AWS (IMDSv2): PUT /latest/api/token for a session token, then
+  GET /latest/meta-data/spot/instance-action: 404 = nothing; 200 = {"action", "time"}.
+- GCP: GET /computeMetadata/v1/instance/preempted with `Metadata-Flavor: Google` answers TRUE
+  once the VM is being preempted; `wait_for_change=true` long-polls. GCP gives ~30 s.
+- Azure: GET /metadata/scheduledevents?api-version=2020-07-01 with `Metadata: true`; a
+  `Preempt` event's `NotBefore` is the deadline.
+
+Parsing is pure; the detectors only fetch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import aiohttp
+
+GCP_PREEMPTION_NOTICE = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class SpotNotice:
+    provider: str
+    action: str
+    deadline: datetime | None
+
+
+class SpotDetector(Protocol):
+    provider: str
+
+    async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
+        """One look (GCP: one long poll); None when no notice is pending."""
+
+
+def parse_aws_instance_action(body: dict[str, Any]) -> SpotNotice:
+    when = body.get("time")
+    deadline = datetime.fromisoformat(when.replace("Z", "+00:00")) if when else None
+    return SpotNotice("aws", str(body.get("action", "terminate")), deadline)
+
+
+def parse_gcp_preempted(text: str, now: datetime) -> SpotNotice | None:
+    if text.strip().upper() != "TRUE":
+        return None
+    return SpotNotice("gcp", "preempt", now + GCP_PREEMPTION_NOTICE)
+
+
+def parse_azure_events(body: dict[str, Any]) -> SpotNotice | None:
+    for event in body.get("Events") or []:
+        if event.get("EventType") != "Preempt":
+            continue
+        not_before = event.get("NotBefore") or ""
+        deadline = parsedate_to_datetime(not_before) if not_before else None
+        if deadline is not None and deadline.tzinfo is None:
+            deadline = deadline.replace(tzinfo=UTC)
+        return SpotNotice("azure", "preempt", deadline)
+    return None
+
+
+class AwsSpot:
+    provider = "aws"
+    TOKEN_TTL = "21600"
+
+    def __init__(self, base_url: str) -> None:
+        self.base = base_url.rstrip("/")
+        self._token: str | None = None
+
+    async def _token_for(self, session: aiohttp.ClientSession) -> str:
+        if self._token is None:
+            async with session.put(f"{self.base}/latest/api/token",
+                                   headers={"X-aws-ec2-metadata-token-ttl-seconds":
+                                            self.TOKEN_TTL}) as resp:
+                resp.raise_for_status()
+                self._token = await resp.text()
+        return self._token
+
+    async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
+        token = await self._token_for(session)
+        async with session.get(f"{self.base}/latest/meta-data/spot/instance-action",
+                               headers={"X-aws-ec2-metadata-token": token}) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status == 401:  # token expired: get a new one next time
+                self._token = None
+                return None
+            resp.raise_for_status()
+            return parse_aws_instance_action(await resp.json(content_type=None))
+
+
+class GcpSpot:
+    provider = "gcp"
+
+    def __init__(self, base_url: str, *, wait_seconds: int = 30) -> None:
+        self.base = base_url.rstrip("/")
+        self.wait_seconds = wait_seconds
+
+    async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
+        url = f"{self.base}/computeMetadata/v1/instance/preempted"
+        params = {"wait_for_change": "true", "timeout_sec": str(self.wait_seconds)}
+        timeout = aiohttp.ClientTimeout(total=self.wait_seconds + 5)
+        async with session.get(url, params=params, headers={"Metadata-Flavor": "Google"},
+                               timeout=timeout) as resp:
+            resp.raise_for_status()
+            return parse_gcp_preempted(await resp.text(), datetime.now(UTC))
+
+
+class AzureSpot:
+    provider = "azure"
+
+    def __init__(self, base_url: str) -> None:
+        self.base = base_url.rstrip("/")
+
+    async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
+        async with session.get(f"{self.base}/metadata/scheduledevents",
+                               params={"api-version": "2020-07-01"},
+                               headers={"Metadata": "true"}) as resp:
+            resp.raise_for_status()
+            return parse_azure_events(await resp.json(content_type=None))
+
+
+def detector_for(provider: str, base_url: str) -> SpotDetector | None:
+    match provider:
+        case "aws":
+            return AwsSpot(base_url)
+        case "gcp":
+            return GcpSpot(base_url)
+        case "azure":
+            return AzureSpot(base_url)
+    return None

@@ -1,0 +1,56 @@
+"""Reading vLLM's Prometheus /metrics: the load figures a heartbeat carries. Pure parsing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE = "vllm:kv_cache_usage_perc"
+KV_CACHE_LEGACY = "vllm:gpu_cache_usage_perc"  # vLLM < 0.10 (V0 engine) name
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+
+
+@dataclass(frozen=True)
+class VllmLoad:
+    running: float
+    waiting: float
+    kv_cache_usage: float | None
+    generation_tokens_total: float | None
+    prompt_tokens_total: float | None
+
+
+class MetricsError(ValueError):
+    """The text is not Prometheus exposition, or lacks the load metrics."""
+
+
+def parse_vllm_metrics(text: str, model_name: str | None = None) -> VllmLoad:
+    """Sum each metric over its series (one per model served; only `model_name`'s if given)."""
+    sums: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if model_name and sample.labels.get("model_name", model_name) != model_name:
+                    continue
+                # Counters' samples are named with _total; gauges as the family.
+                sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
+    except (ValueError, TypeError) as exc:
+        raise MetricsError(f"unparseable metrics: {exc}") from exc
+    if RUNNING not in sums or WAITING not in sums:
+        raise MetricsError(f"{RUNNING} or {WAITING} missing")
+    kv = sums.get(KV_CACHE, sums.get(KV_CACHE_LEGACY))
+    return VllmLoad(running=sums[RUNNING], waiting=sums[WAITING], kv_cache_usage=kv,
+                    generation_tokens_total=sums.get(GENERATION_TOKENS),
+                    prompt_tokens_total=sums.get(PROMPT_TOKENS))
+
+
+def tokens_per_second(previous: float | None, current: float | None,
+                      seconds: float) -> float | None:
+    """Generation rate between two scrapes; None when it cannot be known (first scrape,
+    missing counter, or a counter reset when vLLM restarted)."""
+    if previous is None or current is None or seconds <= 0 or current < previous:
+        return None
+    return (current - previous) / seconds
