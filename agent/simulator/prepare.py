@@ -1,0 +1,196 @@
+"""From a parsed request to what it will produce: vLLM's checks (model, context length,
+sampling parameters), prompt token counts and the outputs. Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agent.simulator.config import SimulatorConfig
+from agent.simulator.generation import (
+    ChoiceOutput,
+    Sampling,
+    TextModel,
+    base_key,
+    chat_text,
+    choice_key,
+    embedding_key,
+    embedding_vector,
+)
+from agent.simulator.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    bad_request,
+    model_not_found,
+    validation_error_of,
+)
+from agent.simulator.responses import Generation
+from agent.simulator.tokenizer import chat_prompt_tokens, text_prompt_tokens
+
+EMBEDDING_CACHE = 4096
+
+
+class Prepare:
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.text = TextModel()
+        self._embeddings: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ checks
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.config.model:  # no model given: the served one, as vLLM
+            raise model_not_found(model)
+
+    def check_context(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+        """vLLM's renderer checks (TokenizeParams); returns the max_tokens to generate: the
+        rest of the context when none is given, as vLLM does."""
+        limit = self.config.max_model_len
+        out = max_tokens or 0
+        if out > limit:
+            # Sic: vLLM's message lacks the space and repeats the name.
+            raise bad_request(f"{param}={out}cannot be greater than max_model_len="
+                              f"max_total_tokens={limit}. Please request fewer output tokens.",
+                              param, out)
+        if prompt_tokens > limit - out:
+            raise bad_request(
+                f"You passed {prompt_tokens} input tokens and requested {out} output tokens. "
+                f"However, the model's context length is only {limit} tokens, resulting in a "
+                f"maximum input length of {limit - out} tokens. Please reduce the length of "
+                "the input prompt.", "input_tokens", prompt_tokens)
+        return limit - prompt_tokens if max_tokens is None else max_tokens
+
+    @staticmethod
+    def check_sampling(n: int, max_tokens: int, temperature: float | None,
+                       min_tokens: int) -> None:
+        """vLLM's SamplingParams checks: plain ValueErrors there, so no param."""
+        problem = None
+        if n < 1:
+            problem = f"n must be at least 1, got {n}."
+        elif max_tokens < 1:
+            problem = f"max_tokens must be at least 1, got {max_tokens}."
+        elif temperature is not None and temperature < 0:
+            problem = f"temperature must be non-negative, got {temperature}."
+        elif min_tokens < 0:
+            problem = f"min_tokens must be greater than or equal to 0, got {min_tokens}."
+        elif min_tokens > max_tokens:
+            problem = (f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+                       f"got {min_tokens}.")
+        if problem:
+            raise ApiError(400, problem, "BadRequestError")
+
+    # ------------------------------------------------------------------ generations
+
+    def chat(self, req: ChatCompletionRequest, request_id: str) -> Generation:
+        self.check_model(req.model)
+        messages = [(m.role, m.text()) for m in req.messages]
+        prompt_tokens = chat_prompt_tokens((c for _, c in messages),
+                                           add_generation_prompt=req.add_generation_prompt)
+        if req.max_completion_tokens is not None:
+            max_tokens = self.check_context(prompt_tokens, req.max_completion_tokens,
+                                            "max_completion_tokens")
+        else:
+            max_tokens = self.check_context(prompt_tokens, req.max_tokens, "max_tokens")
+        n = 1 if req.n is None else req.n
+        self.check_sampling(n, max_tokens, req.temperature, req.min_tokens)
+        choices = self._choices(chat_text(messages), n, max_tokens, req)
+        return self._generation(True, req, request_id, choices, [prompt_tokens] * n,
+                                prompt_tokens, None)
+
+    def completion(self, req: CompletionRequest, request_id: str) -> Generation:
+        self.check_model(req.model)
+        n = 1 if req.n is None else req.n
+        choices: list[ChoiceOutput] = []
+        per_choice: list[int] = []
+        echo: list[str] = []
+        total = 0
+        for key_text, prompt_tokens, text in completion_prompts(req.prompt):
+            max_tokens = self.check_context(prompt_tokens, req.max_tokens, "max_tokens")
+            self.check_sampling(n, max_tokens, req.temperature, req.min_tokens)
+            choices.extend(self._choices(key_text, n, max_tokens, req))
+            per_choice.extend([prompt_tokens] * n)
+            echo.extend([text] * n)
+            total += prompt_tokens
+        return self._generation(False, req, request_id, choices, per_choice, total,
+                                echo if req.echo else None)
+
+    def _choices(self, prompt: str, n: int, max_tokens: int,
+                 req: ChatCompletionRequest | CompletionRequest) -> list[ChoiceOutput]:
+        key, shared = base_key(server_seed=self.config.seed, prompt=prompt, seed=req.seed,
+                               temperature=req.temperature)
+        sampling = Sampling(max_tokens, req.stops(), req.include_stop_str_in_output,
+                            req.ignore_eos, req.min_tokens)
+        if shared:
+            return [self.text.generate(key, sampling)] * n
+        return [self.text.generate(choice_key(key, i, False), sampling) for i in range(n)]
+
+    def _generation(self, chat: bool, req: ChatCompletionRequest | CompletionRequest,
+                    request_id: str, choices: list[ChoiceOutput], per_choice: list[int],
+                    total: int, echo: list[str] | None) -> Generation:
+        stream = bool(req.stream)
+        include_usage = continuous = False
+        if stream and req.stream_options is not None:
+            include_usage = bool(req.stream_options.include_usage)
+            continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
+        return Generation(chat=chat, id=request_id, created=int(time.time()),
+                          model=self.config.model, choices=choices, prompt_tokens=per_choice,
+                          total_prompt_tokens=total, stream=stream, include_usage=include_usage,
+                          continuous_usage=continuous, echo=echo)
+
+    # ------------------------------------------------------------------ embeddings
+
+    def embeddings(self, req: EmbeddingRequest) -> tuple[list[list[float]], int]:
+        """The vectors, and the prompt tokens of all inputs."""
+        self.check_model(req.model)
+        if req.encoding_format not in ("float", "base64"):
+            raise validation_error_of("literal_error", ("body", "encoding_format"),
+                                      "Input should be 'float' or 'base64'")
+        if req.dimensions is not None and req.dimensions != self.config.embedding_dimensions:
+            raise bad_request("Model does not support matryoshka representation, changing "
+                              "output dimensions will lead to poor results.")
+        inputs = token_inputs(req.input, "input")
+        for _, tokens, _ in inputs:
+            self.check_context(tokens, None, "max_tokens")
+        return [self._vector(key) for key, _, _ in inputs], sum(t for _, t, _ in inputs)
+
+    def _vector(self, text: str) -> list[float]:
+        cached = self._embeddings.get(text)
+        if cached is None:
+            if len(self._embeddings) >= EMBEDDING_CACHE:
+                self._embeddings.clear()  # cheaper than LRU bookkeeping on the hot path
+            cached = embedding_vector(embedding_key(self.config.seed, text),
+                                      self.config.embedding_dimensions)
+            self._embeddings[text] = cached
+        return cached
+
+
+def completion_prompts(prompt: str | list[Any] | None) -> list[tuple[str, int, str]]:
+    if prompt is None or (isinstance(prompt, list) and not prompt):
+        raise bad_request("Either prompt or prompt_embeds must be provided and non-empty.")
+    return token_inputs(prompt, "prompt")
+
+
+def token_inputs(value: str | list[Any], field: str) -> list[tuple[str, int, str]]:
+    """Each prompt as (text keying its output, prompt tokens, text to echo): a string, a list
+    of strings, a list of token ids, or a list of lists of token ids."""
+    if isinstance(value, str):
+        return [(value, text_prompt_tokens(value), value)]
+    if all(isinstance(v, str) for v in value):
+        return [(v, text_prompt_tokens(v), v) for v in value]
+    if value and all(_is_id(v) for v in value):
+        return [(_ids_text(value), len(value), "")]
+    if all(isinstance(v, list) and v and all(_is_id(i) for i in v) for v in value):
+        return [(_ids_text(v), len(v), "") for v in value]
+    raise validation_error_of("value_error", ("body", field),
+                              "Input should be a valid string, a list of strings, a list of "
+                              "token ids or a list of lists of token ids")
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _ids_text(ids: list[Any]) -> str:
+    return "\x1d".join(str(i) for i in ids)
