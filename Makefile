@@ -32,6 +32,7 @@ unit: $(STAMP)
 # Benchmarks print figures; they are run by hand, not by `make test`.
 bench: $(STAMP)
 	$(BIN)/python bench/eventlog.py
+	$(BIN)/python bench/simulator.py
 
 # Re-export schemas/jsonschema/ after changing schemas/ (a test fails while it is stale).
 schemas: $(STAMP)

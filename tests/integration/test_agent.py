@@ -1,0 +1,454 @@
+"""The node agent with the vLLM simulator, a local cloud metadata service and real NATS.
+
+The test plays the control plane: it listens on the node subjects and acknowledges
+registrations on ``node.ack.<id>`` as the monitor does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import msgspec
+import nats
+import pytest
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from openai import AsyncOpenAI
+
+from agent.node_agent import EXIT_REJECTED, NodeAgent
+from agent.settings import AgentSettings
+from agent.simulator import SimulatorConfig, create_app
+from schemas.commands import CommandReply, NodeCommand, RegistrationAck
+from schemas.events import Event, NodeHeartbeat, NodeRegistered, decode_event
+from schemas.ids import uuid7
+from schemas.subjects import node_ack_subject, node_command_subject
+from services.core.bus import Bus
+from services.core.devstack import free_port
+from services.core.settings import Secret
+from tests.conftest import Servers
+from tests.doubles.cloud_metadata import STATE, MetadataState, create_metadata_app
+from tests.helpers import eventually
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@dataclass
+class Served:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def serve(app: web.Application) -> Served:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return Served(f"http://127.0.0.1:{port}", app, runner)
+
+
+@pytest.fixture
+async def start_simulator() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
+    started: list[Served] = []
+
+    async def start(**config: Any) -> Served:
+        served = await serve(create_app(SimulatorConfig(model=MODEL, **config)))
+        started.append(served)
+        return served
+
+    yield start
+    for s in started:
+        await s.stop()
+
+
+@pytest.fixture
+async def metadata() -> AsyncIterator[Served]:
+    served = await serve(create_metadata_app())
+    yield served
+    await served.stop()
+
+
+@dataclass
+class ControlPlane:
+    """Records what agents publish on node.>; acknowledges registrations unless told not to."""
+
+    nc: NATS
+    events: list[tuple[float, Event]] = field(default_factory=list)
+    ignore_registrations: int = 0
+    reject: str | None = None
+    registrations: list[NodeRegistered] = field(default_factory=list)
+
+    async def on_msg(self, msg: Msg) -> None:
+        if msg.subject.startswith(("node.ack.", "node.command.")):
+            return
+        event = decode_event(msg.data)
+        self.events.append((time.monotonic(), event))
+        if isinstance(event, NodeRegistered):
+            self.registrations.append(event)
+            if len(self.registrations) <= self.ignore_registrations:
+                return
+            ack = RegistrationAck(node_id=event.node_id, event_id=event.id,
+                                  accepted=self.reject is None, reason=self.reject or "")
+            await self.nc.publish(node_ack_subject(event.node_id), msgspec.json.encode(ack))
+
+    def of_type(self, event_type: str) -> list[Any]:
+        return [e for _, e in self.events if e.type == event_type]
+
+    def when(self, event_type: str) -> float:
+        return next(t for t, e in self.events if e.type == event_type)
+
+    async def wait_for(self, event_type: str, count: int = 1, timeout: float = 10) -> list[Any]:
+        async def enough() -> list[Any] | None:
+            found = self.of_type(event_type)
+            return found if len(found) >= count else None
+
+        return await eventually(enough, timeout=timeout, what=f"{count} x {event_type}")
+
+
+@pytest.fixture
+async def control_plane(bus: Bus, nats_url: str) -> AsyncIterator[ControlPlane]:
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    cp = ControlPlane(nc)
+    await nc.subscribe("node.>", cb=cp.on_msg)
+    await nc.flush()
+    yield cp
+    await nc.close()
+
+
+def agent_settings(nats_url: str, vllm_url: str, **overrides: Any) -> AgentSettings:
+    base: dict[str, Any] = dict(
+        nats_url=Secret(nats_url), node_id=uuid7(), cluster_name="crosslogic-llama-8b-test",
+        provider="aws", region="us-east-1", instance_type="g5.2xlarge", gpu_type="A10G",
+        vram_total_gb=24, model_name=MODEL, vllm_url=vllm_url,
+        endpoint_url="http://10.0.1.45:8000", spot_instance=False, heartbeat_interval=0.2,
+        registration_timeout=0.3, drain_grace=0.1, drain_poll_interval=0.05,
+        spot_poll_interval=0.05, log_json=False)
+    base.update(overrides)
+    return AgentSettings(**base)
+
+
+@pytest.fixture
+async def run_agent() -> AsyncIterator[Callable[[AgentSettings], asyncio.Task[int]]]:
+    tasks: list[asyncio.Task[int]] = []
+    agents: list[NodeAgent] = []
+
+    def start(settings: AgentSettings) -> asyncio.Task[int]:
+        agent = NodeAgent(settings)
+        agents.append(agent)
+        task = asyncio.create_task(agent.run())
+        task.agent = agent  # type: ignore[attr-defined]
+        tasks.append(task)
+        return task
+
+    yield start
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+@dataclass
+class Rig:
+    """Everything an agent test needs: NATS, a control plane, simulators, agents."""
+
+    cp: ControlPlane
+    nats_url: str
+    bus: Bus
+    start_simulator: Callable[..., Awaitable[Served]]
+    run_agent: Callable[[AgentSettings], asyncio.Task[int]]
+
+    def settings(self, vllm_url: str, **overrides: Any) -> AgentSettings:
+        return agent_settings(self.nats_url, vllm_url, **overrides)
+
+
+@pytest.fixture
+def rig(control_plane: ControlPlane, nats_url: str, bus: Bus,
+        start_simulator: Callable[..., Awaitable[Served]],
+        run_agent: Callable[[AgentSettings], asyncio.Task[int]]) -> Rig:
+    return Rig(control_plane, nats_url, bus, start_simulator, run_agent)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+async def test_registers_and_publishes_again_until_acknowledged(rig: Rig) -> None:
+    sim = await rig.start_simulator()
+    rig.cp.ignore_registrations = 2
+    settings = rig.settings(sim.url)
+    task = rig.run_agent(settings)
+    agent: NodeAgent = task.agent
+    await asyncio.wait_for(agent.registered.wait(), 15)
+
+    regs = rig.cp.registrations
+    assert len(regs) == 3  # two went unanswered
+    assert len({r.id for r in regs}) == 1  # the same event each time
+    reg = regs[0]
+    assert (reg.node_id, reg.cluster_name, reg.provider, reg.region, reg.instance_type,
+            reg.gpu_type, reg.vram_total_gb, reg.model_name, reg.endpoint_url,
+            reg.spot_instance) == (settings.node_id, "crosslogic-llama-8b-test", "aws",
+                                   "us-east-1", "g5.2xlarge", "A10G", 24, MODEL,
+                                   "http://10.0.1.45:8000", False)
+    assert reg.agent_version
+    # JetStream kept one copy: retries reuse the event id (Nats-Msg-Id).
+    assert (await rig.bus.js.stream_info("NODES")).state.messages == 1
+
+
+async def test_rejected_registration_stops_the_agent(rig: Rig) -> None:
+    sim = await rig.start_simulator()
+    rig.cp.reject = "unknown cluster"
+    code = await asyncio.wait_for(rig.run_agent(rig.settings(sim.url)), 15)
+    assert code == EXIT_REJECTED
+    assert rig.cp.of_type("node.draining") == []
+
+
+# --------------------------------------------------------------------------- heartbeats
+
+
+async def test_heartbeats_at_the_interval_and_through_vllm_trouble(rig: Rig) -> None:
+    sim = await rig.start_simulator()
+    rig.run_agent(rig.settings(sim.url, heartbeat_interval=0.25))
+    beats = await rig.cp.wait_for("node.heartbeat", 5)
+    first: NodeHeartbeat = beats[0]
+    assert [b.sequence for b in beats[:5]] == [1, 2, 3, 4, 5]
+    assert first.vllm_healthy and first.health_score == 100
+    assert first.num_requests_running == 0 and first.num_requests_waiting == 0
+    assert first.kv_cache_usage is not None and first.model_name == MODEL
+    times = [t for t, e in rig.cp.events if e.type == "node.heartbeat"][:5]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(0.15 <= g <= 0.6 for g in gaps), gaps
+
+    # vLLM says it is unhealthy: heartbeats go on and say so.
+    async with aiohttp.ClientSession() as s, \
+            s.post(f"{sim.url}/admin/faults", json={"health_503": True}) as r:
+        assert r.status == 200
+
+    async def unhealthy_beat() -> bool:
+        last = rig.cp.of_type("node.heartbeat")[-1]
+        return not last.vllm_healthy and last.health_score == 0
+
+    await eventually(unhealthy_beat, what="an unhealthy heartbeat")
+
+    # vLLM gone entirely: still heartbeats, nothing crashes.
+    await sim.stop()
+    seen = len(rig.cp.of_type("node.heartbeat"))
+    beats = await rig.cp.wait_for("node.heartbeat", seen + 3)
+    assert all(not b.vllm_healthy and b.num_requests_running is None for b in beats[-3:])
+
+
+async def test_heartbeats_carry_load_and_token_rate(rig: Rig) -> None:
+    sim = await rig.start_simulator(max_num_seqs=1, inter_token_latency=0.02)
+    rig.run_agent(rig.settings(sim.url, heartbeat_interval=0.2))
+    client = AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="unused", max_retries=0)
+    requests = [asyncio.create_task(client.completions.create(
+        model=MODEL, prompt="tell me a story", max_tokens=40)) for _ in range(3)]
+    try:
+        async def busy_beat() -> NodeHeartbeat | None:
+            for beat in rig.cp.of_type("node.heartbeat"):
+                if beat.num_requests_running == 1 and (beat.num_requests_waiting or 0) >= 1:
+                    return beat  # type: ignore[no-any-return]
+            return None
+
+        beat = await eventually(busy_beat, what="a heartbeat showing the queue")
+        assert beat.health_score < 100  # waiting requests lower it
+
+        async def generating() -> bool:
+            return any((b.tokens_per_second or 0) > 0
+                       for b in rig.cp.of_type("node.heartbeat"))
+
+        await eventually(generating, what="a heartbeat with a token rate")
+    finally:
+        await asyncio.gather(*requests)
+        await client.close()
+
+
+# --------------------------------------------------------------------------- spot notices
+
+
+@pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
+async def test_spot_notice_warns_at_once_then_drains(provider: str, rig: Rig,
+                                                     metadata: Served) -> None:
+    sim = await rig.start_simulator()
+    state: MetadataState = metadata.app[STATE]
+    task = rig.run_agent(rig.settings(sim.url, provider=provider, spot_instance=True,
+                                    metadata_url=metadata.url))
+    agent: NodeAgent = task.agent
+    await asyncio.wait_for(agent.registered.wait(), 10)
+
+    async def polled() -> bool:
+        return provider in state.requests
+
+    await eventually(polled, what="the agent polls the metadata service")
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=2)
+    if provider == "aws":
+        state.aws_notice("terminate", when)
+    elif provider == "gcp":
+        state.gcp_preempt()
+    else:
+        state.azure_preempt(when)
+    noticed_at = datetime.now(UTC)
+
+    (warning,) = await rig.cp.wait_for("node.spot_warning")
+    assert warning.provider == provider and warning.node_id == agent.node_id
+    if provider == "gcp":  # GCP gives 30 seconds from the notice
+        assert warning.deadline is not None
+        assert abs((warning.deadline - noticed_at).total_seconds() - 30) < 5
+    else:
+        assert warning.deadline == when
+    assert await asyncio.wait_for(task, 10) == 0
+    assert rig.cp.when("node.spot_warning") <= rig.cp.when("node.draining")
+    (draining,) = rig.cp.of_type("node.draining")
+    assert draining.deadline <= warning.deadline
+    assert rig.cp.of_type("node.deregistered")
+
+
+async def test_metadata_service_down_is_not_fatal(rig: Rig) -> None:
+    sim = await rig.start_simulator()
+    task = rig.run_agent(rig.settings(sim.url, provider="aws", spot_instance=True,
+                                    metadata_url=f"http://127.0.0.1:{free_port()}"))
+    await rig.cp.wait_for("node.heartbeat", 3)
+    assert not task.done()
+
+
+# --------------------------------------------------------------------------- drain
+
+
+async def test_drain_command_lets_in_flight_requests_finish(rig: Rig) -> None:
+    sim = await rig.start_simulator(inter_token_latency=0.02)
+    task = rig.run_agent(rig.settings(sim.url))
+    agent: NodeAgent = task.agent
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    client = AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="unused", max_retries=0)
+    finished: list[float] = []
+
+    async def one() -> str | None:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "count slowly"}], max_tokens=40,
+            stream=True)
+        reason = None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                reason = chunk.choices[0].finish_reason
+        finished.append(time.monotonic())
+        return reason
+
+    requests = [asyncio.create_task(one()) for _ in range(3)]
+    try:
+        async def all_running() -> bool:
+            load = await agent.observe()
+            return load.load is not None and load.load.running == 3
+
+        await eventually(all_running, what="three requests in flight")
+        command = NodeCommand(command="drain", reason="scale down", deadline_seconds=30,
+                              issued_by="test")
+        reply_msg = await rig.cp.nc.request(node_command_subject(agent.node_id),
+                                                   msgspec.json.encode(command), timeout=5)
+        reply = msgspec.json.decode(reply_msg.data, type=CommandReply)
+        assert reply.accepted and reply.detail == "draining"
+
+        assert await asyncio.wait_for(task, 15) == 0
+        reasons = await asyncio.gather(*requests)
+    finally:
+        await client.close()
+    assert reasons == ["length"] * 3  # every in-flight request ran to its end
+    assert rig.cp.when("node.draining") < min(finished)
+    assert rig.cp.when("node.deregistered") >= max(finished)
+    (draining,) = rig.cp.of_type("node.draining")
+    assert draining.reason == "command: scale down"
+    assert any(b.draining for b in rig.cp.of_type("node.heartbeat"))
+
+
+async def test_bad_command_is_refused(rig: Rig) -> None:
+    sim = await rig.start_simulator()
+    task = rig.run_agent(rig.settings(sim.url))
+    agent: NodeAgent = task.agent
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    msg = await rig.cp.nc.request(node_command_subject(agent.node_id),
+                                         b'{"command": "explode"}', timeout=5)
+    reply = msgspec.json.decode(msg.data, type=CommandReply)
+    assert not reply.accepted and "explode" in reply.detail
+    assert not task.done()
+
+
+async def test_sigterm_drains_and_exits_zero(rig: Rig) -> None:
+    sim = await rig.start_simulator()
+    node_id = str(uuid.uuid4())
+    env = {**os.environ, "NATS_URL": rig.nats_url, "NODE_ID": node_id, "VLLM_URL": sim.url,
+           "MODEL_NAME": MODEL, "HEARTBEAT_INTERVAL": "0.2", "DRAIN_GRACE": "0.1",
+           "LOG_LEVEL": "warning"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent", env=env)
+    try:
+        await rig.cp.wait_for("node.heartbeat", 1, timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    (dereg,) = rig.cp.of_type("node.deregistered")
+    assert str(dereg.node_id) == node_id and dereg.reason == "signal SIGTERM"
+
+
+# --------------------------------------------------------------------------- NATS trouble
+
+
+async def test_survives_a_nats_restart(servers: Servers, rig: Rig) -> None:
+    if servers.nats is None:
+        pytest.skip("needs the embedded NATS server to restart it")
+    sim = await rig.start_simulator()
+    task = rig.run_agent(rig.settings(sim.url))
+    agent: NodeAgent = task.agent
+    await rig.cp.wait_for("node.heartbeat", 2)
+    servers.nats.stop()
+
+    async def noticed() -> bool:
+        return agent.bus is not None and not agent.bus.connected
+
+    await eventually(noticed, what="the agent notices NATS is down")
+    before = max(b.sequence for b in rig.cp.of_type("node.heartbeat"))
+    servers.nats.start()
+
+    async def resumed() -> bool:
+        return any(b.sequence > before + 1 for b in rig.cp.of_type("node.heartbeat"))
+
+    await eventually(resumed, timeout=20, what="heartbeats after the restart")
+    assert not task.done()
+
+
+async def test_starts_before_nats_is_up(servers: Servers, nats_url: str, bus: Bus,
+                                        start_simulator: Any,
+                                        run_agent: Any) -> None:
+    if servers.nats is None:
+        pytest.skip("needs the embedded NATS server to stop it")
+    sim = await start_simulator()
+    servers.nats.stop()
+    task = run_agent(agent_settings(nats_url, sim.url))
+    agent: NodeAgent = task.agent
+
+    async def trying() -> bool:
+        # The NATS client itself retries a first connection for ever (max_reconnect -1).
+        return agent.connect_attempts >= 1 and agent.bus is None
+
+    await eventually(trying, what="the agent tries NATS while it is down")
+    servers.nats.start()
+    nc = await nats.connect(nats_url)
+    cp = ControlPlane(nc)
+    try:
+        await nc.subscribe("node.>", cb=cp.on_msg)
+        await asyncio.wait_for(agent.registered.wait(), 20)
+    finally:
+        await nc.close()
+    assert not task.done()
