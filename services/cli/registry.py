@@ -5,9 +5,10 @@ The CLI is not a service: it may know each service's projections. Services never
 
 from __future__ import annotations
 
+from services.core.catalog import catalog_projections
 from services.core.event_stats import EventTypeStats
 from services.core.projections import ProjectionRegistry
 
 
 def all_projections() -> ProjectionRegistry:
-    return ProjectionRegistry([EventTypeStats()])
+    return ProjectionRegistry([EventTypeStats(), *catalog_projections()])
