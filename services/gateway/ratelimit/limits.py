@@ -1,0 +1,367 @@
+"""The pure half of rate limiting: types, which checks apply, window arithmetic, the verdict and
+its response headers. No I/O and no clock: time comes in as milliseconds since the Unix epoch
+(Redis's clock in production, an injected one in the local limiter and the tests).
+
+Both limiters (Redis and per-process) run the same `plan` and the same `verdict`, so they
+agree on what a layer is, which one refused and what the client is told.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+
+WINDOW_GRACE_MS = 10_000
+"""Counters outlive their window by this much: a settle arriving just after the window ended
+still finds the window start and is recognised as late (dropped), not applied to a new window."""
+
+UNREACHABLE = 2**53
+"""Limits at or above this are treated as no limit: Lua numbers are doubles, exact only below
+2^53, and nobody can send 9 quadrillion requests a minute anyway."""
+
+CONCURRENCY_RETRY_AFTER = 1.0
+"""Seconds a client refused for concurrency is told to wait: a slot frees when any of its own
+requests ends, which we cannot predict; the lease TTL (minutes) would be far too pessimistic."""
+
+
+class Layer(StrEnum):
+    """A rate-limit layer; the value is what `x-ratelimit-scope` and the metrics show."""
+
+    KEY_REQUESTS = "key_requests"
+    ENVIRONMENT_REQUESTS = "environment_requests"
+    TENANT_REQUESTS = "tenant_requests"
+    GLOBAL_REQUESTS = "global_requests"
+    KEY_TOKENS_MINUTE = "key_tokens_minute"
+    KEY_TOKENS_DAY = "key_tokens_day"
+    ENVIRONMENT_TOKENS_MINUTE = "environment_tokens_minute"
+    ENVIRONMENT_TOKENS_DAY = "environment_tokens_day"
+    KEY_CONCURRENCY = "key_concurrency"
+    UNAVAILABLE = "unavailable"
+    """Not a limit: Redis is unreachable and the policy is `deny` (answer 503)."""
+
+
+class Kind(StrEnum):
+    REQUESTS = "r"
+    TOKENS = "t"
+    CONCURRENCY = "c"
+
+
+class Origin(StrEnum):
+    """Where a reservation lives, so settle/renew go back to the same place."""
+
+    REDIS = "redis"
+    LOCAL = "local"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSubject:
+    """Who a request is counted against: the API key and the environment and tenant it
+    belongs to (from the auth step)."""
+
+    key_id: str
+    environment_id: str
+    tenant_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits of one request's subject. None means no limit at that layer."""
+
+    key_requests_per_minute: int | None = None
+    environment_requests_per_minute: int | None = 10_000
+    tenant_requests_per_minute: int | None = 50_000
+    global_requests_per_minute: int | None = None
+    key_tokens_per_minute: int | None = None
+    key_tokens_per_day: int | None = None
+    environment_tokens_per_minute: int | None = None
+    environment_tokens_per_day: int | None = None
+    key_concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, not {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One layer to check for one request: the Redis key (also the local limiter's key), the
+    limit, the window and how much this request adds."""
+
+    layer: Layer
+    kind: Kind
+    key: str
+    limit: int | None
+    """None only for the lease of a key without a concurrency limit: the lease is then kept
+    just as the record that makes settling idempotent, and never refuses."""
+    window_ms: int
+    """0 for concurrency."""
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenWindow:
+    """A token counter a reservation added to, and the window it added to."""
+
+    key: str
+    start_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What an allowed request holds until `settle`: its lease and its reserved tokens."""
+
+    lease_id: str
+    origin: Origin
+    lease_key: str | None
+    """The key's in-flight set holding the lease; None when there is nothing to settle."""
+    token_windows: tuple[TokenWindow, ...]
+    tokens: int
+    """The estimate reserved at every token layer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    layer: Layer | None
+    """The layer that refused; None when allowed."""
+    retry_after: float
+    """Seconds until the refusing layer could allow again; 0 when allowed."""
+    headers: dict[str, str]
+    reservation: Reservation | None
+    """Set exactly when allowed: pass it to `settle` (or `release`) when the request ends."""
+    degraded: bool
+    """Decided without Redis (fallback policy)."""
+
+    @property
+    def status(self) -> int:
+        """The HTTP status the gateway answers with: 200 (go on), 429 or 503."""
+        if self.allowed:
+            return 200
+        return 503 if self.layer is Layer.UNAVAILABLE else 429
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of evaluating a request's checks against their counters."""
+
+    allowed: bool
+    layer: Layer | None
+    retry_after: float
+    headers: dict[str, str]
+
+
+# --------------------------------------------------------------------------- keys and plan
+
+
+def redis_key(layer: Layer, subject: LimitSubject) -> str:
+    """The reference document's key names. One Redis, no Cluster: a Cluster would need hash
+    tags to put one request's keys in one slot (see docs/rate-limits.md)."""
+    s = subject
+    match layer:
+        case Layer.KEY_REQUESTS:
+            return f"ratelimit:key:{s.key_id}:minute"
+        case Layer.ENVIRONMENT_REQUESTS:
+            return f"ratelimit:env:{s.environment_id}:minute"
+        case Layer.TENANT_REQUESTS:
+            return f"ratelimit:tenant:{s.tenant_id}:minute"
+        case Layer.GLOBAL_REQUESTS:
+            return "ratelimit:global:minute"
+        case Layer.KEY_TOKENS_MINUTE:
+            return f"tokens:key:{s.key_id}:minute"
+        case Layer.KEY_TOKENS_DAY:
+            return f"tokens:key:{s.key_id}:day"
+        case Layer.ENVIRONMENT_TOKENS_MINUTE:
+            return f"tokens:env:{s.environment_id}:minute"
+        case Layer.ENVIRONMENT_TOKENS_DAY:
+            return f"tokens:env:{s.environment_id}:day"
+        case Layer.KEY_CONCURRENCY:
+            return f"ratelimit:key:{s.key_id}:concurrency"
+    raise ValueError(f"{layer} has no Redis key")
+
+
+def _effective(limit: int | None) -> int | None:
+    return None if limit is None or limit >= UNREACHABLE else limit
+
+
+def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int) -> tuple[Check, ...]:
+    """The checks one request goes through, in a fixed order (requests, tokens, concurrency;
+    key before environment before tenant before global) that also breaks ties."""
+    tokens = max(0, estimated_tokens)
+    layered: list[tuple[Layer, Kind, int | None, int, int]] = [
+        (Layer.KEY_REQUESTS, Kind.REQUESTS, limits.key_requests_per_minute, MINUTE_MS, 1),
+        (Layer.ENVIRONMENT_REQUESTS, Kind.REQUESTS, limits.environment_requests_per_minute,
+         MINUTE_MS, 1),
+        (Layer.TENANT_REQUESTS, Kind.REQUESTS, limits.tenant_requests_per_minute, MINUTE_MS, 1),
+        (Layer.GLOBAL_REQUESTS, Kind.REQUESTS, limits.global_requests_per_minute, MINUTE_MS, 1),
+        (Layer.KEY_TOKENS_MINUTE, Kind.TOKENS, limits.key_tokens_per_minute, MINUTE_MS, tokens),
+        (Layer.KEY_TOKENS_DAY, Kind.TOKENS, limits.key_tokens_per_day, DAY_MS, tokens),
+        (Layer.ENVIRONMENT_TOKENS_MINUTE, Kind.TOKENS, limits.environment_tokens_per_minute,
+         MINUTE_MS, tokens),
+        (Layer.ENVIRONMENT_TOKENS_DAY, Kind.TOKENS, limits.environment_tokens_per_day, DAY_MS,
+         tokens),
+    ]
+    checks = [Check(layer, kind, redis_key(layer, subject), limit, window, amount)
+              for layer, kind, raw, window, amount in layered
+              if (limit := _effective(raw)) is not None]
+    concurrency = _effective(limits.key_concurrency)
+    has_tokens = any(c.kind is Kind.TOKENS for c in checks)
+    if concurrency is not None or has_tokens:
+        checks.append(Check(Layer.KEY_CONCURRENCY, Kind.CONCURRENCY,
+                            redis_key(Layer.KEY_CONCURRENCY, subject), concurrency, 0, 1))
+    return tuple(checks)
+
+
+def needs_lease(checks: Sequence[Check]) -> bool:
+    return any(c.kind is Kind.CONCURRENCY for c in checks)
+
+
+def reservation_for(checks: Sequence[Check], now_ms: int, lease_id: str,
+                    origin: Origin) -> Reservation:
+    lease_key = next((c.key for c in checks if c.kind is Kind.CONCURRENCY), None)
+    windows = tuple(TokenWindow(c.key, window_start(now_ms, c.window_ms))
+                    for c in checks if c.kind is Kind.TOKENS)
+    tokens = next((c.amount for c in checks if c.kind is Kind.TOKENS), 0)
+    return Reservation(lease_id=lease_id if lease_key else "", origin=origin,
+                       lease_key=lease_key, token_windows=windows, tokens=tokens)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def window_start(now_ms: int, window_ms: int) -> int:
+    """Fixed windows aligned on the epoch: minutes and UTC days (the epoch has no leap
+    seconds, so a multiple of 86,400,000 ms is always a UTC midnight)."""
+    return now_ms - now_ms % window_ms
+
+
+def window_reset_ms(now_ms: int, window_ms: int) -> int:
+    """Milliseconds until the window holding `now_ms` ends (never 0: a window just started
+    has its whole length ahead)."""
+    return window_start(now_ms, window_ms) + window_ms - now_ms
+
+
+def fits(check: Check, used: int) -> bool:
+    """Whether one more request fits. A request adds at least 1 to the comparison so that a
+    zero-token estimate is still refused once the budget is spent (and a limit of 0 refuses
+    everything)."""
+    return check.limit is None or used + max(check.amount, 1) <= check.limit
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's reset format, which is Go's `time.Duration` string at millisecond precision,
+    rounded up: `20ms`, `1s`, `1.5s`, `6m0s`, `1h0m0s`; `0s` for nothing left to wait."""
+    ms = max(0, math.ceil(round(seconds * 1000, 6)))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    whole, frac = divmod(rest, 1000)
+    secs = f"{whole}.{frac:03d}".rstrip("0") if frac else str(whole)
+    out = f"{hours}h" if hours else ""
+    if hours or minutes:
+        out += f"{minutes}m"
+    return f"{out}{secs}s"
+
+
+def retry_after_header(seconds: float) -> str:
+    """`Retry-After` is whole seconds; rounded up and at least 1 so clients never spin."""
+    return str(max(1, math.ceil(round(seconds, 6))))
+
+
+@dataclass(frozen=True, slots=True)
+class _Standing:
+    check: Check
+    index: int
+    remaining: int
+    reset_ms: int
+
+
+def _standing(check: Check, index: int, used: int, now_ms: int, committed: bool) -> _Standing:
+    assert check.limit is not None
+    counted = used + (check.amount if committed else 0)
+    reset = window_reset_ms(now_ms, check.window_ms) if check.window_ms else 0
+    return _Standing(check, index, max(0, check.limit - counted), reset)
+
+
+def most_constraining(standings: Sequence[_Standing]) -> _Standing | None:
+    """Fewest remaining; on a tie the one that resets last (it will bind longer), then the
+    plan's order."""
+    if not standings:
+        return None
+    return min(standings, key=lambda s: (s.remaining, -s.reset_ms, s.index))
+
+
+def retry_after_of(check: Check, now_ms: int) -> float:
+    if check.kind is Kind.CONCURRENCY:
+        return CONCURRENCY_RETRY_AFTER
+    return window_reset_ms(now_ms, check.window_ms) / 1000
+
+
+def verdict(checks: Sequence[Check], used: Sequence[int], now_ms: int, *,
+            committed: bool | None = None) -> Verdict:
+    """Judge a request from each check's usage *before* it (`used`, aligned with `checks`,
+    already 0 for a stale window). `committed` is what the store did (the Lua script decides
+    atomically); by default it is recomputed, which is what the local limiter does.
+
+    When several layers refuse, the one that frees last is named: retrying before it resets
+    is pointless."""
+    if len(used) != len(checks):
+        raise ValueError("one usage figure per check")
+    failing = [i for i, (c, u) in enumerate(zip(checks, used, strict=True)) if not fits(c, u)]
+    allowed = not failing if committed is None else committed
+    layer: Layer | None = None
+    retry_after = 0.0
+    refused: Check | None = None
+    if not allowed:
+        candidates = failing or [i for i, c in enumerate(checks) if c.limit is not None][:1]
+        if candidates:
+            best = max(candidates, key=lambda i: (retry_after_of(checks[i], now_ms), -i))
+            refused = checks[best]
+            layer = refused.layer
+            retry_after = retry_after_of(refused, now_ms)
+    headers = rate_limit_headers(checks, used, now_ms, committed=allowed, refused=refused)
+    if not allowed:
+        if layer is not None:
+            headers["x-ratelimit-scope"] = str(layer)
+        headers["Retry-After"] = retry_after_header(retry_after)
+    return Verdict(allowed=allowed, layer=layer, retry_after=retry_after, headers=headers)
+
+
+def rate_limit_headers(checks: Sequence[Check], used: Sequence[int], now_ms: int, *,
+                       committed: bool, refused: Check | None = None) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers for the most constraining request layer and token
+    layer (remaining counted after this request when it was committed). When a layer of one
+    kind refused, that kind's headers describe it, so they agree with `x-ratelimit-scope`."""
+    headers: dict[str, str] = {}
+    for kind, suffix in ((Kind.REQUESTS, "requests"), (Kind.TOKENS, "tokens")):
+        standings = [_standing(c, i, u, now_ms, committed)
+                     for i, (c, u) in enumerate(zip(checks, used, strict=True))
+                     if c.kind is kind and c.limit is not None]
+        chosen = next((s for s in standings if s.check is refused), None) \
+            or most_constraining(standings)
+        if chosen is None or chosen.check.limit is None:
+            continue
+        headers[f"x-ratelimit-limit-{suffix}"] = str(chosen.check.limit)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(chosen.remaining)
+        headers[f"x-ratelimit-reset-{suffix}"] = format_reset(chosen.reset_ms / 1000)
+    return headers
+
+
+def unavailable(retry_after: float) -> Verdict:
+    """Redis is unreachable and the policy is `deny`."""
+    return Verdict(allowed=False, layer=Layer.UNAVAILABLE, retry_after=retry_after,
+                   headers={"x-ratelimit-scope": str(Layer.UNAVAILABLE),
+                            "Retry-After": retry_after_header(retry_after)})

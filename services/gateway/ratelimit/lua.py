@@ -1,0 +1,141 @@
+"""The Lua scripts the Redis limiter runs (EVALSHA; SCRIPT LOAD when Redis answers NOSCRIPT).
+
+Kept as Python strings rather than package data so nothing has to be configured to ship them.
+Every script reads Redis's own clock (`TIME`) so all gateway hosts share one notion of "now";
+Redis 5+ replicates a script's effects, not the script, which is what makes `TIME` before a
+write legal.
+
+Counters are hashes `{w: window start (ms), n: count}`: a hash whose `w` is not the current
+window is stale and counts as 0, so nobody has to reset it at the boundary. Leases are a sorted
+set per key: member = lease id, score = expiry (ms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    source: str
+    sha: str
+
+
+def _script(source: str) -> Script:
+    return Script(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+ACQUIRE = _script("""
+-- KEYS: one per check, in plan order.
+-- ARGV: lease id, lease ttl (ms), window grace (ms), and the checks as one string,
+--       "kind limit window amount" per check, space-separated: kind 'r' requests, 't' tokens,
+--       'c' concurrency; limit -1 for none; window in ms (0 for concurrency).
+--       One string rather than 4 arguments a check: encoding arguments is most of the
+--       client's cost per call.
+-- Reply: {allowed (1/0), now (ms), usage of each check before this request}.
+-- All or nothing: nothing is written unless every check passes.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS
+local kinds, windows, amounts = {}, {}, {}
+local used, fresh = {}, {}
+local allowed = 1
+local i = 0
+for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (%d+)') do
+  i = i + 1
+  kinds[i], windows[i], amounts[i] = kind, tonumber(window), amount
+  limit = tonumber(limit)
+  local u = 0
+  if kind == 'c' then
+    u = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf')
+  else
+    local cur = redis.call('HMGET', KEYS[i], 'w', 'n')
+    if cur[1] and tonumber(cur[1]) == now - (now % windows[i]) then
+      u = tonumber(cur[2]) or 0
+      fresh[i] = true
+    end
+  end
+  used[i] = u
+  if limit >= 0 and u + math.max(tonumber(amount), 1) > limit then
+    allowed = 0
+  end
+end
+if i ~= n then
+  return redis.error_reply('ratelimit: ' .. n .. ' keys but ' .. i .. ' checks')
+end
+if allowed == 1 then
+  local ttl = tonumber(ARGV[2])
+  local grace = tonumber(ARGV[3])
+  for j = 1, n do
+    local key = KEYS[j]
+    if kinds[j] == 'c' then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      redis.call('ZADD', key, now + ttl, ARGV[1])
+      if redis.call('PTTL', key) < ttl then
+        redis.call('PEXPIRE', key, ttl)
+      end
+    elseif fresh[j] then
+      redis.call('HINCRBY', key, 'n', amounts[j])
+    else
+      local start = now - (now % windows[j])
+      redis.call('HSET', key, 'w', start, 'n', amounts[j])
+      redis.call('PEXPIREAT', key, start + windows[j] + grace)
+    end
+  end
+end
+local reply = {allowed, now}
+for j = 1, n do
+  reply[j + 2] = used[j]
+end
+return reply
+""")
+
+
+SETTLE = _script("""
+-- KEYS[1]: the key's lease set; KEYS[2..]: token counters the reservation added to.
+-- ARGV[1]: lease id, ARGV[2]: tokens to add (negative gives back), ARGV[3..]: the window
+-- start each counter was reserved in.
+-- Reply: 1 settled, 0 nothing to settle (already settled), -1 the lease had expired.
+-- The lease is the reservation's record: removing it is what makes a second settle a no-op.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(expiry) <= now then
+  return -1
+end
+if tonumber(ARGV[2]) ~= 0 then
+  for i = 2, #KEYS do
+    local w = redis.call('HGET', KEYS[i], 'w')
+    if w and tonumber(w) == tonumber(ARGV[i + 1]) then
+      if redis.call('HINCRBY', KEYS[i], 'n', ARGV[2]) < 0 then
+        redis.call('HSET', KEYS[i], 'n', 0)
+      end
+    end
+  end
+end
+return 1
+""")
+
+
+RENEW = _script("""
+-- KEYS[1]: the key's lease set. ARGV[1]: lease id, ARGV[2]: ttl (ms).
+-- Reply: 1 renewed, 0 the lease is gone or expired (a lapsed lease is never revived: its slot
+-- may already be someone else's).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry or tonumber(expiry) <= now then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+""")

@@ -1,0 +1,241 @@
+"""The Redis limiter: every check of a request in one EVALSHA, exact across gateway processes.
+
+When Redis does not answer (refused, timed out, erroring) the limiter never raises: it decides
+by its policy, logs the outage once, counts it, and leaves Redis alone for `cooldown` seconds
+before one request probes it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from services.gateway.ratelimit import lua
+from services.gateway.ratelimit.limits import (
+    WINDOW_GRACE_MS,
+    Decision,
+    Layer,
+    Limits,
+    LimitSubject,
+    Origin,
+    Reservation,
+    needs_lease,
+    plan,
+    reservation_for,
+    unavailable,
+    verdict,
+)
+from services.gateway.ratelimit.local_limiter import LocalRateLimiter
+
+log = structlog.get_logger("ratelimit")
+
+Policy = Literal["local", "allow", "deny"]
+POLICIES: tuple[Policy, ...] = ("local", "allow", "deny")
+
+# OSError: a refused or reset socket can surface raw; TimeoutError: our own deadline.
+_UNREACHABLE = (RedisError, OSError, TimeoutError)
+
+_NOTHING = Reservation(lease_id="", origin=Origin.NONE, lease_key=None, token_windows=(),
+                       tokens=0)
+
+
+def connect_redis(url: str, *, timeout: float = 0.25,
+                  max_connections: int | None = None) -> aioredis.Redis:
+    """A client fit for the limiter: short socket timeouts and no automatic retries. redis-py
+    retries timed-out commands by default, and a retried EVALSHA whose first run did reach
+    Redis would count a request twice."""
+    return aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                             retry=Retry(NoBackoff(), 0), max_connections=max_connections)
+
+
+class RateLimitMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # No key_id label (the reference document had one): keys are unbounded, and a label
+        # per key would grow the registry with every tenant's every key.
+        self.exceeded = Counter("rate_limit_exceeded_total",
+                                "Requests refused by a rate limit, by layer", ["reason"],
+                                registry=registry)
+        self.fallback = Counter("rate_limit_fallback_total",
+                                "Requests decided without Redis, by policy", ["policy"],
+                                registry=registry)
+        self.redis_errors = Counter("rate_limit_redis_errors_total",
+                                    "Rate limiter calls to Redis that failed", registry=registry)
+        for layer in Layer:
+            if layer is not Layer.UNAVAILABLE:
+                self.exceeded.labels(str(layer))
+        for policy in POLICIES:
+            self.fallback.labels(policy)
+
+
+class RedisRateLimiter:
+    """The gateway's rate limiter. `policy` says what happens while Redis is unreachable:
+    `local` (per-process limits), `allow` (no limits) or `deny` (503).
+
+    `timeout` bounds every Redis call whatever the client's own settings; `clock` (monotonic
+    seconds) times the cool-down and `local` replaces the fallback limiter, both for tests."""
+
+    def __init__(self, redis: aioredis.Redis, *, policy: Policy = "local",
+                 lease_ttl: float = 120.0, registry: CollectorRegistry | None = None,
+                 cooldown: float = 1.0, timeout: float = 0.25,
+                 local: LocalRateLimiter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+        if lease_ttl <= 0 or cooldown < 0 or timeout <= 0:
+            raise ValueError("lease_ttl and timeout must be > 0, cooldown >= 0")
+        self._redis = redis
+        self.policy: Policy = policy
+        self._lease_ttl_ms = max(1, round(lease_ttl * 1000))
+        self._cooldown = cooldown
+        self._timeout = timeout
+        self._clock = clock
+        self._local = local if local is not None else LocalRateLimiter(lease_ttl=lease_ttl)
+        self.metrics = RateLimitMetrics(registry or CollectorRegistry())
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._probing = False
+        self._fallbacks = 0
+        retry = redis.get_retry()
+        if retry is not None and retry.get_retries() > 0:
+            log.warning("rate limiter redis client retries commands: a retried EVALSHA can "
+                        "count a request twice; build it with connect_redis()",
+                        retries=retry.get_retries())
+
+    @property
+    def degraded(self) -> bool:
+        """Whether Redis is currently considered unreachable."""
+        return self._down_since is not None
+
+    # ------------------------------------------------------------------- the API
+
+    async def acquire(self, subject: LimitSubject, limits: Limits,
+                      estimated_tokens: int) -> Decision:
+        """Check every layer and, only if all pass, count the request, reserve
+        `estimated_tokens` and take a lease: one EVALSHA."""
+        checks = plan(subject, limits, estimated_tokens)
+        if not checks:
+            return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
+                            reservation=_NOTHING, degraded=False)
+        lease_id = uuid.uuid4().hex if needs_lease(checks) else ""
+        spec = " ".join(f"{c.kind.value} {-1 if c.limit is None else c.limit} "
+                        f"{c.window_ms} {c.amount}" for c in checks)
+        args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, spec]
+        done, reply = await self._run(lua.ACQUIRE, [c.key for c in checks], args)
+        if not done:
+            return self._fallback(subject, limits, estimated_tokens)
+        allowed, now_ms, *used = (int(x) for x in reply)
+        result = verdict(checks, used, now_ms, committed=allowed == 1)
+        if not result.allowed and result.layer is not None:
+            self.metrics.exceeded.labels(str(result.layer)).inc()
+        return Decision(
+            allowed=result.allowed, layer=result.layer, retry_after=result.retry_after,
+            headers=result.headers,
+            reservation=reservation_for(checks, now_ms, lease_id, Origin.REDIS)
+            if result.allowed else None,
+            degraded=False)
+
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Correct the reserved tokens to `actual_tokens` in the windows they were reserved in
+        (dropped if a window has ended) and release the lease. Idempotent; one EVALSHA. When
+        Redis is down the settlement is dropped: the estimate stands and the lease expires."""
+        if reservation.origin is Origin.LOCAL:
+            self._local.settle_now(reservation, actual_tokens)
+            return
+        if reservation.origin is not Origin.REDIS or reservation.lease_key is None:
+            return
+        keys = [reservation.lease_key, *(w.key for w in reservation.token_windows)]
+        delta = max(0, actual_tokens) - reservation.tokens
+        args: list[str | int] = [reservation.lease_id, delta,
+                                 *(w.start_ms for w in reservation.token_windows)]
+        await self._run(lua.SETTLE, keys, args)
+
+    async def release(self, reservation: Reservation) -> None:
+        """The request consumed nothing (it never reached a node): give back its tokens and
+        its lease. The request itself stays counted."""
+        await self.settle(reservation, 0)
+
+    async def renew(self, reservation: Reservation) -> bool:
+        """Extend the lease by `lease_ttl` from now; long streams call it periodically. False
+        only when the store says the lease is gone (expired or settled): a lapsed lease is
+        not revived. While Redis is unreachable the lease is assumed held."""
+        if reservation.origin is Origin.LOCAL:
+            return self._local.renew_now(reservation)
+        if reservation.origin is not Origin.REDIS or reservation.lease_key is None:
+            return True
+        done, reply = await self._run(lua.RENEW, [reservation.lease_key],
+                                      [reservation.lease_id, self._lease_ttl_ms])
+        return not done or int(reply) == 1
+
+    # ------------------------------------------------------------------- Redis and outages
+
+    async def _run(self, script: lua.Script, keys: Sequence[str],
+                   args: Sequence[str | int]) -> tuple[bool, Any]:
+        """(True, reply), or (False, None) when Redis was skipped or failed."""
+        if self._down_since is not None:
+            if self._probing or self._clock() < self._retry_at:
+                return False, None
+            self._probing = True
+            probe = True
+        else:
+            probe = False
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    reply = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    # Redis restarted or SCRIPT FLUSH: load once, then EVALSHA works again.
+                    await self._redis.script_load(script.source)
+                    reply = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except _UNREACHABLE as exc:
+            self._failed(exc)
+            return False, None
+        finally:
+            if probe:
+                self._probing = False
+        self._recovered()
+        return True, reply
+
+    def _failed(self, exc: BaseException) -> None:
+        self.metrics.redis_errors.inc()
+        now = self._clock()
+        self._retry_at = now + self._cooldown
+        if self._down_since is None:
+            self._down_since = now
+            self._fallbacks = 0
+            log.warning("rate limiter cannot reach redis; falling back to its policy",
+                        policy=self.policy, error=type(exc).__name__, detail=str(exc)[:200],
+                        cooldown=self._cooldown)
+
+    def _recovered(self) -> None:
+        if self._down_since is None:
+            return
+        log.info("rate limiter reaches redis again", policy=self.policy,
+                 outage_seconds=round(self._clock() - self._down_since, 3),
+                 decided_without_redis=self._fallbacks)
+        self._down_since = None
+
+    def _fallback(self, subject: LimitSubject, limits: Limits,
+                  estimated_tokens: int) -> Decision:
+        self._fallbacks += 1
+        self.metrics.fallback.labels(self.policy).inc()
+        if self.policy == "allow":
+            return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
+                            reservation=_NOTHING, degraded=True)
+        if self.policy == "deny":
+            result = unavailable(max(self._cooldown, 1.0))
+            return Decision(allowed=False, layer=result.layer, retry_after=result.retry_after,
+                            headers=result.headers, reservation=None, degraded=True)
+        decision = self._local.decide(subject, limits, estimated_tokens)
+        if not decision.allowed and decision.layer is not None:
+            self.metrics.exceeded.labels(str(decision.layer)).inc()
+        return decision
