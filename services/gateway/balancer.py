@@ -1,0 +1,159 @@
+"""Choosing a node for a request: strategies and a circuit breaker per node. Pure (time is
+passed in), so every decision is unit-tested without a clock or a network.
+
+Strategies:
+- round_robin (default): each model's candidates in turn.
+- least_connections: fewest requests this gateway has in flight on the node.
+- least_latency: lowest moving average of this gateway's upstream latency to the node
+  (nodes not yet measured go first, so they get measured).
+- least_load: vLLM's own view from heartbeats: fewest waiting, then KV cache, then running.
+
+Circuit breaker: over a sliding window, a node whose error rate exceeds the threshold with at
+least `min_requests` outcomes is opened (no traffic) for `cooldown` seconds, then half-open:
+one probe request; success closes it, failure opens it again.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.gateway.nodes import NodeView
+
+STRATEGIES = ("round_robin", "least_connections", "least_latency", "least_load")
+
+
+class CircuitState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class BreakerRules:
+    error_rate: float = 0.5
+    min_requests: int = 10
+    window: float = 30.0
+    cooldown: float = 10.0
+
+
+@dataclass
+class _Circuit:
+    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
+    opened_at: float | None = None
+    probing: bool = False
+
+
+class CircuitBreaker:
+    def __init__(self, rules: BreakerRules | None = None) -> None:
+        self.rules = rules or BreakerRules()
+        self._circuits: dict[str, _Circuit] = {}
+
+    def state(self, node_id: str, now: float) -> CircuitState:
+        c = self._circuits.get(node_id)
+        if c is None or c.opened_at is None:
+            return CircuitState.CLOSED
+        if now - c.opened_at < self.rules.cooldown:
+            return CircuitState.OPEN
+        return CircuitState.HALF_OPEN
+
+    def allow(self, node_id: str, now: float) -> bool:
+        """May a request go to this node? In half-open, only one probe at a time."""
+        state = self.state(node_id, now)
+        if state is CircuitState.CLOSED:
+            return True
+        if state is CircuitState.OPEN:
+            return False
+        return not self._circuits[node_id].probing
+
+    def started(self, node_id: str, now: float) -> None:
+        if self.state(node_id, now) is CircuitState.HALF_OPEN:
+            self._circuits[node_id].probing = True
+
+    def record(self, node_id: str, ok: bool, now: float) -> CircuitState:
+        """Count an outcome; returns the state after it."""
+        c = self._circuits.setdefault(node_id, _Circuit())
+        if c.opened_at is not None:
+            if now - c.opened_at < self.rules.cooldown:
+                return CircuitState.OPEN  # a straggler from before the opening
+            # The half-open probe decides.
+            c.probing = False
+            if ok:
+                self._circuits[node_id] = _Circuit()
+                return CircuitState.CLOSED
+            c.opened_at = now
+            return CircuitState.OPEN
+        c.outcomes.append((now, ok))
+        horizon = now - self.rules.window
+        while c.outcomes and c.outcomes[0][0] < horizon:
+            c.outcomes.popleft()
+        total = len(c.outcomes)
+        errors = sum(1 for _, good in c.outcomes if not good)
+        if total >= self.rules.min_requests and errors / total > self.rules.error_rate:
+            c.opened_at = now
+            c.outcomes.clear()
+            return CircuitState.OPEN
+        return CircuitState.CLOSED
+
+    def forget(self, node_id: str) -> None:
+        self._circuits.pop(node_id, None)
+
+
+class Balancer:
+    """Picks among routable candidates; tracks this gateway's in-flight count and latency."""
+
+    LATENCY_SMOOTHING = 0.2
+
+    def __init__(self, strategy: str = "round_robin", breaker: CircuitBreaker | None = None
+                 ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown load-balancing strategy {strategy!r}; "
+                             f"one of {', '.join(STRATEGIES)}")
+        self.strategy = strategy
+        self.breaker = breaker or CircuitBreaker()
+        self.in_flight: dict[str, int] = {}
+        self.latency: dict[str, float] = {}
+        self._turn: dict[str, int] = {}
+
+    def choose(self, model: str, candidates: Sequence[NodeView], now: float,
+               exclude: frozenset[str] = frozenset()) -> NodeView | None:
+        allowed = sorted((n for n in candidates
+                          if n.node_id not in exclude and self.breaker.allow(n.node_id, now)),
+                         key=lambda n: n.node_id)
+        if not allowed:
+            return None
+        turn = self._turn.get(model, 0)
+        self._turn[model] = turn + 1
+        if self.strategy == "round_robin":
+            return allowed[turn % len(allowed)]
+        # Ties go round robin too, so equal nodes share the work.
+        rotated = allowed[turn % len(allowed):] + allowed[:turn % len(allowed)]
+        if self.strategy == "least_connections":
+            return min(rotated, key=lambda n: self.in_flight.get(n.node_id, 0))
+        if self.strategy == "least_latency":
+            return min(rotated, key=lambda n: self.latency.get(n.node_id, 0.0))
+        return min(rotated, key=lambda n: (n.waiting, round(n.kv_cache_usage, 2), n.running))
+
+    def started(self, node_id: str, now: float) -> None:
+        self.in_flight[node_id] = self.in_flight.get(node_id, 0) + 1
+        self.breaker.started(node_id, now)
+
+    def finished(self, node_id: str, *, ok: bool, latency: float | None,
+                 now: float) -> CircuitState:
+        left = self.in_flight.get(node_id, 1) - 1
+        if left > 0:
+            self.in_flight[node_id] = left
+        else:
+            self.in_flight.pop(node_id, None)
+        if ok and latency is not None:
+            previous = self.latency.get(node_id)
+            self.latency[node_id] = latency if previous is None else \
+                previous + self.LATENCY_SMOOTHING * (latency - previous)
+        return self.breaker.record(node_id, ok, now)
+
+    def forget(self, node_id: str) -> None:
+        self.in_flight.pop(node_id, None)
+        self.latency.pop(node_id, None)
+        self.breaker.forget(node_id)

@@ -1,0 +1,111 @@
+"""The gateway's in-memory view of the GPU nodes, kept current from node events and heartbeats.
+
+Pure: `NodeTable.apply(event, now)` folds one event in; `routable(...)` decides who may take a
+request. No Postgres on the hot path: the table is fed from NATS (see node_feed.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.events import (
+    Event,
+    NodeDeregistered,
+    NodeDraining,
+    NodeHeartbeat,
+    NodeRegistered,
+    NodeSpotWarning,
+    NodeStatus,
+    NodeStatusChanged,
+    NodeTerminated,
+)
+
+ROUTABLE_STATUSES = frozenset({NodeStatus.REGISTERED, NodeStatus.ACTIVE})
+"""REGISTERED counts until the monitor says ACTIVE: a registered node that heartbeats healthy
+can serve; the monitor's later status changes (unhealthy, stale, draining) take it out."""
+
+
+@dataclass
+class NodeView:
+    node_id: str
+    model: str
+    endpoint_url: str
+    region: str
+    status: NodeStatus = NodeStatus.REGISTERED
+    health_score: int = 0
+    vllm_healthy: bool = False
+    draining: bool = False
+    last_heartbeat: float | None = None
+    """Monotonic time the last heartbeat arrived."""
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoutingRules:
+    health_threshold: int = 50
+    heartbeat_timeout: float = 60.0
+
+
+def routable(node: NodeView, now: float, rules: RoutingRules) -> bool:
+    return (node.status in ROUTABLE_STATUSES
+            and not node.draining
+            and node.vllm_healthy
+            and node.health_score >= rules.health_threshold
+            and node.last_heartbeat is not None
+            and now - node.last_heartbeat <= rules.heartbeat_timeout)
+
+
+class NodeTable:
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeView] = {}
+        # A heartbeat can overtake its node's registration (different subjects, a gateway
+        # replaying the registrations at start): keep the latest until the node is known.
+        self._early: dict[str, tuple[NodeHeartbeat, float]] = {}
+
+    def apply(self, event: Event, now: float) -> None:
+        match event:
+            case NodeHeartbeat():
+                node = self.nodes.get(str(event.node_id))
+                if node is None:
+                    self._early[str(event.node_id)] = (event, now)
+                else:
+                    _beat(node, event, now)
+            case NodeRegistered():
+                key = str(event.node_id)
+                node = NodeView(key, event.model_name, event.endpoint_url, event.region)
+                self.nodes[key] = node
+                early = self._early.pop(key, None)
+                if early is not None:
+                    _beat(node, *early)
+            case NodeStatusChanged():
+                node = self.nodes.get(str(event.node_id))
+                if node is not None:
+                    node.status = event.to_status
+                    if event.to_status in (NodeStatus.TERMINATED, NodeStatus.FAILED):
+                        del self.nodes[node.node_id]
+            case NodeDraining() | NodeSpotWarning():
+                node = self.nodes.get(str(event.node_id))
+                if node is not None:
+                    node.draining = True
+                    node.status = NodeStatus.DRAINING
+            case NodeDeregistered() | NodeTerminated():
+                self.nodes.pop(str(event.node_id), None)
+                self._early.pop(str(event.node_id), None)
+
+    def candidates(self, model: str, now: float, rules: RoutingRules) -> list[NodeView]:
+        return [n for n in self.nodes.values() if n.model == model and routable(n, now, rules)]
+
+    def models(self) -> set[str]:
+        return {n.model for n in self.nodes.values()}
+
+
+def _beat(node: NodeView, hb: NodeHeartbeat, now: float) -> None:
+    node.last_heartbeat = now
+    node.health_score = hb.health_score
+    node.vllm_healthy = hb.vllm_healthy
+    node.draining = node.draining or hb.draining
+    node.running = hb.num_requests_running or 0.0
+    node.waiting = hb.num_requests_waiting or 0.0
+    node.kv_cache_usage = hb.kv_cache_usage or 0.0
