@@ -136,6 +136,17 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVICES = {"gateway": "services.gateway.__main__"}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(SERVICES[args.service])
+    code: int = module.main(args.service_args)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosslogic",
                                      description="CrossLogic inference platform: operator CLI")
@@ -176,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev"))
     p.add_argument("--fresh", action="store_true", help="delete the state folder first")
     p.set_defaults(func=_cmd_dev)
+
+    p = sub.add_parser("serve", help="run one service of the platform (settings from the "
+                       "environment)")
+    p.add_argument("service", choices=sorted(SERVICES))
+    p.add_argument("service_args", nargs=argparse.REMAINDER,
+                   help="the service's own options, e.g. --workers 4 --port 8080")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("relay", help="run the outbox relay (log → NATS) as a service")
     p.add_argument("--port", type=int, default=None, help="HTTP port for /health, /metrics")

@@ -86,8 +86,11 @@ class HttpMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter("http_requests_total", "HTTP requests",
                                 ["method", "path", "status"], registry=registry)
+        # Up to minutes: long generations and streams must not all land in +Inf.
         self.duration = Histogram("http_request_duration_seconds", "HTTP request duration",
-                                  ["method", "path"], registry=registry)
+                                  ["method", "path"], registry=registry,
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                           10, 30, 60, 120, 300))
 
 
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
@@ -236,8 +239,9 @@ def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
     return app
 
 
-def serve(app: web.Application, settings: CoreSettings) -> None:
-    """Run until SIGINT/SIGTERM, on uvloop when it is installed."""
+def serve(app: web.Application, settings: CoreSettings, *, reuse_port: bool = False) -> None:
+    """Run until SIGINT/SIGTERM, on uvloop when it is installed. `reuse_port` lets several
+    worker processes listen on one port (SO_REUSEPORT)."""
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -245,4 +249,4 @@ def serve(app: web.Application, settings: CoreSettings) -> None:
     log.info("listening", service=settings.service_name, host=settings.http_host,
              port=settings.http_port)
     web.run_app(app, host=settings.http_host, port=settings.http_port, access_log=None,
-                print=None, shutdown_timeout=10)
+                print=None, shutdown_timeout=10, reuse_port=reuse_port or None)

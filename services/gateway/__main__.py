@@ -1,0 +1,59 @@
+"""`python -m services.gateway [--workers N] [--port P]` (also `crosslogic serve gateway`).
+
+With several workers, each is its own process listening on the same port (SO_REUSEPORT): the
+kernel spreads connections over them. The parent only starts them, passes SIGTERM/SIGINT on,
+and exits when they have all stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from services.core.http import serve
+from services.core.logging import configure_logging
+from services.core.settings import SettingsError, load_settings
+from services.gateway.app import create_gateway_app
+from services.gateway.settings import GatewaySettings
+
+
+def _supervise(workers: int, port: int) -> int:
+    env = {**os.environ, "WORKERS": "1", "HTTP_PORT": str(port), "GATEWAY_REUSE_PORT": "1"}
+    children = [subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env)
+                for _ in range(workers)]
+
+    def forward(signum: int, _: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(GatewaySettings, workers=args.workers, http_port=args.port)
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        return _supervise(settings.workers, settings.http_port)
+    configure_logging(settings.log_level, json=settings.log_json, service="gateway")
+    serve(create_gateway_app(settings), settings,
+          reuse_port=os.environ.get("GATEWAY_REUSE_PORT") == "1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

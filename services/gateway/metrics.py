@@ -1,0 +1,32 @@
+"""The gateway's own metrics, with the reference document's names. Labels stay bounded: model,
+node (the fleet), tenant (the customers) and reasons from a fixed set — never a key, a request
+id or a raw path."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.lb_requests = Counter("loadbalancer_requests_total",
+                                   "Requests sent to a node", ["model", "node"],
+                                   registry=registry)
+        self.lb_latency = Histogram("loadbalancer_latency_seconds",
+                                    "Upstream latency to a node (whole answer or stream)",
+                                    ["model", "node"], buckets=LATENCY_BUCKETS,
+                                    registry=registry)
+        self.lb_errors = Counter("loadbalancer_errors_total", "Upstream failures by node",
+                                 ["model", "node", "reason"], registry=registry)
+        self.no_node = Counter("loadbalancer_no_node_total",
+                               "Requests refused because no node serves the model", ["model"],
+                               registry=registry)
+        self.tokens = Counter("tokens_processed_total", "Tokens metered (prompt + completion)",
+                              ["model", "tenant_id"], registry=registry)
+        self.retries = Counter("gateway_upstream_retries_total",
+                               "Requests retried on another node before any byte was sent",
+                               registry=registry)
+        self.disconnects = Counter("gateway_client_disconnects_total",
+                                   "Clients that went away mid-stream", registry=registry)

@@ -1,0 +1,162 @@
+"""The inference routes: authenticate, check the model, limit, proxy, settle, meter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from schemas.events import UsageRecorded
+from services.core.http import REQUEST_ID
+from services.gateway.auth import AuthError, Principal
+from services.gateway.errors import ApiError
+from services.gateway.gateway import GATEWAY, Gateway
+from services.gateway.protocol import BadRequest, InferenceRequest, parse_request
+from services.gateway.proxy import ProxyResult, UpstreamFailure
+from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
+
+log = structlog.get_logger("gateway")
+
+
+def limits_for(p: Principal, gw: Gateway) -> Limits:
+    """A key's own limits, its environment's (or the default), the platform's."""
+    s = gw.settings
+    return Limits(
+        key_requests_per_minute=p.key_requests_per_minute,
+        environment_requests_per_minute=(p.environment_requests_per_minute
+                                         or s.environment_requests_per_minute or None),
+        tenant_requests_per_minute=s.tenant_requests_per_minute or None,
+        global_requests_per_minute=s.global_requests_per_minute or None,
+        key_tokens_per_minute=p.key_tokens_per_minute,
+        key_tokens_per_day=p.key_tokens_per_day,
+        environment_tokens_per_minute=p.environment_tokens_per_minute,
+        environment_tokens_per_day=p.environment_tokens_per_day,
+        key_concurrency=p.key_concurrency)
+
+
+async def authenticate(request: web.Request) -> Principal:
+    gw = request.app[GATEWAY]
+    try:
+        principal = await gw.auth.authenticate(request.headers.get("Authorization"))
+    except AuthError as exc:
+        if exc.status == 403:
+            raise ApiError.permission(exc.message, code=exc.reason) from None
+        raise ApiError.authentication(exc.message) from None
+    structlog.contextvars.bind_contextvars(tenant_id=principal.tenant_id,
+                                           environment_id=principal.environment_id,
+                                           key_id=principal.key_id)
+    return principal
+
+
+def refusal(decision: Decision) -> ApiError:
+    if decision.layer is Layer.UNAVAILABLE:
+        return ApiError.unavailable("Rate limiting is unavailable; retry shortly.",
+                                    headers=decision.headers)
+    layer = str(decision.layer).replace("_", " ")
+    return ApiError.rate_limited(f"Rate limit reached ({layer}). Retry after "
+                                 f"{decision.headers.get('Retry-After', '1')}s.",
+                                 headers=decision.headers)
+
+
+async def models(request: web.Request) -> web.Response:
+    await authenticate(request)
+    body = request.app[GATEWAY].models.list_body
+    return web.Response(body=body, content_type="application/json")
+
+
+def inference(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _inference(request, endpoint)
+
+    handler.__name__ = f"{endpoint}_handler"
+    return handler
+
+
+async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    started = time.monotonic()
+    principal = await authenticate(request)
+    try:
+        req = parse_request(await request.read(), endpoint,
+                            default_reserved=gw.settings.default_reserved_tokens)
+    except BadRequest as exc:
+        raise ApiError.invalid_request(exc.message, exc.param) from None
+    if gw.models.get(req.model) is None:
+        raise ApiError.not_found(f"The model `{req.model}` does not exist or you do not have "
+                                 "access to it.", param="model", code="model_not_found")
+    if not gw.proxy.has_nodes(req.model):
+        # Before the limiter: a request nobody can serve must not spend the tenant's quota.
+        gw.metrics.no_node.labels(req.model).inc()
+        raise ApiError.unavailable(f"No node is serving the model '{req.model}' right now. "
+                                   "Retry shortly.", headers={"Retry-After": "1"})
+    subject = LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id)
+    decision = await gw.limiter.acquire(subject, limits_for(principal, gw), req.reserved_tokens)
+    if not decision.allowed:
+        raise refusal(decision)
+    request_id = request[REQUEST_ID]
+    renewing = _keep_lease(gw, decision.reservation) if req.stream else None
+    try:
+        result = await gw.proxy.forward(request, req, request_id, decision.headers)
+    except UpstreamFailure as failure:
+        _finish(gw, decision.reservation, req, principal, request_id, started, None,
+                failure.status, failure.node_id)
+        if failure.status == 504:
+            raise ApiError.timeout(failure.message) from None
+        if failure.status == 503:
+            raise ApiError.unavailable(failure.message, headers={"Retry-After": "1"}) from None
+        raise ApiError.bad_gateway(failure.message) from None
+    finally:
+        if renewing is not None:
+            renewing.cancel()
+    _finish(gw, decision.reservation, req, principal, request_id, started, result,
+            result.status, result.node_id)
+    return result.response
+
+
+def _keep_lease(gw: Gateway, reservation: Reservation | None) -> asyncio.Task[None] | None:
+    """A long stream outlives its concurrency lease unless renewed."""
+    if reservation is None:
+        return None
+
+    async def renew() -> None:
+        period = gw.settings.concurrency_lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            await gw.limiter.renew(reservation)
+
+    return asyncio.create_task(renew())
+
+
+def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
+            principal: Principal, request_id: str, started: float,
+            result: ProxyResult | None, status: int, node_id: str | None) -> None:
+    """Settle the reservation and meter the request, both off the response's path."""
+    prompt = result.prompt_tokens if result else 0
+    completion = result.completion_tokens if result else 0
+    if reservation is not None:
+        gw.background(gw.limiter.settle(reservation, prompt + completion))
+    if prompt or completion:
+        gw.metrics.tokens.labels(req.model, principal.tenant_id).inc(prompt + completion)
+    node = gw.table.nodes.get(node_id) if node_id else None
+    gw.usage.submit(UsageRecorded(
+        request_id=request_id, tenant_id=uuid.UUID(principal.tenant_id),
+        environment_id=uuid.UUID(principal.environment_id),
+        api_key_id=uuid.UUID(principal.key_id), model=req.model, endpoint=req.endpoint,
+        region=node.region if node else principal.region,
+        node_id=uuid.UUID(node_id) if node_id else None, prompt_tokens=prompt,
+        completion_tokens=completion, latency_ms=round((time.monotonic() - started) * 1000, 3),
+        time_to_first_token_ms=(round(result.time_to_first_token * 1000, 3)
+                                if result and result.time_to_first_token is not None else None),
+        status=499 if result and result.client_gone else status, streamed=req.stream))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", inference("chat"))
+    app.router.add_post("/v1/completions", inference("completions"))
+    app.router.add_post("/v1/embeddings", inference("embeddings"))
+    app.router.add_get("/v1/models", models)
+

@@ -1,0 +1,56 @@
+"""The gateway's settings, read once from the environment (docs/gateway.md lists them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from services.core.settings import CoreSettings, Secret
+
+
+class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
+    service_name: str = "gateway"
+    http_host: str = "0.0.0.0"  # the gateway is the public front door
+    http_port: int = 8080
+    workers: int = 1
+    region: str = "local"
+    admin_token: Secret = Secret("")
+
+    # authentication
+    auth_local_cache_seconds: float = 5.0
+    auth_redis_cache_seconds: int = 60
+
+    # rate limits (0 = no limit at that level)
+    environment_requests_per_minute: int = 10_000
+    tenant_requests_per_minute: int = 50_000
+    global_requests_per_minute: int = 0
+    default_reserved_tokens: int = 1024
+    """Tokens reserved for a request that gives no max_tokens (settled with the real usage)."""
+    ratelimit_policy: Literal["local", "allow", "deny"] = "local"
+    """When Redis is unreachable: local (per-process limits), allow, or deny."""
+    ratelimit_redis_timeout: float = 0.25
+    concurrency_lease_seconds: float = 120.0
+
+    # load balancing
+    lb_strategy: Literal["round_robin", "least_connections", "least_latency", "least_load"] = \
+        "round_robin"
+    """round_robin, least_connections, least_latency or least_load (vLLM queue and KV cache)."""
+    health_score_threshold: int = 50
+    node_heartbeat_timeout: float = 60.0
+    circuit_error_rate: float = 0.5
+    circuit_min_requests: int = 10
+    circuit_window_seconds: float = 30.0
+    circuit_cooldown_seconds: float = 10.0
+
+    # proxy and HTTP
+    upstream_connect_timeout: float = 5.0
+    request_timeout: float = 60.0
+    stream_chunk_timeout: float = 60.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    cors_origins: str = "*"
+    """Comma-separated origins, or *."""
+    trusted_proxies: str = "127.0.0.1/32,::1/128"
+    """Comma-separated CIDRs whose X-Forwarded-For is believed."""
+
+    # usage
+    usage_spool_dir: str = ".state/usage-spool"
+    usage_buffer_size: int = 10_000

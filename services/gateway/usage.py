@@ -1,0 +1,229 @@
+"""Publishing `usage.recorded` without delaying responses, and without losing any.
+
+`submit()` only puts the event in a bounded in-memory queue. A background task publishes
+batches to JetStream (pipelined, each with Nats-Msg-Id = event id, so a retry or a replay is
+stored once). When NATS does not take them — down, restarting, or the queue is full — events
+go to a spool file on local disk, one JSON line each; once publishing works again the spool is
+replayed and deleted. A spool left by a gateway that died is replayed by the next one started
+with the same spool folder.
+
+What can still be lost: events in memory when the process is killed (-9) while NATS is up —
+the few milliseconds between the response and the publish. Writing every event to disk first
+would cost a synchronous write per request; we chose not to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import nats.errors
+import structlog
+from nats.js import api
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from schemas.events import UsageRecorded, decode_event, encode_event
+from services.core.bus import Bus
+
+log = structlog.get_logger("usage")
+
+PUBLISH_TIMEOUT = 2.0
+
+
+class UsageMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.published = Counter("usage_events_published_total",
+                                 "usage.recorded events stored in JetStream", registry=registry)
+        self.spooled = Counter("usage_events_spooled_total",
+                               "usage.recorded events written to the local spool",
+                               registry=registry)
+        self.queued = Gauge("usage_events_queued", "usage.recorded events waiting in memory",
+                            registry=registry)
+
+
+class UsagePublisher:
+    def __init__(self, bus: Bus, spool_dir: Path, *, buffer_size: int = 10_000,
+                 batch_size: int = 256, retry_interval: float = 1.0,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.bus = bus
+        self.spool_dir = spool_dir
+        self.batch_size = batch_size
+        self.retry_interval = retry_interval
+        self.metrics = UsageMetrics(registry)
+        self._queue: asyncio.Queue[UsageRecorded] = asyncio.Queue(maxsize=buffer_size)
+        self._spool_path = spool_dir / f"usage-{os.getpid()}-{time.time_ns()}.jsonl"
+        self._spool_file: BinaryIO | None = None
+        self._last_try = 0.0
+        self._healthy = True
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, event: UsageRecorded) -> None:
+        """Never blocks and never fails: the queue, or the spool when the queue is full."""
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._spool([event])
+        self.metrics.queued.set(self._queue.qsize())
+
+    # ------------------------------------------------------------------ the background task
+
+    async def run(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        await self._replay_spools()
+        while True:
+            if self._healthy:
+                first = await self._queue.get()
+            else:
+                # While NATS is away, keep trying to replay even if no request comes in.
+                try:
+                    first = await asyncio.wait_for(self._queue.get(), self.retry_interval)
+                except TimeoutError:
+                    await self._try_recover()
+                    continue
+            batch = [first]
+            while len(batch) < self.batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self.metrics.queued.set(self._queue.qsize())
+            if self._healthy:
+                failed = await self._publish(batch)
+                if failed:
+                    self._spool(failed)
+                    self._unhealthy()
+            else:
+                self._spool(batch)
+                await self._try_recover()
+
+    async def _publish(self, events: list[UsageRecorded]) -> list[UsageRecorded]:
+        """Publish pipelined; returns the events JetStream did not acknowledge."""
+        if not self.bus.connected:
+            return events
+        futures: list[asyncio.Future[api.PubAck]] = []
+        try:
+            for e in events:
+                futures.append(await self.bus.js.publish_async(
+                    e.subject, encode_event(e), headers={"Nats-Msg-Id": str(e.id)}))
+        except (nats.errors.Error, OSError):
+            pass
+        failed = list(events[len(futures):])
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=PUBLISH_TIMEOUT)
+            for event, future in zip(events, futures, strict=False):
+                if future in pending or future.cancelled() or future.exception() is not None:
+                    failed.append(event)
+            for f in pending:
+                f.cancel()
+        self.metrics.published.inc(len(events) - len(failed))
+        return failed
+
+    def _unhealthy(self) -> None:
+        if self._healthy:
+            log.warning("usage publishing failed; spooling to disk until NATS answers",
+                        spool=str(self._spool_path))
+        self._healthy = False
+
+    async def _try_recover(self) -> None:
+        """While unhealthy, try a spool replay at most every retry_interval."""
+        now = time.monotonic()
+        if now - self._last_try < self.retry_interval:
+            return
+        self._last_try = now
+        if await self._replay_spools():
+            self._healthy = True
+            log.info("usage publishing recovered; spool replayed")
+
+    async def retry_now(self) -> bool:
+        """Replay the spool at once (tests, shutdown); True when nothing is left on disk."""
+        return await self._replay_spools()
+
+    # ------------------------------------------------------------------ the spool
+
+    def _spool(self, events: list[UsageRecorded]) -> None:
+        if self._spool_file is None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            # Line-buffered appends: a few microseconds each, no fsync (see module docstring).
+            self._spool_file = open(self._spool_path, "ab")  # noqa: SIM115
+        f = self._spool_file
+        for e in events:
+            f.write(encode_event(e) + b"\n")
+        f.flush()
+        self.metrics.spooled.inc(len(events))
+
+    def _close_spool(self) -> None:
+        if self._spool_file is not None:
+            f = self._spool_file
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self._spool_file = None
+
+    async def _replay_spools(self) -> bool:
+        """Publish every spool file in the folder (ours and dead gateways'); delete each once
+        all its events are acknowledged. True when none is left."""
+        self._close_spool()
+        left = False
+        for path in sorted(self.spool_dir.glob("usage-*.jsonl")):
+            replaying = path.with_suffix(".replaying")
+            try:
+                path.rename(replaying)  # another gateway sharing the folder cannot take it too
+            except FileNotFoundError:
+                continue
+            ok = await self._replay_file(replaying)
+            if ok:
+                replaying.unlink()
+            else:
+                replaying.rename(path)
+                left = True
+                break
+        for stale in sorted(self.spool_dir.glob("usage-*.replaying")):
+            # Left by a replay that died midway: publish again (duplicates are dropped by id).
+            if await self._replay_file(stale):
+                stale.unlink()
+            else:
+                left = True
+        return not left
+
+    async def _replay_file(self, path: Path) -> bool:
+        events = await asyncio.to_thread(_read_spool, path)
+        for start in range(0, len(events), self.batch_size):
+            if await self._publish(events[start:start + self.batch_size]):
+                return False
+        if events:
+            log.info("usage spool replayed", events=len(events), spool=path.name)
+        return True
+
+    async def close(self) -> None:
+        """Publish what is queued; spool whatever NATS will not take."""
+        remaining: list[UsageRecorded] = []
+        while not self._queue.empty():
+            remaining.append(self._queue.get_nowait())
+        if remaining:
+            failed = await self._publish(remaining) if self._healthy else remaining
+            if failed:
+                self._spool(failed)
+        with contextlib.suppress(OSError):
+            self._close_spool()
+
+
+def _read_spool(path: Path) -> list[UsageRecorded]:
+    """A spool file's events; unreadable lines are kept aside in a .bad file, not dropped."""
+    events: list[UsageRecorded] = []
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = decode_event(line)
+        except ValueError:
+            log.error("unreadable line in usage spool; kept aside", spool=str(path))
+            with open(path.with_suffix(".bad"), "ab") as bad:
+                bad.write(line + b"\n")
+            continue
+        if isinstance(event, UsageRecorded):
+            events.append(event)
+    return events

@@ -1,0 +1,182 @@
+"""A whole inference path for gateway tests: real PostgreSQL, Redis and NATS, the catalog with
+a tenant, environment, key and model, simulated GPU nodes (simulator + real node agent) and the
+gateway app served over real TCP. The test plays the monitor only in acknowledging agents."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from openai import AsyncOpenAI
+
+from agent.node_agent import NodeAgent
+from agent.settings import AgentSettings
+from agent.simulator import SimulatorConfig, create_app
+from schemas.commands import RegistrationAck
+from schemas.events import NodeRegistered, decode_event
+from schemas.ids import uuid7
+from schemas.subjects import node_ack_subject
+from services.core.bus import Bus
+from services.core.catalog import Catalog, NewApiKey
+from services.core.devstack import free_port
+from services.core.eventlog import EventLog, LogWaker
+from services.core.relay import OutboxRelay
+from services.core.settings import Secret
+from services.gateway.app import create_gateway_app
+from services.gateway.gateway import GATEWAY, Gateway
+from services.gateway.settings import GatewaySettings
+from tests.conftest import Servers
+from tests.helpers import eventually
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@dataclass
+class Node:
+    node_id: str
+    url: str
+    sim_app: web.Application
+    sim_runner: web.AppRunner
+    agent: NodeAgent
+    agent_task: asyncio.Task[int]
+
+    async def faults(self, **faults: Any) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, \
+                s.post(f"{self.url}/admin/faults", json=faults) as r:
+            assert r.status == 200, await r.text()
+
+    async def stop(self) -> None:
+        if not self.agent_task.done():
+            self.agent_task.cancel()
+            await asyncio.gather(self.agent_task, return_exceptions=True)
+        await self.sim_runner.cleanup()
+
+
+@dataclass
+class Platform:
+    servers: Servers
+    pool: asyncpg.Pool
+    bus: Bus
+    catalog: Catalog
+    tenant_id: Any
+    environment_id: Any
+    key: NewApiKey
+    tmp: Path
+    nc: NATS
+    gateway_url: str = ""
+    gateway_app: web.Application | None = None
+    gateway_runner: web.AppRunner | None = None
+    nodes: list[Node] = field(default_factory=list)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    @property
+    def gw(self) -> Gateway:
+        assert self.gateway_app is not None
+        return self.gateway_app[GATEWAY]
+
+    def client(self, key: str | None = None, **kwargs: Any) -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=f"{self.gateway_url}/v1",
+                           api_key=key or self.key.plaintext, max_retries=0, **kwargs)
+
+    def settings(self, **overrides: Any) -> GatewaySettings:
+        base: dict[str, Any] = dict(
+            database_url=Secret(self.servers.database_url),
+            redis_url=Secret(self.servers.redis_url), nats_url=Secret(self.servers.nats_url),
+            http_host="127.0.0.1", usage_spool_dir=str(self.tmp / "spool"),
+            circuit_min_requests=4, circuit_cooldown_seconds=30, log_json=False,
+            event_poll_interval=0.2)
+        base.update(overrides)
+        return GatewaySettings(**base)
+
+    async def start_gateway(self, **overrides: Any) -> None:
+        app = create_gateway_app(self.settings(**overrides))
+        # A short shutdown: a refused oversized upload keeps its connection until then.
+        runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=1.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.gateway_app, self.gateway_runner = app, runner
+        self.gateway_url = f"http://127.0.0.1:{port}"
+
+    async def add_node(self, *, model: str = MODEL, advertise: str = "", **sim: Any) -> Node:
+        """A simulator and a real agent for it; `advertise` makes the agent announce another
+        address than the one it watches (a node unreachable from the gateway)."""
+        sim_app = create_app(SimulatorConfig(model=model, **sim))
+        runner = web.AppRunner(sim_app, handler_cancellation=True, shutdown_timeout=1.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        url = f"http://127.0.0.1:{port}"
+        settings = AgentSettings(nats_url=Secret(self.servers.nats_url), node_id=uuid7(),
+                                 model_name=model, vllm_url=url, endpoint_url=advertise,
+                                 heartbeat_interval=0.2,
+                                 region="us-east-1", log_json=False)
+        agent = NodeAgent(settings)
+        node = Node(str(settings.node_id), url, sim_app, runner, agent,
+                    asyncio.create_task(agent.run()))
+        self.nodes.append(node)
+        return node
+
+    async def routable(self, count: int, model: str = MODEL) -> None:
+        async def enough() -> bool:
+            return len(self.gw.table.candidates(model, time.monotonic(), self.gw.proxy.rules)
+                       ) >= count
+
+        await eventually(enough, timeout=15, what=f"{count} routable node(s)")
+
+    async def usage_in_stream(self) -> int:
+        return int((await self.bus.js.stream_info("USAGE")).state.messages)
+
+
+async def _ack_registrations(nc: NATS) -> None:
+    async def on_registration(msg: Msg) -> None:
+        event = decode_event(msg.data)
+        if isinstance(event, NodeRegistered):
+            ack = RegistrationAck(node_id=event.node_id, event_id=event.id)
+            await nc.publish(node_ack_subject(event.node_id), msgspec.json.encode(ack))
+
+    await nc.subscribe("node.registered.*", cb=on_registration)
+
+
+@pytest.fixture
+async def platform(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bus,
+                   tmp_path: Path) -> AsyncIterator[Platform]:
+    catalog = Catalog(EventLog(pool), actor="test")
+    tenant = await catalog.create_tenant("Acme")
+    env = await catalog.create_environment(tenant, "production", "us-east-1")
+    key = await catalog.create_api_key(env, name="test")
+    await catalog.create_model(MODEL, family="llama", vram_gb=16,
+                               input_price_per_million=Decimal("0.10"),
+                               output_price_per_million=Decimal("0.20"), context_length=8192)
+    nc = await nats.connect(servers.nats_url, max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.2)
+    await _ack_registrations(nc)
+    p = Platform(servers, pool, bus, catalog, tenant, env, key, tmp_path, nc)
+    waker = LogWaker(servers.database_url, poll_interval=0.2)
+    await waker.start()
+    relay = OutboxRelay(servers.database_url, bus, waker=waker, leader_retry=0.1)
+    p.tasks.append(asyncio.create_task(relay.run()))
+    yield p
+    for t in p.tasks:
+        t.cancel()
+    await asyncio.gather(*p.tasks, return_exceptions=True)
+    await waker.close()
+    if p.gateway_runner is not None:
+        await p.gateway_runner.cleanup()
+    for node in p.nodes:
+        await node.stop()
+    await nc.close()

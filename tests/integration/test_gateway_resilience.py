@@ -1,0 +1,304 @@
+"""The gateway when things go wrong: limits across processes, dead gateways, failing nodes,
+clients that hang up, NATS and Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from schemas.events import Quota, UsageRecorded, decode_event
+from services.core.devstack import free_port
+from tests.helpers import eventually
+from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
+
+HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
+
+
+async def usage(p: Platform) -> list[UsageRecorded]:
+    info = await p.bus.js.stream_info("USAGE")
+    if info.state.messages == 0:
+        return []
+    return [decode_event((await p.bus.js.get_msg("USAGE", seq)).data or b"")  # type: ignore[misc]
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+
+
+async def chat(session: aiohttp.ClientSession, url: str, key: str, **body: Any
+               ) -> tuple[int, dict[str, str]]:
+    payload = {"model": MODEL, "messages": HELLO, "max_tokens": 2, **body}
+    async with session.post(f"{url}/v1/chat/completions", json=payload,
+                            headers={"Authorization": f"Bearer {key}"}) as r:
+        await r.read()
+        return r.status, dict(r.headers)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+async def start_gateway_process(p: Platform, port: int, **env: str
+                                ) -> asyncio.subprocess.Process:
+    settings = {"DATABASE_URL": p.servers.database_url, "REDIS_URL": p.servers.redis_url,
+                "NATS_URL": p.servers.nats_url, "HTTP_HOST": "127.0.0.1",
+                "HTTP_PORT": str(port), "LOG_LEVEL": "warning",
+                "USAGE_SPOOL_DIR": str(p.tmp / f"spool-{port}"), **env}
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway",
+                                                env={**os.environ, **settings})
+
+
+async def serving(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(f"{url}/ready") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def test_limits_are_exact_across_two_gateway_processes(platform: Platform) -> None:  # noqa: F811
+    p = platform
+    limited = await p.catalog.create_api_key(p.environment_id,
+                                             limits=Quota(requests_per_minute=30))
+    await p.add_node()
+    ports = [free_port(), free_port()]
+    procs = [await start_gateway_process(p, port) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        async with aiohttp.ClientSession() as s:
+            await eventually(lambda: _all(serving(s, u) for u in urls), timeout=30,
+                             what="both gateways ready")
+            # Both must see the node before the test, or refusals would be 503s.
+            ok = await eventually(lambda: _both_route(s, urls, p.key.plaintext), timeout=15,
+                                  what="both gateways route")
+            assert ok
+            results = await asyncio.gather(*(chat(s, urls[i % 2], limited.plaintext)
+                                             for i in range(50)))
+        statuses = Counter(status for status, _ in results)
+        assert statuses == {200: 30, 429: 20}
+        refused = next(h for status, h in results if status == 429)
+        assert refused["x-ratelimit-scope"] == "key_requests"
+        assert int(refused["Retry-After"]) >= 1
+        assert refused["x-ratelimit-limit-requests"] == "30"
+        assert refused["x-ratelimit-remaining-requests"] == "0"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        await asyncio.gather(*(proc.wait() for proc in procs))
+
+
+async def _all(checks: Any) -> bool:
+    return all([await c for c in checks])
+
+
+async def _both_route(s: aiohttp.ClientSession, urls: list[str], key: str) -> bool:
+    return all([(await chat(s, u, key))[0] == 200 for u in urls])
+
+
+async def test_concurrency_lease_of_a_killed_gateway_is_reclaimed(platform: Platform  # noqa: F811
+                                                                  ) -> None:
+    p = platform
+    single = await p.catalog.create_api_key(p.environment_id, limits=Quota(concurrency=1))
+    await p.add_node(inter_token_latency=0.05)
+    port = free_port()
+    proc = await start_gateway_process(p, port, CONCURRENCY_LEASE_SECONDS="2")
+    url = f"http://127.0.0.1:{port}"
+    await p.start_gateway()  # a second gateway, in-process, sharing Redis
+    await p.routable(1)
+    try:
+        async with aiohttp.ClientSession() as s:
+            await eventually(lambda: serving(s, url), timeout=30, what="gateway ready")
+            await eventually(lambda: _routes(s, url, p.key.plaintext), timeout=15,
+                             what="gateway routes")
+            # A long stream holds the key's only slot on the doomed gateway...
+            holder = asyncio.create_task(chat(s, url, single.plaintext, max_tokens=200,
+                                              stream=True))
+
+            async def slot_taken() -> bool:
+                status, _ = await chat(s, p.gateway_url, single.plaintext)
+                return status == 429
+
+            await eventually(slot_taken, what="the slot is held")
+            proc.send_signal(signal.SIGKILL)  # ...which dies without releasing it
+            await proc.wait()
+            await asyncio.gather(holder, return_exceptions=True)
+
+            async def slot_free() -> bool:
+                status, _ = await chat(s, p.gateway_url, single.plaintext)
+                return status == 200
+
+            await eventually(slot_free, timeout=10, what="the lease expires")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _routes(s: aiohttp.ClientSession, url: str, key: str) -> bool:
+    return (await chat(s, url, key))[0] == 200
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+async def test_circuit_breaker_moves_traffic_off_a_failing_node(platform: Platform  # noqa: F811
+                                                                ) -> None:
+    p = platform
+    await p.start_gateway(circuit_min_requests=4, circuit_cooldown_seconds=60)
+    bad = await p.add_node()
+    good = await p.add_node()
+    await p.routable(2)
+    await bad.faults(error_rate=1.0)
+    client = p.client()
+    outcomes = []
+    for _ in range(30):
+        try:
+            await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+            outcomes.append("ok")
+        except openai.APIStatusError as exc:
+            outcomes.append(exc.status_code)
+    await client.close()
+    # Round robin sends every other request to the bad node until its circuit opens
+    # (4 outcomes, all errors); from then on everything goes to the good one.
+    assert outcomes.count(502) == 4
+    assert outcomes[-20:] == ["ok"] * 20
+    state = p.gw.balancer.breaker.state(bad.node_id, asyncio.get_running_loop().time())
+    assert state == "open"
+    assert p.gw.balancer.breaker.state(good.node_id, 0) == "closed"
+
+
+async def test_one_retry_on_another_node_when_the_connection_fails(platform: Platform  # noqa: F811
+                                                                   ) -> None:
+    p = platform
+    await p.start_gateway()
+    # Healthy by its heartbeats, but its advertised address refuses connections.
+    dead = await p.add_node(advertise=f"http://127.0.0.1:{free_port()}")
+    good = await p.add_node()
+    await p.routable(2)
+    client = p.client()
+    for _ in range(6):
+        r = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+        assert r.choices[0].finish_reason
+    await client.close()
+    m = await _metrics(p)
+    retries = m[("gateway_upstream_retries_total", ())]
+    assert retries >= 1  # round robin sent some requests to the dead node first...
+    assert m[("loadbalancer_errors_total", (("model", MODEL), ("node", dead.node_id),
+                                            ("reason", "connect")))] == retries
+    # ...and every one of them was answered by the good node.
+    assert m[("loadbalancer_requests_total", (("model", MODEL), ("node", good.node_id)))] == 6
+
+
+async def _metrics(p: Platform) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The gateway's /metrics as {(sample name, sorted labels): value}."""
+    async with aiohttp.ClientSession() as s, s.get(f"{p.gateway_url}/metrics") as r:
+        text = await r.text()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+async def test_no_node_for_the_model_is_503(platform: Platform) -> None:  # noqa: F811
+    p = platform
+    await p.start_gateway()
+    with pytest.raises(openai.InternalServerError) as info:
+        await p.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert info.value.status_code == 503
+    assert "No node is serving" in str(info.value)
+    assert await usage(p) == []
+
+
+# --------------------------------------------------------------------------- clients
+
+
+async def test_client_disconnect_mid_stream_bills_what_was_delivered(platform: Platform  # noqa: F811
+                                                                     ) -> None:
+    p = platform
+    await p.start_gateway()
+    node = await p.add_node(inter_token_latency=0.02)
+    await p.routable(1)
+    received = 0
+    async with aiohttp.ClientSession() as s, s.post(f"{p.gateway_url}/v1/chat/completions",
+                      json={"model": MODEL, "messages": HELLO, "max_tokens": 200,
+                            "stream": True},
+                      headers={"Authorization": f"Bearer {p.key.plaintext}"}) as r:
+        async for line in r.content:
+            if line.startswith(b"data: {") and b'"content":"' in line \
+                        and b'"content":""' not in line:  # not the role chunk
+                received += 1
+            if received == 10:
+                break  # hang up after ten tokens
+    (event,) = await eventually(lambda: usage(p), what="usage of the aborted stream")
+    assert event.status == 499 and event.streamed
+    # Billed what the gateway had sent: at least what we read, far less than 200.
+    assert 10 <= event.completion_tokens < 60
+    assert event.prompt_tokens > 0
+
+    async def upstream_cancelled() -> bool:
+        async with aiohttp.ClientSession() as s, s.get(f"{node.url}/metrics") as r:
+            text = await r.text()
+        return f'vllm:num_requests_running{{engine="0",model_name="{MODEL}"}} 0.0' in text
+
+    await eventually(upstream_cancelled, what="vLLM stopped generating")
+
+
+# --------------------------------------------------------------------------- outages
+
+
+async def test_usage_survives_a_nats_restart(platform: Platform) -> None:  # noqa: F811
+    p = platform
+    if p.servers.nats is None:
+        pytest.skip("needs the embedded NATS server to restart it")
+    await p.start_gateway()
+    await p.add_node()
+    await p.routable(1)
+    client = p.client()
+    await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    await eventually(lambda: _count(p, 1), what="first usage published")
+    p.servers.nats.stop()
+    await eventually(lambda: _disconnected(p), what="the gateway sees NATS down")
+    # Nodes cannot heartbeat now, but the gateway keeps routing to what it knew.
+    for _ in range(20):
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    p.servers.nats.start()
+    await eventually(lambda: _count(p, 21), timeout=30, what="spooled usage replayed")
+    await client.close()
+    events = await usage(p)
+    assert len(events) == 21 and len({e.request_id for e in events}) == 21
+
+
+async def _count(p: Platform, n: int) -> bool:
+    try:
+        return len(await usage(p)) == n
+    except Exception:
+        return False
+
+
+async def _disconnected(p: Platform) -> bool:
+    return not p.gw.bus.connected
+
+
+async def test_redis_down_keeps_serving_with_local_limits(platform: Platform) -> None:  # noqa: F811
+    p = platform
+    await p.start_gateway(redis_url=_dead_redis())
+    await p.add_node()
+    await p.routable(1)
+    client = p.client()
+    for _ in range(5):
+        r = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+        assert r.choices
+    await client.close()
+    m = await _metrics(p)
+    assert m[("rate_limit_fallback_total", (("policy", "local"),))] >= 5
+
+
+def _dead_redis() -> Any:
+    from services.core.settings import Secret
+
+    return Secret(f"redis://127.0.0.1:{free_port()}/0")
+
+
