@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import time
 import uuid
 
@@ -10,7 +10,9 @@ import uuid
 def uuid7(unix_ms: int | None = None) -> uuid.UUID:
     """A version-7 UUID: 48-bit Unix milliseconds, then 74 random bits."""
     ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
-    rand = int.from_bytes(os.urandom(10), "big")
+    # Unique, not secret: the default RNG is seeded from the OS and reseeded after a fork, and
+    # spares a getrandom system call per id (ids are made on every request).
+    rand = random.getrandbits(80)
     value = (ms & 0xFFFF_FFFF_FFFF) << 80
     value |= 0x7 << 76  # version
     value |= ((rand >> 62) & 0xFFF) << 64  # rand_a: 12 bits

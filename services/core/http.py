@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +62,8 @@ class Needs:
 def request_id_of(request: web.Request) -> str:
     """The caller's X-Request-ID when it is sane, else a new one."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    # Unique, not secret: the default RNG (reseeded after fork) spares a getrandom call.
+    return given if _REQUEST_ID.match(given) else f"{random.getrandbits(128):032x}"
 
 
 @web.middleware

@@ -39,11 +39,37 @@ class BreakerRules:
     cooldown: float = 10.0
 
 
+BUCKET_SECONDS = 1.0
+"""Outcomes are counted per second: the window costs O(window seconds) memory and O(1) per
+request, however busy the node."""
+
+
 @dataclass
 class _Circuit:
-    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
+    buckets: deque[list[float]] = field(default_factory=deque)
+    """[bucket start, outcomes, errors], oldest first."""
+    total: int = 0
+    errors: int = 0
     opened_at: float | None = None
     probing: bool = False
+
+    def add(self, now: float, ok: bool, window: float) -> None:
+        start = now - now % BUCKET_SECONDS
+        if self.buckets and self.buckets[-1][0] == start:
+            bucket = self.buckets[-1]
+        else:
+            bucket = [start, 0, 0]
+            self.buckets.append(bucket)
+        bucket[1] += 1
+        self.total += 1
+        if not ok:
+            bucket[2] += 1
+            self.errors += 1
+        horizon = now - window
+        while self.buckets and self.buckets[0][0] + BUCKET_SECONDS <= horizon:
+            _, total, errors = self.buckets.popleft()
+            self.total -= int(total)
+            self.errors -= int(errors)
 
 
 class CircuitBreaker:
@@ -85,15 +111,9 @@ class CircuitBreaker:
                 return CircuitState.CLOSED
             c.opened_at = now
             return CircuitState.OPEN
-        c.outcomes.append((now, ok))
-        horizon = now - self.rules.window
-        while c.outcomes and c.outcomes[0][0] < horizon:
-            c.outcomes.popleft()
-        total = len(c.outcomes)
-        errors = sum(1 for _, good in c.outcomes if not good)
-        if total >= self.rules.min_requests and errors / total > self.rules.error_rate:
-            c.opened_at = now
-            c.outcomes.clear()
+        c.add(now, ok, self.rules.window)
+        if c.total >= self.rules.min_requests and c.errors / c.total > self.rules.error_rate:
+            self._circuits[node_id] = _Circuit(opened_at=now)
             return CircuitState.OPEN
         return CircuitState.CLOSED
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
@@ -18,6 +17,7 @@ from nats.aio.subscription import Subscription
 from schemas.events import EventDecodeError, decode_event
 from services.core.bus import Bus
 from services.core.http import BUS, DB, REDIS, REGISTRY
+from services.core.pipelined_redis import PipelinedRedis
 from services.gateway.auth import Authenticator, AuthSettings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
 from services.gateway.metrics import GatewayMetrics
@@ -25,13 +25,39 @@ from services.gateway.models import ModelCatalog
 from services.gateway.node_feed import NodeFeed
 from services.gateway.nodes import NodeTable, RoutingRules
 from services.gateway.proxy import Proxy, ProxySettings
-from services.gateway.ratelimit import RedisRateLimiter, connect_redis
+from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
 from services.gateway.settings import GatewaySettings
+from services.gateway.upstream import UpstreamPool
 from services.gateway.usage import UsagePublisher
 
 log = structlog.get_logger("gateway")
 
 CONTROL_SUBJECTS = ("apikey.>", "tenant.>", "environment.>", "model.>")
+
+
+class LeaseKeeper:
+    """Keeps the concurrency leases of long streams alive: one task renews them all, instead
+    of a timer per stream."""
+
+    def __init__(self, limiter: RedisRateLimiter, period: float) -> None:
+        self.limiter = limiter
+        self.period = period
+        self.active: dict[int, Reservation] = {}
+        self._next = 0
+
+    def hold(self, reservation: Reservation) -> int:
+        self._next += 1
+        self.active[self._next] = reservation
+        return self._next
+
+    def drop(self, token: int) -> None:
+        self.active.pop(token, None)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            for reservation in list(self.active.values()):
+                await self.limiter.renew(reservation)
 
 
 @dataclass
@@ -46,6 +72,7 @@ class Gateway:
     models: ModelCatalog
     metrics: GatewayMetrics
     bus: Bus
+    leases: LeaseKeeper
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def background(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -76,10 +103,12 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[GATEWAY_SETTINGS]
     registry = app[REGISTRY]
     bus = app[BUS]
-    # The limiter's client: short timeouts and no client retries (a retried EVALSHA would
-    # count a request twice). Auth uses it too, so a dead Redis costs milliseconds, not seconds.
+    # Auth's cache client: short timeouts, so a dead Redis costs milliseconds, not seconds.
     redis = connect_redis(s.redis_url.reveal(), timeout=s.ratelimit_redis_timeout)
     app[REDIS] = redis
+    # The limiter's: every request's EVALSHAs pipelined on one connection (the hot path), and
+    # never retried by the client (a retried EVALSHA would count a request twice).
+    limiter_redis = PipelinedRedis(s.redis_url.reveal(), timeout=s.ratelimit_redis_timeout)
     table = NodeTable()
     rules = RoutingRules(health_threshold=s.health_score_threshold,
                          heartbeat_timeout=s.node_heartbeat_timeout)
@@ -87,9 +116,10 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         error_rate=s.circuit_error_rate, min_requests=s.circuit_min_requests,
         window=s.circuit_window_seconds, cooldown=s.circuit_cooldown_seconds)))
     metrics = GatewayMetrics(registry)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=90,
-                                     enable_cleanup_closed=True)
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+    upstream = UpstreamPool(connect_timeout=s.upstream_connect_timeout)
+    limiter = RedisRateLimiter(limiter_redis, policy=s.ratelimit_policy,
+                               lease_ttl=s.concurrency_lease_seconds, registry=registry,
+                               timeout=s.ratelimit_redis_timeout)
     models = ModelCatalog(app[DB])
     await models.refresh()
     gw = Gateway(
@@ -97,36 +127,39 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         auth=Authenticator(app[DB], redis, AuthSettings(local_ttl=s.auth_local_cache_seconds,
                                                         redis_ttl=s.auth_redis_cache_seconds),
                            registry=registry),
-        limiter=RedisRateLimiter(redis, policy=s.ratelimit_policy,
-                                 lease_ttl=s.concurrency_lease_seconds, registry=registry,
-                                 timeout=s.ratelimit_redis_timeout),
+        limiter=limiter,
         table=table, balancer=balancer,
-        proxy=Proxy(session, table, balancer, rules, metrics, ProxySettings(
+        proxy=Proxy(upstream, table, balancer, rules, metrics, ProxySettings(
             connect_timeout=s.upstream_connect_timeout, request_timeout=s.request_timeout,
             chunk_timeout=s.stream_chunk_timeout)),
         usage=UsagePublisher(bus, Path(s.usage_spool_dir), buffer_size=s.usage_buffer_size,
                              registry=registry),
-        models=models, metrics=metrics, bus=bus)
+        models=models, metrics=metrics, bus=bus, leases=LeaseKeeper(
+            limiter, s.concurrency_lease_seconds / 3))
     app[GATEWAY] = gw
+    await gw.limiter.load_scripts()
     feed = NodeFeed(bus, table)
     await feed.start()
     subs: list[Subscription] = [await bus.nc.subscribe(subject, cb=gw.on_control_event)
                                 for subject in CONTROL_SUBJECTS]
     usage_task = asyncio.create_task(gw.usage.run(), name="usage-publisher")
     refresher = asyncio.create_task(_refresh_models(models), name="models-refresh")
+    renewer = asyncio.create_task(gw.leases.run(), name="lease-keeper")
     yield
+    renewer.cancel()
     for sub in subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     await feed.stop()
     refresher.cancel()
     usage_task.cancel()
-    await asyncio.gather(usage_task, refresher, return_exceptions=True)
+    await asyncio.gather(usage_task, refresher, renewer, return_exceptions=True)
     await gw.usage.close()
     if gw._tasks:
         await asyncio.gather(*gw._tasks, return_exceptions=True)
-    await session.close()
+    await upstream.close()
     await redis.aclose()
+    await limiter_redis.aclose()
 
 
 async def _refresh_models(models: ModelCatalog) -> None:

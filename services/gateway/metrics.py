@@ -4,6 +4,8 @@ id or a raw path."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -30,3 +32,12 @@ class GatewayMetrics:
                                registry=registry)
         self.disconnects = Counter("gateway_client_disconnects_total",
                                    "Clients that went away mid-stream", registry=registry)
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set: this runs per request."""
+        key = (metric._name, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

@@ -115,6 +115,9 @@ class _WithUsage(msgspec.Struct):
     usage: _UsageOnly | None = None
 
 
+_usage_decoder = msgspec.json.Decoder(_UsageOnly | None)
+
+
 def usage_of(body: bytes) -> tuple[int, int]:
     """(prompt, completion) tokens of a whole (non-streamed) answer; (0, 0) when absent."""
     try:
@@ -149,9 +152,14 @@ class StreamMeter:
             if self._final_usage is not None:
                 self.prompt_tokens, self.completion_tokens = self._final_usage
             return line
-        if b'"usage"' not in payload:
+        at = payload.rfind(b',"usage":')
+        if at < 0 and b'"usage"' not in payload:
             self.chunks += 1
             return line
+        if at > 0 and payload.endswith(b"}"):
+            fast = self._feed_fast(line, payload, at)
+            if fast is not None:
+                return fast
         try:
             chunk = _decode(payload)
         except msgspec.DecodeError:
@@ -173,3 +181,25 @@ class StreamMeter:
             return line
         del chunk["usage"]
         return b"data: " + _encode(chunk) + b"\n"
+
+    def _feed_fast(self, line: bytes, payload: bytes, at: int) -> bytes | None:
+        """The common case without parsing the chunk: vLLM (pydantic) writes compact JSON with
+        `usage` as the last field, so it can be read and cut off by position. None when the
+        chunk does not look like that (the caller then parses it)."""
+        try:
+            usage = _usage_decoder.decode(payload[at + 9:-1])
+        except msgspec.DecodeError:
+            return None
+        if usage is None:
+            self.chunks += 1
+            return line
+        counts = (usage.prompt_tokens, usage.completion_tokens)
+        if b'"choices":[]' in payload[:at]:
+            self._final_usage = counts
+            self.prompt_tokens, self.completion_tokens = counts
+            return line if self.wants_usage else b""
+        self.chunks += 1
+        self.prompt_tokens, self.completion_tokens = counts
+        if self.wants_continuous_usage:
+            return line
+        return b"data: " + payload[:at] + b"}\n"

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
@@ -31,11 +30,17 @@ from services.gateway.protocol import (
     upstream_body,
     usage_of,
 )
+from services.gateway.upstream import (
+    ConnectFailed,
+    Dropped,
+    ReadTimeout,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 log = structlog.get_logger("proxy")
 
-CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                  aiohttp.ClientOSError)
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -71,10 +76,10 @@ class ProxySettings:
 
 
 class Proxy:
-    def __init__(self, session: aiohttp.ClientSession, table: NodeTable, balancer: Balancer,
+    def __init__(self, pool: UpstreamPool, table: NodeTable, balancer: Balancer,
                  rules: RoutingRules, metrics: GatewayMetrics,
                  settings: ProxySettings | None = None) -> None:
-        self.session = session
+        self.pool = pool
         self.table = table
         self.balancer = balancer
         self.rules = rules
@@ -111,24 +116,26 @@ class Proxy:
             if attempt:
                 self.metrics.retries.inc()
             self.balancer.started(node.node_id, now)
-            self.metrics.lb_requests.labels(req.model, node.node_id).inc()
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout,
-                                            sock_read=None)
+            self.metrics.child(self.metrics.lb_requests, req.model, node.node_id).inc()
+            s = self.settings
             try:
-                upstream = await asyncio.wait_for(
-                    self.session.post(node.endpoint_url + path, data=body,
-                                      headers=upstream_headers, timeout=timeout),
-                    self.settings.request_timeout)
-            except CONNECT_ERRORS as exc:
-                # Nothing reached the node (or it hung up before answering): safe to retry.
-                last_error = type(exc).__name__
+                upstream = await self.pool.post(
+                    node.endpoint_url, path, body, upstream_headers,
+                    s.chunk_timeout if req.stream else s.request_timeout)
+            except ConnectFailed as exc:
+                # No byte of an answer came back: safe to send it to another node.
+                last_error = str(exc)
                 self._failed(node, req.model, "connect", started)
                 log.warning("node unreachable; trying another", node_id=node.node_id,
-                            error=str(exc) or last_error)
+                            error=last_error)
                 continue
-            except TimeoutError:
+            except ReadTimeout:
                 self._failed(node, req.model, "timeout", started)
                 raise UpstreamFailure(504, "The model took too long to answer.",
+                                      node_id=node.node_id) from None
+            except Dropped:
+                self._failed(node, req.model, "dropped", started)
+                raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
                                       node_id=node.node_id) from None
             try:
                 if req.stream and upstream.status == 200:
@@ -139,26 +146,26 @@ class Proxy:
         raise AssertionError("unreachable")
 
     def _failed(self, node: NodeView, model: str, reason: str, started: float) -> None:
-        self.metrics.lb_errors.labels(model, node.node_id, reason).inc()
+        self.metrics.child(self.metrics.lb_errors, model, node.node_id, reason).inc()
         self.balancer.finished(node.node_id, ok=False, latency=None, now=time.monotonic())
 
     def _succeeded(self, node: NodeView, model: str, started: float) -> float:
         now = time.monotonic()
         latency = now - started
-        self.metrics.lb_latency.labels(model, node.node_id).observe(latency)
+        self.metrics.child(self.metrics.lb_latency, model, node.node_id).observe(latency)
         self.balancer.finished(node.node_id, ok=True, latency=latency, now=now)
         return latency
 
     async def _whole(self, request: web.Request, req: InferenceRequest, node: NodeView,
-                     upstream: aiohttp.ClientResponse, headers: dict[str, str],
+                     upstream: UpstreamResponse, headers: dict[str, str],
                      started: float) -> ProxyResult:
         try:
-            body = await asyncio.wait_for(upstream.read(), self.settings.request_timeout)
-        except TimeoutError:
+            body = await upstream.read()
+        except ReadTimeout:
             self._failed(node, req.model, "timeout", started)
             raise UpstreamFailure(504, "The model took too long to answer.",
                                   node_id=node.node_id) from None
-        except (aiohttp.ClientPayloadError, *CONNECT_ERRORS):
+        except UpstreamError:
             self._failed(node, req.model, "dropped", started)
             raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
                                   node_id=node.node_id) from None
@@ -169,13 +176,13 @@ class Proxy:
         latency = self._succeeded(node, req.model, started)
         prompt, completion = usage_of(body) if upstream.status == 200 else (0, 0)
         response = web.Response(body=body, status=upstream.status, headers={
-            **headers, "Content-Type": upstream.headers.get("Content-Type",
+            **headers, "Content-Type": upstream.headers.get("content-type",
                                                             "application/json")})
         return ProxyResult(response, upstream.status, node.node_id, prompt, completion,
                            latency, latency if upstream.status == 200 else None)
 
     async def _stream(self, request: web.Request, req: InferenceRequest, node: NodeView,
-                      upstream: aiohttp.ClientResponse, headers: dict[str, str],
+                      upstream: UpstreamResponse, headers: dict[str, str],
                       started: float) -> ProxyResult:
         meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
@@ -184,23 +191,26 @@ class Proxy:
         first: float | None = None
         failure: str | None = None
         client_gone = False
-        content = upstream.content
+        partial = b""
         while True:
             try:
-                line = await asyncio.wait_for(content.readline(), self.settings.chunk_timeout)
-            except TimeoutError:
+                # Whatever has arrived, however many lines: one write to the client per read.
+                data = await upstream.next_chunk()
+            except ReadTimeout:
                 failure = "chunk_timeout"
                 break
-            except (aiohttp.ClientPayloadError, *CONNECT_ERRORS):
+            except UpstreamError:
                 failure = "dropped"
                 break
-            if not line:
+            if not data:
                 if not meter.done:
                     failure = "dropped"  # the node closed the stream before [DONE]
                 break
             if first is None:
                 first = time.monotonic() - started
-            out = meter.feed(line)
+            lines = (partial + data).split(b"\n")
+            partial = lines.pop()  # an incomplete last line waits for the next read
+            out = b"".join(meter.feed(line + b"\n") for line in lines)
             if not out:
                 continue
             try:

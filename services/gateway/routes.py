@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -98,7 +97,8 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     if not decision.allowed:
         raise refusal(decision)
     request_id = request[REQUEST_ID]
-    renewing = _keep_lease(gw, decision.reservation) if req.stream else None
+    lease = gw.leases.hold(decision.reservation) \
+        if req.stream and decision.reservation is not None else None
     try:
         result = await gw.proxy.forward(request, req, request_id, decision.headers)
     except UpstreamFailure as failure:
@@ -110,25 +110,11 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
             raise ApiError.unavailable(failure.message, headers={"Retry-After": "1"}) from None
         raise ApiError.bad_gateway(failure.message) from None
     finally:
-        if renewing is not None:
-            renewing.cancel()
+        if lease is not None:
+            gw.leases.drop(lease)
     _finish(gw, decision.reservation, req, principal, request_id, started, result,
             result.status, result.node_id)
     return result.response
-
-
-def _keep_lease(gw: Gateway, reservation: Reservation | None) -> asyncio.Task[None] | None:
-    """A long stream outlives its concurrency lease unless renewed."""
-    if reservation is None:
-        return None
-
-    async def renew() -> None:
-        period = gw.settings.concurrency_lease_seconds / 3
-        while True:
-            await asyncio.sleep(period)
-            await gw.limiter.renew(reservation)
-
-    return asyncio.create_task(renew())
 
 
 def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
@@ -138,9 +124,10 @@ def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
     prompt = result.prompt_tokens if result else 0
     completion = result.completion_tokens if result else 0
     if reservation is not None:
-        gw.background(gw.limiter.settle(reservation, prompt + completion))
+        gw.limiter.settle_nowait(reservation, prompt + completion)
     if prompt or completion:
-        gw.metrics.tokens.labels(req.model, principal.tenant_id).inc(prompt + completion)
+        gw.metrics.child(gw.metrics.tokens, req.model, principal.tenant_id).inc(
+            prompt + completion)
     node = gw.table.nodes.get(node_id) if node_id else None
     gw.usage.submit(UsageRecorded(
         request_id=request_id, tenant_id=uuid.UUID(principal.tenant_id),

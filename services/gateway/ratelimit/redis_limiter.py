@@ -8,9 +8,9 @@ before one request probes it again.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from services.core.pipelined_redis import PipelinedRedis
 from services.gateway.ratelimit import lua
 from services.gateway.ratelimit.limits import (
     WINDOW_GRACE_MS,
@@ -84,7 +85,7 @@ class RedisRateLimiter:
     `timeout` bounds every Redis call whatever the client's own settings; `clock` (monotonic
     seconds) times the cool-down and `local` replaces the fallback limiter, both for tests."""
 
-    def __init__(self, redis: aioredis.Redis, *, policy: Policy = "local",
+    def __init__(self, redis: aioredis.Redis | PipelinedRedis, *, policy: Policy = "local",
                  lease_ttl: float = 120.0, registry: CollectorRegistry | None = None,
                  cooldown: float = 1.0, timeout: float = 0.25,
                  local: LocalRateLimiter | None = None,
@@ -105,6 +106,11 @@ class RedisRateLimiter:
         self._retry_at = 0.0
         self._probing = False
         self._fallbacks = 0
+        self._settling: set[asyncio.Future[None]] = set()
+        # Lease ids only need to be unique, not secret: no getrandom syscall per request.
+        self._ids = random.Random()
+        # A client with its own deadlines (PipelinedRedis) spares us a timer per call.
+        self._own_deadlines = isinstance(redis, PipelinedRedis)
         retry = redis.get_retry()
         if retry is not None and retry.get_retries() > 0:
             log.warning("rate limiter redis client retries commands: a retried EVALSHA can "
@@ -126,7 +132,7 @@ class RedisRateLimiter:
         if not checks:
             return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
                             reservation=_NOTHING, degraded=False)
-        lease_id = uuid.uuid4().hex if needs_lease(checks) else ""
+        lease_id = f"{self._ids.getrandbits(128):032x}" if needs_lease(checks) else ""
         spec = " ".join(f"{c.kind.value} {-1 if c.limit is None else c.limit} "
                         f"{c.window_ms} {c.amount}" for c in checks)
         args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, spec]
@@ -159,6 +165,42 @@ class RedisRateLimiter:
                                  *(w.start_ms for w in reservation.token_windows)]
         await self._run(lua.SETTLE, keys, args)
 
+    def settle_nowait(self, reservation: Reservation, actual_tokens: int) -> None:
+        """`settle` without waiting for Redis's answer, for when the response has already
+        gone: with PipelinedRedis the EVALSHA rides the next write, with no task at all."""
+        if (reservation.origin is Origin.REDIS and reservation.lease_key is not None
+                and isinstance(self._redis, PipelinedRedis) and self._down_since is None):
+            keys = [reservation.lease_key, *(w.key for w in reservation.token_windows)]
+            delta = max(0, actual_tokens) - reservation.tokens
+            sent = self._redis.execute_nowait(
+                "EVALSHA", lua.SETTLE.sha, len(keys), *keys, reservation.lease_id, delta,
+                *(w.start_ms for w in reservation.token_windows))
+            if sent is not None:
+                def retry_unloaded(done: asyncio.Future[Any]) -> None:
+                    # Redis lost its scripts (restart, SCRIPT FLUSH): settle the slow way,
+                    # which loads them. Settling is idempotent, so a retry is safe.
+                    if not done.cancelled() and isinstance(done.exception(), NoScriptError):
+                        self._background(self.settle(reservation, actual_tokens))
+
+                sent.add_done_callback(retry_unloaded)
+                return
+        self._background(self.settle(reservation, actual_tokens))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def load_scripts(self) -> bool:
+        """Load every script now (at start-up) so fire-and-forget settles never meet
+        NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
+        try:
+            for script in (lua.ACQUIRE, lua.SETTLE, lua.RENEW):
+                await self._redis.script_load(script.source)
+        except _UNREACHABLE:
+            return False
+        return True
+
     async def release(self, reservation: Reservation) -> None:
         """The request consumed nothing (it never reached a node): give back its tokens and
         its lease. The request itself stays counted."""
@@ -189,13 +231,11 @@ class RedisRateLimiter:
         else:
             probe = False
         try:
-            async with asyncio.timeout(self._timeout):
-                try:
-                    reply = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    # Redis restarted or SCRIPT FLUSH: load once, then EVALSHA works again.
-                    await self._redis.script_load(script.source)
-                    reply = await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            if self._own_deadlines:
+                reply = await self._evalsha(script, keys, args)
+            else:
+                async with asyncio.timeout(self._timeout):
+                    reply = await self._evalsha(script, keys, args)
         except _UNREACHABLE as exc:
             self._failed(exc)
             return False, None
@@ -204,6 +244,15 @@ class RedisRateLimiter:
                 self._probing = False
         self._recovered()
         return True, reply
+
+    async def _evalsha(self, script: lua.Script, keys: Sequence[str],
+                       args: Sequence[str | int]) -> Any:
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted or SCRIPT FLUSH: load once, then EVALSHA works again.
+            await self._redis.script_load(script.source)
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
 
     def _failed(self, exc: BaseException) -> None:
         self.metrics.redis_errors.inc()

@@ -1,0 +1,268 @@
+"""Gateway benchmark: the same load against
+  (a) the vLLM simulator directly,
+  (b) a bare aiohttp pass-through proxy (written here, as the baseline),
+  (c) the gateway with auth, every rate-limit layer, load balancing and usage publishing,
+one worker process each, in one run; concurrency 1 and 16, whole answers and streams.
+Prints requests/s and p50/p99 latency, and (c) as a ratio of (b).
+
+`python bench/gateway.py [--seconds 5]`. Run by hand: the figures depend on the machine, and
+the load generator shares it with the servers, so compare the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from schemas.events import Quota
+from services.core.bus import Bus
+from services.core.catalog import Catalog
+from services.core.db import create_pool
+from services.core.devstack import DevStack, free_port
+from services.core.eventlog import EventLog
+from services.core.migrate import migrate
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say something nice."}],
+        "max_tokens": 16}
+
+
+# --------------------------------------------------------------------------- (b) bare proxy
+
+
+def bare_proxy(upstream: str, port: int) -> None:
+    """What any reverse proxy does: read the body, forward it, stream the answer back."""
+
+    async def ctx(app: web.Application) -> object:
+        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await app["session"].close()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        session: aiohttp.ClientSession = request.app["session"]
+        async with session.post(upstream + request.path, data=body,
+                                headers={"Content-Type": "application/json"}) as up:
+            response = web.StreamResponse(status=up.status, headers={
+                "Content-Type": up.headers.get("Content-Type", "application/json")})
+            await response.prepare(request)
+            async for chunk in up.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.cleanup_ctx.append(ctx)  # type: ignore[arg-type]
+    app.router.add_post("/v1/chat/completions", forward)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def load(url: str, key: str, concurrency: int, seconds: float, stream: bool
+               ) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    body = {**BODY, "stream": stream}
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.perf_counter() + seconds
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            async with session.post(url, json=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+                    continue
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm the connections and the gateway's caches first.
+        for _ in range(20):
+            async with session.post(url, json=body, headers=headers) as r:
+                await r.read()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, latencies, errors
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else \
+        values[0] * 1000
+
+
+async def wait_ready(url: str, path: str = "/health", timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url + path) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url}{path} not ready")
+            await asyncio.sleep(0.1)
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}") from None
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
+
+
+async def wait_routed(url: str, key: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.post(f"{url}/v1/chat/completions", json=BODY,
+                              headers={"Authorization": f"Bearer {key}"}) as r:
+                await r.read()
+                if r.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway never routed to the node")
+            await asyncio.sleep(0.2)
+
+
+async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
+              concurrencies: list[int]) -> None:
+    stack = DevStack(tmp / "servers")
+    stack.start()
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        urls = stack.urls
+        await migrate(urls.database_url)
+        bus = await Bus.connect(urls.nats_url, name="bench")
+        await bus.ensure_streams()
+        await bus.close()
+        pool = await create_pool(urls.database_url)
+        catalog = Catalog(EventLog(pool))
+        tenant = await catalog.create_tenant("bench")
+        huge = 10**12
+        env = await catalog.create_environment(tenant, "bench", "local", Quota(
+            requests_per_minute=10**9, tokens_per_minute=huge, tokens_per_day=huge))
+        key = await catalog.create_api_key(env, limits=Quota(
+            requests_per_minute=10**9, tokens_per_minute=huge, tokens_per_day=huge,
+            concurrency=10_000))
+        await catalog.create_model(MODEL, family="llama", vram_gb=16,
+                                   input_price_per_million=Decimal("0.1"),
+                                   output_price_per_million=Decimal("0.2"),
+                                   context_length=8192)
+        await pool.close()
+
+        sim_port, bare_port, gw_port = free_port(), free_port(), free_port()
+        sim = f"http://127.0.0.1:{sim_port}"
+        env_base = {**os.environ, "LOG_LEVEL": "warning"}
+        procs.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.simulator", "--port", str(sim_port), "--model", MODEL,
+            stdout=asyncio.subprocess.DEVNULL, env=env_base))
+        procs.append(await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--bare-proxy", sim, "--port", str(bare_port),
+            env=env_base))
+        procs.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", env={
+                **env_base, "NATS_URL": urls.nats_url, "VLLM_URL": sim, "MODEL_NAME": MODEL,
+                "HEARTBEAT_INTERVAL": "1"}))
+        procs.append(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.gateway", env={
+                **env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
+                "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1",
+                "HTTP_PORT": str(gw_port), "TENANT_REQUESTS_PER_MINUTE": str(10**9),
+                "USAGE_SPOOL_DIR": str(tmp / "spool")}))
+        await wait_ready(sim)
+        await wait_port(bare_port)
+        await wait_ready(f"http://127.0.0.1:{gw_port}", "/ready")
+        await wait_routed(f"http://127.0.0.1:{gw_port}", key.plaintext)
+
+        targets = {"simulator": f"{sim}/v1/chat/completions",
+                   "bare proxy": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
+                   "gateway": f"http://127.0.0.1:{gw_port}/v1/chat/completions"}
+        print(f"gateway benchmark: chat completions, max_tokens={BODY['max_tokens']}, "
+              f"{seconds:.0f}s per row, one process each, 2 cores shared with the load")
+        print(f"{'target':<11} {'mode':<7} {'conc':>4} {'req/s':>8} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'errors':>6}")
+        results: dict[tuple[str, bool, int], float] = {}
+        for stream in (False, True):
+            if ("stream" if stream else "whole") not in modes:
+                continue
+            for concurrency in concurrencies:
+                for name, url in targets.items():
+                    if only and name.split()[0] not in only:
+                        continue
+                    rps, lat, errors = await load(url, key.plaintext, concurrency, seconds,
+                                                  stream)
+                    results[(name, stream, concurrency)] = rps
+                    print(f"{name:<11} {'stream' if stream else 'whole':<7} {concurrency:>4} "
+                          f"{rps:>8,.0f} {pct(lat, 50):>8.2f} {pct(lat, 99):>8.2f} "
+                          f"{errors:>6}", flush=True)
+        print("\ngateway / bare proxy (goal: at least 0.60)")
+        for stream in (False, True):
+            for concurrency in concurrencies:
+                gateway = results.get(("gateway", stream, concurrency))
+                bare = results.get(("bare proxy", stream, concurrency))
+                if not gateway or not bare:
+                    continue
+                ratio = gateway / bare
+                print(f"  {'stream' if stream else 'whole':<7} concurrency {concurrency:>2}: "
+                      f"{ratio:.2f}")
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.terminate()
+        await asyncio.gather(*(p.wait() for p in procs))
+        stack.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--only", default="", help="comma list: simulator,bare,gateway")
+    parser.add_argument("--modes", default="whole,stream")
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--bare-proxy", metavar="UPSTREAM")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args()
+    if args.bare_proxy:
+        bare_proxy(args.bare_proxy, args.port)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(args.seconds, Path(tmp), set(filter(None, args.only.split(","))),
+                        set(args.modes.split(",")),
+                        [int(c) for c in args.concurrency.split(",")]))
+
+
+if __name__ == "__main__":
+    main()
