@@ -289,3 +289,17 @@ def test_unavailable_is_a_503() -> None:
     assert d.status == 503
     assert Decision(allowed=False, layer=Layer.KEY_REQUESTS, retry_after=1, headers={},
                     reservation=None, degraded=False).status == 429
+
+
+def test_plan_cache_gives_the_same_checks_as_plan() -> None:
+    from services.gateway.ratelimit.limits import PlanCache, plan
+
+    subject = LimitSubject("k", "e", "t")
+    limits = Limits(key_requests_per_minute=5, key_tokens_per_minute=100,
+                    environment_tokens_per_day=1000, key_concurrency=2)
+    cache = PlanCache(capacity=2)
+    for tokens in (0, 7, 7, 300, -3):
+        assert cache.plan(subject, limits, tokens) == plan(subject, limits, tokens)
+    other = LimitSubject("k2", "e", "t")
+    for s in (other, LimitSubject("k3", "e", "t"), subject):  # past capacity: still right
+        assert cache.plan(s, limits, 9) == plan(s, limits, 9)

@@ -219,6 +219,30 @@ def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int) -> tuple[
     return tuple(checks)
 
 
+class PlanCache:
+    """`plan` for a hot path: a subject's checks depend on its limits, which change rarely,
+    and on the token estimate, which changes every request. The checks are built once per
+    (subject, limits); only the token checks are remade per request."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._plans: dict[tuple[LimitSubject, Limits], tuple[Check, ...]] = {}
+
+    def plan(self, subject: LimitSubject, limits: Limits,
+             estimated_tokens: int) -> tuple[Check, ...]:
+        key = (subject, limits)
+        template = self._plans.get(key)
+        if template is None:
+            if len(self._plans) >= self.capacity:
+                self._plans.clear()  # rare; cheaper than bookkeeping an LRU per request
+            template = self._plans[key] = plan(subject, limits, 0)
+        tokens = max(0, estimated_tokens)
+        if tokens == 0:
+            return template
+        return tuple(Check(c.layer, c.kind, c.key, c.limit, c.window_ms, tokens)
+                     if c.kind is Kind.TOKENS else c for c in template)
+
+
 def needs_lease(checks: Sequence[Check]) -> bool:
     return any(c.kind is Kind.CONCURRENCY for c in checks)
 

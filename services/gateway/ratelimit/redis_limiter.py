@@ -29,9 +29,9 @@ from services.gateway.ratelimit.limits import (
     Limits,
     LimitSubject,
     Origin,
+    PlanCache,
     Reservation,
     needs_lease,
-    plan,
     reservation_for,
     unavailable,
     verdict,
@@ -107,6 +107,7 @@ class RedisRateLimiter:
         self._probing = False
         self._fallbacks = 0
         self._settling: set[asyncio.Future[None]] = set()
+        self._plans = PlanCache()
         # Lease ids only need to be unique, not secret: no getrandom syscall per request.
         self._ids = random.Random()
         # A client with its own deadlines (PipelinedRedis) spares us a timer per call.
@@ -128,7 +129,7 @@ class RedisRateLimiter:
                       estimated_tokens: int) -> Decision:
         """Check every layer and, only if all pass, count the request, reserve
         `estimated_tokens` and take a lease: one EVALSHA."""
-        checks = plan(subject, limits, estimated_tokens)
+        checks = self._plans.plan(subject, limits, estimated_tokens)
         if not checks:
             return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
                             reservation=_NOTHING, degraded=False)
