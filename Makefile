@@ -33,6 +33,8 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/eventlog.py
 	$(BIN)/python bench/simulator.py
+	$(BIN)/python bench/ratelimit.py
+	$(BIN)/python bench/gateway.py
 
 # Re-export schemas/jsonschema/ after changing schemas/ (a test fails while it is stale).
 schemas: $(STAMP)

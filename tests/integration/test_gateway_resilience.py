@@ -302,3 +302,33 @@ def _dead_redis() -> Any:
     return Secret(f"redis://127.0.0.1:{free_port()}/0")
 
 
+
+
+async def test_several_worker_processes_share_one_port(platform: Platform) -> None:  # noqa: F811
+    p = platform
+    await p.add_node()
+    port = free_port()
+    proc = await start_gateway_process(p, port, WORKERS="2")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            await eventually(lambda: serving(s, url), timeout=30, what="workers ready")
+            await eventually(lambda: _routes(s, url, p.key.plaintext), timeout=15,
+                             what="workers route")
+
+            def workers() -> list[int]:
+                from pathlib import Path
+
+                return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                        and (d / "stat").exists()
+                        and (d / "stat").read_text().split()[3] == str(proc.pid)]
+
+            assert len(workers()) == 2
+            statuses = await asyncio.gather(*(chat(s, url, p.key.plaintext) for _ in range(20)))
+            assert {status for status, _ in statuses} == {200}
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
