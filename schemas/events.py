@@ -179,8 +179,19 @@ class NodeTerminated(_NodeEvent, tag="node.terminated"):
 # --------------------------------------------------------------------------- usage
 
 
+class UsagePrice(msgspec.Struct, kw_only=True, frozen=True):
+    """The price billing applied when it recorded a usage event (prices per 1M tokens)."""
+
+    input_price_per_million: Decimal
+    output_price_per_million: Decimal
+    region_multiplier: Decimal
+    cost: Decimal
+
+
 class UsageRecorded(Event, tag="usage.recorded"):
-    """One inference request, as metered by the gateway from vLLM's `usage`."""
+    """One inference request, as metered by the gateway from vLLM's `usage`. The gateway
+    publishes it without `price`; billing records it with the price it applied, so replaying
+    the log never re-prices old usage."""
 
     aggregate: ClassVar[str] = "usage"
     stream_field: ClassVar[str] = "tenant_id"
@@ -199,6 +210,7 @@ class UsageRecorded(Event, tag="usage.recorded"):
     time_to_first_token_ms: float | None = None
     status: int = 200
     streamed: bool = False
+    price: UsagePrice | None = None
 
 
 # --------------------------------------------------------------------------- tenants

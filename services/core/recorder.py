@@ -22,6 +22,8 @@ from services.core.eventlog import EventLog
 log = structlog.get_logger("recorder")
 
 Transform = Callable[[Event], Awaitable[Sequence[Event]]]
+AfterCommit = Callable[[list[Event]], Awaitable[None]]
+"""Called once a batch is in the log, before its messages are acked."""
 """Validate an incoming event and return what to record (empty: record nothing).
 Raise ValueError for a message that must never be recorded: it goes to the dead letters."""
 
@@ -39,11 +41,13 @@ async def record_as_is(event: Event) -> Sequence[Event]:
 class Recorder:
     def __init__(self, eventlog: EventLog, bus: Bus, spec: ConsumerSpec, *,
                  transform: Transform = record_as_is,
+                 on_committed: AfterCommit | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         self.eventlog = eventlog
         self.bus = bus
         self.spec = dataclasses.replace(spec, transient_errors=DATABASE_DOWN)
         self.transform = transform
+        self.on_committed = on_committed
         self.recorded = Counter("recorder_events_recorded_total",
                                 "Events recorded into the log from NATS", ["consumer"],
                                 registry=registry)
@@ -67,3 +71,7 @@ class Recorder:
         if events:
             recorded = await self.eventlog.record(events, origin="bus")
             self.recorded.labels(self.spec.durable).inc(len(recorded))
+            if self.on_committed is not None:
+                # Every event of the batch, new or already in the log: a redelivered
+                # message deserves the same follow-up (an agent waiting for its ack).
+                await self.on_committed(events)

@@ -1,0 +1,77 @@
+"""Projection `nodes`: one row per GPU node, from its lifecycle events (not heartbeats)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from schemas.events import (
+    NodeDeregistered,
+    NodeDraining,
+    NodeRegistered,
+    NodeSpotWarning,
+    NodeStatus,
+    NodeStatusChanged,
+    NodeTerminated,
+)
+from services.core.db import Connection
+from services.core.eventlog import RecordedEvent
+from services.core.projections import Projection
+
+_STATUS_UPDATE = """
+UPDATE nodes SET status = $2, status_reason = $3, updated_at = $4, version = $5
+WHERE id = $1 AND version < $5
+"""
+
+
+class NodesProjection(Projection):
+    name = "nodes"
+    tables = ("nodes",)
+    event_types = ("node.*",)
+
+    async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
+        for r in events:
+            if r.type == "node.heartbeat":
+                continue
+            e = r.event
+            v = r.stream_version
+            if isinstance(e, NodeRegistered):
+                # A node that registers again (agent restarted) is registered anew.
+                await conn.execute(
+                    """INSERT INTO nodes (id, cluster_name, provider, region, instance_type,
+                           gpu_type, vram_total_gb, model_name, endpoint_url, spot_instance,
+                           agent_version, status, registered_at, updated_at, version)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'registered',
+                               $12, $12, $13)
+                       ON CONFLICT (id) DO UPDATE SET
+                           cluster_name = EXCLUDED.cluster_name, provider = EXCLUDED.provider,
+                           region = EXCLUDED.region, instance_type = EXCLUDED.instance_type,
+                           gpu_type = EXCLUDED.gpu_type, vram_total_gb = EXCLUDED.vram_total_gb,
+                           model_name = EXCLUDED.model_name,
+                           endpoint_url = EXCLUDED.endpoint_url,
+                           spot_instance = EXCLUDED.spot_instance,
+                           agent_version = EXCLUDED.agent_version, status = 'registered',
+                           status_reason = '', updated_at = EXCLUDED.updated_at,
+                           version = EXCLUDED.version
+                       WHERE nodes.version < EXCLUDED.version""",
+                    e.node_id, e.cluster_name, e.provider, e.region, e.instance_type,
+                    e.gpu_type, e.vram_total_gb, e.model_name, e.endpoint_url,
+                    e.spot_instance, e.agent_version, e.occurred_at, v)
+            elif isinstance(e, NodeStatusChanged):
+                await conn.execute(
+                    """UPDATE nodes SET status = $2, status_reason = $3,
+                           health_score = coalesce($4, health_score), updated_at = $5,
+                           version = $6
+                       WHERE id = $1 AND version < $6""",
+                    e.node_id, e.to_status.value, e.reason, e.health_score, e.occurred_at, v)
+            elif isinstance(e, NodeSpotWarning):
+                await conn.execute(
+                    """UPDATE nodes SET status = 'draining', status_reason = $2,
+                           spot_deadline = $3, updated_at = $4, version = $5
+                       WHERE id = $1 AND version < $5""",
+                    e.node_id, f"spot {e.action}", e.deadline, e.occurred_at, v)
+            elif isinstance(e, NodeDraining):
+                await conn.execute(_STATUS_UPDATE, e.node_id, NodeStatus.DRAINING.value,
+                                   e.reason, e.occurred_at, v)
+            elif isinstance(e, NodeDeregistered | NodeTerminated):
+                await conn.execute(_STATUS_UPDATE, e.node_id, NodeStatus.TERMINATED.value,
+                                   e.reason, e.occurred_at, v)
