@@ -1,0 +1,2 @@
+"""Billing: usage records priced from the catalog (and, later, hourly aggregates pushed to
+Stripe as meter events)."""
