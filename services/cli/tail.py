@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from datetime import UTC
+from typing import TextIO
 
 import msgspec
 
 from services.core.db import create_pool
+from services.core.event_json import record_json
 from services.core.eventlog import START, EventFilter, EventLog, LogWaker, RecordedEvent
+from services.core.timeparse import parse_since
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def parse_since(value: str, now: datetime | None = None) -> datetime:
-    """``10m`` / ``2h`` / ``7d`` ago, or an ISO-8601 time (UTC when it has no zone)."""
-    now = now or datetime.now(UTC)
-    match = _DURATION.match(value.strip())
-    if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"--since wants a duration like 10m, 2h, 7d or an ISO time, "
-                         f"not {value!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
+__all__ = ["format_json", "format_line", "parse_since", "tail"]
 
 _json = msgspec.json.Encoder()
 
@@ -42,15 +27,8 @@ def format_line(e: RecordedEvent) -> str:
 
 
 def format_json(e: RecordedEvent) -> str:
-    """One JSON object per line, for machines: the event in its wire form plus log fields."""
-    record: dict[str, Any] = {
-        "position": e.position,
-        "stream_version": e.stream_version,
-        "recorded_at": e.recorded_at,
-        "origin": e.origin,
-        "event": msgspec.Raw(e.wire()),
-    }
-    return _json.encode(record).decode()
+    """One JSON object per line, for machines: the same object the admin API serves."""
+    return record_json(e).decode()
 
 
 async def tail(dsn: str, flt: EventFilter, *, follow: bool, as_json: bool,

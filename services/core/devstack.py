@@ -39,7 +39,8 @@ class DevStackError(RuntimeError):
     """A server did not start or did not answer in time."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """For Popen's preexec_fn: the child gets SIGKILL when its parent dies."""
     # Runs in the child between fork and exec (after any setuid, which would clear it).
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -112,7 +113,7 @@ class ManagedProcess:
             user=self.user,
             # Own session: a Ctrl-C in the terminal reaches only us; we stop children in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def alive(self) -> bool:

@@ -39,6 +39,12 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict, istr
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from services.core.errors import (
+    ApiError,
+    api_error_for_http,
+    error_response,
+    sse_error_event,
+)
 from services.core.http import (
     HTTP_METRICS,
     REGISTRY,
@@ -50,12 +56,6 @@ from services.core.http import (
 )
 from services.core.http import count_requests as shell_count_requests
 from services.core.http import request_context as shell_request_context
-from services.gateway.errors import (
-    ApiError,
-    api_error_for_http,
-    error_response,
-    sse_error_event,
-)
 from services.gateway.real_ip import DEFAULT_TRUSTED_PROXIES, TrustedProxies, client_ip
 
 log = structlog.get_logger("gateway.http")

@@ -19,8 +19,8 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from services.core.errors import ApiError, sse_error_event
 from services.gateway.balancer import Balancer
-from services.gateway.errors import ApiError, sse_error_event
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
 from services.gateway.protocol import (
