@@ -1,17 +1,22 @@
-"""The control-plane catalog (tenants, environments, API keys, models): projections of the log
-that the gateway reads and the admin API writes through `Catalog` commands."""
+"""The control-plane catalog (tenants, environments, API keys, models, deployments): projections
+of the log that the gateway reads and the admin API writes through `Catalog` commands; reads
+as typed records are in `services.core.catalog.queries`."""
 
 from services.core.catalog.commands import (
     API_KEY_PREFIX,
     Catalog,
     CatalogError,
     Conflict,
+    Invalid,
     NewApiKey,
     NotFound,
+    QuotaChanges,
     generate_api_key,
     hash_api_key,
+    merge_quota,
 )
 from services.core.catalog.projections import catalog_projections
 
-__all__ = ["API_KEY_PREFIX", "Catalog", "CatalogError", "Conflict", "NewApiKey", "NotFound",
-           "catalog_projections", "generate_api_key", "hash_api_key"]
+__all__ = ["API_KEY_PREFIX", "Catalog", "CatalogError", "Conflict", "Invalid", "NewApiKey",
+           "NotFound", "QuotaChanges", "catalog_projections", "generate_api_key", "hash_api_key",
+           "merge_quota"]

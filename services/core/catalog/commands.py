@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import string
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -20,14 +21,22 @@ import asyncpg
 from schemas.events import (
     ApiKeyCreated,
     ApiKeyRevoked,
+    ApiKeyUpdated,
+    DeploymentCreated,
+    DeploymentDeleted,
+    DeploymentUpdated,
+    EntityStatus,
     EnvironmentCreated,
+    EnvironmentUpdated,
     Event,
     EventMetadata,
     ModelCreated,
+    ModelUpdated,
     Quota,
     TenantCreated,
     TenantReactivated,
     TenantSuspended,
+    TenantUpdated,
 )
 from schemas.ids import uuid7
 from services.core.catalog.projections import catalog_projections
@@ -60,6 +69,50 @@ class Conflict(CatalogError):
     pass
 
 
+class Invalid(CatalogError):
+    """The request contradicts the current state (e.g. max_nodes below min_nodes after a
+    change): `field` names the offending field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+QuotaChanges = Mapping[str, int | None]
+"""A partial change of a Quota: the fields present are set (None clears a limit), the others
+are kept."""
+
+
+def merge_quota(current: Quota, changes: QuotaChanges) -> Quota:
+    """`current` with `changes` applied. Events carry whole quotas (the projection replaces
+    all columns at once), so a partial change is merged here, against the row it was read
+    with, inside the command's transaction."""
+    allowed = Quota.__struct_fields__
+    unknown = sorted(set(changes) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown quota fields: {', '.join(unknown)}")
+    values = {f: getattr(current, f) for f in allowed}
+    values.update(changes)
+    return Quota(**values)
+
+
+def check_node_bounds(min_nodes: int, max_nodes: int) -> None:
+    if min_nodes < 0:
+        raise Invalid("min_nodes must be 0 or more", "min_nodes")
+    if max_nodes < min_nodes:
+        raise Invalid(f"max_nodes ({max_nodes}) must be at least min_nodes ({min_nodes})",
+                      "max_nodes")
+
+
+def _quota_of(row: asyncpg.Record) -> Quota:
+    """The limits columns of an environments or api_keys row (environments have no
+    concurrency column: `get` gives None)."""
+    return Quota(requests_per_minute=row.get("requests_per_minute"),
+                 tokens_per_minute=row.get("tokens_per_minute"),
+                 tokens_per_day=row.get("tokens_per_day"),
+                 concurrency=row.get("concurrency"))
+
+
 @dataclass(frozen=True)
 class NewApiKey:
     key_id: uuid.UUID
@@ -74,14 +127,19 @@ class NewApiKey:
 
 
 class Catalog:
-    def __init__(self, eventlog: EventLog, *, actor: str = "system") -> None:
+    """`correlation_id` (e.g. the admin API's request id) goes into every event's metadata,
+    so an operator can find what one request did."""
+
+    def __init__(self, eventlog: EventLog, *, actor: str = "system",
+                 correlation_id: str | None = None) -> None:
         self.log = eventlog
         self.actor = actor
+        self.correlation_id = correlation_id
         self._projections = catalog_projections()
 
     async def _write(self, conn: Connection, stream: str, events: list[Event],
                      expected_version: int) -> None:
-        meta = EventMetadata(actor=self.actor)
+        meta = EventMetadata(actor=self.actor, correlation_id=self.correlation_id)
         for e in events:
             e.metadata = meta
         try:
@@ -112,6 +170,15 @@ class Catalog:
             await self._write(conn, event.stream, [event], NO_STREAM)
         return event.tenant_id
 
+    async def update_tenant(self, tenant_id: uuid.UUID, *, name: str | None = None,
+                            email: str | None = None) -> None:
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            version = await self._version(conn, "tenants", tenant_id)
+            if name is None and email is None:
+                return  # nothing to change: no event
+            event = TenantUpdated(tenant_id=tenant_id, name=name, email=email)
+            await self._write(conn, event.stream, [event], version)
+
     async def suspend_tenant(self, tenant_id: uuid.UUID, reason: str = "") -> None:
         await self._tenant_status(tenant_id, TenantSuspended(tenant_id=tenant_id, reason=reason))
 
@@ -134,6 +201,23 @@ class Catalog:
             await self._version(conn, "tenants", tenant_id)
             await self._write(conn, event.stream, [event], NO_STREAM)
         return event.environment_id
+
+    async def update_environment(self, environment_id: uuid.UUID, *, name: str | None = None,
+                                 region: str | None = None, quota: QuotaChanges | None = None,
+                                 status: EntityStatus | None = None) -> None:
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT tenant_id, requests_per_minute, tokens_per_minute, tokens_per_day,
+                          version FROM environments WHERE id = $1""", environment_id)
+            if row is None:
+                raise NotFound(f"environment {environment_id} not found")
+            if name is None and region is None and quota is None and status is None:
+                return
+            merged = merge_quota(_quota_of(row), quota) if quota is not None else None
+            event = EnvironmentUpdated(environment_id=environment_id,
+                                       tenant_id=row["tenant_id"], name=name, region=region,
+                                       quota=merged, status=status)
+            await self._write(conn, event.stream, [event], row["version"])
 
     # ------------------------------------------------------------------ API keys
 
@@ -166,6 +250,48 @@ class Catalog:
                                   key_hash=row["key_hash"], reason=reason)
             await self._write(conn, event.stream, [event], row["version"])
 
+    async def update_api_key(self, key_id: uuid.UUID, *, name: str | None = None,
+                             role: str | None = None, limits: QuotaChanges | None = None,
+                             expires_at: datetime | None = None) -> None:
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT tenant_id, key_hash, status, requests_per_minute, tokens_per_minute,
+                          tokens_per_day, concurrency, version FROM api_keys WHERE id = $1""",
+                key_id)
+            if row is None:
+                raise NotFound(f"api key {key_id} not found")
+            if row["status"] == "revoked":
+                raise Conflict(f"api key {key_id} is revoked; create a new one")
+            if name is None and role is None and limits is None and expires_at is None:
+                return
+            merged = merge_quota(_quota_of(row), limits) if limits is not None else None
+            event = ApiKeyUpdated(key_id=key_id, tenant_id=row["tenant_id"],
+                                  key_hash=row["key_hash"], name=name, role=role,
+                                  limits=merged, expires_at=expires_at)
+            await self._write(conn, event.stream, [event], row["version"])
+
+    async def rotate_api_key(self, key_id: uuid.UUID, reason: str = "rotated") -> NewApiKey:
+        """Revoke the key and create its successor (same environment, name, role, limits and
+        expiry) in one transaction: there is never a moment with neither or both active."""
+        plaintext = generate_api_key()
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+            if row is None:
+                raise NotFound(f"api key {key_id} not found")
+            if row["status"] == "revoked":
+                raise Conflict(f"api key {key_id} is revoked; create a new one")
+            revoked = ApiKeyRevoked(key_id=key_id, tenant_id=row["tenant_id"],
+                                    key_hash=row["key_hash"], reason=reason)
+            await self._write(conn, revoked.stream, [revoked], row["version"])
+            created = ApiKeyCreated(key_id=uuid7(), tenant_id=row["tenant_id"],
+                                    environment_id=row["environment_id"],
+                                    key_hash=hash_api_key(plaintext), last_four=plaintext[-4:],
+                                    name=row["name"], role=row["role"], limits=_quota_of(row),
+                                    expires_at=row["expires_at"])
+            await self._write(conn, created.stream, [created], NO_STREAM)
+        return NewApiKey(created.key_id, created.tenant_id, created.environment_id, plaintext,
+                         plaintext[-4:])
+
     # ------------------------------------------------------------------ models
 
     async def create_model(self, name: str, *, family: str, vram_gb: int,
@@ -180,5 +306,105 @@ class Catalog:
                 raise Conflict(f"model {name!r} already exists")
             await self._write(conn, event.stream, [event], NO_STREAM)
         return event.model_id
+
+    async def update_model(self, model_id: uuid.UUID, *, family: str | None = None,
+                           vram_gb: int | None = None,
+                           input_price_per_million: Decimal | None = None,
+                           output_price_per_million: Decimal | None = None,
+                           context_length: int | None = None,
+                           status: EntityStatus | None = None) -> None:
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            version = await self._version(conn, "models", model_id)
+            event = ModelUpdated(model_id=model_id, family=family, vram_gb=vram_gb,
+                                 input_price_per_million=input_price_per_million,
+                                 output_price_per_million=output_price_per_million,
+                                 context_length=context_length, status=status)
+            if all(getattr(event, f) is None for f in _MODEL_CHANGES):
+                return
+            await self._write(conn, event.stream, [event], version)
+
+    # ------------------------------------------------------------------ deployments
+
+    async def create_deployment(self, model: str | uuid.UUID, *, regions: Sequence[str],
+                                gpu_type: str, spot: bool, min_nodes: int, max_nodes: int,
+                                allow_on_demand_fallback: bool = True) -> uuid.UUID:
+        """`model` is the model's id or its name; it must be in the catalog and not deleted."""
+        if not regions:
+            raise Invalid("a deployment needs at least one region", "regions")
+        check_node_bounds(min_nodes, max_nodes)
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            row = await _find_model(conn, model)
+            if row is None:
+                raise NotFound(f"model {model} not found")
+            if row["status"] == EntityStatus.DELETED:
+                raise Conflict(f"model {row['name']!r} is deleted")
+            event = DeploymentCreated(deployment_id=uuid7(), model_id=row["id"],
+                                      model_name=row["name"], regions=list(regions),
+                                      gpu_type=gpu_type, spot=spot, min_nodes=min_nodes,
+                                      max_nodes=max_nodes,
+                                      allow_on_demand_fallback=allow_on_demand_fallback)
+            await self._write(conn, event.stream, [event], NO_STREAM)
+        return event.deployment_id
+
+    async def update_deployment(self, deployment_id: uuid.UUID, *,
+                                regions: Sequence[str] | None = None,
+                                gpu_type: str | None = None, spot: bool | None = None,
+                                min_nodes: int | None = None, max_nodes: int | None = None,
+                                allow_on_demand_fallback: bool | None = None) -> None:
+        if regions is not None and not regions:
+            raise Invalid("a deployment needs at least one region", "regions")
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT status, min_nodes, max_nodes, version FROM deployments WHERE id = $1",
+                deployment_id)
+            if row is None:
+                raise NotFound(f"deployment {deployment_id} not found")
+            if row["status"] == EntityStatus.DELETED:
+                raise Conflict(f"deployment {deployment_id} is deleted")
+            # The bounds are checked as they will be after the change, not field by field.
+            check_node_bounds(row["min_nodes"] if min_nodes is None else min_nodes,
+                              row["max_nodes"] if max_nodes is None else max_nodes)
+            event = DeploymentUpdated(deployment_id=deployment_id,
+                                      regions=None if regions is None else list(regions),
+                                      gpu_type=gpu_type, spot=spot, min_nodes=min_nodes,
+                                      max_nodes=max_nodes,
+                                      allow_on_demand_fallback=allow_on_demand_fallback)
+            if all(getattr(event, f) is None for f in _DEPLOYMENT_CHANGES):
+                return
+            await self._write(conn, event.stream, [event], row["version"])
+
+    async def delete_deployment(self, deployment_id: uuid.UUID, reason: str = "") -> None:
+        """Idempotent: deleting a deleted deployment changes nothing."""
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT status, version FROM deployments WHERE id = $1",
+                                      deployment_id)
+            if row is None:
+                raise NotFound(f"deployment {deployment_id} not found")
+            if row["status"] == EntityStatus.DELETED:
+                return
+            event = DeploymentDeleted(deployment_id=deployment_id, reason=reason)
+            await self._write(conn, event.stream, [event], row["version"])
+
+
+_MODEL_CHANGES = ("family", "vram_gb", "input_price_per_million", "output_price_per_million",
+                  "context_length", "status")
+_DEPLOYMENT_CHANGES = ("regions", "gpu_type", "spot", "min_nodes", "max_nodes",
+                       "allow_on_demand_fallback")
+
+
+async def _find_model(conn: Connection, model: str | uuid.UUID) -> asyncpg.Record | None:
+    """By id when `model` is (or reads as) a UUID, else by name."""
+    model_id: uuid.UUID | None = model if isinstance(model, uuid.UUID) else None
+    if model_id is None:
+        try:
+            model_id = uuid.UUID(str(model))
+        except ValueError:
+            model_id = None
+    if model_id is not None:
+        row = await conn.fetchrow("SELECT id, name, status FROM models WHERE id = $1", model_id)
+        if row is not None:
+            return row
+    return await conn.fetchrow("SELECT id, name, status FROM models WHERE name = $1",
+                               str(model))
 
 

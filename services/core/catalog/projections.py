@@ -1,4 +1,4 @@
-"""Projections of the catalog: tenants, environments, api_keys, models.
+"""Projections of the catalog: tenants, environments, api_keys, models, deployments.
 
 Each applies its events idempotently (the row's `version` guards against applying an event
 twice), because a command applies its own event inline and the runner may apply it again.
@@ -12,6 +12,9 @@ from schemas.events import (
     ApiKeyCreated,
     ApiKeyRevoked,
     ApiKeyUpdated,
+    DeploymentCreated,
+    DeploymentDeleted,
+    DeploymentUpdated,
     EnvironmentCreated,
     EnvironmentUpdated,
     ModelCreated,
@@ -169,6 +172,43 @@ class ModelsProjection(Projection):
                     e.status.value if e.status else None, e.occurred_at, r.stream_version)
 
 
+class DeploymentsProjection(Projection):
+    name = "deployments"
+    tables = ("deployments",)
+    event_types = ("deployment.*",)
+
+    async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
+        for r in events:
+            e = r.event
+            if isinstance(e, DeploymentCreated):
+                await conn.execute(
+                    """INSERT INTO deployments (id, model_id, model_name, regions, gpu_type, spot,
+                           min_nodes, max_nodes, allow_on_demand_fallback, status, created_at,
+                           updated_at, version)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'active', $10, $10, $11)
+                       ON CONFLICT (id) DO NOTHING""",
+                    e.deployment_id, e.model_id, e.model_name, e.regions, e.gpu_type, e.spot,
+                    e.min_nodes, e.max_nodes, e.allow_on_demand_fallback, e.occurred_at,
+                    r.stream_version)
+            elif isinstance(e, DeploymentUpdated):
+                await conn.execute(
+                    """UPDATE deployments SET regions = coalesce($2, regions),
+                           gpu_type = coalesce($3, gpu_type), spot = coalesce($4, spot),
+                           min_nodes = coalesce($5, min_nodes),
+                           max_nodes = coalesce($6, max_nodes),
+                           allow_on_demand_fallback = coalesce($7, allow_on_demand_fallback),
+                           updated_at = $8, version = $9
+                       WHERE id = $1 AND version < $9""",
+                    e.deployment_id, e.regions, e.gpu_type, e.spot, e.min_nodes, e.max_nodes,
+                    e.allow_on_demand_fallback, e.occurred_at, r.stream_version)
+            elif isinstance(e, DeploymentDeleted):
+                await conn.execute(
+                    """UPDATE deployments SET status = 'deleted', status_reason = $2,
+                           deleted_at = $3, updated_at = $3, version = $4
+                       WHERE id = $1 AND version < $4""",
+                    e.deployment_id, e.reason, e.occurred_at, r.stream_version)
+
+
 def catalog_projections() -> list[Projection]:
     return [TenantsProjection(), EnvironmentsProjection(), ApiKeysProjection(),
-            ModelsProjection()]
+            ModelsProjection(), DeploymentsProjection()]
