@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from schemas.events import UsageRecorded
-from services.core.http import REQUEST_ID
+from services.core.errors import ApiError
+from services.core.http import DB, REQUEST_ID
+from services.core.usage_queries import UsageQueryError, parse_usage_query, usage_report
 from services.gateway.auth import AuthError, Principal
-from services.gateway.errors import ApiError
 from services.gateway.gateway import GATEWAY, Gateway
 from services.gateway.protocol import BadRequest, InferenceRequest, parse_request
 from services.gateway.proxy import ProxyResult, UpstreamFailure
@@ -65,6 +68,21 @@ async def models(request: web.Request) -> web.Response:
     await authenticate(request)
     body = request.app[GATEWAY].models.list_body
     return web.Response(body=body, content_type="application/json")
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's own tenant's usage: totals per hour or day (see usage_queries)."""
+    principal = await authenticate(request)
+    if "tenant_id" in request.query:
+        raise ApiError.invalid_request("'tenant_id' is implied by your API key; leave it out.",
+                                       param="tenant_id")
+    try:
+        query = parse_usage_query(request.query)
+    except UsageQueryError as exc:
+        raise ApiError.invalid_request(exc.message, param=exc.param) from None
+    query = dataclasses.replace(query, tenant_id=uuid.UUID(principal.tenant_id))
+    report = await usage_report(request.app[DB], query)
+    return web.Response(body=msgspec.json.encode(report), content_type="application/json")
 
 
 def inference(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -146,4 +164,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", inference("completions"))
     app.router.add_post("/v1/embeddings", inference("embeddings"))
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/usage", usage)
 
