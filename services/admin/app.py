@@ -1,0 +1,32 @@
+"""The admin application: the service shell (PostgreSQL, Redis, NATS), the admin
+middlewares, the routes, and the OpenAPI document built once at start-up."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.admin.context import ADMIN_SETTINGS, EVENT_STREAMS, OPENAPI_DOCUMENT, EventStreams
+from services.admin.middleware import answer_errors, require_token
+from services.admin.openapi import render
+from services.admin.routes import add_routes
+from services.admin.settings import AdminSettings, check_settings
+from services.core.http import Needs, create_app
+
+
+async def _end_event_streams(app: web.Application) -> None:
+    app[EVENT_STREAMS].closing.set()
+
+
+def create_admin_app(settings: AdminSettings) -> web.Application:
+    """SettingsError when the settings cannot work (no admin token): refuse, do not start."""
+    check_settings(settings)
+    # Redis for nodes' latest heartbeats.
+    app = create_app(settings, needs=Needs(postgres=True, redis=True, nats=True),
+                     middlewares=(answer_errors, require_token(settings.admin_token)),
+                     client_max_size=settings.max_body_bytes)
+    app[ADMIN_SETTINGS] = settings
+    app[OPENAPI_DOCUMENT] = render().encode()
+    app[EVENT_STREAMS] = EventStreams()
+    app.on_shutdown.append(_end_event_streams)
+    add_routes(app)
+    return app

@@ -1,0 +1,267 @@
+"""The admin API's request and response bodies, as msgspec Structs: the handlers decode and
+encode with them, and the OpenAPI document is generated from them, so the two cannot drift.
+
+Request bodies forbid unknown fields (a typo is a 400, not a silently ignored change). PATCH
+bodies use `UNSET` for "leave as is": a field that is absent keeps its value; inside `quota`
+and `limits` an explicit ``null`` clears that one limit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from services.core.catalog.queries import (
+    ApiKeyRecord,
+    DeploymentRecord,
+    EnvironmentRecord,
+    ModelRecord,
+    TenantRecord,
+)
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+OptionalName = Annotated[str, Meta(max_length=200)]
+Email = Annotated[str, Meta(max_length=320, pattern=r"^$|^[^@\s]+@[^@\s]+$",
+                            description="empty, or an e-mail address")]
+Reason = Annotated[str, Meta(max_length=1000)]
+Region = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             examples=["us-east-1"])]
+Regions = Annotated[list[Region], Meta(min_length=1, max_length=64)]
+GpuType = Annotated[str, Meta(min_length=1, max_length=64, examples=["A10G"])]
+Requests = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+Tokens = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Concurrency = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+NodeCount = Annotated[int, Meta(ge=0, le=10_000)]
+Price = Annotated[Decimal, Meta(
+    description="USD per million tokens: a decimal string (\"0.15\") or a JSON number, at "
+                "least 0, at most 6 decimal places; returned as a string")]
+AwareTime = Annotated[datetime, Meta(tz=True, description="ISO-8601 with a time zone")]
+Role = Literal["admin", "developer", "readonly"]
+EnvironmentStatus = Literal["active", "suspended"]
+ModelStatus = Literal["active", "suspended", "deleted"]
+
+
+class Body(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Base of every request body."""
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+class TenantCreate(Body, frozen=True, kw_only=True):
+    name: Name
+    email: Email = ""
+
+
+class TenantPatch(Body, frozen=True, kw_only=True):
+    name: Name | UnsetType = UNSET
+    email: Email | UnsetType = UNSET
+
+
+class StatusChange(Body, frozen=True, kw_only=True):
+    """Suspend, reactivate, revoke: why, for the event log."""
+
+    reason: Reason = ""
+
+
+# --------------------------------------------------------------------------- environments
+
+
+class QuotaCreate(Body, frozen=True, kw_only=True):
+    """null (or absent): the platform's default at the environment level."""
+
+    requests_per_minute: Requests | None = None
+    tokens_per_minute: Tokens | None = None
+    tokens_per_day: Tokens | None = None
+
+
+class QuotaPatch(Body, frozen=True, kw_only=True):
+    requests_per_minute: Requests | UnsetType | None = UNSET
+    tokens_per_minute: Tokens | UnsetType | None = UNSET
+    tokens_per_day: Tokens | UnsetType | None = UNSET
+
+
+class EnvironmentCreate(Body, frozen=True, kw_only=True):
+    name: Name
+    region: Region
+    quota: QuotaCreate = msgspec.field(default_factory=QuotaCreate)
+
+
+class EnvironmentPatch(Body, frozen=True, kw_only=True):
+    name: Name | UnsetType = UNSET
+    region: Region | UnsetType = UNSET
+    quota: QuotaPatch | UnsetType = UNSET
+    status: EnvironmentStatus | UnsetType = UNSET
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+class LimitsCreate(Body, frozen=True, kw_only=True):
+    """null (or absent): no limit at the key's own level."""
+
+    requests_per_minute: Requests | None = None
+    tokens_per_minute: Tokens | None = None
+    tokens_per_day: Tokens | None = None
+    concurrency: Concurrency | None = None
+
+
+class LimitsPatch(Body, frozen=True, kw_only=True):
+    requests_per_minute: Requests | UnsetType | None = UNSET
+    tokens_per_minute: Tokens | UnsetType | None = UNSET
+    tokens_per_day: Tokens | UnsetType | None = UNSET
+    concurrency: Concurrency | UnsetType | None = UNSET
+
+
+class KeyCreate(Body, frozen=True, kw_only=True):
+    name: OptionalName = ""
+    role: Role = "developer"
+    limits: LimitsCreate = msgspec.field(default_factory=LimitsCreate)
+    expires_at: AwareTime | None = None
+
+
+class KeyPatch(Body, frozen=True, kw_only=True):
+    """`expires_at` can be set or moved, not removed (the event keeps the old value when it
+    carries none): rotate the key to drop an expiry."""
+
+    name: OptionalName | UnsetType = UNSET
+    role: Role | UnsetType = UNSET
+    limits: LimitsPatch | UnsetType = UNSET
+    expires_at: AwareTime | UnsetType = UNSET
+
+
+class KeyWithSecret(ApiKeyRecord, frozen=True, kw_only=True):
+    """A key just made: the record plus the plaintext `key`, shown this once."""
+
+    key: str
+
+    def __repr__(self) -> str:
+        return f"KeyWithSecret(id={self.id}, last_four={self.last_four!r})"
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelCreate(Body, frozen=True, kw_only=True):
+    name: Name
+    family: Name
+    vram_gb: Annotated[int, Meta(ge=1, le=100_000)]
+    input_price_per_million: Price
+    output_price_per_million: Price
+    context_length: Annotated[int, Meta(ge=1, le=INT32_MAX)]
+
+
+class ModelPatch(Body, frozen=True, kw_only=True):
+    family: Name | UnsetType = UNSET
+    vram_gb: Annotated[int, Meta(ge=1, le=100_000)] | UnsetType = UNSET
+    input_price_per_million: Price | UnsetType = UNSET
+    output_price_per_million: Price | UnsetType = UNSET
+    context_length: Annotated[int, Meta(ge=1, le=INT32_MAX)] | UnsetType = UNSET
+    status: ModelStatus | UnsetType = UNSET
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+class DeploymentCreate(Body, frozen=True, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=200,
+                               description="the model's name or id; it must be in the catalog")]
+    regions: Regions
+    gpu_type: GpuType
+    spot: bool
+    min_nodes: NodeCount
+    max_nodes: Annotated[int, Meta(ge=0, le=10_000, description="at least min_nodes")]
+    allow_on_demand_fallback: bool = True
+
+
+class DeploymentPatch(Body, frozen=True, kw_only=True):
+    regions: Regions | UnsetType = UNSET
+    gpu_type: GpuType | UnsetType = UNSET
+    spot: bool | UnsetType = UNSET
+    min_nodes: NodeCount | UnsetType = UNSET
+    max_nodes: NodeCount | UnsetType = UNSET
+    allow_on_demand_fallback: bool | UnsetType = UNSET
+
+
+# --------------------------------------------------------------------------- lists
+
+
+class TenantList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[TenantRecord]
+    next_cursor: str | None = None
+    """Pass as `cursor` for the next page; null on the last one."""
+
+
+class EnvironmentList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[EnvironmentRecord]
+    next_cursor: str | None = None
+
+
+class ApiKeyList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[ApiKeyRecord]
+    next_cursor: str | None = None
+
+
+class ModelList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[ModelRecord]
+    next_cursor: str | None = None
+
+
+class DeploymentList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[DeploymentRecord]
+    next_cursor: str | None = None
+
+
+# --------------------------------------------------------------------------- events
+
+
+class LoggedEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """An event as the log holds it (the same object `crosslogic events tail --json` prints)."""
+
+    position: int
+    stream_version: int
+    recorded_at: AwareTime
+    origin: Literal["log", "bus"]
+    event: Annotated[dict[str, Any], Meta(
+        description="the event as on NATS: `type`, `id`, `stream`, `occurred_at`, `metadata` "
+                    "and its payload (schemas/jsonschema/events.json)")]
+
+
+class EventList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[LoggedEvent]
+    next_cursor: str | None = None
+    """Where the next page starts; null once the readable end of the log is reached."""
+
+
+class EventTypeStat(msgspec.Struct, kw_only=True, frozen=True):
+    type: str
+    events: int
+    last_position: int
+    last_recorded_at: AwareTime
+
+
+class EventStats(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[EventTypeStat]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True, frozen=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True, frozen=True):
+    """OpenAI's error shape, as every CrossLogic API answers errors."""
+
+    error: ErrorDetail

@@ -1,0 +1,108 @@
+"""The admin API's two middlewares, inside the shell's request-id and metrics ones:
+
+1. ``answer_errors``: whatever a handler raises becomes OpenAI's error shape with the right
+   status (catalog errors included), and every request gets one log line — method, path,
+   status, time; never a header, so never the token.
+2. ``require_token``: every route under ``/admin/v1/`` but the OpenAPI document needs
+   ``X-Admin-Token``, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from services.admin.context import API_PREFIX, TOKEN_HEADER
+from services.admin.validation import FieldError
+from services.core.catalog import CatalogError, Conflict, Invalid, NotFound
+from services.core.errors import ApiError, api_error_for_http, error_response
+from services.core.http import REQUEST_ID
+from services.core.settings import Secret
+
+log = structlog.get_logger("admin")
+
+PUBLIC_PATHS = frozenset({f"{API_PREFIX}/openapi.json"})
+
+
+def api_error_for(exc: Exception) -> ApiError | None:
+    """The client-facing error for an exception the API expects; None for a bug."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, FieldError):
+        return ApiError.invalid_request(exc.message, param=exc.param)
+    if isinstance(exc, NotFound):
+        return ApiError.not_found(_sentence(exc))
+    if isinstance(exc, Conflict):
+        return ApiError.conflict(_sentence(exc))
+    if isinstance(exc, Invalid):
+        return ApiError.invalid_request(_sentence(exc), param=exc.field)
+    if isinstance(exc, CatalogError):
+        return ApiError.invalid_request(_sentence(exc))
+    return None
+
+
+def _sentence(exc: Exception) -> str:
+    text = str(exc)
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith(".") else text + "."
+
+
+@web.middleware
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            status = exc.status
+            raise
+        err = api_error_for_http(exc, request.method, request.path)
+        status = err.status
+        return error_response(err)
+    except Exception as exc:
+        err_or_none = api_error_for(exc)
+        if err_or_none is None:
+            log.exception("admin request failed")
+            err_or_none = ApiError.internal(request[REQUEST_ID])
+        status = err_or_none.status
+        return error_response(err_or_none)
+    finally:
+        level = log.info if request.method != "GET" or status >= 400 else log.debug
+        level("admin request", method=request.method, path=request.path, status=status,
+              ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+def require_token(token: Secret) -> Middleware:
+    """`token` is compared as bytes with `hmac.compare_digest`: the time taken does not say
+    how much of a guess was right."""
+    expected = token.reveal().encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if (path == API_PREFIX or path.startswith(API_PREFIX + "/")) \
+                and path not in PUBLIC_PATHS:
+            given = request.headers.get(TOKEN_HEADER)
+            if not given:
+                log.warning("admin token missing", path=path)
+                raise ApiError.authentication(
+                    f"Missing {TOKEN_HEADER} header: the admin API needs the admin token.",
+                    code="missing_admin_token")
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+                log.warning("admin token rejected", path=path)
+                raise ApiError.authentication(f"Invalid {TOKEN_HEADER}.",
+                                              code="invalid_admin_token")
+        return await handler(request)
+
+    return check_token

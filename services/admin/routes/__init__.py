@@ -1,0 +1,37 @@
+"""The admin API's routes, one module per resource, each with a `ROUTES` table and an
+`add_routes(app)`. A new resource (nodes, usage…) is a new module here, listed in `MODULES`:
+the router and the OpenAPI document both come from these tables."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from aiohttp import web
+
+from services.admin.routes import (
+    deployments,
+    docs,
+    environments,
+    events,
+    keys,
+    models,
+    nodes,
+    tenants,
+    usage,
+)
+from services.admin.routing import Route
+
+MODULES: tuple[ModuleType, ...] = (tenants, environments, keys, models, deployments, nodes,
+                                   usage, events, docs)
+
+
+def all_routes() -> list[Route]:
+    routes: list[Route] = []
+    for module in MODULES:
+        routes.extend(module.ROUTES)
+    return routes
+
+
+def add_routes(app: web.Application) -> None:
+    for module in MODULES:
+        module.add_routes(app)

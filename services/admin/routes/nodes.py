@@ -1,0 +1,160 @@
+"""GPU nodes: the `nodes` projection with each node's latest heartbeat from Redis, and the
+drain command (sent to the node's agent, which answers)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated
+
+import asyncpg
+import msgspec
+import nats.errors
+from aiohttp import web
+from msgspec import Meta
+
+from schemas.commands import CommandKind, CommandReply, NodeCommand
+from schemas.events import NodeHeartbeat
+from schemas.subjects import node_command_subject
+from services.admin.bodies import Body, Reason
+from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
+from services.admin.validation import next_cursor
+from services.admin.web_io import db, json_response, no_query, page_query, path_id, read_body
+from services.core.catalog import NotFound
+from services.core.errors import ApiError
+from services.core.http import BUS, REDIS
+
+
+class Heartbeat(msgspec.Struct, kw_only=True, frozen=True):
+    age_seconds: float
+    health_score: int
+    vllm_healthy: bool
+    draining: bool
+    num_requests_running: float | None
+    num_requests_waiting: float | None
+    kv_cache_usage: float | None
+    tokens_per_second: float | None
+
+
+class NodeRecord(msgspec.Struct, kw_only=True, frozen=True):
+    id: uuid.UUID
+    cluster_name: str
+    provider: str
+    region: str
+    instance_type: str
+    gpu_type: str
+    vram_total_gb: int
+    model_name: str
+    endpoint_url: str
+    spot_instance: bool
+    status: str
+    status_reason: str
+    registered_at: datetime
+    updated_at: datetime
+    heartbeat: Heartbeat | None
+    """The latest heartbeat (none after 5 minutes of silence)."""
+
+
+class NodeList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[NodeRecord]
+    next_cursor: str | None = None
+
+
+class DrainRequest(Body, frozen=True, kw_only=True):
+    reason: Reason = "drained by an operator"
+    deadline_seconds: Annotated[float, Meta(gt=0, le=86_400)] | None = None
+    """How long in-flight requests may run before the agent leaves anyway."""
+
+
+class DrainResult(msgspec.Struct, kw_only=True, frozen=True):
+    accepted: bool
+    detail: str
+
+
+_COLUMNS = ("id, cluster_name, provider, region, instance_type, gpu_type, vram_total_gb, "
+            "model_name, endpoint_url, spot_instance, status, status_reason, registered_at, "
+            "updated_at")
+
+
+async def _with_heartbeats(request: web.Request,
+                           rows: Sequence[asyncpg.Record]) -> list[NodeRecord]:
+    redis = request.app[REDIS]
+    raw = await redis.mget([f"node:{r['id']}:heartbeat" for r in rows]) if rows else []
+    now = datetime.now(UTC)
+    out = []
+    for row, beat_raw in zip(rows, raw, strict=True):
+        beat = None
+        if beat_raw:
+            hb = msgspec.json.decode(beat_raw, type=NodeHeartbeat)
+            beat = Heartbeat(age_seconds=round((now - hb.occurred_at).total_seconds(), 3),
+                             health_score=hb.health_score, vllm_healthy=hb.vllm_healthy,
+                             draining=hb.draining, num_requests_running=hb.num_requests_running,
+                             num_requests_waiting=hb.num_requests_waiting,
+                             kv_cache_usage=hb.kv_cache_usage,
+                             tokens_per_second=hb.tokens_per_second)
+        out.append(msgspec.convert({**dict(row), "heartbeat": beat}, NodeRecord,
+                                   from_attributes=True))
+    return out
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    page = page_query(request, extra=("status", "model"))
+    status = request.query.get("status")
+    model = request.query.get("model")
+    rows = await db(request).fetch(
+        f"""SELECT {_COLUMNS} FROM nodes
+            WHERE ($1::uuid IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2)
+              AND ($3::text IS NULL OR model_name = $3)
+            ORDER BY id LIMIT $4""", page.after, status, model, page.limit + 1)
+    nodes = await _with_heartbeats(request, rows[:page.limit])
+    return json_response(NodeList(data=nodes,
+                                  next_cursor=next_cursor([r["id"] for r in rows], page.limit)))
+
+
+async def get_node(request: web.Request) -> web.Response:
+    no_query(request)
+    node_id = path_id(request, "node_id", "node")
+    row = await db(request).fetchrow(f"SELECT {_COLUMNS} FROM nodes WHERE id = $1", node_id)
+    if row is None:
+        raise NotFound(f"node {node_id} not found")
+    (node,) = await _with_heartbeats(request, [row])
+    return json_response(node)
+
+
+async def drain_node(request: web.Request) -> web.Response:
+    no_query(request)
+    node_id = path_id(request, "node_id", "node")
+    body = await read_body(request, DrainRequest)
+    if not await db(request).fetchval("SELECT 1 FROM nodes WHERE id = $1", node_id):
+        raise NotFound(f"node {node_id} not found")
+    command = NodeCommand(command=CommandKind.DRAIN, reason=body.reason,
+                          deadline_seconds=body.deadline_seconds, issued_by="admin-api")
+    try:
+        msg = await request.app[BUS].nc.request(node_command_subject(node_id),
+                                                msgspec.json.encode(command), timeout=5)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        raise ApiError.conflict("The node's agent did not answer: it is gone or unreachable.",
+                                code="agent_unreachable") from None
+    reply = msgspec.json.decode(msg.data, type=CommandReply)
+    return json_response(DrainResult(accepted=reply.accepted, detail=reply.detail), 202)
+
+
+TAG = "nodes"
+ROUTES = (
+    Route("GET", "/nodes", list_nodes, "List GPU nodes with their latest heartbeat", TAG,
+          response=NodeList, query=(*PAGE_QUERY,
+                                    QueryParam("status", "only nodes in this status",
+                                               {"type": "string"}),
+                                    QueryParam("model", "only nodes serving this model",
+                                               {"type": "string"}))),
+    Route("GET", "/nodes/{node_id}", get_node, "Read a node", TAG, response=NodeRecord),
+    Route("POST", "/nodes/{node_id}/drain", drain_node,
+          "Ask a node's agent to drain: finish in-flight requests, deregister, exit", TAG,
+          body=DrainRequest, body_required=False, response=DrainResult, status=202,
+          errors=(409,)),
+)
+
+
+def add_routes(app: web.Application) -> None:
+    add(app, ROUTES)

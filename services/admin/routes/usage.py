@@ -1,0 +1,52 @@
+"""Usage of any tenant, environment, key or model, per hour or day (from usage_records)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.admin.routing import QueryParam, Route, add
+from services.admin.web_io import db, json_response
+from services.core.errors import ApiError
+from services.core.usage_queries import (
+    UsageQueryError,
+    UsageReport,
+    parse_usage_query,
+    usage_report,
+)
+
+_PARAMS = ("start", "end", "granularity", "tenant_id", "environment_id", "api_key_id", "model")
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    for name in request.query:
+        if name not in _PARAMS:
+            raise ApiError.invalid_request(
+                f"Unknown query parameter '{name}' (known: {', '.join(_PARAMS)}).", param=name)
+    try:
+        query = parse_usage_query(request.query)
+    except UsageQueryError as exc:
+        raise ApiError.invalid_request(exc.message, param=exc.param) from None
+    return json_response(await usage_report(db(request), query))
+
+
+TAG = "usage"
+ROUTES = (
+    Route("GET", "/usage", get_usage, "Usage totals per hour or day", TAG,
+          response=UsageReport, query=(
+              QueryParam("start", "ISO-8601 time, or a duration ago (24h, 7d); default 7d ago",
+                         {"type": "string"}),
+              QueryParam("end", "ISO-8601 time, or a duration ago; default now",
+                         {"type": "string"}),
+              QueryParam("granularity", "hour or day", {"type": "string",
+                                                        "enum": ["hour", "day"]}),
+              QueryParam("tenant_id", "only this tenant", {"type": "string",
+                                                           "format": "uuid"}),
+              QueryParam("environment_id", "only this environment",
+                         {"type": "string", "format": "uuid"}),
+              QueryParam("api_key_id", "only this key", {"type": "string", "format": "uuid"}),
+              QueryParam("model", "only this model", {"type": "string"}))),
+)
+
+
+def add_routes(app: web.Application) -> None:
+    add(app, ROUTES)
