@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.cli.admin_commands import register_admin_commands
 from services.core.eventlog import EventFilter
 
 
@@ -21,7 +22,7 @@ def _database_url(args: argparse.Namespace) -> str:
     from services.cli.dev import read_dev_urls
 
     urls = read_dev_urls(Path(os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev")))
-    if urls is not None:
+    if urls is not None and urls.database_url:
         return urls.database_url
     raise SystemExit("crosslogic: set DATABASE_URL (or pass --database-url), "
                      "or run `crosslogic dev` in this folder")
@@ -136,7 +137,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVICES = {"gateway": "services.gateway.__main__"}
+SERVICES = {"gateway": "services.gateway.__main__", "admin": "services.admin.__main__"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relay", help="run the outbox relay (log → NATS) as a service")
     p.add_argument("--port", type=int, default=None, help="HTTP port for /health, /metrics")
     p.set_defaults(func=_cmd_relay)
+
+    register_admin_commands(sub)  # tenants, environments, keys, models, deployments
     return parser
 
 

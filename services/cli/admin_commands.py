@@ -1,0 +1,374 @@
+"""`crosslogic tenants|environments|keys|models|deployments …`: the admin API from a terminal.
+
+Each command is one or a few requests through `AdminClient`; what comes back is printed as a
+table (lists), ``field: value`` lines (one object) or, with ``--json``, as JSON. An error
+answer prints the API's own message and exits 1; a missing token or URL exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.cli.admin_client import (
+    AdminApiError,
+    AdminClient,
+    AdminConfigError,
+    AdminUnreachable,
+    resolve_target,
+)
+from services.cli.admin_format import (
+    DEPLOYMENT_COLUMNS,
+    ENVIRONMENT_COLUMNS,
+    KEY_COLUMNS,
+    MODEL_COLUMNS,
+    TENANT_COLUMNS,
+    Column,
+    format_json,
+    format_object,
+    format_table,
+    new_key_message,
+    parse_expires,
+)
+
+Command = Callable[[AdminClient, argparse.Namespace], Any]
+"""Does the requests; returns what to print: an object, a list (with `columns`), or None."""
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    state_dir = Path(os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev"))
+    return AdminClient(resolve_target(args.admin_url, args.admin_token, os.environ, state_dir))
+
+
+def _run(command: Command, columns: Sequence[Column] = ()) -> Callable[[argparse.Namespace],
+                                                                        int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            result = command(_client(args), args)
+        except AdminConfigError as exc:
+            print(f"crosslogic: {exc}", file=sys.stderr)
+            return 2
+        except (AdminApiError, AdminUnreachable, ValueError) as exc:
+            print(f"crosslogic: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            if result is not None:
+                print(format_json(result))
+        elif isinstance(result, list):
+            print(format_table(result, columns) if result else "(none)")
+        elif isinstance(result, dict) and "key" in result and "last_four" in result:
+            print(new_key_message(result))
+        elif isinstance(result, dict):
+            print(format_object(result))
+        return 0
+
+    return run
+
+
+def _limits(args: argparse.Namespace, *, concurrency: bool) -> dict[str, int]:
+    """The limit flags given, as the API's field names (flags not given are left out)."""
+    names = [("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"),
+             ("tpd", "tokens_per_day")] + ([("concurrency", "concurrency")] if concurrency
+                                           else [])
+    return {field: getattr(args, flag) for flag, field in names
+            if getattr(args, flag, None) is not None}
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+def _tenants_create(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post("/tenants", {"name": a.name, **_given(a, "email")})
+
+
+def _tenants_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.list_all("/tenants")
+
+
+def _tenants_get(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/tenants/{a.id}")
+
+
+def _tenants_update(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.patch(f"/tenants/{a.id}", _given(a, "name", "email"))
+
+
+def _tenants_suspend(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/tenants/{a.id}/suspend", _given(a, "reason"))
+
+
+def _tenants_reactivate(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/tenants/{a.id}/reactivate", _given(a, "reason"))
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def _environments_create(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/tenants/{a.tenant_id}/environments",
+                  {"name": a.name, "region": a.region,
+                   "quota": _limits(a, concurrency=False)})
+
+
+def _environments_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.list_all(f"/tenants/{a.tenant_id}/environments")
+
+
+def _environments_get(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/environments/{a.id}")
+
+
+def _environments_update(c: AdminClient, a: argparse.Namespace) -> Any:
+    body = _given(a, "name", "region", "status")
+    quota = _limits(a, concurrency=False)
+    if quota:
+        body["quota"] = quota
+    return c.patch(f"/environments/{a.id}", body)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _keys_create(c: AdminClient, a: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {**_given(a, "name", "role"),
+                            "limits": _limits(a, concurrency=True)}
+    if a.expires:
+        body["expires_at"] = parse_expires(a.expires)
+    return c.post(f"/environments/{a.environment_id}/keys", body)
+
+
+def _keys_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    if a.tenant:
+        return c.list_all(f"/tenants/{a.tenant}/keys")
+    return c.list_all(f"/environments/{a.environment}/keys")
+
+
+def _keys_get(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/keys/{a.id}")
+
+
+def _keys_update(c: AdminClient, a: argparse.Namespace) -> Any:
+    body = _given(a, "name", "role")
+    limits = _limits(a, concurrency=True)
+    if limits:
+        body["limits"] = limits
+    if a.expires:
+        body["expires_at"] = parse_expires(a.expires)
+    return c.patch(f"/keys/{a.id}", body)
+
+
+def _keys_revoke(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/keys/{a.id}/revoke", _given(a, "reason"))
+
+
+def _keys_rotate(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/keys/{a.id}/rotate", _given(a, "reason"))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _models_create(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post("/models", {"name": a.name, "family": a.family, "vram_gb": a.vram_gb,
+                              "input_price_per_million": a.input_price,
+                              "output_price_per_million": a.output_price,
+                              "context_length": a.context_length})
+
+
+def _models_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.list_all("/models")
+
+
+def _models_get(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/models/{a.id}")
+
+
+def _models_update(c: AdminClient, a: argparse.Namespace) -> Any:
+    body = _given(a, "family", "vram_gb", "context_length", "status")
+    if a.input_price is not None:
+        body["input_price_per_million"] = a.input_price
+    if a.output_price is not None:
+        body["output_price_per_million"] = a.output_price
+    return c.patch(f"/models/{a.id}", body)
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+def _deployments_create(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post("/deployments", {"model": a.model, "regions": a.region,
+                                   "gpu_type": a.gpu_type, "spot": a.spot,
+                                   "min_nodes": a.min, "max_nodes": a.max,
+                                   "allow_on_demand_fallback": not a.no_fallback})
+
+
+def _deployments_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.list_all("/deployments")
+
+
+def _deployments_get(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/deployments/{a.id}")
+
+
+def _deployments_update(c: AdminClient, a: argparse.Namespace) -> Any:
+    body: dict[str, Any] = _given(a, "gpu_type")
+    if a.region:
+        body["regions"] = a.region
+    if a.min is not None:
+        body["min_nodes"] = a.min
+    if a.max is not None:
+        body["max_nodes"] = a.max
+    if a.spot is not None:
+        body["spot"] = a.spot
+    return c.patch(f"/deployments/{a.id}", body)
+
+
+def _deployments_delete(c: AdminClient, a: argparse.Namespace) -> Any:
+    c.delete(f"/deployments/{a.id}")
+    if not a.json:
+        print(f"deleted deployment {a.id}")
+
+
+# --------------------------------------------------------------------------- the parsers
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--admin-url", metavar="URL",
+                        help="admin API (default: $CROSSLOGIC_ADMIN_URL, the running "
+                             "`crosslogic dev`, or http://127.0.0.1:8081)")
+    common.add_argument("--admin-token", metavar="TOKEN",
+                        help="admin token (prefer $CROSSLOGIC_ADMIN_TOKEN: arguments show "
+                             "in `ps`)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON")
+    return common
+
+
+def _limit_flags(p: argparse.ArgumentParser, *, concurrency: bool) -> None:
+    p.add_argument("--rpm", type=int, metavar="N", help="requests per minute")
+    p.add_argument("--tpm", type=int, metavar="N", help="tokens per minute")
+    p.add_argument("--tpd", type=int, metavar="N", help="tokens per day")
+    if concurrency:
+        p.add_argument("--concurrency", type=int, metavar="N", help="requests in flight")
+
+
+def register_admin_commands(sub: Any) -> None:
+    """Add the admin groups to `crosslogic`'s subparsers (`sub`: argparse's
+    `_SubParsersAction`, which has no public type)."""
+    common = _common()
+
+    def leaf(group: Any, name: str, help_: str, command: Command,
+             columns: Sequence[Column] = ()) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_, parents=[common])
+        p.set_defaults(func=_run(command, columns))
+        return p
+
+    def group(name: str, help_: str) -> Any:
+        return sub.add_parser(name, help=help_).add_subparsers(dest=f"{name}_command",
+                                                                required=True)
+
+    g = group("tenants", "tenants (admin API)")
+    p = leaf(g, "create", "create a tenant", _tenants_create)
+    p.add_argument("name")
+    p.add_argument("--email")
+    leaf(g, "list", "list tenants", _tenants_list, TENANT_COLUMNS)
+    leaf(g, "get", "show a tenant", _tenants_get).add_argument("id")
+    p = leaf(g, "update", "change a tenant's name or e-mail", _tenants_update)
+    p.add_argument("id")
+    p.add_argument("--name")
+    p.add_argument("--email")
+    for name, command in (("suspend", _tenants_suspend), ("reactivate", _tenants_reactivate)):
+        p = leaf(g, name, f"{name} a tenant", command)
+        p.add_argument("id")
+        p.add_argument("--reason")
+
+    g = group("environments", "environments of a tenant (admin API)")
+    p = leaf(g, "create", "create an environment", _environments_create)
+    p.add_argument("tenant_id")
+    p.add_argument("name")
+    p.add_argument("--region", required=True)
+    _limit_flags(p, concurrency=False)
+    leaf(g, "list", "list a tenant's environments", _environments_list,
+         ENVIRONMENT_COLUMNS).add_argument("tenant_id")
+    leaf(g, "get", "show an environment", _environments_get).add_argument("id")
+    p = leaf(g, "update", "change an environment", _environments_update)
+    p.add_argument("id")
+    p.add_argument("--name")
+    p.add_argument("--region")
+    p.add_argument("--status", choices=("active", "suspended"))
+    _limit_flags(p, concurrency=False)
+
+    g = group("keys", "API keys (admin API)")
+    p = leaf(g, "create", "create an API key (printed once)", _keys_create)
+    p.add_argument("environment_id")
+    p.add_argument("--name")
+    p.add_argument("--role", choices=("admin", "developer", "readonly"))
+    p.add_argument("--expires", metavar="WHEN", help="30d, 12h, 90m from now, or an ISO time")
+    _limit_flags(p, concurrency=True)
+    p = leaf(g, "list", "list a tenant's or an environment's keys (masked)", _keys_list,
+             KEY_COLUMNS)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tenant", metavar="ID")
+    which.add_argument("--environment", metavar="ID")
+    leaf(g, "get", "show a key (masked)", _keys_get).add_argument("id")
+    p = leaf(g, "update", "change a key's name, role, limits or expiry", _keys_update)
+    p.add_argument("id")
+    p.add_argument("--name")
+    p.add_argument("--role", choices=("admin", "developer", "readonly"))
+    p.add_argument("--expires", metavar="WHEN")
+    _limit_flags(p, concurrency=True)
+    for name, command, text in (
+            ("revoke", _keys_revoke, "revoke a key"),
+            ("rotate", _keys_rotate, "revoke a key and print its successor (once)")):
+        p = leaf(g, name, text, command)
+        p.add_argument("id")
+        p.add_argument("--reason")
+
+    g = group("models", "models of the catalog (admin API)")
+    p = leaf(g, "create", "add a model", _models_create)
+    p.add_argument("name")
+    p.add_argument("--family", required=True)
+    p.add_argument("--vram-gb", type=int, required=True)
+    p.add_argument("--input-price", required=True, metavar="USD",
+                   help="per million input tokens, e.g. 0.15")
+    p.add_argument("--output-price", required=True, metavar="USD")
+    p.add_argument("--context-length", type=int, required=True)
+    leaf(g, "list", "list models", _models_list, MODEL_COLUMNS)
+    leaf(g, "get", "show a model", _models_get).add_argument("id")
+    p = leaf(g, "update", "change a model", _models_update)
+    p.add_argument("id")
+    p.add_argument("--family")
+    p.add_argument("--vram-gb", type=int)
+    p.add_argument("--input-price", metavar="USD")
+    p.add_argument("--output-price", metavar="USD")
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--status", choices=("active", "suspended", "deleted"))
+
+    g = group("deployments", "model deployments (admin API)")
+    p = leaf(g, "create", "deploy a model", _deployments_create)
+    p.add_argument("--model", required=True, help="model name or id")
+    p.add_argument("--region", action="append", required=True, help="repeatable")
+    p.add_argument("--gpu-type", required=True)
+    p.add_argument("--spot", action="store_true", help="use spot instances")
+    p.add_argument("--min", type=int, required=True, metavar="N", help="fewest nodes")
+    p.add_argument("--max", type=int, required=True, metavar="N", help="most nodes")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="never fall back to on-demand when spot is short")
+    leaf(g, "list", "list deployments", _deployments_list, DEPLOYMENT_COLUMNS)
+    leaf(g, "get", "show a deployment", _deployments_get).add_argument("id")
+    p = leaf(g, "update", "change a deployment", _deployments_update)
+    p.add_argument("id")
+    p.add_argument("--region", action="append", help="the new regions (repeatable)")
+    p.add_argument("--gpu-type")
+    p.add_argument("--spot", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--min", type=int, metavar="N")
+    p.add_argument("--max", type=int, metavar="N")
+    leaf(g, "delete", "delete a deployment", _deployments_delete).add_argument("id")
