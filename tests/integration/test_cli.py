@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from services.core.eventlog import EventLog
-from tests.helpers import eventually, node_registered, tenant_created
+from tests.helpers import node_registered, tenant_created
 
 CLI = [sys.executable, "-m", "services.cli"]
 
@@ -142,76 +142,3 @@ async def test_projections_rebuild_and_list(pool: asyncpg.Pool, database_url: st
     unknown = run_cli("projections", "rebuild", "nope", database_url=database_url)
     assert unknown.returncode != 0
     assert "no projection 'nope'" in unknown.stderr and "event_type_stats" in unknown.stderr
-
-
-# --------------------------------------------------------------------------- crosslogic dev
-
-
-def processes_under(folder: Path) -> list[int]:
-    """Live processes whose command line names `folder` (the embedded servers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().split()[2]
-        except OSError:
-            continue
-        if str(folder) in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-async def start_dev(state: Path) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        *CLI, "dev", "--state-dir", str(state), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    assert proc.stdout is not None
-    while True:
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        assert line, "crosslogic dev exited before it was ready"
-        if b"dev stack is running" in line:
-            return proc
-
-
-async def test_dev_starts_servers_keeps_state_and_stops_cleanly(tmp_path: Path) -> None:
-    state = (tmp_path / "dev").resolve()
-    proc = await start_dev(state)
-    try:
-        assert len(processes_under(state)) >= 3  # postgres (+ its workers), redis, nats
-        urls = json.loads((state / "urls.json").read_text())
-        conn = await asyncpg.connect(urls["database_url"])
-        t = tenant_created("persisted")
-        await EventLog(conn).append(t.stream, [t])
-        await conn.close()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 60) == 0
-    assert processes_under(state) == []
-    assert not (state / "urls.json").exists()
-
-    # The state folder survives: the event is still there on the next run.
-    proc = await start_dev(state)
-    try:
-        urls = json.loads((state / "urls.json").read_text())
-        conn = await asyncpg.connect(urls["database_url"])
-        assert await conn.fetchval("SELECT count(*) FROM events") == 1
-        await conn.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 60) == 0
-    assert processes_under(state) == []
-
-
-async def test_dev_killed_hard_leaves_no_orphans(tmp_path: Path) -> None:
-    state = (tmp_path / "dev").resolve()
-    proc = await start_dev(state)
-    assert processes_under(state)
-    proc.kill()
-    await proc.wait()
-
-    async def all_gone() -> bool:
-        return processes_under(state) == []
-
-    await eventually(all_gone, timeout=15, what="embedded servers died with their parent")
