@@ -26,6 +26,7 @@ from services.cli.admin_format import (
     ENVIRONMENT_COLUMNS,
     KEY_COLUMNS,
     MODEL_COLUMNS,
+    NODE_COLUMNS,
     TENANT_COLUMNS,
     Column,
     format_json,
@@ -237,6 +238,24 @@ def _deployments_delete(c: AdminClient, a: argparse.Namespace) -> Any:
         print(f"deleted deployment {a.id}")
 
 
+# --------------------------------------------------------------------------- nodes
+
+
+def _nodes_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.list_all("/nodes")
+
+
+def _nodes_get(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/nodes/{a.id}")
+
+
+def _nodes_drain(c: AdminClient, a: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"reason": a.reason}
+    if a.deadline is not None:
+        body["deadline_seconds"] = a.deadline
+    return c.post(f"/nodes/{a.id}/drain", body)
+
+
 # --------------------------------------------------------------------------- the parsers
 
 
@@ -372,3 +391,12 @@ def register_admin_commands(sub: Any) -> None:
     p.add_argument("--min", type=int, metavar="N")
     p.add_argument("--max", type=int, metavar="N")
     leaf(g, "delete", "delete a deployment", _deployments_delete).add_argument("id")
+
+    g = group("nodes", "GPU nodes (admin API)")
+    leaf(g, "list", "list nodes with their latest heartbeat", _nodes_list, NODE_COLUMNS)
+    leaf(g, "get", "show a node", _nodes_get).add_argument("id")
+    p = leaf(g, "drain", "ask a node's agent to drain and leave", _nodes_drain)
+    p.add_argument("id")
+    p.add_argument("--reason", default="drained by an operator")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="how long in-flight requests may take")

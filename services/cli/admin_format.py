@@ -30,6 +30,11 @@ MODEL_COLUMNS: tuple[Column, ...] = (
 DEPLOYMENT_COLUMNS: tuple[Column, ...] = (
     ("ID", "id"), ("MODEL", "model_name"), ("REGIONS", "regions"), ("GPU", "gpu_type"),
     ("SPOT", "spot"), ("MIN", "min_nodes"), ("MAX", "max_nodes"), ("STATUS", "status"))
+NODE_COLUMNS: tuple[Column, ...] = (
+    ("ID", "id"), ("MODEL", "model_name"), ("REGION", "region"), ("STATUS", "status"),
+    ("HEALTH", "heartbeat.health_score"), ("HEARTBEAT AGE S", "heartbeat.age_seconds"),
+    ("RUNNING", "heartbeat.num_requests_running"),
+    ("WAITING", "heartbeat.num_requests_waiting"), ("ENDPOINT", "endpoint_url"))
 
 _ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)$")
 

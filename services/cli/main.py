@@ -137,7 +137,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVICES = {"gateway": "services.gateway.__main__", "admin": "services.admin.__main__"}
+SERVICES = {"gateway": "services.gateway.__main__", "admin": "services.admin.__main__",
+            "monitor": "services.monitor.__main__", "billing": "services.billing.__main__"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -119,6 +119,12 @@ async def test_a_new_operators_first_hour(dev: Dev) -> None:
     answer = await asyncio.to_thread(lambda: json.load(urllib.request.urlopen(request)))
     assert answer["choices"][0]["message"]["content"]
 
+    # The simulated GPU node, seen by the operator.
+    (node,) = await dev.cli_json("nodes", "list")
+    assert node["model_name"] == MODEL and node["heartbeat"]["vllm_healthy"]
+    table = await dev.cli("nodes", "list")
+    assert node["id"] in table and "HEARTBEAT AGE S" in table
+
     # A tenant, an environment and a key, through the CLI.
     tenant = await dev.cli_json("tenants", "create", "Acme", "--email", "ops@acme.test")
     env = await dev.cli_json("environments", "create", tenant["id"], "production",

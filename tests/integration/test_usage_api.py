@@ -86,3 +86,16 @@ async def test_bad_usage_queries(billed: Platform, params: dict[str, str], param
 async def test_usage_needs_a_key(billed: Platform) -> None:
     async with aiohttp.ClientSession() as s, s.get(f"{billed.gateway_url}/v1/usage") as r:
         assert r.status == 401
+
+
+async def test_a_tenant_key_opens_nothing_on_the_admin_api(billed: Platform,
+                                                           redis_url: str) -> None:
+    from tests.integration.test_admin_api import running_admin
+
+    async with running_admin(billed.servers.database_url, billed.servers.nats_url,
+                             redis_url) as admin:
+        for header in ({"Authorization": f"Bearer {billed.key.plaintext}"},
+                       {"X-Admin-Token": billed.key.plaintext}):
+            async with admin.session.get(admin.url + "/admin/v1/tenants",
+                                         headers=header) as r:
+                assert r.status == 401
