@@ -176,6 +176,35 @@ class NodeTerminated(_NodeEvent, tag="node.terminated"):
     cluster_name: str = ""
 
 
+class NodeLaunching(_NodeEvent, tag="node.launching"):
+    """The orchestrator asked the cloud for a node (recorded before it asks, so a new leader
+    after a failover sees the launch and does not launch again)."""
+
+    deployment_id: uuid.UUID | None
+    cluster_name: str
+    model_name: str
+    provider: str
+    region: str
+    gpu_type: str
+    spot: bool
+    deadline: datetime
+    """Registration expected by then, or the launch has failed."""
+
+
+class NodeTerminateRequested(_NodeEvent, tag="node.terminate_requested"):
+    """An operator (or the orchestrator's own decision) wants the node gone."""
+
+    reason: str
+
+
+class NodeReplaced(_NodeEvent, tag="node.replaced"):
+    """A replacement was launched for this node (spot notice, stale, failed, unhealthy)."""
+
+    replacement_id: uuid.UUID
+    reason: str
+    deployment_id: uuid.UUID | None = None
+
+
 # --------------------------------------------------------------------------- usage
 
 
@@ -368,6 +397,14 @@ class DeploymentDeleted(_DeploymentEvent, tag="deployment.deleted"):
     reason: str = ""
 
 
+class DeploymentNoActiveNodes(_DeploymentEvent, tag="deployment.no_active_nodes"):
+    """A deployment that should serve has had no active node for a while (an operator alert;
+    emitted once per outage)."""
+
+    model_name: str
+    since: datetime
+
+
 # --------------------------------------------------------------------------- billing
 
 
@@ -473,6 +510,9 @@ AnyEvent = (
     | NodeDraining
     | NodeDeregistered
     | NodeTerminated
+    | NodeLaunching
+    | NodeTerminateRequested
+    | NodeReplaced
     | UsageRecorded
     | TenantCreated
     | TenantUpdated
@@ -488,6 +528,7 @@ AnyEvent = (
     | DeploymentCreated
     | DeploymentUpdated
     | DeploymentDeleted
+    | DeploymentNoActiveNodes
     | StripeCustomerLinked
     | UsageExported
     | UsageExportFailed

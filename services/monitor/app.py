@@ -14,18 +14,19 @@ from schemas.commands import RegistrationAck
 from schemas.events import Event, NodeRegistered
 from schemas.subjects import HEARTBEATS, NODES, node_ack_subject
 from services.core.bus import ConsumerSpec
+from services.core.fleet import Fleet, NodesProjection
 from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
+from services.core.leadership import Leadership
 from services.core.projections import ProjectionRunner
 from services.core.recorder import Recorder
-from services.monitor.heartbeats import HeartbeatStore
-from services.monitor.projection import NodesProjection
 from services.monitor.registration import check_registration
 from services.monitor.settings import MonitorSettings
+from services.monitor.watcher import NodeWatcher, WatchSettings
 
 log = structlog.get_logger("monitor")
 
 MONITOR_SETTINGS = web.AppKey("monitor_settings", MonitorSettings)
-HEARTBEAT_STORE = web.AppKey("heartbeat_store", HeartbeatStore)
+WATCHER = web.AppKey("node_watcher", NodeWatcher)
 
 NODE_RECORDER = ConsumerSpec(durable="monitor-nodes", stream=NODES.name, subjects=("node.>",))
 
@@ -39,24 +40,32 @@ async def validate(event: Event) -> Sequence[Event]:
 async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[MONITOR_SETTINGS]
     bus = app[BUS]
-    store = HeartbeatStore(app[REDIS], ttl_seconds=s.heartbeat_ttl_seconds)
-    app[HEARTBEAT_STORE] = store
+    watcher = NodeWatcher(Fleet(app[EVENTLOG], actor="monitor"), app[REDIS], WatchSettings(
+        health_threshold=s.health_score_threshold, stale_after=s.stale_after_seconds,
+        sweep_every=s.sweep_every_seconds, heartbeat_ttl=s.heartbeat_ttl_seconds,
+        probe_every=s.probe_every_seconds, probe_timeout=s.probe_timeout_seconds,
+        probe_failures=s.probe_failures), registry=app[REGISTRY])
+    app[WATCHER] = watcher
 
-    async def acknowledge(events: list[Event]) -> None:
+    async def committed(events: list[Event]) -> None:
         # After the commit: an agent told "registered" is in the log, whatever happens next.
         for e in events:
             if isinstance(e, NodeRegistered):
                 ack = RegistrationAck(node_id=e.node_id, event_id=e.id)
                 await bus.nc.publish(node_ack_subject(e.node_id), msgspec.json.encode(ack))
+        await watcher.on_node_events(events)
 
     # A queue group: each heartbeat is handled by one monitor replica.
     heartbeats = await bus.subscribe_observations(HEARTBEATS.subjects[0], "monitor",
-                                                  store.on_heartbeat)
+                                                  watcher.on_heartbeat)
     recorder = Recorder(app[EVENTLOG], bus, NODE_RECORDER, transform=validate,
-                        on_committed=acknowledge, registry=app[REGISTRY])
+                        on_committed=committed, registry=app[REGISTRY])
     runner = ProjectionRunner(app[EVENTLOG], NodesProjection(), waker=app[WAKER])
+    leadership = Leadership(s.database_url.reveal(), "monitor-sweeper",
+                            retry=s.leader_retry_seconds)
     tasks = [asyncio.create_task(recorder.run(), name="node-recorder"),
-             asyncio.create_task(runner.run(), name="nodes-projection")]
+             asyncio.create_task(runner.run(), name="nodes-projection"),
+             asyncio.create_task(leadership.run(watcher.lead), name="monitor-leader")]
     yield
     with contextlib.suppress(Exception):
         await heartbeats.unsubscribe()

@@ -10,3 +10,11 @@ class MonitorSettings(CoreSettings, kw_only=True, frozen=True):
     http_port: int = 8082
     heartbeat_ttl_seconds: int = 300
     """How long Redis keeps a node's last heartbeat once it stops coming."""
+    health_score_threshold: int = 50
+    """Below it a node is unhealthy (the gateway uses the same default)."""
+    stale_after_seconds: float = 60.0
+    sweep_every_seconds: float = 1.0
+    probe_every_seconds: float = 10.0
+    probe_timeout_seconds: float = 2.0
+    probe_failures: int = 3
+    leader_retry_seconds: float = 2.0

@@ -62,7 +62,8 @@ async def test_nodes_listed_with_heartbeats_and_drained(admin: Admin,
         return nodes or None
 
     (node,) = await eventually(listed, what="the node with a heartbeat")
-    assert node["id"] == str(agent.node_id) and node["status"] == "registered"
+    # Registered, and active once the monitor has seen a healthy heartbeat.
+    assert node["id"] == str(agent.node_id) and node["status"] in ("registered", "active")
     assert node["model_name"] == "m" and node["heartbeat"]["vllm_healthy"]
     assert 0 <= node["heartbeat"]["age_seconds"] < 5
     assert (await admin.ok("GET", f"/nodes/{agent.node_id}"))["id"] == node["id"]

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from schemas.events import (
     NodeDeregistered,
     NodeDraining,
+    NodeLaunching,
     NodeRegistered,
     NodeSpotWarning,
     NodeStatus,
     NodeStatusChanged,
     NodeTerminated,
+    NodeTerminateRequested,
 )
 from services.core.db import Connection
 from services.core.eventlog import RecordedEvent
@@ -34,7 +36,22 @@ class NodesProjection(Projection):
                 continue
             e = r.event
             v = r.stream_version
-            if isinstance(e, NodeRegistered):
+            if isinstance(e, NodeLaunching):
+                await conn.execute(
+                    """INSERT INTO nodes (id, cluster_name, provider, region, gpu_type,
+                           model_name, spot_instance, status, deployment_id, launch_deadline,
+                           registered_at, updated_at, version)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, 'launching', $8, $9, $10, $10, $11)
+                       ON CONFLICT (id) DO NOTHING""",
+                    e.node_id, e.cluster_name, e.provider, e.region, e.gpu_type, e.model_name,
+                    e.spot, e.deployment_id, e.deadline, e.occurred_at, v)
+            elif isinstance(e, NodeTerminateRequested):
+                await conn.execute(
+                    """UPDATE nodes SET terminate_requested_at = $2, terminate_reason = $3,
+                           updated_at = $2, version = $4
+                       WHERE id = $1 AND version < $4""",
+                    e.node_id, e.occurred_at, e.reason, v)
+            elif isinstance(e, NodeRegistered):
                 # A node that registers again (agent restarted) is registered anew.
                 await conn.execute(
                     """INSERT INTO nodes (id, cluster_name, provider, region, instance_type,

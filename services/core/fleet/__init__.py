@@ -1,0 +1,7 @@
+"""The fleet: GPU nodes as the control plane knows them (the `nodes` projection) and the
+commands that change them, shared by the monitor, the orchestrator and the admin API."""
+
+from services.core.fleet.commands import Fleet, NodeView, UnknownNode
+from services.core.fleet.projection import NodesProjection
+
+__all__ = ["Fleet", "NodeView", "NodesProjection", "UnknownNode"]

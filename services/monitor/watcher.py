@@ -1,0 +1,262 @@
+"""The three safety signals the monitor watches, turned into node status changes:
+
+1. heartbeats: healthy / unhealthy (vLLM's health and the score against the threshold);
+2. silence: no heartbeat for `stale_after` seconds (the leader sweeps every `sweep_every`);
+3. active probes of each serving node's `/health` (the leader; `probe_failures` in a row).
+
+(The cloud's own view, the third signal of the reference design, belongs to the orchestrator,
+which owns the launcher.)
+
+Heartbeats go to Redis in one round trip: the heartbeat, the score, the node's last-seen time
+in the `nodes:last_seen` sorted set, and back the node's cached status (`node:{id}:status`).
+Only when that cached status says a transition is possible does the watcher go to PostgreSQL
+(Fleet.signal re-reads the truth under a row lock and decides again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import cast
+
+import aiohttp
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import CollectorRegistry, Gauge
+
+from schemas.events import (
+    Event,
+    NodeDeregistered,
+    NodeDraining,
+    NodeHeartbeat,
+    NodeRegistered,
+    NodeSpotWarning,
+    NodeStatus,
+    NodeStatusChanged,
+    NodeTerminated,
+)
+from services.core.fleet import Fleet
+from services.core.node_states import FINAL, HealthRule, Signal, transition
+
+log = structlog.get_logger("watcher")
+
+LAST_SEEN = "nodes:last_seen"
+
+# KEYS: heartbeat, health_score, status, last_seen zset, probe-failing flag.
+# ARGV: heartbeat json, score, ttl, node id, now (seconds).
+_RECORD = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+return {redis.call('GET', KEYS[3]), redis.call('EXISTS', KEYS[5])}
+"""
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    health_threshold: int = 50
+    stale_after: float = 60.0
+    sweep_every: float = 1.0
+    heartbeat_ttl: int = 300
+    probe_every: float = 10.0
+    probe_timeout: float = 2.0
+    probe_failures: int = 3
+    probe_concurrency: int = 100
+
+
+class WatchMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.health = Gauge("node_health_score", "Latest health score reported by a node",
+                            ["node_id"], registry=registry)
+        self.age = Gauge("node_heartbeat_age_seconds", "Seconds since a node's last heartbeat",
+                         ["node_id"], registry=registry)
+        self.active = Gauge("nodes_active_total", "Nodes in status active", registry=registry)
+        self.draining = Gauge("nodes_draining_total", "Nodes in status draining",
+                              registry=registry)
+        self.stale_declared = Gauge("nodes_stale_total", "Nodes in status stale",
+                                    registry=registry)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def status_of(event: Event) -> NodeStatus | None:
+    """The status a node event says its node is in now (None: says nothing about it)."""
+    match event:
+        case NodeStatusChanged():
+            return event.to_status
+        case NodeRegistered():
+            return NodeStatus.REGISTERED
+        case NodeDraining() | NodeSpotWarning():
+            return NodeStatus.DRAINING
+        case NodeDeregistered() | NodeTerminated():
+            return NodeStatus.TERMINATED
+    return None
+
+
+class NodeWatcher:
+    def __init__(self, fleet: Fleet, redis: aioredis.Redis, settings: WatchSettings, *,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.fleet = fleet
+        self.redis = redis
+        self.settings = settings
+        self.rule = HealthRule(settings.health_threshold)
+        self.metrics = WatchMetrics(registry)
+        self._record = redis.register_script(_RECORD)
+        self._probe_failures: dict[uuid.UUID, int] = {}
+        self.heartbeats = 0
+        self.transitions = 0
+
+    # ------------------------------------------------------------------ heartbeats
+
+    async def on_heartbeat(self, event: Event) -> None:
+        if not isinstance(event, NodeHeartbeat):
+            return
+        node = event.node_id
+        self.heartbeats += 1
+        cached, probe_failing = await self._record(
+            keys=[f"node:{node}:heartbeat", f"node:{node}:health_score", f"node:{node}:status",
+                  LAST_SEEN, f"node:{node}:probe_failing"],
+            args=[msgspec.json.encode(event), event.health_score, self.settings.heartbeat_ttl,
+                  str(node), time.time()])
+        self.metrics.health.labels(str(node)).set(event.health_score)
+        if event.draining:
+            signal = Signal.DRAINING
+        elif probe_failing:
+            # The node says it is fine but we cannot reach it: the probes win until they pass.
+            signal = Signal.UNHEALTHY
+        else:
+            signal = self.rule.signal(event.vllm_healthy, event.health_score)
+        status = NodeStatus(cached.decode()) if cached else None
+        if status is not None and transition(status, signal) is None:
+            return  # the common case: nothing changes, no database
+        if event.draining:
+            reason = "draining"
+        elif probe_failing:
+            reason = "health probes failing"
+        elif signal is Signal.HEALTHY:
+            reason = "healthy heartbeat"
+        else:
+            reason = (f"unhealthy heartbeat (vllm {'up' if event.vllm_healthy else 'down'}, "
+                      f"score {event.health_score})")
+        await self._signal(node, signal, reason, event.health_score)
+
+    async def _signal(self, node: uuid.UUID, signal: Signal, reason: str,
+                      health_score: int | None = None) -> NodeStatus | None:
+        after = await self.fleet.signal(node, signal, reason=reason, health_score=health_score)
+        if after is not None:
+            self.transitions += 1
+            log.info("node status changed", node_id=str(node), status=after.value,
+                     reason=reason)
+            await self.remember(node, after)
+        elif (await self.redis.get(f"node:{node}:status")) is None:
+            # Unknown to the cache (a new node, a flushed Redis): learn it from the truth.
+            truth = await self.fleet.status(node)
+            if truth is not None:
+                await self.remember(node, truth)
+        return after
+
+    async def remember(self, node: uuid.UUID, status: NodeStatus) -> None:
+        """Keep the cached status in step with the log (called for every node event)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(f"node:{node}:status", status.value, ex=7 * 86400)
+            if status in FINAL:
+                pipe.zrem(LAST_SEEN, str(node))
+                pipe.delete(f"node:{node}:heartbeat", f"node:{node}:health_score")
+            elif status == NodeStatus.REGISTERED:
+                # Silence counts from the registration until the first heartbeat.
+                pipe.zadd(LAST_SEEN, {str(node): time.time()}, nx=True)
+            await pipe.execute()
+        if status in FINAL:
+            # A gone node's series go too: the fleet's labels stay bounded by the live fleet.
+            for gauge in (self.metrics.health, self.metrics.age):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(str(node))
+            self._probe_failures.pop(node, None)
+
+    async def on_node_events(self, events: list[Event]) -> None:
+        for e in events:
+            status = status_of(e)
+            node = getattr(e, "node_id", None)
+            if status is not None and isinstance(node, uuid.UUID):
+                await self.remember(node, status)
+
+    # ------------------------------------------------------------------ the leader's work
+
+    async def lead(self) -> None:
+        """Sweep for silence every `sweep_every`, probe every `probe_every`. Until cancelled."""
+        last_probe = 0.0
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout)) as session:
+            while True:
+                await self.sweep()
+                if time.monotonic() - last_probe >= self.settings.probe_every:
+                    last_probe = time.monotonic()
+                    await self.probe(session)
+                await asyncio.sleep(self.settings.sweep_every)
+
+    async def sweep(self) -> int:
+        """Declare silent nodes stale; refresh the fleet gauges. Returns nodes declared."""
+        now = time.time()
+        silent = [_text(m) for m in await self.redis.zrangebyscore(
+            LAST_SEEN, "-inf", now - self.settings.stale_after)]
+        declared = 0
+        for raw in silent:
+            node = uuid.UUID(raw)
+            after = await self._signal(
+                node, Signal.SILENT, f"no heartbeat for {self.settings.stale_after:.0f}s")
+            if after == NodeStatus.STALE:
+                declared += 1
+                # Out of the sweep until it speaks again (a heartbeat puts it back).
+                await self.redis.zrem(LAST_SEEN, raw)
+            elif after is None:
+                await self.redis.zrem(LAST_SEEN, raw)
+        await self._refresh_gauges(now)
+        return declared
+
+    async def _refresh_gauges(self, now: float) -> None:
+        seen = await self.redis.zrange(LAST_SEEN, 0, -1, withscores=True)
+        for member in seen:
+            raw, when = cast(tuple[bytes, float], member)
+            self.metrics.age.labels(_text(raw)).set(round(now - when, 3))
+        rows = await self.fleet.log.pool.fetch(
+            "SELECT status, count(*) AS n FROM nodes WHERE status IN ('active', 'draining', "
+            "'stale') GROUP BY status")
+        counts = {r["status"]: r["n"] for r in rows}
+        self.metrics.active.set(counts.get("active", 0))
+        self.metrics.draining.set(counts.get("draining", 0))
+        self.metrics.stale_declared.set(counts.get("stale", 0))
+
+    async def probe(self, session: aiohttp.ClientSession) -> None:
+        """GET /health of every registered, active or unhealthy node; a node failing
+        `probe_failures` probes in a row is unhealthy whatever its heartbeats say."""
+        nodes = await self.fleet.nodes(statuses=frozenset(
+            {NodeStatus.REGISTERED, NodeStatus.ACTIVE, NodeStatus.UNHEALTHY}))
+        limit = asyncio.Semaphore(self.settings.probe_concurrency)
+
+        async def one(node_id: uuid.UUID, url: str) -> None:
+            async with limit:
+                try:
+                    async with session.get(f"{url}/health") as resp:
+                        ok = resp.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+            flag = f"node:{node_id}:probe_failing"
+            if ok:
+                if self._probe_failures.pop(node_id, 0) >= self.settings.probe_failures:
+                    await self.redis.delete(flag)  # heartbeats decide again
+                return
+            failures = self._probe_failures.get(node_id, 0) + 1
+            self._probe_failures[node_id] = failures
+            if failures == self.settings.probe_failures:
+                # Every replica's heartbeat handling sees the flag, not only this leader.
+                await self.redis.set(flag, failures, ex=max(60, int(self.settings.stale_after)))
+                await self._signal(node_id, Signal.UNHEALTHY,
+                                   f"{failures} health probes failed in a row")
+
+        await asyncio.gather(*(one(n.id, n.endpoint_url) for n in nodes if n.endpoint_url))
