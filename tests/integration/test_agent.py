@@ -27,6 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from openai import AsyncOpenAI
 
+from agent.local_cloud.metadata import STATE, MetadataState, create_metadata_app
 from agent.node_agent import EXIT_REJECTED, NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
@@ -38,7 +39,6 @@ from services.core.bus import Bus
 from services.core.devstack import free_port
 from services.core.settings import Secret
 from tests.conftest import Servers
-from tests.doubles.cloud_metadata import STATE, MetadataState, create_metadata_app
 from tests.helpers import eventually
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
