@@ -1,0 +1,87 @@
+"""The orchestrator service: `python -m services.orchestrator` (or `crosslogic serve
+orchestrator`). Every replica competes for the lead (a PostgreSQL advisory lock); the leader
+reconciles, the others wait to take over."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, create_app
+from services.core.leadership import Leadership
+from services.orchestrator.launcher import Launcher
+from services.orchestrator.local_launcher import LocalLauncher
+from services.orchestrator.orchestrator import Orchestrator
+from services.orchestrator.settings import OrchestratorSettings
+from services.orchestrator.skypilot_launcher import SkyPilotLauncher
+from services.orchestrator.skypilot_task import TaskOptions
+
+log = structlog.get_logger("orchestrator")
+
+ORCHESTRATOR_SETTINGS = web.AppKey("orchestrator_settings", OrchestratorSettings)
+ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
+LEADERSHIP = web.AppKey("orchestrator_leadership", Leadership)
+
+# What changes a plan: wake the leader at once rather than at its next tick. (Heartbeats do
+# not: load is read per tick.)
+WAKE_SUBJECTS = ("node.registered.*", "node.status_changed.*", "node.spot_warning.*",
+                 "node.draining.*", "node.deregistered.*", "node.terminate_requested.*",
+                 "deployment.*.*")
+
+
+class LauncherError(ValueError):
+    pass
+
+
+LAUNCHERS = ("local", "skypilot")
+
+
+def make_launcher(s: OrchestratorSettings) -> Launcher:
+    if s.launcher == "local":
+        return LocalLauncher(s.local_cloud_url, prefix=s.cluster_prefix)
+    if s.launcher == "skypilot":
+        return SkyPilotLauncher(prefix=s.cluster_prefix, max_concurrent=s.max_concurrent_launches,
+                                options=TaskOptions(agent_install=s.skypilot_agent_install,
+                                                    vllm_version=s.skypilot_vllm_version,
+                                                    disk_size_gb=s.skypilot_disk_size_gb))
+    raise LauncherError(f"LAUNCHER must be one of {', '.join(LAUNCHERS)}, not {s.launcher!r}")
+
+
+async def _orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[ORCHESTRATOR_SETTINGS]
+    launcher = make_launcher(s)
+    bus = app[BUS]
+    orchestrator = Orchestrator(s, eventlog=app[EVENTLOG], redis=app[REDIS], nc=bus.nc,
+                                launcher=launcher, registry=app[REGISTRY])
+    app[ORCHESTRATOR] = orchestrator
+    leadership = Leadership(s.database_url.reveal(), "orchestrator",
+                            retry=s.leader_retry_seconds)
+    app[LEADERSHIP] = leadership
+
+    async def wake(_: Msg) -> None:
+        orchestrator.wake.set()
+
+    subs = [await bus.nc.subscribe(subject, cb=wake) for subject in WAKE_SUBJECTS]
+    task = asyncio.create_task(leadership.run(orchestrator.lead), name="orchestrator-leader")
+    yield
+    for sub in subs:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await launcher.close()
+
+
+def create_orchestrator_app(settings: OrchestratorSettings) -> web.Application:
+    if settings.launcher not in LAUNCHERS:  # fail at start, not at the first tick
+        raise LauncherError(f"LAUNCHER must be one of {', '.join(LAUNCHERS)}, "
+                            f"not {settings.launcher!r}")
+    app = create_app(settings)
+    app[ORCHESTRATOR_SETTINGS] = settings
+    app.cleanup_ctx.append(_orchestrator_ctx)
+    return app

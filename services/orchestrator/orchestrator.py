@@ -1,0 +1,435 @@
+"""The leader's loop: keep every deployment's nodes between its bounds, launch, replace,
+terminate. Decisions are the pure functions next door (autoscaler, reconciler); this module
+feeds them and carries them out.
+
+Each tick (every `reconcile_every_seconds`, or sooner when a node event arrives):
+1. the cloud's view (every `cloud_check_every_seconds`): a node whose machine the launcher no
+   longer has is failed (the third safety signal); machines no live node owns are torn down;
+2. per deployment: its load from the heartbeats in Redis → the desired count → a plan;
+3. the plan: deadline failures, launches (recorded as `node.launching` *before* the cloud is
+   asked, so a new leader after a failover counts them and does not launch again),
+   replacements (`node.replaced`), terminations (recorded as `node.terminate_requested`, then
+   drained, torn down and closed with `node.terminated`, each in its own task).
+
+Launches and terminations run as tasks; the tick never waits for a cloud.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from schemas.commands import CommandKind, CommandReply, NodeCommand
+from schemas.events import (
+    DeploymentNoActiveNodes,
+    EventDecodeError,
+    EventMetadata,
+    NodeHeartbeat,
+    NodeLaunching,
+    NodeStatus,
+    decode_event,
+)
+from schemas.ids import uuid7
+from schemas.subjects import node_command_subject
+from services.core.eventlog import ANY, EventLog
+from services.core.fleet import Fleet, NodeView
+from services.core.node_states import FINAL, Signal
+from services.orchestrator.autoscaler import NodeLoad, ScaleMemory, ScalePolicy, decide_scale
+from services.orchestrator.launcher import (
+    ClusterState,
+    Launcher,
+    LaunchError,
+    LaunchSpec,
+    cluster_name,
+    node_env,
+    split_region,
+)
+from services.orchestrator.reconciler import (
+    DeploymentSpec,
+    Launch,
+    Plan,
+    Situation,
+    Terminate,
+    plan_deployment,
+)
+from services.orchestrator.settings import OrchestratorSettings
+
+log = structlog.get_logger("orchestrator")
+
+LIVE = frozenset(NodeStatus) - FINAL
+DRAIN_POLL = 0.5
+
+
+class OrchestratorMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.launches = Counter("orchestrator_launches_total", "Nodes launched",
+                                ["region", "spot"], registry=registry)
+        self.launch_failures = Counter(
+            "orchestrator_launch_failures_total",
+            "Launches that failed (capacity, error, or no registration by the deadline)",
+            ["reason"], registry=registry)
+        self.replacements = Counter("orchestrator_replacements_total",
+                                    "Lost nodes replaced", registry=registry)
+        self.terminations = Counter("orchestrator_terminations_total", "Nodes terminated",
+                                    registry=registry)
+        self.cloud_lost = Counter("orchestrator_cloud_lost_total",
+                                  "Nodes failed because the cloud no longer had their machine",
+                                  registry=registry)
+        self.desired = Gauge("deployment_desired_nodes", "Nodes a deployment wants now",
+                             ["deployment"], registry=registry)
+        self.active = Gauge("deployment_active_nodes", "A deployment's active nodes",
+                            ["deployment"], registry=registry)
+        self.leader = Gauge("orchestrator_is_leader", "1 on the replica that leads",
+                            registry=registry)
+
+
+class Orchestrator:
+    def __init__(self, settings: OrchestratorSettings, *, eventlog: EventLog,
+                 redis: aioredis.Redis, nc: NATS, launcher: Launcher,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.eventlog = eventlog
+        self.fleet = Fleet(eventlog, actor="orchestrator")
+        self.redis = redis
+        self.nc = nc
+        self.launcher = launcher
+        self.metrics = OrchestratorMetrics(registry)
+        self.policy = ScalePolicy(
+            waiting_per_node_high=settings.scale_up_waiting_per_node,
+            kv_cache_high=settings.scale_up_kv_cache,
+            running_per_node_low=settings.scale_down_running_per_node,
+            up_delay=settings.scale_up_delay_seconds,
+            down_delay=settings.scale_down_delay_seconds)
+        self.wake = asyncio.Event()
+        self.memory: dict[uuid.UUID, ScaleMemory] = {}
+        self.launches: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._launching_clusters: set[str] = set()
+        self.terminations: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self.cooling: dict[tuple[str, bool], float] = {}
+        """(deployment region, spot) → monotonic time until which it is skipped."""
+        self.unhealthy_since: dict[uuid.UUID, datetime] = {}
+        self.outage_since: dict[uuid.UUID, datetime] = {}
+        self.alerted: set[uuid.UUID] = set()
+        self._launch_slots = asyncio.Semaphore(settings.max_concurrent_launches)
+        self._last_cloud_check = 0.0
+        self._waiting_logged: set[uuid.UUID] = set()
+        self.ticks = 0
+
+    # ------------------------------------------------------------------ the loop
+
+    async def lead(self) -> None:
+        """The leader's work, until cancelled (stepping down cancels what is in flight; the
+        next leader picks it up from the log)."""
+        self.metrics.leader.set(1)
+        self._last_cloud_check = 0.0
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
+                    log.warning("tick failed; next one retries", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(),
+                                           self.settings.reconcile_every_seconds)
+                self.wake.clear()
+        finally:
+            self.metrics.leader.set(0)
+            tasks = [*self.launches.values(), *self.terminations.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.launches.clear()
+            self._launching_clusters.clear()
+            self.terminations.clear()
+
+    async def tick(self) -> None:
+        now = datetime.now(UTC)
+        mono = time.monotonic()
+        self.ticks += 1
+        deployments = await self._deployments()
+        nodes = await self.fleet.nodes(statuses=LIVE)
+        if mono - self._last_cloud_check >= self.settings.cloud_check_every_seconds:
+            self._last_cloud_check = mono
+            failed = await self._check_cloud(nodes)
+            nodes = [replace(n, status=NodeStatus.FAILED) if n.id in failed else n
+                     for n in nodes]
+        self._track_unhealthy(nodes, now)
+        loads = await self._loads(nodes)
+        situation = Situation(
+            now=now, unhealthy_grace=timedelta(seconds=self.settings.unhealthy_grace_seconds),
+            unhealthy_since=dict(self.unhealthy_since),
+            terminating=frozenset(self.terminations),
+            cooling=frozenset(k for k, until in self.cooling.items() if until > mono))
+        by_deployment: dict[uuid.UUID | None, list[NodeView]] = {}
+        for n in nodes:
+            by_deployment.setdefault(n.deployment_id, []).append(n)
+        known = {d.id for d in deployments}
+        for dep in deployments:
+            await self._reconcile(dep, by_deployment.get(dep.id, []), loads, situation, mono)
+        # Nodes no deployment owns (started by hand) still go when an operator says so.
+        for dep_id, group in by_deployment.items():
+            if dep_id in known:
+                continue
+            for n in group:
+                if n.terminate_requested_at is not None and n.id not in self.terminations:
+                    self._start_termination(n, Terminate(n.id, "termination requested",
+                                                         n.status != NodeStatus.FAILED))
+
+    async def _deployments(self) -> list[DeploymentSpec]:
+        rows = await self.eventlog.pool.fetch(
+            """SELECT id, model_name, regions, gpu_type, spot, min_nodes, max_nodes,
+                      allow_on_demand_fallback, status
+               FROM deployments
+               WHERE status <> 'deleted'
+                  OR id IN (SELECT deployment_id FROM nodes
+                            WHERE status NOT IN ('terminated', 'failed'))""")
+        specs = []
+        for r in rows:
+            serving = r["status"] == "active"
+            specs.append(DeploymentSpec(
+                id=r["id"], model_name=r["model_name"], regions=tuple(r["regions"]),
+                gpu_type=r["gpu_type"], spot=r["spot"],
+                min_nodes=r["min_nodes"] if serving else 0,
+                max_nodes=r["max_nodes"] if serving else 0,
+                allow_on_demand_fallback=r["allow_on_demand_fallback"]))
+        return specs
+
+    async def _reconcile(self, dep: DeploymentSpec, nodes: list[NodeView],
+                         loads: dict[uuid.UUID, NodeLoad], situation: Situation,
+                         mono: float) -> None:
+        active = [n for n in nodes if n.status == NodeStatus.ACTIVE]
+        pending = sum(1 for n in nodes if n.status in (NodeStatus.LAUNCHING,
+                                                       NodeStatus.REGISTERED))
+        decision = decide_scale(
+            min_nodes=dep.min_nodes, max_nodes=dep.max_nodes, serving=len(active),
+            loads=[loads[n.id] for n in active if n.id in loads], pending=pending,
+            memory=self.memory.get(dep.id, ScaleMemory()), now=mono, policy=self.policy)
+        self.memory[dep.id] = decision.memory
+        if decision.reason:
+            log.info("scaling", deployment_id=str(dep.id), desired=decision.desired,
+                     reason=decision.reason)
+        label = str(dep.id)
+        self.metrics.desired.labels(label).set(decision.desired)
+        self.metrics.active.labels(label).set(len(active))
+        plan = plan_deployment(dep, nodes, decision.desired, situation)
+        await self._execute(dep, nodes, plan)
+        await self._watch_outage(dep, len(active), situation.now)
+
+    async def _execute(self, dep: DeploymentSpec, nodes: list[NodeView], plan: Plan) -> None:
+        by_id = {n.id: n for n in nodes}
+        for f in plan.failures:
+            if await self.fleet.signal(f.node_id, Signal.CLOUD_LOST, reason=f.reason):
+                self.metrics.launch_failures.labels("deadline").inc()
+                log.warning("launch failed", node_id=str(f.node_id), reason=f.reason)
+        for launch in plan.launches:
+            await self._launch(dep, launch)
+        for t in plan.terminations:
+            node = by_id[t.node_id]
+            if node.terminate_requested_at is None and node.status not in FINAL:
+                await self.fleet.request_termination(node.id, t.reason)
+            self._start_termination(node, t)
+        if plan.waiting_for_capacity:
+            if dep.id not in self._waiting_logged:
+                self._waiting_logged.add(dep.id)
+                log.warning("no capacity in any region; waiting", deployment_id=str(dep.id))
+        else:
+            self._waiting_logged.discard(dep.id)
+
+    # ------------------------------------------------------------------ launches
+
+    async def _launch(self, dep: DeploymentSpec, launch: Launch) -> None:
+        s = self.settings
+        node_id = uuid7()
+        provider, region = split_region(launch.region, s.default_provider)
+        cluster = cluster_name(s.cluster_prefix, dep.model_name, region, node_id)
+        nats_url = (s.node_nats_url.reveal() or s.nats_url.reveal())
+        env, secrets = node_env(node_id, cluster=cluster, model_name=dep.model_name,
+                                provider=provider, region=region, gpu_type=dep.gpu_type,
+                                spot=launch.spot, heartbeat_interval=s.node_heartbeat_interval,
+                                nats_url=nats_url)
+        if s.nats_user:
+            env["NATS_USER"] = s.nats_user
+            secrets["NATS_PASSWORD"] = s.nats_password.reveal()
+        if s.hf_token.reveal():
+            secrets["HF_TOKEN"] = s.hf_token.reveal()
+        deadline = datetime.now(UTC) + timedelta(seconds=s.launch_deadline_seconds)
+        await self.fleet.launching(NodeLaunching(
+            node_id=node_id, deployment_id=dep.id, cluster_name=cluster,
+            model_name=dep.model_name, provider=provider, region=region,
+            gpu_type=dep.gpu_type, spot=launch.spot, deadline=deadline))
+        if launch.replaces is not None:
+            await self.fleet.replaced(launch.replaces, node_id, launch.reason, dep.id)
+            self.metrics.replacements.inc()
+        log.info("launching node", node_id=str(node_id), deployment_id=str(dep.id),
+                 cluster=cluster, region=launch.region, spot=launch.spot, reason=launch.reason,
+                 replaces=str(launch.replaces) if launch.replaces else None)
+        spec = LaunchSpec(node_id=node_id, cluster_name=cluster, model_name=dep.model_name,
+                          provider=provider, region=region, gpu_type=dep.gpu_type,
+                          spot=launch.spot, env=env, secrets=secrets)
+        self.metrics.launches.labels(launch.region, str(launch.spot).lower()).inc()
+        self._launching_clusters.add(cluster)
+        self.launches[node_id] = asyncio.create_task(self._run_launch(spec, launch.region),
+                                                     name=f"launch-{cluster}")
+
+    async def _run_launch(self, spec: LaunchSpec, dep_region: str) -> None:
+        try:
+            async with self._launch_slots:
+                await self.launcher.launch(spec)
+        except LaunchError as exc:
+            kind = "capacity" if exc.capacity else "error"
+            self.metrics.launch_failures.labels(kind).inc()
+            if exc.capacity:
+                self.cooling[(dep_region, spec.spot)] = (time.monotonic()
+                                                         + self.settings.capacity_cooldown_seconds)
+            log.warning("launch failed", node_id=str(spec.node_id), cluster=spec.cluster_name,
+                        capacity=exc.capacity, error=str(exc))
+            await self.fleet.signal(spec.node_id, Signal.CLOUD_LOST,
+                                    reason=f"launch failed: {exc}"[:500])
+            with contextlib.suppress(LaunchError):  # whatever the cloud half-made goes
+                await self.launcher.down(spec.cluster_name)
+            self.wake.set()  # try again elsewhere now
+        finally:
+            self.launches.pop(spec.node_id, None)
+            self._launching_clusters.discard(spec.cluster_name)
+
+    # ------------------------------------------------------------------ terminations
+
+    def _start_termination(self, node: NodeView, t: Terminate) -> None:
+        if node.id in self.terminations:
+            return
+        self.terminations[node.id] = asyncio.create_task(self._terminate(node, t),
+                                                         name=f"terminate-{node.id}")
+
+    async def _terminate(self, node: NodeView, t: Terminate) -> None:
+        """Draining → out of the load balancer → in-flight done or deadline → down →
+        terminated."""
+        bound = log.bind(node_id=str(node.id), cluster=node.cluster_name, reason=t.reason)
+        try:
+            if t.drain and node.status not in FINAL:
+                # Out of every gateway's pool first, whatever the agent does next.
+                await self.fleet.signal(node.id, Signal.DRAINING, reason=t.reason)
+                if await self._send_drain(node.id, t.reason):
+                    await self._wait_ended(node.id, self.settings.drain_timeout_seconds)
+            if node.deployment_id is not None:  # only machines we launched are ours to end
+                await self.launcher.down(node.cluster_name)
+            await self.fleet.terminated(node.id, t.reason, node.cluster_name)
+            self.metrics.terminations.inc()
+            bound.info("node terminated")
+        except LaunchError as exc:
+            bound.warning("could not tear the machine down; next tick retries", error=str(exc))
+        except (OSError, asyncpg.PostgresError) as exc:
+            bound.warning("termination interrupted; next tick retries", error=str(exc))
+        finally:
+            self.terminations.pop(node.id, None)
+
+    async def _send_drain(self, node_id: uuid.UUID, reason: str) -> bool:
+        """True when the agent took the command (it will finish in-flight work and leave)."""
+        command = NodeCommand(command=CommandKind.DRAIN, reason=reason, issued_by="orchestrator",
+                              deadline_seconds=self.settings.drain_timeout_seconds)
+        try:
+            msg = await self.nc.request(node_command_subject(node_id),
+                                        msgspec.json.encode(command), timeout=3)
+            return msgspec.json.decode(msg.data, type=CommandReply).accepted
+        except (NatsError, TimeoutError, msgspec.DecodeError) as exc:
+            log.info("agent did not take the drain command", node_id=str(node_id),
+                     error=type(exc).__name__)
+            return False
+
+    async def _wait_ended(self, node_id: uuid.UUID, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.fleet.status(node_id) in FINAL:
+                return
+            await asyncio.sleep(DRAIN_POLL)  # the agent's deregistration lands in the table
+
+    # ------------------------------------------------------------------ observations
+
+    async def _check_cloud(self, nodes: list[NodeView]) -> set[uuid.UUID]:
+        """The third safety signal: fail nodes whose machine is gone; end orphan machines."""
+        try:
+            clusters = await self.launcher.clusters()
+        except LaunchError as exc:
+            log.warning("cloud status unavailable", error=str(exc))
+            return set()
+        failed: set[uuid.UUID] = set()
+        owned: set[str] = set()
+        for n in nodes:
+            if n.deployment_id is None:
+                continue
+            owned.add(n.cluster_name)
+            if n.status == NodeStatus.LAUNCHING or n.id in self.launches:
+                continue  # not up yet: the launch deadline watches it
+            state = clusters.get(n.cluster_name)
+            if state in (ClusterState.UP, ClusterState.STARTING):
+                continue
+            reason = "the cloud stopped its machine" if state == ClusterState.STOPPED \
+                else "the cloud no longer has its machine"
+            after = await self.fleet.signal(n.id, Signal.CLOUD_LOST, reason=reason)
+            if after is not None:
+                log.warning("node lost by the cloud", node_id=str(n.id),
+                            cluster=n.cluster_name, status=after.value)
+                self.metrics.cloud_lost.inc()
+            if after == NodeStatus.FAILED:
+                failed.add(n.id)
+        for name in clusters.keys() - owned - self._launching_clusters:
+            log.info("tearing down a machine no live node owns", cluster=name)
+            with contextlib.suppress(LaunchError):
+                await self.launcher.down(name)
+        return failed
+
+    def _track_unhealthy(self, nodes: list[NodeView], now: datetime) -> None:
+        unhealthy = {n.id for n in nodes if n.status == NodeStatus.UNHEALTHY}
+        for node_id in list(self.unhealthy_since):
+            if node_id not in unhealthy:
+                del self.unhealthy_since[node_id]
+        for node_id in unhealthy:
+            self.unhealthy_since.setdefault(node_id, now)
+
+    async def _loads(self, nodes: list[NodeView]) -> dict[uuid.UUID, NodeLoad]:
+        active = [n.id for n in nodes if n.status == NodeStatus.ACTIVE]
+        if not active:
+            return {}
+        raws = await self.redis.mget([f"node:{i}:heartbeat" for i in active])
+        loads: dict[uuid.UUID, NodeLoad] = {}
+        for node_id, raw in zip(active, raws, strict=True):
+            if raw is None:
+                continue
+            try:
+                hb = decode_event(raw)
+            except EventDecodeError:
+                continue
+            if isinstance(hb, NodeHeartbeat):
+                loads[node_id] = NodeLoad(waiting=hb.num_requests_waiting or 0.0,
+                                          running=hb.num_requests_running or 0.0,
+                                          kv_cache_usage=hb.kv_cache_usage or 0.0)
+        return loads
+
+    async def _watch_outage(self, dep: DeploymentSpec, active: int, now: datetime) -> None:
+        """`deployment.no_active_nodes`, once per outage, when one that should serve has had
+        no active node for `no_active_alert_after_seconds`."""
+        if active > 0 or dep.min_nodes == 0:
+            self.outage_since.pop(dep.id, None)
+            self.alerted.discard(dep.id)
+            return
+        since = self.outage_since.setdefault(dep.id, now)
+        if dep.id in self.alerted or \
+                (now - since).total_seconds() < self.settings.no_active_alert_after_seconds:
+            return
+        self.alerted.add(dep.id)
+        event = DeploymentNoActiveNodes(deployment_id=dep.id, model_name=dep.model_name,
+                                        since=since, metadata=EventMetadata(actor="orchestrator"))
+        await self.eventlog.append(event.stream, [event], ANY)
+        log.error("deployment has no active node", deployment_id=str(dep.id),
+                  model=dep.model_name, since=since.isoformat())

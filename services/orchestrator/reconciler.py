@@ -1,0 +1,172 @@
+"""What a deployment needs done now: which nodes to launch (where, spot or not), which to
+terminate, which launches have failed. Pure: the orchestrator feeds it the deployment, its
+nodes as the fleet knows them, the desired count and the clock, and executes the plan.
+
+Rules:
+- Capacity is every node launching (before its deadline), registered or active, plus the
+  unhealthy ones still within their grace — minus those being terminated.
+- Lost nodes (stale, failed, unhealthy past the grace, draining without us asking — a spot
+  notice) are replaced at once: the shortfall they leave is launched now, and the launches are
+  attributed to them (node.replaced), then they are terminated. We never wait for the old one
+  to die before starting the new one.
+- A launch that has not registered by its deadline has failed.
+- Above the desired count, the surplus goes: launches not yet registered first, then
+  unhealthy, then registered but not yet serving, then the most recently started.
+- Launches go to the deployment's region with the fewest nodes among those not cooling down
+  after a capacity error; when no spot capacity is to be had and the deployment allows it,
+  on-demand.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from schemas.events import NodeStatus
+from services.core.fleet import NodeView
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    id: uuid.UUID
+    model_name: str
+    regions: tuple[str, ...]
+    gpu_type: str
+    spot: bool
+    min_nodes: int
+    max_nodes: int
+    allow_on_demand_fallback: bool = True
+
+
+@dataclass(frozen=True)
+class Launch:
+    region: str
+    spot: bool
+    reason: str
+    replaces: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class Terminate:
+    node_id: uuid.UUID
+    reason: str
+    drain: bool
+    """Ask the agent to finish in-flight requests first (a node that can still talk)."""
+
+
+@dataclass(frozen=True)
+class Fail:
+    node_id: uuid.UUID
+    reason: str
+
+
+@dataclass
+class Plan:
+    launches: list[Launch] = field(default_factory=list)
+    terminations: list[Terminate] = field(default_factory=list)
+    failures: list[Fail] = field(default_factory=list)
+    waiting_for_capacity: bool = False
+    """Launches were needed but every region is cooling down."""
+
+
+@dataclass(frozen=True)
+class Situation:
+    now: datetime
+    unhealthy_grace: timedelta
+    unhealthy_since: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    terminating: frozenset[uuid.UUID] = frozenset()
+    """Nodes whose termination is under way (left alone)."""
+    cooling: frozenset[tuple[str, bool]] = frozenset()
+    """(region, spot) pairs that refused a launch recently."""
+
+
+_CAPACITY = frozenset({NodeStatus.LAUNCHING, NodeStatus.REGISTERED, NodeStatus.ACTIVE})
+_LOST = frozenset({NodeStatus.STALE, NodeStatus.FAILED, NodeStatus.DRAINING})
+_DONE = frozenset({NodeStatus.TERMINATED})
+
+
+def _surplus_order(node: NodeView) -> tuple[int, float]:
+    rank = {NodeStatus.LAUNCHING: 0, NodeStatus.UNHEALTHY: 1, NodeStatus.REGISTERED: 2,
+            NodeStatus.ACTIVE: 3}.get(node.status, 4)
+    return rank, -node.registered_at.timestamp()
+
+
+def plan_deployment(dep: DeploymentSpec, nodes: list[NodeView], desired: int,
+                    s: Situation) -> Plan:
+    plan = Plan()
+    capacity: list[NodeView] = []
+    lost: list[NodeView] = []
+    for node in nodes:
+        if node.status in _DONE or node.id in s.terminating:
+            continue
+        if node.terminate_requested_at is not None:
+            drain = node.status not in (NodeStatus.FAILED, NodeStatus.STALE,
+                                        NodeStatus.LAUNCHING)
+            plan.terminations.append(Terminate(node.id, "termination requested", drain))
+            continue
+        if node.status == NodeStatus.LAUNCHING and node.launch_deadline is not None \
+                and s.now >= node.launch_deadline:
+            plan.failures.append(Fail(node.id, "did not register before its deadline"))
+            lost.append(node)
+            continue
+        if node.status in _CAPACITY:
+            capacity.append(node)
+        elif node.status == NodeStatus.UNHEALTHY:
+            since = s.unhealthy_since.get(node.id, s.now)
+            if s.now - since < s.unhealthy_grace:
+                capacity.append(node)
+            else:
+                lost.append(node)
+        elif node.status in _LOST:
+            lost.append(node)
+
+    target = max(dep.min_nodes, min(dep.max_nodes, desired))
+    for node in lost:
+        if node.status == NodeStatus.DRAINING:
+            reason, drain = "draining (spot notice or drain)", True
+        elif node.status == NodeStatus.UNHEALTHY:
+            reason, drain = "unhealthy past its grace", True
+        else:
+            reason, drain = node.status.value, False
+        plan.terminations.append(Terminate(node.id, f"lost: {reason}", drain))
+
+    if len(capacity) > target:
+        for node in sorted(capacity, key=_surplus_order)[:len(capacity) - target]:
+            plan.terminations.append(Terminate(
+                node.id, "scale down", node.status != NodeStatus.LAUNCHING))
+            capacity.remove(node)
+
+    shortfall = target - len(capacity)
+    to_replace = [n.id for n in lost]
+    per_region = {r: sum(1 for n in capacity if n.region == bare_region(r))
+                  for r in dep.regions}
+    for i in range(max(0, shortfall)):
+        choice = _where(dep, per_region, s.cooling)
+        if choice is None:
+            plan.waiting_for_capacity = True
+            break
+        region, spot = choice
+        per_region[region] = per_region.get(region, 0) + 1
+        replaces = to_replace[i] if i < len(to_replace) else None
+        plan.launches.append(Launch(region, spot, "replacement" if replaces else
+                                    f"below desired ({len(capacity)} of {target})", replaces))
+    return plan
+
+
+def bare_region(region: str) -> str:
+    """A deployment names regions with their cloud ('aws/us-east-1'); nodes without it."""
+    return region.rpartition("/")[2]
+
+
+def _where(dep: DeploymentSpec, per_region: dict[str, int],
+           cooling: frozenset[tuple[str, bool]]) -> tuple[str, bool] | None:
+    """The least-loaded region that can take a launch: spot first when the deployment is spot,
+    then on-demand if it allows the fallback."""
+    options = [dep.spot] + ([False] if dep.spot and dep.allow_on_demand_fallback else [])
+    for spot in options:
+        open_regions = [r for r in dep.regions if (r, spot) not in cooling]
+        if open_regions:
+            return min(open_regions, key=lambda r: (per_region.get(r, 0),
+                                                    dep.regions.index(r))), spot
+    return None

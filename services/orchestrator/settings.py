@@ -1,0 +1,43 @@
+"""The orchestrator's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from services.core.settings import CoreSettings, Secret
+
+
+class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
+    service_name: str = "orchestrator"
+    http_port: int = 8084
+    launcher: str = "local"
+    """`local` (the local cloud at LOCAL_CLOUD_URL) or `skypilot`."""
+    local_cloud_url: str = "http://127.0.0.1:8090"
+    cluster_prefix: str = "crosslogic"
+    default_provider: str = "aws"
+    """The cloud of a deployment region given without one ("us-east-1")."""
+    node_nats_url: Secret = Secret("")
+    """How nodes reach NATS (with credentials); defaults to NATS_URL."""
+    node_heartbeat_interval: float = 15.0
+    reconcile_every_seconds: float = 5.0
+    cloud_check_every_seconds: float = 30.0
+    launch_deadline_seconds: float = 900.0
+    """A launch not registered by then has failed (cloud provisioning takes minutes)."""
+    capacity_cooldown_seconds: float = 300.0
+    """A (region, spot) that refused a launch is skipped for this long."""
+    unhealthy_grace_seconds: float = 120.0
+    """An unhealthy node counts as capacity this long before it is replaced."""
+    drain_timeout_seconds: float = 120.0
+    """Longest wait for a draining node to finish before its machine goes down."""
+    no_active_alert_after_seconds: float = 60.0
+    scale_up_waiting_per_node: float = 2.0
+    scale_up_kv_cache: float = 0.85
+    scale_down_running_per_node: float = 0.5
+    scale_up_delay_seconds: float = 30.0
+    scale_down_delay_seconds: float = 300.0
+    leader_retry_seconds: float = 2.0
+    max_concurrent_launches: int = 16
+    skypilot_agent_install: str = "crosslogic"
+    """pip requirement that installs the node agent on a SkyPilot machine."""
+    skypilot_vllm_version: str = "0.11.0"
+    skypilot_disk_size_gb: int = 256
+    hf_token: Secret = Secret("")
+    """Handed to nodes as a secret, for gated models."""

@@ -1,0 +1,288 @@
+"""The SkyPilot task a node is launched with, validated offline by SkyPilot's own schema, and
+the launcher's pure helpers (cluster names, regions, the agent's environment)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sky
+import sky.exceptions
+
+from services.orchestrator.launcher import LaunchSpec, cluster_name, node_env, split_region
+from services.orchestrator.skypilot_task import VLLM_PORT, TaskOptions, accelerators, task_config
+
+NODE_ID = uuid.UUID("0190f3a1-7c2e-7d4b-9a1f-1a2b3c4d5e6f")
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+NATS_URL = "nats://orchestrator:s3cr3t-pa55@nats.internal:4222"
+PREFIX = "crosslogic"
+
+
+def spec_for(infra: str, gpu_type: str, *, spot: bool, node_id: uuid.UUID = NODE_ID,
+             extra_secrets: dict[str, str] | None = None) -> LaunchSpec:
+    """A spec built the way the orchestrator builds one."""
+    provider, region = split_region(infra, "aws")
+    cluster = cluster_name(PREFIX, MODEL, region, node_id)
+    env, secrets = node_env(node_id, cluster=cluster, model_name=MODEL, provider=provider,
+                            region=region, gpu_type=gpu_type, spot=spot, heartbeat_interval=5.0,
+                            nats_url=NATS_URL)
+    secrets.update(extra_secrets or {})
+    return LaunchSpec(node_id=node_id, cluster_name=cluster, model_name=MODEL,
+                      provider=provider, region=region, gpu_type=gpu_type, spot=spot,
+                      env=env, secrets=secrets)
+
+
+def to_task(config: dict[str, Any]) -> sky.Task:
+    # from_yaml_config mutates its argument: hand it a copy.
+    return sky.Task.from_yaml_config(copy.deepcopy(config))
+
+
+def only_resources(task: sky.Task) -> sky.Resources:
+    resources = list(task.resources)
+    assert len(resources) == 1
+    return resources[0]
+
+
+CLOUDS = [
+    ("aws/us-east-1", "A10G", "AWS", "us-east-1", {"A10G": 1}),
+    ("gcp/us-central1", "L4", "GCP", "us-central1", {"L4": 1}),
+    ("azure/eastus", "A100", "Azure", "eastus", {"A100": 1}),
+]
+CASES = [pytest.param(*c, spot, id=f"{c[0].split('/')[0]}-{'spot' if spot else 'on-demand'}")
+         for c in CLOUDS for spot in (True, False)]
+
+
+# ----------------------------------------------------------------- the task, through SkyPilot
+
+
+@pytest.mark.parametrize(("infra", "gpu", "cloud", "region", "accel", "spot"), CASES)
+def test_task_is_valid_for_skypilot(infra: str, gpu: str, cloud: str, region: str,
+                                    accel: dict[str, int], spot: bool) -> None:
+    spec = spec_for(infra, gpu, spot=spot)
+    config = task_config(spec, TaskOptions(disk_size_gb=300))
+    task = to_task(config)
+
+    r = only_resources(task)
+    assert str(r.cloud) == cloud
+    assert r.region == region
+    assert r.accelerators == accel
+    assert r.use_spot is spot
+    assert r.ports is not None and str(VLLM_PORT) in r.ports
+    assert r.disk_size == 300
+    assert r.labels == {"crosslogic-node-id": str(NODE_ID)}
+
+    assert task.name == spec.cluster_name
+    assert task.run is not None and "python3 -m agent" in task.run
+    assert task.setup is not None and "vllm==" in task.setup
+
+    provider = infra.split("/")[0]
+    assert task.envs["NODE_ID"] == str(NODE_ID)
+    assert task.envs["CLUSTER_NAME"] == spec.cluster_name
+    assert task.envs["MODEL_NAME"] == MODEL
+    assert task.envs["PROVIDER"] == provider
+    assert task.envs["REGION"] == region
+    assert task.envs["GPU_TYPE"] == gpu
+    assert task.envs["SPOT_INSTANCE"] == ("true" if spot else "false")
+    assert task.envs["VLLM_PORT"] == str(VLLM_PORT)
+
+    secrets = {k: v.get_secret_value() if hasattr(v, "get_secret_value") else v
+               for k, v in task.secrets.items()}
+    assert secrets == {"NATS_URL": NATS_URL}
+    assert "NATS_URL" not in task.envs
+    assert all("s3cr3t" not in v for v in task.envs.values())
+
+
+def test_options_reach_the_task() -> None:
+    options = TaskOptions(agent_install="crosslogic==1.2.3", vllm_version="0.10.2",
+                          disk_size_gb=512)
+    task = to_task(task_config(spec_for("aws/us-east-1", "A10G", spot=True), options))
+    assert task.envs["AGENT_INSTALL"] == "crosslogic==1.2.3"
+    assert task.envs["VLLM_VERSION"] == "0.10.2"
+    assert only_resources(task).disk_size == 512
+
+
+def test_multi_gpu_type_passes_through() -> None:
+    task = to_task(task_config(spec_for("gcp/us-central1", "A100:4", spot=False),
+                               TaskOptions()))
+    assert only_resources(task).accelerators == {"A100": 4}
+
+
+def test_all_secrets_stay_out_of_envs() -> None:
+    spec = spec_for("aws/us-east-1", "A10G", spot=True,
+                    extra_secrets={"NATS_PASSWORD": "pw-123", "HF_TOKEN": "hf_abc"})
+    task = to_task(task_config(spec, TaskOptions()))
+    assert set(task.secrets) == {"NATS_URL", "NATS_PASSWORD", "HF_TOKEN"}
+    assert not set(task.secrets) & set(task.envs)
+    assert all(v not in ("pw-123", "hf_abc") for v in task.envs.values())
+
+
+def test_task_config_does_not_share_the_specs_dicts() -> None:
+    spec = spec_for("aws/us-east-1", "A10G", spot=True)
+    config = task_config(spec, TaskOptions())
+    to_task(config)  # validated on a copy; and even if it were not ...
+    config["envs"]["NODE_ID"] = "changed"
+    config["secrets"]["NATS_URL"] = "changed"
+    assert spec.env["NODE_ID"] == str(NODE_ID)
+    assert spec.secrets["NATS_URL"] == NATS_URL
+
+
+# ----------------------------------------------------------------- the validation has teeth
+
+
+@pytest.mark.parametrize(("breakage", "complaint"), [
+    pytest.param(lambda c: c["resources"].update(use_spot="yes"), r"use_spot",
+                 id="use_spot-not-bool"),
+    pytest.param(lambda c: c.update(crosslogic_extra=1), r"unsupported field 'crosslogic_extra'",
+                 id="unknown-top-level-field"),
+    pytest.param(lambda c: c["resources"].update(gpus_please=1),
+                 r"unsupported field 'gpus_please'", id="unknown-resources-field"),
+    pytest.param(lambda c: c["resources"].update(disk_size="big"), r"'big'",
+                 id="disk_size-not-a-size"),
+    pytest.param(lambda c: c.update(num_nodes="two"), r"num_nodes", id="num_nodes-not-int"),
+])
+def test_broken_config_is_rejected(breakage: Callable[[dict[str, Any]], None],
+                                   complaint: str) -> None:
+    config = task_config(spec_for("aws/us-east-1", "A10G", spot=True), TaskOptions())
+    to_task(config)  # the unbroken one is fine
+    breakage(config)
+    with pytest.raises(sky.exceptions.InvalidSkyPilotConfigError, match=complaint):
+        to_task(config)
+
+
+# ----------------------------------------------------------------- accelerators
+
+
+@pytest.mark.parametrize(("gpu", "expected"), [
+    ("A10G", "A10G:1"),
+    ("L4", "L4:1"),
+    ("A100:4", "A100:4"),
+    ("H100:8", "H100:8"),
+])
+def test_accelerators(gpu: str, expected: str) -> None:
+    assert accelerators(gpu) == expected
+
+
+# ----------------------------------------------------------------- cluster names
+
+_VALID = re.compile(r"^[a-z0-9-]+$")
+
+
+def test_cluster_name_is_readable() -> None:
+    node_id = uuid.UUID("0190f3a1-7c2e-7d4b-9a1f-00001a2b3c4d")
+    assert cluster_name("crosslogic", MODEL, "us-east-1", node_id) == \
+        "crosslogic-llama-3-1-8b-instruct-us-east-1-1a2b3c4d"
+
+
+@pytest.mark.parametrize(("model", "region"), [
+    (MODEL, "us-east-1"),
+    ("Qwen/Qwen2.5-72B-Instruct-AWQ", "us-central1"),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", "eastus"),
+    ("some_org/Model_With.Dots__and___Underscores", "europe-west4"),
+    ("org/" + "Very-Long-Model-Name-" * 10, "ap-southeast-1"),
+    ("x" * 200, "us-east-1"),
+    ("-Leading-and-trailing-", "-us-east-1-"),
+    ("UPPER/CASE", "US-EAST-1"),
+])
+def test_cluster_name_is_valid_everywhere(model: str, region: str) -> None:
+    node_id = uuid.uuid4()
+    name = cluster_name(PREFIX, model, region, node_id)
+    assert _VALID.match(name), name
+    assert len(name) <= 63
+    assert name.startswith(PREFIX + "-")
+    assert name.endswith("-" + node_id.hex[-8:])
+    assert "--" not in name
+    assert not name.endswith("-") and name[0].isalpha()
+
+
+def test_cluster_name_drops_the_org() -> None:
+    name = cluster_name(PREFIX, "meta-llama/Llama-3.1-8B", "us-east-1", NODE_ID)
+    assert "meta" not in name
+    assert "llama-3-1-8b" in name
+
+
+def test_long_model_name_is_truncated_to_63() -> None:
+    name = cluster_name(PREFIX, "org/" + "a" * 300, "us-east-1", NODE_ID)
+    assert len(name) == 63
+    assert name.endswith("-" + NODE_ID.hex[-8:])
+
+
+def test_cluster_name_is_unique_per_node() -> None:
+    ids = [uuid.uuid4() for _ in range(200)]
+    names = {cluster_name(PREFIX, MODEL, "us-east-1", i) for i in ids}
+    assert len(names) == len(ids)
+
+
+def test_cluster_name_unique_for_uuid7_siblings() -> None:
+    # Node ids are UUIDv7: ids made in the same millisecond share their leading bits, so the
+    # suffix must come from the random end.
+    a = uuid.UUID("0190f3a1-7c2e-7d4b-9a1f-1a2b3c4d5e6f")
+    b = uuid.UUID("0190f3a1-7c2e-7d4b-9a1f-1a2b3c4d5e70")
+    assert cluster_name(PREFIX, MODEL, "us-east-1", a) != cluster_name(PREFIX, MODEL,
+                                                                       "us-east-1", b)
+
+
+def test_cluster_name_is_accepted_by_skypilot() -> None:
+    spec = spec_for("aws/us-east-1", "A10G", spot=True)
+    sky.utils.common_utils.check_cluster_name_is_valid(spec.cluster_name)
+
+
+# ----------------------------------------------------------------- regions
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("aws/us-east-1", ("aws", "us-east-1")),
+    ("gcp/us-central1", ("gcp", "us-central1")),
+    ("AZURE/eastus", ("azure", "eastus")),
+    ("local/dev", ("local", "dev")),
+    ("us-west-2", ("aws", "us-west-2")),
+    ("eastus", ("aws", "eastus")),
+])
+def test_split_region(value: str, expected: tuple[str, str]) -> None:
+    assert split_region(value, "aws") == expected
+
+
+def test_split_region_bare_uses_the_default_provider() -> None:
+    assert split_region("us-central1", "gcp") == ("gcp", "us-central1")
+
+
+# ----------------------------------------------------------------- the agent's environment
+
+
+def test_node_env_splits_plain_from_secret() -> None:
+    env, secrets = node_env(NODE_ID, cluster="c-1", model_name=MODEL, provider="gcp",
+                            region="us-central1", gpu_type="L4", spot=False,
+                            heartbeat_interval=2.5, nats_url=NATS_URL)
+    assert env == {
+        "NODE_ID": str(NODE_ID),
+        "CLUSTER_NAME": "c-1",
+        "MODEL_NAME": MODEL,
+        "PROVIDER": "gcp",
+        "REGION": "us-central1",
+        "GPU_TYPE": "L4",
+        "SPOT_INSTANCE": "false",
+        "HEARTBEAT_INTERVAL": "2.5",
+    }
+    assert secrets == {"NATS_URL": NATS_URL}
+
+
+def test_node_env_heartbeat_interval_formatting() -> None:
+    env, _ = node_env(NODE_ID, cluster="c", model_name=MODEL, provider="aws",
+                      region="us-east-1", gpu_type="A10G", spot=True, heartbeat_interval=5.0,
+                      nats_url=NATS_URL)
+    assert env["HEARTBEAT_INTERVAL"] == "5"
+    assert env["SPOT_INSTANCE"] == "true"
+
+
+def test_launch_spec_repr_hides_credentials() -> None:
+    spec = spec_for("aws/us-east-1", "A10G", spot=True,
+                    extra_secrets={"NATS_PASSWORD": "pw-123", "HF_TOKEN": "hf_abc"})
+    text = repr(spec)
+    assert "s3cr3t" not in text
+    assert NATS_URL not in text
+    assert "pw-123" not in text and "hf_abc" not in text
+    assert spec.cluster_name in text  # it is a repr, not an empty string
+    assert str(spec) == text
