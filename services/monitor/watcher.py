@@ -155,10 +155,12 @@ class NodeWatcher:
                      reason=reason)
             await self.remember(node, after)
         elif (await self.redis.get(f"node:{node}:status")) is None:
-            # Unknown to the cache (a new node, a flushed Redis): learn it from the truth.
+            # Unknown to the cache (a new node, a flushed Redis): learn it from the truth —
+            # unless the node's events got there first while we read (NX): what we read may
+            # already be stale (a launching node registering right now).
             truth = await self.fleet.status(node)
             if truth is not None:
-                await self.remember(node, truth)
+                await self.redis.set(f"node:{node}:status", truth.value, ex=7 * 86400, nx=True)
         return after
 
     async def remember(self, node: uuid.UUID, status: NodeStatus) -> None:

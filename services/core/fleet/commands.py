@@ -27,7 +27,7 @@ from schemas.events import (
 from services.core.db import Connection
 from services.core.eventlog import ConcurrencyError, EventLog
 from services.core.fleet.projection import NodesProjection
-from services.core.node_states import Signal, transition
+from services.core.node_states import FINAL, Signal, transition
 
 log = structlog.get_logger("fleet")
 
@@ -132,8 +132,8 @@ class Fleet:
 
     async def terminated(self, node_id: uuid.UUID, reason: str, cluster_name: str) -> None:
         def decide(status: NodeStatus | None) -> Event | None:
-            if status in (NodeStatus.TERMINATED,):
-                return None
+            if status is None or status in FINAL:
+                return None  # a failed node stays failed: its end was not a termination
             return NodeTerminated(node_id=node_id, reason=reason, cluster_name=cluster_name)
 
         await self._append(node_id, decide)
