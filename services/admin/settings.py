@@ -14,6 +14,17 @@ class AdminSettings(CoreSettings, kw_only=True, frozen=True):
     event_stream_keepalive: float = 15.0
     """Seconds of silence after which an event stream sends an SSE comment, so proxies and
     clients can tell a quiet log from a dead connection."""
+    # Stripe, for linking tenants to customers (POST /tenants/{id}/billing/customer). Optional:
+    # without a secret key that route answers 503 and everything else works.
+    stripe_secret_key: Secret = Secret("")
+    stripe_api_base: str = ""
+    """Another Stripe-compatible server; empty: api.stripe.com."""
+    stripe_timeout: float = 30.0
+    stripe_price_input_tokens: str = ""
+    """Metered price (on the input-tokens meter) a linked tenant is subscribed to."""
+    stripe_price_output_tokens: str = ""
+    """Metered price (on the output-tokens meter); with neither price no subscription is
+    made, only the customer."""
 
 
 def check_settings(settings: AdminSettings) -> None:

@@ -1,2 +1,2 @@
-"""Billing: usage records priced from the catalog (and, later, hourly aggregates pushed to
-Stripe as meter events)."""
+"""Billing: usage records priced from the catalog, hourly aggregates, Stripe Meter Events
+(exactly once) and Stripe webhooks. See docs/billing.md."""

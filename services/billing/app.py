@@ -1,26 +1,46 @@
-"""The billing service: `python -m services.billing` (or `crosslogic serve billing`)."""
+"""The billing service: `python -m services.billing` (or `crosslogic serve billing`).
+
+- the usage recorder: `usage.recorded` from JetStream, priced, into the log once;
+- projections `usage_records` (+ `usage_hourly`) and `billing_events`;
+- the Stripe pusher (one leader across replicas) when `STRIPE_SECRET_KEY` is set;
+- POST /webhooks/stripe when `STRIPE_WEBHOOK_SECRET` is set.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import structlog
 from aiohttp import web
 
 from schemas.subjects import USAGE
 from services.billing.prices import PriceBook
 from services.billing.pricing import parse_multipliers
-from services.billing.projection import UsageRecordsProjection
-from services.billing.settings import BillingSettings
+from services.billing.projection import UsageMetrics, UsageRecordsProjection
+from services.billing.pusher import Clock, Pusher, utcnow
+from services.billing.settings import BillingSettings, check_settings
+from services.billing.webhooks import WEBHOOKS, WebhookHandler, stripe_webhook
+from services.core.billing_ledger import BillingProjection
 from services.core.bus import ConsumerSpec
 from services.core.http import BUS, DB, EVENTLOG, REGISTRY, WAKER, Needs, create_app
 from services.core.projections import ProjectionRunner
 from services.core.recorder import Recorder
+from services.core.stripe_billing import StripeBilling
+
+log = structlog.get_logger("billing")
 
 BILLING_SETTINGS = web.AppKey("billing_settings", BillingSettings)
+STRIPE = web.AppKey("stripe", StripeBilling)
+PUSHER = web.AppKey("billing_pusher", Pusher)
 
 USAGE_RECORDER = ConsumerSpec(durable="billing-usage", stream=USAGE.name,
                               subjects=("usage.recorded.*",), batch=512)
+
+
+async def _fetch(app: web.Application, recorder: Recorder) -> None:
+    consumer = await app[BUS].consumer(recorder.spec, recorder.handle)
+    await consumer.run()
 
 
 async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -28,21 +48,66 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
     prices = PriceBook(app[DB], parse_multipliers(s.region_multipliers),
                        refresh_seconds=s.model_refresh_seconds)
     await prices.refresh()
+    registry = app[REGISTRY]
     recorder = Recorder(app[EVENTLOG], app[BUS], USAGE_RECORDER, transform=prices.transform,
-                        registry=app[REGISTRY])
-    runner = ProjectionRunner(app[EVENTLOG], UsageRecordsProjection(), batch_size=2000,
+                        registry=registry)
+    usage = ProjectionRunner(app[EVENTLOG], UsageRecordsProjection(UsageMetrics(registry)),
+                             batch_size=2000, waker=app[WAKER])
+    ledger = ProjectionRunner(app[EVENTLOG], BillingProjection(), batch_size=500,
                               waker=app[WAKER])
-    tasks = [asyncio.create_task(recorder.run(), name="usage-recorder"),
-             asyncio.create_task(runner.run(), name="usage-records")]
+    # Several fetchers on one durable consumer: while one batch is written to PostgreSQL the
+    # next is fetched and priced (JetStream hands each message to one of them).
+    tasks = [*(asyncio.create_task(_fetch(app, recorder), name=f"usage-recorder-{i}")
+               for i in range(s.usage_recorder_workers)),
+             asyncio.create_task(usage.run(), name="usage-records"),
+             asyncio.create_task(ledger.run(), name="billing-events")]
     yield
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def create_billing_app(settings: BillingSettings) -> web.Application:
+def _stripe_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async for _ in _stripe(app, clock):
+            yield
+
+    return ctx
+
+
+async def _stripe(app: web.Application, clock: Clock) -> AsyncIterator[None]:
+    s = app[BILLING_SETTINGS]
+    stripe_billing: StripeBilling | None = None
+    task: asyncio.Task[None] | None = None
+    if s.stripe.enabled:
+        stripe_billing = StripeBilling(s.stripe)
+        app[STRIPE] = stripe_billing
+        pusher = Pusher(s, app[DB], stripe_billing, clock=clock, registry=app[REGISTRY])
+        app[PUSHER] = pusher
+        task = asyncio.create_task(pusher.run(), name="stripe-pusher")
+        log.info("pushing usage to Stripe", api_base=s.stripe_api_base or "api.stripe.com",
+                 meters=s.meter_events, hour_grace_seconds=s.billing_hour_grace)
+    else:
+        log.warning("STRIPE_SECRET_KEY is not set: usage is recorded but not pushed to Stripe")
+    if not s.stripe_webhook_secret:
+        log.warning("STRIPE_WEBHOOK_SECRET is not set: POST /webhooks/stripe answers 503")
+    app[WEBHOOKS] = WebhookHandler(s, app[DB], app[EVENTLOG], stripe_billing,
+                                   registry=app[REGISTRY])
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if stripe_billing is not None:
+        await stripe_billing.close()
+
+
+def create_billing_app(settings: BillingSettings, *, clock: Clock = utcnow) -> web.Application:
+    """`clock` moves the pusher's idea of now (tests close the current hour with it)."""
+    check_settings(settings)
     parse_multipliers(settings.region_multipliers)  # a bad setting fails at start, not later
     app = create_app(settings, needs=Needs(postgres=True, redis=False, nats=True))
     app[BILLING_SETTINGS] = settings
     app.cleanup_ctx.append(_billing_ctx)
+    app.cleanup_ctx.append(_stripe_ctx(clock))
+    app.router.add_post("/webhooks/stripe", stripe_webhook)
     return app

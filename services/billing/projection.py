@@ -1,39 +1,93 @@
-"""Projection `usage_records`: one row per request, with the cost billing recorded."""
+"""Projection `usage_records`: one row per request, with the cost billing recorded, and the
+same usage per tenant, environment, model and UTC hour (`usage_hourly`).
+
+Both tables change in one statement: usage_hourly adds up only the rows usage_records actually
+inserted, so the request id stays the identity of a request everywhere — a second event for
+the same request (a gateway that replayed its spool under a new event id), a redelivery or a
+replay adds nothing to either. `crosslogic projections rebuild usage_records` rebuilds both.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
+
+from prometheus_client import CollectorRegistry, Counter
 
 from schemas.events import UsageRecorded
 from services.core.db import Connection
 from services.core.eventlog import RecordedEvent
 from services.core.projections import Projection
 
+_ZERO = Decimal(0)
+
+# unnest() of parallel arrays: one round trip per batch, however large.
+_INSERT = """
+WITH fresh AS (
+    INSERT INTO usage_records (request_id, event_id, tenant_id, environment_id, api_key_id,
+        model, endpoint, region, node_id, prompt_tokens, completion_tokens, total_tokens, cost,
+        latency_ms, ttft_ms, status, streamed, occurred_at)
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[],
+        $6::text[], $7::text[], $8::text[], $9::uuid[], $10::int[], $11::int[], $12::int[],
+        $13::numeric[], $14::float8[], $15::float8[], $16::int[], $17::bool[],
+        $18::timestamptz[])
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING tenant_id, environment_id, model, occurred_at, prompt_tokens,
+              completion_tokens, cost
+), hourly AS (
+    INSERT INTO usage_hourly AS h (tenant_id, environment_id, model, hour, requests,
+        prompt_tokens, completion_tokens, cost)
+    SELECT tenant_id, environment_id, model, date_trunc('hour', occurred_at, 'UTC'), count(*),
+           sum(prompt_tokens), sum(completion_tokens), sum(cost)
+    FROM fresh GROUP BY 1, 2, 3, 4
+    ON CONFLICT (tenant_id, hour, environment_id, model) DO UPDATE SET
+        requests = h.requests + EXCLUDED.requests,
+        prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens,
+        cost = h.cost + EXCLUDED.cost, updated_at = now()
+)
+SELECT tenant_id, model, count(*) AS records,
+       sum(prompt_tokens + completion_tokens) AS tokens
+FROM fresh GROUP BY 1, 2
+"""
+
+
+class UsageMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.records = Counter("usage_records_created_total",
+                               "Usage records created (one per request, duplicates excluded)",
+                               registry=registry)
+        # The gateway has a counter of the same name in its own registry: this one counts
+        # what billing recorded, so the two can be compared.
+        self.tokens = Counter("tokens_processed_total",
+                              "Tokens recorded by billing (prompt + completion)",
+                              ["model", "tenant_id"], registry=registry)
+
 
 class UsageRecordsProjection(Projection):
     name = "usage_records"
-    tables = ("usage_records",)
+    tables = ("usage_records", "usage_hourly")
     event_types = ("usage.recorded",)
 
+    def __init__(self, metrics: UsageMetrics | None = None) -> None:
+        self.metrics = metrics
+
     async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
-        rows = []
+        cols: list[list[object]] = [[] for _ in range(18)]
         for r in events:
             e = r.event
             if not isinstance(e, UsageRecorded):
                 continue
-            rows.append((e.request_id, e.id, e.tenant_id, e.environment_id, e.api_key_id,
-                         e.model, e.endpoint, e.region, e.node_id, e.prompt_tokens,
-                         e.completion_tokens, e.prompt_tokens + e.completion_tokens,
-                         e.price.cost if e.price else 0, e.latency_ms,
-                         e.time_to_first_token_ms, e.status, e.streamed, e.occurred_at))
-        if rows:
-            # The request id is the record's identity: a second event for the same request
-            # (a gateway that replayed its spool under a new event id) is not billed twice.
-            await conn.executemany(
-                """INSERT INTO usage_records (request_id, event_id, tenant_id, environment_id,
-                       api_key_id, model, endpoint, region, node_id, prompt_tokens,
-                       completion_tokens, total_tokens, cost, latency_ms, ttft_ms, status,
-                       streamed, occurred_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                           $16, $17, $18)
-                   ON CONFLICT (request_id) DO NOTHING""", rows)
+            row = (e.request_id, e.id, e.tenant_id, e.environment_id, e.api_key_id, e.model,
+                   e.endpoint, e.region, e.node_id, e.prompt_tokens, e.completion_tokens,
+                   e.prompt_tokens + e.completion_tokens, e.price.cost if e.price else _ZERO,
+                   e.latency_ms, e.time_to_first_token_ms, e.status, e.streamed, e.occurred_at)
+            for col, value in zip(cols, row, strict=True):
+                col.append(value)
+        if not cols[0]:
+            return
+        created = await conn.fetch(_INSERT, *cols)
+        if self.metrics is not None:
+            for c in created:
+                self.metrics.records.inc(c["records"])
+                self.metrics.tokens.labels(c["model"], str(c["tenant_id"])).inc(c["tokens"])

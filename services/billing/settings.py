@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from services.core.settings import CoreSettings
+from datetime import timedelta
+from typing import Literal
+
+from services.core.settings import CoreSettings, Secret, SettingsError
+from services.core.stripe_billing import StripeConfig
 
 
 class BillingSettings(CoreSettings, kw_only=True, frozen=True):
@@ -12,3 +16,74 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     """Comma-separated region=multiplier pairs, e.g. ``eu-west-1=1.10,ap-south-1=1.25``;
     regions not listed cost 1x."""
     model_refresh_seconds: float = 30.0
+    usage_recorder_workers: int = 2
+    """Concurrent fetchers on the usage consumer (throughput; order does not matter)."""
+
+    # Stripe. Without a secret key usage is still recorded; nothing is pushed.
+    stripe_secret_key: Secret = Secret("")
+    stripe_webhook_secret: Secret = Secret("")
+    """``whsec_…``: without it POST /webhooks/stripe answers 503."""
+    stripe_api_base: str = ""
+    """Another Stripe-compatible server; empty: api.stripe.com."""
+    stripe_timeout: float = 30.0
+    stripe_meter_input_event: str = "crosslogic_input_tokens"
+    """`event_name` of the Stripe meter for prompt tokens (empty: not exported)."""
+    stripe_meter_output_event: str = "crosslogic_output_tokens"
+    """`event_name` of the Stripe meter for completion tokens (empty: not exported)."""
+    stripe_webhook_tolerance: int = 300
+    """Seconds a webhook's signed timestamp may be old."""
+
+    billing_hour_grace: float = 300.0
+    """Seconds after an hour ends before it is closed and pushed; later usage is a
+    correction."""
+    billing_push_interval: float = 30.0
+    billing_push_lookback_days: int = 45
+    """Hours older than this are not looked at again (late usage for them is not pushed)."""
+    billing_push_concurrency: int = 4
+    """Customers sent to at once (each customer and meter: one call at a time)."""
+    billing_push_attempts: int = 5
+    """Tries per meter event and pass for retryable errors (429, 5xx, network)."""
+    billing_retry_initial: float = 0.5
+    billing_retry_max: float = 30.0
+    billing_leader_retry: float = 5.0
+    """Seconds between a standby pusher's attempts to take over."""
+
+    payment_failed_policy: Literal["flag", "suspend"] = "flag"
+    subscription_deleted_policy: Literal["suspend", "flag"] = "suspend"
+
+    @property
+    def stripe(self) -> StripeConfig:
+        return StripeConfig(self.stripe_secret_key, self.stripe_api_base, self.stripe_timeout)
+
+    @property
+    def hour_grace(self) -> timedelta:
+        return timedelta(seconds=self.billing_hour_grace)
+
+    @property
+    def meter_events(self) -> dict[str, str]:
+        return {"input_tokens": self.stripe_meter_input_event.strip(),
+                "output_tokens": self.stripe_meter_output_event.strip()}
+
+
+def check_settings(s: BillingSettings) -> None:
+    """What the types cannot say; SettingsError names the variable."""
+    positive = {"USAGE_RECORDER_WORKERS": s.usage_recorder_workers,
+                "BILLING_PUSH_INTERVAL": s.billing_push_interval,
+                "BILLING_PUSH_LOOKBACK_DAYS": s.billing_push_lookback_days,
+                "BILLING_PUSH_CONCURRENCY": s.billing_push_concurrency,
+                "BILLING_PUSH_ATTEMPTS": s.billing_push_attempts,
+                "BILLING_RETRY_INITIAL": s.billing_retry_initial,
+                "BILLING_LEADER_RETRY": s.billing_leader_retry,
+                "STRIPE_TIMEOUT": s.stripe_timeout,
+                "STRIPE_WEBHOOK_TOLERANCE": s.stripe_webhook_tolerance}
+    for name, value in positive.items():
+        if value <= 0:
+            raise SettingsError(f"{name} must be positive")
+    if s.billing_hour_grace < 0:
+        raise SettingsError("BILLING_HOUR_GRACE cannot be negative")
+    if s.billing_retry_max < s.billing_retry_initial:
+        raise SettingsError("BILLING_RETRY_MAX must be at least BILLING_RETRY_INITIAL")
+    for variable, event_name in (("STRIPE_METER_INPUT_EVENT", s.stripe_meter_input_event),
+                                 ("STRIPE_METER_OUTPUT_EVENT", s.stripe_meter_output_event)):
+        if len(event_name) > 100:
+            raise SettingsError(f"{variable} is longer than Stripe's 100 characters")

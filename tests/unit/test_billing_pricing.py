@@ -21,6 +21,14 @@ D = Decimal
     (1, 0, D("0.0005"), D(0), D(1), D("0E-9")),            # exactly half a nanodollar: even
     (3, 0, D("0.0005"), D(0), D(1), D("2E-9")),            # 1.5e-9 -> 2e-9 (half to even)
     (10**12, 10**12, D("2.5"), D("10"), D(1), D("12500000.000000000")),  # huge, exact
+    # The largest token counts a request can carry, at the catalog's extreme prices: exact.
+    (2**31 - 1, 2**31 - 1, D("999999.999999"), D("0.000001"), D("1.25"),
+     D("2684354558.750000000")),
+    (7, 3, D("0.000001"), D("0.000001"), D("1.5"), D("0E-9")),  # 1.5e-11: rounds to 0
+    (999_999, 1, D("0.15"), D("0.60"), D(0), D("0E-9")),  # a free region
+    (5, 0, D("0.0003"), D(0), D("1.000000"), D("2E-9")),  # 1.5e-9: half to even, up
+    (7, 0, D("0.0005"), D(0), D(1), D("4E-9")),  # 3.5e-9: half to even, up to 4
+    (9, 0, D("0.0005"), D(0), D(1), D("4E-9")),  # 4.5e-9: half to even, down to 4
 ])
 def test_cost(prompt: int, completion: int, inp: Decimal, out: Decimal, mult: Decimal,
               expected: Decimal) -> None:

@@ -1,0 +1,157 @@
+"""Billing benchmark: usage records ingested per second.
+
+Runs against an embedded PostgreSQL and NATS it starts itself (or DATABASE_URL / NATS_URL with
+--external). Two figures, each from the billing service as it runs (recorder + priced events
+into the log + projection `usage_records`/`usage_hourly`), counted when the rows are in
+usage_records:
+
+- backlog: N `usage.recorded` events already in JetStream when billing starts (catching up
+  after an outage);
+- live: events published by another process while billing runs (as gateways publish them),
+  end to end: from the first publish to the last row.
+
+`python bench/billing.py [--events 20000]`. Prints figures; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+
+from schemas.events import UsageRecorded
+from services.billing.app import create_billing_app
+from services.billing.settings import BillingSettings
+from services.core.bus import Bus
+from services.core.catalog import Catalog
+from services.core.db import create_pool
+from services.core.devstack import DevStack
+from services.core.eventlog import EventLog
+from services.core.migrate import migrate
+from services.core.settings import Secret
+
+MODEL = "bench-model"
+
+
+def usage(tenants: list[uuid.UUID], i: int) -> UsageRecorded:
+    tenant = tenants[i % len(tenants)]
+    return UsageRecorded(request_id=f"bench-{uuid.uuid4()}", tenant_id=tenant,
+                         environment_id=tenant, api_key_id=tenant, model=MODEL,
+                         endpoint="chat", region="us-east-1", node_id=None,
+                         prompt_tokens=100 + i % 900, completion_tokens=10 + i % 300,
+                         latency_ms=12.0, occurred_at=datetime.now(UTC))
+
+
+async def publish(bus: Bus, events: list[UsageRecorded]) -> None:
+    for i in range(0, len(events), 500):
+        await asyncio.gather(*(bus.publish(e) for e in events[i:i + 500]))
+
+
+def gateway_process(nats_url: str, tenants: list[uuid.UUID], total: int,
+                    ready: EventType, go: EventType) -> None:
+    """A separate process publishing usage, as gateways do (not competing with billing for
+    this process's CPU). It connects and builds its events, says `ready`, waits for `go`."""
+
+    async def run() -> None:
+        bus = await Bus.connect(nats_url, name="bench-gateway")
+        events = [usage(tenants, i) for i in range(total)]
+        ready.set()
+        await asyncio.to_thread(go.wait)
+        await publish(bus, events)
+        await bus.close()
+
+    asyncio.run(run())
+
+
+async def count(pool: asyncpg.Pool[asyncpg.Record]) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM usage_records"))
+
+
+async def wait_for(pool: asyncpg.Pool[asyncpg.Record], n: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while await count(pool) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {await count(pool)} of {n} records after {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+def rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:>10,.0f} records/s  ({n:,} in {seconds:.2f}s)"
+
+
+async def bench(dsn: str, nats_url: str, total: int) -> None:
+    pool = await create_pool(dsn, min_size=1, max_size=4)
+    await pool.execute("TRUNCATE usage_records, usage_hourly, events, streams, checkpoints, "
+                       "models")
+    await Catalog(EventLog(pool)).create_model(
+        MODEL, family="bench", vram_gb=16, input_price_per_million=Decimal("0.15"),
+        output_price_per_million=Decimal("0.60"), context_length=8192)
+    bus = await Bus.connect(nats_url, name="bench")
+    for info in await bus.js.streams_info():
+        await bus.js.delete_stream(info.config.name)
+    await bus.ensure_streams()
+    tenants = [uuid.uuid4() for _ in range(50)]
+    settings = BillingSettings(database_url=Secret(dsn), nats_url=Secret(nats_url),
+                               log_json=False, log_level="warning", event_poll_interval=0.2)
+
+    backlog = [usage(tenants, i) for i in range(total)]
+    await publish(bus, backlog)
+    runner = web.AppRunner(create_billing_app(settings), shutdown_timeout=1.0)
+    t0 = time.perf_counter()
+    await runner.setup()
+    await wait_for(pool, total)
+    t_backlog = time.perf_counter() - t0
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    gateway = ctx.Process(target=gateway_process, args=(nats_url, tenants, total, ready, go))
+    gateway.start()
+    await asyncio.to_thread(ready.wait)  # its start-up is not measured
+    t0 = time.perf_counter()
+    go.set()
+    await wait_for(pool, 2 * total)
+    t_live = time.perf_counter() - t0
+    await asyncio.to_thread(gateway.join)
+    await runner.cleanup()
+
+    hourly = await pool.fetchval("SELECT sum(requests) FROM usage_hourly")
+    assert hourly == 2 * total, (hourly, total)
+    print(f"usage records ingested, backlog in JetStream: {rate(total, t_backlog)}")
+    print(f"usage records ingested, live (a gateway process publishing): "
+          f"{rate(total, t_live)}")
+    await bus.close()
+    await pool.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--external", action="store_true", help="use $DATABASE_URL, $NATS_URL")
+    args = parser.parse_args()
+    if args.external:
+        asyncio.run(migrate(os.environ["DATABASE_URL"]))
+        asyncio.run(bench(os.environ["DATABASE_URL"], os.environ["NATS_URL"], args.events))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = DevStack(Path(tmp), redis=False)
+        stack.start()
+        try:
+            asyncio.run(migrate(stack.urls.database_url))
+            asyncio.run(bench(stack.urls.database_url, stack.urls.nats_url, args.events))
+        finally:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The Stripe pusher: closed hours of usage to Stripe Meter Events, each exactly once.
+
+One pusher is active across billing replicas: leadership is a session advisory lock on the
+pusher's own connection (as the outbox relay's), released when that connection dies; standbys
+retry every `BILLING_LEADER_RETRY` seconds. Each pass:
+
+1. **Plan** (one short transaction, under a transaction advisory lock so that even two
+   leaders could not plan twice): for every closed hour in the look-back window, per tenant and
+   meter, what the hour holds minus what is already planned is appended as
+   `billing.export_planned` with its deterministic identifier (hours.py); tenants without a
+   Stripe customer get `billing.export_skipped`, once.
+2. **Send** every planned export (this pass's, and any a crashed leader left): one call at a
+   time per customer and meter, several customers at once; 429, 409, 5xx and network errors
+   are retried with backoff; then `billing.usage_exported` (or `billing.export_failed`) is
+   appended. A crash between Stripe's answer and that append leaves the plan planned: the next
+   leader sends it again with the same identifier and value, Stripe answers "duplicate", and the
+   export is recorded as exported, `duplicate: true`. Nothing is charged twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import stripe
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from schemas.events import (
+    Event,
+    UsageExported,
+    UsageExportFailed,
+    UsageExportPlanned,
+    UsageExportSkipped,
+)
+from services.billing.hours import (
+    HourDue,
+    Plan,
+    Skip,
+    closed_before,
+    decide,
+    floor_hour,
+    meter_timestamp,
+    send_groups,
+)
+from services.billing.settings import BillingSettings
+from services.core.backoff import Backoff
+from services.core.billing_ledger import record_billing_events
+from services.core.db import Connection, connect
+from services.core.stripe_billing import Failure, MeterSend, StripeBilling, classify, describe
+
+log = structlog.get_logger("billing.pusher")
+
+PUSHER_LOCK_KEY = 0x62696C6C_70757368  # "billpush": leadership (session lock)
+PLAN_LOCK_KEY = 0x62696C6C_706C616E  # "billplan": one planner at a time (transaction lock)
+ACTOR = "billing-pusher"
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class PusherMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.exports = Counter("billing_exports_total", "Meter events to Stripe, by outcome",
+                               ["status"], registry=registry)
+        """status: exported, duplicate (Stripe had it: a resend), retry (a retryable error),
+        failed (given up), skipped (tenant without a Stripe customer)."""
+        self.leader = Gauge("billing_pusher_leader", "1 while this process pushes to Stripe",
+                            registry=registry)
+        self.pending = Gauge("billing_exports_pending", "Planned meter events not yet sent",
+                             registry=registry)
+
+
+# Per tenant, hour and meter: what the closed hours hold, against what was planned for them.
+_DUE = """
+WITH usage AS (
+    SELECT tenant_id, hour, sum(prompt_tokens)::bigint AS input_tokens,
+           sum(completion_tokens)::bigint AS output_tokens
+    FROM usage_hourly WHERE hour >= $1 AND hour < $2 GROUP BY 1, 2
+), per_meter AS (
+    SELECT tenant_id, hour, 'input_tokens' AS meter, input_tokens AS total FROM usage
+    UNION ALL
+    SELECT tenant_id, hour, 'output_tokens', output_tokens FROM usage
+), planned AS (
+    SELECT tenant_id, hour, meter,
+           coalesce(sum(value) FILTER (WHERE status <> 'skipped'), 0) AS planned,
+           max(sequence) FILTER (WHERE status <> 'skipped') AS last_sequence,
+           bool_or(status = 'skipped') AS skipped
+    FROM meter_exports WHERE hour >= $1 AND hour < $2 GROUP BY 1, 2, 3
+)
+SELECT m.tenant_id, m.hour, m.meter, m.total, coalesce(p.planned, 0) AS planned,
+       p.last_sequence, coalesce(p.skipped, false) AS skipped, a.customer_id
+FROM per_meter m
+LEFT JOIN planned p USING (tenant_id, hour, meter)
+LEFT JOIN billing_accounts a USING (tenant_id)
+WHERE m.total > coalesce(p.planned, 0)
+ORDER BY m.hour, m.tenant_id, m.meter
+"""
+
+_PLANNED = """
+SELECT identifier, tenant_id, meter, event_name, hour, sequence, value, customer_id
+FROM meter_exports WHERE status = 'planned' ORDER BY hour, sequence, tenant_id, meter
+"""
+
+
+class Pusher:
+    def __init__(self, settings: BillingSettings, pool: asyncpg.Pool[asyncpg.Record],
+                 stripe_billing: StripeBilling, *, clock: Clock = utcnow,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.stripe = stripe_billing
+        self.clock = clock
+        self.metrics = PusherMetrics(registry)
+        self.is_leader = False
+        self._reported_unlinked: set[object] = set()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Run a pass now (a tenant was linked, tests)."""
+        self._wake.set()
+
+    # ------------------------------------------------------------------ leadership
+
+    async def run(self) -> None:
+        """Compete for leadership; push while leader; until cancelled."""
+        while True:
+            conn: Connection | None = None
+            try:
+                conn = await connect(self.settings.database_url.reveal())
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", PUSHER_LOCK_KEY):
+                    self.is_leader = True
+                    self.metrics.leader.set(1)
+                    log.info("billing pusher is leader")
+                    await self._lead(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("pusher lost its database connection", error=str(exc))
+            finally:
+                if self.is_leader:
+                    log.info("billing pusher stepped down")
+                self.is_leader = False
+                self.metrics.leader.set(0)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close())
+            await asyncio.sleep(self.settings.billing_leader_retry)
+
+    async def _lead(self, lock_conn: Connection) -> None:
+        while True:
+            try:
+                await self.push_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("push pass failed; retrying", error=str(exc))
+            except Exception:
+                # A bug must not end pushing for good: the next pass starts from the ledger.
+                log.exception("push pass failed")
+            # Still holding the lock? A dead connection ends leadership here.
+            await lock_conn.fetchval("SELECT 1")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.billing_push_interval)
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ one pass
+
+    async def push_once(self) -> int:
+        """Plan what is due, then send everything planned. Returns meter events settled."""
+        await self.plan()
+        return await self.send_planned()
+
+    async def plan(self) -> list[Plan | Skip]:
+        now = self.clock()
+        upto = closed_before(now, self.settings.hour_grace)
+        since = floor_hour(now - timedelta(days=self.settings.billing_push_lookback_days))
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PLAN_LOCK_KEY)
+            rows = await conn.fetch(_DUE, since, upto)
+            due = [HourDue(r["tenant_id"], r["hour"], r["meter"], int(r["total"]),
+                           int(r["planned"]), r["last_sequence"], r["skipped"],
+                           r["customer_id"]) for r in rows]
+            decisions = decide(due, self.settings.meter_events)
+            events: list[Event] = []
+            for d in decisions:
+                if isinstance(d, Plan):
+                    events.append(UsageExportPlanned(
+                        tenant_id=d.tenant_id, meter=d.meter, event_name=d.event_name,
+                        hour=d.hour, value=d.value, identifier=d.identifier,
+                        sequence=d.sequence, customer_id=d.customer_id))
+                else:
+                    events.append(UsageExportSkipped(
+                        tenant_id=d.tenant_id, meter=d.meter, hour=d.hour, value=d.value,
+                        identifier=d.identifier, reason=d.reason, sequence=d.sequence))
+            if events:
+                await record_billing_events(conn, events, actor=ACTOR)
+        for d in decisions:
+            if isinstance(d, Skip):
+                self.metrics.exports.labels("skipped").inc()
+                if d.tenant_id not in self._reported_unlinked:
+                    self._reported_unlinked.add(d.tenant_id)
+                    log.warning("usage not pushed: the tenant has no Stripe customer "
+                                "(crosslogic billing link TENANT_ID)",
+                                tenant_id=str(d.tenant_id), hour=d.hour.isoformat())
+        return decisions
+
+    async def send_planned(self) -> int:
+        rows = await self.pool.fetch(_PLANNED)
+        plans = [Plan(r["tenant_id"], r["hour"], r["meter"], r["event_name"], int(r["value"]),
+                      r["identifier"], r["sequence"], r["customer_id"]) for r in rows]
+        self.metrics.pending.set(len(plans))
+        if not plans:
+            return 0
+        gate = asyncio.Semaphore(self.settings.billing_push_concurrency)
+        settled = 0
+
+        async def one_group(group: list[Plan]) -> None:
+            nonlocal settled
+            async with gate:
+                for plan in group:  # one call at a time per customer and meter
+                    if not await self._send(plan):
+                        return  # Stripe keeps failing: the next pass resumes here
+                    settled += 1
+                    self.metrics.pending.dec()
+
+        await asyncio.gather(*(one_group(g) for g in send_groups(plans)))
+        return settled
+
+    async def _send(self, plan: Plan) -> bool:
+        """Send one planned meter event and record the outcome. False: still planned."""
+        backoff = Backoff(self.settings.billing_retry_initial, self.settings.billing_retry_max)
+        bound = log.bind(identifier=plan.identifier, customer_id=plan.customer_id)
+        last_error = ""
+        for attempt in range(1, self.settings.billing_push_attempts + 1):
+            try:
+                sent = await self.stripe.send_meter_event(
+                    event_name=plan.event_name, customer_id=plan.customer_id, value=plan.value,
+                    identifier=plan.identifier,
+                    timestamp=meter_timestamp(plan.hour, self.clock()))
+            except stripe.StripeError as exc:
+                last_error = describe(exc)
+                if classify(exc) is Failure.PERMANENT:
+                    bound.error("stripe refused a meter event; giving it up", error=last_error)
+                    await self._record(UsageExportFailed(
+                        tenant_id=plan.tenant_id, meter=plan.meter, hour=plan.hour,
+                        identifier=plan.identifier, error=last_error, retryable=False,
+                        value=plan.value))
+                    self.metrics.exports.labels("failed").inc()
+                    return True
+                self.metrics.exports.labels("retry").inc()
+                bound.warning("meter event not sent; retrying", attempt=attempt,
+                              error=last_error)
+                if attempt < self.settings.billing_push_attempts:
+                    await asyncio.sleep(backoff.next())
+                continue
+            await self._record(UsageExported(
+                tenant_id=plan.tenant_id, meter=plan.meter, hour=plan.hour, value=plan.value,
+                identifier=plan.identifier, sequence=plan.sequence,
+                customer_id=plan.customer_id, duplicate=sent is MeterSend.DUPLICATE))
+            self.metrics.exports.labels(
+                "duplicate" if sent is MeterSend.DUPLICATE else "exported").inc()
+            return True
+        # Still planned: the next pass sends it again. Recorded once, not at every pass.
+        await self._record_retrying(plan, last_error)
+        return False
+
+    async def _record(self, event: Event) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await record_billing_events(conn, [event], actor=ACTOR)
+
+    async def _record_retrying(self, plan: Plan, error: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            already = await conn.fetchval(
+                "SELECT error IS NOT NULL FROM meter_exports WHERE identifier = $1",
+                plan.identifier)
+            if not already:
+                await record_billing_events(conn, [UsageExportFailed(
+                    tenant_id=plan.tenant_id, meter=plan.meter, hour=plan.hour,
+                    identifier=plan.identifier, error=error, retryable=True,
+                    value=plan.value)], actor=ACTOR)

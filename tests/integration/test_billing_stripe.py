@@ -1,0 +1,489 @@
+"""Billing → Stripe Meter Events, exactly once: the real `stripe` library against the local
+Stripe-compatible server (tests/doubles/stripe_server.py), real PostgreSQL and NATS.
+
+Usage is published to NATS as the gateway publishes it (`usage.recorded`), with `occurred_at`
+in past hours so they are closed; the billing service records it, aggregates it per hour and
+pushes each closed hour per tenant and meter once, whatever fails on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import asyncpg
+import msgspec
+import pytest
+from aiohttp import web
+
+from schemas.events import UsageRecorded
+from services.billing.app import PUSHER, create_billing_app
+from services.billing.hours import floor_hour, identifier
+from services.billing.projection import UsageRecordsProjection
+from services.billing.pusher import Pusher
+from services.billing.settings import BillingSettings
+from services.core.bus import Bus
+from services.core.catalog import Catalog
+from services.core.devstack import free_port
+from services.core.eventlog import EventLog
+from services.core.projections import ProjectionRunner
+from services.core.settings import Secret
+from services.core.stripe_billing import StripeBilling, StripeConfig, link_tenant
+from tests.conftest import Servers
+from tests.doubles.stripe_server import StripeServer, running_stripe
+from tests.helpers import eventually
+
+MODEL = "llama-8b"
+IN, OUT = "crosslogic_input_tokens", "crosslogic_output_tokens"
+WEBHOOK_SECRET = "whsec_test_0123456789abcdef"
+
+
+@dataclass
+class BillingRig:
+    servers: Servers
+    pool: asyncpg.Pool
+    bus: Bus
+    stripe: StripeServer
+    catalog: Catalog
+    runners: list[web.AppRunner] = field(default_factory=list)
+    apps: list[web.Application] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+
+    def settings(self, **overrides: Any) -> BillingSettings:
+        base: dict[str, Any] = dict(
+            database_url=Secret(self.servers.database_url),
+            nats_url=Secret(self.servers.nats_url), event_poll_interval=0.2, log_json=False,
+            stripe_secret_key=Secret(self.stripe.api_key), stripe_api_base=self.stripe.url,
+            stripe_timeout=1.0, stripe_webhook_secret=Secret(WEBHOOK_SECRET),
+            billing_hour_grace=0, billing_push_interval=0.2, billing_retry_initial=0.01,
+            billing_retry_max=0.05, billing_leader_retry=0.2, db_min_connections=1)
+        base.update(overrides)
+        return BillingSettings(**base)
+
+    async def start(self, clock: Callable[[], datetime] | None = None,
+                    **overrides: Any) -> web.Application:
+        app = create_billing_app(self.settings(**overrides),
+                                 **({"clock": clock} if clock else {}))
+        runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.urls.append(f"http://127.0.0.1:{port}")
+        self.runners.append(runner)
+        self.apps.append(app)
+        return app
+
+    async def tenant(self, name: str, *, linked: bool = True) -> uuid.UUID:
+        tenant_id = await self.catalog.create_tenant(name, f"{name}@example.test")
+        if linked:
+            await self.link(tenant_id)
+        return tenant_id
+
+    async def link(self, tenant_id: uuid.UUID) -> str:
+        client = StripeBilling(StripeConfig(Secret(self.stripe.api_key), self.stripe.url, 2.0))
+        try:
+            result = await link_tenant(self.pool, client, tenant_id, prices=("price_in",
+                                                                              "price_out"))
+        finally:
+            await client.close()
+        assert result.account.customer_id
+        return result.account.customer_id
+
+    async def publish(self, events: list[UsageRecorded]) -> None:
+        for i in range(0, len(events), 200):
+            await asyncio.gather(*(self.bus.publish(e) for e in events[i:i + 200]))
+
+    async def record(self, events: list[UsageRecorded], *, total: int | None = None) -> None:
+        """Usage into usage_records by a billing that does not push (so that a test can set
+        the stage before the pusher sees any of it); `total`: wait for that many records
+        (usage published by someone else, the gateway)."""
+        app = create_billing_app(self.settings(stripe_secret_key=Secret("")))
+        runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            before = int(await self.pool.fetchval("SELECT count(*) FROM usage_records"))
+            await self.publish(events)
+            await self.records(before + len(events) if total is None else total)
+        finally:
+            await runner.cleanup()
+
+    async def records(self, n: int, timeout: float = 15.0) -> None:
+        async def enough() -> bool:
+            return int(await self.pool.fetchval("SELECT count(*) FROM usage_records")) >= n
+
+        await eventually(enough, timeout=timeout, what=f"{n} usage records")
+
+    async def all_exported(self, timeout: float = 15.0, until: datetime | None = None) -> None:
+        """Every closed hour (before `until`, default: this hour) of linked tenants exported
+        and nothing left planned: the pusher caught up."""
+        until = floor_hour(until or datetime.now(UTC))
+
+        async def done() -> bool:
+            for app in self.apps:
+                if PUSHER in app and app[PUSHER].is_leader:
+                    pusher: Pusher = app[PUSHER]
+                    pusher.wake()
+            planned = await self.pool.fetchval(
+                "SELECT count(*) FROM meter_exports WHERE status = 'planned'")
+            missing = await self.pool.fetchval(
+                """SELECT count(*) FROM (
+                       SELECT h.tenant_id, h.hour, sum(h.prompt_tokens) AS p,
+                              sum(h.completion_tokens) AS c
+                       FROM usage_hourly h JOIN billing_accounts a USING (tenant_id)
+                       WHERE h.hour < $1
+                       GROUP BY 1, 2) u
+                   WHERE u.p > coalesce((SELECT sum(value) FROM meter_exports m
+                                         WHERE m.tenant_id = u.tenant_id AND m.hour = u.hour
+                                           AND m.meter = 'input_tokens'
+                                           AND m.status = 'exported'), 0)
+                      OR u.c > coalesce((SELECT sum(value) FROM meter_exports m
+                                         WHERE m.tenant_id = u.tenant_id AND m.hour = u.hour
+                                           AND m.meter = 'output_tokens'
+                                           AND m.status = 'exported'), 0)""", until)
+            return planned == 0 and missing == 0
+
+        await eventually(done, timeout=timeout, interval=0.05, what="every closed hour exported")
+
+    async def stop(self) -> None:
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        self.runners.clear()
+        self.apps.clear()
+        self.urls.clear()
+
+
+@pytest.fixture
+async def rig(servers: Servers, pool: asyncpg.Pool, bus: Bus) -> AsyncIterator[BillingRig]:
+    catalog = Catalog(EventLog(pool), actor="test")
+    await catalog.create_model(MODEL, family="llama", vram_gb=16,
+                               input_price_per_million=Decimal("0.15"),
+                               output_price_per_million=Decimal("0.60"), context_length=8192)
+    async with running_stripe() as stripe_server:
+        r = BillingRig(servers, pool, bus, stripe_server, catalog)
+        try:
+            yield r
+        finally:
+            await r.stop()
+
+
+def usage(tenant: uuid.UUID, when: datetime, prompt: int, completion: int, *,
+          request_id: str | None = None) -> UsageRecorded:
+    return UsageRecorded(request_id=request_id or f"req-{uuid.uuid4()}", tenant_id=tenant,
+                         environment_id=uuid.UUID(int=tenant.int ^ 1), api_key_id=uuid.uuid4(),
+                         model=MODEL, endpoint="chat", region="us-east-1", node_id=None,
+                         prompt_tokens=prompt, completion_tokens=completion, latency_ms=10.0,
+                         occurred_at=when)
+
+
+def hours_ago(n: int, minute: int = 17) -> datetime:
+    return floor_hour(datetime.now(UTC)) - timedelta(hours=n) + timedelta(minutes=minute)
+
+
+async def sums(pool: asyncpg.Pool, tenant: uuid.UUID, hour: datetime) -> tuple[int, int]:
+    row = await pool.fetchrow(
+        """SELECT coalesce(sum(prompt_tokens), 0) AS p,
+                  coalesce(sum(completion_tokens), 0) AS c
+           FROM usage_records
+           WHERE tenant_id = $1 AND date_trunc('hour', occurred_at, 'UTC') = $2""",
+        tenant, floor_hour(hour))
+    return int(row["p"]), int(row["c"])
+
+
+def accepted_identifiers(stripe_server: StripeServer) -> list[str]:
+    return [c.identifier for c in stripe_server.state.outcomes("accepted")]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_closed_hours_are_pushed_once_late_usage_is_corrected(rig: BillingRig) -> None:
+    acme = await rig.tenant("acme")
+    beta = await rig.tenant("beta")
+    loner = await rig.tenant("loner", linked=False)
+    events = [usage(acme, hours_ago(2), 100, 10), usage(acme, hours_ago(2, 40), 50, 5),
+              usage(acme, hours_ago(1), 7, 3), usage(beta, hours_ago(1), 1000, 2000),
+              usage(loner, hours_ago(1), 9, 9),
+              usage(acme, datetime.now(UTC), 999, 999)]  # the current hour: not closed yet
+    await rig.record(events)
+    await rig.start()
+    await rig.all_exported()
+
+    state = rig.stripe.state
+    expected = {identifier(t, m, hours_ago(h)) for t, h in ((acme, 2), (acme, 1), (beta, 1))
+                for m in ("input_tokens", "output_tokens")}
+    assert set(state.meter_events) == expected
+    assert sorted(accepted_identifiers(rig.stripe)) == sorted(expected)  # each sent once
+    acme_customer = state.meter_events[identifier(acme, "input_tokens", hours_ago(2))][
+        "payload"]["stripe_customer_id"]
+    assert state.total(IN, acme_customer) == 157
+    assert state.total(OUT, acme_customer) == 18
+    event = state.meter_events[identifier(beta, "output_tokens", hours_ago(1))]
+    assert event["payload"]["value"] == "2000"
+    assert event["timestamp"] == int(floor_hour(hours_ago(1)).timestamp())
+    assert event["event_name"] == OUT
+
+    # The tenant without a Stripe customer: nothing sent, reported once per meter and hour.
+    skipped = await rig.pool.fetch(
+        "SELECT identifier, value FROM meter_exports WHERE tenant_id = $1 AND status = "
+        "'skipped' ORDER BY identifier", loner)
+    assert [r["value"] for r in skipped] == [9, 9]
+    assert await rig.pool.fetchval(
+        "SELECT count(*) FROM events WHERE type = 'billing.export_skipped'") == 2
+
+    # Late usage for an hour already pushed: a correction for the difference, a new identifier.
+    await rig.publish([usage(acme, hours_ago(2, 59), 11, 1)])
+    await rig.records(len(events) + 1)
+    await rig.all_exported()
+    correction = state.meter_events[identifier(acme, "input_tokens", hours_ago(2), 1)]
+    assert correction["payload"]["value"] == "11"
+    closed = [await sums(rig.pool, acme, h) for h in (hours_ago(2), hours_ago(1))]
+    assert state.total(IN, acme_customer) == 168 == sum(p for p, _ in closed)
+    assert state.total(OUT, acme_customer) == 19 == sum(c for _, c in closed)
+
+    # Linked later: the skipped hours go out under the identifiers the skips reported.
+    await rig.link(loner)
+    await rig.all_exported()
+    assert {r["identifier"] for r in skipped} <= set(state.meter_events)
+    assert await rig.pool.fetchval(
+        "SELECT count(*) FROM meter_exports WHERE status <> 'exported'") == 0
+    assert len(accepted_identifiers(rig.stripe)) == len(set(accepted_identifiers(rig.stripe)))
+    assert state.concurrency_refusals == 0
+
+
+async def test_stripe_failures_are_retried_and_never_double_count(rig: BillingRig) -> None:
+    tenants = [await rig.tenant(f"t{i}") for i in range(3)]
+    events = [usage(t, hours_ago(h), 10 * (h + 1), h + 1) for t in tenants for h in (1, 2, 3)]
+    await rig.record(events)
+    path = "/v1/billing/meter_events"
+    state = rig.stripe.state
+    state.fail(path, "status", status=429, times=2)
+    state.fail(path, "status", status=500)
+    state.fail(path, "status", status=503)
+    state.fail(path, "slow", delay=1.5)           # accepted, but the answer comes too late
+    state.fail(path, "drop_after_accept", times=2)  # accepted, and the answer is lost
+    await rig.start()
+    await rig.all_exported(timeout=20)
+
+    assert not state.faults  # every failure was met
+    assert len(state.outcomes("failed")) == 4
+    accepted = accepted_identifiers(rig.stripe)
+    assert len(accepted) == len(set(accepted)) == 18  # 3 tenants x 3 hours x 2 meters
+    assert len(state.outcomes("duplicate")) == 3  # the resends after slow / dropped answers
+    for t in tenants:
+        for h in (1, 2, 3):
+            p, c = await sums(rig.pool, t, hours_ago(h))
+            assert state.meter_events[identifier(t, "input_tokens", hours_ago(h))][
+                "payload"]["value"] == str(p)
+            assert state.meter_events[identifier(t, "output_tokens", hours_ago(h))][
+                "payload"]["value"] == str(c)
+    duplicates = await rig.pool.fetchval(
+        "SELECT count(*) FROM meter_exports WHERE duplicate AND status = 'exported'")
+    assert duplicates == 3
+    metrics = rig.apps[0][PUSHER].metrics
+    assert metrics.exports.labels("retry")._value.get() >= 7
+
+
+async def test_two_billing_replicas_push_each_hour_once(rig: BillingRig) -> None:
+    tenants = [await rig.tenant(f"r{i}") for i in range(8)]
+    events = [usage(t, hours_ago(h, m), 3, 4) for t in tenants for h in (1, 2, 3)
+              for m in (5, 35)]
+    await rig.record(events)
+    first = await rig.start()
+    second = await rig.start()
+    await rig.all_exported()
+    calls = [c.identifier for c in rig.stripe.state.calls]
+    assert len(calls) == len(set(calls)) == 8 * 3 * 2  # not even a resend
+    assert rig.stripe.state.concurrency_refusals == 0
+    leaders = [app[PUSHER].is_leader for app in (first, second)]
+    assert sorted(leaders) == [False, True]
+    # The leader goes away: the standby takes over and pushes what comes next.
+    leader = rig.runners[leaders.index(True)]
+    await leader.cleanup()
+    rig.runners.remove(leader)
+    rig.apps = [a for a in rig.apps if a is not (first, second)[leaders.index(True)]]
+    late = [usage(t, hours_ago(1, 50), 1, 1) for t in tenants]
+    await rig.publish(late)
+    await rig.records(len(events) + len(late))
+    await rig.all_exported()
+    calls = [c.identifier for c in rig.stripe.state.calls]
+    assert len(calls) == len(set(calls)) == 8 * 3 * 2 + 8 * 2
+
+
+async def test_thousands_of_requests_stripe_equals_usage_records(rig: BillingRig) -> None:
+    """The volume run: usage published straight to NATS (as the gateway does), with the
+    duplicates a gateway produces (NATS retries, a spool replayed under new event ids)."""
+    rng = random.Random(7)
+    tenants = [await rig.tenant(f"v{i}") for i in range(5)]
+    events = [usage(rng.choice(tenants), hours_ago(rng.randint(1, 4), rng.randint(0, 59)),
+                    rng.randint(1, 4000), rng.randint(1, 1500)) for _ in range(3000)]
+    replayed = [msgspec.structs.replace(e, id=uuid.uuid4()) for e in events[:200]]
+    await rig.start()
+    await rig.publish(events + events[:100] + replayed)
+    await rig.records(len(events), timeout=30)
+    await rig.all_exported(timeout=20)
+
+    state = rig.stripe.state
+    sent_in = sum(int(e["payload"]["value"]) for e in state.meter_events.values()
+                  if e["event_name"] == IN)
+    sent_out = sum(int(e["payload"]["value"]) for e in state.meter_events.values()
+                   if e["event_name"] == OUT)
+    row = await rig.pool.fetchrow(
+        "SELECT count(*) AS n, sum(prompt_tokens) AS p, sum(completion_tokens) AS c "
+        "FROM usage_records")
+    assert row["n"] == len(events)
+    assert (sent_in, sent_out) == (row["p"], row["c"]) == (
+        sum(e.prompt_tokens for e in events), sum(e.completion_tokens for e in events))
+    hourly = await rig.pool.fetchrow(
+        "SELECT sum(requests) AS n, sum(prompt_tokens) AS p, sum(completion_tokens) AS c, "
+        "sum(cost) AS cost FROM usage_hourly")
+    assert (hourly["n"], hourly["p"], hourly["c"]) == (len(events), row["p"], row["c"])
+    assert hourly["cost"] == await rig.pool.fetchval("SELECT sum(cost) FROM usage_records")
+    assert len(state.calls) == len(state.meter_events)  # one call per meter event
+    async with aiohttp.ClientSession() as session, \
+            session.get(rig.urls[0] + "/metrics") as r:
+        metrics = await r.text()
+    assert f"usage_records_created_total {float(len(events))}" in metrics
+    assert f'billing_exports_total{{status="exported"}} {float(len(state.calls))}' in metrics
+    tokens = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                 if line.startswith("tokens_processed_total{"))
+    assert tokens == row["p"] + row["c"]
+
+    # A replay of the whole log gives the same records and hours; nothing more goes out.
+    before = [tuple(r) for r in await rig.pool.fetch(
+        "SELECT * FROM usage_records ORDER BY request_id")]
+    hours_before = [tuple(r)[:8] for r in await rig.pool.fetch(
+        "SELECT * FROM usage_hourly ORDER BY tenant_id, hour, environment_id, model")]
+    await ProjectionRunner(EventLog(rig.pool), UsageRecordsProjection()).rebuild()
+    assert [tuple(r) for r in await rig.pool.fetch(
+        "SELECT * FROM usage_records ORDER BY request_id")] == before
+    assert [tuple(r)[:8] for r in await rig.pool.fetch(
+        "SELECT * FROM usage_hourly ORDER BY tenant_id, hour, environment_id, model")] == \
+        hours_before
+    calls = len(state.calls)
+    await rig.all_exported()
+    assert len(state.calls) == calls
+
+    # The whole USAGE stream consumed again from its start (a new durable consumer): the log,
+    # the records and Stripe stay as they are.
+    await rig.stop()
+    logged = await rig.pool.fetchval("SELECT count(*) FROM events")
+    await rig.bus.js.delete_consumer("USAGE", "billing-usage")
+    await rig.start()
+
+    async def consumed_again() -> bool:
+        info = await rig.bus.js.consumer_info("USAGE", "billing-usage")
+        return info.num_pending == 0 and info.num_ack_pending == 0 and \
+            info.delivered.stream_seq == len(events) + 200
+
+    await eventually(consumed_again, timeout=20, what="the stream consumed again")
+    await rig.all_exported()
+    assert await rig.pool.fetchval("SELECT count(*) FROM events") == logged
+    assert [tuple(r) for r in await rig.pool.fetch(
+        "SELECT * FROM usage_records ORDER BY request_id")] == before
+    assert len(state.calls) == calls
+
+
+async def test_killed_between_push_and_record_sends_nothing_twice(rig: BillingRig) -> None:
+    """A real billing process is SIGKILLed while Stripe holds its answer to an accepted meter
+    event (so the export is not recorded); the next billing sends the same identifier again,
+    Stripe refuses it as a duplicate, and the ledger records the export once."""
+    acme = await rig.tenant("acme")
+    await rig.record([usage(acme, hours_ago(1), 40, 2), usage(acme, hours_ago(2), 30, 3)])
+    state = rig.stripe.state
+    state.fail("/v1/billing/meter_events", "hang_after_accept")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_")}
+    env.update({"DATABASE_URL": rig.servers.database_url, "NATS_URL": rig.servers.nats_url,
+                "HTTP_PORT": str(free_port()), "LOG_JSON": "false",
+                "STRIPE_SECRET_KEY": rig.stripe.api_key, "STRIPE_API_BASE": rig.stripe.url,
+                "BILLING_HOUR_GRACE": "0", "BILLING_PUSH_INTERVAL": "0.2",
+                "BILLING_LEADER_RETRY": "0.2", "STRIPE_TIMEOUT": "30"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.billing", env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    try:
+        await asyncio.wait_for(state.accepted_event.wait(), 20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        output, _ = await proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, output.decode()
+    hung = state.outcomes("accepted")[0].identifier
+    assert await rig.pool.fetchval(
+        "SELECT status FROM meter_exports WHERE identifier = $1", hung) == "planned"
+
+    await rig.start()  # billing again
+    await rig.all_exported()
+    calls = [c.identifier for c in state.calls]
+    assert calls.count(hung) == 2
+    assert [c.outcome for c in state.calls if c.identifier == hung] == ["accepted", "duplicate"]
+    accepted = accepted_identifiers(rig.stripe)
+    assert len(accepted) == len(set(accepted)) == 4
+    row = await rig.pool.fetchrow(
+        "SELECT status, duplicate, value FROM meter_exports WHERE identifier = $1", hung)
+    assert (row["status"], row["duplicate"]) == ("exported", True)
+    assert str(row["value"]) == state.meter_events[hung]["payload"]["value"]
+    assert await rig.pool.fetchval(
+        "SELECT count(*) FROM events WHERE type = 'billing.usage_exported'") == 4
+
+
+async def test_billing_without_stripe_records_usage_and_says_so(rig: BillingRig) -> None:
+    from structlog.testing import capture_logs
+
+    acme = await rig.tenant("acme")
+    with capture_logs() as logs:
+        app = await rig.start(stripe_secret_key=Secret(""))
+    assert PUSHER not in app
+    assert [entry for entry in logs if "STRIPE_SECRET_KEY is not set" in entry["event"]]
+    await rig.publish([usage(acme, hours_ago(1), 5, 5)])
+    await rig.records(1)
+    assert rig.stripe.state.calls == []
+    assert "sk_test" not in repr(rig.settings())
+
+
+async def test_the_stripe_double_enforces_stripes_rules(rig: BillingRig) -> None:
+    """What the other tests rely on: concurrent calls for one customer and meter are refused
+    (so `concurrency_refusals == 0` above means the pusher kept to one at a time), as are
+    fractional values, timestamps out of Stripe's window and reused identifiers."""
+    import stripe
+
+    from services.core.stripe_billing import Failure, classify
+
+    customer = rig.stripe.state.add_customer()
+    client = StripeBilling(StripeConfig(Secret(rig.stripe.api_key), rig.stripe.url, 2.0))
+    now = int(datetime.now(UTC).timestamp())
+    try:
+        results = await asyncio.gather(*(client.send_meter_event(
+            event_name=IN, customer_id=customer, value=1, identifier=f"c-{i}", timestamp=now)
+            for i in range(6)), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, stripe.StripeError)]
+        assert refused and all(r.http_status == 409 and classify(r) is Failure.RETRY
+                               for r in refused)
+        assert rig.stripe.state.concurrency_refusals == len(refused)
+        for kwargs in ({"timestamp": now - 36 * 86400}, {"timestamp": now + 600},
+                       {"customer_id": "cus_nobody"}):
+            args = {"event_name": IN, "customer_id": customer, "value": 1,
+                    "identifier": f"x-{uuid.uuid4()}", "timestamp": now, **kwargs}
+            with pytest.raises(stripe.InvalidRequestError):
+                await client.send_meter_event(**args)  # type: ignore[arg-type]
+        with pytest.raises(stripe.InvalidRequestError, match="whole number"):
+            await client.client.v1.billing.meter_events.create_async({
+                "event_name": IN, "identifier": "frac", "timestamp": now,
+                "payload": {"stripe_customer_id": customer, "value": "1.5"}})
+        first = await client.send_meter_event(event_name=IN, customer_id=customer, value=2,
+                                              identifier="same", timestamp=now)
+        again = await client.send_meter_event(event_name=IN, customer_id=customer, value=3,
+                                              identifier="same", timestamp=now)
+        assert (first.value, again.value) == ("sent", "duplicate")
+        assert rig.stripe.state.meter_events["same"]["payload"]["value"] == "2"
+    finally:
+        await client.close()

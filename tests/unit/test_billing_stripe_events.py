@@ -1,0 +1,131 @@
+"""Stripe webhook events → platform events, by policy; Stripe errors → what to do (pure)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import stripe
+
+from schemas.events import InvoicePaid, MeterErrorReported, PaymentFailed, SubscriptionChanged
+from services.billing.stripe_events import BadEvent, Kind, effects, parse
+from services.core.stripe_billing import Failure, classify
+
+T = uuid.UUID("0193a1b2-0000-7000-8000-0000000000aa")
+
+
+def event(type_: str, obj: dict[str, Any], event_id: str = "evt_1") -> dict[str, Any]:
+    return {"id": event_id, "object": "event", "type": type_, "data": {"object": obj}}
+
+
+INVOICE = {"id": "in_1", "object": "invoice", "customer": "cus_1", "amount_paid": 1250,
+           "amount_due": 1250, "currency": "usd",
+           "parent": {"type": "subscription_details", "subscription_details": {
+               "subscription": "sub_1", "metadata": {"tenant_id": str(T)}}}}
+
+
+def test_invoice_paid() -> None:
+    notice = parse(event("invoice.paid", INVOICE))
+    assert notice.kind is Kind.INVOICE_PAID
+    assert (notice.customer_id, notice.invoice_id, notice.amount, notice.currency,
+            notice.subscription_id, notice.tenant_hint) == ("cus_1", "in_1", 1250, "usd",
+                                                            "sub_1", T)
+    eff = effects(notice, T)
+    assert eff.suspend_reason is None
+    [paid] = eff.events
+    assert isinstance(paid, InvoicePaid)
+    assert (paid.tenant_id, paid.amount_paid, paid.stripe_event_id) == (T, 1250, "evt_1")
+
+
+@pytest.mark.parametrize(("type_", "action"), [("invoice.payment_failed", False),
+                                               ("invoice.payment_action_required", True)])
+def test_payment_failed_flags_and_suspends_only_by_policy(type_: str, action: bool) -> None:
+    notice = parse(event(type_, {**INVOICE, "amount_paid": 0, "customer": {"id": "cus_1"}}))
+    assert notice.customer_id == "cus_1"  # an expanded customer is read too
+    flagged = effects(notice, T)
+    [failed] = flagged.events
+    assert isinstance(failed, PaymentFailed)
+    assert (failed.amount_due, failed.action_required) == (1250, action)
+    assert flagged.suspend_reason is None
+    suspended = effects(notice, T, payment_failed="suspend")
+    assert suspended.suspend_reason and "in_1" in suspended.suspend_reason
+
+
+def test_subscription_deleted_suspends_by_default() -> None:
+    sub = {"id": "sub_1", "object": "subscription", "customer": "cus_1", "status": "canceled",
+           "metadata": {"tenant_id": str(T)}}
+    notice = parse(event("customer.subscription.deleted", sub))
+    eff = effects(notice, T)
+    [changed] = eff.events
+    assert isinstance(changed, SubscriptionChanged)
+    assert (changed.subscription_id, changed.status) == ("sub_1", "canceled")
+    assert eff.suspend_reason and "sub_1" in eff.suspend_reason
+    assert effects(notice, T, subscription_deleted="flag").suspend_reason is None
+    updated = effects(parse(event("customer.subscription.updated",
+                                  {**sub, "status": "past_due"})), T)
+    assert updated.suspend_reason is None
+    assert isinstance(updated.events[0], SubscriptionChanged)
+    assert updated.events[0].status == "past_due"
+
+
+def test_events_of_unknown_tenants_or_types_record_nothing() -> None:
+    assert effects(parse(event("invoice.paid", INVOICE)), None).events == []
+    ignored = parse(event("charge.succeeded", {"id": "ch_1"}))
+    assert ignored.kind is Kind.IGNORED
+    assert effects(ignored, T).events == []
+    with pytest.raises(BadEvent):
+        parse({"type": "invoice.paid"})
+
+
+def test_meter_error_report_with_its_fetched_details() -> None:
+    thin = {"id": "evt_m", "object": "v2.core.event",
+            "type": "v1.billing.meter.error_report_triggered",
+            "related_object": {"id": "mtr_1", "type": "billing.meter",
+                               "url": "/v1/billing/meters/mtr_1"}}
+    fetched = {**thin, "data": {
+        "developer_message_summary": "2 invalid events",
+        "validation_start": "2026-01-01T00:00:00.000Z", "validation_end": 1767229200,
+        "reason": {"error_count": 2, "error_types": [
+            {"code": "meter_event_customer_not_found", "error_count": 2, "sample_errors": [
+                {"error_message": "no such customer",
+                 "request": {"identifier": f"{T}:input_tokens:2026-01-01T00"}}]}]}}}
+    notice = parse(thin, fetched)
+    [report] = effects(notice, None).events  # no tenant needed
+    assert isinstance(report, MeterErrorReported)
+    assert report.meter_id == "mtr_1"
+    assert report.error_counts == {"meter_event_customer_not_found": 2}
+    assert report.sample_identifiers == [f"{T}:input_tokens:2026-01-01T00"]
+    assert report.validation_start == datetime(2026, 1, 1, tzinfo=UTC)
+    assert report.validation_end == datetime.fromtimestamp(1767229200, UTC)
+    # Without the details (Stripe unreachable) the report is still recorded.
+    [bare] = effects(parse(thin), None).events
+    assert isinstance(bare, MeterErrorReported)
+    assert (bare.meter_id, bare.error_counts) == ("mtr_1", {})
+
+
+def _error(cls: type[stripe.StripeError], status: int | None, code: str | None = None,
+           message: str = "boom") -> stripe.StripeError:
+    body = {"error": {"message": message, **({"code": code} if code else {})}}
+    if cls is stripe.InvalidRequestError:
+        return stripe.InvalidRequestError(message, None, code, json.dumps(body), status, body)
+    return cls(message, json.dumps(body), status, body)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (_error(stripe.RateLimitError, 429), Failure.RETRY),
+    (_error(stripe.APIError, 500), Failure.RETRY),
+    (_error(stripe.APIError, 503), Failure.RETRY),
+    (_error(stripe.APIError, 409), Failure.RETRY),  # one call at a time per customer/meter
+    (stripe.APIConnectionError("timed out"), Failure.RETRY),
+    (_error(stripe.AuthenticationError, 401), Failure.RETRY),  # a setting to fix: keep it
+    (_error(stripe.InvalidRequestError, 400, "duplicate_meter_event"), Failure.DUPLICATE),
+    (_error(stripe.InvalidRequestError, 400, None,
+            "An event already exists with identifier x:y:z"), Failure.DUPLICATE),
+    (_error(stripe.InvalidRequestError, 400, "parameter_invalid"), Failure.PERMANENT),
+    (_error(stripe.InvalidRequestError, 404, "resource_missing"), Failure.PERMANENT),
+])
+def test_stripe_errors_are_classified(error: stripe.StripeError, expected: Failure) -> None:
+    assert classify(error) is expected
