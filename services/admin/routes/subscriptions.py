@@ -1,0 +1,233 @@
+"""Notification subscriptions: who hears which events, where (Discord, Slack, e-mail, a signed
+generic webhook), and their delivery log. The notifier service delivers; this is where they
+are made, read, deleted, and where a failed delivery is replayed."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+import msgspec
+from aiohttp import web
+from msgspec import Meta
+
+from services.admin.bodies import Body
+from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
+from services.admin.validation import FieldError, next_cursor, parse_id
+from services.admin.web_io import (
+    db,
+    json_response,
+    no_content,
+    no_query,
+    page_query,
+    path_id,
+    read_body,
+    require,
+)
+from services.core.catalog import NotFound
+from services.core.errors import ApiError
+from services.core.http import EVENTLOG, REQUEST_ID
+from services.core.notifications import Notifications
+from services.core.notifications import queries as q
+from services.core.notifications.queries import (
+    NotificationAttemptRecord,
+    NotificationDeliveryDetail,
+    NotificationDeliveryRecord,
+    NotificationSubscriptionRecord,
+)
+
+Pattern = Annotated[str, Meta(min_length=1, max_length=100, examples=["node.*"],
+                              description="a glob on the event type: `*` and `?` wildcards")]
+
+
+class NotificationSubscriptionCreate(Body, frozen=True, kw_only=True):
+    kind: Literal["discord", "slack", "email", "generic"]
+    target: Annotated[str, Meta(
+        min_length=1, max_length=2048,
+        description="the webhook URL (discord, slack, generic) or the e-mail address; "
+                    "shown masked from then on")]
+    event_types: Annotated[list[Pattern], Meta(
+        min_length=1, max_length=20,
+        description="event type patterns, e.g. node.*, billing.payment_failed, "
+                    "notification.alert; heartbeats and usage are not deliverable")]
+    tenant_id: uuid.UUID | None = None
+    """A tenant's subscription hears only that tenant's events; absent: a platform one."""
+    secret: Annotated[str, Meta(
+        max_length=200, description="generic only: a Standard Webhooks secret (whsec_…); "
+                                    "one is made when absent")] | None = None
+    description: Annotated[str, Meta(max_length=500)] = ""
+
+
+class NotificationSubscriptionWithSecret(NotificationSubscriptionRecord, frozen=True,
+                                         kw_only=True):
+    """A subscription just made: a generic one with its signing secret, shown this once."""
+
+    signing_secret: str | None
+
+    def __repr__(self) -> str:
+        return f"NotificationSubscriptionWithSecret(id={self.id})"
+
+
+class NotificationSubscriptionList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[NotificationSubscriptionRecord]
+    next_cursor: str | None = None
+
+
+class NotificationDeliveryList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[NotificationDeliveryRecord]
+    next_cursor: str | None = None
+
+
+class NotificationAttemptList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[NotificationAttemptRecord]
+    next_cursor: str | None = None
+
+
+DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")
+
+
+def _notifications(request: web.Request) -> Notifications:
+    return Notifications(request.app[EVENTLOG], actor="admin-api",
+                         correlation_id=request[REQUEST_ID])
+
+
+async def _subscription(request: web.Request) -> uuid.UUID:
+    subscription_id = path_id(request, "subscription_id", "subscription")
+    require(await q.get_subscription(db(request), subscription_id), "subscription",
+            subscription_id)
+    return subscription_id
+
+
+async def create_notification_subscription(request: web.Request) -> web.Response:
+    no_query(request)
+    body = await read_body(request, NotificationSubscriptionCreate)
+    try:
+        new = await _notifications(request).create_subscription(
+            kind=body.kind, target=body.target, event_types=body.event_types,
+            tenant_id=body.tenant_id, signing_secret=body.secret,
+            description=body.description)
+    except NotFound:
+        raise ApiError.not_found(f"Tenant {body.tenant_id} not found.", param="tenant_id",
+                                 code="tenant_not_found") from None
+    record = require(await q.get_subscription(db(request), new.subscription_id),
+                     "subscription", new.subscription_id)
+    fields = {f: getattr(record, f) for f in record.__struct_fields__}
+    return json_response(NotificationSubscriptionWithSecret(
+        **fields, signing_secret=new.signing_secret), 201)
+
+
+async def list_notification_subscriptions(request: web.Request) -> web.Response:
+    page = page_query(request, extra=("tenant_id", "scope"))
+    tenant = request.query.get("tenant_id")
+    tenant_id = parse_id(tenant, "tenant", "tenant_id") if tenant is not None else None
+    scope: q.Scope | None = None
+    given_scope = request.query.get("scope")
+    if given_scope == "platform":
+        scope = "platform"
+    elif given_scope == "tenant":
+        scope = "tenant"
+    elif given_scope is not None:
+        raise FieldError("'scope' must be platform or tenant.", "scope")
+    rows = await q.list_subscriptions(db(request), tenant_id=tenant_id, scope=scope,
+                                      after=page.after, limit=page.limit + 1)
+    return json_response(NotificationSubscriptionList(
+        data=rows[:page.limit], next_cursor=next_cursor([r.id for r in rows], page.limit)))
+
+
+async def get_notification_subscription(request: web.Request) -> web.Response:
+    no_query(request)
+    subscription_id = path_id(request, "subscription_id", "subscription")
+    return json_response(require(await q.get_subscription(db(request), subscription_id),
+                                 "subscription", subscription_id))
+
+
+async def delete_notification_subscription(request: web.Request) -> web.Response:
+    no_query(request)
+    subscription_id = path_id(request, "subscription_id", "subscription")
+    await _notifications(request).delete_subscription(subscription_id)
+    return no_content()
+
+
+async def list_notification_deliveries(request: web.Request) -> web.Response:
+    page = page_query(request, extra=("status",))
+    status = request.query.get("status")
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise FieldError(f"'status' must be one of {', '.join(DELIVERY_STATUSES)}.", "status")
+    subscription_id = await _subscription(request)
+    rows = await q.list_deliveries(db(request), subscription_id, status=status,
+                                   before=page.after, limit=page.limit + 1)
+    return json_response(NotificationDeliveryList(
+        data=rows[:page.limit], next_cursor=next_cursor([r.id for r in rows], page.limit)))
+
+
+async def get_notification_delivery(request: web.Request) -> web.Response:
+    no_query(request)
+    subscription_id = await _subscription(request)
+    delivery_id = path_id(request, "delivery_id", "delivery")
+    return json_response(require(await q.get_delivery(db(request), subscription_id,
+                                                      delivery_id), "delivery", delivery_id))
+
+
+async def replay_notification_delivery(request: web.Request) -> web.Response:
+    no_query(request)
+    subscription_id = path_id(request, "subscription_id", "subscription")
+    delivery_id = path_id(request, "delivery_id", "delivery")
+    await _notifications(request).replay_delivery(subscription_id, delivery_id)
+    detail = require(await q.get_delivery(db(request), subscription_id, delivery_id),
+                     "delivery", delivery_id)
+    fields = {f: getattr(detail, f) for f in NotificationDeliveryRecord.__struct_fields__}
+    return json_response(NotificationDeliveryRecord(**fields), 202)
+
+
+async def list_notification_attempts(request: web.Request) -> web.Response:
+    page = page_query(request)
+    subscription_id = await _subscription(request)
+    rows = await q.list_attempts(db(request), subscription_id, before=page.after,
+                                 limit=page.limit + 1)
+    return json_response(NotificationAttemptList(
+        data=rows[:page.limit], next_cursor=next_cursor([r.id for r in rows], page.limit)))
+
+
+TAG = "subscriptions"
+_PATH = "/subscriptions/{subscription_id}"
+ROUTES = (
+    Route("POST", "/subscriptions", create_notification_subscription,
+          "Subscribe a Discord, Slack, e-mail or generic endpoint to events (platform-wide, "
+          "or one tenant's)", TAG, body=NotificationSubscriptionCreate,
+          response=NotificationSubscriptionWithSecret, status=201,
+          description="A generic endpoint's signing secret is in this answer only. Patterns "
+                      "that only heartbeats or usage could match are refused (400)."),
+    Route("GET", "/subscriptions", list_notification_subscriptions,
+          "List subscriptions (deleted ones are left out)", TAG,
+          response=NotificationSubscriptionList,
+          query=(*PAGE_QUERY,
+                 QueryParam("tenant_id", "only this tenant's", {"type": "string",
+                                                                "format": "uuid"}),
+                 QueryParam("scope", "only platform or only tenant subscriptions",
+                            {"type": "string", "enum": ["platform", "tenant"]}))),
+    Route("GET", _PATH, get_notification_subscription,
+          "Read a subscription (its target masked)", TAG,
+          response=NotificationSubscriptionRecord),
+    Route("DELETE", _PATH, delete_notification_subscription,
+          "Delete a subscription (idempotent); its pending deliveries are cancelled", TAG,
+          status=204),
+    Route("GET", _PATH + "/deliveries", list_notification_deliveries,
+          "List a subscription's deliveries, newest first", TAG,
+          response=NotificationDeliveryList,
+          query=(*PAGE_QUERY,
+                 QueryParam("status", "only deliveries in this status",
+                            {"type": "string", "enum": list(DELIVERY_STATUSES)}))),
+    Route("GET", _PATH + "/deliveries/{delivery_id}", get_notification_delivery,
+          "Read a delivery: the event sent and every attempt", TAG,
+          response=NotificationDeliveryDetail),
+    Route("POST", _PATH + "/deliveries/{delivery_id}/replay", replay_notification_delivery,
+          "Deliver a failed (or cancelled) delivery again, from the start of the schedule",
+          TAG, response=NotificationDeliveryRecord, status=202, errors=(409,)),
+    Route("GET", _PATH + "/attempts", list_notification_attempts,
+          "The subscription's delivery log: every request, newest first (status, latency, "
+          "the start of the answer)", TAG, response=NotificationAttemptList, query=PAGE_QUERY),
+)
+
+
+def add_routes(app: web.Application) -> None:
+    add(app, ROUTES)
