@@ -401,6 +401,10 @@ class DeploymentNoActiveNodes(_DeploymentEvent, tag="deployment.no_active_nodes"
     """A deployment that should serve has had no active node for a while (an operator alert;
     emitted once per outage)."""
 
+    # Its own stream: an alert must not move the deployment's version, which the catalog's
+    # commands expect.
+    aggregate: ClassVar[str] = "deployment_alert"
+
     model_name: str
     since: datetime
 
@@ -416,25 +420,61 @@ class _BillingEvent(Event, kw_only=True):
 
 
 class StripeCustomerLinked(_BillingEvent, tag="billing.customer_linked"):
+    """The tenant is billed through this Stripe customer (and metered subscription)."""
+
     customer_id: str
     subscription_id: str | None = None
 
 
+class UsageExportPlanned(_BillingEvent, tag="billing.export_planned"):
+    """The amount of one meter for one closed hour is fixed before it is sent to Stripe, so a
+    resend after a crash carries the same value under the same `identifier`. `sequence` 0 is
+    the hour's first export; later ones carry usage that arrived after it (corrections)."""
+
+    meter: str
+    event_name: str
+    hour: datetime
+    value: int
+    identifier: str
+    sequence: int
+    customer_id: str
+
+
 class UsageExported(_BillingEvent, tag="billing.usage_exported"):
-    """One closed hour of one meter sent to Stripe as a Meter Event."""
+    """One closed hour of one meter sent to Stripe as a Meter Event. `duplicate`: Stripe
+    already had this identifier (a resend after a crash), so nothing more was charged."""
 
     meter: str
     hour: datetime
     value: int
     identifier: str
+    sequence: int = 0
+    customer_id: str = ""
+    duplicate: bool = False
 
 
 class UsageExportFailed(_BillingEvent, tag="billing.export_failed"):
+    """`retryable`: the export stays planned and is sent again; otherwise it is given up and
+    needs an operator (the value is not lost: it is in this event)."""
+
     meter: str
     hour: datetime
     identifier: str
     error: str
     retryable: bool
+    value: int = 0
+
+
+class UsageExportSkipped(_BillingEvent, tag="billing.export_skipped"):
+    """A closed hour of a tenant without a Stripe customer: nothing sent, reported once. It is
+    sent (as planned) once the tenant is linked, if the hour is still within the look-back."""
+
+    meter: str
+    hour: datetime
+    value: int
+    identifier: str
+    reason: str
+    sequence: int = 0
 
 
 class InvoicePaid(_BillingEvent, tag="billing.invoice_paid"):
@@ -445,6 +485,9 @@ class InvoicePaid(_BillingEvent, tag="billing.invoice_paid"):
 
 
 class PaymentFailed(_BillingEvent, tag="billing.payment_failed"):
+    """The tenant is flagged (billing_accounts.payment_status); `action_required`: the
+    customer must authenticate the payment (invoice.payment_action_required)."""
+
     invoice_id: str
     amount_due: int
     currency: str
@@ -456,6 +499,23 @@ class SubscriptionChanged(_BillingEvent, tag="billing.subscription_changed"):
     subscription_id: str
     status: str
     stripe_event_id: str
+
+
+class MeterErrorReported(Event, tag="billing.meter_error_reported"):
+    """Stripe found invalid meter events after accepting them (an asynchronous error report):
+    usage that will not be billed unless an operator acts."""
+
+    aggregate: ClassVar[str] = "meter"
+    stream_field: ClassVar[str] = "meter_id"
+
+    meter_id: str
+    stripe_event_id: str
+    summary: str = ""
+    error_counts: dict[str, int] = msgspec.field(default_factory=dict)
+    """Stripe's error code → how many events had it."""
+    sample_identifiers: list[str] = msgspec.field(default_factory=list)
+    validation_start: datetime | None = None
+    validation_end: datetime | None = None
 
 
 # --------------------------------------------------------------------------- notifications
@@ -472,11 +532,15 @@ class _NotificationEvent(Event, kw_only=True):
 
 
 class NotificationSubscriptionCreated(_NotificationEvent, tag="notification.subscription_created"):
-    """`target` is the URL or address; secrets never travel in events."""
+    """`target` is masked (``https://discord.com/api/webhooks/123/***``, ``o***@acme.test``):
+    webhook URLs embed their token, so the real target and any signing secret stay in the
+    notifier's secrets table and never travel in events. `kind`: discord, slack, email or
+    generic; `event_types`: globs on the event type (``node.*``)."""
 
     kind: str
     target: str
     event_types: list[str]
+    description: str = ""
 
 
 class NotificationSubscriptionDeleted(_NotificationEvent, tag="notification.subscription_deleted"):
@@ -484,20 +548,65 @@ class NotificationSubscriptionDeleted(_NotificationEvent, tag="notification.subs
 
 
 class NotificationDelivered(_NotificationEvent, tag="notification.delivered"):
+    """Not emitted: successes are in the notifier's delivery log. An event per delivery would
+    itself be delivered to every ``notification.*`` subscriber, and so on without end."""
+
     event_id: uuid.UUID
     attempts: int
     status_code: int
 
 
 class NotificationDeliveryFailed(_NotificationEvent, tag="notification.delivery_failed"):
+    """Every attempt of the retry schedule failed; the delivery can be replayed."""
+
     event_id: uuid.UUID
     attempts: int
     last_status_code: int | None
     error: str
+    event_type: str = ""
+    delivery_id: uuid.UUID | None = None
 
 
 class NotificationEndpointDisabled(_NotificationEvent, tag="notification.endpoint_disabled"):
+    """The notifier stopped using the endpoint: it answered 404 or 410 (gone for good), or
+    kept failing for longer than the notifier allows. Pending deliveries are cancelled."""
+
     reason: str
+    last_status_code: int | None = None
+
+
+class AlertItem(msgspec.Struct, kw_only=True, frozen=True):
+    """One alert of an Alertmanager notification (webhook payload version 4)."""
+
+    status: str
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    annotations: dict[str, str] = msgspec.field(default_factory=dict)
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    generator_url: str = ""
+    fingerprint: str = ""
+
+
+class NotificationAlert(Event, tag="notification.alert"):
+    """A Prometheus Alertmanager notification taken in by the notifier's ``POST /alertmanager``
+    and fanned out to platform subscriptions: one event per notification (a group of alerts),
+    as Alertmanager grouped them. A platform event: it carries no tenant."""
+
+    aggregate: ClassVar[str] = "alertgroup"
+    stream_field: ClassVar[str] = "group_id"
+
+    group_id: str
+    """The first 16 hex digits of the SHA-256 of Alertmanager's `groupKey`."""
+    status: str
+    """``firing`` or ``resolved``: the group's status."""
+    receiver: str = ""
+    group_key: str = ""
+    group_labels: dict[str, str] = msgspec.field(default_factory=dict)
+    common_labels: dict[str, str] = msgspec.field(default_factory=dict)
+    common_annotations: dict[str, str] = msgspec.field(default_factory=dict)
+    external_url: str = ""
+    truncated_alerts: int = 0
+    alerts: list[AlertItem] = msgspec.field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- the union
@@ -530,16 +639,20 @@ AnyEvent = (
     | DeploymentDeleted
     | DeploymentNoActiveNodes
     | StripeCustomerLinked
+    | UsageExportPlanned
     | UsageExported
     | UsageExportFailed
+    | UsageExportSkipped
     | InvoicePaid
     | PaymentFailed
     | SubscriptionChanged
+    | MeterErrorReported
     | NotificationSubscriptionCreated
     | NotificationSubscriptionDeleted
     | NotificationDelivered
     | NotificationDeliveryFailed
     | NotificationEndpointDisabled
+    | NotificationAlert
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -256,6 +256,114 @@ def _nodes_drain(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.post(f"/nodes/{a.id}/drain", body)
 
 
+def _nodes_terminate(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/nodes/{a.id}/terminate", {"reason": a.reason})
+
+
+# --------------------------------------------------------------------------- billing
+
+_EXPORT_COLUMNS: tuple[Column, ...] = (
+    ("HOUR", "hour"), ("METER", "meter"), ("SEQ", "sequence"), ("TOKENS", "value"),
+    ("STATUS", "status"), ("DUPLICATE", "duplicate"), ("ERROR", "error"))
+
+
+def _billing_link(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/tenants/{a.tenant_id}/billing/customer", {})
+
+
+def _billing_show(c: AdminClient, a: argparse.Namespace) -> Any:
+    answer = c.get(f"/tenants/{a.tenant_id}/billing")
+    if a.json:
+        return answer
+    account = answer.get("account") or {}
+    totals = answer["totals"]
+    print(format_object({
+        "tenant": answer["tenant_id"], "customer": account.get("customer_id"),
+        "subscription": account.get("subscription_id"),
+        "subscription status": account.get("subscription_status"),
+        "payment": account.get("payment_status"),
+        "flagged at": account.get("payment_flagged_at"),
+        "tokens exported": totals["exported"], "tokens planned": totals["planned"],
+        "tokens failed": totals["failed"], "tokens skipped": totals["skipped"]}))
+    if answer["exports"]:
+        print()
+        print(format_table(answer["exports"], _EXPORT_COLUMNS))
+    return None
+
+
+# --------------------------------------------------------------------------- subscriptions
+
+_SUBSCRIPTION_COLUMNS: tuple[Column, ...] = (
+    ("ID", "id"), ("KIND", "kind"), ("TARGET", "target"), ("EVENTS", "event_types"),
+    ("TENANT", "tenant_id"), ("STATUS", "status"), ("FAILING SINCE", "failing_since"))
+_DELIVERY_COLUMNS: tuple[Column, ...] = (
+    ("ID", "id"), ("EVENT", "event_type"), ("STATUS", "status"), ("ATTEMPTS", "attempts"),
+    ("LAST STATUS", "last_status_code"), ("NEXT ATTEMPT", "next_attempt_at"),
+    ("CREATED", "created_at"), ("ERROR", "last_error"))
+_ATTEMPT_COLUMNS: tuple[Column, ...] = (
+    ("STARTED", "started_at"), ("DELIVERY", "delivery_id"), ("#", "attempt"),
+    ("OUTCOME", "outcome"), ("STATUS", "status_code"), ("MS", "latency_ms"),
+    ("ERROR", "error"), ("ANSWER", "response_excerpt"))
+
+
+def _pages(c: AdminClient, path: str, filters: dict[str, str | int],
+           most: int | None = None) -> list[Any]:
+    """Rows of a paged list with filters, following `next_cursor` (up to `most`)."""
+    rows: list[Any] = []
+    query: dict[str, str | int] = {**filters, "limit": min(most or 200, 200)}
+    while True:
+        page = c.get(path, query)
+        rows.extend(page["data"])
+        if not page.get("next_cursor") or (most is not None and len(rows) >= most):
+            return rows[:most] if most is not None else rows
+        query["cursor"] = page["next_cursor"]
+
+
+def _subscriptions_create(c: AdminClient, a: argparse.Namespace) -> Any:
+    # "-" reads the target from stdin: a webhook URL holds its token, and arguments show
+    # in `ps` and shell history.
+    target = sys.stdin.readline().strip() if a.target == "-" else a.target
+    body: dict[str, Any] = {"kind": a.kind, "target": target, "event_types": a.event,
+                            **_given(a, "description", "secret")}
+    if a.tenant:
+        body["tenant_id"] = a.tenant
+    return c.post("/subscriptions", body)
+
+
+def _subscriptions_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    filters: dict[str, str | int] = {}
+    if a.tenant:
+        filters["tenant_id"] = a.tenant
+    if a.platform:
+        filters["scope"] = "platform"
+    return _pages(c, "/subscriptions", filters)
+
+
+def _subscriptions_get(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/subscriptions/{a.id}")
+
+
+def _subscriptions_delete(c: AdminClient, a: argparse.Namespace) -> Any:
+    c.delete(f"/subscriptions/{a.id}")
+    if not a.json:
+        print(f"deleted subscription {a.id}")
+
+
+def _subscriptions_deliveries(c: AdminClient, a: argparse.Namespace) -> Any:
+    if a.attempts:
+        attempts = _pages(c, f"/subscriptions/{a.id}/attempts", {}, a.limit)
+        if a.json:
+            return attempts
+        print(format_table(attempts, _ATTEMPT_COLUMNS) if attempts else "(none)")
+        return None
+    filters: dict[str, str | int] = {"status": a.status} if a.status else {}
+    return _pages(c, f"/subscriptions/{a.id}/deliveries", filters, a.limit)
+
+
+def _subscriptions_replay(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.post(f"/subscriptions/{a.id}/deliveries/{a.delivery_id}/replay")
+
+
 # --------------------------------------------------------------------------- the parsers
 
 
@@ -400,3 +508,42 @@ def register_admin_commands(sub: Any) -> None:
     p.add_argument("--reason", default="drained by an operator")
     p.add_argument("--deadline", type=float, metavar="SECONDS",
                    help="how long in-flight requests may take")
+    p = leaf(g, "terminate", "have the orchestrator drain a node and take its machine down",
+             _nodes_terminate)
+    p.add_argument("id")
+    p.add_argument("--reason", default="terminated by an operator")
+
+    g = group("billing", "a tenant's Stripe billing (admin API)")
+    leaf(g, "link", "give a tenant a Stripe customer and metered subscription (once)",
+         _billing_link).add_argument("tenant_id")
+    leaf(g, "show", "a tenant's Stripe link, payment standing and meter exports",
+         _billing_show).add_argument("tenant_id")
+
+    g = group("subscriptions", "notification subscriptions and their deliveries (admin API)")
+    p = leaf(g, "create", "send events to Discord, Slack, e-mail or a signed webhook",
+             _subscriptions_create)
+    p.add_argument("kind", choices=("discord", "slack", "email", "generic"))
+    p.add_argument("target", help="webhook URL or e-mail address; '-' reads it from stdin")
+    p.add_argument("--event", action="append", required=True, metavar="PATTERN",
+                   help="event type pattern, e.g. 'node.*' (repeatable)")
+    p.add_argument("--tenant", metavar="ID", help="a tenant's subscription (its events only); "
+                   "default: a platform one")
+    p.add_argument("--secret", help="generic: a whsec_ signing secret (default: a new one, "
+                   "printed once)")
+    p.add_argument("--description")
+    p = leaf(g, "list", "list subscriptions", _subscriptions_list, _SUBSCRIPTION_COLUMNS)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tenant", metavar="ID", help="only this tenant's")
+    which.add_argument("--platform", action="store_true", help="only platform ones")
+    leaf(g, "get", "show a subscription (target masked)", _subscriptions_get).add_argument("id")
+    leaf(g, "delete", "delete a subscription", _subscriptions_delete).add_argument("id")
+    p = leaf(g, "deliveries", "a subscription's deliveries (or, with --attempts, every "
+             "request made), newest first", _subscriptions_deliveries, _DELIVERY_COLUMNS)
+    p.add_argument("id")
+    p.add_argument("--status", choices=("pending", "delivered", "failed", "cancelled"))
+    p.add_argument("--attempts", action="store_true",
+                   help="the delivery log: status, latency, the start of each answer")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows")
+    p = leaf(g, "replay", "deliver a failed delivery again", _subscriptions_replay)
+    p.add_argument("id", help="the subscription")
+    p.add_argument("delivery_id")

@@ -138,7 +138,9 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
 
 SERVICES = {"gateway": "services.gateway.__main__", "admin": "services.admin.__main__",
-            "monitor": "services.monitor.__main__", "billing": "services.billing.__main__"}
+            "monitor": "services.monitor.__main__", "billing": "services.billing.__main__",
+            "notifier": "services.notifier.__main__",
+            "orchestrator": "services.orchestrator.__main__"}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -384,7 +384,8 @@ async def _ids(admin: Admin) -> dict[str, str]:
         "max_nodes": 1}, 201)
     return {"tenant_id": tenant["id"], "environment_id": env["id"], "key_id": key["id"],
             "model_id": model["id"], "deployment_id": deployment["id"],
-            "node_id": str(uuid.uuid4())}
+            "node_id": str(uuid.uuid4()), "subscription_id": str(uuid.uuid4()),
+            "delivery_id": str(uuid.uuid4())}
 
 
 MODEL = {"name": "m-new", "family": "f", "vram_gb": 1, "input_price_per_million": 1,
@@ -422,6 +423,11 @@ BODIES = {
                           ({"min_nodes": -1}, "min_nodes")),
     "drain_node": ({}, ({"reason": 3}, "reason"),
                    ({"deadline_seconds": 0}, "deadline_seconds")),
+    "terminate_node": ({}, ({"reason": 3}, "reason"), ({"reason": LONG}, "reason")),
+    "create_notification_subscription": (
+        {"kind": "email", "target": "ops@acme.test", "event_types": ["node.*"]},
+        ({"kind": "email", "target": 5, "event_types": ["node.*"]}, "target"),
+        ({"kind": "email", "target": "ops@acme.test", "event_types": []}, "event_types")),
 }
 
 
@@ -464,7 +470,7 @@ async def test_the_token_is_required_and_never_logged(admin: Admin) -> None:
         for route in routes:
             path = _fill(route.path, {name: str(uuid.uuid4()) for name in (
                 "tenant_id", "environment_id", "key_id", "model_id", "deployment_id",
-                "node_id")})
+                "node_id", "subscription_id", "delivery_id")})
             for token, code in ((None, "missing_admin_token"), (wrong, "invalid_admin_token"),
                                 (TOKEN[:-1], "invalid_admin_token")):
                 status, answer = await admin.call(route.method, path, {}, token=token)

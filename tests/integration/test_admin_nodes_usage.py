@@ -80,11 +80,37 @@ async def test_nodes_listed_with_heartbeats_and_drained(admin: Admin,
     await eventually(terminated, what="the node marked terminated")
     status, answer = await admin.call("POST", f"/nodes/{agent.node_id}/drain", {})
     assert status == 409 and answer["error"]["code"] == "agent_unreachable"
+    status, answer = await admin.call("POST", f"/nodes/{agent.node_id}/terminate", {})
+    assert status == 409 and answer["error"]["code"] == "node_gone"
+    assert "terminated" in answer["error"]["message"]
+
+
+async def test_termination_is_recorded_for_the_orchestrator(admin: Admin, pool: asyncpg.Pool,
+                                                           fleet: dict[str, Any]) -> None:
+    agent: NodeAgent = fleet["agent"]
+
+    async def known() -> bool:
+        status, _ = await admin.call("GET", f"/nodes/{agent.node_id}")
+        return status == 200
+
+    await eventually(known, what="the node registered")
+    result = await admin.ok("POST", f"/nodes/{agent.node_id}/terminate",
+                            {"reason": "bad GPU"}, 202)
+    assert result["node_id"] == str(agent.node_id)
+    assert result["status"] in ("registered", "active")
+    node = await admin.ok("GET", f"/nodes/{agent.node_id}")
+    assert node["terminate_requested_at"] is not None and node["deployment_id"] is None
+    events = await pool.fetch("SELECT data, metadata FROM events "
+                              "WHERE type = 'node.terminate_requested' AND stream = $1",
+                              f"node:{agent.node_id}")
+    assert [(e["data"]["reason"], e["metadata"]["actor"]) for e in events] == [
+        ("bad GPU", "admin-api")]
 
 
 async def test_unknown_nodes(admin: Admin) -> None:
     for method, path in (("GET", f"/nodes/{uuid.uuid4()}"),
-                         ("POST", f"/nodes/{uuid.uuid4()}/drain")):
+                         ("POST", f"/nodes/{uuid.uuid4()}/drain"),
+                         ("POST", f"/nodes/{uuid.uuid4()}/terminate")):
         status, answer = await admin.call(method, path, {} if method == "POST" else None)
         assert status == 404
         assert_error(answer, "not_found_error")

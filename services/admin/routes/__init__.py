@@ -9,6 +9,7 @@ from types import ModuleType
 from aiohttp import web
 
 from services.admin.routes import (
+    billing,
     deployments,
     docs,
     environments,
@@ -16,13 +17,14 @@ from services.admin.routes import (
     keys,
     models,
     nodes,
+    subscriptions,
     tenants,
     usage,
 )
 from services.admin.routing import Route
 
 MODULES: tuple[ModuleType, ...] = (tenants, environments, keys, models, deployments, nodes,
-                                   usage, events, docs)
+                                   usage, billing, subscriptions, events, docs)
 
 
 def all_routes() -> list[Route]:

@@ -1,5 +1,6 @@
-"""GPU nodes: the `nodes` projection with each node's latest heartbeat from Redis, and the
-drain command (sent to the node's agent, which answers)."""
+"""GPU nodes: the `nodes` projection with each node's latest heartbeat from Redis, the drain
+command (sent to the node's agent, which answers) and termination (recorded; the orchestrator
+drains the node, takes its machine down and closes it)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from services.admin.validation import next_cursor
 from services.admin.web_io import db, json_response, no_query, page_query, path_id, read_body
 from services.core.catalog import NotFound
 from services.core.errors import ApiError
-from services.core.http import BUS, REDIS
+from services.core.fleet import Fleet, UnknownNode
+from services.core.http import BUS, EVENTLOG, REDIS
 
 
 class Heartbeat(msgspec.Struct, kw_only=True, frozen=True):
@@ -50,6 +52,9 @@ class NodeRecord(msgspec.Struct, kw_only=True, frozen=True):
     spot_instance: bool
     status: str
     status_reason: str
+    deployment_id: uuid.UUID | None
+    """The deployment the orchestrator launched it for (none: started by hand)."""
+    terminate_requested_at: datetime | None
     registered_at: datetime
     updated_at: datetime
     heartbeat: Heartbeat | None
@@ -72,9 +77,19 @@ class DrainResult(msgspec.Struct, kw_only=True, frozen=True):
     detail: str
 
 
+class TerminateRequest(Body, frozen=True, kw_only=True):
+    reason: Reason = "terminated by an operator"
+
+
+class TerminateResult(msgspec.Struct, kw_only=True, frozen=True):
+    node_id: uuid.UUID
+    status: str
+    """The node's status when the request was recorded; the orchestrator does the rest."""
+
+
 _COLUMNS = ("id, cluster_name, provider, region, instance_type, gpu_type, vram_total_gb, "
-            "model_name, endpoint_url, spot_instance, status, status_reason, registered_at, "
-            "updated_at")
+            "model_name, endpoint_url, spot_instance, status, status_reason, deployment_id, "
+            "terminate_requested_at, registered_at, updated_at")
 
 
 async def _with_heartbeats(request: web.Request,
@@ -140,6 +155,21 @@ async def drain_node(request: web.Request) -> web.Response:
     return json_response(DrainResult(accepted=reply.accepted, detail=reply.detail), 202)
 
 
+async def terminate_node(request: web.Request) -> web.Response:
+    no_query(request)
+    node_id = path_id(request, "node_id", "node")
+    body = await read_body(request, TerminateRequest)
+    fleet = Fleet(request.app[EVENTLOG], actor="admin-api")
+    try:
+        recorded = await fleet.request_termination(node_id, body.reason)
+    except UnknownNode:
+        raise NotFound(f"node {node_id} not found") from None
+    status = await fleet.status(node_id)
+    if not recorded:
+        raise ApiError.conflict(f"Node {node_id} is already {status}.", code="node_gone")
+    return json_response(TerminateResult(node_id=node_id, status=str(status)), 202)
+
+
 TAG = "nodes"
 ROUTES = (
     Route("GET", "/nodes", list_nodes, "List GPU nodes with their latest heartbeat", TAG,
@@ -153,6 +183,11 @@ ROUTES = (
           "Ask a node's agent to drain: finish in-flight requests, deregister, exit", TAG,
           body=DrainRequest, body_required=False, response=DrainResult, status=202,
           errors=(409,)),
+    Route("POST", "/nodes/{node_id}/terminate", terminate_node,
+          "Terminate a node: the orchestrator drains it, takes its machine down and, for a "
+          "deployment's node, launches a replacement if the deployment is below its minimum",
+          TAG, body=TerminateRequest, body_required=False, response=TerminateResult,
+          status=202, errors=(409,)),
 )
 
 
