@@ -252,7 +252,8 @@ class Consumer:
         """Fetch up to `batch` messages (waiting at most `fetch_timeout`) and settle each."""
         try:
             msgs = await self.sub.fetch(self.spec.batch, timeout=self.spec.fetch_timeout)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
+            # Nothing to fetch (nats-py raises either, depending on where it waited).
             return 0
         deliveries: list[Delivery] = []
         for msg in msgs:

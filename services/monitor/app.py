@@ -44,7 +44,8 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         health_threshold=s.health_score_threshold, stale_after=s.stale_after_seconds,
         sweep_every=s.sweep_every_seconds, heartbeat_ttl=s.heartbeat_ttl_seconds,
         probe_every=s.probe_every_seconds, probe_timeout=s.probe_timeout_seconds,
-        probe_failures=s.probe_failures), registry=app[REGISTRY])
+        probe_failures=s.probe_failures, gauges_every=s.gauges_every_seconds),
+        registry=app[REGISTRY])
     app[WATCHER] = watcher
 
     async def committed(events: list[Event]) -> None:
@@ -63,7 +64,8 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     runner = ProjectionRunner(app[EVENTLOG], NodesProjection(), waker=app[WAKER])
     leadership = Leadership(s.database_url.reveal(), "monitor-sweeper",
                             retry=s.leader_retry_seconds)
-    tasks = [asyncio.create_task(recorder.run(), name="node-recorder"),
+    tasks = [asyncio.create_task(watcher.handle_heartbeats(), name="heartbeats"),
+             asyncio.create_task(recorder.run(), name="node-recorder"),
              asyncio.create_task(runner.run(), name="nodes-projection"),
              asyncio.create_task(leadership.run(watcher.lead), name="monitor-leader")]
     yield

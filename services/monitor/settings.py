@@ -17,4 +17,6 @@ class MonitorSettings(CoreSettings, kw_only=True, frozen=True):
     probe_every_seconds: float = 10.0
     probe_timeout_seconds: float = 2.0
     probe_failures: int = 3
+    gauges_every_seconds: float = 5.0
+    """How often the fleet gauges and node_heartbeat_age_seconds are refreshed."""
     leader_retry_seconds: float = 2.0

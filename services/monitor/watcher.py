@@ -7,10 +7,13 @@
 (The cloud's own view, the third signal of the reference design, belongs to the orchestrator,
 which owns the launcher.)
 
-Heartbeats go to Redis in one round trip: the heartbeat, the score, the node's last-seen time
-in the `nodes:last_seen` sorted set, and back the node's cached status (`node:{id}:status`).
-Only when that cached status says a transition is possible does the watcher go to PostgreSQL
-(Fleet.signal re-reads the truth under a row lock and decides again).
+Heartbeats go to Redis in batches, one round trip per batch (a pipeline of one script call
+per heartbeat): the heartbeat, the score, the node's last-seen time in the `nodes:last_seen`
+sorted set, and back the node's cached status (`node:{id}:status`). Only when that cached
+status says a transition is possible does the watcher go to PostgreSQL (Fleet.signal re-reads
+the truth under a row lock and decides again). The NATS callback only queues: a slow batch
+never holds the subscription's reader, and the queue drops its oldest heartbeats rather than
+grow without bound (a newer one from the same node follows).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -26,7 +31,9 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from schemas.events import (
     Event,
@@ -66,19 +73,51 @@ class WatchSettings:
     probe_timeout: float = 2.0
     probe_failures: int = 3
     probe_concurrency: int = 100
+    gauges_every: float = 5.0
+    """How often the leader refreshes the fleet gauges and the heartbeat ages (seconds)."""
+    batch: int = 500
+    """Heartbeats per Redis round trip at most."""
+    queue_limit: int = 200_000
+
+
+class HeartbeatAges(Collector):
+    """`node_heartbeat_age_seconds{node_id}`, computed when scraped from a snapshot of
+    `nodes:last_seen` the leader takes every `gauges_every`: a gauge set per node per sweep
+    costs a second of CPU at 100,000 nodes. Only the leader exports it (one series a node)."""
+
+    def __init__(self) -> None:
+        self.last_seen: list[tuple[str, float]] = []
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("node_heartbeat_age_seconds",
+                                  "Seconds since a node's last heartbeat", labels=["node_id"])]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("node_heartbeat_age_seconds",
+                                   "Seconds since a node's last heartbeat", labels=["node_id"])
+        now = time.time()
+        for node, seen in self.last_seen:
+            family.add_metric([node], round(now - seen, 3))
+        yield family
 
 
 class WatchMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.health = Gauge("node_health_score", "Latest health score reported by a node",
                             ["node_id"], registry=registry)
-        self.age = Gauge("node_heartbeat_age_seconds", "Seconds since a node's last heartbeat",
-                         ["node_id"], registry=registry)
+        self.ages = HeartbeatAges()
+        if registry is not None:
+            registry.register(self.ages)
         self.active = Gauge("nodes_active_total", "Nodes in status active", registry=registry)
         self.draining = Gauge("nodes_draining_total", "Nodes in status draining",
                               registry=registry)
         self.stale_declared = Gauge("nodes_stale_total", "Nodes in status stale",
                                     registry=registry)
+        self.heartbeats = Counter("monitor_heartbeats_total",
+                                  "Heartbeats this replica handled", registry=registry)
+        self.dropped = Counter("monitor_heartbeats_dropped_total",
+                               "Heartbeats dropped unhandled because the queue was full",
+                               registry=registry)
 
 
 def _text(value: object) -> str:
@@ -109,21 +148,58 @@ class NodeWatcher:
         self.metrics = WatchMetrics(registry)
         self._record = redis.register_script(_RECORD)
         self._probe_failures: dict[uuid.UUID, int] = {}
+        self._queue: deque[NodeHeartbeat] = deque()
+        self._queued = asyncio.Event()
+        self._gauges_at = 0.0
         self.heartbeats = 0
         self.transitions = 0
 
     # ------------------------------------------------------------------ heartbeats
 
     async def on_heartbeat(self, event: Event) -> None:
+        """The subscription's callback: queue it for `handle_heartbeats`."""
         if not isinstance(event, NodeHeartbeat):
             return
+        if len(self._queue) >= self.settings.queue_limit:
+            self._queue.popleft()
+            self.metrics.dropped.inc()
+        self._queue.append(event)
+        self._queued.set()
+
+    async def handle_heartbeats(self) -> None:
+        """Drain the queue in batches, until cancelled."""
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                n = min(len(self._queue), self.settings.batch)
+                batch = [self._queue.popleft() for _ in range(n)]
+                try:
+                    await self._record_batch(batch)
+                except (aioredis.RedisError, OSError) as exc:
+                    # Observations: the next heartbeats carry the same news.
+                    log.warning("heartbeat batch not recorded", size=n, error=str(exc))
+
+    async def _record_batch(self, batch: list[NodeHeartbeat]) -> None:
+        now = time.time()
+        ttl = self.settings.heartbeat_ttl
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event in batch:
+                node = event.node_id
+                await self._record(
+                    keys=[f"node:{node}:heartbeat", f"node:{node}:health_score",
+                          f"node:{node}:status", LAST_SEEN, f"node:{node}:probe_failing"],
+                    args=[msgspec.json.encode(event), event.health_score, ttl, str(node), now],
+                    client=pipe)
+            results = await pipe.execute()
+        self.heartbeats += len(batch)
+        self.metrics.heartbeats.inc(len(batch))
+        for event, (cached, probe_failing) in zip(batch, results, strict=True):
+            await self._judge(event, cached, bool(probe_failing))
+
+    async def _judge(self, event: NodeHeartbeat, cached: bytes | None,
+                     probe_failing: bool) -> None:
         node = event.node_id
-        self.heartbeats += 1
-        cached, probe_failing = await self._record(
-            keys=[f"node:{node}:heartbeat", f"node:{node}:health_score", f"node:{node}:status",
-                  LAST_SEEN, f"node:{node}:probe_failing"],
-            args=[msgspec.json.encode(event), event.health_score, self.settings.heartbeat_ttl,
-                  str(node), time.time()])
         self.metrics.health.labels(str(node)).set(event.health_score)
         if event.draining:
             signal = Signal.DRAINING
@@ -176,9 +252,8 @@ class NodeWatcher:
             await pipe.execute()
         if status in FINAL:
             # A gone node's series go too: the fleet's labels stay bounded by the live fleet.
-            for gauge in (self.metrics.health, self.metrics.age):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(str(node))
+            with contextlib.suppress(KeyError):
+                self.metrics.health.remove(str(node))
             self._probe_failures.pop(node, None)
 
     async def on_node_events(self, events: list[Event]) -> None:
@@ -193,14 +268,18 @@ class NodeWatcher:
     async def lead(self) -> None:
         """Sweep for silence every `sweep_every`, probe every `probe_every`. Until cancelled."""
         last_probe = 0.0
-        async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout)) as session:
-            while True:
-                await self.sweep()
-                if time.monotonic() - last_probe >= self.settings.probe_every:
-                    last_probe = time.monotonic()
-                    await self.probe(session)
-                await asyncio.sleep(self.settings.sweep_every)
+        self._gauges_at = 0.0
+        try:
+            async with aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout)) as session:
+                while True:
+                    await self.sweep()
+                    if time.monotonic() - last_probe >= self.settings.probe_every:
+                        last_probe = time.monotonic()
+                        await self.probe(session)
+                    await asyncio.sleep(self.settings.sweep_every)
+        finally:
+            self.metrics.ages.last_seen = []  # the next leader exports them
 
     async def sweep(self) -> int:
         """Declare silent nodes stale; refresh the fleet gauges. Returns nodes declared."""
@@ -222,10 +301,12 @@ class NodeWatcher:
         return declared
 
     async def _refresh_gauges(self, now: float) -> None:
+        if now - self._gauges_at < self.settings.gauges_every:
+            return
+        self._gauges_at = now
         seen = await self.redis.zrange(LAST_SEEN, 0, -1, withscores=True)
-        for member in seen:
-            raw, when = cast(tuple[bytes, float], member)
-            self.metrics.age.labels(_text(raw)).set(round(now - when, 3))
+        self.metrics.ages.last_seen = [(_text(m[0]), float(m[1])) for m in
+                                       cast(list[tuple[bytes, float]], seen)]
         rows = await self.fleet.log.pool.fetch(
             "SELECT status, count(*) AS n FROM nodes WHERE status IN ('active', 'draining', "
             "'stale') GROUP BY status")

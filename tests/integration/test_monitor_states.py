@@ -40,7 +40,8 @@ def monitor_settings(servers: Servers, database_url: str, redis_url: str,
         database_url=Secret(database_url), redis_url=Secret(redis_url),
         nats_url=Secret(servers.nats_url), event_poll_interval=0.1, log_json=False,
         stale_after_seconds=0.8, sweep_every_seconds=0.1, probe_every_seconds=0.2,
-        probe_timeout_seconds=0.5, probe_failures=2, leader_retry_seconds=0.1)
+        probe_timeout_seconds=0.5, probe_failures=2, leader_retry_seconds=0.1,
+        gauges_every_seconds=0.1)
     base.update(overrides)
     return MonitorSettings(**base)
 
