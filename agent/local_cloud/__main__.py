@@ -41,10 +41,18 @@ def main() -> None:
     p.add_argument("--log-dir", type=Path, default=None)
     p.add_argument("--simulator-args", default="",
                    help="extra simulator flags for every machine, e.g. '--ttft 0.05'")
+    p.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for every machine's agent (repeatable)")
     args = p.parse_args()
+    agent_env = []
+    for item in args.agent_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--agent-env wants KEY=VALUE, not {item!r}")
+        agent_env.append((key, value))
     configure_logging("info", json=True, service="local-cloud")
     config = CloudConfig(simulator_args=tuple(shlex.split(args.simulator_args)),
-                         log_dir=args.log_dir)
+                         agent_env=tuple(agent_env), log_dir=args.log_dir)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.host, args.port, config))
 

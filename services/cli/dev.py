@@ -1,10 +1,11 @@
 """`crosslogic dev`: the whole platform on this machine with nothing installed but Python.
 
 Embedded PostgreSQL, Redis and NATS (JetStream); migrations; every service of the platform as
-its own process (relay, monitor, billing, admin, gateway); one simulated GPU node (the vLLM
-simulator and a real node agent); a demo tenant, environment, model and API key. It prints a
-ready-to-paste `curl` and `openai` snippet and stops everything on Ctrl-C. State lives in a
-folder and survives restarts (`--fresh` starts over).
+its own process (relay, monitor, billing, notifier, admin, gateway, orchestrator); the local
+cloud, where GPU nodes are processes (the vLLM simulator and a real node agent); a demo
+tenant, environment, model, API key and a deployment of one node, which the orchestrator
+launches. It prints a ready-to-paste `curl` and `openai` snippet and stops everything on
+Ctrl-C. State lives in a folder and survives restarts (`--fresh` starts over).
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ async def _demo_data(database_url: str, state: Path) -> Demo:
                                        input_price_per_million=Decimal("0.10"),
                                        output_price_per_million=Decimal("0.20"),
                                        context_length=8192)
+        if not await pool.fetchval("SELECT 1 FROM deployments WHERE model_name = $1 "
+                                   "AND status = 'active'", DEMO_MODEL):
+            await catalog.create_deployment(DEMO_MODEL, regions=["local"], gpu_type="simulated",
+                                            spot=False, min_nodes=1, max_nodes=2)
         tenant = await catalog.create_tenant("Demo", "demo@example.com")
         env = await catalog.create_environment(tenant, "development", "local")
         key = await catalog.create_api_key(env, name="demo")
@@ -148,8 +153,8 @@ def _services(urls: StackURLs, demo: Demo, state: Path) -> tuple[list[Service], 
             "LOG_JSON": "true", "EVENT_POLL_INTERVAL": "0.5"}
     ports = {name: free_port(preferred) for name, preferred in
              (("gateway", 8080), ("admin", 8081), ("monitor", 8082), ("billing", 8083),
-              ("relay", 8079), ("node", 8000))}
-    sim = f"http://127.0.0.1:{ports['node']}"
+              ("orchestrator", 8085), ("notifier", 8084), ("relay", 8079), ("cloud", 8090))}
+    cloud = f"http://127.0.0.1:{ports['cloud']}"
     services = [
         Service("relay", [py, "-m", "services.cli", "relay"],
                 {**base, "HTTP_PORT": str(ports["relay"])},
@@ -160,6 +165,11 @@ def _services(urls: StackURLs, demo: Demo, state: Path) -> tuple[list[Service], 
         Service("billing", [py, "-m", "services.billing"],
                 {**base, "HTTP_PORT": str(ports["billing"])},
                 f"http://127.0.0.1:{ports['billing']}/ready"),
+        Service("notifier", [py, "-m", "services.notifier"],
+                {**base, "HTTP_PORT": str(ports["notifier"]),
+                 # Local webhook receivers are the point of a local run.
+                 "ALLOW_PRIVATE_TARGETS": "true"},
+                f"http://127.0.0.1:{ports['notifier']}/ready"),
         Service("admin", [py, "-m", "services.admin"],
                 {**base, "HTTP_PORT": str(ports["admin"]), "ADMIN_TOKEN": demo.admin_token},
                 f"http://127.0.0.1:{ports['admin']}/ready"),
@@ -167,12 +177,17 @@ def _services(urls: StackURLs, demo: Demo, state: Path) -> tuple[list[Service], 
                 {**base, "HTTP_PORT": str(ports["gateway"]),
                  "USAGE_SPOOL_DIR": str(state / "usage-spool")},
                 f"http://127.0.0.1:{ports['gateway']}/ready"),
-        Service("simulator", [py, "-m", "agent.simulator", "--port", str(ports["node"]),
-                              "--model", DEMO_MODEL, "--ttft", "0.05", "--itl", "0.01"],
-                dict(os.environ), f"{sim}/health"),
-        Service("agent", [py, "-m", "agent"],
-                {**base, "VLLM_URL": sim, "MODEL_NAME": DEMO_MODEL, "HEARTBEAT_INTERVAL": "5",
-                 "CLUSTER_NAME": "dev-local", "REGION": "local", "GPU_TYPE": "simulated"}),
+        Service("cloud", [py, "-m", "agent.local_cloud", "--port", str(ports["cloud"]),
+                          "--log-dir", str(state / "logs" / "nodes"),
+                          "--simulator-args", "--ttft 0.05 --itl 0.01",
+                          "--agent-env", "LOG_JSON=true"],
+                dict(os.environ), f"{cloud}/clusters"),
+        Service("orchestrator", [py, "-m", "services.orchestrator"],
+                {**base, "HTTP_PORT": str(ports["orchestrator"]), "LAUNCHER": "local",
+                 "LOCAL_CLOUD_URL": cloud, "DEFAULT_PROVIDER": "local",
+                 "NODE_HEARTBEAT_INTERVAL": "5", "RECONCILE_EVERY_SECONDS": "2",
+                 "CLOUD_CHECK_EVERY_SECONDS": "2", "LAUNCH_DEADLINE_SECONDS": "60"},
+                f"http://127.0.0.1:{ports['orchestrator']}/ready"),
     ]
     dev_urls = DevURLs(urls.database_url, urls.redis_url, urls.nats_url,
                        gateway_url=f"http://127.0.0.1:{ports['gateway']}",
@@ -225,12 +240,14 @@ def _wait_serving(dev: DevURLs, demo: Demo, deadline: float) -> None:
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise DevError("the gateway never routed to the simulated node; see logs/")
+            raise DevError("the gateway never routed to a simulated node; see logs/ "
+                           "(orchestrator.log, cloud.log, nodes/)")
         time.sleep(0.3)
 
 
 def _stop(services: list[Service]) -> None:
-    # The node first (it drains), the gateway next, the rest after.
+    # In reverse: the orchestrator first (no new launches), the cloud next (its nodes drain
+    # and deregister while the monitor still listens), the gateway, the rest after.
     for service in reversed(services):
         if service.proc is not None and service.proc.poll() is None:
             service.proc.send_signal(signal.SIGTERM)

@@ -7,7 +7,7 @@ from services.core.settings import CoreSettings, Secret
 
 class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     service_name: str = "orchestrator"
-    http_port: int = 8084
+    http_port: int = 8085
     launcher: str = "local"
     """`local` (the local cloud at LOCAL_CLOUD_URL) or `skypilot`."""
     local_cloud_url: str = "http://127.0.0.1:8090"
