@@ -184,8 +184,9 @@ class Orchestrator:
                 continue
             for n in group:
                 if n.terminate_requested_at is not None and n.id not in self.terminations:
-                    self._start_termination(n, Terminate(n.id, "termination requested",
-                                                         n.status != NodeStatus.FAILED))
+                    self._start_termination(n, Terminate(
+                        n.id, n.terminate_reason or "termination requested",
+                        n.status != NodeStatus.FAILED))
 
     async def _deployments(self) -> list[DeploymentSpec]:
         rows = await self.eventlog.pool.fetch(

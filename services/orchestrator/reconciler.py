@@ -103,7 +103,8 @@ def plan_deployment(dep: DeploymentSpec, nodes: list[NodeView], desired: int,
         if node.terminate_requested_at is not None:
             drain = node.status not in (NodeStatus.FAILED, NodeStatus.STALE,
                                         NodeStatus.LAUNCHING)
-            plan.terminations.append(Terminate(node.id, "termination requested", drain))
+            plan.terminations.append(Terminate(
+                node.id, node.terminate_reason or "termination requested", drain))
             continue
         if node.status == NodeStatus.LAUNCHING and node.launch_deadline is not None \
                 and s.now >= node.launch_deadline:

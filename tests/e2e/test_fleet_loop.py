@@ -17,6 +17,7 @@ import aiohttp
 from services.core.devstack import die_with_parent, free_port
 from tests.helpers import eventually
 from tests.integration.fleet_fixtures import MODEL, ORCHESTRATOR_TIMING, Fleet
+from tests.integration.test_admin_api import running_admin
 
 
 async def test_deployment_comes_up_and_serves_through_the_gateway(fleet: Fleet) -> None:
@@ -239,3 +240,47 @@ async def _ready(url: str) -> bool:
 
 async def _machines(fleet: Fleet, count: int) -> bool:
     return len(fleet.cloud.machines) >= count
+
+
+async def test_an_operator_terminates_a_node_and_the_deployment_keeps_its_minimum(
+        fleet: Fleet) -> None:
+    await fleet.start_cloud()
+    await fleet.start_control_plane()
+    await fleet.deploy(min_nodes=1, max_nodes=1)
+    (node,) = await fleet.wait_nodes("active", 1)
+    servers = fleet.servers
+    async with running_admin(servers.database_url, servers.nats_url,
+                             servers.redis_url) as admin:
+        answer = await admin.ok("POST", f"/nodes/{node['id']}/terminate",
+                                {"reason": "bad GPU"}, 202)
+    assert answer["status"] == "active"
+    # Drained (out of the pool at once), left, machine down; a new node serves in its place.
+    await fleet.wait_nodes("terminated", 1)
+    await _machine_gone(fleet, node["cluster_name"])
+    (successor,) = await fleet.wait_nodes("active", 1)
+    assert successor["id"] != node["id"]
+    await fleet.routable(1)
+    assert (await fleet.complete()).startswith("chatcmpl-")
+    drains = await fleet.events("node.draining", node["id"])
+    assert drains and "bad GPU" in drains[0]["reason"]
+
+
+async def test_no_capacity_tries_the_next_region_then_on_demand(fleet: Fleet) -> None:
+    await fleet.start_cloud()
+    fleet.cloud.set_capacity("us-east-1", spot=True, available=False)
+    await fleet.start_control_plane()
+    await fleet.deploy(regions=("aws/us-east-1", "aws/us-west-2"), spot=True, min_nodes=2,
+                       max_nodes=2)
+    active = await fleet.wait_nodes("active", 2)
+    # The refused launch failed; both nodes run as spot in the region that had room.
+    assert [(r["region"], r["spot_instance"]) for r in active] == [("us-west-2", True)] * 2
+    failed = await fleet.nodes("failed")
+    assert [r["region"] for r in failed] == ["us-east-1"]
+    assert "no spot capacity" in failed[0]["status_reason"]
+
+    # No spot anywhere: the next node is on-demand.
+    fleet.cloud.set_capacity("us-west-2", spot=True, available=False)
+    await fleet.catalog.update_deployment(
+        (await fleet.pool.fetchval("SELECT id FROM deployments")), min_nodes=3, max_nodes=3)
+    active = await fleet.wait_nodes("active", 3)
+    assert sorted(r["spot_instance"] for r in active) == [False, True, True]

@@ -50,6 +50,7 @@ class NodeView:
     launch_deadline: datetime | None
     terminate_requested_at: datetime | None
     registered_at: datetime
+    terminate_reason: str = ""
 
 
 class UnknownNode(LookupError):
@@ -147,7 +148,7 @@ class Fleet:
         rows = await self.log.pool.fetch(
             """SELECT id, status, deployment_id, cluster_name, model_name, region,
                       endpoint_url, spot_instance, launch_deadline, terminate_requested_at,
-                      registered_at
+                      terminate_reason, registered_at
                FROM nodes
                WHERE ($1::uuid IS NULL OR deployment_id = $1)
                  AND ($2::text[] IS NULL OR status = ANY($2))
@@ -159,5 +160,6 @@ class Fleet:
                          endpoint_url=r["endpoint_url"], spot_instance=r["spot_instance"],
                          launch_deadline=r["launch_deadline"],
                          terminate_requested_at=r["terminate_requested_at"],
+                         terminate_reason=r["terminate_reason"],
                          registered_at=r["registered_at"]) for r in rows]
 
