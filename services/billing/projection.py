@@ -36,15 +36,18 @@ WITH fresh AS (
               completion_tokens, cost
 ), hourly AS (
     INSERT INTO usage_hourly AS h (tenant_id, environment_id, model, hour, requests,
-        prompt_tokens, completion_tokens, cost)
+        prompt_tokens, completion_tokens, cost, updated_at)
     SELECT tenant_id, environment_id, model, date_trunc('hour', occurred_at, 'UTC'), count(*),
-           sum(prompt_tokens), sum(completion_tokens), sum(cost)
+           sum(prompt_tokens), sum(completion_tokens), sum(cost), max(occurred_at)
     FROM fresh GROUP BY 1, 2, 3, 4
+    -- updated_at is the hour's latest usage, from the events (not the clock), so a rebuild
+    -- from the log gives back the same table.
     ON CONFLICT (tenant_id, hour, environment_id, model) DO UPDATE SET
         requests = h.requests + EXCLUDED.requests,
         prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens,
         completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens,
-        cost = h.cost + EXCLUDED.cost, updated_at = now()
+        cost = h.cost + EXCLUDED.cost,
+        updated_at = greatest(h.updated_at, EXCLUDED.updated_at)
 )
 SELECT tenant_id, model, count(*) AS records,
        sum(prompt_tokens + completion_tokens) AS tokens

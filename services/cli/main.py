@@ -88,31 +88,69 @@ def _cmd_projections(args: argparse.Namespace) -> int:
         for name in registry.names():
             print(name)
         return 0
+    if args.all == bool(args.name):
+        raise SystemExit("crosslogic: name one projection, or --all")
     try:
-        projection = registry.get(args.name)
+        names = registry.names() if args.all else [registry.get(args.name).name]
     except UnknownProjection as exc:
         raise SystemExit(f"crosslogic: {exc.args[0]}") from None
+    asyncio.run(_run_projections(_database_url(args), names, rebuild=args.action == "rebuild"))
+    return 0
 
-    async def run() -> None:
-        from services.core.db import create_pool
-        from services.core.eventlog import EventLog
-        from services.core.projections import ProjectionRunner
 
-        pool = await create_pool(_database_url(args), min_size=1, max_size=2)
-        try:
-            runner = ProjectionRunner(EventLog(pool), projection)
-            if args.action == "rebuild":
+async def _run_projections(database_url: str, names: Sequence[str], *, rebuild: bool) -> None:
+    from services.cli.registry import all_projections
+    from services.core.db import create_pool
+    from services.core.eventlog import EventLog
+    from services.core.projections import ProjectionRunner
+
+    registry = all_projections()
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        for name in names:
+            runner = ProjectionRunner(EventLog(pool), registry.get(name))
+            if rebuild:
                 applied = await runner.rebuild()
-                print(f"rebuilt {projection.name}: {applied} events applied, "
+                print(f"rebuilt {name}: {applied} events applied, "
                       f"checkpoint {await runner.checkpoint()}")
             else:
                 applied = await runner.catch_up()
-                print(f"{projection.name}: caught up ({applied} events applied), "
+                print(f"{name}: caught up ({applied} events applied), "
                       f"checkpoint {await runner.checkpoint()}")
-        finally:
-            await pool.close()
+    finally:
+        await pool.close()
 
-    asyncio.run(run())
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from services.cli.backup import BackupError, backup
+
+    out = Path(args.out or f"crosslogic-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.dump")
+    try:
+        size = backup(_database_url(args), out)
+    except BackupError as exc:
+        raise SystemExit(f"crosslogic backup: {exc}") from None
+    print(f"wrote {out} ({size:,} bytes)")
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from services.cli.backup import BackupError, restore
+    from services.cli.registry import all_projections
+
+    if not args.yes:
+        raise SystemExit("crosslogic restore replaces everything the database holds: stop the "
+                         "services, then run it again with --yes")
+    database_url = _database_url(args)
+    try:
+        restore(database_url, Path(args.file))
+    except BackupError as exc:
+        raise SystemExit(f"crosslogic restore: {exc}") from None
+    print(f"restored {args.file}")
+    if not args.no_rebuild:
+        # The log is the truth: every read model is rebuilt from it, whatever the dump held.
+        asyncio.run(_run_projections(database_url, all_projections().names(), rebuild=True))
     return 0
 
 
@@ -184,8 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in (("rebuild", "empty a projection and replay the whole log into it"),
                          ("catch-up", "apply what a projection has not seen yet")):
         p = proj_sub.add_parser(action, help=text)
-        p.add_argument("name")
+        p.add_argument("name", nargs="?")
+        p.add_argument("--all", action="store_true", help="every projection")
         p.set_defaults(func=_cmd_projections)
+
+    p = sub.add_parser("backup", help="the whole database to one file (pg_dump, custom format)")
+    p.add_argument("-o", "--out", metavar="FILE",
+                   help="default: crosslogic-<UTC time>.dump here")
+    p.set_defaults(func=_cmd_backup)
+    p = sub.add_parser("restore", help="replace the database with a backup, then rebuild "
+                       "every projection from the restored log")
+    p.add_argument("file")
+    p.add_argument("--yes", action="store_true", help="yes, replace what the database holds")
+    p.add_argument("--no-rebuild", action="store_true", help="keep the projections as dumped")
+    p.set_defaults(func=_cmd_restore)
 
     p = sub.add_parser("dev", help="run the platform locally on embedded servers")
     p.add_argument("--state-dir", default=os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev"))
