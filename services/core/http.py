@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -240,14 +241,16 @@ def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
     return app
 
 
-def serve(app: web.Application, settings: CoreSettings, *, reuse_port: bool = False) -> None:
+def serve(app: web.Application, settings: CoreSettings, *, reuse_port: bool = False,
+          ssl_context: ssl.SSLContext | None = None) -> None:
     """Run until SIGINT/SIGTERM, on uvloop when it is installed. `reuse_port` lets several
-    worker processes listen on one port (SO_REUSEPORT)."""
+    worker processes listen on one port (SO_REUSEPORT); `ssl_context` serves HTTPS."""
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     log.info("listening", service=settings.service_name, host=settings.http_host,
-             port=settings.http_port)
+             port=settings.http_port, tls=ssl_context is not None)
     web.run_app(app, host=settings.http_host, port=settings.http_port, access_log=None,
-                print=None, shutdown_timeout=10, reuse_port=reuse_port or None)
+                print=None, shutdown_timeout=10, reuse_port=reuse_port or None,
+                ssl_context=ssl_context)

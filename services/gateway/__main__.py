@@ -1,4 +1,5 @@
-"""`python -m services.gateway [--workers N] [--port P]` (also `crosslogic serve gateway`).
+"""`python -m services.gateway [--workers N] [--port P] [--tls-cert PEM --tls-key PEM]` (also
+`crosslogic serve gateway`).
 
 With several workers, each is its own process listening on the same port (SO_REUSEPORT): the
 kernel spreads connections over them. The parent only starts them, passes SIGTERM/SIGINT on,
@@ -17,14 +18,17 @@ from collections.abc import Sequence
 from services.core.http import serve
 from services.core.logging import configure_logging
 from services.core.settings import SettingsError, load_settings
+from services.core.tls import TlsError, server_context
 from services.gateway.app import create_gateway_app
 from services.gateway.settings import GatewaySettings
 
 
-def _supervise(workers: int, port: int) -> int:
-    env = {**os.environ, "WORKERS": "1", "HTTP_PORT": str(port), "GATEWAY_REUSE_PORT": "1"}
+def _supervise(settings: GatewaySettings) -> int:
+    env = {**os.environ, "WORKERS": "1", "HTTP_PORT": str(settings.http_port),
+           "GATEWAY_REUSE_PORT": "1", "TLS_CERT_FILE": settings.tls_cert_file,
+           "TLS_KEY_FILE": settings.tls_key_file}
     children = [subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env)
-                for _ in range(workers)]
+                for _ in range(settings.workers)]
 
     def forward(signum: int, _: object) -> None:
         for child in children:
@@ -41,17 +45,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="certificate chain: serve HTTPS (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, metavar="PEM")
     args = parser.parse_args(argv)
     try:
-        settings = load_settings(GatewaySettings, workers=args.workers, http_port=args.port)
-    except SettingsError as exc:
+        settings = load_settings(GatewaySettings, workers=args.workers, http_port=args.port,
+                                 tls_cert_file=args.tls_cert, tls_key_file=args.tls_key)
+        # Checked before any worker starts: a bad certificate is one clear error, at once.
+        tls = server_context(settings.tls_cert_file, settings.tls_key_file) \
+            if settings.tls_cert_file or settings.tls_key_file else None
+    except (SettingsError, TlsError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     if settings.workers > 1:
-        return _supervise(settings.workers, settings.http_port)
+        return _supervise(settings)
     configure_logging(settings.log_level, json=settings.log_json, service="gateway")
     serve(create_gateway_app(settings), settings,
-          reuse_port=os.environ.get("GATEWAY_REUSE_PORT") == "1")
+          reuse_port=os.environ.get("GATEWAY_REUSE_PORT") == "1", ssl_context=tls)
     return 0
 
 

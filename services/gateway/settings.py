@@ -12,6 +12,10 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     http_host: str = "0.0.0.0"  # the gateway is the public front door
     http_port: int = 8080
     workers: int = 1
+    tls_cert_file: str = ""
+    """PEM certificate chain: with TLS_KEY_FILE, the gateway serves HTTPS itself (for setups
+    without a load balancer terminating TLS in front of it)."""
+    tls_key_file: str = ""
     region: str = "local"
     admin_token: Secret = Secret("")
 
