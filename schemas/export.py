@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 
 from schemas.events import ENVELOPE_FIELDS, EVENT_TYPES, AnyEvent
+from schemas.schema_components import schema_components
 from schemas.subjects import stream_for_subject
 
 OUT_DIR = Path(__file__).parent / "jsonschema"
@@ -22,8 +23,7 @@ CATALOG = Path(__file__).parent.parent / "docs" / "events.md"
 
 def render() -> dict[str, str]:
     """File name → content, for everything under schemas/jsonschema/."""
-    (union,), components = msgspec.json.schema_components([AnyEvent],
-                                                          ref_template="#/$defs/{name}")
+    (union,), components = schema_components([AnyEvent], ref_template="#/$defs/{name}")
     document = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://crosslogic.ai/schemas/events.json",

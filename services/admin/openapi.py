@@ -1,5 +1,5 @@
 """The admin API's OpenAPI 3.1 document, generated from the route table and the msgspec types
-the handlers decode and encode with (msgspec.json.schema_components).
+the handlers decode and encode with (msgspec's schema components).
 
 ``python -m services.admin.openapi`` prints it, ``--write`` rewrites the checked-in copy
 (docs/admin-openapi.json), ``--check`` exits 1 when that copy is stale (a test does the same).
@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
+from schemas.schema_components import schema_components
 from services.admin.bodies import ErrorBody
 from services.admin.context import TOKEN_HEADER
 from services.admin.routes import all_routes
@@ -110,8 +109,7 @@ def build_document(routes: Sequence[Route] | None = None) -> dict[str, Any]:
         for tp in (route.body, route.response):
             if tp is not None and tp not in types:
                 types.append(tp)
-    schemas, components = msgspec.json.schema_components(
-        types, ref_template="#/components/schemas/{name}")
+    schemas, components = schema_components(types, ref_template="#/components/schemas/{name}")
     refs = dict(zip(types, schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
