@@ -60,7 +60,7 @@ class Fleet:
     gateway_url: str = ""
     gateway_app: web.Application | None = None
     orchestrator_app: web.Application | None = None
-    runners: list[web.AppRunner] = field(default_factory=list)
+    runners: list[tuple[str, web.AppRunner]] = field(default_factory=list)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @property
@@ -96,7 +96,7 @@ class Fleet:
             log_dir=self.tmp / "machines", stop_timeout=3)
         self.cloud_app = create_cloud_app(config)
         self.cloud_url, runner = await serve(self.cloud_app)
-        self.runners.append(runner)
+        self.runners.append(("local cloud", runner))
 
     def orchestrator_settings(self, **overrides: Any) -> OrchestratorSettings:
         return OrchestratorSettings(**{**self.core(), **ORCHESTRATOR_TIMING,
@@ -109,15 +109,15 @@ class Fleet:
             **self.core(), stale_after_seconds=5, sweep_every_seconds=0.2,
             probe_every_seconds=0.5, probe_timeout_seconds=1, probe_failures=2,
             leader_retry_seconds=0.2))
-        self.runners.append((await serve(monitor))[1])
+        self.runners.append(("monitor", (await serve(monitor))[1]))
         gateway = create_gateway_app(GatewaySettings(
             **self.core(), usage_spool_dir=str(self.tmp / "spool")))
         self.gateway_url, runner = await serve(gateway)
         self.gateway_app = gateway
-        self.runners.append(runner)
+        self.runners.append(("gateway", runner))
         if orchestrator:
             app = create_orchestrator_app(self.orchestrator_settings(**orchestrator_overrides))
-            self.runners.append((await serve(app))[1])
+            self.runners.append(("orchestrator", (await serve(app))[1]))
             self.orchestrator_app = app
 
     async def deploy(self, *, regions: Sequence[str] = ("aws/us-east-1",), spot: bool = False,
@@ -185,15 +185,19 @@ async def fleet(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bus,
     relay = OutboxRelay(servers.database_url, bus, waker=waker, leader_retry=0.1)
     f.tasks.append(asyncio.create_task(relay.run()))
     yield f
-    # The orchestrator first (it launches), the cloud last (its machines die with it).
-    for runner in reversed(f.runners):
+    # The orchestrator first (it launches), the cloud last (its machines die with it). A
+    # service that hangs in its cleanup fails the test, but the rest are still cleaned up:
+    # machines left running would heartbeat into the tests that follow.
+    hung: list[str] = []
+    for name, runner in reversed(f.runners):
         try:
             await asyncio.wait_for(runner.cleanup(), 30)
         except TimeoutError:
+            hung.append(name)
             for task in asyncio.all_tasks():  # say what hangs rather than hang
                 task.print_stack()
-            raise
     for t in f.tasks:
         t.cancel()
     await asyncio.gather(*f.tasks, return_exceptions=True)
     await waker.close()
+    assert not hung, f"cleanup took over 30 s: {hung}"

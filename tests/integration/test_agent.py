@@ -85,18 +85,29 @@ async def metadata() -> AsyncIterator[Served]:
 
 @dataclass
 class ControlPlane:
-    """Records what agents publish on node.>; acknowledges registrations unless told not to."""
+    """Records what agents publish on node.>; acknowledges registrations unless told not to.
+
+    With `watching` set, only the nodes named in it count: NATS is shared by the whole
+    session, and a node some earlier test left behind must not show up in this one."""
 
     nc: NATS
     events: list[tuple[float, Event]] = field(default_factory=list)
     ignore_registrations: int = 0
     reject: str | None = None
     registrations: list[NodeRegistered] = field(default_factory=list)
+    watching: set[str] | None = None
+
+    def watch(self, node_id: object) -> None:
+        if self.watching is None:
+            self.watching = set()
+        self.watching.add(str(node_id))
 
     async def on_msg(self, msg: Msg) -> None:
         if msg.subject.startswith(("node.ack.", "node.command.")):
             return
         event = decode_event(msg.data)
+        if self.watching is not None and str(getattr(event, "node_id", "")) not in self.watching:
+            return
         self.events.append((time.monotonic(), event))
         if isinstance(event, NodeRegistered):
             self.registrations.append(event)
@@ -172,7 +183,9 @@ class Rig:
     run_agent: Callable[[AgentSettings], asyncio.Task[int]]
 
     def settings(self, vllm_url: str, **overrides: Any) -> AgentSettings:
-        return agent_settings(self.nats_url, vllm_url, **overrides)
+        settings = agent_settings(self.nats_url, vllm_url, **overrides)
+        self.cp.watch(settings.node_id)
+        return settings
 
 
 @pytest.fixture
@@ -386,6 +399,7 @@ async def test_bad_command_is_refused(rig: Rig) -> None:
 async def test_sigterm_drains_and_exits_zero(rig: Rig) -> None:
     sim = await rig.start_simulator()
     node_id = str(uuid.uuid4())
+    rig.cp.watch(node_id)
     env = {**os.environ, "NATS_URL": rig.nats_url, "NODE_ID": node_id, "VLLM_URL": sim.url,
            "MODEL_NAME": MODEL, "HEARTBEAT_INTERVAL": "0.2", "DRAIN_GRACE": "0.1",
            "LOG_LEVEL": "warning"}
