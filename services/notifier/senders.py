@@ -198,12 +198,15 @@ class Sender:
             code = codes[0] if codes else None
             # 5xx for the mailbox: it does not exist or will never take mail from us.
             permanent = bool(codes) and all(c >= 500 for c in codes)
-            return AttemptResult(code, ms(), error=f"recipient refused: {exc.recipients[0]}"
-                                 if exc.recipients else "recipient refused",
+            # SMTP servers quote the mailbox in their refusals: scrubbed like a webhook's URL.
+            error = (f"recipient refused: {exc.recipients[0]}" if exc.recipients
+                     else "recipient refused")
+            return AttemptResult(code, ms(), error=scrub(error, target.address)[:500],
                                  permanent=permanent)
         except aiosmtplib.SMTPResponseException as exc:
-            return AttemptResult(exc.code, ms(), error=f"SMTP {exc.code}: {exc.message}"[:500])
+            error = scrub(f"SMTP {exc.code}: {exc.message}", target.address)
+            return AttemptResult(exc.code, ms(), error=error[:500])
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return AttemptResult(None, ms(), error=f"{type(exc).__name__}: {exc}"[:500])
-        return AttemptResult(250, ms(), excerpt=reply[:s.response_excerpt_chars],
-                             delivered=True)
+            return AttemptResult(None, ms(), error=self._error(exc, target))
+        excerpt = scrub(reply, target.address)[:s.response_excerpt_chars]
+        return AttemptResult(250, ms(), excerpt=excerpt, delivered=True)

@@ -367,6 +367,12 @@ async def test_email_over_smtp_with_text_and_html(
     assert (row["status"], row["last_status_code"]) == ("delivered", 250)
     (refused,) = await deliveries(pool, nobody.subscription_id)
     assert (refused["status"], refused["last_status_code"]) == ("failed", 550)
+    # The server's refusal quotes the mailbox; what is kept does not.
+    assert "recipient refused" in refused["last_error"]
+    errors = await pool.fetch("SELECT error FROM notification_attempts WHERE delivery_id = $1",
+                              refused["id"])
+    kept = [refused["last_error"], *(e["error"] for e in errors)]
+    assert all("nobody@acme.test" not in text and "***" in text for text in kept), kept
 
 
 # --------------------------------------------------------------------------- tenants
