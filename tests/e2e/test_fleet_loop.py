@@ -284,3 +284,25 @@ async def test_no_capacity_tries_the_next_region_then_on_demand(fleet: Fleet) ->
         (await fleet.pool.fetchval("SELECT id FROM deployments")), min_nodes=3, max_nodes=3)
     active = await fleet.wait_nodes("active", 3)
     assert sorted(r["spot_instance"] for r in active) == [False, True, True]
+
+
+async def test_a_deployment_with_no_active_node_is_reported_once_per_outage(
+        fleet: Fleet) -> None:
+    await fleet.start_cloud()
+    for spot in (True, False):
+        fleet.cloud.set_capacity("us-east-1", spot=spot, available=False)
+    await fleet.start_control_plane()
+    dep = await fleet.deploy(regions=("aws/us-east-1",), spot=True, min_nodes=1, max_nodes=1)
+
+    (alert,) = await eventually(lambda: fleet.events("deployment.no_active_nodes"),
+                                timeout=20, what="deployment.no_active_nodes")
+    assert alert["deployment_id"] == str(dep) and alert["model_name"] == MODEL
+    # The outage goes on, the reconciler keeps ticking: no second alert for the same outage.
+    ticks = fleet.orchestrator.ticks
+
+    async def ticked() -> bool:
+        return fleet.orchestrator.ticks >= ticks + 5
+
+    await eventually(ticked, timeout=10, what="five more reconciler ticks")
+    assert len(await fleet.events("deployment.no_active_nodes")) == 1
+    assert await fleet.nodes("active") == []
