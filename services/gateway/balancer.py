@@ -117,6 +117,13 @@ class CircuitBreaker:
             return CircuitState.OPEN
         return CircuitState.CLOSED
 
+    def abandoned(self, node_id: str) -> None:
+        """A request ended with no verdict on the node (cut off by a timeout or a client
+        hanging up): a half-open probe that never finished must not keep the node out."""
+        c = self._circuits.get(node_id)
+        if c is not None:
+            c.probing = False
+
     def forget(self, node_id: str) -> None:
         self._circuits.pop(node_id, None)
 
@@ -162,16 +169,24 @@ class Balancer:
 
     def finished(self, node_id: str, *, ok: bool, latency: float | None,
                  now: float) -> CircuitState:
-        left = self.in_flight.get(node_id, 1) - 1
-        if left > 0:
-            self.in_flight[node_id] = left
-        else:
-            self.in_flight.pop(node_id, None)
+        self._leave(node_id)
         if ok and latency is not None:
             previous = self.latency.get(node_id)
             self.latency[node_id] = latency if previous is None else \
                 previous + self.LATENCY_SMOOTHING * (latency - previous)
         return self.breaker.record(node_id, ok, now)
+
+    def abandoned(self, node_id: str) -> None:
+        """Started, then cut off before any outcome: neither a success nor a failure."""
+        self._leave(node_id)
+        self.breaker.abandoned(node_id)
+
+    def _leave(self, node_id: str) -> None:
+        left = self.in_flight.get(node_id, 1) - 1
+        if left > 0:
+            self.in_flight[node_id] = left
+        else:
+            self.in_flight.pop(node_id, None)
 
     def forget(self, node_id: str) -> None:
         self.in_flight.pop(node_id, None)

@@ -297,6 +297,10 @@ class _Deadline:
     def streaming(self) -> bool:
         return self._writer is not None
 
+    @property
+    def expired(self) -> bool:
+        return self._timeout.expired()
+
     def stream_started(self, writer: AbstractStreamWriter) -> None:
         if self._writer is not None or self._timeout.expired():
             return
@@ -348,6 +352,13 @@ _EXCHANGE = web.RequestKey("gateway_exchange", _Exchange)
 def _exchange_of(request: web.BaseRequest) -> _Exchange | None:
     found = request.get(_EXCHANGE)
     return found if isinstance(found, _Exchange) else None
+
+
+def deadline_expired(request: web.BaseRequest) -> bool:
+    """Is the request's deadline what cancelled its handler (rather than the client or a
+    shutdown)? For a handler that cleans up on `CancelledError` and must say why."""
+    exchange = _exchange_of(request)
+    return exchange is not None and exchange.deadline is not None and exchange.deadline.expired
 
 
 def _client_gone(request: web.BaseRequest) -> bool:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
@@ -57,14 +58,30 @@ class UpstreamFailure(Exception):
 
 @dataclass
 class ProxyResult:
+    """The answer sent; what it used is in the request's `Progress`."""
+
     response: web.StreamResponse
     status: int
     node_id: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency: float
-    time_to_first_token: float | None
     client_gone: bool = False
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far a forwarded request got, kept current while it runs: when it is cut off (the
+    gateway's deadline, a client hanging up) before `forward` returns, the caller still bills
+    what was delivered and the balancer gets its slot back."""
+
+    node: NodeView | None = None
+    in_flight: bool = False
+    """A request to `node` has started and has no outcome yet."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token: float | None = None
+
+    @property
+    def node_id(self) -> str | None:
+        return self.node.node_id if self.node else None
 
 
 @dataclass(frozen=True)
@@ -90,7 +107,7 @@ class Proxy:
         return bool(self.table.candidates(model, time.monotonic(), self.rules))
 
     async def forward(self, request: web.Request, req: InferenceRequest, request_id: str,
-                      headers: dict[str, str]) -> ProxyResult:
+                      headers: dict[str, str], progress: Progress) -> ProxyResult:
         """Send `req` to a node and the answer to the client (with `headers` added)."""
         body = upstream_body(req)
         upstream_headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
@@ -116,79 +133,105 @@ class Proxy:
             if attempt:
                 self.metrics.retries.inc()
             self.balancer.started(node.node_id, now)
+            progress.node, progress.in_flight = node, True
             self.metrics.child(self.metrics.lb_requests, req.model, node.node_id).inc()
-            s = self.settings
             try:
-                upstream = await self.pool.post(
-                    node.endpoint_url, path, body, upstream_headers,
-                    s.chunk_timeout if req.stream else s.request_timeout)
+                return await self._attempt(request, req, progress, path, body,
+                                           upstream_headers, headers, started)
             except ConnectFailed as exc:
                 # No byte of an answer came back: safe to send it to another node.
                 last_error = str(exc)
-                self._failed(node, req.model, "connect", started)
                 log.warning("node unreachable; trying another", node_id=node.node_id,
                             error=last_error)
                 continue
-            except ReadTimeout:
-                self._failed(node, req.model, "timeout", started)
-                raise UpstreamFailure(504, "The model took too long to answer.",
-                                      node_id=node.node_id) from None
-            except Dropped:
-                self._failed(node, req.model, "dropped", started)
-                raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
-                                      node_id=node.node_id) from None
-            try:
-                if req.stream and upstream.status == 200:
-                    return await self._stream(request, req, node, upstream, headers, started)
-                return await self._whole(request, req, node, upstream, headers, started)
-            finally:
-                upstream.release()
+            except asyncio.CancelledError:
+                if progress.in_flight:
+                    progress.in_flight = False
+                    self.balancer.abandoned(node.node_id)
+                raise
         raise AssertionError("unreachable")
 
-    def _failed(self, node: NodeView, model: str, reason: str, started: float) -> None:
-        self.metrics.child(self.metrics.lb_errors, model, node.node_id, reason).inc()
-        self.balancer.finished(node.node_id, ok=False, latency=None, now=time.monotonic())
+    async def _attempt(self, request: web.Request, req: InferenceRequest, progress: Progress,
+                       path: str, body: bytes, upstream_headers: dict[str, str],
+                       headers: dict[str, str], started: float) -> ProxyResult:
+        node = progress.node
+        assert node is not None
+        s = self.settings
+        try:
+            upstream = await self.pool.post(
+                node.endpoint_url, path, body, upstream_headers,
+                s.chunk_timeout if req.stream else s.request_timeout)
+        except ConnectFailed:
+            self._failed(progress, req.model, "connect")
+            raise
+        except ReadTimeout:
+            self._failed(progress, req.model, "timeout")
+            raise UpstreamFailure(504, "The model took too long to answer.",
+                                  node_id=node.node_id) from None
+        except Dropped:
+            self._failed(progress, req.model, "dropped")
+            raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
+                                  node_id=node.node_id) from None
+        try:
+            if req.stream and upstream.status == 200:
+                return await self._stream(request, req, progress, upstream, headers, started)
+            return await self._whole(request, req, progress, upstream, headers, started)
+        finally:
+            upstream.release()
 
-    def _succeeded(self, node: NodeView, model: str, started: float) -> float:
+    def _failed(self, progress: Progress, model: str, reason: str) -> None:
+        assert progress.node is not None
+        node_id = progress.node.node_id
+        progress.in_flight = False
+        self.metrics.child(self.metrics.lb_errors, model, node_id, reason).inc()
+        self.balancer.finished(node_id, ok=False, latency=None, now=time.monotonic())
+
+    def _succeeded(self, progress: Progress, model: str, started: float) -> float:
+        assert progress.node is not None
+        node_id = progress.node.node_id
+        progress.in_flight = False
         now = time.monotonic()
         latency = now - started
-        self.metrics.child(self.metrics.lb_latency, model, node.node_id).observe(latency)
-        self.balancer.finished(node.node_id, ok=True, latency=latency, now=now)
+        self.metrics.child(self.metrics.lb_latency, model, node_id).observe(latency)
+        self.balancer.finished(node_id, ok=True, latency=latency, now=now)
         return latency
 
-    async def _whole(self, request: web.Request, req: InferenceRequest, node: NodeView,
+    async def _whole(self, request: web.Request, req: InferenceRequest, progress: Progress,
                      upstream: UpstreamResponse, headers: dict[str, str],
                      started: float) -> ProxyResult:
+        node = progress.node
+        assert node is not None
         try:
             body = await upstream.read()
         except ReadTimeout:
-            self._failed(node, req.model, "timeout", started)
+            self._failed(progress, req.model, "timeout")
             raise UpstreamFailure(504, "The model took too long to answer.",
                                   node_id=node.node_id) from None
         except UpstreamError:
-            self._failed(node, req.model, "dropped", started)
+            self._failed(progress, req.model, "dropped")
             raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
                                   node_id=node.node_id) from None
         if upstream.status >= 500:
-            self._failed(node, req.model, f"http_{upstream.status}", started)
+            self._failed(progress, req.model, f"http_{upstream.status}")
             raise UpstreamFailure(502, f"The model server failed ({upstream.status}).",
                                   node_id=node.node_id)
-        latency = self._succeeded(node, req.model, started)
-        prompt, completion = usage_of(body) if upstream.status == 200 else (0, 0)
+        latency = self._succeeded(progress, req.model, started)
+        if upstream.status == 200:
+            progress.prompt_tokens, progress.completion_tokens = usage_of(body)
+            progress.time_to_first_token = latency
         response = web.Response(body=body, status=upstream.status, headers={
             **headers, "Content-Type": upstream.headers.get("content-type",
                                                             "application/json")})
-        return ProxyResult(response, upstream.status, node.node_id, prompt, completion,
-                           latency, latency if upstream.status == 200 else None)
+        return ProxyResult(response, upstream.status, node.node_id)
 
-    async def _stream(self, request: web.Request, req: InferenceRequest, node: NodeView,
+    async def _stream(self, request: web.Request, req: InferenceRequest, progress: Progress,
                       upstream: UpstreamResponse, headers: dict[str, str],
                       started: float) -> ProxyResult:
+        node = progress.node
+        assert node is not None
         meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
         await response.prepare(request)
-        delivered = (0, 0)
-        first: float | None = None
         failure: str | None = None
         client_gone = False
         partial = b""
@@ -206,8 +249,8 @@ class Proxy:
                 if not meter.done:
                     failure = "dropped"  # the node closed the stream before [DONE]
                 break
-            if first is None:
-                first = time.monotonic() - started
+            if progress.time_to_first_token is None:
+                progress.time_to_first_token = time.monotonic() - started
             lines = (partial + data).split(b"\n")
             partial = lines.pop()  # an incomplete last line waits for the next read
             out = b"".join(meter.feed(line + b"\n") for line in lines)
@@ -218,23 +261,26 @@ class Proxy:
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 client_gone = True
                 break
-            delivered = (meter.prompt_tokens, meter.completion_tokens)
+            # Billed: what the client has been sent (all of it once the stream is done).
+            progress.prompt_tokens = meter.prompt_tokens
+            progress.completion_tokens = meter.completion_tokens
         if meter.done and not client_gone:
-            delivered = (meter.prompt_tokens, meter.completion_tokens)
+            progress.prompt_tokens = meter.prompt_tokens
+            progress.completion_tokens = meter.completion_tokens
         if client_gone:
             upstream.close()  # vLLM sees the disconnect and stops generating
             self.metrics.disconnects.inc()
-            latency = self._succeeded(node, req.model, started)
+            self._succeeded(progress, req.model, started)
         elif failure is not None:
             upstream.close()
-            self._failed(node, req.model, failure, started)
-            latency = time.monotonic() - started
+            self._failed(progress, req.model, failure)
             await self._end_with_error(response, failure)
         else:
-            latency = self._succeeded(node, req.model, started)
+            self._succeeded(progress, req.model, started)
             await _quietly(response.write_eof())
-        return ProxyResult(response, 200, node.node_id, delivered[0], delivered[1], latency,
-                           first, client_gone=client_gone)
+        # The status line said 200 long ago; the record says how the stream really ended.
+        status = 200 if failure is None else 504 if failure == "chunk_timeout" else 502
+        return ProxyResult(response, status, node.node_id, client_gone=client_gone)
 
     @staticmethod
     async def _end_with_error(response: web.StreamResponse, failure: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 import uuid
@@ -17,8 +18,9 @@ from services.core.http import DB, REQUEST_ID
 from services.core.usage_queries import UsageQueryError, parse_usage_query, usage_report
 from services.gateway.auth import AuthError, Principal
 from services.gateway.gateway import GATEWAY, Gateway
+from services.gateway.middleware import CLIENT_CLOSED_REQUEST, deadline_expired
 from services.gateway.protocol import BadRequest, InferenceRequest, parse_request
-from services.gateway.proxy import ProxyResult, UpstreamFailure
+from services.gateway.proxy import Progress, UpstreamFailure
 from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
 
 log = structlog.get_logger("gateway")
@@ -117,30 +119,37 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     request_id = request[REQUEST_ID]
     lease = gw.leases.hold(decision.reservation) \
         if req.stream and decision.reservation is not None else None
+    progress = Progress()
     try:
-        result = await gw.proxy.forward(request, req, request_id, decision.headers)
+        result = await gw.proxy.forward(request, req, request_id, decision.headers, progress)
     except UpstreamFailure as failure:
-        _finish(gw, decision.reservation, req, principal, request_id, started, None,
-                failure.status, failure.node_id)
+        _finish(gw, decision.reservation, req, principal, request_id, started, progress,
+                failure.status)
         if failure.status == 504:
             raise ApiError.timeout(failure.message) from None
         if failure.status == 503:
             raise ApiError.unavailable(failure.message, headers={"Retry-After": "1"}) from None
         raise ApiError.bad_gateway(failure.message) from None
+    except asyncio.CancelledError:
+        # Cut off by the deadline (the middleware answers 504) or by the client hanging up:
+        # the quota and its concurrency slot are settled, what was delivered is billed.
+        _finish(gw, decision.reservation, req, principal, request_id, started, progress,
+                504 if deadline_expired(request) else CLIENT_CLOSED_REQUEST)
+        raise
     finally:
         if lease is not None:
             gw.leases.drop(lease)
-    _finish(gw, decision.reservation, req, principal, request_id, started, result,
-            result.status, result.node_id)
+    _finish(gw, decision.reservation, req, principal, request_id, started, progress,
+            CLIENT_CLOSED_REQUEST if result.client_gone else result.status)
     return result.response
 
 
 def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
-            principal: Principal, request_id: str, started: float,
-            result: ProxyResult | None, status: int, node_id: str | None) -> None:
+            principal: Principal, request_id: str, started: float, progress: Progress,
+            status: int) -> None:
     """Settle the reservation and meter the request, both off the response's path."""
-    prompt = result.prompt_tokens if result else 0
-    completion = result.completion_tokens if result else 0
+    prompt, completion = progress.prompt_tokens, progress.completion_tokens
+    node_id = progress.node_id
     if reservation is not None:
         gw.limiter.settle_nowait(reservation, prompt + completion)
     if prompt or completion:
@@ -154,9 +163,9 @@ def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
         region=node.region if node else principal.region,
         node_id=uuid.UUID(node_id) if node_id else None, prompt_tokens=prompt,
         completion_tokens=completion, latency_ms=round((time.monotonic() - started) * 1000, 3),
-        time_to_first_token_ms=(round(result.time_to_first_token * 1000, 3)
-                                if result and result.time_to_first_token is not None else None),
-        status=499 if result and result.client_gone else status, streamed=req.stream))
+        time_to_first_token_ms=(round(progress.time_to_first_token * 1000, 3)
+                                if progress.time_to_first_token is not None else None),
+        status=status, streamed=req.stream))
 
 
 def add_routes(app: web.Application) -> None:

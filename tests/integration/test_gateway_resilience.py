@@ -246,6 +246,35 @@ async def test_client_disconnect_mid_stream_bills_what_was_delivered(platform: P
     await eventually(upstream_cancelled, what="vLLM stopped generating")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_cut_off_by_the_deadline_settles_and_is_billed(
+        platform: Platform, stream: bool) -> None:  # noqa: F811
+    p = platform
+    single = await p.catalog.create_api_key(p.environment_id, limits=Quota(concurrency=1))
+    await p.start_gateway(request_timeout=1.0, stream_chunk_timeout=1.0)
+    # Whole answers take 200 x 50 ms; streams stop after five tokens and hang.
+    node = await p.add_node(inter_token_latency=0.05)
+    await p.routable(1)
+    if stream:
+        await node.faults(hang_after_tokens=5)
+    async with aiohttp.ClientSession() as s:
+        payload = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": stream}
+        async with s.post(f"{p.gateway_url}/v1/chat/completions", json=payload,
+                          headers={"Authorization": f"Bearer {single.plaintext}"}) as r:
+            body = await r.read()
+        if stream:
+            assert r.status == 200 and b'"type":"timeout' in body.replace(b" ", b"")
+        else:
+            assert r.status == 504, body
+        (event,) = await eventually(lambda: usage(p), what="usage of the cut-off request")
+        assert event.status == 504 and event.node_id is not None
+        assert event.completion_tokens == (5 if stream else 0)
+        await node.faults(hang_after_tokens=None)
+        # Its concurrency slot was given back at once, not when the lease ran out (120 s).
+        assert (await chat(s, p.gateway_url, single.plaintext))[0] == 200
+    assert p.gw.balancer.in_flight == {}
+
+
 # --------------------------------------------------------------------------- outages
 
 

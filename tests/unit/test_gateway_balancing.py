@@ -223,3 +223,20 @@ def test_balancer_skips_open_circuits() -> None:
         b.started("n0", 0)
         b.finished("n0", ok=False, latency=None, now=0)
     assert {b.choose("m", candidates, 1).node_id for _ in range(10)} == {"n1"}  # type: ignore[union-attr]
+
+
+def test_an_abandoned_request_frees_its_slot_and_a_probe_that_never_finished() -> None:
+    b = Balancer("least_connections",
+                 CircuitBreaker(BreakerRules(min_requests=2, cooldown=10)))
+    for _ in range(2):
+        b.started("n0", 0)
+        b.finished("n0", ok=False, latency=None, now=0)
+    assert b.breaker.state("n0", 10) is CircuitState.HALF_OPEN
+    b.started("n0", 10)  # the probe …
+    assert not b.breaker.allow("n0", 10.5)
+    b.abandoned("n0")  # … is cut off by a timeout: no verdict either way
+    assert b.in_flight == {}
+    assert b.breaker.state("n0", 11) is CircuitState.HALF_OPEN
+    assert b.breaker.allow("n0", 11)  # the next request probes
+    b.started("n0", 11)
+    assert b.finished("n0", ok=True, latency=0.1, now=11.5) is CircuitState.CLOSED
