@@ -7,6 +7,12 @@ go to a spool file on local disk, one JSON line each; once publishing works agai
 replayed and deleted. A spool left by a gateway that died is replayed by the next one started
 with the same spool folder.
 
+Several gateways (`--workers N`) share one folder. Each writes only to files it created itself
+(a fresh name each time) and holds an exclusive `flock` on the one it has open; a replay takes
+the same lock first, so it never reads, let alone deletes, a file another live gateway is still
+appending to. The kernel drops the locks of a process that dies, which is what makes its files
+free to replay.
+
 What can still be lost: events in memory when the process is killed (-9) while NATS is up —
 the few milliseconds between the response and the publish. Writing every event to disk first
 would cost a synchronous write per request; we chose not to.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -55,7 +62,8 @@ class UsagePublisher:
         self.retry_interval = retry_interval
         self.metrics = UsageMetrics(registry)
         self._queue: asyncio.Queue[UsageRecorded] = asyncio.Queue(maxsize=buffer_size)
-        self._spool_path = spool_dir / f"usage-{os.getpid()}-{time.time_ns()}.jsonl"
+        self._spool_prefix = f"usage-{os.getpid()}-{time.time_ns()}"
+        self._spool_files = 0
         self._spool_file: BinaryIO | None = None
         self._last_try = 0.0
         self._healthy = True
@@ -125,7 +133,7 @@ class UsagePublisher:
     def _unhealthy(self) -> None:
         if self._healthy:
             log.warning("usage publishing failed; spooling to disk until NATS answers",
-                        spool=str(self._spool_path))
+                        spool=str(self.spool_dir))
         self._healthy = False
 
     async def _try_recover(self) -> None:
@@ -139,64 +147,64 @@ class UsagePublisher:
             log.info("usage publishing recovered; spool replayed")
 
     async def retry_now(self) -> bool:
-        """Replay the spool at once (tests, shutdown); True when nothing is left on disk."""
+        """Replay the spools at once (tests, shutdown); True when all of ours are published."""
         return await self._replay_spools()
 
     # ------------------------------------------------------------------ the spool
 
     def _spool(self, events: list[UsageRecorded]) -> None:
         if self._spool_file is None:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-            # Line-buffered appends: a few microseconds each, no fsync (see module docstring).
-            self._spool_file = open(self._spool_path, "ab")  # noqa: SIM115
+            self._spool_file = self._open_spool()
         f = self._spool_file
         for e in events:
             f.write(encode_event(e) + b"\n")
-        f.flush()
+        f.flush()  # appends of a few microseconds, no fsync (see the module docstring)
         self.metrics.spooled.inc(len(events))
 
-    def _close_spool(self) -> None:
+    def _open_spool(self) -> BinaryIO:
+        """A new spool file of ours, locked before anything is written to it."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            self._spool_files += 1
+            path = self.spool_dir / f"{self._spool_prefix}-{self._spool_files}.jsonl"
+            f = open(path, "xb")  # noqa: SIM115
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # A replay found it between our create and our lock: it is that replay's now
+                # (empty, so it only deletes it); we take the next name.
+                f.close()
+                continue
+            return f
+
+    async def _close_spool(self) -> None:
         if self._spool_file is not None:
-            f = self._spool_file
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            self._spool_file = None
+            f, self._spool_file = self._spool_file, None
+            await asyncio.to_thread(_sync_and_close, f)
 
     async def _replay_spools(self) -> bool:
-        """Publish every spool file in the folder (ours and dead gateways'); delete each once
-        all its events are acknowledged. True when none is left."""
-        self._close_spool()
-        left = False
+        """Publish every spool file in the folder that no live gateway holds (ours, and those
+        of gateways that died); delete each once all its events are acknowledged. True when
+        all of ours are published."""
+        await self._close_spool()
         for path in sorted(self.spool_dir.glob("usage-*.jsonl")):
-            replaying = path.with_suffix(".replaying")
+            claimed = await asyncio.to_thread(_claim, path)
+            if claimed is None:
+                continue  # another gateway's open spool, or already replayed
             try:
-                path.rename(replaying)  # another gateway sharing the folder cannot take it too
-            except FileNotFoundError:
-                continue
-            ok = await self._replay_file(replaying)
-            if ok:
-                replaying.unlink()
-            else:
-                replaying.rename(path)
-                left = True
-                break
-        for stale in sorted(self.spool_dir.glob("usage-*.replaying")):
-            # Left by a replay that died midway: publish again (duplicates are dropped by id).
-            if await self._replay_file(stale):
-                stale.unlink()
-            else:
-                left = True
-        return not left
-
-    async def _replay_file(self, path: Path) -> bool:
-        events = await asyncio.to_thread(_read_spool, path)
-        for start in range(0, len(events), self.batch_size):
-            if await self._publish(events[start:start + self.batch_size]):
-                return False
-        if events:
-            log.info("usage spool replayed", events=len(events), spool=path.name)
-        return True
+                events = await asyncio.to_thread(_read_spool, claimed, path)
+                for start in range(0, len(events), self.batch_size):
+                    if await self._publish(events[start:start + self.batch_size]):
+                        return False  # kept for the next try
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()  # while still locked: nobody can claim it in between
+                if events:
+                    log.info("usage spool replayed", events=len(events), spool=path.name)
+            finally:
+                claimed.close()
+        # Other gateways' open spools are theirs to replay; one we opened meanwhile (the queue
+        # overflowed during the replay) is not done yet.
+        return self._spool_file is None
 
     async def close(self) -> None:
         """Publish what is queued; spool whatever NATS will not take."""
@@ -208,13 +216,39 @@ class UsagePublisher:
             if failed:
                 self._spool(failed)
         with contextlib.suppress(OSError):
-            self._close_spool()
+            await self._close_spool()
 
 
-def _read_spool(path: Path) -> list[UsageRecorded]:
+def _sync_and_close(f: BinaryIO) -> None:
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+        f.close()  # and with it our lock
+
+
+def _claim(path: Path) -> BinaryIO | None:
+    """The spool file at `path`, opened and exclusively locked; None when a live gateway holds
+    it, or it is gone (replayed by another)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Locked; but if another replay deleted it meanwhile, this is a file nobody can see.
+        if os.fstat(f.fileno()).st_ino != os.stat(path).st_ino:
+            raise FileNotFoundError(path)
+    except (BlockingIOError, FileNotFoundError):
+        f.close()
+        return None
+    return f
+
+
+def _read_spool(f: BinaryIO, path: Path) -> list[UsageRecorded]:
     """A spool file's events; unreadable lines are kept aside in a .bad file, not dropped."""
     events: list[UsageRecorded] = []
-    for line in path.read_bytes().splitlines():
+    for line in f.read().splitlines():
         if not line.strip():
             continue
         try:
