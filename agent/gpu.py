@@ -6,6 +6,8 @@ import asyncio
 import shutil
 from dataclasses import dataclass
 
+from services.core.aio import within
+
 
 @dataclass(frozen=True)
 class GpuReading:
@@ -35,7 +37,7 @@ async def read_gpu(timeout: float = 2.0, binary: str = "nvidia-smi") -> GpuReadi
     except OSError:
         return GpuReading(available=True, failed=True)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, _ = await within(proc.communicate(), timeout)
         if proc.returncode != 0:
             return GpuReading(available=True, failed=True)
         return GpuReading(available=True, utilization=parse_nvidia_smi(out.decode()))

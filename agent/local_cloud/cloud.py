@@ -28,6 +28,7 @@ from typing import IO
 import structlog
 
 from agent.local_cloud.metadata import MetadataState
+from services.core.aio import within
 from services.core.devstack import die_with_parent
 
 log = structlog.get_logger("local_cloud")
@@ -94,7 +95,7 @@ async def _kill(proc: asyncio.subprocess.Process, timeout: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGTERM if timeout > 0 else signal.SIGKILL)
     try:
-        await asyncio.wait_for(proc.wait(), timeout)
+        await within(proc.wait(), timeout)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -134,8 +135,8 @@ class LocalCloud:
             start_new_session=True, preexec_fn=die_with_parent)
         try:
             assert simulator.stdout is not None
-            line = (await asyncio.wait_for(simulator.stdout.readline(),
-                                           self.config.start_timeout)).decode().strip()
+            line = (await within(simulator.stdout.readline(),
+                                 self.config.start_timeout)).decode().strip()
             if not line.startswith(LISTENING):
                 raise CloudError(f"the machine's vLLM did not start: {line!r}",
                                  kind="launch_failed", status=500)

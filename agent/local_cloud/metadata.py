@@ -10,7 +10,6 @@ and long-polls with `wait_for_change`, Azure wants `Metadata: true` (400 without
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +17,8 @@ from email.utils import format_datetime
 from typing import Any
 
 from aiohttp import web
+
+from services.core.aio import wait_event
 
 
 class MetadataState:
@@ -100,8 +101,7 @@ def add_metadata_routes(router: web.UrlDispatcher, prefix: str, state_of: Resolv
         if request.query.get("wait_for_change") == "true" and not state.gcp_preempted:
             timeout = float(request.query.get("timeout_sec", "60"))
             state.changed.clear()
-            with contextlib.suppress(TimeoutError):  # no change: answer the current value
-                await asyncio.wait_for(state.changed.wait(), timeout)
+            await wait_event(state.changed, timeout)  # no change: answer the current value
         body = "TRUE" if state.gcp_preempted else "FALSE"
         return web.Response(text=body,
                             headers={"Metadata-Flavor": "Google", "ETag": body.lower()})

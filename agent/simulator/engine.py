@@ -11,7 +11,6 @@ simulate nothing waits, and nothing is checked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from agent.simulator.metrics import EngineMetrics
 from agent.simulator.scheduler import Scheduler
+from services.core.aio import wait_event
 
 DISCONNECT_POLL = 0.1
 
@@ -122,6 +122,5 @@ class Engine:
     async def hang(self, request: web.BaseRequest) -> None:
         """Send nothing more, keep the connection, until the client leaves or we stop."""
         while not (client_gone(request) or self.stopping.is_set()):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), DISCONNECT_POLL)
+            await wait_event(self.stopping, DISCONNECT_POLL)
         raise ClientGone

@@ -47,6 +47,7 @@ from services.billing.hours import (
     send_groups,
 )
 from services.billing.settings import BillingSettings
+from services.core.aio import wait_event
 from services.core.backoff import Backoff
 from services.core.billing_ledger import record_billing_events
 from services.core.db import Connection, connect
@@ -162,8 +163,7 @@ class Pusher:
                 log.exception("push pass failed")
             # Still holding the lock? A dead connection ends leadership here.
             await lock_conn.fetchval("SELECT 1")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.billing_push_interval)
+            await wait_event(self._wake, self.settings.billing_push_interval)
             self._wake.clear()
 
     # ------------------------------------------------------------------ one pass

@@ -24,6 +24,7 @@ import msgspec
 import structlog
 
 from schemas.events import Event, decode_event, payload_of
+from services.core.aio import wait_event
 from services.core.db import Connection, connect
 
 log = structlog.get_logger("eventlog")
@@ -465,8 +466,7 @@ class LogWaker:
         if self.generation != seen_generation:
             return
         changed = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout or self.poll_interval)
+        await wait_event(changed, timeout or self.poll_interval)
 
     async def close(self) -> None:
         self._closed = True

@@ -29,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from services.core.aio import stop_task, within
 from services.core.bus import Bus
 from services.core.db import create_pool
 from services.core.eventlog import EventLog, LogWaker
@@ -131,7 +132,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def _check(name: str, probe: Awaitable[object]) -> tuple[str, str]:
     try:
-        await asyncio.wait_for(probe, 2.0)
+        await within(probe, 2.0)
     except Exception as exc:
         return name, f"error: {type(exc).__name__}"
     return name, "ok"
@@ -213,9 +214,7 @@ def background(name: str,
 
         task.add_done_callback(done)
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
 
     return ctx
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import structlog
 
+from services.core.aio import stop_task
 from services.core.db import connect
 
 log = structlog.get_logger("leadership")
@@ -48,7 +49,9 @@ class Leadership:
                     while not task.done():
                         await asyncio.wait({task}, timeout=self.check_every)
                         if not task.done():
-                            await conn.fetchval("SELECT 1")
+                            # Bounded: on a half-open connection an unbounded check would
+                            # hang while the work went on, and the lock may be gone.
+                            await conn.fetchval("SELECT 1", timeout=self.check_every)
                     task.result()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("leadership lost or not reachable", role=self.role, error=str(exc))
@@ -57,9 +60,7 @@ class Leadership:
                 log.exception("leader's work failed", role=self.role)
             finally:
                 if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                    await stop_task(task)  # a leader that cannot step down must not go on
                 if self.is_leader:
                     log.info("stepped down", role=self.role)
                 self.is_leader = False

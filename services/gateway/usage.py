@@ -34,6 +34,7 @@ from nats.js import api
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.events import UsageRecorded, decode_event, encode_event
+from services.core.aio import within
 from services.core.bus import Bus
 
 log = structlog.get_logger("usage")
@@ -91,7 +92,7 @@ class UsagePublisher:
             else:
                 # While NATS is away, keep trying to replay even if no request comes in.
                 try:
-                    first = await asyncio.wait_for(self._queue.get(), self.retry_interval)
+                    first = await within(self._queue.get(), self.retry_interval)
                 except TimeoutError:
                     await self._try_recover()
                     continue

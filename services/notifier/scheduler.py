@@ -10,7 +10,6 @@ than cut off and sent again by another replica once their lease runs out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import traceback
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -19,6 +18,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.core.aio import wait_event
 from services.core.eventlog import EventLog
 from services.core.notifications.targets import Kind, scrub
 from services.notifier import store
@@ -100,8 +100,7 @@ class Scheduler:
             self.metrics.inflight.set(len(self._inflight))
             if claimed and len(claimed) == free:
                 continue  # more may be due; a full house waits for a finished send below
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+            await wait_event(self._wakeup, wait)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

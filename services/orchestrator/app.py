@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 
+from services.core.aio import stop_task
 from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, create_app
 from services.core.leadership import Leadership
 from services.orchestrator.launcher import Launcher
@@ -72,9 +73,10 @@ async def _orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     for sub in subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await launcher.close()
+    try:
+        await stop_task(task)
+    finally:
+        await launcher.close()
 
 
 def create_orchestrator_app(settings: OrchestratorSettings) -> web.Application:

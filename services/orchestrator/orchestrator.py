@@ -43,6 +43,7 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from schemas.subjects import node_command_subject
+from services.core.aio import wait_event
 from services.core.eventlog import ANY, EventLog
 from services.core.fleet import Fleet, NodeView
 from services.core.node_states import FINAL, Signal
@@ -140,9 +141,7 @@ class Orchestrator:
                     await self.tick()
                 except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
                     log.warning("tick failed; next one retries", error=str(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(),
-                                           self.settings.reconcile_every_seconds)
+                await wait_event(self.wake, self.settings.reconcile_every_seconds)
                 self.wake.clear()
         finally:
             self.metrics.leader.set(0)

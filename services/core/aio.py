@@ -1,0 +1,61 @@
+"""Waiting and stopping that never lose a cancellation.
+
+On Python 3.11, ``asyncio.wait_for(x, t)`` returns x's result when a cancellation arrives just
+as x finishes: the cancellation is swallowed (CPython gh-86296, fixed in 3.12). A loop that
+waits on a wake-up event that way, and is woken often, can then ignore its shutdown and run
+on. ``asyncio.timeout`` tells its own cancellation from the caller's, so these helpers use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import structlog
+
+log = structlog.get_logger("aio")
+
+T = TypeVar("T")
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` passes; True when it is set."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def within(aw: Awaitable[T], timeout: float) -> T:
+    """`aw`'s result, or TimeoutError after `timeout`: asyncio.wait_for without the swallow."""
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
+async def stop_task(task: asyncio.Task[object], *, grace: float = 5.0) -> None:
+    """Cancel `task` and wait until it has ended, cancelling it again every `grace` seconds if
+    it has not (its own waits may have swallowed the first). If the caller is cancelled
+    meanwhile, it still waits for the task to end, then raises CancelledError."""
+    caller_cancelled = False
+    task.cancel()
+    while not task.done():
+        try:
+            await asyncio.wait({task}, timeout=grace)
+        except asyncio.CancelledError:
+            caller_cancelled = True  # the task may be cleaning up: let it finish
+            continue
+        if not task.done():
+            log.warning("task still running after cancel; cancelling again",
+                        task=task.get_name())
+            task.cancel()
+    if not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()  # retrieved, so asyncio does not warn; the owner logged it
+    if caller_cancelled:
+        raise asyncio.CancelledError
