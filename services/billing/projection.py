@@ -2,9 +2,11 @@
 same usage per tenant, environment, model and UTC hour (`usage_hourly`).
 
 Both tables change in one statement: usage_hourly adds up only the rows usage_records actually
-inserted, so the request id stays the identity of a request everywhere — a second event for
-the same request (a gateway that replayed its spool under a new event id), a redelivery or a
-replay adds nothing to either. `crosslogic projections rebuild usage_records` rebuilds both.
+inserted, so the event id stays the identity of a request's usage everywhere — a redelivery,
+a gateway's retried publish or spool replay (both keep the event id) or a log replay adds
+nothing to either. Not the request id: that is the caller's X-Request-ID when it sent one, and
+a client may reuse it, or two tenants pick the same. `crosslogic projections rebuild
+usage_records` rebuilds both.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ WITH fresh AS (
         $6::text[], $7::text[], $8::text[], $9::uuid[], $10::int[], $11::int[], $12::int[],
         $13::numeric[], $14::float8[], $15::float8[], $16::int[], $17::bool[],
         $18::timestamptz[])
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (event_id) DO NOTHING
     RETURNING tenant_id, environment_id, model, occurred_at, prompt_tokens,
               completion_tokens, cost
 ), hourly AS (
