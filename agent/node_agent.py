@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -39,6 +40,7 @@ from schemas.events import (
     NodeSpotWarning,
 )
 from schemas.subjects import node_ack_subject, node_command_subject
+from services.core.aio import stop_task
 from services.core.backoff import Backoff
 from services.core.bus import Bus
 
@@ -94,7 +96,12 @@ class NodeAgent:
         timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._session = session
-            self.bus = await self._connect()
+            bus = await self._connect_unless_stopped()
+            if bus is None:
+                self._remove_signal_handlers(loop)
+                log.info("stopped before nats answered: nothing registered, nothing to drain")
+                return self.exit_code
+            self.bus = bus
             tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
                      asyncio.create_task(self._register(), name="register"),
                      asyncio.create_task(self._watch_spot(), name="spot")]
@@ -108,9 +115,7 @@ class NodeAgent:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self.bus.close()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.remove_signal_handler(sig)
+                self._remove_signal_handlers(loop)
         log.info("agent stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -123,6 +128,24 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, on_signal, sig)
+
+    @staticmethod
+    def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    async def _connect_unless_stopped(self) -> Bus | None:
+        """The bus, or None when a stop (SIGTERM, a spot notice) comes first: a node being
+        reclaimed while NATS is unreachable must still exit in time."""
+        assert self._drain is not None
+        connecting = asyncio.create_task(self._connect(), name="connect")
+        waits: set[asyncio.Future[Any]] = {connecting, self._drain}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if connecting.done():
+            return connecting.result()
+        await stop_task(connecting)
+        return None
 
     async def _connect(self) -> Bus:
         """NATS may not be up yet (or ever, for a while): keep trying."""

@@ -416,6 +416,26 @@ async def test_sigterm_drains_and_exits_zero(rig: Rig) -> None:
     assert str(dereg.node_id) == node_id and dereg.reason == "signal SIGTERM"
 
 
+async def test_sigterm_while_nats_is_unreachable_exits_at_once() -> None:
+    """A node reclaimed before the control plane was ever reachable must still stop in time."""
+    env = {**os.environ, "NATS_URL": f"nats://127.0.0.1:{free_port()}",
+           "NODE_ID": str(uuid.uuid4()), "VLLM_URL": f"http://127.0.0.1:{free_port()}",
+           "MODEL_NAME": MODEL, "LOG_JSON": "true", "LOG_LEVEL": "warning"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent", env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            while b"nats" not in (line := await proc.stderr.readline()):
+                assert line, "the agent exited before trying NATS"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 # --------------------------------------------------------------------------- NATS trouble
 
 
