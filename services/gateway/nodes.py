@@ -67,10 +67,14 @@ class NodeTable:
     def apply(self, event: Event, now: float) -> None:
         match event:
             case NodeHeartbeat():
+                # `now` is when the beat was sent, more or less: a stored one replayed at
+                # start may arrive after a live, newer one, and must not undo it.
                 node = self.nodes.get(str(event.node_id))
                 if node is None:
-                    self._early[str(event.node_id)] = (event, now)
-                else:
+                    early = self._early.get(str(event.node_id))
+                    if early is None or early[1] <= now:
+                        self._early[str(event.node_id)] = (event, now)
+                elif node.last_heartbeat is None or node.last_heartbeat <= now:
                     _beat(node, event, now)
             case NodeRegistered():
                 key = str(event.node_id)

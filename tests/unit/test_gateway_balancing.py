@@ -61,6 +61,20 @@ def test_an_early_heartbeat_is_kept_until_registration() -> None:
     assert t.candidates("m", 6, RULES)
 
 
+def test_an_older_heartbeat_never_undoes_a_newer_one() -> None:
+    """A stored heartbeat replayed at start can arrive after a live one."""
+    n = uuid.uuid4()
+    t = NodeTable()
+    t.apply(beat(n, score=90), 10)
+    t.apply(beat(n, score=10), 4)  # early, and older: kept out
+    t.apply(node_registered(n, model="m"), 11)
+    assert t.nodes[str(n)].health_score == 90
+    t.apply(beat(n, healthy=False), 3)
+    assert t.nodes[str(n)].last_heartbeat == 10 and t.nodes[str(n)].vllm_healthy
+    t.apply(beat(n, score=70), 12)
+    assert t.nodes[str(n)].health_score == 70
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     ({"score": 49}, False), ({"score": 50}, True), ({"healthy": False}, False),
     ({"draining": True}, False),
