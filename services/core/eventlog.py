@@ -398,6 +398,18 @@ class EventLog:
         return Page([_row_to_recorded(r) for r in rows if r["m"]],
                     LogPosition(last["transaction_id"], last["position"]), len(rows), limit)
 
+    async def count_after(self, after: LogPosition, *, origin: Origin | None = None,
+                          conn: Connection | None = None) -> int:
+        """Committed events after `after` in log order (readable yet or not): a reader's lag.
+        An index range scan: cheap while the reader keeps up."""
+        async with self._conn(conn) as c:
+            count = await c.fetchval(
+                """SELECT count(*) FROM events
+                   WHERE (transaction_id, position) > ($1::xid8, $2::bigint)
+                     AND ($3::text IS NULL OR origin = $3)""",
+                after.transaction_id, after.position, origin)
+        return int(count)
+
     async def head(self, *, conn: Connection | None = None) -> LogPosition:
         """The last readable position: where a reader that only wants new events starts."""
         async with self._conn(conn) as c:

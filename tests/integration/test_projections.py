@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from services.core.event_stats import EventTypeStats
 from services.core.eventlog import EventLog, LogWaker, RecordedEvent
-from services.core.projections import Projection, ProjectionRunner
+from services.core.projections import Projection, ProjectionMetrics, ProjectionRunner
 from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
 
 
@@ -158,3 +159,77 @@ async def test_live_projection_equals_its_rebuild(pool: asyncpg.Pool, database_u
 async def _stats_total(pool: asyncpg.Pool, total: int) -> bool:
     return bool(await pool.fetchval("SELECT coalesce(sum(events), 0) FROM event_type_stats")
                 == total)
+
+
+async def test_catch_up_waits_for_a_replica_holding_the_projection(pool: asyncpg.Pool,
+                                                                   database_url: str,
+                                                                   names_table: None) -> None:
+    log = EventLog(pool)
+    await seed(log, 4, 2)
+    runner = ProjectionRunner(log, TenantNames(), batch_size=5)
+    await pool.execute("INSERT INTO checkpoints (name) VALUES ($1)", TenantNames.name)
+    # Another replica in the middle of a batch: it holds the checkpoint row.
+    other = await asyncpg.connect(database_url)
+    tx = other.transaction()
+    await tx.start()
+    await other.execute("SELECT 1 FROM checkpoints WHERE name = $1 FOR UPDATE",
+                        TenantNames.name)
+    catching_up = asyncio.create_task(runner.catch_up())
+    try:
+        async def waiting_for_the_lock() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"))
+
+        await eventually(waiting_for_the_lock, what="catch-up waiting for the other replica")
+        assert not catching_up.done()  # not a partial answer while the other one works
+    finally:
+        await tx.commit()
+        await other.close()
+    assert await asyncio.wait_for(catching_up, 10) == 12
+    assert len(await snapshot(pool, "test_tenant_names")) == 4
+
+
+async def test_run_survives_a_failing_batch_and_shows_it(pool: asyncpg.Pool, database_url: str,
+                                                         names_table: None) -> None:
+    log = EventLog(pool)
+    await seed(log, 3, 1)
+    registry = CollectorRegistry()
+    metrics = ProjectionMetrics(registry)
+    projection = TenantNames(fail_on="t1-0")  # a bug in apply
+    waker = LogWaker(database_url, poll_interval=0.1)
+    await waker.start()
+    runner = ProjectionRunner(log, projection, batch_size=100, waker=waker, metrics=metrics,
+                              lag_interval=0.05, max_retry_delay=0.1)
+    labels = {"projection": TenantNames.name}
+
+    def sample(name: str, **extra: str) -> float | None:
+        return registry.get_sample_value(name, {**labels, **extra})
+
+    running = asyncio.create_task(runner.run())
+    try:
+        async def failing_again_and_again() -> bool:
+            errors = sample("projection_errors_total", kind="apply") or 0
+            return sample("projection_failing") == 1 and errors >= 3
+
+        await eventually(failing_again_and_again, what="the failure counted, and retried")
+        assert not running.done()  # the task lives on
+        assert runner.failure is not None and "projection bug" in runner.failure
+        assert sample("projection_lag_events") == 6  # nothing applied: all six behind
+
+        # More events arrive while it is stuck: the lag grows.
+        await seed(log, 1, 0)
+
+        async def lag_is(n: int) -> bool:
+            return sample("projection_lag_events") == n
+
+        await eventually(lambda: lag_is(7), what="lag counting new events")
+
+        projection.fail_on = None  # the fix is deployed
+        await eventually(lambda: lag_is(0), what="lag back to zero")
+        assert sample("projection_failing") == 0 and runner.failure is None
+        assert sample("projection_events_applied_total") == 7
+        assert len(await snapshot(pool, "test_tenant_names")) == 4
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await waker.close()
