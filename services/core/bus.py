@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.events import Event, EventDecodeError, decode_event, encode_event
 from schemas.subjects import STREAMS, StreamSpec, dlq_subject
@@ -53,6 +53,10 @@ class BusMetrics:
                                  ["stream"], registry=registry)
         self.consumed = Counter("nats_consumed_total", "Messages handled by a consumer",
                                 ["consumer", "outcome"], registry=registry)
+        self.pending = Gauge("nats_consumer_pending_messages",
+                             "Messages a durable consumer has not settled: not yet delivered "
+                             "(num_pending) plus delivered and not acknowledged "
+                             "(num_ack_pending)", ["stream", "consumer"], registry=registry)
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,16 @@ EventHandler = Callable[[Event], Awaitable[None]]
 
 
 class Bus:
-    def __init__(self, nc: NATS, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, nc: NATS, *, registry: CollectorRegistry | None = None,
+                 pending_interval: float = 5.0) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.metrics = BusMetrics(registry)
         self.closing = False
+        self.pending_interval = pending_interval
+        """Seconds between refreshes of `nats_consumer_pending_messages`."""
+        self._tracked: set[tuple[str, str]] = set()
+        self._pending_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, url: str, *, name: str, user: str = "", password: str = "",
@@ -126,6 +135,11 @@ class Bus:
         subscription waits out its whole 30 s timeout, and unacknowledged messages are
         redelivered to the next consumer anyway."""
         self.closing = True
+        if self._pending_task is not None:
+            self._pending_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pending_task
+            self._pending_task = None
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=1)
         if not self.nc.is_closed:
@@ -207,7 +221,40 @@ class Bus:
         )
         await self.js.add_consumer(spec.stream, config)
         sub = await self.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        self.track_consumer(spec.stream, spec.durable)
         return Consumer(self, spec, sub, handler)
+
+    def track_consumer(self, stream: str, durable: str) -> None:
+        """Report this durable consumer's backlog in `nats_consumer_pending_messages`, asked
+        of the server every `pending_interval` seconds. `consumer()` does it for its own;
+        code that binds a durable consumer itself calls this."""
+        self._tracked.add((stream, durable))
+        if self._pending_task is None and not self.closing:
+            self._pending_task = asyncio.create_task(self._watch_pending(),
+                                                     name="nats-consumer-pending")
+
+    async def refresh_pending(self) -> None:
+        """Ask the server for each tracked consumer's backlog once."""
+        for stream, durable in sorted(self._tracked):
+            try:
+                info = await self.js.consumer_info(stream, durable, timeout=2)
+            except nats.js.errors.NotFoundError:
+                # Deleted (or its stream was): no backlog to report, no stale figure left.
+                with contextlib.suppress(KeyError):
+                    self.metrics.pending.remove(stream, durable)
+                continue
+            except Exception as exc:
+                # NATS away: keep the last figure; the client reconnects by itself.
+                log.debug("consumer info unavailable", stream=stream, consumer=durable,
+                          error=str(exc) or type(exc).__name__)
+                continue
+            self.metrics.pending.labels(stream, durable).set(
+                (info.num_pending or 0) + (info.num_ack_pending or 0))
+
+    async def _watch_pending(self) -> None:
+        while True:
+            await self.refresh_pending()
+            await asyncio.sleep(self.pending_interval)
 
     async def dead_letter(self, consumer: str, msg: Msg, reason: str) -> None:
         meta = msg.metadata

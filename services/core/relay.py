@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.events import subject_for
+from services.core.aio import stop_task
 from services.core.bus import Bus
 from services.core.db import Connection, connect
 from services.core.eventlog import START, EventFilter, EventLog, LogPosition, LogWaker
@@ -40,23 +41,35 @@ class RelayMetrics:
                             registry=registry)
         self.errors = Counter("outbox_relay_errors_total", "Relay publish or database errors",
                               ["kind"], registry=registry)
+        self.lag = Gauge("outbox_relay_lag_events",
+                         "Events appended to the log (origin 'log') after the relay's "
+                         "checkpoint: not yet published to NATS", registry=registry)
 
 
 class OutboxRelay:
     def __init__(self, dsn: str, bus: Bus, *, waker: LogWaker | None = None,
-                 batch_size: int = 500, leader_retry: float = 2.0,
+                 batch_size: int = 500, leader_retry: float = 2.0, lag_interval: float = 5.0,
                  registry: CollectorRegistry | None = None) -> None:
         self.dsn = dsn
         self.bus = bus
         self.waker = waker
         self.batch_size = batch_size
         self.leader_retry = leader_retry
+        self.lag_interval = lag_interval
         self.metrics = RelayMetrics(registry)
         self.is_leader = False
         self.filter = EventFilter(origin="log")
 
     async def run(self) -> None:
-        """Compete for leadership, relay while leader; until cancelled."""
+        """Compete for leadership, relay while leader; until cancelled. Every replica reports
+        the lag, leader or not: with no leader at all it still grows, and alerts."""
+        lag = asyncio.create_task(self._track_lag(), name="outbox-relay-lag")
+        try:
+            await self._lead()
+        finally:
+            await stop_task(lag)
+
+    async def _lead(self) -> None:
         while True:
             conn: Connection | None = None
             try:
@@ -120,6 +133,32 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def lag(self, conn: Connection) -> int:
+        row = await conn.fetchrow(
+            "SELECT transaction_id, position FROM checkpoints WHERE name = $1", CHECKPOINT)
+        after = LogPosition(row["transaction_id"], row["position"]) if row else START
+        return await EventLog(conn).count_after(after, origin="log")
+
+    async def _track_lag(self) -> None:
+        conn: Connection | None = None
+        try:
+            while True:
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await connect(self.dsn)
+                    self.metrics.lag.set(await self.lag(conn))
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.debug("relay lag unknown", error=str(exc) or type(exc).__name__)
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                    conn = None
+                await asyncio.sleep(self.lag_interval)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.close())
+
     @staticmethod
     async def _save(conn: Connection, checkpoint: LogPosition) -> None:
         await conn.execute(
@@ -135,6 +174,7 @@ class RelaySettings(CoreSettings, kw_only=True, frozen=True):
     http_port: int = 8079
     relay_batch_size: int = 500
     relay_leader_retry: float = 2.0
+    relay_lag_interval: float = 5.0
 
 
 RELAY_SETTINGS = web.AppKey("relay_settings", RelaySettings)
@@ -144,7 +184,8 @@ async def _run_relay(app: web.Application) -> None:
     settings = app[RELAY_SETTINGS]
     relay = OutboxRelay(settings.database_url.reveal(), app[BUS], waker=app[WAKER],
                         batch_size=settings.relay_batch_size,
-                        leader_retry=settings.relay_leader_retry, registry=app[REGISTRY])
+                        leader_retry=settings.relay_leader_retry,
+                        lag_interval=settings.relay_lag_interval, registry=app[REGISTRY])
     await relay.run()
 
 

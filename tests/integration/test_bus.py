@@ -7,6 +7,7 @@ import json
 import uuid
 
 import nats
+from prometheus_client import CollectorRegistry
 
 from schemas.events import Event, NodeHeartbeat
 from schemas.subjects import STREAMS, stream_for_subject
@@ -195,3 +196,44 @@ async def test_observations_are_shared_across_a_queue_group(bus: Bus, nats_url: 
         await publisher.close()
     finally:
         await other.close()
+
+
+async def test_consumer_backlog_is_a_metric_that_moves(nats_url: str, bus: Bus) -> None:
+    registry = CollectorRegistry()
+    metered = await Bus.connect(nats_url, name="test-metered", registry=registry)
+    metered.pending_interval = 0.05
+    try:
+        for _ in range(12):
+            await bus.publish(node_registered())
+        handled: list[Event] = []
+
+        async def handler(batch: list[Delivery]) -> None:
+            handled.extend(d.event for d in batch)
+
+        consumer = await metered.consumer(ConsumerSpec(
+            durable="t-pending", stream="NODES", subjects=("node.registered.*",), batch=5,
+            ack_wait=60), handler)
+
+        async def pending_is(n: float) -> bool:
+            return registry.get_sample_value(
+                "nats_consumer_pending_messages",
+                {"stream": "NODES", "consumer": "t-pending"}) == n
+
+        await eventually(lambda: pending_is(12), what="the whole backlog reported")
+        assert await consumer.process_batch() == 5
+        await eventually(lambda: pending_is(7), what="the backlog shrinking as it is acked")
+        # Delivered but not acknowledged is still owed: it counts.
+        unacked = await consumer.sub.fetch(3, timeout=2)
+        assert len(unacked) == 3
+        await metered.refresh_pending()  # a refresh that surely saw them in flight
+        assert await pending_is(7)
+        info = await metered.js.consumer_info("NODES", "t-pending")
+        assert info.num_ack_pending == 3 and info.num_pending == 4
+        for msg in unacked:
+            await msg.ack_sync()
+        await eventually(lambda: pending_is(4), what="acks counted")
+        await bus.publish(node_registered())
+        await eventually(lambda: pending_is(5), what="new messages counted")
+        assert len(handled) == 5
+    finally:
+        await metered.close()

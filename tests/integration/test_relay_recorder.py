@@ -11,13 +11,14 @@ import sys
 import aiohttp
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from schemas.events import Event, decode_event, encode_event
 from services.core.bus import Bus, ConsumerSpec, Delivery
 from services.core.devstack import free_port
 from services.core.eventlog import START, EventLog, LogWaker
 from services.core.recorder import Recorder
-from services.core.relay import OutboxRelay
+from services.core.relay import RELAY_LOCK_KEY, OutboxRelay
 from tests.conftest import Servers
 from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
 
@@ -239,3 +240,33 @@ async def test_recorder_transform_can_refuse_and_reshape(pool: asyncpg.Pool, bus
     assert await log_order(pool, "bus") == [str(good.id)]
     parked = await bus.js.get_msg("DLQ", 1)
     assert "refused: registration without a model" in (parked.headers or {})["Crosslogic-Error"]
+
+
+async def test_relay_lag_is_a_metric_every_replica_reports(pool: asyncpg.Pool, bus: Bus,
+                                                           database_url: str) -> None:
+    log = EventLog(pool)
+    # Someone else leads, and is stuck: this replica stands by, and still reports the lag.
+    holder = await asyncpg.connect(database_url)
+    assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY)
+    registry = CollectorRegistry()
+    relay = OutboxRelay(database_url, bus, leader_retry=0.05, lag_interval=0.05,
+                        registry=registry)
+    task = asyncio.create_task(relay.run())
+
+    async def lag_is(n: int) -> bool:
+        return registry.get_sample_value("outbox_relay_lag_events") == n
+
+    try:
+        await eventually(lambda: lag_is(0), what="lag reported")
+        await append_tenants(log, 4)
+        await log.record([node_registered()], origin="bus")  # never the relay's to publish
+        await eventually(lambda: lag_is(8), what="lag growing with no leader")
+        assert not relay.is_leader
+        await holder.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)
+        await eventually(lambda: lag_is(0), what="lag gone once this replica leads")
+        assert relay.is_leader
+        assert len(await stream_events(bus, "CONTROL")) == 8
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await holder.close()
