@@ -313,7 +313,8 @@ class NodeAgent:
             if notice is not None:
                 await self._on_spot_notice(notice)
                 return
-            await asyncio.sleep(s.spot_poll_interval)
+            if failing or detector.pause_before_next:
+                await asyncio.sleep(s.spot_poll_interval)
 
     async def _on_spot_notice(self, notice: SpotNotice) -> None:
         log.warning("spot termination notice", provider=notice.provider, action=notice.action,

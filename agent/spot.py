@@ -3,7 +3,10 @@
 - AWS (IMDSv2): PUT /latest/api/token for a session token, then
   GET /latest/meta-data/spot/instance-action: 404 = nothing; 200 = {"action", "time"}.
 - GCP: GET /computeMetadata/v1/instance/preempted with `Metadata-Flavor: Google` answers TRUE
-  once the VM is being preempted; `wait_for_change=true` long-polls. GCP gives ~30 s.
+  once the VM is being preempted. GCP gives ~30 s, so the detector long-polls: one plain GET
+  for the value and its ETag, then `wait_for_change=true&last_etag=<etag>`, which the server
+  answers at once when the value's ETag is no longer that one and otherwise holds until it
+  changes or `timeout_sec`. No change can fall between two polls unseen.
 - Azure: GET /metadata/scheduledevents?api-version=2020-07-01 with `Metadata: true`; a
   `Preempt` event's `NotBefore` is the deadline.
 
@@ -12,6 +15,7 @@ Parsing is pure; the detectors only fetch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -34,6 +38,11 @@ class SpotDetector(Protocol):
 
     async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
         """One look (GCP: one long poll); None when no notice is pending."""
+
+    @property
+    def pause_before_next(self) -> bool:
+        """Whether the caller should wait its poll interval before the next poll (False when
+        the next poll itself waits for a change)."""
 
 
 def parse_aws_instance_action(body: dict[str, Any]) -> SpotNotice:
@@ -77,6 +86,10 @@ class AwsSpot:
                 self._token = await resp.text()
         return self._token
 
+    @property
+    def pause_before_next(self) -> bool:
+        return True
+
     async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
         token = await self._token_for(session)
         async with session.get(f"{self.base}/latest/meta-data/spot/instance-action",
@@ -96,15 +109,33 @@ class GcpSpot:
     def __init__(self, base_url: str, *, wait_seconds: int = 30) -> None:
         self.base = base_url.rstrip("/")
         self.wait_seconds = wait_seconds
+        self.etag: str | None = None
+        """The ETag of the value last seen; None until the server has sent one."""
+        self._returned_early = False
+
+    @property
+    def pause_before_next(self) -> bool:
+        # Without an ETag the next poll cannot wait for a change; a server that answered a
+        # long poll early with the value unchanged is not holding polls: don't spin on it.
+        return self.etag is None or self._returned_early
 
     async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
         url = f"{self.base}/computeMetadata/v1/instance/preempted"
-        params = {"wait_for_change": "true", "timeout_sec": str(self.wait_seconds)}
+        sent = self.etag
+        params: dict[str, str] = {}
+        if sent is not None:
+            params = {"wait_for_change": "true", "last_etag": sent,
+                      "timeout_sec": str(self.wait_seconds)}
         timeout = aiohttp.ClientTimeout(total=self.wait_seconds + 5)
+        started = time.monotonic()
         async with session.get(url, params=params, headers={"Metadata-Flavor": "Google"},
                                timeout=timeout) as resp:
             resp.raise_for_status()
-            return parse_gcp_preempted(await resp.text(), datetime.now(UTC))
+            text = await resp.text()
+            self.etag = resp.headers.get("ETag") or None
+        self._returned_early = (sent is not None and self.etag == sent
+                                and time.monotonic() - started < self.wait_seconds / 2)
+        return parse_gcp_preempted(text, datetime.now(UTC))
 
 
 class AzureSpot:
@@ -112,6 +143,10 @@ class AzureSpot:
 
     def __init__(self, base_url: str) -> None:
         self.base = base_url.rstrip("/")
+
+    @property
+    def pause_before_next(self) -> bool:
+        return True
 
     async def poll(self, session: aiohttp.ClientSession) -> SpotNotice | None:
         async with session.get(f"{self.base}/metadata/scheduledevents",

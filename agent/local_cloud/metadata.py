@@ -4,12 +4,15 @@ The agent's spot detection runs against this over real HTTP: in the tests on its
 the local cloud, where each cluster has its own instance under `/clusters/{name}/metadata`.
 Each provider's rules that the agent must follow are enforced: AWS wants a session token from
 PUT /latest/api/token (401 without it), GCP wants `Metadata-Flavor: Google` (403 without it)
-and long-polls with `wait_for_change`, Azure wants `Metadata: true` (400 without it).
+and long-polls with `wait_for_change` and `last_etag` as GCE's server does (an ETag other than
+the value's current one is answered at once; the same one, or none, waits for the next change or
+`timeout_sec`), Azure wants `Metadata: true` (400 without it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import Callable
 from datetime import datetime
@@ -28,15 +31,25 @@ class MetadataState:
         self.gcp_preempted = False
         self.azure_events: list[dict[str, Any]] = []
         self.azure_incarnation = 1
-        self.changed = asyncio.Event()
+        self.gcp_changed = asyncio.Event()
+        """Set, and replaced by a fresh one, at each change: every long poll waiting on the
+        old one wakes, and none misses a change by another poll clearing it."""
         self.requests: list[str] = []
 
     def aws_notice(self, action: str, when: datetime) -> None:
         self.aws_action = {"action": action, "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
     def gcp_preempt(self) -> None:
+        if self.gcp_preempted:
+            return
         self.gcp_preempted = True
-        self.changed.set()
+        changed, self.gcp_changed = self.gcp_changed, asyncio.Event()
+        changed.set()
+
+    def gcp_value(self) -> tuple[str, str]:
+        """`instance/preempted`'s body and its ETag (which changes only with the body)."""
+        body = "TRUE" if self.gcp_preempted else "FALSE"
+        return body, hashlib.sha256(f"preempted={body}".encode()).hexdigest()[:16]
 
     def azure_preempt(self, not_before: datetime) -> None:
         self.azure_incarnation += 1
@@ -55,6 +68,7 @@ class MetadataState:
 
     def preempt(self, provider: str, deadline: datetime) -> None:
         """The notice each provider gives before it reclaims a spot instance."""
+        provider = provider.strip().lower()
         if provider == "gcp":
             self.gcp_preempt()
         elif provider == "azure":
@@ -98,13 +112,15 @@ def add_metadata_routes(router: web.UrlDispatcher, prefix: str, state_of: Resolv
         state.requests.append("gcp")
         if request.headers.get("Metadata-Flavor") != "Google":
             return web.Response(status=403, text="Missing Metadata-Flavor:Google header.")
-        if request.query.get("wait_for_change") == "true" and not state.gcp_preempted:
-            timeout = float(request.query.get("timeout_sec", "60"))
-            state.changed.clear()
-            await wait_event(state.changed, timeout)  # no change: answer the current value
-        body = "TRUE" if state.gcp_preempted else "FALSE"
-        return web.Response(text=body,
-                            headers={"Metadata-Flavor": "Google", "ETag": body.lower()})
+        if request.query.get("wait_for_change") == "true":
+            changed = state.gcp_changed
+            _, etag = state.gcp_value()
+            if request.query.get("last_etag", etag) == etag:
+                # The caller has seen this value (or named none): wait for the next change,
+                # even when the value is already TRUE; at the timeout, answer it unchanged.
+                await wait_event(changed, float(request.query.get("timeout_sec", "60")))
+        body, etag = state.gcp_value()
+        return web.Response(text=body, headers={"Metadata-Flavor": "Google", "ETag": etag})
 
     async def azure_scheduled_events(request: web.Request) -> web.Response:
         state = state_of(request)
