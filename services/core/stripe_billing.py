@@ -84,6 +84,10 @@ def describe(exc: stripe.StripeError) -> str:
     return " ".join(p for p in parts if p)
 
 
+ENDED_SUBSCRIPTION = frozenset({"canceled", "incomplete_expired"})
+"""Subscription statuses Stripe never leaves: such a subscription bills nothing more."""
+
+
 class StripeUnavailable(Exception):
     """Stripe could not be reached or refused for now; try again later."""
 
@@ -165,18 +169,23 @@ class StripeBilling:
         for sub in subs.data:
             owner = sub.metadata["tenant_id"] if sub.metadata and "tenant_id" in sub.metadata \
                 else None
-            if owner == str(tenant_id) and sub.status not in (
-                    "canceled", "incomplete_expired"):
+            if owner == str(tenant_id) and sub.status not in ENDED_SUBSCRIPTION:
                 return str(sub.id)
         return None
 
     async def create_subscription(self, customer_id: str, tenant_id: uuid.UUID,
-                                  prices: Sequence[str]) -> str:
-        """A subscription to the metered prices (no quantity: meters say how much)."""
+                                  prices: Sequence[str], *, replacing: str | None = None) -> str:
+        """A subscription to the metered prices (no quantity: meters say how much).
+        `replacing`: the ended subscription this one succeeds. It is part of the idempotency
+        key, so each generation has its own: under the first one's key Stripe would replay
+        the ended subscription for 24 h instead of making a new one."""
+        key = f"crosslogic-subscription-{tenant_id}"
+        if replacing:
+            key += f"-after-{replacing}"
         sub = await self.client.v1.subscriptions.create_async(
             {"customer": customer_id, "items": [{"price": p} for p in prices],
              "metadata": {"tenant_id": str(tenant_id)}},
-            {"idempotency_key": f"crosslogic-subscription-{tenant_id}"})
+            {"idempotency_key": key})
         return str(sub.id)
 
     # ------------------------------------------------------------------ events
@@ -223,6 +232,12 @@ async def link_tenant(pool: asyncpg.Pool[asyncpg.Record], stripe_billing: Stripe
             account = await get_account(conn, tenant_id)
             customer_id = account.customer_id if account else None
             subscription_id = account.subscription_id if account else None
+            # A subscription Stripe ended (deleted, or never paid for) bills nothing: the
+            # tenant needs a new one, under a key of its own (see create_subscription).
+            ended = subscription_id if account is not None and subscription_id and \
+                account.subscription_status in ENDED_SUBSCRIPTION else None
+            if ended:
+                subscription_id = None
             if customer_id and (subscription_id or not prices):
                 assert account is not None
                 return LinkResult(account, created=False)
@@ -235,7 +250,7 @@ async def link_tenant(pool: asyncpg.Pool[asyncpg.Record], stripe_billing: Stripe
                     subscription_id = (
                         await stripe_billing.find_subscription(customer_id, tenant_id)
                         or await stripe_billing.create_subscription(customer_id, tenant_id,
-                                                                    prices))
+                                                                    prices, replacing=ended))
             except stripe.StripeError as exc:
                 log.warning("stripe refused a link", tenant_id=str(tenant_id),
                             error=describe(exc))

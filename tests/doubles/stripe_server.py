@@ -111,6 +111,13 @@ class StripeState:
     def outcomes(self, outcome: str) -> list[MeterEventCall]:
         return [c for c in self.calls if c.outcome == outcome]
 
+    def cancel_subscription(self, subscription_id: str) -> dict[str, Any]:
+        """As Stripe's DELETE /v1/subscriptions/{id}: the subscription ends for good."""
+        sub = self.subscriptions[subscription_id]
+        sub.update(status="canceled", canceled_at=int(time.time()),
+                   ended_at=int(time.time()))
+        return sub
+
     def add_customer(self, tenant_id: str = "", name: str = "test") -> str:
         cid = self.new_id("cus")
         self.customers[cid] = _customer(cid, name, "", {"tenant_id": tenant_id} if tenant_id
@@ -223,7 +230,8 @@ async def stripe_rules(request: web.Request, handler: Any) -> web.StreamResponse
     response = await handler(request)
     # Stripe saves the result of a request that executed; refusals before that are not saved.
     if isinstance(response, web.Response) and response.status < 500 \
-            and response.status not in (409, 429) and response.body is not None:
+            and response.status not in (409, 429) \
+            and isinstance(response.body, bytes | bytearray):
         state.idempotency[key] = (fingerprint, response.status, bytes(response.body))
     return response
 
@@ -286,6 +294,15 @@ async def list_subscriptions(request: web.Request) -> web.Response:
     return _json(_list("/v1/subscriptions", subs))
 
 
+async def cancel_subscription(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    sid = request.match_info["id"]
+    if sid not in state.subscriptions:
+        return _error(404, f"No such subscription: '{sid}'", code="resource_missing",
+                      param="id")
+    return _json(state.cancel_subscription(sid))
+
+
 async def get_v2_event(request: web.Request) -> web.Response:
     found = request.app[STATE].v2_events.get(request.match_info["id"])
     if found is None:
@@ -325,7 +342,7 @@ async def create_meter_event(request: web.Request) -> web.StreamResponse:
     try:
         refused = _check_meter_event(state, event_name, customer, value, timestamp, identifier)
         if refused is not None:
-            call("duplicate" if "duplicate" in refused.text else "refused")
+            call("duplicate" if "duplicate" in (refused.text or "") else "refused")
             return refused
         # Another call for this customer and meter may be waiting: being slow here is what
         # makes concurrent callers collide, as on Stripe.
@@ -381,6 +398,7 @@ def create_stripe_app(api_key: str) -> web.Application:
     app.router.add_get("/v1/customers/{id}", get_customer)
     app.router.add_post("/v1/subscriptions", create_subscription)
     app.router.add_get("/v1/subscriptions", list_subscriptions)
+    app.router.add_delete("/v1/subscriptions/{id}", cancel_subscription)
     app.router.add_post(METER_EVENTS, create_meter_event)
     app.router.add_get("/v2/core/events/{id}", get_v2_event)
     return app

@@ -13,6 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from schemas.events import SubscriptionChanged
+from services.core.billing_ledger import record_billing_events
 from services.core.catalog import Catalog
 from services.core.eventlog import EventLog
 from tests.doubles.stripe_server import StripeServer, running_stripe
@@ -88,6 +90,33 @@ async def test_concurrent_links_and_a_customer_left_by_a_crash(admin: Admin,
     answer = await admin.ok("POST", f"/tenants/{other}/billing/customer")
     assert answer["customer_id"] == made_before
     assert len(stripe_server.state.customers) == 2
+
+
+async def test_a_tenant_whose_subscription_ended_is_subscribed_again(
+        admin: Admin, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Eta")
+    first = await admin.ok("POST", f"/tenants/{tenant}/billing/customer")
+    old = first["subscription_id"]
+    # Stripe ends it; its webhook reaches billing (recorded here as the webhook records it).
+    stripe_server.state.cancel_subscription(old)
+    async with pool.acquire() as conn, conn.transaction():
+        await record_billing_events(conn, [SubscriptionChanged(
+            tenant_id=tenant, subscription_id=old, status="canceled",
+            stripe_event_id="evt_deleted")], actor="stripe-webhook")
+
+    again = await admin.ok("POST", f"/tenants/{tenant}/billing/customer")
+    assert again["created"] is True
+    assert again["customer_id"] == first["customer_id"]
+    # A new subscription, not the ended one replayed under the first link's idempotency key.
+    assert again["subscription_id"] not in (None, old)
+    assert stripe_server.state.subscriptions[again["subscription_id"]]["status"] == "active"
+    assert len(stripe_server.state.subscriptions) == 2
+    shown = await admin.ok("GET", f"/tenants/{tenant}/billing")
+    assert (shown["account"]["subscription_id"], shown["account"]["subscription_status"]) == (
+        again["subscription_id"], "active")
+    assert await admin.ok("POST", f"/tenants/{tenant}/billing/customer") == {
+        **again, "created": False}
+    assert len(stripe_server.state.subscriptions) == 2
 
 
 async def test_link_errors(admin: Admin, stripe_server: StripeServer,
