@@ -8,10 +8,18 @@ pg_dump refuses a server newer than itself: we use PostgreSQL 16's tools, from t
 server's package when it is installed, else the first `pg_dump` on PATH that is new enough.
 The password never appears on a command line (other users can read those): it goes to the
 tools through PGPASSWORD.
+
+The log's order is (transaction id, position), and readers stop below the oldest running
+transaction id of *this* cluster. Restored transaction ids come from the cluster the dump was
+taken on: on another cluster they can be far ahead of its own (readers would hide every
+restored event) or behind it in a way that makes a restored checkpoint skip new events. So a
+restore renumbers them: small ids, below any the new cluster hands out, in the same order,
+and moves every checkpoint to the same event under its new numbers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import re
@@ -20,6 +28,8 @@ import subprocess
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
 
 MIN_MAJOR = 16
 
@@ -103,3 +113,56 @@ def restore(database_url: str, dump: Path) -> None:
                           env=target.env(), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BackupError(f"pg_restore failed: {done.stderr.strip()}")
+    asyncio.run(renumber_transactions(database_url))
+
+
+# Walk the log in its order; a new number starts only where position order breaks (where
+# transactions overlapped), so positions rise within each number and (number, position) is
+# the old order. Usually one number, or a handful: always far below the cluster's own ids.
+_RENUMBER = """
+CREATE TEMP TABLE renumbered ON COMMIT DROP AS
+SELECT position, old_tx,
+       (1 + sum(CASE WHEN position < previous THEN 1 ELSE 0 END)
+            OVER (ORDER BY old_tx, position ROWS UNBOUNDED PRECEDING))::text::xid8 AS new_tx
+FROM (SELECT position, transaction_id AS old_tx,
+             lag(position) OVER (ORDER BY transaction_id, position) AS previous
+      FROM events) ordered;
+CREATE INDEX ON renumbered (old_tx, position);
+ANALYZE renumbered;
+-- Each checkpoint goes to the event it names (or the last one before it) under its new ids.
+UPDATE checkpoints c
+SET transaction_id = coalesce(m.new_tx, '0'::xid8), position = coalesce(m.position, 0)
+FROM checkpoints c2
+LEFT JOIN LATERAL (SELECT r.new_tx, r.position FROM renumbered r
+                   WHERE (r.old_tx, r.position) <= (c2.transaction_id, c2.position)
+                   ORDER BY r.old_tx DESC, r.position DESC LIMIT 1) m ON true
+WHERE c.name = c2.name;
+ALTER TABLE events DISABLE TRIGGER events_no_update;
+UPDATE events e SET transaction_id = r.new_tx
+FROM renumbered r WHERE e.position = r.position AND e.transaction_id <> r.new_tx;
+ALTER TABLE events ENABLE TRIGGER events_no_update;
+"""
+
+
+async def renumber_transactions(database_url: str) -> int:
+    """Give the restored log transaction ids below this cluster's own, keeping its order
+    (see the module's docstring); returns how many ids the log uses now."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('events') IS NOT NULL"):
+            return 0  # not a CrossLogic database (or an empty one): nothing to renumber
+        needed = await conn.fetchval(
+            """SELECT 1 + count(*) FILTER (WHERE position < previous)
+               FROM (SELECT position, lag(position) OVER (ORDER BY transaction_id, position)
+                     AS previous FROM events) ordered""")
+        # A brand-new cluster has handed out a few hundred ids: if the log needs more
+        # numbers than that, use ids up (each statement on its own is a transaction).
+        while int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")) <= needed:
+            pass
+        async with conn.transaction():
+            await conn.execute(_RENUMBER)
+        return int(needed)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise BackupError(f"renumbering the restored log failed: {exc}") from exc
+    finally:
+        await conn.close()

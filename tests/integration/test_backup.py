@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,12 +20,13 @@ from services.cli.main import _run_projections
 from services.cli.registry import all_projections
 from services.core.catalog import Catalog
 from services.core.db import create_pool
-from services.core.eventlog import EventLog
+from services.core.devstack import DevStack
+from services.core.eventlog import START, EventFilter, EventLog, LogPosition
 from services.core.fleet import Fleet
 from services.core.migrate import migrate
 from services.core.node_states import Signal
 from tests.conftest import Servers
-from tests.helpers import node_registered
+from tests.helpers import node_registered, tenant_created
 from tests.integration.test_cli import run_cli
 
 
@@ -77,11 +78,16 @@ async def _seed(pool: asyncpg.Pool) -> None:
 
 
 async def _snapshot(pool: asyncpg.Pool) -> dict[str, list[Any]]:
+    """Every table; transaction ids left out (a restore renumbers them: only their order is
+    the log's, compared as `log order`)."""
     tables = sorted({t for p in all_projections() for t in p.tables})
     out: dict[str, list[Any]] = {}
     for table in [*tables, "events", "streams"]:
         rows = await pool.fetch(f"SELECT * FROM {table}")
-        out[table] = sorted((tuple(r.values()) for r in rows), key=repr)
+        out[table] = sorted((tuple(v for k, v in r.items() if k != "transaction_id")
+                             for r in rows), key=repr)
+    out["log order"] = [r["event_id"] for r in await pool.fetch(
+        "SELECT event_id FROM events ORDER BY transaction_id, position")]
     return out
 
 
@@ -146,3 +152,89 @@ def test_the_password_stays_off_the_command_line() -> None:
     assert target.env()["PGPASSWORD"] == "s@cret"
     plain = split_password("postgresql://postgres@127.0.0.1:5432/x")
     assert plain.url == "postgresql://postgres@127.0.0.1:5432/x" and plain.password == ""
+
+
+@pytest.fixture
+def second_cluster(tmp_path: Path) -> Iterator[str]:
+    """Another PostgreSQL cluster, fresh: its transaction ids have nothing to do with the
+    first one's. Started from the test's own thread, which outlives it."""
+    stack = DevStack(tmp_path / "second", redis=False, nats=False)
+    stack.start()
+    try:
+        yield stack.urls.database_url
+    finally:
+        stack.stop()
+
+
+async def _use_transaction_ids(url: str, until: int) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        while int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")) < until:
+            pass
+    finally:
+        await conn.close()
+
+
+async def test_restore_into_another_cluster_keeps_the_log_readable_and_relayable(
+        own_database: str, second_cluster: str, tmp_path: Path) -> None:
+    # The source cluster is far ahead of the fresh one, as a production cluster would be.
+    fresh = await asyncpg.connect(second_cluster)
+    fresh_xid = int(await fresh.fetchval("SELECT pg_current_xact_id()::text::bigint"))
+    await fresh.close()
+    await _use_transaction_ids(own_database, fresh_xid + 3000)
+    pool = await create_pool(own_database, min_size=1, max_size=4)
+    try:
+        # Overlapping transactions: log order differs from position order, and must survive.
+        log = EventLog(pool)
+        slow = await pool.acquire()
+        tx = slow.transaction()
+        await tx.start()
+        await slow.execute("SELECT pg_current_xact_id()")  # takes its id first
+        await Catalog(log, actor="test").create_tenant("Early")
+        late = tenant_created("late")
+        await log.append(late.stream, [late], conn=slow)
+        await tx.commit()
+        await pool.release(slow)
+        await _seed(pool)
+        await _run_projections(own_database, all_projections().names(), rebuild=False)
+        # The relay has published everything so far.
+        await pool.execute(
+            """INSERT INTO checkpoints (name, transaction_id, position)
+               SELECT 'outbox-relay', transaction_id, position FROM events
+               ORDER BY transaction_id DESC, position DESC LIMIT 1""")
+        before = await _snapshot(pool)
+        positions = [r["position"] for r in await pool.fetch(
+            "SELECT position FROM events ORDER BY transaction_id, position")]
+        assert positions != sorted(positions)  # the overlap is in the log
+    finally:
+        await pool.close()
+
+    dump = tmp_path / "prod.dump"
+    assert run_cli("backup", "-o", str(dump), database_url=own_database).returncode == 0
+    done = run_cli("restore", str(dump), "--yes", database_url=second_cluster)
+    assert done.returncode == 0, done.stderr
+
+    pool = await create_pool(second_cluster, min_size=1, max_size=4)
+    try:
+        after = await _snapshot(pool)
+        for table in before:
+            assert after[table] == before[table], table
+        log = EventLog(pool)
+        # Every restored event is readable on this cluster, in the old order.
+        page = await log.read_all(START, 10_000)
+        assert [e.event_id for e in page.events] == before["log order"]
+        # The relay's checkpoint still means "all of those published": a new event is next.
+        relay = await pool.fetchrow(
+            "SELECT transaction_id, position FROM checkpoints WHERE name = 'outbox-relay'")
+        checkpoint = LogPosition(relay["transaction_id"], relay["position"])
+        assert (await log.read_all(checkpoint, 100, EventFilter(origin="log"))).events == []
+        new = tenant_created("after restore")
+        await log.append(new.stream, [new])
+        fresh_page = await log.read_all(checkpoint, 100, EventFilter(origin="log"))
+        assert [e.event_id for e in fresh_page.events] == [new.id]
+        # And the projections follow the new event too.
+        await _run_projections(second_cluster, ["tenants"], rebuild=False)
+        assert await pool.fetchval("SELECT name FROM tenants WHERE id = $1",
+                                   new.tenant_id) == "after restore"
+    finally:
+        await pool.close()
