@@ -253,15 +253,34 @@ class UpstreamPool:
                    headers: dict[str, str], read_timeout: float) -> UpstreamResponse:
         target = self._target(base_url)
         key = (target.host, target.port)
-        conn = self._idle_take(key)
-        if conn is None:
-            conn = await self._connect(key)
         head = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", target.host_header,
                 b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers.items():
             head += [name.encode(), b": ", value.encode(), b"\r\n"]
         head.append(b"\r\n")
-        await conn.send(b"".join(head) + body, read_timeout)
+        request = b"".join(head) + body
+        conn = self._idle_take(key)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, request, read_timeout)
+            except ConnectFailed:
+                # The node closed this idle connection as we picked it (its keep-alive ran
+                # out): nothing was answered, so a fresh connection to the same node is safe,
+                # and the only way when the model has no other node.
+                pass
+        return await self._exchange(await self._connect(key), request, read_timeout)
+
+    @staticmethod
+    async def _exchange(conn: _Connection, request: bytes,
+                        read_timeout: float) -> UpstreamResponse:
+        try:
+            await conn.send(request, read_timeout)
+        except BaseException:
+            # Cut off while waiting for the head (a deadline, a client gone) or failed: close
+            # it, so the node stops generating an answer nobody will read.
+            conn._cancel_timer()
+            conn.abort()
+            raise
         return UpstreamResponse(conn.status, {k.decode(): v.decode(errors="replace")
                                               for k, v in conn.headers}, conn)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -103,3 +104,62 @@ async def test_failures_say_what_the_caller_may_do(served: tuple[str, web.Applic
         await r.read()
     r.release()
     await pool.close()
+
+
+async def test_cancelled_before_the_head_closes_the_connection() -> None:
+    """A request cut off (deadline, client gone) while the node is still thinking: the node
+    sees the connection close, so it stops generating an answer nobody will read."""
+    arrived, gone = asyncio.Event(), asyncio.Event()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.set()
+        if await reader.read(1) == b"":  # EOF: the gateway hung up
+            gone.set()
+        writer.close()
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = UpstreamPool()
+    task = asyncio.create_task(pool.post(f"http://127.0.0.1:{port}", "/v1/x", b"", {}, 30))
+    await asyncio.wait_for(arrived.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(gone.wait(), 5)
+    await pool.close()
+    server.close()
+
+
+async def test_an_idle_connection_the_node_closed_is_retried_on_a_fresh_one() -> None:
+    """The node's keep-alive ran out as we reused its connection: nothing was answered, so the
+    same node gets the request again on a new connection (a model with one node still works)."""
+    connections = 0
+    ok = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n"
+          b"{}")
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(ok)
+        await writer.drain()
+        if first:
+            # Keep-alive in name only: the next request on this connection finds it closing.
+            await reader.readuntil(b"\r\n\r\n")
+        else:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = UpstreamPool()
+    for _ in range(2):
+        r = await pool.post(url, "/v1/x", b"", {}, 5)
+        assert r.status == 200 and await r.read() == b"{}"
+        r.release()
+    assert connections == 2
+    await pool.close()
+    server.close()
