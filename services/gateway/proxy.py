@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
@@ -104,7 +103,10 @@ class Proxy:
         self.settings = settings or ProxySettings()
 
     def has_nodes(self, model: str) -> bool:
-        return bool(self.table.candidates(model, time.monotonic(), self.rules))
+        """Some node could take a request for `model` now (its circuit lets it)."""
+        now = time.monotonic()
+        allow = self.balancer.breaker.allow
+        return any(allow(n.node_id, now) for n in self.table.candidates(model, now, self.rules))
 
     async def forward(self, request: web.Request, req: InferenceRequest, request_id: str,
                       headers: dict[str, str], progress: Progress) -> ProxyResult:
@@ -144,7 +146,9 @@ class Proxy:
                 log.warning("node unreachable; trying another", node_id=node.node_id,
                             error=last_error)
                 continue
-            except asyncio.CancelledError:
+            except BaseException:
+                # Cut off (a deadline, a client gone) or a bug: no verdict on the node, but
+                # its slot (and a half-open probe) must not stay taken.
                 if progress.in_flight:
                     progress.in_flight = False
                     self.balancer.abandoned(node.node_id)
@@ -231,9 +235,16 @@ class Proxy:
         assert node is not None
         meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
-        await response.prepare(request)
         failure: str | None = None
         client_gone = False
+        try:
+            await response.prepare(request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # Gone before the first byte: nothing delivered, nothing billed, node not at fault.
+            upstream.close()
+            self.metrics.disconnects.inc()
+            self._succeeded(progress, req.model, started)
+            return ProxyResult(response, 200, node.node_id, client_gone=True)
         partial = b""
         while True:
             try:

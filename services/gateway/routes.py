@@ -22,17 +22,19 @@ from services.gateway.middleware import CLIENT_CLOSED_REQUEST, deadline_expired
 from services.gateway.protocol import BadRequest, InferenceRequest, parse_request
 from services.gateway.proxy import Progress, UpstreamFailure
 from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
+from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("gateway")
 
 
-def limits_for(p: Principal, gw: Gateway) -> Limits:
+def limits_for(p: Principal, s: GatewaySettings) -> Limits:
     """A key's own limits, its environment's (or the default), the platform's."""
-    s = gw.settings
     return Limits(
         key_requests_per_minute=p.key_requests_per_minute,
-        environment_requests_per_minute=(p.environment_requests_per_minute
-                                         or s.environment_requests_per_minute or None),
+        # An environment's own 0 pauses it; only "not set" (None) takes the default.
+        environment_requests_per_minute=(
+            p.environment_requests_per_minute if p.environment_requests_per_minute is not None
+            else s.environment_requests_per_minute or None),
         tenant_requests_per_minute=s.tenant_requests_per_minute or None,
         global_requests_per_minute=s.global_requests_per_minute or None,
         key_tokens_per_minute=p.key_tokens_per_minute,
@@ -113,12 +115,14 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
         raise ApiError.unavailable(f"No node is serving the model '{req.model}' right now. "
                                    "Retry shortly.", headers={"Retry-After": "1"})
     subject = LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id)
-    decision = await gw.limiter.acquire(subject, limits_for(principal, gw), req.reserved_tokens)
+    decision = await gw.limiter.acquire(subject, limits_for(principal, gw.settings),
+                                        req.reserved_tokens)
     if not decision.allowed:
         raise refusal(decision)
     request_id = request[REQUEST_ID]
-    lease = gw.leases.hold(decision.reservation) \
-        if req.stream and decision.reservation is not None else None
+    # Kept alive while the request runs, streamed or not: a whole answer may take longer than
+    # a lease (REQUEST_TIMEOUT above CONCURRENCY_LEASE_SECONDS).
+    lease = gw.leases.hold(decision.reservation) if decision.reservation is not None else None
     progress = Progress()
     try:
         result = await gw.proxy.forward(request, req, request_id, decision.headers, progress)
@@ -135,6 +139,11 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
         # the quota and its concurrency slot are settled, what was delivered is billed.
         _finish(gw, decision.reservation, req, principal, request_id, started, progress,
                 504 if deadline_expired(request) else CLIENT_CLOSED_REQUEST)
+        raise
+    except Exception:
+        # Whatever went wrong (the middleware answers 500), the reservation is settled and
+        # what was delivered is billed.
+        _finish(gw, decision.reservation, req, principal, request_id, started, progress, 500)
         raise
     finally:
         if lease is not None:
