@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from schemas.events import EventDecodeError, decode_event
+from schemas.events import EventDecodeError, NodeStatus, decode_event
 from services.core.bus import Bus
 from services.core.http import BUS, DB, REDIS, REGISTRY
 from services.core.pipelined_redis import PipelinedRedis
@@ -23,7 +24,7 @@ from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelCatalog
 from services.gateway.node_feed import NodeFeed
-from services.gateway.nodes import NodeTable, RoutingRules
+from services.gateway.nodes import NodeTable, NodeView, RoutingRules
 from services.gateway.proxy import Proxy, ProxySettings
 from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
 from services.gateway.settings import GatewaySettings
@@ -109,13 +110,18 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     # The limiter's: every request's EVALSHAs pipelined on one connection (the hot path), and
     # never retried by the client (a retried EVALSHA would count a request twice).
     limiter_redis = PipelinedRedis(s.redis_url.reveal(), timeout=s.ratelimit_redis_timeout)
-    table = NodeTable()
     rules = RoutingRules(health_threshold=s.health_score_threshold,
                          heartbeat_timeout=s.node_heartbeat_timeout)
     balancer = Balancer(s.lb_strategy, CircuitBreaker(BreakerRules(
         error_rate=s.circuit_error_rate, min_requests=s.circuit_min_requests,
         window=s.circuit_window_seconds, cooldown=s.circuit_cooldown_seconds)))
     metrics = GatewayMetrics(registry)
+
+    def node_left(node_id: str) -> None:
+        balancer.forget(node_id)
+        metrics.forget_node(node_id)
+
+    table = NodeTable(on_removed=node_left)
     upstream = UpstreamPool(connect_timeout=s.upstream_connect_timeout)
     limiter = RedisRateLimiter(limiter_redis, policy=s.ratelimit_policy,
                                lease_ttl=s.concurrency_lease_seconds, registry=registry,
@@ -138,6 +144,7 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
             limiter, s.concurrency_lease_seconds / 3))
     app[GATEWAY] = gw
     await gw.limiter.load_scripts()
+    await seed_nodes(app[DB], table)
     feed = NodeFeed(bus, table)
     await feed.start()
     subs: list[Subscription] = [await bus.nc.subscribe(subject, cb=gw.on_control_event)
@@ -160,6 +167,17 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
     await redis.aclose()
     await limiter_redis.aclose()
+
+
+async def seed_nodes(db: asyncpg.Pool, table: NodeTable) -> None:
+    """Nodes from the `nodes` projection, once at start: NATS keeps a node's registration for
+    the NODES stream's age only, and a node may serve for longer than that."""
+    rows = await db.fetch("SELECT id::text, model_name, endpoint_url, region, status FROM nodes "
+                          "WHERE status NOT IN ('terminated', 'failed')")
+    for r in rows:
+        table.seed(NodeView(r["id"], r["model_name"], r["endpoint_url"], r["region"],
+                            status=NodeStatus(r["status"]),
+                            draining=r["status"] == NodeStatus.DRAINING))
 
 
 async def _refresh_models(models: ModelCatalog) -> None:

@@ -41,3 +41,10 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def forget_node(self, node_id: str) -> None:
+        """A node left the fleet: its series go, so the label set stays the fleet's size."""
+        per_node = {m._name: m for m in (self.lb_requests, self.lb_latency, self.lb_errors)}
+        for key in [k for k in self._children if k[0] in per_node and k[2] == node_id]:
+            del self._children[key]
+            per_node[key[0]].remove(*key[1:])

@@ -6,6 +6,7 @@ request. No Postgres on the hot path: the table is fed from NATS (see node_feed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from schemas.events import (
@@ -57,12 +58,29 @@ def routable(node: NodeView, now: float, rules: RoutingRules) -> bool:
             and now - node.last_heartbeat <= rules.heartbeat_timeout)
 
 
+FINAL_STATUSES = frozenset({NodeStatus.TERMINATED, NodeStatus.FAILED})
+
+
 class NodeTable:
-    def __init__(self) -> None:
+    def __init__(self, on_removed: Callable[[str], None] | None = None) -> None:
         self.nodes: dict[str, NodeView] = {}
         # A heartbeat can overtake its node's registration (different subjects, a gateway
         # replaying the registrations at start): keep the latest until the node is known.
         self._early: dict[str, tuple[NodeHeartbeat, float]] = {}
+        self._on_removed = on_removed
+        """Told the id of each node that leaves the table, so what is kept per node
+        elsewhere (circuits, metric series) goes with it."""
+
+    def seed(self, node: NodeView) -> None:
+        """A node known from the `nodes` projection at start: its registration may be older
+        than the NODES stream keeps. Events, replayed or live, win over it."""
+        if node.status not in FINAL_STATUSES:
+            self.nodes.setdefault(node.node_id, node)
+
+    def _remove(self, node_id: str) -> None:
+        self._early.pop(node_id, None)
+        if self.nodes.pop(node_id, None) is not None and self._on_removed is not None:
+            self._on_removed(node_id)
 
     def apply(self, event: Event, now: float) -> None:
         match event:
@@ -87,16 +105,15 @@ class NodeTable:
                 node = self.nodes.get(str(event.node_id))
                 if node is not None:
                     node.status = event.to_status
-                    if event.to_status in (NodeStatus.TERMINATED, NodeStatus.FAILED):
-                        del self.nodes[node.node_id]
+                    if event.to_status in FINAL_STATUSES:
+                        self._remove(node.node_id)
             case NodeDraining() | NodeSpotWarning():
                 node = self.nodes.get(str(event.node_id))
                 if node is not None:
                     node.draining = True
                     node.status = NodeStatus.DRAINING
             case NodeDeregistered() | NodeTerminated():
-                self.nodes.pop(str(event.node_id), None)
-                self._early.pop(str(event.node_id), None)
+                self._remove(str(event.node_id))
 
     def candidates(self, model: str, now: float, rules: RoutingRules) -> list[NodeView]:
         return [n for n in self.nodes.values() if n.model == model and routable(n, now, rules)]

@@ -4,20 +4,26 @@ clients that hang up, NATS and Redis outages."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import uuid
 from collections import Counter
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.events import Quota, UsageRecorded, decode_event
+from schemas.events import NodeTerminated, Quota, UsageRecorded, decode_event
 from services.core.devstack import free_port
-from tests.helpers import eventually
+from services.core.eventlog import EventLog
+from services.core.fleet.projection import NodesProjection
+from services.core.projections import ProjectionRunner
+from tests.helpers import eventually, node_registered
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
@@ -192,6 +198,124 @@ async def test_one_retry_on_another_node_when_the_connection_fails(platform: Pla
                                             ("reason", "connect")))] == retries
     # ...and every one of them was answered by the good node.
     assert m[("loadbalancer_requests_total", (("model", MODEL), ("node", good.node_id)))] == 6
+
+
+async def test_all_circuits_open_is_503_without_spending_quota(platform: Platform  # noqa: F811
+                                                               ) -> None:
+    p = platform
+    limited = await p.catalog.create_api_key(p.environment_id,
+                                             limits=Quota(requests_per_minute=6))
+    await p.start_gateway(circuit_min_requests=4, circuit_cooldown_seconds=60)
+    only = await p.add_node()
+    await p.routable(1)
+    await only.faults(error_rate=1.0)
+    client = p.client(limited.plaintext)
+    statuses = []
+    for _ in range(9):
+        try:
+            await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+            statuses.append(200)
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+    await client.close()
+    # Four failures open the only circuit (and spend four of six); nobody can serve now, so
+    # the rest are 503 and the two requests left in the minute are still there.
+    assert statuses == [502] * 4 + [503] * 5
+
+
+async def test_a_node_that_leaves_takes_its_series_and_circuit_along(platform: Platform  # noqa: F811
+                                                                     ) -> None:
+    p = platform
+    await p.start_gateway()
+    node = await p.add_node()
+    await p.routable(1)
+    r = await p.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert r.choices
+    before = await _metrics(p)
+    assert any(dict(labels).get("node") == node.node_id for _, labels in before)
+    await p.bus.publish(NodeTerminated(node_id=uuid.UUID(node.node_id), reason="test"))
+
+    async def gone() -> bool:
+        return node.node_id not in p.gw.table.nodes
+
+    await eventually(gone, what="the node leaves the table")
+    after = await _metrics(p)
+    assert not any(dict(labels).get("node") == node.node_id for _, labels in after)
+    assert node.node_id not in p.gw.balancer.latency
+
+
+async def test_a_node_older_than_the_stream_is_known_from_the_projection(
+        platform: Platform) -> None:  # noqa: F811
+    """NATS keeps a registration for the NODES stream's age; the `nodes` projection keeps it
+    for as long as the node lives. A gateway started later still routes to such a node."""
+    p = platform
+    node = await p.add_node()
+
+    async def stored() -> bool:
+        return bool((await p.bus.js.stream_info("NODES")).state.messages)
+
+    await eventually(stored, what="the registration in NATS")
+    registered = msgspec.structs.replace(node_registered(uuid.UUID(node.node_id), model=MODEL),
+                                         endpoint_url=node.url)
+    log = EventLog(p.pool)
+    await log.record([registered])
+    await ProjectionRunner(log, NodesProjection()).catch_up()
+    await p.bus.js.purge_stream("NODES")  # as if it had aged out
+    await p.start_gateway()
+    await p.routable(1)
+    r = await p.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert r.choices
+
+
+async def test_a_client_gone_before_the_first_byte_is_settled_and_frees_the_node(
+        platform: Platform) -> None:  # noqa: F811
+    """The client hangs up while the node is still silent; the node then answers. Nothing
+    was delivered: the request is recorded (499, no tokens) and the node's slot is free."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_node(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        arrived.set()
+        await release.wait()
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow_node, "127.0.0.1", 0)
+    p = platform
+    await p.start_gateway()
+    node = await p.add_node(advertise=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    await p.routable(1)
+    session = aiohttp.ClientSession()
+    call = asyncio.create_task(chat(session, p.gateway_url, p.key.plaintext, stream=True))
+    await asyncio.wait_for(arrived.wait(), 10)
+    call.cancel()
+    await session.close()
+    assert p.gateway_runner is not None and p.gateway_runner.server is not None
+    connections = p.gateway_runner.server.connections
+
+    async def hung_up() -> bool:
+        # A connection stays listed until its handler ends; its transport goes at once.
+        return all(handler.transport is None for handler in connections)
+
+    await eventually(hung_up, what="the gateway sees the client gone")
+    release.set()
+
+    async def recorded() -> bool:
+        return any(e.status == 499 for e in await usage(p))
+
+    await eventually(recorded, what="the request recorded")
+    [event] = await usage(p)
+    assert (event.prompt_tokens, event.completion_tokens) == (0, 0)
+    assert str(event.node_id) == node.node_id
+    assert p.gw.balancer.in_flight.get(node.node_id) is None
+    server.close()
 
 
 async def _metrics(p: Platform) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -254,3 +254,22 @@ def test_an_abandoned_request_frees_its_slot_and_a_probe_that_never_finished() -
     assert b.breaker.allow("n0", 11)  # the next request probes
     b.started("n0", 11)
     assert b.finished("n0", ok=True, latency=0.1, now=11.5) is CircuitState.CLOSED
+
+
+def test_a_node_leaving_is_reported_once_and_a_seed_never_overrides_events() -> None:
+    gone: list[str] = []
+    t = NodeTable(on_removed=gone.append)
+    a, b = uuid.uuid4(), uuid.uuid4()
+    t.apply(node_registered(a, model="m"), 0)
+    t.seed(NodeView(str(a), "other", "http://stale", "r"))  # events win
+    assert t.nodes[str(a)].model == "m"
+    t.seed(NodeView(str(b), "m", "http://b", "r", status=NodeStatus.ACTIVE))
+    t.seed(NodeView("dead", "m", "http://d", "r", status=NodeStatus.TERMINATED))
+    assert set(t.nodes) == {str(a), str(b)}
+    t.apply(beat(b), 1)
+    assert [c.node_id for c in t.candidates("m", 1, RULES)] == [str(b)]
+    t.apply(NodeTerminated(node_id=a, reason="x"), 2)
+    t.apply(NodeTerminated(node_id=a, reason="again"), 3)
+    t.apply(NodeStatusChanged(node_id=b, from_status=NodeStatus.ACTIVE,
+                              to_status=NodeStatus.FAILED), 4)
+    assert gone == [str(a), str(b)] and t.nodes == {}
