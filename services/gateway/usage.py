@@ -68,6 +68,9 @@ class UsagePublisher:
         self._spool_file: BinaryIO | None = None
         self._last_try = 0.0
         self._healthy = True
+        self._in_hand: list[UsageRecorded] = []
+        """Taken off the queue, not yet acknowledged or spooled: if the task is cancelled
+        (shutdown) in between, close() still has them."""
 
     @property
     def pending(self) -> int:
@@ -85,7 +88,8 @@ class UsagePublisher:
 
     async def run(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        await self._replay_spools()
+        if not await self._replay_spools():
+            self._unhealthy()  # so the loop below keeps trying, requests or not
         while True:
             if self._healthy:
                 first = await self._queue.get()
@@ -96,17 +100,19 @@ class UsagePublisher:
                 except TimeoutError:
                     await self._try_recover()
                     continue
-            batch = [first]
+            batch = self._in_hand = [first]
             while len(batch) < self.batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self.metrics.queued.set(self._queue.qsize())
             if self._healthy:
                 failed = await self._publish(batch)
+                self._in_hand = []
                 if failed:
                     self._spool(failed)
                     self._unhealthy()
             else:
                 self._spool(batch)
+                self._in_hand = []
                 await self._try_recover()
 
     async def _publish(self, events: list[UsageRecorded]) -> list[UsageRecorded]:
@@ -208,8 +214,9 @@ class UsagePublisher:
         return self._spool_file is None
 
     async def close(self) -> None:
-        """Publish what is queued; spool whatever NATS will not take."""
-        remaining: list[UsageRecorded] = []
+        """Publish what is queued; spool whatever NATS will not take. A batch the cancelled
+        task was publishing goes again: its event ids make a second copy harmless."""
+        remaining, self._in_hand = self._in_hand, []
         while not self._queue.empty():
             remaining.append(self._queue.get_nowait())
         if remaining:

@@ -4,13 +4,18 @@ Real NATS (JetStream), real files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import uuid
 from pathlib import Path
 
 from schemas.events import UsageRecorded, decode_event, encode_event
+from services.core.aio import stop_task
 from services.core.bus import Bus
+from services.core.devstack import NatsServer
 from services.gateway.usage import UsagePublisher
+from tests.helpers import eventually
 
 
 def used(n: int) -> UsageRecorded:
@@ -57,3 +62,76 @@ async def test_a_dead_gateways_spool_is_replayed_once(bus: Bus, tmp_path: Path) 
     assert await stored(bus) == {"req-7", "req-8"}
     assert (await bus.js.stream_info("USAGE")).state.messages == 2
     assert dead.name not in os.listdir(tmp_path)
+
+
+async def test_a_batch_cut_off_by_shutdown_is_still_published(tmp_path: Path) -> None:
+    """The publishing task is cancelled (gateway shutdown) while a batch waits for NATS's
+    acknowledgments, and that NATS dies before storing it: close() publishes it again."""
+    nats_server = NatsServer(tmp_path / "nats")
+    nats_server.start()
+    bus = await Bus.connect(nats_server.url, name="usage-test")
+    try:
+        await bus.ensure_streams()
+        publisher = UsagePublisher(bus, tmp_path / "spool")
+        task = asyncio.create_task(publisher.run())
+        assert nats_server.proc is not None and nats_server.proc._proc is not None
+        pid = nats_server.proc._proc.pid
+        os.kill(pid, signal.SIGSTOP)  # takes the batch, never answers
+        for n in range(3):
+            publisher.submit(used(n))
+
+        async def in_hand() -> bool:
+            return len(publisher._in_hand) == 3
+
+        await eventually(in_hand, what="the batch is being published")
+        await stop_task(task)
+        nats_server.kill()  # what it had received is gone with it
+        nats_server.start()
+
+        async def back() -> bool:
+            return bus.connected
+
+        await eventually(back, timeout=20, what="the bus reconnects")
+        await publisher.close()  # published, or spooled if JetStream is not back yet
+        successor = UsagePublisher(bus, tmp_path / "spool")  # the next gateway started
+
+        async def all_stored() -> bool:
+            await successor.retry_now()
+            return await stored(bus) == {"req-0", "req-1", "req-2"}
+
+        await eventually(all_stored, timeout=20, what="the batch stored")
+    finally:
+        await bus.close()
+        nats_server.stop()
+
+
+async def test_a_spool_found_at_start_while_nats_is_away_is_replayed_when_it_is_back(
+        tmp_path: Path) -> None:
+    """No request needs to come in: the publisher keeps trying on its own."""
+    nats_server = NatsServer(tmp_path / "nats")
+    nats_server.start()
+    bus = await Bus.connect(nats_server.url, name="usage-test")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "usage-4242-1-1.jsonl").write_bytes(encode_event(used(5)) + b"\n")
+    try:
+        await bus.ensure_streams()
+        nats_server.stop()
+        publisher = UsagePublisher(bus, spool, retry_interval=0.2)
+        task = asyncio.create_task(publisher.run())
+
+        async def gave_up_for_now() -> bool:
+            return not publisher._healthy
+
+        await eventually(gave_up_for_now, what="the first replay fails")
+        nats_server.start()
+
+        async def replayed() -> bool:
+            return bus.connected and await stored(bus) == {"req-5"}
+
+        await eventually(replayed, timeout=20, what="the spool replayed")
+        await stop_task(task)
+        await publisher.close()
+    finally:
+        await bus.close()
+        nats_server.stop()
