@@ -11,7 +11,9 @@ suspended, by policy:
 - invoice.payment_action_required → billing.payment_failed, action_required (same policy)
 - customer.subscription.updated → billing.subscription_changed
 - customer.subscription.deleted → billing.subscription_changed; with
-  SUBSCRIPTION_DELETED_POLICY=suspend (the default; or flag) the tenant is suspended
+  SUBSCRIPTION_DELETED_POLICY=suspend (the default; or flag) the tenant is suspended — only
+  when it is the tenant's current subscription (`is_current_subscription`): the end of an old
+  one, replaced since, is recorded and changes nothing
 - v1.billing.meter.error_report_triggered → billing.meter_error_reported
 - anything else: acknowledged, ignored
 """
@@ -32,6 +34,7 @@ from schemas.events import (
     PaymentFailed,
     SubscriptionChanged,
 )
+from services.core.billing_ledger import ENDED_SUBSCRIPTION
 
 PaymentFailedPolicy = Literal["flag", "suspend"]
 SubscriptionDeletedPolicy = Literal["suspend", "flag"]
@@ -170,6 +173,18 @@ def _meter_error(event_id: str, body: Mapping[str, Any],
                   validation_end=_time(_get(data, "validation_end")))
 
 
+def is_current_subscription(current_id: str | None, current_status: str | None,
+                            subscription_id: str, status: str) -> bool:
+    """Whether news of `subscription_id` (now in `status`) is about the subscription the tenant
+    is billed through: the one on its account; any, when the account has none; or a live one
+    taking over from an ended one (made in Stripe's dashboard, say). Never an ended one in
+    place of another: an old subscription's late `deleted` must not replace, nor suspend.
+    billing_ledger applies the same rule to billing_accounts."""
+    if not current_id or subscription_id == current_id:
+        return True
+    return current_status in ENDED_SUBSCRIPTION and status not in ENDED_SUBSCRIPTION
+
+
 @dataclass(frozen=True)
 class Effects:
     events: list[Event]
@@ -179,9 +194,12 @@ class Effects:
 
 def effects(notice: Notice, tenant_id: uuid.UUID | None, *,
             payment_failed: PaymentFailedPolicy = "flag",
-            subscription_deleted: SubscriptionDeletedPolicy = "suspend") -> Effects:
+            subscription_deleted: SubscriptionDeletedPolicy = "suspend",
+            current_subscription: str | None = None,
+            current_status: str | None = None) -> Effects:
     """What the platform records for a Stripe event. Tenant events need the tenant (None:
-    a customer we do not know; nothing is recorded)."""
+    a customer we do not know; nothing is recorded). `current_subscription` and
+    `current_status`: what the tenant's billing account holds."""
     sid = notice.stripe_event_id
     if notice.kind is Kind.METER_ERROR:
         return Effects([MeterErrorReported(
@@ -206,7 +224,10 @@ def effects(notice: Notice, tenant_id: uuid.UUID | None, *,
     status = notice.status or ("canceled" if notice.kind is Kind.SUBSCRIPTION_DELETED else "")
     changed = SubscriptionChanged(tenant_id=tenant_id, subscription_id=notice.subscription_id,
                                 status=status, stripe_event_id=sid)
-    if notice.kind is Kind.SUBSCRIPTION_DELETED and subscription_deleted == "suspend":
+    current = is_current_subscription(current_subscription, current_status,
+                                      notice.subscription_id, status)
+    if notice.kind is Kind.SUBSCRIPTION_DELETED and subscription_deleted == "suspend" \
+            and current:
         return Effects([changed], f"Stripe subscription {notice.subscription_id} deleted "
                                   f"(Stripe {sid})")
     return Effects([changed])

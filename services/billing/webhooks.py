@@ -32,7 +32,11 @@ from services.billing.stripe_events import (
     effects,
     parse,
 )
-from services.core.billing_ledger import record_billing_events, tenant_for_customer
+from services.core.billing_ledger import (
+    get_account,
+    record_billing_events,
+    tenant_for_customer,
+)
 from services.core.catalog import Catalog, CatalogError
 from services.core.eventlog import EventLog
 from services.core.stripe_billing import StripeBilling, describe
@@ -97,8 +101,11 @@ class WebhookHandler:
         fetched = await self._fetch(body) if body.get("type") == METER_ERROR_TYPE else None
         notice = parse(body, fetched)
         tenant_id = await self._tenant(notice)
+        account = await get_account(self.pool, tenant_id) if tenant_id is not None else None
         eff = effects(notice, tenant_id, payment_failed=self.settings.payment_failed_policy,
-                      subscription_deleted=self.settings.subscription_deleted_policy)
+                      subscription_deleted=self.settings.subscription_deleted_policy,
+                      current_subscription=account.subscription_id if account else None,
+                      current_status=account.subscription_status if account else None)
         if eff.suspend_reason and tenant_id is not None:
             await self._suspend(tenant_id, eff.suspend_reason, notice.stripe_event_id)
         if notice.kind is Kind.IGNORED:

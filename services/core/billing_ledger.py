@@ -40,6 +40,9 @@ from services.core.projections import Projection
 
 _json = msgspec.json.Encoder()
 
+ENDED_SUBSCRIPTION = frozenset({"canceled", "incomplete_expired"})
+"""Subscription statuses Stripe never leaves: such a subscription bills nothing more."""
+
 
 class BillingProjection(Projection):
     name = "billing_events"
@@ -87,11 +90,17 @@ async def _apply_one(conn: Connection, r: RecordedEvent, e: Event) -> None:
                        payment_status="action_required" if e.action_required else "failed",
                        flagged=True, last_invoice_id=e.invoice_id)
     elif isinstance(e, SubscriptionChanged):
+        # Only news of the current subscription changes the account (the rule of
+        # services.billing.stripe_events.is_current_subscription): an old subscription's
+        # late `deleted` stays in the feed and replaces nothing.
         await conn.execute(
             """UPDATE billing_accounts SET subscription_id = $2, subscription_status = $3,
                    updated_at = $4, version = $5
-               WHERE tenant_id = $1 AND version < $5""",
-            e.tenant_id, e.subscription_id, e.status, at, v)
+               WHERE tenant_id = $1 AND version < $5
+                 AND (subscription_id IS NULL OR subscription_id = $2
+                      OR (subscription_status = ANY($6::text[])
+                          AND NOT $3 = ANY($6::text[])))""",
+            e.tenant_id, e.subscription_id, e.status, at, v, sorted(ENDED_SUBSCRIPTION))
     elif isinstance(e, UsageExportSkipped):
         await conn.execute(
             """INSERT INTO meter_exports (identifier, tenant_id, meter, event_name, hour,

@@ -24,7 +24,12 @@ import stripe
 import structlog
 
 from schemas.events import StripeCustomerLinked
-from services.core.billing_ledger import BillingAccount, get_account, record_billing_events
+from services.core.billing_ledger import (
+    ENDED_SUBSCRIPTION,
+    BillingAccount,
+    get_account,
+    record_billing_events,
+)
 from services.core.catalog import NotFound
 from services.core.settings import Secret
 
@@ -82,10 +87,6 @@ def describe(exc: stripe.StripeError) -> str:
         parts.append(code)
     parts.append(text.splitlines()[0][:300] if text else "")
     return " ".join(p for p in parts if p)
-
-
-ENDED_SUBSCRIPTION = frozenset({"canceled", "incomplete_expired"})
-"""Subscription statuses Stripe never leaves: such a subscription bills nothing more."""
 
 
 class StripeUnavailable(Exception):

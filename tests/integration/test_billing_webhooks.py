@@ -150,6 +150,42 @@ async def test_a_deleted_subscription_suspends_the_tenant(hook: Hook) -> None:
         tenant) == "canceled"
 
 
+async def test_an_old_subscription_ending_changes_nothing(hook: Hook) -> None:
+    tenant = await hook.rig.tenant("acme")
+    account = await hook.rig.pool.fetchrow(
+        "SELECT customer_id, subscription_id FROM billing_accounts WHERE tenant_id = $1", tenant)
+    current = account["subscription_id"]
+
+    async def state() -> tuple[str, str, str]:
+        row = await hook.rig.pool.fetchrow(
+            """SELECT t.status, a.subscription_id, a.subscription_status FROM tenants t
+               JOIN billing_accounts a ON a.tenant_id = t.id WHERE t.id = $1""", tenant)
+        return row["status"], row["subscription_id"], row["subscription_status"]
+
+    # A subscription of the same customer that the tenant is not billed through ends.
+    old = {"id": "sub_old", "object": "subscription", "customer": account["customer_id"],
+           "status": "canceled", "metadata": {}}
+    assert (await hook.post(snapshot_event("evt_old", "customer.subscription.deleted", old))
+            )[1]["outcome"] == "recorded"
+    assert await state() == ("active", current, "active")
+    assert [e["subscription_id"] for e in
+            await hook.billing_events("billing.subscription_changed")] == ["sub_old"]
+
+    # The current one ends: suspended. Linked again: a new subscription; a late, second
+    # notice about the ended one neither replaces it nor suspends again.
+    ended = {**old, "id": current}
+    hook.rig.stripe.state.cancel_subscription(current)
+    await hook.post(snapshot_event("evt_cur", "customer.subscription.deleted", ended))
+    assert await state() == ("suspended", current, "canceled")
+    await hook.rig.catalog.reactivate_tenant(tenant)
+    await hook.rig.link(tenant)
+    status, renewed, renewed_status = await state()
+    assert (status, renewed_status) == ("active", "active") and renewed != current
+    await hook.post(snapshot_event("evt_late", "customer.subscription.updated", ended))
+    await hook.post(snapshot_event("evt_late2", "customer.subscription.deleted", ended))
+    assert await state() == ("active", renewed, "active")
+
+
 async def test_flag_policy_keeps_the_tenant_active(rig: BillingRig) -> None:
     await rig.start(subscription_deleted_policy="flag")
     tenant = await rig.tenant("acme")

@@ -11,7 +11,13 @@ import pytest
 import stripe
 
 from schemas.events import InvoicePaid, MeterErrorReported, PaymentFailed, SubscriptionChanged
-from services.billing.stripe_events import BadEvent, Kind, effects, parse
+from services.billing.stripe_events import (
+    BadEvent,
+    Kind,
+    effects,
+    is_current_subscription,
+    parse,
+)
 from services.core.stripe_billing import Failure, classify
 
 T = uuid.UUID("0193a1b2-0000-7000-8000-0000000000aa")
@@ -69,6 +75,34 @@ def test_subscription_deleted_suspends_by_default() -> None:
     assert updated.suspend_reason is None
     assert isinstance(updated.events[0], SubscriptionChanged)
     assert updated.events[0].status == "past_due"
+
+
+def test_only_the_current_subscription_ending_suspends() -> None:
+    old = {"id": "sub_old", "object": "subscription", "customer": "cus_1",
+           "status": "canceled"}
+    notice = parse(event("customer.subscription.deleted", old))
+    eff = effects(notice, T, current_subscription="sub_new", current_status="active")
+    [changed] = eff.events  # still recorded, for the feed
+    assert isinstance(changed, SubscriptionChanged)
+    assert eff.suspend_reason is None
+    assert effects(notice, T, current_subscription="sub_old",
+                   current_status="active").suspend_reason
+    assert effects(notice, T).suspend_reason  # no subscription on the account: it speaks
+
+
+@pytest.mark.parametrize(("current", "status", "incoming", "incoming_status", "expected"), [
+    (None, None, "sub_1", "active", True),
+    ("sub_1", "active", "sub_1", "canceled", True),
+    ("sub_1", "active", "sub_0", "canceled", False),     # an old one's late deletion
+    ("sub_1", "active", "sub_2", "active", False),       # another live one: not ours
+    ("sub_1", "canceled", "sub_2", "active", True),      # a live one after an ended one
+    ("sub_1", "canceled", "sub_0", "canceled", False),   # never an ended one for another
+    ("sub_1", "incomplete_expired", "sub_2", "trialing", True),
+])
+def test_which_subscription_speaks_for_the_tenant(current: str | None, status: str | None,
+                                                  incoming: str, incoming_status: str,
+                                                  expected: bool) -> None:
+    assert is_current_subscription(current, status, incoming, incoming_status) is expected
 
 
 def test_events_of_unknown_tenants_or_types_record_nothing() -> None:
