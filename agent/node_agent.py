@@ -40,7 +40,7 @@ from schemas.events import (
     NodeSpotWarning,
 )
 from schemas.subjects import node_ack_subject, node_command_subject
-from services.core.aio import stop_task
+from services.core.aio import stop_task, within
 from services.core.backoff import Backoff
 from services.core.bus import Bus
 
@@ -76,6 +76,15 @@ class NodeAgent:
         self.exit_code = EXIT_DRAINED
         self.connect_attempts = 0
         self._drain: asyncio.Future[DrainRequest] | None = None
+        self._announcements: asyncio.Queue[Event] = asyncio.Queue()
+        """Lifecycle events (spot warning, draining, deregistered) for the announcer to publish
+        in order; the drain itself never waits on NATS."""
+        self._publish_by: datetime | None = None
+        """How long the announcer keeps retrying through a NATS outage (None: for ever)."""
+        self.leave_grace = 5.0
+        self.unannounced: list[str] = []
+        """Types of the lifecycle events given up on (NATS unreachable until too late)."""
+        """After the drain, how long the agent keeps trying to tell the control plane."""
         self._last_tokens: tuple[float, float] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -104,7 +113,8 @@ class NodeAgent:
             self.bus = bus
             tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
                      asyncio.create_task(self._register(), name="register"),
-                     asyncio.create_task(self._watch_spot(), name="spot")]
+                     asyncio.create_task(self._watch_spot(), name="spot"),
+                     asyncio.create_task(self._announcer(), name="announcer")]
             await self.bus.nc.subscribe(node_command_subject(self.node_id), cb=self._on_command)
             try:
                 request = await self._drain
@@ -114,7 +124,12 @@ class NodeAgent:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                await self.bus.close()
+                try:
+                    await self.bus.close()
+                except (OSError, nats.errors.Error) as exc:
+                    # nats-py's close while it is reconnecting can fail on the dead socket;
+                    # there is nothing left to flush then, and the exit code must stand.
+                    log.warning("nats close failed", error=str(exc) or type(exc).__name__)
                 self._remove_signal_handlers(loop)
         log.info("agent stopped", exit_code=self.exit_code)
         return self.exit_code
@@ -319,9 +334,11 @@ class NodeAgent:
     async def _on_spot_notice(self, notice: SpotNotice) -> None:
         log.warning("spot termination notice", provider=notice.provider, action=notice.action,
                     deadline=notice.deadline.isoformat() if notice.deadline else None)
-        warning = NodeSpotWarning(node_id=self.node_id, provider=notice.provider,
-                                  action=notice.action, deadline=notice.deadline)
-        await self._publish_until(warning, notice.deadline)
+        # Queued, not awaited: with NATS down the drain must still start now. The announcer
+        # publishes it before the NodeDraining the drain queues next.
+        self._announcements.put_nowait(NodeSpotWarning(
+            node_id=self.node_id, provider=notice.provider, action=notice.action,
+            deadline=notice.deadline))
         self.request_drain(f"spot {notice.action}", notice.deadline)
 
     async def _on_command(self, msg: Msg) -> None:
@@ -342,8 +359,19 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ drain
 
-    async def _publish_until(self, event: Event, deadline: datetime | None) -> bool:
-        """Publish to JetStream, retrying through a NATS outage until `deadline`."""
+    async def _announcer(self) -> None:
+        """Publish queued lifecycle events in order, each retried through a NATS outage
+        until `_publish_by`; one that cannot make it is given up, and the next is tried."""
+        while True:
+            event = await self._announcements.get()
+            try:
+                if not await self._publish_until(event):
+                    self.unannounced.append(event.type)
+            finally:
+                self._announcements.task_done()
+
+    async def _publish_until(self, event: Event) -> bool:
+        """Publish to JetStream, retrying through a NATS outage until `_publish_by`."""
         assert self.bus is not None
         backoff = Backoff(initial=0.1, maximum=2.0)
         while True:
@@ -351,7 +379,8 @@ class NodeAgent:
                 await self.bus.publish(event, timeout=2.0)
                 return True
             except (nats.errors.Error, TimeoutError, OSError) as exc:
-                if deadline is not None and datetime.now(UTC) >= deadline:
+                by = self._publish_by
+                if by is not None and datetime.now(UTC) >= by:
                     log.error("could not publish before the deadline", type=event.type,
                               error=str(exc) or type(exc).__name__)
                     return False
@@ -361,10 +390,11 @@ class NodeAgent:
         s = self.settings
         limit = datetime.now(UTC) + timedelta(seconds=s.drain_timeout)
         deadline = min(limit, request.deadline) if request.deadline else limit
+        self._publish_by = deadline
         self.draining = True
         log.info("draining", reason=request.reason, deadline=deadline.isoformat())
-        await self._publish_until(NodeDraining(node_id=self.node_id, reason=request.reason,
-                                               deadline=deadline), deadline)
+        self._announcements.put_nowait(NodeDraining(node_id=self.node_id,
+                                                    reason=request.reason, deadline=deadline))
         await self.send_heartbeat()  # the load balancers see draining=True at once
         grace = min(s.drain_grace, max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
         await asyncio.sleep(grace)
@@ -377,7 +407,15 @@ class NodeAgent:
             await asyncio.sleep(s.drain_poll_interval)
         else:
             log.warning("drain deadline passed with requests in flight")
-        await self._publish_until(
-            NodeDeregistered(node_id=self.node_id, reason=request.reason),
-            datetime.now(UTC) + timedelta(seconds=5))
-        log.info("deregistered")
+        # What is still queued (NATS down) gets a last few seconds, in order, then we go.
+        self._publish_by = datetime.now(UTC) + timedelta(seconds=self.leave_grace)
+        self._announcements.put_nowait(NodeDeregistered(node_id=self.node_id,
+                                                        reason=request.reason))
+        with contextlib.suppress(TimeoutError):
+            await within(self._announcements.join(), self.leave_grace + 2.5)
+        if self._announcements.empty() and not self.unannounced:
+            log.info("deregistered")
+        else:
+            log.error("leaving without telling the control plane all of it: nats unreachable",
+                      given_up=self.unannounced,
+                      still_queued=self._announcements.qsize())

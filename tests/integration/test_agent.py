@@ -328,6 +328,36 @@ async def test_spot_notice_warns_at_once_then_drains(provider: str, rig: Rig,
     assert rig.cp.of_type("node.deregistered")
 
 
+async def test_spot_notice_while_nats_is_down_still_drains(servers: Servers, rig: Rig,
+                                                            metadata: Served) -> None:
+    """The cloud takes the node at its deadline whether NATS answers or not: the drain must
+    not wait for the warning to be published (Azure may even leave NotBefore empty)."""
+    if servers.nats is None:
+        pytest.skip("needs the embedded NATS server to stop it")
+    sim = await rig.start_simulator()
+    state: MetadataState = metadata.app[STATE]
+    task = rig.run_agent(rig.settings(sim.url, provider="azure", spot_instance=True,
+                                      metadata_url=metadata.url))
+    agent: NodeAgent = task.agent
+    agent.leave_grace = 0.5
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    servers.nats.stop()
+    try:
+        async def disconnected() -> bool:
+            return agent.bus is not None and not agent.bus.connected
+
+        await eventually(disconnected, what="the agent notices NATS is down")
+        state.azure_events.append({"EventId": "e1", "EventType": "Preempt",
+                                   "ResourceType": "VirtualMachine", "Resources": ["node-0"],
+                                   "EventStatus": "Scheduled", "NotBefore": ""})
+        assert await asyncio.wait_for(task, 15) == 0
+    finally:
+        servers.nats.start()
+    assert agent.draining
+    # Tried in order, and given up on when the leaving grace ran out.
+    assert agent.unannounced[:1] == ["node.spot_warning"]
+
+
 async def test_metadata_service_down_is_not_fatal(rig: Rig) -> None:
     sim = await rig.start_simulator()
     task = rig.run_agent(rig.settings(sim.url, provider="aws", spot_instance=True,
