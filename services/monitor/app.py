@@ -27,6 +27,7 @@ log = structlog.get_logger("monitor")
 
 MONITOR_SETTINGS = web.AppKey("monitor_settings", MonitorSettings)
 WATCHER = web.AppKey("node_watcher", NodeWatcher)
+LEADERSHIP = web.AppKey("monitor_leadership", Leadership)
 
 NODE_RECORDER = ConsumerSpec(durable="monitor-nodes", stream=NODES.name, subjects=("node.>",))
 
@@ -64,6 +65,7 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     runner = ProjectionRunner(app[EVENTLOG], NodesProjection(), waker=app[WAKER])
     leadership = Leadership(s.database_url.reveal(), "monitor-sweeper",
                             retry=s.leader_retry_seconds)
+    app[LEADERSHIP] = leadership
     tasks = [asyncio.create_task(watcher.handle_heartbeats(), name="heartbeats"),
              asyncio.create_task(recorder.run(), name="node-recorder"),
              asyncio.create_task(runner.run(), name="nodes-projection"),

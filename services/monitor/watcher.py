@@ -19,7 +19,6 @@ grow without bound (a newer one from the same node follows).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import deque
@@ -52,14 +51,34 @@ from services.core.node_states import FINAL, HealthRule, Signal, transition
 log = structlog.get_logger("watcher")
 
 LAST_SEEN = "nodes:last_seen"
+"""node id → when the monitor last heard it; the sweep's set (a stale node leaves it)."""
+HEARD = "nodes:heard"
+"""node id → when the monitor last heard it, for the metrics: every node not ended yet."""
+HEALTH = "nodes:health_score"
+"""node id → its latest health score, for the metrics."""
 
-# KEYS: heartbeat, health_score, status, last_seen zset, probe-failing flag.
+# KEYS: heartbeat, health_score, status, last_seen zset, probe-failing flag, heard zset,
+#       health hash.
 # ARGV: heartbeat json, score, ttl, node id, now (seconds).
 _RECORD = """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[4])
+redis.call('HSET', KEYS[7], ARGV[4], ARGV[2])
 return {redis.call('GET', KEYS[3]), redis.call('EXISTS', KEYS[5])}
+"""
+
+# Nodes not heard from for ARGV[1] seconds' worth (score <= ARGV[1]) leave the metrics: a
+# node that went without a word (its end never recorded) must not stay a series for ever.
+# KEYS: heard zset, health hash.
+_FORGET = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 5000)
+if #old > 0 then
+  redis.call('ZREM', KEYS[1], unpack(old))
+  redis.call('HDEL', KEYS[2], unpack(old))
+end
+return #old
 """
 
 
@@ -74,45 +93,73 @@ class WatchSettings:
     probe_failures: int = 3
     probe_concurrency: int = 100
     gauges_every: float = 5.0
-    """How often the leader refreshes the fleet gauges and the heartbeat ages (seconds)."""
+    """How often the leader refreshes the fleet's series (seconds)."""
     batch: int = 500
     """Heartbeats per Redis round trip at most."""
     queue_limit: int = 200_000
 
 
-class HeartbeatAges(Collector):
-    """`node_heartbeat_age_seconds{node_id}`, computed when scraped from a snapshot of
-    `nodes:last_seen` the leader takes every `gauges_every`: a gauge set per node per sweep
-    costs a second of CPU at 100,000 nodes. Only the leader exports it (one series a node)."""
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """What the leader read of the whole fleet at `taken_at`."""
+
+    heard: list[tuple[str, float]]
+    """(node id, when the monitor last heard it), for every node not ended."""
+    health: list[tuple[str, float]]
+    counts: dict[str, int]
+    """status → nodes, for active, draining and stale."""
+
+
+_FLEET_HELP = {
+    "node_health_score": "Latest health score reported by a node",
+    "node_heartbeat_age_seconds": "Seconds since a node's last heartbeat",
+    "nodes_active_total": "Nodes in status active",
+    "nodes_draining_total": "Nodes in status draining",
+    "nodes_stale_total": "Nodes in status stale",
+}
+
+
+class FleetGauges(Collector):
+    """The fleet's series, read from Redis and PostgreSQL (shared by every replica) by the
+    leader every `gauges_every`, not from what this replica happened to handle: heartbeats are
+    spread over the replicas, so no replica's own view is the fleet's. Only the leader exports
+    them (a standby, or a replica that lost the lead, exports none: never a stale or zero
+    value), one series per node not ended. Ages are computed when scraped."""
 
     def __init__(self) -> None:
-        self.last_seen: list[tuple[str, float]] = []
+        self.snapshot: FleetSnapshot | None = None
+
+    def _families(self) -> dict[str, GaugeMetricFamily]:
+        return {name: GaugeMetricFamily(name, text,
+                                        labels=None if name.startswith("nodes_") else ["node_id"])
+                for name, text in _FLEET_HELP.items()}
 
     def describe(self) -> list[GaugeMetricFamily]:
-        return [GaugeMetricFamily("node_heartbeat_age_seconds",
-                                  "Seconds since a node's last heartbeat", labels=["node_id"])]
+        return list(self._families().values())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("node_heartbeat_age_seconds",
-                                   "Seconds since a node's last heartbeat", labels=["node_id"])
+        snap = self.snapshot
+        if snap is None:
+            return
+        f = self._families()
         now = time.time()
-        for node, seen in self.last_seen:
-            family.add_metric([node], round(now - seen, 3))
-        yield family
+        for node, seen in snap.heard:
+            f["node_heartbeat_age_seconds"].add_metric([node], round(max(0.0, now - seen), 3))
+        for node, score in snap.health:
+            f["node_health_score"].add_metric([node], score)
+        for status in ("active", "draining", "stale"):
+            f[f"nodes_{status}_total"].add_metric([], snap.counts.get(status, 0))
+        yield from f.values()
 
 
 class WatchMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.health = Gauge("node_health_score", "Latest health score reported by a node",
-                            ["node_id"], registry=registry)
-        self.ages = HeartbeatAges()
+        self.fleet = FleetGauges()
         if registry is not None:
-            registry.register(self.ages)
-        self.active = Gauge("nodes_active_total", "Nodes in status active", registry=registry)
-        self.draining = Gauge("nodes_draining_total", "Nodes in status draining",
-                              registry=registry)
-        self.stale_declared = Gauge("nodes_stale_total", "Nodes in status stale",
-                                    registry=registry)
+            registry.register(self.fleet)
+        self.leader = Gauge("monitor_is_leader",
+                            "1 on the replica that sweeps, probes and exports the fleet",
+                            registry=registry)
         self.heartbeats = Counter("monitor_heartbeats_total",
                                   "Heartbeats this replica handled", registry=registry)
         self.dropped = Counter("monitor_heartbeats_dropped_total",
@@ -147,6 +194,7 @@ class NodeWatcher:
         self.rule = HealthRule(settings.health_threshold)
         self.metrics = WatchMetrics(registry)
         self._record = redis.register_script(_RECORD)
+        self._forget = redis.register_script(_FORGET)
         self._probe_failures: dict[uuid.UUID, int] = {}
         self._queue: deque[NodeHeartbeat] = deque()
         self._queued = asyncio.Event()
@@ -188,7 +236,8 @@ class NodeWatcher:
                 node = event.node_id
                 await self._record(
                     keys=[f"node:{node}:heartbeat", f"node:{node}:health_score",
-                          f"node:{node}:status", LAST_SEEN, f"node:{node}:probe_failing"],
+                          f"node:{node}:status", LAST_SEEN, f"node:{node}:probe_failing",
+                          HEARD, HEALTH],
                     args=[msgspec.json.encode(event), event.health_score, ttl, str(node), now],
                     client=pipe)
             results = await pipe.execute()
@@ -200,7 +249,6 @@ class NodeWatcher:
     async def _judge(self, event: NodeHeartbeat, cached: bytes | None,
                      probe_failing: bool) -> None:
         node = event.node_id
-        self.metrics.health.labels(str(node)).set(event.health_score)
         if event.draining:
             signal = Signal.DRAINING
         elif probe_failing:
@@ -244,16 +292,16 @@ class NodeWatcher:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(f"node:{node}:status", status.value, ex=7 * 86400)
             if status in FINAL:
+                # A gone node's series go too: the labels stay bounded by the live fleet.
                 pipe.zrem(LAST_SEEN, str(node))
+                pipe.zrem(HEARD, str(node))
+                pipe.hdel(HEALTH, str(node))
                 pipe.delete(f"node:{node}:heartbeat", f"node:{node}:health_score")
             elif status == NodeStatus.REGISTERED:
                 # Silence counts from the registration until the first heartbeat.
                 pipe.zadd(LAST_SEEN, {str(node): time.time()}, nx=True)
             await pipe.execute()
         if status in FINAL:
-            # A gone node's series go too: the fleet's labels stay bounded by the live fleet.
-            with contextlib.suppress(KeyError):
-                self.metrics.health.remove(str(node))
             self._probe_failures.pop(node, None)
 
     async def on_node_events(self, events: list[Event]) -> None:
@@ -269,6 +317,7 @@ class NodeWatcher:
         """Sweep for silence every `sweep_every`, probe every `probe_every`. Until cancelled."""
         last_probe = 0.0
         self._gauges_at = 0.0
+        self.metrics.leader.set(1)
         try:
             async with aiohttp.ClientSession(
                     timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout)) as session:
@@ -279,7 +328,9 @@ class NodeWatcher:
                         await self.probe(session)
                     await asyncio.sleep(self.settings.sweep_every)
         finally:
-            self.metrics.ages.last_seen = []  # the next leader exports them
+            # The next leader exports the fleet; this replica's copy would only go stale.
+            self.metrics.fleet.snapshot = None
+            self.metrics.leader.set(0)
 
     async def sweep(self) -> int:
         """Declare silent nodes stale; refresh the fleet gauges. Returns nodes declared."""
@@ -304,16 +355,23 @@ class NodeWatcher:
         if now - self._gauges_at < self.settings.gauges_every:
             return
         self._gauges_at = now
-        seen = await self.redis.zrange(LAST_SEEN, 0, -1, withscores=True)
-        self.metrics.ages.last_seen = [(_text(m[0]), float(m[1])) for m in
-                                       cast(list[tuple[bytes, float]], seen)]
+        forgotten = await self._forget(keys=[HEARD, HEALTH],
+                                       args=[now - self.settings.heartbeat_ttl])
+        if forgotten:
+            log.info("nodes silent past the heartbeat ttl left the metrics", nodes=forgotten)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(HEARD, 0, -1, withscores=True)
+            pipe.hgetall(HEALTH)
+            seen, scores = await pipe.execute()
         rows = await self.fleet.log.pool.fetch(
             "SELECT status, count(*) AS n FROM nodes WHERE status IN ('active', 'draining', "
             "'stale') GROUP BY status")
-        counts = {r["status"]: r["n"] for r in rows}
-        self.metrics.active.set(counts.get("active", 0))
-        self.metrics.draining.set(counts.get("draining", 0))
-        self.metrics.stale_declared.set(counts.get("stale", 0))
+        heard = [(_text(m), float(t)) for m, t in cast(list[tuple[bytes, float]], seen)]
+        known = {node for node, _ in heard}
+        health = [(node, float(v)) for k, v in cast(dict[bytes, bytes], scores).items()
+                  if (node := _text(k)) in known]
+        self.metrics.fleet.snapshot = FleetSnapshot(
+            heard=heard, health=health, counts={r["status"]: r["n"] for r in rows})
 
     async def probe(self, session: aiohttp.ClientSession) -> None:
         """GET /health of every registered, active or unhealthy node; a node failing
