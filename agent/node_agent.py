@@ -53,7 +53,6 @@ EXIT_REJECTED = 3
 @dataclass(frozen=True)
 class DrainRequest:
     reason: str
-    deadline: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,11 @@ class NodeAgent:
         self._announcements: asyncio.Queue[Event] = asyncio.Queue()
         """Lifecycle events (spot warning, draining, deregistered) for the announcer to publish
         in order; the drain itself never waits on NATS."""
-        self._publish_by: datetime | None = None
-        """How long the announcer keeps retrying through a NATS outage (None: for ever)."""
+        self.drain_deadline: datetime | None = None
+        """When the drain ends whatever is in flight: set by the first request, and only ever
+        brought earlier by later ones (a spot notice during an operator's drain)."""
+        self._leave_by: datetime | None = None
+        """Set once the drain is over: the last moment to publish what is still queued."""
         self.leave_grace = 5.0
         self.unannounced: list[str] = []
         """Types of the lifecycle events given up on (NATS unreachable until too late)."""
@@ -90,12 +92,25 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def request_drain(self, reason: str, deadline: datetime | None = None) -> bool:
-        """Start a graceful drain; the first request wins. False when one is already on."""
-        if self._drain is None or self._drain.done():
+    def request_drain(self, reason: str, deadline: datetime | None = None, *,
+                      timeout: float | None = None) -> bool:
+        """Start a graceful drain that ends by `deadline` or after `timeout` seconds
+        (DRAIN_TIMEOUT by default), whichever comes first. The first request starts it (True);
+        a later one (False) can still bring the deadline earlier, never later."""
+        if self._drain is None:
             return False
-        self._drain.set_result(DrainRequest(reason, deadline))
-        return True
+        limit = datetime.now(UTC) + timedelta(
+            seconds=self.settings.drain_timeout if timeout is None else timeout)
+        wanted = min(limit, deadline) if deadline is not None else limit
+        if not self._drain.done():
+            self.drain_deadline = wanted
+            self._drain.set_result(DrainRequest(reason))
+            return True
+        if self.drain_deadline is not None and wanted < self.drain_deadline:
+            log.warning("drain deadline brought forward", reason=reason,
+                        deadline=wanted.isoformat())
+            self.drain_deadline = wanted
+        return False
 
     async def run(self) -> int:
         structlog.contextvars.bind_contextvars(node_id=str(self.node_id))
@@ -360,8 +375,9 @@ class NodeAgent:
     # ------------------------------------------------------------------ drain
 
     async def _announcer(self) -> None:
-        """Publish queued lifecycle events in order, each retried through a NATS outage
-        until `_publish_by`; one that cannot make it is given up, and the next is tried."""
+        """Publish queued lifecycle events in order, each retried through a NATS outage until
+        the drain deadline (or, once drained, `_leave_by`); one that cannot make it is given
+        up, and the next is tried."""
         while True:
             event = await self._announcements.get()
             try:
@@ -371,7 +387,7 @@ class NodeAgent:
                 self._announcements.task_done()
 
     async def _publish_until(self, event: Event) -> bool:
-        """Publish to JetStream, retrying through a NATS outage until `_publish_by`."""
+        """Publish to JetStream, retrying through a NATS outage until the announcer's bound."""
         assert self.bus is not None
         backoff = Backoff(initial=0.1, maximum=2.0)
         while True:
@@ -379,36 +395,38 @@ class NodeAgent:
                 await self.bus.publish(event, timeout=2.0)
                 return True
             except (nats.errors.Error, TimeoutError, OSError) as exc:
-                by = self._publish_by
+                by = self._leave_by or self.drain_deadline
                 if by is not None and datetime.now(UTC) >= by:
                     log.error("could not publish before the deadline", type=event.type,
                               error=str(exc) or type(exc).__name__)
                     return False
                 await asyncio.sleep(backoff.next())
 
+    def _drain_time_left(self) -> float:
+        assert self.drain_deadline is not None
+        return (self.drain_deadline - datetime.now(UTC)).total_seconds()
+
     async def _drain_and_leave(self, request: DrainRequest) -> None:
         s = self.settings
-        limit = datetime.now(UTC) + timedelta(seconds=s.drain_timeout)
-        deadline = min(limit, request.deadline) if request.deadline else limit
-        self._publish_by = deadline
+        assert self.drain_deadline is not None
         self.draining = True
-        log.info("draining", reason=request.reason, deadline=deadline.isoformat())
-        self._announcements.put_nowait(NodeDraining(node_id=self.node_id,
-                                                    reason=request.reason, deadline=deadline))
+        log.info("draining", reason=request.reason, deadline=self.drain_deadline.isoformat())
+        self._announcements.put_nowait(NodeDraining(
+            node_id=self.node_id, reason=request.reason, deadline=self.drain_deadline))
         await self.send_heartbeat()  # the load balancers see draining=True at once
-        grace = min(s.drain_grace, max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
-        await asyncio.sleep(grace)
-        while datetime.now(UTC) < deadline:
+        await asyncio.sleep(min(s.drain_grace, max(0.0, self._drain_time_left())))
+        # The deadline is read afresh each round: a spot notice may have brought it earlier.
+        while (left := self._drain_time_left()) > 0:
             load = await self._vllm_load()
             if load is None or load.running + load.waiting == 0:
                 break
             log.info("waiting for in-flight requests", running=load.running,
                      waiting=load.waiting)
-            await asyncio.sleep(s.drain_poll_interval)
+            await asyncio.sleep(min(s.drain_poll_interval, left))
         else:
             log.warning("drain deadline passed with requests in flight")
         # What is still queued (NATS down) gets a last few seconds, in order, then we go.
-        self._publish_by = datetime.now(UTC) + timedelta(seconds=self.leave_grace)
+        self._leave_by = datetime.now(UTC) + timedelta(seconds=self.leave_grace)
         self._announcements.put_nowait(NodeDeregistered(node_id=self.node_id,
                                                         reason=request.reason))
         with contextlib.suppress(TimeoutError):

@@ -358,6 +358,45 @@ async def test_spot_notice_while_nats_is_down_still_drains(servers: Servers, rig
     assert agent.unannounced[:1] == ["node.spot_warning"]
 
 
+async def test_spot_notice_brings_an_operator_drain_deadline_forward(
+        rig: Rig, metadata: Served) -> None:
+    """An operator's drain allows 120 s; the cloud then says the node goes in a few seconds.
+    The earlier deadline wins, though a long request is still in flight."""
+    sim = await rig.start_simulator(inter_token_latency=0.05)
+    state: MetadataState = metadata.app[STATE]
+    task = rig.run_agent(rig.settings(sim.url, provider="aws", spot_instance=True,
+                                      metadata_url=metadata.url))
+    agent: NodeAgent = task.agent
+    await asyncio.wait_for(agent.registered.wait(), 10)
+    client = AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="unused", max_retries=0)
+    long_request = asyncio.create_task(client.completions.create(
+        model=MODEL, prompt="a very long story", max_tokens=2000))  # ~100 s
+    try:
+        async def running() -> bool:
+            o = await agent.observe()
+            return o.load is not None and o.load.running == 1
+
+        await eventually(running, what="the long request in flight")
+        command = NodeCommand(command="drain", reason="scale down", deadline_seconds=120)
+        reply = await rig.cp.nc.request(node_command_subject(agent.node_id),
+                                        msgspec.json.encode(command), timeout=5)
+        assert msgspec.json.decode(reply.data, type=CommandReply).detail == "draining"
+        await rig.cp.wait_for("node.draining")
+
+        when = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+        state.aws_notice("terminate", when)
+        assert await asyncio.wait_for(task, 15) == 0
+        assert not long_request.done()  # it was cut off by the deadline, not waited for
+    finally:
+        long_request.cancel()
+        await asyncio.gather(long_request, return_exceptions=True)
+        await client.close()
+    assert agent.drain_deadline == when
+    (warning,) = rig.cp.of_type("node.spot_warning")
+    assert warning.deadline == when
+    assert rig.cp.of_type("node.deregistered")
+
+
 async def test_metadata_service_down_is_not_fatal(rig: Rig) -> None:
     sim = await rig.start_simulator()
     task = rig.run_agent(rig.settings(sim.url, provider="aws", spot_instance=True,
