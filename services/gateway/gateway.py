@@ -14,8 +14,10 @@ import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import DeliverPolicy
 
 from schemas.events import EventDecodeError, NodeStatus, decode_event
+from schemas.subjects import CONTROL
 from services.core.bus import Bus
 from services.core.http import BUS, DB, REDIS, REGISTRY
 from services.core.pipelined_redis import PipelinedRedis
@@ -147,8 +149,13 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     await seed_nodes(app[DB], table)
     feed = NodeFeed(bus, table)
     await feed.start()
-    subs: list[Subscription] = [await bus.nc.subscribe(subject, cb=gw.on_control_event)
-                                for subject in CONTROL_SUBJECTS]
+    # From the CONTROL stream, not plain NATS: an ordered consumer picks up where it left off
+    # after a reconnect, so a revocation published while this gateway was cut off still
+    # reaches its caches.
+    subs: list[Subscription] = [
+        await bus.js.subscribe(subject, stream=CONTROL.name, ordered_consumer=True,
+                               deliver_policy=DeliverPolicy.NEW, cb=gw.on_control_event)
+        for subject in CONTROL_SUBJECTS]
     usage_task = asyncio.create_task(gw.usage.run(), name="usage-publisher")
     refresher = asyncio.create_task(_refresh_models(models), name="models-refresh")
     renewer = asyncio.create_task(gw.leases.run(), name="lease-keeper")

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -400,6 +401,119 @@ async def test_a_request_cut_off_by_the_deadline_settles_and_is_billed(
 
 
 # --------------------------------------------------------------------------- outages
+
+
+async def test_a_revocation_reaches_every_gateway_within_a_second(platform: Platform  # noqa: F811
+                                                                  ) -> None:
+    p = platform
+    await p.start_gateway()
+    port = free_port()
+    proc = await start_gateway_process(p, port)
+    other = f"http://127.0.0.1:{port}"
+    doomed = await p.catalog.create_api_key(p.environment_id)
+    try:
+        async with aiohttp.ClientSession() as s:
+            await eventually(lambda: serving(s, other), timeout=30, what="second gateway")
+
+            async def status(url: str) -> int:
+                async with s.get(f"{url}/v1/models",
+                                 headers={"Authorization": f"Bearer {doomed.plaintext}"}) as r:
+                    return r.status
+
+            # Both have the key cached now.
+            assert [await status(p.gateway_url), await status(other)] == [200, 200]
+            await p.catalog.revoke_api_key(doomed.key_id)
+            revoked_at = time.monotonic()
+
+            async def refused_everywhere() -> bool:
+                return [await status(p.gateway_url), await status(other)] == [401, 401]
+
+            await eventually(refused_everywhere, timeout=1, what="revoked on both gateways")
+            assert time.monotonic() - revoked_at < 1.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+class CuttableLink:
+    """A TCP relay between a client and NATS that can be cut and mended: one gateway losing
+    NATS while the rest of the platform keeps it (a partition, not a restart)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.up = True
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _on_client(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.up = False
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+
+    def mend(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_revocation_published_while_a_gateway_was_cut_off_still_reaches_it(
+        platform: Platform) -> None:  # noqa: F811
+    p = platform
+    link = CuttableLink(int(p.servers.nats_url.rsplit(":", 1)[1]))
+    port = await link.start()
+    from services.core.settings import Secret
+
+    # A long local cache: only the revocation event can take the key out in time.
+    await p.start_gateway(nats_url=Secret(f"nats://127.0.0.1:{port}"),
+                          auth_local_cache_seconds=120)
+    doomed = await p.catalog.create_api_key(p.environment_id)
+    client = p.client(doomed.plaintext)
+    await client.models.list()  # cached
+    link.cut()
+    await eventually(lambda: _disconnected(p), what="the gateway loses NATS")
+    await p.catalog.revoke_api_key(doomed.key_id)  # the relay publishes it; this one misses it
+
+    async def in_stream() -> bool:
+        return bool((await p.bus.js.stream_info("CONTROL")).state.messages)
+
+    await eventually(in_stream, what="the revocation published")
+    link.mend()
+
+    async def refused() -> bool:
+        try:
+            await client.models.list()
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    await eventually(refused, timeout=15, what="the missed revocation applied")
+    await client.close()
+    link.close()
 
 
 async def test_usage_survives_a_nats_restart(platform: Platform) -> None:  # noqa: F811
