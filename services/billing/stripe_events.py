@@ -76,6 +76,9 @@ class Notice:
     sample_identifiers: list[str] = field(default_factory=list)
     validation_start: datetime | None = None
     validation_end: datetime | None = None
+    created: datetime | None = None
+    """When Stripe created the event: the platform events' `occurred_at`, which orders a
+    tenant's invoice events however late Stripe delivers one."""
 
 
 def _id_of(value: Any) -> str | None:
@@ -129,6 +132,7 @@ def parse(body: Mapping[str, Any], fetched: Mapping[str, Any] | None = None) -> 
         raise BadEvent("not a Stripe event: `id` and `type` are required")
     if type_ == METER_ERROR_TYPE:
         return _meter_error(event_id, body, fetched or {})
+    created = _time(body.get("created"))
     obj = _get(body, "data", "object")
     if not isinstance(obj, Mapping):
         return Notice(Kind.IGNORED, event_id, type_)
@@ -143,12 +147,12 @@ def parse(body: Mapping[str, Any], fetched: Mapping[str, Any] | None = None) -> 
                       invoice_id=str(obj.get("id") or ""),
                       amount=_int(obj.get("amount_paid" if paid else "amount_due")),
                       currency=str(obj.get("currency") or ""),
-                      subscription_id=subscription or "")
+                      subscription_id=subscription or "", created=created)
     if type_ in (Kind.SUBSCRIPTION_UPDATED.value, Kind.SUBSCRIPTION_DELETED.value):
         return Notice(Kind(type_), event_id, type_, customer_id=_id_of(obj.get("customer")),
                       tenant_hint=_tenant_hint(obj.get("metadata")),
                       subscription_id=str(obj.get("id") or ""),
-                      status=str(obj.get("status") or ""))
+                      status=str(obj.get("status") or ""), created=created)
     return Notice(Kind.IGNORED, event_id, type_)
 
 
@@ -170,7 +174,8 @@ def _meter_error(event_id: str, body: Mapping[str, Any],
                   summary=str(_get(data, "developer_message_summary") or ""),
                   error_counts=counts, sample_identifiers=samples,
                   validation_start=_time(_get(data, "validation_start")),
-                  validation_end=_time(_get(data, "validation_end")))
+                  validation_end=_time(_get(data, "validation_end")),
+                  created=_time(body.get("created")))
 
 
 def is_current_subscription(current_id: str | None, current_status: str | None,
@@ -200,6 +205,18 @@ def effects(notice: Notice, tenant_id: uuid.UUID | None, *,
     """What the platform records for a Stripe event. Tenant events need the tenant (None:
     a customer we do not know; nothing is recorded). `current_subscription` and
     `current_status`: what the tenant's billing account holds."""
+    eff = _effects(notice, tenant_id, payment_failed, subscription_deleted,
+                   current_subscription, current_status)
+    if notice.created is not None:
+        # Stripe's time: it happened then, however late Stripe delivers it.
+        for event in eff.events:
+            event.occurred_at = notice.created
+    return eff
+
+
+def _effects(notice: Notice, tenant_id: uuid.UUID | None,
+             payment_failed: PaymentFailedPolicy, subscription_deleted: SubscriptionDeletedPolicy,
+             current_subscription: str | None, current_status: str | None) -> Effects:
     sid = notice.stripe_event_id
     if notice.kind is Kind.METER_ERROR:
         return Effects([MeterErrorReported(

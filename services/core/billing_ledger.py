@@ -50,18 +50,17 @@ class BillingProjection(Projection):
     event_types = ("billing.*",)
 
     async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
-        feed = []
-        for r in events:
-            e = r.event
-            feed.append((r.event_id, getattr(e, "tenant_id", None), r.stream, r.type,
-                         _json.encode(payload_of(e)).decode(), r.occurred_at))
-            await _apply_one(conn, r, e)
+        feed = [(r.event_id, getattr(r.event, "tenant_id", None), r.stream, r.type,
+                 _json.encode(payload_of(r.event)).decode(), r.occurred_at) for r in events]
         if feed:
+            # The feed first: a tenant's payment standing is read back from it.
             await conn.executemany(
                 """INSERT INTO billing_events (event_id, tenant_id, stream, type, data,
                                                occurred_at)
                    VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (event_id) DO NOTHING""",
                 feed)
+        for r in events:
+            await _apply_one(conn, r, r.event)
 
 
 async def _apply_one(conn: Connection, r: RecordedEvent, e: Event) -> None:
@@ -82,13 +81,8 @@ async def _apply_one(conn: Connection, r: RecordedEvent, e: Event) -> None:
                    version = EXCLUDED.version
                WHERE billing_accounts.version < EXCLUDED.version""",
             e.tenant_id, e.customer_id, e.subscription_id, at, v)
-    elif isinstance(e, InvoicePaid):
-        await _account(conn, e.tenant_id, v, at, payment_status="ok", flagged=False,
-                       last_invoice_id=e.invoice_id)
-    elif isinstance(e, PaymentFailed):
-        await _account(conn, e.tenant_id, v, at,
-                       payment_status="action_required" if e.action_required else "failed",
-                       flagged=True, last_invoice_id=e.invoice_id)
+    elif isinstance(e, InvoicePaid | PaymentFailed):
+        await conn.execute(_STANDING, e.tenant_id, at, v)
     elif isinstance(e, SubscriptionChanged):
         # Only news of the current subscription changes the account (the rule of
         # services.billing.stripe_events.is_current_subscription): an old subscription's
@@ -144,19 +138,39 @@ async def _apply_one(conn: Connection, r: RecordedEvent, e: Event) -> None:
             e.sample_identifiers, codes)
 
 
-async def _account(conn: Connection, tenant_id: uuid.UUID, version: int, at: datetime, *,
-                   payment_status: str, flagged: bool, last_invoice_id: str) -> None:
-    await conn.execute(
-        """INSERT INTO billing_accounts (tenant_id, payment_status, payment_flagged_at,
-               last_invoice_id, updated_at, version)
-           VALUES ($1, $2, CASE WHEN $3::bool THEN $5::timestamptz END, $4, $5, $6)
-           ON CONFLICT (tenant_id) DO UPDATE SET payment_status = EXCLUDED.payment_status,
-               payment_flagged_at = CASE WHEN $3 THEN coalesce(
-                   billing_accounts.payment_flagged_at, EXCLUDED.updated_at) END,
-               last_invoice_id = EXCLUDED.last_invoice_id, updated_at = EXCLUDED.updated_at,
-               version = EXCLUDED.version
-           WHERE billing_accounts.version < EXCLUDED.version""",
-        tenant_id, payment_status, flagged, last_invoice_id, at, version)
+# A tenant's payment standing, read from its invoice events in the feed, whatever order they
+# arrived in (Stripe retries a delivery for days, so an old `payment_failed` can come after the
+# `paid`). Per invoice: paid once any `paid` is in (a paid invoice stays paid), else its latest
+# failure by Stripe's time (the events' occurred_at is the Stripe event's `created`). The tenant
+# is flagged while any invoice is unpaid after a failure, as its latest such failure says,
+# since the first of them; a paid invoice clears only its own failures.
+_STANDING = """
+WITH invoice_events AS (
+    SELECT data->>'invoice_id' AS invoice_id, type = 'billing.invoice_paid' AS paid,
+           coalesce((data->>'action_required')::bool, false) AS action_required,
+           occurred_at, event_id
+    FROM billing_events
+    WHERE tenant_id = $1 AND type IN ('billing.invoice_paid', 'billing.payment_failed')
+), invoices AS (
+    SELECT DISTINCT ON (invoice_id) invoice_id, paid, action_required, occurred_at
+    FROM invoice_events ORDER BY invoice_id, paid DESC, occurred_at DESC, event_id DESC
+), standing AS (
+    SELECT (SELECT CASE WHEN action_required THEN 'action_required' ELSE 'failed' END
+            FROM invoices WHERE NOT paid ORDER BY occurred_at DESC LIMIT 1) AS status,
+           (SELECT min(e.occurred_at) FROM invoice_events e JOIN invoices i USING (invoice_id)
+            WHERE NOT i.paid) AS flagged_at,
+           (SELECT invoice_id FROM invoice_events
+            ORDER BY occurred_at DESC, event_id DESC LIMIT 1) AS last_invoice_id
+)
+INSERT INTO billing_accounts AS a (tenant_id, payment_status, payment_flagged_at,
+                                   last_invoice_id, updated_at, version)
+SELECT $1, coalesce(status, 'ok'), flagged_at, last_invoice_id, $2, $3 FROM standing
+ON CONFLICT (tenant_id) DO UPDATE SET payment_status = EXCLUDED.payment_status,
+    payment_flagged_at = EXCLUDED.payment_flagged_at,
+    last_invoice_id = EXCLUDED.last_invoice_id,
+    updated_at = greatest(a.updated_at, EXCLUDED.updated_at),
+    version = greatest(a.version, EXCLUDED.version)
+"""
 
 
 async def record_billing_events(conn: Connection, events: Sequence[Event], *,

@@ -434,10 +434,12 @@ def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
     return f"t={t},v1={mac}"
 
 
-def snapshot_event(event_id: str, type_: str, obj: dict[str, Any]) -> bytes:
-    """A v1 (snapshot) webhook body."""
+def snapshot_event(event_id: str, type_: str, obj: dict[str, Any], *,
+                   created: int | None = None) -> bytes:
+    """A v1 (snapshot) webhook body; `created`: when Stripe made the event (default: now)."""
     return json.dumps({"id": event_id, "object": "event", "api_version": "2025-03-31.basil",
-                       "created": int(time.time()), "livemode": False, "pending_webhooks": 1,
+                       "created": int(time.time()) if created is None else created,
+                       "livemode": False, "pending_webhooks": 1,
                        "request": {"id": None, "idempotency_key": None}, "type": type_,
                        "data": {"object": obj}}).encode()
 

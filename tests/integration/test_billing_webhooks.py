@@ -9,12 +9,16 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
 
 from services.billing.hours import identifier
+from services.core.billing_ledger import BillingProjection
+from services.core.eventlog import EventLog
+from services.core.projections import ProjectionRunner
 from tests.doubles.stripe_server import sign, snapshot_event, thin_event
 from tests.integration.test_billing_stripe import (
     WEBHOOK_SECRET,
@@ -122,6 +126,52 @@ async def test_payment_failed_flags_paid_clears_and_tenant_stays_active(hook: Ho
     account = await hook.rig.pool.fetchrow(
         "SELECT * FROM billing_accounts WHERE tenant_id = $1", tenant)
     assert (account["payment_status"], account["payment_flagged_at"]) == ("ok", None)
+
+
+async def test_payment_standing_follows_stripes_time_per_invoice(hook: Hook) -> None:
+    """Stripe retries a delivery for days and does not keep order: an old payment_failed may
+    come after the invoice was paid, and another invoice's payment says nothing of this one."""
+    tenant = await hook.rig.tenant("acme")
+    customer = await hook.rig.pool.fetchval(
+        "SELECT customer_id FROM billing_accounts WHERE tenant_id = $1", tenant)
+    t0 = int(time.time()) - 3600
+
+    async def deliver(event_id: str, type_: str, invoice_id: str, at: int) -> None:
+        status, answer = await hook.post(snapshot_event(
+            event_id, type_, invoice(customer, invoice_id), created=t0 + at))
+        assert (status, answer["outcome"]) == (200, "recorded")
+
+    async def standing() -> tuple[str, Any, str]:
+        row = await hook.rig.pool.fetchrow(
+            """SELECT payment_status, payment_flagged_at, last_invoice_id FROM billing_accounts
+               WHERE tenant_id = $1""", tenant)
+        return row["payment_status"], row["payment_flagged_at"], row["last_invoice_id"]
+
+    await deliver("evt_f1", "invoice.payment_failed", "in_A", 10)
+    await deliver("evt_p1", "invoice.paid", "in_A", 20)
+    await deliver("evt_f0", "invoice.payment_failed", "in_A", 5)  # an old one, retried late
+    assert await standing() == ("ok", None, "in_A")
+
+    await deliver("evt_f2", "invoice.payment_failed", "in_B", 30)
+    await deliver("evt_p2", "invoice.paid", "in_C", 40)  # another invoice paid: B still owed
+    status, flagged_at, last = await standing()
+    assert (status, last) == ("failed", "in_C")
+    assert flagged_at == datetime.fromtimestamp(t0 + 30, UTC)
+    await deliver("evt_a2", "invoice.payment_action_required", "in_B", 50)
+    await deliver("evt_f3", "invoice.payment_failed", "in_B", 45)  # older than the last word
+    assert (await standing())[0] == "action_required"
+    # The events carry Stripe's time, so the feed reads in Stripe's order.
+    failed = await hook.billing_events("billing.payment_failed")
+    assert [f["stripe_event_id"] for f in failed] == ["evt_f0", "evt_f1", "evt_f2", "evt_f3",
+                                                      "evt_a2"]
+    await deliver("evt_p3", "invoice.paid", "in_B", 60)
+    assert await standing() == ("ok", None, "in_B")
+
+    # A rebuild from the log gives the same standing.
+    before = await hook.rig.pool.fetch("SELECT * FROM billing_accounts ORDER BY tenant_id")
+    await ProjectionRunner(EventLog(hook.rig.pool), BillingProjection()).rebuild()
+    assert await hook.rig.pool.fetch(
+        "SELECT * FROM billing_accounts ORDER BY tenant_id") == before
 
 
 async def test_a_deleted_subscription_suspends_the_tenant(hook: Hook) -> None:

@@ -77,6 +77,18 @@ def test_subscription_deleted_suspends_by_default() -> None:
     assert updated.events[0].status == "past_due"
 
 
+def test_platform_events_carry_stripes_time() -> None:
+    body = {**event("invoice.payment_failed", INVOICE), "created": 1767225600}
+    [failed] = effects(parse(body), T).events
+    assert failed.occurred_at == datetime(2026, 1, 1, tzinfo=UTC)
+    [changed] = effects(parse({**event("customer.subscription.updated", {
+        "id": "sub_1", "customer": "cus_1", "status": "active"}), "created": 1767225600}),
+        T).events
+    assert changed.occurred_at == datetime(2026, 1, 1, tzinfo=UTC)
+    [undated] = effects(parse(event("invoice.paid", INVOICE)), T).events
+    assert abs((undated.occurred_at - datetime.now(UTC)).total_seconds()) < 60
+
+
 def test_only_the_current_subscription_ending_suspends() -> None:
     old = {"id": "sub_old", "object": "subscription", "customer": "cus_1",
            "status": "canceled"}
