@@ -1,10 +1,15 @@
 """A small synchronous client of the admin API for the `crosslogic` command (urllib: a CLI
 call is one request or a few, no event loop needed).
 
-Where the API is and its token come from, first found wins: `--admin-url`/`--admin-token`;
-`CROSSLOGIC_ADMIN_URL`, `CROSSLOGIC_ADMIN_TOKEN` (or `ADMIN_API_TOKEN`); the `urls.json` a
-running `crosslogic dev` writes in its state folder (`admin_url`, `admin_token`); and for the
-URL only, http://127.0.0.1:8081.
+Where the API is and its token come from ONE source, so a token never travels to another
+platform's API: the first of `--admin-token`, `CROSSLOGIC_ADMIN_TOKEN` (or `ADMIN_API_TOKEN`)
+and a running `crosslogic dev`'s `urls.json` that has a token decides.
+
+- A token given by flag or environment goes to `--admin-url` or `CROSSLOGIC_ADMIN_URL`; with
+  neither, to http://127.0.0.1:8081 — unless a `crosslogic dev` runs here (that is where its
+  admin API listens), which is an error: say which API you mean.
+- The dev platform's token goes to the dev platform's URL only; a URL given for another API
+  without its token is an error.
 """
 
 from __future__ import annotations
@@ -74,22 +79,39 @@ def read_dev_admin(state_dir: Path) -> dict[str, str]:
             if v}
 
 
+def _base(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise AdminConfigError(f"the admin URL must be http(s)://host:port, not {url!r}")
+    # The API's own prefix is added per request; a URL given with it still works.
+    return url.rstrip("/").removesuffix(API_PREFIX)
+
+
 def resolve_target(url: str | None, token: str | None, environ: Mapping[str, str],
                    state_dir: Path) -> AdminTarget:
     dev = read_dev_admin(state_dir)
-    found_url = (url or environ.get("CROSSLOGIC_ADMIN_URL") or dev.get("admin_url")
-                 or DEFAULT_ADMIN_URL)
-    found_token = (token or environ.get("CROSSLOGIC_ADMIN_TOKEN")
-                   or environ.get("ADMIN_API_TOKEN") or dev.get("admin_token"))
-    if not found_token:
-        raise AdminConfigError("no admin token: set CROSSLOGIC_ADMIN_TOKEN (or pass "
-                               "--admin-token), or run `crosslogic dev` in this folder")
-    parts = urllib.parse.urlsplit(found_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise AdminConfigError(f"the admin URL must be http(s)://host:port, not {found_url!r}")
-    # The API's own prefix is added per request; a URL given with it still works.
-    base = found_url.rstrip("/").removesuffix(API_PREFIX)
-    return AdminTarget(base, found_token)
+    given_url = url or environ.get("CROSSLOGIC_ADMIN_URL") or None
+    given_token = (token or environ.get("CROSSLOGIC_ADMIN_TOKEN")
+                   or environ.get("ADMIN_API_TOKEN") or None)
+    if given_token:
+        if given_url:
+            return AdminTarget(_base(given_url), given_token)
+        if dev.get("admin_url"):
+            raise AdminConfigError(
+                "an admin token is set (--admin-token, CROSSLOGIC_ADMIN_TOKEN or "
+                "ADMIN_API_TOKEN) but no admin URL, and a `crosslogic dev` runs here: set "
+                "CROSSLOGIC_ADMIN_URL (or --admin-url) for that token's API, or unset the "
+                "token to use the dev platform")
+        return AdminTarget(_base(DEFAULT_ADMIN_URL), given_token)
+    if dev.get("admin_token") and dev.get("admin_url"):
+        dev_url = _base(dev["admin_url"])
+        if given_url and _base(given_url) != dev_url:
+            raise AdminConfigError(
+                f"no admin token for {given_url}: set CROSSLOGIC_ADMIN_TOKEN (or pass "
+                f"--admin-token); the running `crosslogic dev`'s token is for {dev_url} only")
+        return AdminTarget(dev_url, dev["admin_token"])
+    raise AdminConfigError("no admin token: set CROSSLOGIC_ADMIN_TOKEN (or pass "
+                           "--admin-token), or run `crosslogic dev` in this folder")
 
 
 Query = Mapping[str, str | int] | Sequence[tuple[str, str | int]]

@@ -36,11 +36,13 @@ def test_target_precedence(tmp_path: Path) -> None:
     assert resolve_target("http://flag:3", "flag-t", env, tmp_path).token == "flag-t"
     from_env = resolve_target(None, None, env, tmp_path)
     assert (from_env.url, from_env.token) == ("http://env:2", "env-t")
-    assert resolve_target(None, None, {"ADMIN_API_TOKEN": "api-t"}, tmp_path).token == "api-t"
     from_dev = resolve_target(None, None, {}, tmp_path)
     assert (from_dev.url, from_dev.token) == ("http://dev:1", "dev-t")
+    assert resolve_target("http://dev:1/admin/v1", None, {}, tmp_path).token == "dev-t"
     nowhere = tmp_path / "missing"
     assert resolve_target(None, "t", {}, nowhere).url == DEFAULT_ADMIN_URL
+    api = resolve_target(None, None, {"ADMIN_API_TOKEN": "api-t"}, nowhere)
+    assert (api.url, api.token) == (DEFAULT_ADMIN_URL, "api-t")
     with pytest.raises(AdminConfigError, match="CROSSLOGIC_ADMIN_TOKEN"):
         resolve_target(None, None, {}, nowhere)
     with pytest.raises(AdminConfigError, match="http"):
@@ -48,6 +50,29 @@ def test_target_precedence(tmp_path: Path) -> None:
     # The token never shows in a repr.
     target = resolve_target(None, None, env, tmp_path)
     assert "env-t" not in repr(target) and "env-t" not in repr(AdminClient(target))
+
+
+def test_url_and_token_come_from_one_source(tmp_path: Path) -> None:
+    """A production token in the environment never goes to a local `crosslogic dev`, and the
+    dev platform's token never goes to another API."""
+    (tmp_path / "urls.json").write_text(json.dumps({
+        "admin_url": "http://127.0.0.1:8081", "admin_token": "dev-t"}))
+    for env in ({"CROSSLOGIC_ADMIN_TOKEN": "prod-t"}, {"ADMIN_API_TOKEN": "prod-t"}):
+        with pytest.raises(AdminConfigError, match="CROSSLOGIC_ADMIN_URL"):
+            resolve_target(None, None, env, tmp_path)
+    with pytest.raises(AdminConfigError, match="CROSSLOGIC_ADMIN_URL"):
+        resolve_target(None, "prod-t", {}, tmp_path)
+    prod = resolve_target(None, None, {"CROSSLOGIC_ADMIN_TOKEN": "prod-t",
+                                       "CROSSLOGIC_ADMIN_URL": "https://admin.prod"}, tmp_path)
+    assert (prod.url, prod.token) == ("https://admin.prod", "prod-t")
+    with pytest.raises(AdminConfigError, match=r"no admin token for https://admin\.prod"):
+        resolve_target(None, None, {"CROSSLOGIC_ADMIN_URL": "https://admin.prod"}, tmp_path)
+    with pytest.raises(AdminConfigError, match="no admin token"):
+        resolve_target("https://admin.prod", None, {}, tmp_path)
+    # A dev platform whose services are not up yet (no admin fields): nothing to mix up.
+    (tmp_path / "urls.json").write_text(json.dumps({"database_url": "postgresql://x"}))
+    assert resolve_target(None, None, {"CROSSLOGIC_ADMIN_TOKEN": "t"}, tmp_path).url == \
+        DEFAULT_ADMIN_URL
 
 
 @pytest.mark.parametrize("content", ["", "not json", "[1]", '{"database_url": "x"}',
