@@ -1,11 +1,11 @@
 """Stripe webhook events → platform events. Pure: no I/O.
 
 `parse` reads the parts of a Stripe event that matter (snapshot events of API v1, and the thin
-`v1.billing.meter.error_report_triggered` of event destinations, with its fetched body when
-there is one); `effects` decides what the platform records and whether the tenant is
-suspended, by policy:
+`v1.billing.meter.error_report_triggered` and `v1.billing.meter.no_meter_found` of event
+destinations, with their fetched body when there is one); `effects` decides what the platform
+records and whether the tenant is suspended, by policy:
 
-- invoice.paid → billing.invoice_paid (the payment flag is cleared)
+- invoice.paid → billing.invoice_paid (that invoice no longer flags the tenant)
 - invoice.payment_failed → billing.payment_failed (the tenant is flagged); with
   PAYMENT_FAILED_POLICY=suspend (default: flag) the tenant is also suspended
 - invoice.payment_action_required → billing.payment_failed, action_required (same policy)
@@ -15,6 +15,9 @@ suspended, by policy:
   when it is the tenant's current subscription (`is_current_subscription`): the end of an old
   one, replaced since, is recorded and changes nothing
 - v1.billing.meter.error_report_triggered → billing.meter_error_reported
+- v1.billing.meter.no_meter_found (meter events whose event_name matches no meter: all of
+  them, when a STRIPE_METER_*_EVENT setting is wrong) → billing.meter_error_reported, meter
+  `none`
 - anything else: acknowledged, ignored
 """
 
@@ -40,6 +43,11 @@ PaymentFailedPolicy = Literal["flag", "suspend"]
 SubscriptionDeletedPolicy = Literal["suspend", "flag"]
 
 METER_ERROR_TYPE = "v1.billing.meter.error_report_triggered"
+NO_METER_TYPE = "v1.billing.meter.no_meter_found"
+THIN_TYPES = frozenset({METER_ERROR_TYPE, NO_METER_TYPE})
+"""Thin events whose details are fetched (GET /v2/core/events/{id})."""
+NO_METER_ID = "none"
+"""The meter of a no_meter_found report: Stripe found none."""
 
 
 class Kind(enum.Enum):
@@ -49,6 +57,7 @@ class Kind(enum.Enum):
     SUBSCRIPTION_UPDATED = "customer.subscription.updated"
     SUBSCRIPTION_DELETED = "customer.subscription.deleted"
     METER_ERROR = METER_ERROR_TYPE
+    NO_METER = NO_METER_TYPE
     IGNORED = "ignored"
 
 
@@ -130,8 +139,8 @@ def parse(body: Mapping[str, Any], fetched: Mapping[str, Any] | None = None) -> 
     type_ = body.get("type")
     if not isinstance(event_id, str) or not event_id or not isinstance(type_, str):
         raise BadEvent("not a Stripe event: `id` and `type` are required")
-    if type_ == METER_ERROR_TYPE:
-        return _meter_error(event_id, body, fetched or {})
+    if type_ in THIN_TYPES:
+        return _meter_error(event_id, type_, body, fetched or {})
     created = _time(body.get("created"))
     obj = _get(body, "data", "object")
     if not isinstance(obj, Mapping):
@@ -156,9 +165,11 @@ def parse(body: Mapping[str, Any], fetched: Mapping[str, Any] | None = None) -> 
     return Notice(Kind.IGNORED, event_id, type_)
 
 
-def _meter_error(event_id: str, body: Mapping[str, Any],
+def _meter_error(event_id: str, type_: str, body: Mapping[str, Any],
                  fetched: Mapping[str, Any]) -> Notice:
     meter_id = _id_of(body.get("related_object")) or _id_of(fetched.get("related_object"))
+    if type_ == NO_METER_TYPE:
+        meter_id = NO_METER_ID  # no related object: the events named no meter at all
     data = fetched.get("data") if isinstance(fetched.get("data"), Mapping) else body.get("data")
     counts: dict[str, int] = {}
     samples: list[str] = []
@@ -170,7 +181,7 @@ def _meter_error(event_id: str, body: Mapping[str, Any],
             ident = _get(sample, "request", "identifier")
             if isinstance(ident, str) and ident:
                 samples.append(ident)
-    return Notice(Kind.METER_ERROR, event_id, METER_ERROR_TYPE, meter_id=meter_id or "unknown",
+    return Notice(Kind(type_), event_id, type_, meter_id=meter_id or "unknown",
                   summary=str(_get(data, "developer_message_summary") or ""),
                   error_counts=counts, sample_identifiers=samples,
                   validation_start=_time(_get(data, "validation_start")),
@@ -218,7 +229,7 @@ def _effects(notice: Notice, tenant_id: uuid.UUID | None,
              payment_failed: PaymentFailedPolicy, subscription_deleted: SubscriptionDeletedPolicy,
              current_subscription: str | None, current_status: str | None) -> Effects:
     sid = notice.stripe_event_id
-    if notice.kind is Kind.METER_ERROR:
+    if notice.kind in (Kind.METER_ERROR, Kind.NO_METER):
         return Effects([MeterErrorReported(
             meter_id=notice.meter_id, stripe_event_id=sid, summary=notice.summary,
             error_counts=dict(notice.error_counts),

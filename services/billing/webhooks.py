@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from services.billing.settings import BillingSettings
 from services.billing.stripe_events import (
-    METER_ERROR_TYPE,
+    THIN_TYPES,
     BadEvent,
     Kind,
     Notice,
@@ -98,7 +98,7 @@ class WebhookHandler:
                 "SELECT 1 FROM stripe_webhook_events WHERE event_id = $1", event_id):
             self.metrics.received.labels(_kind(body), "duplicate").inc()
             return "duplicate"
-        fetched = await self._fetch(body) if body.get("type") == METER_ERROR_TYPE else None
+        fetched = await self._fetch(body) if body.get("type") in THIN_TYPES else None
         notice = parse(body, fetched)
         tenant_id = await self._tenant(notice)
         account = await get_account(self.pool, tenant_id) if tenant_id is not None else None

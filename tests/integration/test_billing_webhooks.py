@@ -282,6 +282,34 @@ async def test_meter_error_reports_are_recorded_with_their_details(hook: Hook) -
         ours) == "meter_event_customer_not_found"
 
 
+async def test_no_meter_found_is_recorded_as_a_meter_error(hook: Hook) -> None:
+    tenant = await hook.rig.tenant("acme")
+    await hook.rig.record([usage(tenant, hours_ago(1), 5, 5)])
+    await hook.rig.all_exported()
+    ours = [identifier(tenant, m, hours_ago(1)) for m in ("input_tokens", "output_tokens")]
+    hook.rig.stripe.state.v2_events["evt_nmf"] = {
+        "id": "evt_nmf", "object": "v2.core.event", "type": "v1.billing.meter.no_meter_found",
+        "created": "2026-01-01T02:00:00.000Z", "livemode": False,
+        "data": {"developer_message_summary": "2 meter events name no meter",
+                 "validation_start": "2026-01-01T00:00:00Z",
+                 "validation_end": "2026-01-01T01:00:00Z",
+                 "reason": {"error_count": 2, "error_types": [{
+                     "code": "no_meter", "error_count": 2,
+                     "sample_errors": [{"error_message": "no meter", "request": {"identifier": i}}
+                                       for i in ours]}]}}}
+    body = json.dumps({"id": "evt_nmf", "object": "v2.core.event",
+                       "type": "v1.billing.meter.no_meter_found",
+                       "created": "2026-01-01T02:00:00.000Z", "livemode": False}).encode()
+    assert (await hook.post(body, secret="whsec_wrong"))[0] == 400
+    assert (await hook.post(body))[1]["outcome"] == "recorded"
+    assert (await hook.post(body))[1]["outcome"] == "duplicate"
+    [report] = await hook.billing_events("billing.meter_error_reported")
+    assert (report["meter_id"], report["error_counts"]) == ("none", {"no_meter": 2})
+    assert sorted(report["sample_identifiers"]) == sorted(ours)
+    assert await hook.rig.pool.fetchval(
+        "SELECT count(*) FROM meter_exports WHERE stripe_error = 'no_meter'") == 2
+
+
 async def test_unknown_customers_and_types_are_acknowledged_not_recorded(hook: Hook) -> None:
     status, answer = await hook.post(snapshot_event("evt_x", "invoice.paid",
                                                     invoice("cus_nobody")))

@@ -152,6 +152,32 @@ def test_meter_error_report_with_its_fetched_details() -> None:
     assert (bare.meter_id, bare.error_counts) == ("mtr_1", {})
 
 
+def test_no_meter_found_is_a_meter_error_report() -> None:
+    """What Stripe sends when meter events name no meter (a wrong STRIPE_METER_*_EVENT): a
+    thin event without a related object; its fetched data has the usual error report."""
+    thin = {"id": "evt_n", "object": "v2.core.event", "type": "v1.billing.meter.no_meter_found",
+            "created": "2026-01-01T02:00:00.000Z", "livemode": False}
+    fetched = {**thin, "data": {
+        "developer_message_summary": "There is no meter for event crosslogic_input",
+        "validation_start": "2026-01-01T00:00:00.000Z",
+        "validation_end": "2026-01-01T01:00:00.000Z",
+        "reason": {"error_count": 3, "error_types": [
+            {"code": "no_meter", "error_count": 3, "sample_errors": [
+                {"error_message": "no meter", "request": {"identifier": "a:input_tokens:x"}},
+                {"error_message": "no meter", "request": {"identifier": "b:input_tokens:x"}}]}]}}}
+    notice = parse(thin, fetched)
+    assert notice.kind is Kind.NO_METER
+    [report] = effects(notice, None).events
+    assert isinstance(report, MeterErrorReported)
+    assert (report.meter_id, report.error_counts) == ("none", {"no_meter": 3})
+    assert report.sample_identifiers == ["a:input_tokens:x", "b:input_tokens:x"]
+    assert report.summary.startswith("There is no meter")
+    assert report.occurred_at == datetime(2026, 1, 1, 2, tzinfo=UTC)
+    [bare] = effects(parse(thin), None).events  # not fetched: still recorded
+    assert isinstance(bare, MeterErrorReported)
+    assert (bare.meter_id, bare.stripe_event_id) == ("none", "evt_n")
+
+
 def _error(cls: type[stripe.StripeError], status: int | None, code: str | None = None,
            message: str = "boom") -> stripe.StripeError:
     body = {"error": {"message": message, **({"code": code} if code else {})}}
