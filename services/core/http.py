@@ -164,6 +164,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:
+    """/metrics on its own port (METRICS_PORT): scraped from inside the cluster, never on a
+    public port; with several gateway workers, one port each, so no worker hides another."""
+    settings = app[SETTINGS]
+    registry = app[REGISTRY]
+
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    side = web.Application()
+    side.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(side, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.http_host, settings.metrics_port).start()
+    log.info("metrics listening", port=settings.metrics_port)
+    yield
+    await runner.cleanup()
+
+
 # --------------------------------------------------------------------------- resources
 
 
@@ -236,7 +256,10 @@ def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
         app.cleanup_ctx.append(nats_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
+    if settings.metrics_port:
+        app.cleanup_ctx.append(metrics_site_ctx)
+    else:
+        app.router.add_get("/metrics", metrics)
     return app
 
 

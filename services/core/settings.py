@@ -69,6 +69,9 @@ class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     db_max_connections: int = 10
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    metrics_port: int = 0
+    """0: /metrics on the service's own port. Otherwise /metrics is served on this port only
+    (kept off a public port); a gateway with N workers uses this port + 0 … N-1."""
     log_level: str = "info"
     log_json: bool = True
     event_poll_interval: float = 1.0

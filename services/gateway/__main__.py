@@ -27,8 +27,13 @@ def _supervise(settings: GatewaySettings) -> int:
     env = {**os.environ, "WORKERS": "1", "HTTP_PORT": str(settings.http_port),
            "GATEWAY_REUSE_PORT": "1", "TLS_CERT_FILE": settings.tls_cert_file,
            "TLS_KEY_FILE": settings.tls_key_file}
-    children = [subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env)
-                for _ in range(settings.workers)]
+    # Each worker counts only what it served: one metrics port each (METRICS_PORT + i), all
+    # scraped; a shared /metrics would show whichever worker the kernel picked.
+    children = [subprocess.Popen(
+        [sys.executable, "-m", "services.gateway"],
+        env={**env, "METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port
+                                        else 0)})
+        for i in range(settings.workers)]
 
     def forward(signum: int, _: object) -> None:
         for child in children:

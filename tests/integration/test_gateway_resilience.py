@@ -575,7 +575,10 @@ async def test_several_worker_processes_share_one_port(platform: Platform) -> No
     p = platform
     await p.add_node()
     port = free_port()
-    proc = await start_gateway_process(p, port, WORKERS="2")
+    metrics_port = free_port()
+    while metrics_port + 1 == port or free_port(metrics_port + 1) != metrics_port + 1:
+        metrics_port = free_port()  # two ports in a row: one per worker
+    proc = await start_gateway_process(p, port, WORKERS="2", METRICS_PORT=str(metrics_port))
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as s:
@@ -591,8 +594,35 @@ async def test_several_worker_processes_share_one_port(platform: Platform) -> No
                         and (d / "stat").read_text().split()[3] == str(proc.pid)]
 
             assert len(workers()) == 2
+
+            async def served() -> float:
+                """200s on chat completions, summed over every worker's own metrics port."""
+                total = 0.0
+                for mp in (metrics_port, metrics_port + 1):
+                    async with s.get(f"http://127.0.0.1:{mp}/metrics") as r:
+                        assert r.status == 200
+                        text = await r.text()
+                    total += sum(sample.value for family in text_string_to_metric_families(text)
+                                 for sample in family.samples
+                                 if sample.name == "http_requests_total"
+                                 and sample.labels.get("path") == "/v1/chat/completions"
+                                 and sample.labels.get("status") == "200")
+                return total
+
+            async def both_up() -> bool:
+                try:
+                    await served()
+                except aiohttp.ClientError:
+                    return False
+                return True
+
+            await eventually(both_up, timeout=30, what="both workers' metrics ports")
+            before = await served()
             statuses = await asyncio.gather(*(chat(s, url, p.key.plaintext) for _ in range(20)))
             assert {status for status, _ in statuses} == {200}
+            assert await served() - before == 20  # every request counted, by one worker
+            async with s.get(f"{url}/metrics") as r:
+                assert r.status == 404  # not on the public port once METRICS_PORT is set
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:

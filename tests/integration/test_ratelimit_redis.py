@@ -154,6 +154,21 @@ async def test_a_refusal_at_one_layer_counts_at_none(limiter: RedisRateLimiter,
     assert first.headers["x-ratelimit-remaining-tokens"] == "50"
 
 
+async def test_how_close_allowed_requests_run_to_their_limit(limiter: RedisRateLimiter,
+                                                           registry: CollectorRegistry) -> None:
+    limits = Limits(key_requests_per_minute=100, key_tokens_per_minute=250)
+    await limiter.acquire(SUBJECT, limits, 200)  # 99 of 100 requests left, 50 of 250 tokens
+    await limiter.acquire(SUBJECT, limits, 100)  # refused: not observed
+
+    def sample(kind: str, suffix: str, le: str | None = None) -> float | None:
+        labels = {"kind": kind} if le is None else {"kind": kind, "le": le}
+        return registry.get_sample_value(f"rate_limit_remaining_{suffix}", labels)
+
+    assert sample("requests", "count") == sample("tokens", "count") == 1
+    assert sample("requests", "sum") == 0.99 and sample("tokens", "sum") == 0.2
+    assert sample("tokens", "bucket", "0.1") == 0 and sample("tokens", "bucket", "0.25") == 1
+
+
 async def test_counters_are_windowed_hashes_with_a_ttl(limiter: RedisRateLimiter,
                                                        r: aioredis.Redis) -> None:
     await limiter.acquire(SUBJECT, Limits(key_tokens_per_day=10_000), 5)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -71,6 +71,14 @@ class RateLimitMetrics:
                                 registry=registry)
         self.redis_errors = Counter("rate_limit_redis_errors_total",
                                     "Rate limiter calls to Redis that failed", registry=registry)
+        # The reference's rate_limit_remaining{key_id}, without the unbounded label: how close
+        # allowed requests run to their tightest limit, as a distribution (1 = untouched).
+        remaining = Histogram("rate_limit_remaining",
+                              "Share of the most constraining limit left after an allowed "
+                              "request", ["kind"], registry=registry,
+                              buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0))
+        self.remaining_requests = remaining.labels("requests")
+        self.remaining_tokens = remaining.labels("tokens")
         for layer in Layer:
             if layer is not Layer.UNAVAILABLE:
                 self.exceeded.labels(str(layer))
@@ -144,12 +152,24 @@ class RedisRateLimiter:
         result = verdict(checks, used, now_ms, committed=allowed == 1)
         if not result.allowed and result.layer is not None:
             self.metrics.exceeded.labels(str(result.layer)).inc()
+        elif result.allowed:
+            self._observe_remaining(result.headers)
         return Decision(
             allowed=result.allowed, layer=result.layer, retry_after=result.retry_after,
             headers=result.headers,
             reservation=reservation_for(checks, now_ms, lease_id, Origin.REDIS)
             if result.allowed else None,
             degraded=False)
+
+    def _observe_remaining(self, headers: dict[str, str]) -> None:
+        limit = headers.get("x-ratelimit-limit-requests")
+        if limit:
+            self.metrics.remaining_requests.observe(
+                int(headers["x-ratelimit-remaining-requests"]) / max(1, int(limit)))
+        limit = headers.get("x-ratelimit-limit-tokens")
+        if limit:
+            self.metrics.remaining_tokens.observe(
+                int(headers["x-ratelimit-remaining-tokens"]) / max(1, int(limit)))
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         """Correct the reserved tokens to `actual_tokens` in the windows they were reserved in
