@@ -11,6 +11,10 @@ usage_records:
   end to end: from the first publish to the last row.
 
 `python bench/billing.py [--events 20000]`. Prints figures; it is not a test.
+
+It empties what it runs against (usage and log tables TRUNCATEd, every JetStream stream
+deleted): with --external it refuses a database whose event log holds anything, or a NATS
+with messages in a stream, unless --i-know-this-wipes is given.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from multiprocessing.synchronize import Event as EventType
@@ -90,6 +95,37 @@ def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:>10,.0f} records/s  ({n:,} in {seconds:.2f}s)"
 
 
+def wipe_refusal(logged_events: int, stream_messages: Mapping[str, int]) -> str | None:
+    """Why the benchmark must not run on these servers (None: they are empty). It TRUNCATEs
+    the log and deletes every stream: on anything that holds data, that is data lost."""
+    held = [f"the event log holds {logged_events:,} events"] if logged_events else []
+    held += [f"stream {name} holds {n:,} messages"
+             for name, n in sorted(stream_messages.items()) if n]
+    if not held:
+        return None
+    return ("refusing to run: this benchmark wipes the database and NATS it is given, and "
+            + "; ".join(held) + ". Point DATABASE_URL / NATS_URL at empty servers, or pass "
+            "--i-know-this-wipes.")
+
+
+async def check_empty(dsn: str, nats_url: str) -> str | None:
+    """`wipe_refusal` for the servers at `dsn` and `nats_url`, read without changing them."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        logged = 0
+        if await conn.fetchval("SELECT to_regclass('events') IS NOT NULL"):
+            logged = int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+    bus = await Bus.connect(nats_url, name="bench-check")
+    try:
+        streams = {info.config.name or "?": info.state.messages
+                   for info in await bus.js.streams_info()}
+    finally:
+        await bus.close()
+    return wipe_refusal(logged, streams)
+
+
 async def bench(dsn: str, nats_url: str, total: int) -> None:
     pool = await create_pool(dsn, min_size=1, max_size=4)
     await pool.execute("TRUNCATE usage_records, usage_hourly, events, streams, checkpoints, "
@@ -99,7 +135,8 @@ async def bench(dsn: str, nats_url: str, total: int) -> None:
         output_price_per_million=Decimal("0.60"), context_length=8192)
     bus = await Bus.connect(nats_url, name="bench")
     for info in await bus.js.streams_info():
-        await bus.js.delete_stream(info.config.name)
+        if info.config.name:
+            await bus.js.delete_stream(info.config.name)
     await bus.ensure_streams()
     tenants = [uuid.uuid4() for _ in range(50)]
     settings = BillingSettings(database_url=Secret(dsn), nats_url=Secret(nats_url),
@@ -137,9 +174,18 @@ async def bench(dsn: str, nats_url: str, total: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--external", action="store_true", help="use $DATABASE_URL, $NATS_URL")
+    parser.add_argument("--external", action="store_true",
+                        help="use $DATABASE_URL, $NATS_URL (they must be empty: they are wiped)")
+    parser.add_argument("--i-know-this-wipes", action="store_true",
+                        help="with --external: run even though the servers hold data, which "
+                             "is deleted")
     args = parser.parse_args()
     if args.external:
+        if not args.i_know_this_wipes:
+            refusal = asyncio.run(check_empty(os.environ["DATABASE_URL"],
+                                              os.environ["NATS_URL"]))
+            if refusal:
+                raise SystemExit(refusal)
         asyncio.run(migrate(os.environ["DATABASE_URL"]))
         asyncio.run(bench(os.environ["DATABASE_URL"], os.environ["NATS_URL"], args.events))
         return
