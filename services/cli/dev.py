@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -25,13 +26,17 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import IO
+from types import FrameType
+from typing import IO, Any
+
+import asyncpg
 
 from services.core.bus import Bus
 from services.core.catalog import Catalog
 from services.core.db import create_pool
 from services.core.devstack import (
     DevStack,
+    DevStackError,
     PreferredPorts,
     StackURLs,
     die_with_parent,
@@ -99,7 +104,9 @@ class Service:
     log: IO[bytes] | None = field(default=None, repr=False)
 
 
-async def _prepare(urls: StackURLs, state: Path) -> Demo:
+async def _prepare(urls: StackURLs, state: Path) -> tuple[Demo, list[str]]:
+    """Migrations, streams and the demo data; with what stands in the demo's way (a
+    suspended tenant, a deleted deployment: an operator's doing, kept across runs)."""
     applied = await migrate(urls.database_url)
     _say(f"  migrations applied: {len(applied)}")
     bus = await Bus.connect(urls.nats_url, name="crosslogic-dev")
@@ -107,7 +114,41 @@ async def _prepare(urls: StackURLs, state: Path) -> Demo:
         await bus.ensure_streams()
     finally:
         await bus.close()
-    return await _demo_data(urls.database_url, state)
+    demo = await _demo_data(urls.database_url, state)
+    pool = await create_pool(urls.database_url, min_size=1, max_size=1)
+    try:
+        return demo, await demo_problems(pool, demo)
+    finally:
+        await pool.close()
+
+
+async def demo_problems(db: asyncpg.Pool[asyncpg.Record], demo: Demo) -> list[str]:
+    """Why the demo key cannot get a completion, each with the command that fixes it."""
+    problems: list[str] = []
+    tenant = await db.fetchrow("SELECT status, status_reason FROM tenants WHERE id = $1::uuid",
+                               demo.tenant_id)
+    if tenant is not None and tenant["status"] != "active":
+        why = f" ({tenant['status_reason']})" if tenant["status_reason"] else ""
+        problems.append(f"the demo tenant {demo.tenant_id} is {tenant['status']}{why}: "
+                        f"`crosslogic tenants reactivate {demo.tenant_id}`")
+    env = await db.fetchval("SELECT status FROM environments WHERE id = $1::uuid",
+                            demo.environment_id)
+    if env is not None and env != "active":
+        problems.append(f"the demo environment {demo.environment_id} is {env}: "
+                        f"`crosslogic environments update {demo.environment_id} "
+                        f"--status active`")
+    model = await db.fetchrow("SELECT id, status FROM models WHERE name = $1", DEMO_MODEL)
+    if model is None or model["status"] != "active":
+        state = "not in the catalog" if model is None else model["status"]
+        problems.append(f"the demo model {DEMO_MODEL} is {state}"
+                        + ("" if model is None else
+                           f": `crosslogic models update {model['id']} --status active`"))
+    elif not await db.fetchval("SELECT 1 FROM deployments WHERE model_name = $1 "
+                               "AND status = 'active'", DEMO_MODEL):
+        problems.append(f"there is no deployment of {DEMO_MODEL} (the demo one was deleted), "
+                        f"so no GPU node is launched: `crosslogic deployments create --model "
+                        f"{DEMO_MODEL} --region local --gpu-type simulated --min 1 --max 2`")
+    return problems
 
 
 async def _demo_data(database_url: str, state: Path) -> Demo:
@@ -224,10 +265,40 @@ def _wait_ready(service: Service, deadline: float) -> None:
         time.sleep(0.2)
 
 
-def _wait_serving(dev: DevURLs, demo: Demo, deadline: float) -> None:
-    """The gateway routes to the node: one real completion through the whole platform."""
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(exc.read())["error"]
+        return str(error.get("message") or error.get("code") or f"HTTP {exc.code}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"HTTP {exc.code}"
+
+
+def nodes_summary(dev: DevURLs) -> str:
+    """`1 launching, 1 active`: the nodes as the admin API lists them, for progress lines."""
+    request = urllib.request.Request(f"{dev.admin_url}/admin/v1/nodes?limit=200",
+                                     headers={"X-Admin-Token": dev.admin_token})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            nodes: list[dict[str, Any]] = json.loads(resp.read())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "nodes unknown (admin API not answering)"
+    if not nodes:
+        return "no GPU node launched yet"
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[str(node.get("status"))] = counts.get(str(node.get("status")), 0) + 1
+    return "nodes: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+
+
+def _wait_serving(dev: DevURLs, demo: Demo, deadline: float, *,
+                  note_every: float = 5.0) -> None:
+    """The gateway routes to the node: one real completion through the whole platform.
+    Says every `note_every` seconds what it is waiting for; a refused key fails at once."""
     body = json.dumps({"model": DEMO_MODEL, "max_tokens": 1,
                        "messages": [{"role": "user", "content": "ping"}]}).encode()
+    began = time.monotonic()
+    next_note = began + note_every
+    last = "no answer yet"
     while True:
         request = urllib.request.Request(
             f"{dev.gateway_url}/v1/chat/completions", data=body, method="POST",
@@ -237,15 +308,51 @@ def _wait_serving(dev: DevURLs, demo: Demo, deadline: float) -> None:
             with urllib.request.urlopen(request, timeout=5) as resp:
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise DevError("the gateway never routed to a simulated node; see logs/ "
-                           "(orchestrator.log, cloud.log, nodes/)")
+        except urllib.error.HTTPError as exc:
+            text = _error_text(exc)
+            if exc.code in (401, 403):
+                # Waiting will not change this: an operator revoked or suspended something.
+                raise DevError(f"the gateway refuses the demo key (HTTP {exc.code}: {text}); "
+                               "fix that, or start over with --fresh") from None
+            last = f"the gateway answers {exc.code}: {text}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = f"the gateway does not answer ({getattr(exc, 'reason', exc)})"
+        now = time.monotonic()
+        if now > deadline:
+            raise DevError(f"no completion went through in time ({last}; {nodes_summary(dev)})"
+                           "; see logs/ (orchestrator.log, cloud.log, nodes/)")
+        if now >= next_note:
+            _say(f"  waiting for the simulated GPU node ({now - began:.0f}s): "
+                 f"{nodes_summary(dev)}; {last}")
+            next_note = now + note_every
         time.sleep(0.3)
 
 
-def _stop(services: list[Service]) -> None:
+class Stopping:
+    """Once shutdown has begun, Ctrl-C and SIGTERM no longer interrupt it (an interrupted
+    shutdown would leave the servers running until we exit): the next one only hurries it —
+    services still running are killed instead of waited for — and the servers are stopped
+    all the same."""
+
+    def __init__(self) -> None:
+        self.begun = False
+        self.hurry = False
+
+    def begin(self) -> None:
+        if self.begun:
+            return
+        self.begun = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._again)
+
+    def _again(self, signum: int, frame: FrameType | None) -> None:
+        if not self.hurry:
+            self.hurry = True
+            _say("  stopping faster: killing the services that are left, then stopping the "
+                 "servers")
+
+
+def _stop(services: list[Service], stopping: Stopping, grace: float = 15.0) -> None:
     # In reverse: the orchestrator first (no new launches), the cloud next (its nodes drain
     # and deregister while the monitor still listens), the gateway, the rest after.
     for service in reversed(services):
@@ -253,23 +360,63 @@ def _stop(services: list[Service]) -> None:
             service.proc.send_signal(signal.SIGTERM)
     for service in reversed(services):
         if service.proc is not None:
-            try:
-                service.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                service.proc.kill()
-                service.proc.wait()
+            deadline = time.monotonic() + grace
+            while service.proc.poll() is None:
+                if stopping.hurry or time.monotonic() > deadline:
+                    service.proc.kill()
+                    service.proc.wait()
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    service.proc.wait(0.1)
         if service.log is not None:
             service.log.close()
 
 
-def banner(dev: DevURLs, demo: Demo, state: Path) -> str:
+def python_command() -> str:
+    """This interpreter as a user would type it: `.venv/bin/python` from the project folder
+    (not resolved: the venv's python is a link to the system one, without the venv)."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
+def cli_command() -> str:
+    """`crosslogic` as a user can run it: the venv's script, which `make dev` does not put on
+    the PATH."""
+    script = Path(python_command()).parent / "crosslogic"
+    return str(script) if script.parent != Path(".") and script.exists() else "crosslogic"
+
+
+def _write_urls(urls_file: Path, dev: DevURLs) -> None:
+    partial = urls_file.with_name(urls_file.name + ".partial")
+    partial.write_text(json.dumps(asdict(dev), indent=2))
+    partial.chmod(0o600)
+    partial.replace(urls_file)  # readers never see half a file
+
+
+def banner(dev: DevURLs, demo: Demo, state: Path, problems: list[str] | None = None) -> str:
+    python = python_command()
+    cli = cli_command()
+    heads_up = ""
+    if problems:
+        heads_up = ("\nHeads-up: the demo key cannot get a completion until you fix this "
+                    "(or start over with --fresh):\n"
+                    + "".join(f"  - {p}\n" for p in problems))
+    install = ""
+    if importlib.util.find_spec("openai") is None:
+        install = f"  {python} -m pip install openai    # the SDK, once\n"
     return f"""
 CrossLogic is running. Ctrl-C stops everything.
 
   gateway   {dev.gateway_url}      (OpenAI-compatible)
   admin     {dev.admin_url}/admin/v1   (X-Admin-Token: {demo.admin_token})
+  postgres  {dev.database_url}
+  redis     {dev.redis_url}
+  nats      {dev.nats_url}
   logs      {state / 'logs'}/
-
+{heads_up}
 Try it:
 
   curl {dev.gateway_url}/v1/chat/completions \\
@@ -277,14 +424,14 @@ Try it:
     -H "Content-Type: application/json" \\
     -d '{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
-  python -c 'from openai import OpenAI
+{install}  {python} -c 'from openai import OpenAI
 c = OpenAI(base_url="{dev.gateway_url}/v1", api_key="{demo.api_key}")
 print(c.chat.completions.create(model="{DEMO_MODEL}",
       messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
 
 In another terminal (the CLI finds this platform by itself while it runs):
-  crosslogic events tail
-  crosslogic tenants list
+  {cli} events tail
+  {cli} tenants list
 """
 
 
@@ -297,16 +444,24 @@ def run_dev(state_dir: Path, *, fresh: bool) -> int:
     logs = state_dir / "logs"
     logs.mkdir(exist_ok=True)
     started = time.monotonic()
-    _say(f"crosslogic dev: state in {state_dir}")
+    _say(f"crosslogic dev: state in {state_dir}" + (" (fresh)" if fresh else ""))
     stack = DevStack(state_dir, durable=True,
                      ports=PreferredPorts(postgres=55432, redis=56379, nats=54222))
     urls_file = state_dir / URLS_FILE
     services: list[Service] = []
+    stopping = Stopping()
+    code = 0
+    wrote_urls = False  # urls.json of another `crosslogic dev` on this folder stays
     with stop_on_signals():
         try:
             urls = stack.start()
-            _say("  postgres, redis and nats are up")
-            demo = asyncio.run(_prepare(urls, state_dir))
+            # The servers are usable from here on (psql, redis-cli, nats), and so is the
+            # CLI's database side: it finds them in urls.json.
+            _write_urls(urls_file, DevURLs(urls.database_url, urls.redis_url, urls.nats_url))
+            wrote_urls = True
+            _say(f"  postgres  {urls.database_url}\n  redis     {urls.redis_url}\n"
+                 f"  nats      {urls.nats_url}")
+            demo, problems = asyncio.run(_prepare(urls, state_dir))
             _say("  demo tenant, environment, model and key ready")
             services, dev = _services(urls, demo, state_dir)
             deadline = time.monotonic() + 90
@@ -315,23 +470,30 @@ def run_dev(state_dir: Path, *, fresh: bool) -> int:
             for service in services:
                 _wait_ready(service, deadline)
                 _say(f"  {service.name} is up")
-            _wait_serving(dev, demo, deadline)
-            urls_file.write_text(json.dumps(asdict(dev), indent=2))
-            urls_file.chmod(0o600)
-            _say(f"  a completion went through the whole platform "
-                 f"({time.monotonic() - started:.1f}s after start)")
-            print(banner(dev, demo, state_dir), flush=True)
+            _write_urls(urls_file, dev)
+            if problems:
+                for problem in problems:
+                    _say(f"  not waiting for a completion: {problem}")
+            else:
+                _wait_serving(dev, demo, deadline)
+                _say(f"  a completion went through the whole platform "
+                     f"({time.monotonic() - started:.1f}s after start)")
+            print(banner(dev, demo, state_dir, problems), flush=True)
             while True:  # until SIGINT/SIGTERM (stop_on_signals raises KeyboardInterrupt)
                 signal.pause()
         except KeyboardInterrupt:
-            _say("\nstopping …")
-        except DevError as exc:
+            stopping.begin()
+            _say("\nstopping … (Ctrl-C again to hurry)")
+        except (DevError, DevStackError) as exc:
+            stopping.begin()
             _say(f"crosslogic dev: {exc}")
-            return 1
+            code = 1
         finally:
-            with contextlib.suppress(OSError):
-                urls_file.unlink()
-            _stop(services)
+            stopping.begin()
+            if wrote_urls:
+                with contextlib.suppress(OSError):
+                    urls_file.unlink()
+            _stop(services, stopping)
             stack.stop()
-    _say("stopped cleanly")
-    return 0
+    _say("stopped cleanly" if code == 0 else "stopped")
+    return code

@@ -21,6 +21,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from services.cli.dev import python_command
 from tests.helpers import eventually
 
 CLI = [sys.executable, "-m", "services.cli"]
@@ -32,6 +33,11 @@ class Dev:
     proc: asyncio.subprocess.Process
     state: Path
     banner: str
+    stderr: Path
+    """Its progress lines."""
+
+    def progress(self) -> str:
+        return self.stderr.read_text(errors="replace")
 
     @property
     def gateway(self) -> str:
@@ -87,18 +93,22 @@ class Dev:
         return await asyncio.wait_for(self.proc.wait(), 60)
 
 
-async def start_dev(state: Path) -> Dev:
-    proc = await asyncio.create_subprocess_exec(
-        *CLI, "dev", "--state-dir", str(state), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+async def start_dev(state: Path, *extra: str) -> Dev:
+    runs = len(list(state.parent.glob("dev-*.stderr")))
+    stderr = state.parent / f"dev-{runs}.stderr"
+    with stderr.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "dev", "--state-dir", str(state), *extra, stdout=asyncio.subprocess.PIPE,
+            stderr=err)
     assert proc.stdout is not None
     lines: list[str] = []
     while True:
         line = (await asyncio.wait_for(proc.stdout.readline(), 90)).decode()
-        assert line, "crosslogic dev exited before the platform was up"
+        assert line, ("crosslogic dev exited before the platform was up",
+                      stderr.read_text(errors="replace"))
         lines.append(line)
         if "crosslogic tenants list" in line:  # the banner's last line
-            return Dev(proc, state, "".join(lines))
+            return Dev(proc, state, "".join(lines), stderr)
 
 
 @pytest.fixture
@@ -111,6 +121,23 @@ async def dev(tmp_path: Path) -> AsyncIterator[Dev]:
 
 
 async def test_a_new_operators_first_hour(dev: Dev) -> None:
+    # The servers' URLs were shown (and urls.json written) as soon as they were up, before
+    # the long wait for the first completion.
+    progress = dev.progress()
+    urls = json.loads((dev.state / "urls.json").read_text())
+    for name, key in (("postgres", "database_url"), ("redis", "redis_url"),
+                      ("nats", "nats_url")):
+        line = f"{name:<9} {urls[key]}"
+        assert line in progress and line in dev.banner
+        assert progress.index(line) < progress.index("a completion went through")
+    # The openai snippet names this interpreter (the venv's), and works as printed.
+    assert f"  {python_command()} -c 'from openai import OpenAI" in dev.banner
+    snippet = dev.banner[dev.banner.index("-c 'from openai"):].split("'", 2)[1]
+    ran = await asyncio.create_subprocess_exec(sys.executable, "-c", snippet,
+                                               stdout=asyncio.subprocess.PIPE)
+    printed, _ = await asyncio.wait_for(ran.communicate(), 60)
+    assert ran.returncode == 0 and printed.strip()
+
     # The banner's curl works as printed.
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}]})
     request = urllib.request.Request(f"{dev.gateway}/v1/chat/completions", data=body.encode(),
@@ -178,6 +205,53 @@ async def test_a_new_operators_first_hour(dev: Dev) -> None:
         await restarted.close()
     finally:
         assert await again.stop(signal.SIGTERM) == 0
+
+
+async def test_a_suspended_demo_a_double_ctrl_c_and_a_fresh_start(dev: Dev) -> None:
+    demo = json.loads((dev.state / "demo.json").read_text())
+    await dev.cli("tenants", "suspend", demo["tenant_id"], "--reason", "unpaid")
+
+    # A second Ctrl-C while stopping hurries the shutdown; it never skips the servers.
+    children = dev.descendants()
+    dev.proc.send_signal(signal.SIGINT)
+
+    async def stopping() -> bool:
+        return "stopping" in dev.progress()
+
+    await eventually(stopping, what="shutdown begun")
+    dev.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(dev.proc.wait(), 60) == 0
+
+    async def all_gone() -> bool:
+        return not any(_alive(pid) for pid in children)
+
+    await eventually(all_gone, timeout=20, what="servers and services stopped")
+    assert not (dev.state / "urls.json").exists()
+
+    # Restarted with the demo tenant suspended: said at once, no wait for a completion that
+    # cannot come.
+    suspended = await start_dev(dev.state)
+    try:
+        assert "Heads-up" in suspended.banner
+        assert f"the demo tenant {demo['tenant_id']} is suspended (unpaid)" in suspended.banner
+        assert f"crosslogic tenants reactivate {demo['tenant_id']}" in suspended.banner
+        assert "a completion went through" not in suspended.progress()
+    finally:
+        assert await suspended.stop(signal.SIGTERM) == 0
+
+    # --fresh: a new platform, a new demo that works.
+    fresh = await start_dev(dev.state, "--fresh")
+    try:
+        assert fresh.demo_key != dev.demo_key and "Heads-up" not in fresh.banner
+        assert json.loads((dev.state / "demo.json").read_text())["tenant_id"] != \
+            demo["tenant_id"]
+        client = fresh.client(fresh.demo_key)
+        reply = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert reply.choices[0].message.content
+        await client.close()
+    finally:
+        assert await fresh.stop(signal.SIGINT) == 0
 
 
 async def test_dev_killed_hard_leaves_no_orphans(dev: Dev) -> None:
