@@ -7,6 +7,7 @@ cannot see, or that is queueing or out of KV cache, scores lower.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -33,6 +34,11 @@ def health_score(i: HealthInputs) -> int:
     if not i.vllm_healthy:
         return 0
     score = 100
+    waiting, kv = i.num_requests_waiting, i.kv_cache_usage
+    if (waiting is not None and not math.isfinite(waiting)) or (
+            kv is not None and not math.isfinite(kv)):
+        return health_score(HealthInputs(vllm_healthy=True, metrics_ok=False,
+                                         gpu_probe_failed=i.gpu_probe_failed))
     if not i.metrics_ok:
         score -= METRICS_MISSING_PENALTY
     if i.kv_cache_usage is not None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +49,8 @@ log = structlog.get_logger("agent")
 
 EXIT_DRAINED = 0
 EXIT_REJECTED = 3
+MAX_DRAIN_SECONDS = 86400.0
+"""The longest drain a command may ask for (and a bound that keeps datetime arithmetic sane)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,22 @@ class Observation:
     gpu: GpuReading
     tokens_per_second: float | None
     score: int
+
+
+async def supervise(name: str, run: Callable[[], Awaitable[None]], *,
+                    backoff: Backoff | None = None) -> None:
+    """Run `run()` until it returns. If it raises, log why and run it again after a backoff:
+    a background task of the agent (heartbeats, spot watching, …) must never end silently."""
+    backoff = backoff or Backoff(initial=1.0, maximum=30.0)
+    while True:
+        try:
+            await run()
+            return
+        except Exception:
+            delay = backoff.next()
+            log.exception("background task failed; restarting it", task=name,
+                          retry_in=round(delay, 2))
+            await asyncio.sleep(delay)
 
 
 class NodeAgent:
@@ -84,6 +103,8 @@ class NodeAgent:
         self._leave_by: datetime | None = None
         """Set once the drain is over: the last moment to publish what is still queued."""
         self.leave_grace = 5.0
+        self._registration = self.registration_event()
+        """Built once: every publish of it, even from a restarted task, is the same event."""
         self.unannounced: list[str] = []
         """Types of the lifecycle events given up on (NATS unreachable until too late)."""
         """After the drain, how long the agent keeps trying to tell the control plane."""
@@ -126,10 +147,9 @@ class NodeAgent:
                 log.info("stopped before nats answered: nothing registered, nothing to drain")
                 return self.exit_code
             self.bus = bus
-            tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
-                     asyncio.create_task(self._register(), name="register"),
-                     asyncio.create_task(self._watch_spot(), name="spot"),
-                     asyncio.create_task(self._announcer(), name="announcer")]
+            tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in (
+                ("heartbeats", self._heartbeats), ("register", self._register),
+                ("spot", self._watch_spot), ("announcer", self._announcer))]
             await self.bus.nc.subscribe(node_command_subject(self.node_id), cb=self._on_command)
             try:
                 request = await self._drain
@@ -207,7 +227,7 @@ class NodeAgent:
 
     async def _register(self) -> None:
         assert self.bus is not None
-        event = self.registration_event()
+        event = self._registration
         acks = await self.bus.nc.subscribe(node_ack_subject(self.node_id))
         backoff = Backoff(initial=0.5, maximum=30.0)
         attempt = 0
@@ -318,7 +338,10 @@ class NodeAgent:
         interval = self.settings.heartbeat_interval
         while True:
             started = time.monotonic()
-            await self.send_heartbeat()
+            try:
+                await self.send_heartbeat()
+            except Exception:  # one lost beat; the next interval tries again
+                log.exception("heartbeat failed", sequence=self.sequence)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     # ------------------------------------------------------------------ spot and commands
@@ -329,22 +352,30 @@ class NodeAgent:
         if detector is None:
             return
         assert self._session is not None
+        interval = max(0.01, s.spot_poll_interval)
+        backoff = Backoff(initial=interval, maximum=max(interval, 10.0))
         failing = False
         while True:
             try:
                 notice = await detector.poll(self._session)
-                failing = False
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            except Exception as exc:  # one failed look; the next poll may well succeed
                 if not failing:  # say it once per outage, not every poll
-                    log.warning("metadata service unreachable", provider=s.provider,
-                                error=str(exc) or type(exc).__name__)
+                    expected = isinstance(exc, aiohttp.ClientError | TimeoutError | ValueError)
+                    log.warning("metadata service unreachable or answering nonsense",
+                                provider=s.provider, error=str(exc) or type(exc).__name__,
+                                exc_info=not expected)
                 failing = True
-                notice = None
+                await asyncio.sleep(backoff.next())
+                continue
+            if failing:
+                log.info("metadata service answering again", provider=s.provider)
+                failing = False
+                backoff.reset()
             if notice is not None:
                 await self._on_spot_notice(notice)
                 return
-            if failing or detector.pause_before_next:
-                await asyncio.sleep(s.spot_poll_interval)
+            if detector.pause_before_next:
+                await asyncio.sleep(interval)
 
     async def _on_spot_notice(self, notice: SpotNotice) -> None:
         log.warning("spot termination notice", provider=notice.provider, action=notice.action,
@@ -359,18 +390,24 @@ class NodeAgent:
     async def _on_command(self, msg: Msg) -> None:
         try:
             command = msgspec.json.decode(msg.data, type=NodeCommand)
-        except msgspec.DecodeError as exc:
+            timeout = command.deadline_seconds
+            if timeout is not None and not 0 <= timeout <= MAX_DRAIN_SECONDS:
+                raise ValueError(f"deadline_seconds must be 0..{MAX_DRAIN_SECONDS:.0f}")
+        except (msgspec.DecodeError, ValueError) as exc:
             reply = CommandReply(accepted=False, detail=f"bad command: {exc}")
         else:
-            deadline = (datetime.now(UTC) + timedelta(seconds=command.deadline_seconds)
-                        if command.deadline_seconds is not None else None)
+            deadline = (datetime.now(UTC) + timedelta(seconds=timeout)
+                        if timeout is not None else None)
             started = self.request_drain(f"command: {command.reason or command.command}",
                                          deadline)
             reply = CommandReply(accepted=True,
                                  detail="draining" if started else "already draining")
             log.info("command received", command=command.command, by=command.issued_by)
         if msg.reply:
-            await msg.respond(msgspec.json.encode(reply))
+            try:
+                await msg.respond(msgspec.json.encode(reply))
+            except (nats.errors.Error, OSError) as exc:  # the caller times out and asks again
+                log.warning("command reply not sent", error=str(exc) or type(exc).__name__)
 
     # ------------------------------------------------------------------ drain
 

@@ -10,7 +10,8 @@
 - Azure: GET /metadata/scheduledevents?api-version=2020-07-01 with `Metadata: true`; a
   `Preempt` event's `NotBefore` is the deadline.
 
-Parsing is pure; the detectors only fetch.
+Parsing is pure; the detectors only fetch. A body that is not what the cloud documents
+raises ValueError: one failed look, never a crashed watcher.
 """
 
 from __future__ import annotations
@@ -45,10 +46,18 @@ class SpotDetector(Protocol):
         the next poll itself waits for a change)."""
 
 
-def parse_aws_instance_action(body: dict[str, Any]) -> SpotNotice:
+def _aware(when: datetime) -> datetime:
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def parse_aws_instance_action(body: Any) -> SpotNotice:
+    if not isinstance(body, dict):
+        raise ValueError(f"instance-action is not a JSON object: {type(body).__name__}")
     when = body.get("time")
-    deadline = datetime.fromisoformat(when.replace("Z", "+00:00")) if when else None
-    return SpotNotice("aws", str(body.get("action", "terminate")), deadline)
+    if when is not None and not isinstance(when, str):
+        raise ValueError(f"instance-action time is not a string: {when!r}")
+    deadline = _aware(datetime.fromisoformat(when.replace("Z", "+00:00"))) if when else None
+    return SpotNotice("aws", str(body.get("action") or "terminate"), deadline)
 
 
 def parse_gcp_preempted(text: str, now: datetime) -> SpotNotice | None:
@@ -57,14 +66,22 @@ def parse_gcp_preempted(text: str, now: datetime) -> SpotNotice | None:
     return SpotNotice("gcp", "preempt", now + GCP_PREEMPTION_NOTICE)
 
 
-def parse_azure_events(body: dict[str, Any]) -> SpotNotice | None:
-    for event in body.get("Events") or []:
-        if event.get("EventType") != "Preempt":
+def parse_azure_events(body: Any) -> SpotNotice | None:
+    if not isinstance(body, dict):
+        raise ValueError(f"scheduled events is not a JSON object: {type(body).__name__}")
+    events = body.get("Events") or []
+    if not isinstance(events, list):
+        raise ValueError(f"Events is not a list: {type(events).__name__}")
+    for event in events:
+        if not isinstance(event, dict) or event.get("EventType") != "Preempt":
             continue
         not_before = event.get("NotBefore") or ""
-        deadline = parsedate_to_datetime(not_before) if not_before else None
-        if deadline is not None and deadline.tzinfo is None:
-            deadline = deadline.replace(tzinfo=UTC)
+        if not isinstance(not_before, str):
+            raise ValueError(f"NotBefore is not a string: {not_before!r}")
+        try:
+            deadline = _aware(parsedate_to_datetime(not_before)) if not_before else None
+        except (TypeError, IndexError, ValueError) as exc:  # email.utils' ways to refuse
+            raise ValueError(f"NotBefore is not a date: {not_before!r}") from exc
         return SpotNotice("azure", "preempt", deadline)
     return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,10 +42,17 @@ def parse_vllm_metrics(text: str, model_name: str | None = None) -> VllmLoad:
         raise MetricsError(f"unparseable metrics: {exc}") from exc
     if RUNNING not in sums or WAITING not in sums:
         raise MetricsError(f"{RUNNING} or {WAITING} missing")
+    if not (math.isfinite(sums[RUNNING]) and math.isfinite(sums[WAITING])):
+        # NaN and ±Inf are valid exposition, but no load a score or a balancer can use.
+        raise MetricsError(f"{RUNNING} or {WAITING} not a finite number")
     kv = sums.get(KV_CACHE, sums.get(KV_CACHE_LEGACY))
-    return VllmLoad(running=sums[RUNNING], waiting=sums[WAITING], kv_cache_usage=kv,
-                    generation_tokens_total=sums.get(GENERATION_TOKENS),
-                    prompt_tokens_total=sums.get(PROMPT_TOKENS))
+    return VllmLoad(running=sums[RUNNING], waiting=sums[WAITING], kv_cache_usage=_finite(kv),
+                    generation_tokens_total=_finite(sums.get(GENERATION_TOKENS)),
+                    prompt_tokens_total=_finite(sums.get(PROMPT_TOKENS)))
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def tokens_per_second(previous: float | None, current: float | None,

@@ -288,6 +288,56 @@ async def test_heartbeats_carry_load_and_token_rate(rig: Rig) -> None:
         await client.close()
 
 
+def vllm_with_broken_metrics(mode: dict[str, str]) -> web.Application:
+    """A vLLM whose engine is fine (/health 200) but whose /metrics is broken the way
+    `mode["metrics"]` says: garbage text, a 500, or a load of +Inf (else it is fine)."""
+    good = (f'vllm:num_requests_running{{model_name="{MODEL}"}} 0.0\n'
+            f'vllm:num_requests_waiting{{model_name="{MODEL}"}} WAITING\n'
+            f'vllm:kv_cache_usage_perc{{model_name="{MODEL}"}} 0.1\n')
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def metrics(request: web.Request) -> web.Response:
+        match mode["metrics"]:
+            case "garbage":
+                return web.Response(text="<html>proxy error {{{")
+            case "500":
+                return web.Response(status=500, text="Internal Server Error")
+            case "inf":
+                return web.Response(text=good.replace("WAITING", "+Inf"))
+        return web.Response(text=good.replace("WAITING", "0.0"))
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def test_heartbeats_go_on_when_only_metrics_are_broken(rig: Rig) -> None:
+    mode = {"metrics": "garbage"}
+    vllm = await serve(vllm_with_broken_metrics(mode))
+    try:
+        task = rig.run_agent(rig.settings(vllm.url, heartbeat_interval=0.1))
+        for broken in ("garbage", "500", "inf"):
+            mode["metrics"] = broken
+            seen = len(rig.cp.of_type("node.heartbeat"))
+            beats = await rig.cp.wait_for("node.heartbeat", seen + 3)
+            last: NodeHeartbeat = beats[-1]
+            assert last.vllm_healthy and last.health_score == 60, (broken, last)
+            assert last.num_requests_running is None and last.kv_cache_usage is None
+        mode["metrics"] = "ok"
+
+        async def whole_again() -> bool:
+            last = rig.cp.of_type("node.heartbeat")[-1]
+            return bool(last.health_score == 100 and last.num_requests_waiting == 0)
+
+        await eventually(whole_again, what="a full score once /metrics is back")
+        assert not task.done()
+    finally:
+        await vllm.stop()
+
+
 # --------------------------------------------------------------------------- spot notices
 
 
@@ -395,6 +445,33 @@ async def test_spot_notice_brings_an_operator_drain_deadline_forward(
     (warning,) = rig.cp.of_type("node.spot_warning")
     assert warning.deadline == when
     assert rig.cp.of_type("node.deregistered")
+
+
+async def test_spot_watch_survives_nonsense_from_the_metadata_service(
+        rig: Rig, metadata: Served) -> None:
+    """A body that is not the documented shape is one failed look, not the end of watching."""
+    sim = await rig.start_simulator()
+    state: MetadataState = metadata.app[STATE]
+    state.aws_action = {"action": "terminate", "time": 1764145320}  # type: ignore[dict-item]
+    task = rig.run_agent(rig.settings(sim.url, provider="aws", spot_instance=True,
+                                      metadata_url=metadata.url))
+    agent: NodeAgent = task.agent
+    await asyncio.wait_for(agent.registered.wait(), 10)
+
+    async def polled_again(after: int) -> bool:
+        return state.requests.count("aws") >= after + 2
+
+    await eventually(lambda: polled_again(0), what="polls of a nonsense notice")
+    state.aws_action = ["terminate"]  # type: ignore[assignment]
+    seen = state.requests.count("aws")
+    await eventually(lambda: polled_again(seen), what="polls go on after nonsense")
+    assert not task.done() and not rig.cp.of_type("node.spot_warning")
+
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=2)
+    state.aws_notice("terminate", when)
+    assert await asyncio.wait_for(task, 10) == 0
+    (warning,) = rig.cp.of_type("node.spot_warning")
+    assert warning.deadline == when
 
 
 async def test_metadata_service_down_is_not_fatal(rig: Rig) -> None:

@@ -96,6 +96,25 @@ def test_broken_metrics_raise(text: str) -> None:
         parse_vllm_metrics(text)
 
 
+@pytest.mark.parametrize("value", ["+Inf", "-Inf", "NaN"])
+def test_non_finite_load_is_broken_metrics(value: str) -> None:
+    """Valid exposition, but no number a score can use (int(inf) used to crash the beat)."""
+    text = VLLM_METRICS.replace('waiting{engine="0",model_name="llama"} 2.0',
+                                f'waiting{{engine="0",model_name="llama"}} {value}')
+    with pytest.raises(MetricsError, match="finite"):
+        parse_vllm_metrics(text, "llama")
+    kv = VLLM_METRICS.replace("0.42", value)
+    assert parse_vllm_metrics(kv, "llama").kv_cache_usage is None
+
+
+def test_health_score_survives_non_finite_inputs() -> None:
+    for bad in (float("inf"), float("nan"), float("-inf")):
+        assert health_score(HealthInputs(vllm_healthy=True, metrics_ok=True,
+                                         num_requests_waiting=bad)) == 60
+        assert health_score(HealthInputs(vllm_healthy=True, metrics_ok=True,
+                                         kv_cache_usage=bad)) == 60
+
+
 def test_tokens_per_second() -> None:
     assert tokens_per_second(100, 400, 2.0) == 150.0
     assert tokens_per_second(None, 400, 2.0) is None
@@ -110,6 +129,21 @@ def test_tokens_per_second() -> None:
 def test_aws_instance_action() -> None:
     notice = parse_aws_instance_action({"action": "terminate", "time": "2026-11-26T08:22:00Z"})
     assert notice.provider == "aws" and notice.action == "terminate"
+    assert notice.deadline == datetime(2026, 11, 26, 8, 22, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("body", [
+    [], "terminate", None, 7,
+    {"action": "terminate", "time": 1764145320},
+    {"action": "terminate", "time": "soon"},
+])
+def test_aws_instance_action_that_is_not_the_documented_shape(body: object) -> None:
+    with pytest.raises(ValueError, match=r"instance-action|isoformat"):
+        parse_aws_instance_action(body)
+
+
+def test_aws_instance_action_without_a_zone_is_utc() -> None:
+    notice = parse_aws_instance_action({"action": "stop", "time": "2026-11-26T08:22:00"})
     assert notice.deadline == datetime(2026, 11, 26, 8, 22, tzinfo=UTC)
 
 
@@ -128,6 +162,18 @@ def test_azure_scheduled_events() -> None:
     notice = parse_azure_events({"Events": [reboot, preempt]})
     assert notice is not None
     assert notice.deadline == datetime(2016, 9, 19, 18, 29, 47, tzinfo=UTC)
+    undated = parse_azure_events({"Events": [{"EventType": "Preempt", "NotBefore": ""}]})
+    assert undated is not None and undated.deadline is None
+
+
+@pytest.mark.parametrize("body", [
+    [], "x", {"Events": {"EventType": "Preempt"}},
+    {"Events": [{"EventType": "Preempt", "NotBefore": 1474309787}]},
+    {"Events": [{"EventType": "Preempt", "NotBefore": "in a minute"}]},
+])
+def test_azure_events_that_are_not_the_documented_shape(body: object) -> None:
+    with pytest.raises(ValueError, match=r"scheduled events|Events|NotBefore"):
+        parse_azure_events(body)
 
 
 # --------------------------------------------------------------------------- nvidia-smi, backoff
