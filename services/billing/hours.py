@@ -9,8 +9,13 @@
   for the difference only. Identifiers are deterministic: a resend after a crash carries the
   same one, and Stripe drops it as a duplicate.
 - The meter event's timestamp is the hour's start, so usage lands in the billing period it
-  happened in. Stripe refuses timestamps older than 35 days: an hour that old (late usage after
-  a long outage) is stamped `now` instead, billed in the current period rather than lost.
+  happened in — while that is safe. Stripe adds usage to a period's invoice until it finalizes
+  it, by default one hour after the period ends. An hour that ended more than the backdate
+  window ago (BILLING_BACKDATE_WINDOW, 45 minutes: under that hour, with room for Stripe's
+  asynchronous processing) may belong to a period whose invoice is final, where its usage
+  would never be billed; it is stamped `now` instead, billed in the current period. That is
+  late usage (corrections) and hours sent late (Stripe or billing down for a while). Stripe
+  also refuses timestamps older than 35 days: such hours are stamped `now` whatever the window.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ STRIPE_MAX_AHEAD = timedelta(minutes=5)
 """…and up to 5 minutes in the future."""
 AGE_MARGIN = timedelta(hours=1)
 """Kept from the 35 days: clock drift and the time a send can take."""
+BACKDATE_WINDOW = timedelta(minutes=45)
+"""How long after an hour ends its usage is still stamped with the hour's start: under
+Stripe's default invoice finalization grace (1 h after a period ends)."""
 
 Meter = Literal["input_tokens", "output_tokens"]
 METERS: tuple[Meter, ...] = ("input_tokens", "output_tokens")
@@ -59,11 +67,13 @@ def identifier(tenant_id: uuid.UUID, meter: str, hour: datetime, sequence: int =
     return base if sequence == 0 else f"{base}:{sequence}"
 
 
-def meter_timestamp(hour: datetime, now: datetime) -> int:
-    """Unix seconds for the meter event of `hour`, sent at `now`: the hour's start, or `now`
-    when the hour is too old for Stripe."""
+def meter_timestamp(hour: datetime, now: datetime,
+                    backdate_window: timedelta = BACKDATE_WINDOW) -> int:
+    """Unix seconds for the meter event of `hour`, sent at `now`: the hour's start while the
+    hour ended less than `backdate_window` ago (its period's invoice is surely still open),
+    else `now` (billed in the current period rather than perhaps never)."""
     start = floor_hour(hour)
-    if start < now - STRIPE_MAX_AGE + AGE_MARGIN:
+    if now - (start + HOUR) > backdate_window or start < now - STRIPE_MAX_AGE + AGE_MARGIN:
         return int(now.timestamp())
     return int(min(start, now + STRIPE_MAX_AHEAD).timestamp())
 

@@ -239,7 +239,8 @@ class Pusher:
                 sent = await self.stripe.send_meter_event(
                     event_name=plan.event_name, customer_id=plan.customer_id, value=plan.value,
                     identifier=plan.identifier,
-                    timestamp=meter_timestamp(plan.hour, self.clock()))
+                    timestamp=meter_timestamp(plan.hour, self.clock(),
+                                              self.settings.backdate_window))
             except stripe.StripeError as exc:
                 last_error = describe(exc)
                 if classify(exc) is Failure.PERMANENT:

@@ -36,6 +36,11 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     billing_hour_grace: float = 300.0
     """Seconds after an hour ends before it is closed and pushed; later usage is a
     correction."""
+    billing_backdate_window: float = 2700.0
+    """Seconds after an hour ends during which its meter events carry the hour's start; later
+    (late usage, a backlog) they carry the time of sending, so that usage is never aimed at a
+    billing period whose invoice Stripe has finalized. Keep it under your invoices'
+    finalization grace period (Stripe's default: 1 h)."""
     billing_push_interval: float = 30.0
     billing_push_lookback_days: int = 45
     """Hours older than this are not looked at again (late usage for them is not pushed)."""
@@ -60,6 +65,10 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
         return timedelta(seconds=self.billing_hour_grace)
 
     @property
+    def backdate_window(self) -> timedelta:
+        return timedelta(seconds=self.billing_backdate_window)
+
+    @property
     def meter_events(self) -> dict[str, str]:
         return {"input_tokens": self.stripe_meter_input_event.strip(),
                 "output_tokens": self.stripe_meter_output_event.strip()}
@@ -81,6 +90,8 @@ def check_settings(s: BillingSettings) -> None:
             raise SettingsError(f"{name} must be positive")
     if s.billing_hour_grace < 0:
         raise SettingsError("BILLING_HOUR_GRACE cannot be negative")
+    if s.billing_backdate_window < 0:
+        raise SettingsError("BILLING_BACKDATE_WINDOW cannot be negative")
     if s.billing_retry_max < s.billing_retry_initial:
         raise SettingsError("BILLING_RETRY_MAX must be at least BILLING_RETRY_INITIAL")
     for variable, event_name in (("STRIPE_METER_INPUT_EVENT", s.stripe_meter_input_event),

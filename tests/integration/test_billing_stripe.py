@@ -65,7 +65,10 @@ class BillingRig:
             stripe_secret_key=Secret(self.stripe.api_key), stripe_api_base=self.stripe.url,
             stripe_timeout=1.0, stripe_webhook_secret=Secret(WEBHOOK_SECRET),
             billing_hour_grace=0, billing_push_interval=0.2, billing_retry_initial=0.01,
-            billing_retry_max=0.05, billing_leader_retry=0.2, db_min_connections=1)
+            billing_retry_max=0.05, billing_leader_retry=0.2, db_min_connections=1,
+            # Hours keep their start as timestamp, whatever the minute the test runs at; the
+            # window's own test sets it.
+            billing_backdate_window=3 * 86400)
         base.update(overrides)
         return BillingSettings(**base)
 
@@ -257,6 +260,29 @@ async def test_closed_hours_are_pushed_once_late_usage_is_corrected(rig: Billing
         "SELECT count(*) FROM meter_exports WHERE status <> 'exported'") == 0
     assert len(accepted_identifiers(rig.stripe)) == len(set(accepted_identifiers(rig.stripe)))
     assert state.concurrency_refusals == 0
+
+
+async def test_hours_pushed_late_are_stamped_with_the_time_of_sending(rig: BillingRig) -> None:
+    """Past the backdate window an hour's period may be invoiced already (Stripe finalizes an
+    hour after a period ends): such usage is stamped when it is sent, so it is billed."""
+    acme = await rig.tenant("acme")
+    await rig.record([usage(acme, hours_ago(1), 10, 1), usage(acme, hours_ago(3), 20, 2)])
+    started = int(datetime.now(UTC).timestamp())
+    await rig.start(billing_backdate_window=7200)
+    await rig.all_exported()
+    events = rig.stripe.state.meter_events
+    recent = events[identifier(acme, "input_tokens", hours_ago(1))]  # ended < 1 h ago
+    assert recent["timestamp"] == int(floor_hour(hours_ago(1)).timestamp())
+    late = events[identifier(acme, "input_tokens", hours_ago(3))]  # ended >= 2 h ago
+    assert started <= late["timestamp"] <= int(datetime.now(UTC).timestamp())
+    # A correction for the recent hour after its window: stamped now as well.
+    await rig.stop()
+    await rig.record([usage(acme, hours_ago(1, 50), 5, 0)])
+    await rig.start(billing_backdate_window=0)
+    await rig.all_exported()
+    correction = events[identifier(acme, "input_tokens", hours_ago(1), 1)]
+    assert correction["payload"]["value"] == "5"
+    assert correction["timestamp"] >= started
 
 
 async def test_stripe_failures_are_retried_and_never_double_count(rig: BillingRig) -> None:

@@ -71,13 +71,28 @@ def test_identifiers_are_deterministic_and_short() -> None:
 
 def test_meter_timestamp_is_the_hour_start_unless_stripe_would_refuse_it() -> None:
     now = at(16)
-    assert meter_timestamp(at(14, 30), now) == int(H.timestamp())
+    long_window = timedelta(days=60)
+    assert meter_timestamp(at(14, 30), now, long_window) == int(H.timestamp())
     recent_enough = now - timedelta(days=34)
-    assert meter_timestamp(recent_enough, now) == int(floor_hour(recent_enough).timestamp())
+    assert meter_timestamp(recent_enough, now, long_window) == int(
+        floor_hour(recent_enough).timestamp())
     # Beyond Stripe's 35 days (less a margin), the usage is billed now, not lost.
     too_old = now - timedelta(days=35)
-    assert meter_timestamp(too_old, now) == int(now.timestamp())
-    assert meter_timestamp(now - timedelta(days=60), now) == int(now.timestamp())
+    assert meter_timestamp(too_old, now, long_window) == int(now.timestamp())
+    assert meter_timestamp(now - timedelta(days=60), now, long_window) == int(now.timestamp())
+
+
+@pytest.mark.parametrize(("sent_at", "stamped"), [
+    (at(15, 5), at(14)),          # the usual push, 5 minutes after the hour: the hour's start
+    (at(15, 45), at(14)),         # the window's last moment
+    (at(15, 45, 1), at(15, 45, 1)),  # later: its period may be invoiced already, so now
+    (at(19, 30), at(19, 30)),     # a correction hours later
+])
+def test_hours_sent_late_are_stamped_now(sent_at: datetime, stamped: datetime) -> None:
+    """Stripe finalizes a period's invoice an hour after the period ends (by default): usage
+    aimed at it after that is never billed. Past the window nothing is aimed at the past."""
+    assert meter_timestamp(at(14, 30), sent_at) == int(stamped.timestamp())
+    assert meter_timestamp(at(14), at(15, 1), timedelta(0)) == int(at(15, 1).timestamp())
 
 
 def due(total: int, planned: int = 0, last: int | None = None, *, skipped: bool = False,
