@@ -350,6 +350,8 @@ class NodeAgent:
         s = self.settings
         detector = detector_for(s.provider, s.metadata_base) if s.spot_instance else None
         if detector is None:
+            if s.spot_instance:  # settings refuse this; say so if it ever gets through
+                log.error("spot instance without spot detection", provider=s.provider)
             return
         assert self._session is not None
         interval = max(0.01, s.spot_poll_interval)

@@ -11,6 +11,9 @@ from services.core.settings import Secret
 
 AGENT_VERSION = "0.1.0"
 
+SPOT_PROVIDERS = ("aws", "gcp", "azure")
+"""The clouds whose spot notices the agent can read (agent/spot.py)."""
+
 DEFAULT_METADATA_URLS = {
     "aws": "http://169.254.169.254",
     "gcp": "http://metadata.google.internal",
@@ -26,7 +29,8 @@ class AgentSettings(msgspec.Struct, kw_only=True, frozen=True):
     """Set by the launcher so the control plane knows which launch registered; new if unset."""
     cluster_name: str = "local"
     provider: str = "local"
-    """aws, gcp, azure, or local (no spot detection)."""
+    """aws, gcp, azure, or local; any case. Another cloud registers as named, but cannot be
+    a spot node: its notices cannot be read."""
     region: str = "local"
     instance_type: str = "local"
     gpu_type: str = "none"
@@ -51,6 +55,16 @@ class AgentSettings(msgspec.Struct, kw_only=True, frozen=True):
     http_timeout: float = 2.0
     log_level: str = "info"
     log_json: bool = True
+
+    def __post_init__(self) -> None:
+        provider = self.provider.strip().lower()
+        msgspec.structs.force_setattr(self, "provider", provider)
+        if self.spot_instance and provider not in SPOT_PROVIDERS:
+            # Refused, not run without detection: a spot node that cannot see its notice is
+            # reclaimed mid-request with nobody told.
+            raise ValueError(
+                f"PROVIDER {provider!r} with SPOT_INSTANCE=true: spot notices can only be read "
+                f"on {', '.join(SPOT_PROVIDERS)}; fix PROVIDER or set SPOT_INSTANCE=false")
 
     @property
     def advertised_url(self) -> str:

@@ -174,7 +174,7 @@ class AzureSpot:
 
 
 def detector_for(provider: str, base_url: str) -> SpotDetector | None:
-    match provider:
+    match provider.strip().lower():
         case "aws":
             return AwsSpot(base_url)
         case "gcp":
