@@ -45,8 +45,9 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         health_threshold=s.health_score_threshold, stale_after=s.stale_after_seconds,
         sweep_every=s.sweep_every_seconds, heartbeat_ttl=s.heartbeat_ttl_seconds,
         probe_every=s.probe_every_seconds, probe_timeout=s.probe_timeout_seconds,
-        probe_failures=s.probe_failures, gauges_every=s.gauges_every_seconds),
-        registry=app[REGISTRY])
+        probe_failures=s.probe_failures, gauges_every=s.gauges_every_seconds,
+        blind_after=s.blind_after_seconds),
+        registry=app[REGISTRY], connected=lambda: bus.connected)
     app[WATCHER] = watcher
 
     async def committed(events: list[Event]) -> None:

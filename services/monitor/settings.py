@@ -20,3 +20,6 @@ class MonitorSettings(CoreSettings, kw_only=True, frozen=True):
     gauges_every_seconds: float = 5.0
     """How often the fleet gauges and node_heartbeat_age_seconds are refreshed."""
     leader_retry_seconds: float = 2.0
+    blind_after_seconds: float = 10.0
+    """No sweep for this long (every monitor down, a slow failover) and the monitor counts
+    itself blind: no node is declared stale until it has listened for STALE_AFTER_SECONDS."""

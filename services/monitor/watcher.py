@@ -22,7 +22,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -47,6 +47,7 @@ from schemas.events import (
 )
 from services.core.fleet import Fleet
 from services.core.node_states import FINAL, HealthRule, Signal, transition
+from services.monitor.sight import in_grace, watching_since
 
 log = structlog.get_logger("watcher")
 
@@ -56,6 +57,10 @@ HEARD = "nodes:heard"
 """node id → when the monitor last heard it, for the metrics: every node not ended yet."""
 HEALTH = "nodes:health_score"
 """node id → its latest health score, for the metrics."""
+WATCHED_AT = "monitor:watched_at"
+"""When a sweep last ran, on any replica."""
+WATCHING_SINCE = "monitor:watching_since"
+"""Since when the monitor has been hearing the fleet without a blind spell."""
 
 # KEYS: heartbeat, health_score, status, last_seen zset, probe-failing flag, heard zset,
 #       health hash.
@@ -97,6 +102,9 @@ class WatchSettings:
     batch: int = 500
     """Heartbeats per Redis round trip at most."""
     queue_limit: int = 200_000
+    blind_after: float = 10.0
+    """A gap between sweeps longer than this means nobody was watching: silence counts
+    again from the next sweep (see sight.py)."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,10 @@ class WatchMetrics:
         self.leader = Gauge("monitor_is_leader",
                             "1 on the replica that sweeps, probes and exports the fleet",
                             registry=registry)
+        self.grace = Gauge("monitor_stale_grace",
+                           "1 while the leader declares no node stale because the monitor "
+                           "itself was blind (NATS down, no sweep) until just now",
+                           registry=registry)
         self.heartbeats = Counter("monitor_heartbeats_total",
                                   "Heartbeats this replica handled", registry=registry)
         self.dropped = Counter("monitor_heartbeats_dropped_total",
@@ -187,8 +199,11 @@ def status_of(event: Event) -> NodeStatus | None:
 
 class NodeWatcher:
     def __init__(self, fleet: Fleet, redis: aioredis.Redis, settings: WatchSettings, *,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 connected: Callable[[], bool] = lambda: True) -> None:
         self.fleet = fleet
+        self.connected = connected
+        """Whether this replica hears NATS now (the sweeper is blind when it does not)."""
         self.redis = redis
         self.settings = settings
         self.rule = HealthRule(settings.health_threshold)
@@ -201,6 +216,9 @@ class NodeWatcher:
         self._gauges_at = 0.0
         self.heartbeats = 0
         self.transitions = 0
+        self.sweeps = 0
+        self.watching_since: float | None = None
+        """When the monitor last started hearing the fleet (see sight.py); the leader's."""
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -331,11 +349,37 @@ class NodeWatcher:
             # The next leader exports the fleet; this replica's copy would only go stale.
             self.metrics.fleet.snapshot = None
             self.metrics.leader.set(0)
+            self.metrics.grace.set(0)
+
+    async def _watch(self, now: float) -> float:
+        """Note this sweep and return since when the monitor has been hearing the fleet. Kept
+        in Redis: a new leader after a short failover carries on, after a long one (or when
+        every monitor was down) it starts watching afresh."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.getset(WATCHED_AT, now)
+            pipe.get(WATCHING_SINCE)
+            last, kept = await pipe.execute()
+        before = float(kept) if kept is not None else None
+        since = watching_since(now, last_watch=float(last) if last is not None else None,
+                               since=before, connected=self.connected(),
+                               blind_after=self.settings.blind_after)
+        if since != before:
+            await self.redis.set(WATCHING_SINCE, since)
+            if before is not None and since == now:
+                log.warning("the monitor was blind (NATS down or no sweep for a while): "
+                            "no node is declared stale until it has listened again",
+                            seconds=self.settings.stale_after)
+        self.watching_since = since
+        return since
 
     async def sweep(self) -> int:
         """Declare silent nodes stale; refresh the fleet gauges. Returns nodes declared."""
         now = time.time()
-        silent = [_text(m) for m in await self.redis.zrangebyscore(
+        self.sweeps += 1
+        since = await self._watch(now)
+        grace = in_grace(now, since, self.settings.stale_after)
+        self.metrics.grace.set(1 if grace else 0)
+        silent = [] if grace else [_text(m) for m in await self.redis.zrangebyscore(
             LAST_SEEN, "-inf", now - self.settings.stale_after)]
         declared = 0
         for raw in silent:

@@ -92,6 +92,10 @@ class OrchestratorMetrics:
                              ["deployment"], registry=registry)
         self.active = Gauge("deployment_active_nodes", "A deployment's active nodes",
                             ["deployment"], registry=registry)
+        self.held = Gauge("deployment_replacements_held",
+                          "Lost nodes (stale, unhealthy) waiting to be replaced because "
+                          "enough of the deployment is being replaced already",
+                          ["deployment"], registry=registry)
         self.leader = Gauge("orchestrator_is_leader", "1 on the replica that leads",
                             registry=registry)
 
@@ -126,6 +130,7 @@ class Orchestrator:
         self._launch_slots = asyncio.Semaphore(settings.max_concurrent_launches)
         self._last_cloud_check = 0.0
         self._waiting_logged: set[uuid.UUID] = set()
+        self._held_logged: dict[uuid.UUID, int] = {}
         self.ticks = 0
 
     # ------------------------------------------------------------------ the loop
@@ -170,7 +175,8 @@ class Orchestrator:
             now=now, unhealthy_grace=timedelta(seconds=self.settings.unhealthy_grace_seconds),
             unhealthy_since=dict(self.unhealthy_since),
             terminating=frozenset(self.terminations),
-            cooling=frozenset(k for k, until in self.cooling.items() if until > mono))
+            cooling=frozenset(k for k, until in self.cooling.items() if until > mono),
+            replace_at_once=self.settings.replace_at_once_fraction)
         by_deployment: dict[uuid.UUID | None, list[NodeView]] = {}
         for n in nodes:
             by_deployment.setdefault(n.deployment_id, []).append(n)
@@ -224,6 +230,11 @@ class Orchestrator:
         self.metrics.desired.labels(label).set(decision.desired)
         self.metrics.active.labels(label).set(len(active))
         plan = plan_deployment(dep, nodes, decision.desired, situation)
+        self.metrics.held.labels(label).set(len(plan.held))
+        if plan.held and self._held_logged.get(dep.id) != len(plan.held):
+            log.warning("replacing lost nodes a few at a time; the rest wait",
+                        deployment_id=str(dep.id), held=len(plan.held))
+        self._held_logged[dep.id] = len(plan.held)
         await self._execute(dep, nodes, plan)
         await self._watch_outage(dep, len(active), situation.now)
 

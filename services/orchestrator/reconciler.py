@@ -10,6 +10,12 @@ Rules:
   attributed to them (node.replaced), then they are terminated. We never wait for the old one
   to die before starting the new one.
 - A launch that has not registered by its deadline has failed.
+- Suspect losses — stale (silent) or unhealthy past the grace: the node may well come back,
+  and a fleet going silent all at once says more about the watcher than the nodes — are
+  replaced a few at a time: at most `replace_at_once` of the deployment's target (at least
+  one) are on their way out or being launched at once; the others are held (counted as
+  capacity, neither terminated nor replaced) until that work is done. Failed nodes (the cloud
+  says the machine is gone) and draining ones (a spot notice) are replaced at once.
 - Above the desired count, the surplus goes: launches not yet registered first, then
   unhealthy, then registered but not yet serving, then the most recently started.
 - Launches go to the deployment's region with the fewest nodes among those not cooling down
@@ -68,6 +74,8 @@ class Plan:
     failures: list[Fail] = field(default_factory=list)
     waiting_for_capacity: bool = False
     """Launches were needed but every region is cooling down."""
+    held: list[uuid.UUID] = field(default_factory=list)
+    """Suspect losses left alone this time: too many are being replaced already."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,22 @@ class Situation:
     """Nodes whose termination is under way (left alone)."""
     cooling: frozenset[tuple[str, bool]] = frozenset()
     """(region, spot) pairs that refused a launch recently."""
+    replace_at_once: float = 1.0
+    """Fraction of a deployment's target (at least one node) that may be replaced for a
+    suspect loss at a time."""
 
 
 _CAPACITY = frozenset({NodeStatus.LAUNCHING, NodeStatus.REGISTERED, NodeStatus.ACTIVE})
 _LOST = frozenset({NodeStatus.STALE, NodeStatus.FAILED, NodeStatus.DRAINING})
 _DONE = frozenset({NodeStatus.TERMINATED})
+_SUSPECT = frozenset({NodeStatus.STALE, NodeStatus.UNHEALTHY})
+_ON_THE_WAY = frozenset({NodeStatus.LAUNCHING, NodeStatus.REGISTERED})
+
+
+def replacement_budget(target: int, fraction: float, in_progress: int) -> int:
+    """How many more suspect losses may be replaced now: `fraction` of the target, at least
+    one, minus the replacements (or launches) already under way."""
+    return max(0, max(1, int(target * fraction)) - in_progress)
 
 
 def _surplus_order(node: NodeView) -> tuple[int, float]:
@@ -97,7 +116,11 @@ def plan_deployment(dep: DeploymentSpec, nodes: list[NodeView], desired: int,
     plan = Plan()
     capacity: list[NodeView] = []
     lost: list[NodeView] = []
+    in_progress = 0
+    """Suspect losses being terminated, and launches not serving yet."""
     for node in nodes:
+        if node.status in _ON_THE_WAY or (node.status in _SUSPECT and node.id in s.terminating):
+            in_progress += 1
         if node.status in _DONE or node.id in s.terminating:
             continue
         if node.terminate_requested_at is not None:
@@ -123,6 +146,16 @@ def plan_deployment(dep: DeploymentSpec, nodes: list[NodeView], desired: int,
             lost.append(node)
 
     target = max(dep.min_nodes, min(dep.max_nodes, desired))
+    budget = replacement_budget(target, s.replace_at_once, in_progress)
+    held: list[NodeView] = []
+    for node in sorted((n for n in lost if n.status in _SUSPECT),
+                       key=lambda n: (n.registered_at, n.id.int)):
+        if budget > 0:
+            budget -= 1
+        else:
+            held.append(node)
+    plan.held = [n.id for n in held]
+    lost = [n for n in lost if n not in held]
     for node in lost:
         if node.status == NodeStatus.DRAINING:
             reason, drain = "draining (spot notice or drain)", True
@@ -138,7 +171,7 @@ def plan_deployment(dep: DeploymentSpec, nodes: list[NodeView], desired: int,
                 node.id, "scale down", node.status != NodeStatus.LAUNCHING))
             capacity.remove(node)
 
-    shortfall = target - len(capacity)
+    shortfall = target - len(capacity) - len(held)
     to_replace = [n.id for n in lost]
     per_region = {r: sum(1 for n in capacity if n.region == bare_region(r))
                   for r in dep.regions}

@@ -25,6 +25,9 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     """A (region, spot) that refused a launch is skipped for this long."""
     unhealthy_grace_seconds: float = 120.0
     """An unhealthy node counts as capacity this long before it is replaced."""
+    replace_at_once_fraction: float = 0.25
+    """At most this fraction of a deployment's nodes (at least one) is replaced at once for
+    silence or sickness; the other suspects wait (they may come back)."""
     drain_timeout_seconds: float = 120.0
     """Longest wait for a draining node to finish before its machine goes down."""
     no_active_alert_after_seconds: float = 60.0

@@ -59,7 +59,7 @@ async def leader_and_standby(*runners: web.AppRunner) -> tuple[web.AppRunner, we
 
 
 async def test_only_the_leader_exports_the_fleet_as_every_replica_recorded_it(
-        start_monitor: Any, start_node: Any, pool: asyncpg.Pool) -> None:
+        start_monitor: Any, start_node: Any, pool: asyncpg.Pool) -> None:  # noqa: F811
     first = await start_monitor(stale_after_seconds=30)
     second = await start_monitor(stale_after_seconds=30)
     leader, standby = await leader_and_standby(first, second)
@@ -67,9 +67,9 @@ async def test_only_the_leader_exports_the_fleet_as_every_replica_recorded_it(
     await wait_status(pool, node, "active")
     label = f'{{node_id="{node.agent.node_id}"}}'
 
-    async def leader_sees_it() -> str | None:
+    async def leader_sees_it() -> str:
         text = await scrape(leader)
-        return text if samples(text, "nodes_active_total") == {"": 1.0} else None
+        return text if samples(text, "nodes_active_total") == {"": 1.0} else ""
 
     text = await eventually(leader_sees_it, what="the leader's fleet series")
     assert label in samples(text, "node_heartbeat_age_seconds")
@@ -115,7 +115,7 @@ async def test_only_the_leader_exports_the_fleet_as_every_replica_recorded_it(
     assert not exports_fleet(text), text
 
 
-async def test_a_node_that_ends_leaves_the_metrics(start_monitor: Any, start_node: Any,
+async def test_a_node_that_ends_leaves_the_metrics(start_monitor: Any, start_node: Any,  # noqa: F811
                                                   pool: asyncpg.Pool, bus: Bus,
                                                   redis_url: str) -> None:
     runner = await start_monitor(stale_after_seconds=30)
@@ -146,7 +146,7 @@ async def test_a_node_that_ends_leaves_the_metrics(start_monitor: Any, start_nod
 
 
 async def test_a_node_silent_past_the_heartbeat_ttl_leaves_the_metrics(
-        start_monitor: Any, start_node: Any, pool: asyncpg.Pool) -> None:
+        start_monitor: Any, start_node: Any, pool: asyncpg.Pool) -> None:  # noqa: F811
     runner = await start_monitor(heartbeat_ttl_seconds=1)
     node = await start_node()
     await wait_status(pool, node, "active")

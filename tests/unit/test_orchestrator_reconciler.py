@@ -21,6 +21,7 @@ from services.orchestrator.reconciler import (
     Terminate,
     bare_region,
     plan_deployment,
+    replacement_budget,
 )
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -467,3 +468,80 @@ def test_on_demand_deployment_never_launches_spot() -> None:
 def test_spot_deployment_launches_spot() -> None:
     p = plan([], 3)
     assert [(lc.region, lc.spot) for lc in p.launches] == [(EAST, True), (WEST, True), (EAST, True)]
+
+
+# ----------------------------------------------------------------- suspect losses, a few at a time
+
+
+def capped(fraction: float, **kw: object) -> Situation:
+    return Situation(now=NOW, unhealthy_grace=GRACE, replace_at_once=fraction,
+                     **kw)  # type: ignore[arg-type]
+
+
+def test_a_fleet_gone_silent_at_once_is_replaced_a_few_at_a_time() -> None:
+    # The whole fleet stale (the monitor's blindness, or a real mass loss): a quarter at once.
+    stale = [node(S.STALE, age=timedelta(hours=8 - i)) for i in range(8)]
+    p = plan_deployment(dep(min_nodes=8, max_nodes=8), stale, 8, capped(0.25))
+    oldest_two = [n.id for n in stale[:2]]
+    assert sorted(terminated_ids(p)) == sorted(oldest_two)
+    assert sorted(lc.replaces for lc in p.launches) == sorted(oldest_two)  # type: ignore[type-var]
+    assert p.held == [n.id for n in stale[2:]]
+    # Held nodes are neither terminated nor replaced by "below desired" launches.
+    assert len(p.launches) == 2
+
+
+def test_no_more_suspect_replacements_while_earlier_ones_are_under_way() -> None:
+    stale = [node(S.STALE) for _ in range(6)]
+    replacements = [launching(), node(S.REGISTERED)]
+    p = plan_deployment(dep(min_nodes=8, max_nodes=8), [*stale, *replacements], 8, capped(0.25))
+    assert p.launches == [] and terminated_ids(p) == []
+    assert sorted(p.held) == sorted(n.id for n in stale)
+
+
+def test_suspects_being_terminated_count_as_under_way() -> None:
+    going = node(S.STALE)
+    rest = [node(S.STALE) for _ in range(3)]
+    s = capped(0.5, terminating=frozenset({going.id}))
+    # Its replacement is on its way: with a budget of two, nothing more until one is done.
+    p = plan_deployment(dep(min_nodes=4, max_nodes=4), [going, launching(), *rest], 4, s)
+    assert p.launches == [] and terminated_ids(p) == []
+    assert sorted(p.held) == sorted(n.id for n in rest)
+
+
+def test_one_suspect_at_a_time_even_for_a_small_deployment() -> None:
+    a, b = node(S.STALE, age=timedelta(hours=2)), node(S.STALE, age=timedelta(hours=1))
+    p = plan_deployment(dep(min_nodes=2, max_nodes=2), [a, b], 2, capped(0.25))
+    assert terminated_ids(p) == [a.id]
+    assert [lc.replaces for lc in p.launches] == [a.id]
+    assert p.held == [b.id]
+
+
+def test_unhealthy_past_grace_is_a_suspect_too() -> None:
+    sick = [node(S.UNHEALTHY) for _ in range(4)]
+    s = capped(0.25, unhealthy_since={n.id: NOW - GRACE * 2 for n in sick})
+    p = plan_deployment(dep(min_nodes=4, max_nodes=4), sick, 4, s)
+    assert len(terminated_ids(p)) == 1 and len(p.held) == 3
+
+
+@pytest.mark.parametrize("status", [S.FAILED, S.DRAINING])
+def test_confirmed_losses_are_replaced_at_once_whatever_the_cap(status: S) -> None:
+    # The cloud says the machine is gone, or the node said it is leaving: no doubt to wait on.
+    lost = [node(status) for _ in range(4)]
+    p = plan_deployment(dep(min_nodes=4, max_nodes=4), lost, 4, capped(0.25))
+    assert sorted(terminated_ids(p)) == sorted(n.id for n in lost)
+    assert len(p.launches) == 4 and p.held == []
+
+
+def test_a_held_node_that_comes_back_is_capacity_again() -> None:
+    back = node(S.ACTIVE)
+    p = plan_deployment(dep(min_nodes=2, max_nodes=2), [back, launching()], 2, capped(0.25))
+    assert is_empty(p)
+
+
+@pytest.mark.parametrize(("target", "fraction", "in_progress", "budget"), [
+    (8, 0.25, 0, 2), (8, 0.25, 1, 1), (8, 0.25, 2, 0), (8, 0.25, 5, 0),
+    (2, 0.25, 0, 1), (1, 0.25, 0, 1), (0, 0.25, 0, 1), (100, 0.1, 3, 7), (4, 1.0, 0, 4),
+])
+def test_replacement_budget(target: int, fraction: float, in_progress: int,
+                            budget: int) -> None:
+    assert replacement_budget(target, fraction, in_progress) == budget
