@@ -39,6 +39,7 @@ from schemas.events import (
     NodeHeartbeat,
     NodeRegistered,
     NodeSpotWarning,
+    encode_event,
 )
 from schemas.subjects import node_ack_subject, node_command_subject
 from services.core.aio import stop_task, within
@@ -233,10 +234,12 @@ class NodeAgent:
         attempt = 0
         try:
             while True:
+                if self.draining:  # leaving anyway: asking to be served makes no sense now
+                    log.info("draining before the registration was acknowledged")
+                    return
                 attempt += 1
                 try:
-                    # The same event id every time: the log and the stream keep it once.
-                    await self.bus.publish(event)
+                    await self._ask_to_record(event, attempt)
                     ack = await self._wait_for_ack(acks, event)
                 except (nats.errors.Error, TimeoutError, OSError) as exc:
                     delay = backoff.next()
@@ -255,6 +258,22 @@ class NodeAgent:
         finally:
             with contextlib.suppress(Exception):
                 await acks.unsubscribe()
+
+    async def _ask_to_record(self, event: NodeRegistered, attempt: int) -> None:
+        """Publish the registration so that the control plane sees it (again) and acks it.
+
+        The same event every time, under its own id as Nats-Msg-Id, so a retry of a publish
+        that never reached the stream is stored once. But when the stream says it already
+        holds that message, its duplicate window (minutes) hides the retry from the monitor:
+        either the monitor has not got to it yet, or it recorded it and its ack was lost, and
+        then nobody would ack again until the window ends. So a copy goes under a message id
+        of its own: the monitor records the event once (the log is keyed on the event id, not
+        the message) and acks it again."""
+        assert self.bus is not None
+        stored = await self.bus.publish(event)
+        if stored.duplicate:
+            await self.bus.publish_raw(event.subject, encode_event(event),
+                                       f"{event.id}.{attempt}")
 
     async def _wait_for_ack(self, acks: Subscription,
                             event: NodeRegistered) -> RegistrationAck:

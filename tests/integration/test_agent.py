@@ -216,8 +216,38 @@ async def test_registers_and_publishes_again_until_acknowledged(rig: Rig) -> Non
                                    "us-east-1", "g5.2xlarge", "A10G", 24, MODEL,
                                    "http://10.0.1.45:8000", False)
     assert reg.agent_version
-    # JetStream kept one copy: retries reuse the event id (Nats-Msg-Id).
-    assert (await rig.bus.js.stream_info("NODES")).state.messages == 1
+    # The first retry found the message stored already, so it sent a copy under a message id
+    # of its own (the stream would hide the retry from the monitor); the event is the same.
+    assert (await rig.bus.js.stream_info("NODES")).state.messages == 2
+
+
+async def test_a_lost_acknowledgment_is_asked_for_again_at_once(rig: Rig) -> None:
+    """The monitor acks what it reads from JetStream, after recording it. When that ack is
+    lost, a retry must reach the monitor again: one deduplicated by the stream's window
+    (two minutes) never would."""
+    sim = await rig.start_simulator()
+    rig.cp.ignore_registrations = 10**6  # only the JetStream reader below acknowledges
+    settings = rig.settings(sim.url)
+    recorded: list[NodeRegistered] = []
+
+    async def monitor(msg: Msg) -> None:
+        event = decode_event(msg.data)
+        assert isinstance(event, NodeRegistered)
+        recorded.append(event)
+        if len(recorded) == 1:
+            return  # recorded, but this ack never reaches the agent
+        ack = RegistrationAck(node_id=event.node_id, event_id=event.id)
+        await rig.cp.nc.publish(node_ack_subject(event.node_id), msgspec.json.encode(ack))
+
+    sub = await rig.bus.js.subscribe(f"node.registered.{settings.node_id}", stream="NODES",
+                                     cb=monitor)
+    try:
+        task = rig.run_agent(settings)
+        agent: NodeAgent = task.agent
+        await asyncio.wait_for(agent.registered.wait(), 10)
+    finally:
+        await sub.unsubscribe()
+    assert len(recorded) == 2 and recorded[0].id == recorded[1].id  # one event, read twice
 
 
 async def test_rejected_registration_stops_the_agent(rig: Rig) -> None:
