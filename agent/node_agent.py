@@ -93,7 +93,8 @@ class NodeAgent:
         self.draining = False
         self.sequence = 0
         self.exit_code = EXIT_DRAINED
-        self.connect_attempts = 0
+        self.connecting = False
+        """True while waiting for NATS to answer the first time."""
         self._drain: asyncio.Future[DrainRequest] | None = None
         self._announcements: asyncio.Queue[Event] = asyncio.Queue()
         """Lifecycle events (spot warning, draining, deregistered) for the announcer to publish
@@ -187,8 +188,9 @@ class NodeAgent:
                 loop.remove_signal_handler(sig)
 
     async def _connect_unless_stopped(self) -> Bus | None:
-        """The bus, or None when a stop (SIGTERM, a spot notice) comes first: a node being
-        reclaimed while NATS is unreachable must still exit in time."""
+        """The bus, or None when a stop comes first: a node being reclaimed or scaled down
+        while NATS is unreachable must still exit in time. Only SIGTERM or SIGINT can stop it
+        here; spot watching and drain commands start once connected."""
         assert self._drain is not None
         connecting = asyncio.create_task(self._connect(), name="connect")
         waits: set[asyncio.Future[Any]] = {connecting, self._drain}
@@ -199,21 +201,19 @@ class NodeAgent:
         return None
 
     async def _connect(self) -> Bus:
-        """NATS may not be up yet (or ever, for a while): keep trying."""
-        backoff = Backoff(initial=0.2, maximum=10.0)
+        """Returns once NATS answers, however long that takes. Bus.connect does the waiting:
+        nats-py retries even the first connection for ever (max_reconnect_attempts=-1), every
+        0.5 s, logging each failure as "nats error"; it does not raise for an unreachable
+        server, so there is nothing to retry here."""
         s = self.settings
-        while True:
-            self.connect_attempts += 1
-            try:
-                bus = await Bus.connect(s.nats_url.reveal(), name=f"agent-{self.node_id}",
-                                        user=s.nats_user, password=s.nats_password.reveal())
-                log.info("connected to nats")
-                return bus
-            except (OSError, TimeoutError, nats.errors.Error) as exc:
-                delay = backoff.next()
-                log.warning("nats unreachable; retrying", error=str(exc) or type(exc).__name__,
-                            retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+        self.connecting = True
+        try:
+            bus = await Bus.connect(s.nats_url.reveal(), name=f"agent-{self.node_id}",
+                                    user=s.nats_user, password=s.nats_password.reveal())
+        finally:
+            self.connecting = False
+        log.info("connected to nats")
+        return bus
 
     # ------------------------------------------------------------------ registration
 

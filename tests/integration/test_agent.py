@@ -650,7 +650,7 @@ async def test_starts_before_nats_is_up(servers: Servers, nats_url: str, bus: Bu
 
     async def trying() -> bool:
         # The NATS client itself retries a first connection for ever (max_reconnect -1).
-        return agent.connect_attempts >= 1 and agent.bus is None
+        return agent.connecting and agent.bus is None
 
     await eventually(trying, what="the agent tries NATS while it is down")
     servers.nats.start()
