@@ -1,14 +1,21 @@
-"""Reading usage back: totals per hour or day from `usage_records`, for the admin API (any
-tenant) and the gateway's `GET /v1/usage` (the caller's own tenant only)."""
+"""Reading usage back: totals per hour or day, for the admin API (any tenant) and the gateway's
+`GET /v1/usage` (the caller's own tenant only).
+
+Whole UTC hours are read from `usage_hourly` (one row per tenant, environment, model and hour,
+kept by the same statement that writes `usage_records`), the ragged edges of the period from
+`usage_records`: a month of usage is a few hundred rows to add up, not one per request. Only a
+question about API keys (grouped or filtered by key) needs `usage_records` throughout, since
+the hourly table has no key column.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Final, Literal
 
 import asyncpg
 import msgspec
@@ -16,7 +23,16 @@ import msgspec
 from services.core.timeparse import parse_since
 
 Granularity = Literal["hour", "day"]
+Dimension = Literal["tenant", "environment", "key", "model"]
+DIMENSIONS: Final[tuple[Dimension, ...]] = ("tenant", "environment", "key", "model")
 MAX_SPAN = timedelta(days=366)
+PARAMS: Final = ("start", "end", "granularity", "group_by", "tenant_id", "environment_id",
+                 "api_key_id", "model")
+"""The query parameters there are; a caller that may not filter by one (the gateway's
+tenants, by tenant_id) passes its own `allowed`."""
+
+_COLUMN: Final[dict[Dimension, str]] = {"tenant": "tenant_id", "environment": "environment_id",
+                                        "key": "api_key_id", "model": "model"}
 
 
 class UsageQueryError(ValueError):
@@ -35,6 +51,12 @@ class UsageQuery:
     environment_id: uuid.UUID | None = None
     api_key_id: uuid.UUID | None = None
     model: str | None = None
+    group_by: tuple[Dimension, ...] = DIMENSIONS
+    """What a row is per, besides its period (in DIMENSIONS' order)."""
+
+    @property
+    def needs_keys(self) -> bool:
+        return "key" in self.group_by or self.api_key_id is not None
 
 
 def _time(value: str, param: str, now: datetime) -> datetime:
@@ -55,35 +77,67 @@ def _uuid(params: Mapping[str, str], name: str) -> uuid.UUID | None:
         raise UsageQueryError(f"'{name}' must be a UUID", name) from None
 
 
-def parse_usage_query(params: Mapping[str, str], *, now: datetime | None = None) -> UsageQuery:
+def _group_by(value: str) -> tuple[Dimension, ...]:
+    wanted = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = sorted(wanted - set(DIMENSIONS))
+    if unknown or not wanted:
+        raise UsageQueryError(f"'group_by' takes a comma-separated list of "
+                              f"{', '.join(DIMENSIONS)}, not {value[:80]!r}", "group_by")
+    return tuple(d for d in DIMENSIONS if d in wanted)
+
+
+def _single(params: Mapping[str, str] | Iterable[tuple[str, str]],
+            allowed: Sequence[str]) -> dict[str, str]:
+    """Each parameter once and known: a typo in a filter must not silently widen the answer,
+    nor a repeated one be read as either of its values. A multidict (aiohttp's
+    `request.query`) yields every repeat from items()."""
+    pairs = params.items() if isinstance(params, Mapping) else params
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise UsageQueryError(f"Unknown query parameter '{name}' (known: "
+                                  f"{', '.join(allowed)})", name)
+        if name in found:
+            raise UsageQueryError(f"Query parameter '{name}' is given more than once", name)
+        found[name] = value
+    return found
+
+
+def parse_usage_query(params: Mapping[str, str] | Iterable[tuple[str, str]], *,
+                      now: datetime | None = None,
+                      allowed: Sequence[str] = PARAMS) -> UsageQuery:
     """From query parameters: start (default 7d ago), end (default now), granularity
-    (hour|day), tenant_id, environment_id, api_key_id, model. Pure."""
+    (hour|day), group_by (tenant,environment,key,model: the default), tenant_id,
+    environment_id, api_key_id, model. Unknown and repeated parameters are refused. Pure."""
+    found = _single(params, allowed)
     now = now or datetime.now(UTC)
-    granularity = params.get("granularity", "day")
+    granularity = found.get("granularity", "day")
     if granularity not in ("hour", "day"):
         raise UsageQueryError("'granularity' must be 'hour' or 'day'", "granularity")
-    start = _time(params["start"], "start", now) if params.get("start") else \
+    start = _time(found["start"], "start", now) if found.get("start") else \
         now - timedelta(days=7)
-    end = _time(params["end"], "end", now) if params.get("end") else now
+    end = _time(found["end"], "end", now) if found.get("end") else now
     if end <= start:
         raise UsageQueryError("'end' must be after 'start'", "end")
     if end - start > MAX_SPAN:
         raise UsageQueryError("at most 366 days at a time", "start")
+    group_by = _group_by(found["group_by"]) if "group_by" in found else DIMENSIONS
     return UsageQuery(start=start, end=end, granularity=granularity,  # type: ignore[arg-type]
-                      tenant_id=_uuid(params, "tenant_id"),
-                      environment_id=_uuid(params, "environment_id"),
-                      api_key_id=_uuid(params, "api_key_id"), model=params.get("model") or None)
+                      tenant_id=_uuid(found, "tenant_id"),
+                      environment_id=_uuid(found, "environment_id"),
+                      api_key_id=_uuid(found, "api_key_id"), model=found.get("model") or None,
+                      group_by=group_by)
 
 
-class UsageTotal(msgspec.Struct, kw_only=True, frozen=True):
-    """Requests and tokens of one period, environment, key and model; cost as a decimal
-    string (dollars, 9 places)."""
+class UsageTotal(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Requests and tokens of one period and group; cost as a decimal string (dollars,
+    9 places). A field the query did not group by is left out."""
 
     period_start: datetime
-    tenant_id: uuid.UUID
-    environment_id: uuid.UUID
-    api_key_id: uuid.UUID
-    model: str
+    tenant_id: uuid.UUID | None = None
+    environment_id: uuid.UUID | None = None
+    api_key_id: uuid.UUID | None = None
+    model: str | None = None
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -94,36 +148,74 @@ class UsageTotal(msgspec.Struct, kw_only=True, frozen=True):
 class UsageReport(msgspec.Struct, kw_only=True, frozen=True):
     object: str = "list"
     granularity: str
+    group_by: list[str]
     start: datetime
     end: datetime
     data: list[UsageTotal]
 
 
 async def usage_report(db: asyncpg.Pool[asyncpg.Record], q: UsageQuery) -> UsageReport:
-    return UsageReport(granularity=q.granularity, start=q.start, end=q.end,
-                       data=await usage_totals(db, q))
+    return UsageReport(granularity=q.granularity, group_by=list(q.group_by), start=q.start,
+                       end=q.end, data=await usage_totals(db, q))
+
+
+def _hour_ceil(t: datetime) -> datetime:
+    floor = t.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return floor if floor == t else floor + timedelta(hours=1)
+
+
+def whole_hours(q: UsageQuery) -> tuple[datetime, datetime]:
+    """The whole UTC hours inside [start, end) that `usage_hourly` answers for (an empty
+    range when the query is about keys, or spans no whole hour). Pure."""
+    first = _hour_ceil(q.start)
+    last = q.end.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    if q.needs_keys or last <= first:
+        return q.start, q.start
+    return first, last
+
+
+def usage_sql(q: UsageQuery) -> str:
+    dims = [_COLUMN[d] for d in q.group_by]
+    select = "".join(f", {c}" for c in dims)
+    group = ", ".join(["1", *dims])
+    # $1 granularity, $2 start, $3 end, $4 first whole hour, $5 end of whole hours,
+    # $6 tenant, $7 environment, $8 key, $9 model
+    return f"""
+        WITH usage AS (
+            SELECT hour AS at, tenant_id, environment_id, NULL::uuid AS api_key_id, model,
+                   requests, prompt_tokens, completion_tokens, cost
+            FROM usage_hourly
+            WHERE hour >= $4 AND hour < $5
+              AND ($6::uuid IS NULL OR tenant_id = $6)
+              AND ($7::uuid IS NULL OR environment_id = $7)
+              AND ($9::text IS NULL OR model = $9)
+            UNION ALL
+            SELECT occurred_at, tenant_id, environment_id, api_key_id, model, 1,
+                   prompt_tokens, completion_tokens, cost
+            FROM usage_records
+            WHERE occurred_at >= $2 AND occurred_at < $3
+              AND NOT (occurred_at >= $4 AND occurred_at < $5)
+              AND ($6::uuid IS NULL OR tenant_id = $6)
+              AND ($7::uuid IS NULL OR environment_id = $7)
+              AND ($8::uuid IS NULL OR api_key_id = $8)
+              AND ($9::text IS NULL OR model = $9)
+        )
+        SELECT date_trunc($1, at, 'UTC') AS period{select}, sum(requests)::bigint AS requests,
+               sum(prompt_tokens)::bigint AS prompt_tokens,
+               sum(completion_tokens)::bigint AS completion_tokens, sum(cost) AS cost
+        FROM usage
+        GROUP BY {group}
+        ORDER BY {group}"""
 
 
 async def usage_totals(db: asyncpg.Pool[asyncpg.Record], q: UsageQuery) -> list[UsageTotal]:
-    """Totals per period, environment, key and model, oldest period first."""
-    rows = await db.fetch(
-        """SELECT date_trunc($1, occurred_at, 'UTC') AS period, tenant_id, environment_id,
-                  api_key_id, model, count(*) AS requests,
-                  sum(prompt_tokens) AS prompt_tokens,
-                  sum(completion_tokens) AS completion_tokens,
-                  sum(total_tokens) AS total_tokens, sum(cost) AS cost
-           FROM usage_records
-           WHERE occurred_at >= $2 AND occurred_at < $3
-             AND ($4::uuid IS NULL OR tenant_id = $4)
-             AND ($5::uuid IS NULL OR environment_id = $5)
-             AND ($6::uuid IS NULL OR api_key_id = $6)
-             AND ($7::text IS NULL OR model = $7)
-           GROUP BY 1, 2, 3, 4, 5
-           ORDER BY 1, 2, 3, 4, 5""",
-        q.granularity, q.start, q.end, q.tenant_id, q.environment_id, q.api_key_id, q.model)
-    return [UsageTotal(period_start=r["period"], tenant_id=r["tenant_id"],
-                       environment_id=r["environment_id"], api_key_id=r["api_key_id"],
-                       model=r["model"], requests=r["requests"],
-                       prompt_tokens=r["prompt_tokens"],
+    """Totals per period and group, oldest period first."""
+    first, last = whole_hours(q)
+    rows = await db.fetch(usage_sql(q), q.granularity, q.start, q.end, first, last,
+                          q.tenant_id, q.environment_id, q.api_key_id, q.model)
+    return [UsageTotal(period_start=r["period"],
+                       **{_COLUMN[d]: r[_COLUMN[d]] for d in q.group_by},
+                       requests=r["requests"], prompt_tokens=r["prompt_tokens"],
                        completion_tokens=r["completion_tokens"],
-                       total_tokens=r["total_tokens"], cost=r["cost"]) for r in rows]
+                       total_tokens=r["prompt_tokens"] + r["completion_tokens"],
+                       cost=r["cost"]) for r in rows]

@@ -15,9 +15,14 @@ import pytest
 from agent.node_agent import NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
+from schemas.events import UsagePrice, UsageRecorded
 from schemas.ids import uuid7
+from services.billing.projection import UsageRecordsProjection
 from services.core.bus import Bus
+from services.core.eventlog import EventLog
+from services.core.projections import ProjectionRunner
 from services.core.settings import Secret
+from services.core.usage_queries import parse_usage_query
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers
@@ -117,15 +122,21 @@ async def test_unknown_nodes(admin: Admin) -> None:
 
 
 async def add_usage(pool: asyncpg.Pool, tenant: uuid.UUID, when: datetime, *, model: str = "m",
-                    prompt: int = 10, completion: int = 5, cost: str = "0.001") -> None:
-    await pool.execute(
-        """INSERT INTO usage_records (request_id, event_id, tenant_id, environment_id,
-               api_key_id, model, endpoint, region, node_id, prompt_tokens, completion_tokens,
-               total_tokens, cost, latency_ms, ttft_ms, status, streamed, occurred_at)
-           VALUES ($1, $2, $3, $4, $5, $6, 'chat', 'r', NULL, $7, $8, $9, $10, 1, NULL, 200,
-                   false, $11)""",
-        uuid.uuid4().hex, uuid.uuid4(), tenant, tenant, tenant, model, prompt, completion,
-        prompt + completion, Decimal(cost), when)
+                    prompt: int = 10, completion: int = 5, cost: str = "0.001",
+                    environment: uuid.UUID | None = None,
+                    key: uuid.UUID | None = None) -> None:
+    """Usage as billing records it: the event in the log, then the real projection (both
+    usage_records and usage_hourly)."""
+    log = EventLog(pool)
+    price = UsagePrice(input_price_per_million=Decimal("1"),
+                       output_price_per_million=Decimal("1"), region_multiplier=Decimal("1"),
+                       cost=Decimal(cost))
+    await log.record([UsageRecorded(
+        request_id=uuid.uuid4().hex, tenant_id=tenant, environment_id=environment or tenant,
+        api_key_id=key or tenant, model=model, endpoint="chat", region="r", node_id=None,
+        prompt_tokens=prompt, completion_tokens=completion, latency_ms=1.0, price=price,
+        occurred_at=when)])
+    await ProjectionRunner(log, UsageRecordsProjection()).catch_up()
 
 
 async def test_usage_per_hour_and_day(admin: Admin, pool: asyncpg.Pool) -> None:
@@ -145,3 +156,99 @@ async def test_usage_per_hour_and_day(admin: Admin, pool: asyncpg.Pool) -> None:
     assert status == 400 and answer["error"]["param"] == "granularity"
     status, answer = await admin.call("GET", "/usage", params={"bogus": "1"})
     assert status == 400 and answer["error"]["param"] == "bogus"
+
+
+async def _brute_force(pool: asyncpg.Pool, params: dict[str, str]) -> list[dict[str, Any]]:
+    """The same totals added up from usage_records alone, in Python."""
+    q = parse_usage_query(params)
+    rows = await pool.fetch("SELECT * FROM usage_records WHERE occurred_at >= $1 "
+                            "AND occurred_at < $2", q.start, q.end)
+    columns = {"tenant": "tenant_id", "environment": "environment_id", "key": "api_key_id",
+               "model": "model"}
+    totals: dict[tuple[Any, ...], list[Any]] = {}
+    for r in rows:
+        at = r["occurred_at"].astimezone(UTC)
+        period = at.replace(minute=0, second=0, microsecond=0)
+        if q.granularity == "day":
+            period = period.replace(hour=0)
+        group = (period, *(str(r[columns[d]]) for d in q.group_by))
+        t = totals.setdefault(group, [0, 0, 0, Decimal(0)])
+        t[0] += 1
+        t[1] += r["prompt_tokens"]
+        t[2] += r["completion_tokens"]
+        t[3] += r["cost"]
+    out = []
+    for group, (n, prompt, completion, cost) in sorted(totals.items()):
+        row: dict[str, Any] = {"period_start": group[0].isoformat().replace("+00:00", "Z")}
+        row.update({columns[d]: v for d, v in zip(q.group_by, group[1:], strict=True)})
+        row.update(requests=n, prompt_tokens=prompt, completion_tokens=completion,
+                   total_tokens=prompt + completion, cost=f"{cost:.9f}")
+        out.append(row)
+    return out
+
+
+async def test_usage_grouped_and_from_whole_hours_equals_adding_up_requests(
+        admin: Admin, pool: asyncpg.Pool) -> None:
+    tenants, envs, keys = [uuid.uuid4(), uuid.uuid4()], [uuid.uuid4(), uuid.uuid4()], \
+        [uuid.uuid4(), uuid.uuid4(), uuid.uuid4()]
+    base = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=30)
+    for i in range(40):  # spread over 30 hours, ragged minutes, two tenants, three keys
+        await add_usage(pool, tenants[i % 2], base + timedelta(minutes=47 * i + 13),
+                        model=("m", "n")[i % 3 == 0], prompt=i, completion=2 * i,
+                        cost=f"0.00{i % 7 + 1}", environment=envs[i % 2], key=keys[i % 3])
+    assert await pool.fetchval("SELECT count(*) FROM usage_hourly") > 10
+    start = (base + timedelta(minutes=95)).isoformat()  # mid-hour: ragged edges
+    end = (base + timedelta(hours=27, minutes=20)).isoformat()
+    for params in ({"start": start, "end": end, "granularity": "hour"},
+                   {"start": start, "end": end, "granularity": "day", "group_by": "model"},
+                   {"start": start, "end": end, "granularity": "hour",
+                    "group_by": "tenant,environment"},
+                   {"start": start, "end": end, "group_by": "key,model"},
+                   {"start": start, "end": end, "granularity": "hour", "group_by": "tenant",
+                    "tenant_id": str(tenants[0])},
+                   {"start": (base + timedelta(minutes=200)).isoformat(),
+                    "end": (base + timedelta(minutes=230)).isoformat(), "group_by": "model"}):
+        answer = await admin.ok("GET", "/usage", params=params)
+        expected = await _brute_force(pool, params)
+        if "tenant_id" in params:
+            expected = [r for r in expected if r["tenant_id"] == params["tenant_id"]]
+        assert answer["data"] == expected, params
+        assert answer["group_by"] == params.get(
+            "group_by", "tenant,environment,key,model").split(",")
+
+
+async def test_usage_reads_whole_hours_from_usage_hourly(admin: Admin,
+                                                         pool: asyncpg.Pool) -> None:
+    tenant = uuid.uuid4()
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
+    await add_usage(pool, tenant, hour + timedelta(minutes=10), completion=5)
+    # What a month of requests looks like to the query: the hour's total, not its rows.
+    await pool.execute("UPDATE usage_hourly SET requests = 1000, completion_tokens = 5000")
+    whole = await admin.ok("GET", "/usage", params={
+        "start": hour.isoformat(), "end": (hour + timedelta(hours=2)).isoformat(),
+        "group_by": "tenant"})
+    assert [(r["requests"], r["completion_tokens"]) for r in whole["data"]] == [(1000, 5000)]
+    # A part of an hour, or a question about keys, is answered from the requests themselves.
+    part = await admin.ok("GET", "/usage", params={
+        "start": (hour + timedelta(minutes=5)).isoformat(),
+        "end": (hour + timedelta(hours=2)).isoformat(), "group_by": "tenant"})
+    by_key = await admin.ok("GET", "/usage", params={
+        "start": hour.isoformat(), "end": (hour + timedelta(hours=2)).isoformat(),
+        "group_by": "key"})
+    for answer in (part, by_key):
+        assert [(r["requests"], r["completion_tokens"]) for r in answer["data"]] == [(1, 5)]
+    assert set(by_key["data"][0]) == {"period_start", "api_key_id", "requests",
+                                      "prompt_tokens", "completion_tokens", "total_tokens",
+                                      "cost"}
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("tenant_id={a}&tenant_id={b}", "tenant_id"), ("group_by=tenant,planet", "group_by"),
+    ("group_by=", "group_by"), ("granularity=hour&granularity=day", "granularity"),
+    ("models=m", "models"),
+])
+async def test_bad_usage_queries_name_the_parameter(admin: Admin, query: str,
+                                                    param: str) -> None:
+    status, answer = await admin.call(
+        "GET", "/usage?" + query.format(a=uuid.uuid4(), b=uuid.uuid4()))
+    assert status == 400 and answer["error"]["param"] == param
