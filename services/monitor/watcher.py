@@ -217,6 +217,7 @@ class NodeWatcher:
         self.heartbeats = 0
         self.transitions = 0
         self.sweeps = 0
+        self.probe_rounds = 0
         self.watching_since: float | None = None
         """When the monitor last started hearing the fleet (see sight.py); the leader's."""
 
@@ -419,29 +420,47 @@ class NodeWatcher:
 
     async def probe(self, session: aiohttp.ClientSession) -> None:
         """GET /health of every registered, active or unhealthy node; a node failing
-        `probe_failures` probes in a row is unhealthy whatever its heartbeats say."""
-        nodes = await self.fleet.nodes(statuses=frozenset(
+        `probe_failures` probes in a row is unhealthy whatever its heartbeats say, until a
+        probe passes.
+
+        The verdict is a flag in Redis (`node:{id}:probe_failing`) that every replica's
+        heartbeat handling reads. It is refreshed by every failing probe (its expiry only
+        covers a leader that dies) and deleted by every passing one, whoever set it: after a
+        failover the new leader's first passing probe clears its predecessor's flag."""
+        nodes = [n for n in await self.fleet.nodes(statuses=frozenset(
             {NodeStatus.REGISTERED, NodeStatus.ACTIVE, NodeStatus.UNHEALTHY}))
+            if n.endpoint_url]
         limit = asyncio.Semaphore(self.settings.probe_concurrency)
 
-        async def one(node_id: uuid.UUID, url: str) -> None:
+        async def one(url: str) -> bool:
             async with limit:
                 try:
                     async with session.get(f"{url}/health") as resp:
-                        ok = resp.status == 200
+                        return resp.status == 200
                 except (aiohttp.ClientError, TimeoutError):
-                    ok = False
-            flag = f"node:{node_id}:probe_failing"
-            if ok:
-                if self._probe_failures.pop(node_id, 0) >= self.settings.probe_failures:
-                    await self.redis.delete(flag)  # heartbeats decide again
-                return
-            failures = self._probe_failures.get(node_id, 0) + 1
-            self._probe_failures[node_id] = failures
-            if failures == self.settings.probe_failures:
-                # Every replica's heartbeat handling sees the flag, not only this leader.
-                await self.redis.set(flag, failures, ex=max(60, int(self.settings.stale_after)))
-                await self._signal(node_id, Signal.UNHEALTHY,
-                                   f"{failures} health probes failed in a row")
+                    return False
 
-        await asyncio.gather(*(one(n.id, n.endpoint_url) for n in nodes if n.endpoint_url))
+        results = await asyncio.gather(*(one(n.endpoint_url) for n in nodes))
+        probed = {n.id for n in nodes}
+        for gone in self._probe_failures.keys() - probed:
+            del self._probe_failures[gone]
+        ttl = max(60, int(3 * self.settings.probe_every))
+        crossed: list[tuple[uuid.UUID, int]] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node, ok in zip(nodes, results, strict=True):
+                flag = f"node:{node.id}:probe_failing"
+                if ok:
+                    self._probe_failures.pop(node.id, None)
+                    pipe.delete(flag)  # heartbeats decide again
+                    continue
+                failures = self._probe_failures.get(node.id, 0) + 1
+                self._probe_failures[node.id] = failures
+                if failures >= self.settings.probe_failures:
+                    pipe.set(flag, failures, ex=ttl)
+                    if failures == self.settings.probe_failures:
+                        crossed.append((node.id, failures))
+            await pipe.execute()
+        self.probe_rounds += 1
+        for node_id, failures in crossed:
+            await self._signal(node_id, Signal.UNHEALTHY,
+                               f"{failures} health probes failed in a row")

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -30,13 +31,17 @@ TIMING: dict[str, Any] = dict(stale_after_seconds=0.8, blind_after_seconds=1.0,
 
 
 class Node:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, *, endpoint: str = "") -> None:
         self.bus = bus
         self.id = uuid.uuid4()
         self.sequence = 0
+        self.endpoint = endpoint
 
     async def register(self) -> None:
-        await self.bus.publish(node_registered(self.id))
+        event = node_registered(self.id)
+        if self.endpoint:
+            event = msgspec.structs.replace(event, endpoint_url=self.endpoint)
+        await self.bus.publish(event)
 
     async def beat(self) -> None:
         self.sequence += 1
