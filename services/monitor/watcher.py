@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import aiohttp
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 import structlog
@@ -45,6 +46,7 @@ from schemas.events import (
     NodeStatusChanged,
     NodeTerminated,
 )
+from services.core.aio import stop_task
 from services.core.fleet import Fleet
 from services.core.node_states import FINAL, HealthRule, Signal, transition
 from services.monitor.sight import in_grace, watching_since
@@ -333,24 +335,36 @@ class NodeWatcher:
     # ------------------------------------------------------------------ the leader's work
 
     async def lead(self) -> None:
-        """Sweep for silence every `sweep_every`, probe every `probe_every`. Until cancelled."""
-        last_probe = 0.0
+        """Sweep for silence every `sweep_every`, and probe every `probe_every` in a task of
+        its own: a round of probes waiting on unreachable nodes must never push the sweep
+        (and stale detection) back. Until cancelled."""
         self._gauges_at = 0.0
         self.metrics.leader.set(1)
         try:
             async with aiohttp.ClientSession(
                     timeout=aiohttp.ClientTimeout(total=self.settings.probe_timeout)) as session:
-                while True:
-                    await self.sweep()
-                    if time.monotonic() - last_probe >= self.settings.probe_every:
-                        last_probe = time.monotonic()
-                        await self.probe(session)
-                    await asyncio.sleep(self.settings.sweep_every)
+                probes = asyncio.create_task(self._probe_forever(session), name="probes")
+                try:
+                    while True:
+                        await self.sweep()
+                        await asyncio.sleep(self.settings.sweep_every)
+                finally:
+                    await stop_task(probes)
         finally:
             # The next leader exports the fleet; this replica's copy would only go stale.
             self.metrics.fleet.snapshot = None
             self.metrics.leader.set(0)
             self.metrics.grace.set(0)
+
+    async def _probe_forever(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.probe(session)
+            except (aioredis.RedisError, OSError, asyncpg.PostgresError) as exc:
+                log.warning("probe round failed; the next one retries", error=str(exc))
+            await asyncio.sleep(max(0.0, self.settings.probe_every
+                                    - (time.monotonic() - started)))
 
     async def _watch(self, now: float) -> float:
         """Note this sweep and return since when the monitor has been hearing the fleet. Kept

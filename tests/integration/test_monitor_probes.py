@@ -1,8 +1,9 @@
 """The active probes: their verdict holds as long as they fail, a passing probe clears it
-whoever set it."""
+whoever set it, and probing never holds up the silence sweep."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,9 +12,11 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from services.core.bus import Bus
 from services.core.devstack import free_port
 from services.monitor.app import WATCHER
 from tests.helpers import eventually
+from tests.integration.test_monitor_outage import Node, active, went_stale
 from tests.integration.test_monitor_states import (  # noqa: F401  (fixtures)
     start_monitor,
     start_node,
@@ -70,3 +73,33 @@ async def test_a_passing_probe_clears_a_verdict_its_predecessor_left(
 
     await eventually(cleared, timeout=3, what="the stale verdict cleared by a passing probe")
     await wait_status(pool, node, "active")
+
+
+async def test_unanswered_probes_do_not_hold_up_the_sweep(start_monitor: Any, bus: Bus,  # noqa: F811
+                                                          pool: asyncpg.Pool) -> None:
+    # A node whose address accepts connections and never answers: each probe of it takes the
+    # whole probe timeout (30 s here).
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    blackhole = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = blackhole.sockets[0].getsockname()[1]
+    try:
+        await start_monitor(probe_timeout_seconds=30)
+        mute = Node(bus, endpoint=f"http://127.0.0.1:{port}")
+        await mute.register()
+        await active(pool, mute)
+        quiet = Node(bus)
+        await quiet.register()
+        await active(pool, quiet)
+
+        # `quiet` stops speaking; `mute` keeps heartbeating (healthy, but never answers).
+        async def stale() -> bool:
+            await mute.beat()
+            return await went_stale(pool, quiet)
+
+        started = time.monotonic()
+        await eventually(stale, timeout=8, interval=0.1, what="the silent node stale")
+        assert time.monotonic() - started < 8
+    finally:
+        blackhole.close()
