@@ -172,10 +172,15 @@ class NodeAgent:
         return self.exit_code
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        signalled: list[signal.Signals] = []
+
         def on_signal(sig: signal.Signals) -> None:
-            if not self.request_drain(f"signal {sig.name}"):
+            if signalled:
                 log.warning("second signal while draining: leaving now", signal=sig.name)
                 raise SystemExit(1)
+            signalled.append(sig)
+            # During a drain already on (an operator's), this only brings its deadline in.
+            self.request_drain(f"signal {sig.name}", timeout=self.settings.sigterm_drain_timeout)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):

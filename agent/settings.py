@@ -49,6 +49,10 @@ class AgentSettings(msgspec.Struct, kw_only=True, frozen=True):
     """How long to wait for the control plane's acknowledgment before publishing again."""
     drain_timeout: float = 120.0
     """Longest wait for in-flight requests when draining (a spot deadline may be shorter)."""
+    sigterm_drain_timeout: float = 20.0
+    """The same for a drain started by SIGTERM or SIGINT: whoever sends it kills the process
+    soon after (Kubernetes' default grace is 30 s), and the agent must have deregistered by
+    then (the drain, plus up to 5 s to publish what is left)."""
     drain_grace: float = 2.0
     """Wait after announcing the drain so load balancers stop sending new work first."""
     drain_poll_interval: float = 0.5

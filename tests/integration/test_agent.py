@@ -592,6 +592,40 @@ async def test_sigterm_drains_and_exits_zero(rig: Rig) -> None:
     assert str(dereg.node_id) == node_id and dereg.reason == "signal SIGTERM"
 
 
+async def test_sigterm_bounds_the_drain_by_its_own_timeout(rig: Rig) -> None:
+    """SIGTERM comes from something that kills soon after (Kubernetes: 30 s). Even during an
+    operator's 120 s drain, with a long request in flight, the agent leaves within
+    SIGTERM_DRAIN_TIMEOUT, and cleanly: a first signal is not the "second signal" exit."""
+    sim = await rig.start_simulator(inter_token_latency=0.05)
+    node_id = str(uuid.uuid4())
+    rig.cp.watch(node_id)
+    env = {**os.environ, "NATS_URL": rig.nats_url, "NODE_ID": node_id, "VLLM_URL": sim.url,
+           "MODEL_NAME": MODEL, "HEARTBEAT_INTERVAL": "0.2", "DRAIN_GRACE": "0.1",
+           "SIGTERM_DRAIN_TIMEOUT": "1", "LOG_LEVEL": "warning"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent", env=env)
+    client = AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="unused", max_retries=0)
+    long_request = asyncio.create_task(client.completions.create(
+        model=MODEL, prompt="a very long story", max_tokens=2000))  # ~100 s
+    try:
+        await rig.cp.wait_for("node.heartbeat", 1, timeout=20)
+        command = NodeCommand(command="drain", reason="scale down", deadline_seconds=120)
+        await rig.cp.nc.request(node_command_subject(node_id), msgspec.json.encode(command),
+                                timeout=5)
+        await rig.cp.wait_for("node.draining")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert not long_request.done()
+    finally:
+        long_request.cancel()
+        await asyncio.gather(long_request, return_exceptions=True)
+        await client.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    (dereg,) = rig.cp.of_type("node.deregistered")
+    assert dereg.reason == "command: scale down"
+
+
 async def test_sigterm_while_nats_is_unreachable_exits_at_once() -> None:
     """A node reclaimed before the control plane was ever reachable must still stop in time."""
     env = {**os.environ, "NATS_URL": f"nats://127.0.0.1:{free_port()}",

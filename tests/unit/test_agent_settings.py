@@ -42,3 +42,10 @@ def test_the_agent_exits_2_on_a_spot_node_it_cannot_watch(
     monkeypatch.setenv("SPOT_INSTANCE", "true")
     assert main() == 2
     assert "PROVIDER 'oracle'" in capsys.readouterr().err
+
+
+def test_sigterm_drain_fits_in_a_kubernetes_grace_period() -> None:
+    defaults = AgentSettings()
+    leaving = 5.0  # what the agent gives itself to publish after the drain
+    assert defaults.sigterm_drain_timeout + leaving < 30 < defaults.drain_timeout
+    assert load_settings(AgentSettings, {"SIGTERM_DRAIN_TIMEOUT": "7"}).sigterm_drain_timeout == 7
