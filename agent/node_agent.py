@@ -111,6 +111,7 @@ class NodeAgent:
         """Types of the lifecycle events given up on (NATS unreachable until too late)."""
         """After the drain, how long the agent keeps trying to tell the control plane."""
         self._last_tokens: tuple[float, float] | None = None
+        self._metrics_problem: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -326,14 +327,30 @@ class NodeAgent:
 
     async def _vllm_load(self) -> VllmLoad | None:
         assert self._session is not None
+        problem: str | None = None
+        load = None
         try:
             async with self._session.get(f"{self.settings.vllm_url}/metrics") as resp:
                 if resp.status != 200:
-                    return None
-                text = await resp.text()
-            return parse_vllm_metrics(text, self.settings.model_name)
-        except (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError):
-            return None
+                    problem = f"HTTP {resp.status}"
+                else:
+                    load = parse_vllm_metrics(await resp.text(), self.settings.model_name)
+        except (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError) as exc:
+            problem = str(exc) or type(exc).__name__
+        if load is not None and load.model not in (None, self.settings.model_name):
+            problem = f"serves {load.model!r}, not MODEL_NAME"
+        if problem != self._metrics_problem:  # said once per change, not every heartbeat
+            if problem is None:
+                log.info("vllm metrics readable again")
+            elif load is not None:
+                # Read anyway (it is the only model), but requests routed under MODEL_NAME
+                # will find no such model: the operator should know.
+                log.warning("vllm reports another model than MODEL_NAME; reading its load",
+                            model_name=self.settings.model_name, vllm_model=load.model)
+            else:
+                log.warning("vllm metrics unreadable", problem=problem)
+            self._metrics_problem = problem
+        return load
 
     def heartbeat_event(self, o: Observation) -> NodeHeartbeat:
         self.sequence += 1

@@ -22,6 +22,8 @@ class VllmLoad:
     kv_cache_usage: float | None
     generation_tokens_total: float | None
     prompt_tokens_total: float | None
+    model: str | None = None
+    """The `model_name` label read (None: every series, or none carried the label)."""
 
 
 class MetricsError(ValueError):
@@ -29,17 +31,31 @@ class MetricsError(ValueError):
 
 
 def parse_vllm_metrics(text: str, model_name: str | None = None) -> VllmLoad:
-    """Sum each metric over its series (one per model served; only `model_name`'s if given)."""
-    sums: dict[str, float] = {}
+    """Sum each metric over its series: those of `model_name` if vLLM labels it so, else,
+    when vLLM serves exactly one model (under another name: `--served-model-name`), that
+    model's; with no `model_name`, every model's. Series without the label always count."""
+    per_model: dict[str | None, dict[str, float]] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if model_name and sample.labels.get("model_name", model_name) != model_name:
-                    continue
                 # Counters' samples are named with _total; gauges as the family.
+                sums = per_model.setdefault(sample.labels.get("model_name"), {})
                 sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
     except (ValueError, TypeError) as exc:
         raise MetricsError(f"unparseable metrics: {exc}") from exc
+    served = sorted(m for m in per_model if m is not None)
+    if model_name is None:
+        chosen, read = None, served
+    elif model_name in served or not served:
+        chosen, read = (model_name if served else None), [model_name]
+    elif len(served) == 1:
+        chosen, read = served[0], served
+    else:
+        raise MetricsError(f"no metrics for model {model_name!r}; vLLM serves {served}")
+    sums = dict(per_model.get(None, {}))
+    for model in read:
+        for name, value in per_model.get(model, {}).items():
+            sums[name] = sums.get(name, 0.0) + value
     if RUNNING not in sums or WAITING not in sums:
         raise MetricsError(f"{RUNNING} or {WAITING} missing")
     if not (math.isfinite(sums[RUNNING]) and math.isfinite(sums[WAITING])):
@@ -48,7 +64,7 @@ def parse_vllm_metrics(text: str, model_name: str | None = None) -> VllmLoad:
     kv = sums.get(KV_CACHE, sums.get(KV_CACHE_LEGACY))
     return VllmLoad(running=sums[RUNNING], waiting=sums[WAITING], kv_cache_usage=_finite(kv),
                     generation_tokens_total=_finite(sums.get(GENERATION_TOKENS)),
-                    prompt_tokens_total=_finite(sums.get(PROMPT_TOKENS)))
+                    prompt_tokens_total=_finite(sums.get(PROMPT_TOKENS)), model=chosen)
 
 
 def _finite(value: float | None) -> float | None:

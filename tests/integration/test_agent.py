@@ -26,6 +26,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from openai import AsyncOpenAI
+from structlog.testing import capture_logs
 
 from agent.local_cloud.metadata import STATE, MetadataState, create_metadata_app
 from agent.node_agent import EXIT_REJECTED, NodeAgent
@@ -366,6 +367,18 @@ async def test_heartbeats_go_on_when_only_metrics_are_broken(rig: Rig) -> None:
         assert not task.done()
     finally:
         await vllm.stop()
+
+
+async def test_load_is_read_when_vllm_serves_under_another_name(rig: Rig) -> None:
+    """MODEL_NAME and vLLM's --served-model-name differ: the one model's load still counts."""
+    sim = await rig.start_simulator()
+    task = rig.run_agent(rig.settings(sim.url, model_name="llama-8b"))
+    with capture_logs() as logs:
+        beats = await rig.cp.wait_for("node.heartbeat", 3)
+    assert all(b.health_score == 100 and b.num_requests_running == 0 for b in beats)
+    warned = [e for e in logs if e["event"].startswith("vllm reports another model")]
+    assert len(warned) == 1 and warned[0]["vllm_model"] == MODEL
+    assert not task.done()
 
 
 # --------------------------------------------------------------------------- spot notices

@@ -79,6 +79,26 @@ def test_parse_vllm_metrics_for_one_model() -> None:
     assert load.prompt_tokens_total is None
 
 
+def test_parse_vllm_metrics_reads_the_only_model_served_under_another_name() -> None:
+    """vLLM labels its series with its served model name (--served-model-name), which need not
+    be MODEL_NAME: with one model served, its load is the node's."""
+    one = "\n".join(line for line in VLLM_METRICS.splitlines() if "other" not in line)
+    load = parse_vllm_metrics(one, "meta-llama/Llama-3.1-8B-Instruct")
+    assert (load.running, load.waiting, load.model) == (3.0, 2.0, "llama")
+    assert parse_vllm_metrics(one, "llama").model == "llama"
+
+
+def test_parse_vllm_metrics_for_a_model_not_among_several_served() -> None:
+    with pytest.raises(MetricsError, match="vLLM serves"):
+        parse_vllm_metrics(VLLM_METRICS, "mistral")
+
+
+def test_parse_vllm_metrics_without_model_labels() -> None:
+    text = "vllm:num_requests_running 1\nvllm:num_requests_waiting 4\n"
+    load = parse_vllm_metrics(text, "llama")
+    assert (load.running, load.waiting, load.model) == (1.0, 4.0, None)
+
+
 def test_parse_vllm_metrics_sums_models_when_none_given() -> None:
     load = parse_vllm_metrics(VLLM_METRICS)
     assert (load.running, load.waiting) == (10.0, 2.0)
