@@ -1,4 +1,12 @@
-"""Projection `nodes`: one row per GPU node, from its lifecycle events (not heartbeats)."""
+"""Projection `nodes`: one row per GPU node, from its lifecycle events (not heartbeats).
+
+Events the control plane appends (status changes, launches, terminations) went through the
+state machine (services/core/node_states.py) before they were appended. Events the agents
+publish did not: a registration, a spot notice or a drain can reach the log after the node's
+end (a late or redelivered message). So here too, terminated and failed are final: such an
+event moves the row's version on and changes nothing else. And a draining node never serves
+again: an agent that restarts and registers while draining stays draining.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +27,15 @@ from services.core.db import Connection
 from services.core.eventlog import RecordedEvent
 from services.core.projections import Projection
 
-_STATUS_UPDATE = """
-UPDATE nodes SET status = $2, status_reason = $3, updated_at = $4, version = $5
+_FINAL = "('terminated', 'failed')"
+
+# An agent's word on a node that has ended changes nothing but the row's version.
+_STATUS_UPDATE = f"""
+UPDATE nodes SET
+    status = CASE WHEN status IN {_FINAL} THEN status ELSE $2 END,
+    status_reason = CASE WHEN status IN {_FINAL} THEN status_reason ELSE $3 END,
+    updated_at = CASE WHEN status IN {_FINAL} THEN updated_at ELSE $4 END,
+    version = $5
 WHERE id = $1 AND version < $5
 """
 
@@ -52,7 +67,11 @@ class NodesProjection(Projection):
                        WHERE id = $1 AND version < $4""",
                     e.node_id, e.occurred_at, e.reason, v)
             elif isinstance(e, NodeRegistered):
-                # A node that registers again (agent restarted) is registered anew.
+                # A node that registers again (agent restarted) is registered anew — unless it
+                # has ended (the version moves on, nothing else) or is draining (it stays so).
+                await conn.execute(
+                    "UPDATE nodes SET version = $2 WHERE id = $1 AND version < $2 "
+                    f"AND status IN {_FINAL}", e.node_id, v)
                 await conn.execute(
                     """INSERT INTO nodes (id, cluster_name, provider, region, instance_type,
                            gpu_type, vram_total_gb, model_name, endpoint_url, spot_instance,
@@ -66,9 +85,12 @@ class NodesProjection(Projection):
                            model_name = EXCLUDED.model_name,
                            endpoint_url = EXCLUDED.endpoint_url,
                            spot_instance = EXCLUDED.spot_instance,
-                           agent_version = EXCLUDED.agent_version, status = 'registered',
-                           status_reason = '', updated_at = EXCLUDED.updated_at,
-                           version = EXCLUDED.version
+                           agent_version = EXCLUDED.agent_version,
+                           status = CASE WHEN nodes.status = 'draining' THEN 'draining'
+                                         ELSE 'registered' END,
+                           status_reason = CASE WHEN nodes.status = 'draining'
+                                                THEN nodes.status_reason ELSE '' END,
+                           updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
                        WHERE nodes.version < EXCLUDED.version""",
                     e.node_id, e.cluster_name, e.provider, e.region, e.instance_type,
                     e.gpu_type, e.vram_total_gb, e.model_name, e.endpoint_url,
@@ -82,10 +104,11 @@ class NodesProjection(Projection):
                     e.node_id, e.to_status.value, e.reason, e.health_score, e.occurred_at, v)
             elif isinstance(e, NodeSpotWarning):
                 await conn.execute(
-                    """UPDATE nodes SET status = 'draining', status_reason = $2,
-                           spot_deadline = $3, updated_at = $4, version = $5
-                       WHERE id = $1 AND version < $5""",
-                    e.node_id, f"spot {e.action}", e.deadline, e.occurred_at, v)
+                    f"""UPDATE nodes SET spot_deadline = CASE WHEN status IN {_FINAL}
+                                                        THEN spot_deadline ELSE $2 END
+                        WHERE id = $1 AND version < $3""", e.node_id, e.deadline, v)
+                await conn.execute(_STATUS_UPDATE, e.node_id, NodeStatus.DRAINING.value,
+                                   f"spot {e.action}", e.occurred_at, v)
             elif isinstance(e, NodeDraining):
                 await conn.execute(_STATUS_UPDATE, e.node_id, NodeStatus.DRAINING.value,
                                    e.reason, e.occurred_at, v)

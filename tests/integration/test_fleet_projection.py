@@ -1,0 +1,101 @@
+"""The `nodes` projection keeps final states final: an agent's late registration, spot notice,
+drain or goodbye (recorded from NATS, never through the state machine) does not bring an
+ended node back, nor a draining one into service. Live and rebuilt alike."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from schemas.events import (
+    Event,
+    NodeDeregistered,
+    NodeDraining,
+    NodeRegistered,
+    NodeSpotWarning,
+    NodeStatus,
+    NodeStatusChanged,
+    NodeTerminated,
+)
+from services.core.eventlog import EventLog
+from services.core.fleet import NodesProjection
+from services.core.projections import ProjectionRunner
+from tests.helpers import node_registered
+
+Late = Callable[[uuid.UUID], Event]
+
+LATE: dict[str, Late] = {
+    "registered": lambda n: node_registered(n),
+    "spot-warning": lambda n: NodeSpotWarning(node_id=n, provider="aws", action="terminate"),
+    "draining": lambda n: NodeDraining(node_id=n, reason="SIGTERM"),
+    "deregistered": lambda n: NodeDeregistered(node_id=n, reason="bye"),
+}
+
+ENDS: dict[str, Callable[[uuid.UUID], list[Event]]] = {
+    "terminated": lambda n: [NodeTerminated(node_id=n, reason="scale down")],
+    "failed": lambda n: [NodeStatusChanged(node_id=n, from_status=NodeStatus.ACTIVE,
+                                           to_status=NodeStatus.FAILED,
+                                           reason="the cloud no longer has its machine")],
+}
+
+
+async def run(pool: asyncpg.Pool, *events: Event) -> asyncpg.Record:
+    log = EventLog(pool)
+    node = events[0].node_id  # type: ignore[attr-defined]
+    for e in events:
+        await log.record([e], origin="bus")
+    runner = ProjectionRunner(log, NodesProjection())
+    await runner.catch_up()
+    live = await pool.fetchrow("SELECT * FROM nodes WHERE id = $1", node)
+    await runner.rebuild()
+    await runner.catch_up()
+    rebuilt = await pool.fetchrow("SELECT * FROM nodes WHERE id = $1", node)
+    assert live is not None and rebuilt is not None
+    assert dict(live) == dict(rebuilt)
+    return live
+
+
+def active(n: uuid.UUID) -> list[Event]:
+    return [node_registered(n), NodeStatusChanged(node_id=n, from_status=NodeStatus.REGISTERED,
+                                                  to_status=NodeStatus.ACTIVE)]
+
+
+@pytest.mark.parametrize("late", LATE, ids=list(LATE))
+@pytest.mark.parametrize("end", ENDS, ids=list(ENDS))
+async def test_an_ended_node_stays_ended(pool: asyncpg.Pool, end: str, late: str) -> None:
+    n = uuid.uuid4()
+    ended = await run(pool, *active(n), *ENDS[end](n))
+    assert ended["status"] == end
+    row = await run(pool, LATE[late](n))
+    assert row["status"] == end
+    assert row["status_reason"] == ended["status_reason"]
+    assert row["endpoint_url"] == ended["endpoint_url"]
+    assert row["spot_deadline"] == ended["spot_deadline"]
+    # The row has seen the event all the same: nothing is read again on the next command.
+    assert row["version"] == ended["version"] + 1
+
+
+async def test_a_draining_node_that_registers_again_stays_draining(pool: asyncpg.Pool) -> None:
+    n = uuid.uuid4()
+    await run(pool, *active(n), NodeSpotWarning(node_id=n, provider="aws", action="terminate"))
+    again: NodeRegistered = node_registered(n)
+    row = await run(pool, again)
+    assert row["status"] == "draining" and row["status_reason"] == "spot terminate"
+
+
+async def test_a_stale_node_that_registers_again_is_registered(pool: asyncpg.Pool) -> None:
+    n = uuid.uuid4()
+    await run(pool, *active(n), NodeStatusChanged(node_id=n, from_status=NodeStatus.ACTIVE,
+                                                  to_status=NodeStatus.STALE))
+    row = await run(pool, node_registered(n))
+    assert row["status"] == "registered"
+
+
+async def test_a_draining_node_ends(pool: asyncpg.Pool) -> None:
+    n = uuid.uuid4()
+    await run(pool, *active(n), NodeDraining(node_id=n, reason="SIGTERM"))
+    row = await run(pool, NodeDeregistered(node_id=n, reason="drained"))
+    assert row["status"] == "terminated"
