@@ -1,0 +1,126 @@
+"""What a container's command runs, and which environment variables that program reads.
+
+Shared by the docker-compose and Kubernetes tests (tests/unit/test_infra_compose.py,
+tests/unit/test_infra_k8s.py): a command naming a service that does not exist, or a variable
+no settings class has (a typo, a setting renamed since), would start a container that ignores
+its configuration without a word.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+
+from agent.settings import AgentSettings
+from services.cli.main import SERVICES, build_parser
+from services.core.relay import RelaySettings
+from services.core.settings import CoreSettings, load_settings
+from tests.unit.test_infra_metric_names import ROOT
+
+# Variables the `crosslogic` CLI itself reads (an operator runs it inside any platform
+# container): checked against the CLI's source below.
+CLI_ENV = frozenset({"DATABASE_URL", "CROSSLOGIC_ADMIN_URL", "CROSSLOGIC_ADMIN_TOKEN",
+                     "CROSSLOGIC_STATE_DIR"})
+
+SIMULATOR_MAIN = ROOT / "agent" / "simulator" / "__main__.py"
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    settings: type[msgspec.Struct] | None
+    """Its settings class, read with load_settings; None: it reads only `extra`."""
+    extra: frozenset[str] = frozenset()
+
+    def variables(self) -> frozenset[str]:
+        fields = self.settings.__struct_fields__ if self.settings is not None else ()
+        return frozenset(f.upper() for f in fields) | self.extra
+
+    def check(self, env: Mapping[str, str]) -> None:
+        """Each variable is one the program reads, and the values parse."""
+        unknown = set(env) - self.variables()
+        assert not unknown, f"{self.name} reads no {sorted(unknown)}"
+        if self.settings is not None:
+            load_settings(self.settings, environ=env)  # SettingsError names a bad value
+
+
+def service_settings(service: str) -> type[CoreSettings]:
+    """The CoreSettings subclass that services/<service>/settings.py declares."""
+    module = importlib.import_module(f"services.{service}.settings")
+    found = [v for v in vars(module).values() if isinstance(v, type)
+             and issubclass(v, CoreSettings) and v is not CoreSettings
+             and v.__module__ == module.__name__]
+    assert len(found) == 1, f"services/{service}/settings.py: {found}"
+    return found[0]
+
+
+def simulator_variables() -> frozenset[str]:
+    return frozenset(re.findall(r'"(SIM_[A-Z0-9_]+)"', SIMULATOR_MAIN.read_text()))
+
+
+def program_of(argv: Sequence[str]) -> Program:
+    """The program a container command starts. Fails the test for one that does not exist."""
+    argv = list(argv)
+    if argv[:1] == ["crosslogic"]:
+        try:
+            args = build_parser().parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"`{' '.join(argv)}` is not a crosslogic command")
+        if args.command == "serve":
+            return Program(f"crosslogic serve {args.service}",
+                           service_settings(args.service), CLI_ENV)
+        if args.command == "relay":
+            return Program("crosslogic relay", RelaySettings, CLI_ENV)
+        return Program(f"crosslogic {args.command}", None, CLI_ENV)
+    if argv[:2] == ["python", "-m"] and len(argv) > 2:
+        module = argv[2]
+        assert importlib.util.find_spec(module) is not None, f"no module {module}"
+        if module == "agent":
+            return Program("agent", AgentSettings)
+        if module == "agent.simulator":
+            return Program("simulator", None, simulator_variables())
+        match = re.fullmatch(r"services\.(\w+)", module)
+        if match and f"services.{match.group(1)}.__main__" in SERVICES.values():
+            return Program(module, service_settings(match.group(1)), CLI_ENV)
+        pytest.fail(f"`{' '.join(argv)}`: not a program of the platform")
+    pytest.fail(f"`{' '.join(argv)}`: not a program of the platform")
+
+
+# --------------------------------------------------------------------------- the helpers' tests
+
+
+def test_cli_variables_are_read_by_the_cli() -> None:
+    source = "".join(p.read_text() for p in (ROOT / "services" / "cli").glob("*.py"))
+    for name in CLI_ENV:
+        assert f'"{name}"' in source, name
+
+
+def test_every_service_has_its_settings() -> None:
+    for service in SERVICES:
+        assert "HTTP_PORT" in program_of(["crosslogic", "serve", service]).variables()
+    assert "RELAY_BATCH_SIZE" in program_of(["crosslogic", "relay"]).variables()
+    assert "VLLM_URL" in program_of(["python", "-m", "agent"]).variables()
+    assert "SIM_TTFT" in program_of(["python", "-m", "agent.simulator"]).variables()
+    assert "WORKERS" in program_of(["python", "-m", "services.gateway"]).variables()
+
+
+def test_a_misspelt_variable_or_a_bad_value_is_caught() -> None:
+    gateway = program_of(["crosslogic", "serve", "gateway"])
+    gateway.check({"HTTP_PORT": "8080", "DATABASE_URL": "postgresql://x@y/z"})
+    with pytest.raises(AssertionError, match="HTTP_PROT"):
+        gateway.check({"HTTP_PROT": "8080"})
+    with pytest.raises(ValueError, match="HTTP_PORT"):
+        gateway.check({"HTTP_PORT": "eighty"})
+
+
+@pytest.mark.parametrize("argv", [["crosslogic", "serve", "billingg"], ["crosslogic", "relai"],
+                                  ["python", "-m", "services.nothing"], ["sh", "-c", "true"]])
+def test_a_program_that_does_not_exist_is_caught(argv: list[str]) -> None:
+    with pytest.raises((pytest.fail.Exception, AssertionError)):
+        program_of(argv)
