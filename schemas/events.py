@@ -463,6 +463,23 @@ class UsageExportFailed(_BillingEvent, tag="billing.export_failed"):
     error: str
     retryable: bool
     value: int = 0
+    ambiguous: bool = False
+    """The attempt may have reached Stripe all the same (a timeout, a cut connection, a 5xx, or
+    a sender that stopped before the answer): Stripe may have counted it."""
+
+
+class UsageExportHeld(_BillingEvent, tag="billing.export_held"):
+    """A planned export is no longer sent: an earlier attempt may have reached Stripe, and it
+    was planned longer ago than Stripe's identifier uniqueness (about 24 h) can be counted on,
+    so a resend could be counted twice. An operator checks Stripe for the identifier and
+    settles it; the value is in this event."""
+
+    meter: str
+    hour: datetime
+    identifier: str
+    value: int
+    planned_at: datetime
+    reason: str
 
 
 class UsageExportSkipped(_BillingEvent, tag="billing.export_skipped"):
@@ -642,6 +659,7 @@ AnyEvent = (
     | UsageExportPlanned
     | UsageExported
     | UsageExportFailed
+    | UsageExportHeld
     | UsageExportSkipped
     | InvoicePaid
     | PaymentFailed

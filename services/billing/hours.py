@@ -144,6 +144,19 @@ def decide(due: Iterable[HourDue], event_names: Mapping[str, str]) -> list[Plan 
     return out
 
 
+RESEND_HORIZON = timedelta(hours=20)
+"""Stripe keeps meter event identifiers unique "within a rolling period of at least 24 hours";
+this leaves 4 of them as margin (clock drift, a send in flight)."""
+
+
+def must_hold(planned_at: datetime, now: datetime, horizon: timedelta, ambiguous: bool) -> bool:
+    """Whether a planned meter event must no longer be sent, but held for an operator: an
+    earlier attempt may have reached Stripe (`ambiguous`), and its identifier may be past
+    Stripe's deduplication by now, so a resend could be counted twice. The age runs from the
+    plan, which is never later than any attempt (a crashed sender's included)."""
+    return ambiguous and now - planned_at >= horizon
+
+
 def send_groups(plans: Iterable[Plan]) -> list[list[Plan]]:
     """Plans grouped so that each group is sent one call at a time: Stripe allows one
     concurrent meter event call per customer and meter. Groups keep hour order."""

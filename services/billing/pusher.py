@@ -14,14 +14,20 @@ retry every `BILLING_LEADER_RETRY` seconds. Each pass:
    are retried with backoff; then `billing.usage_exported` (or `billing.export_failed`) is
    appended. A crash between Stripe's answer and that append leaves the plan planned: the next
    leader sends it again with the same identifier and value, Stripe answers "duplicate", and the
-   export is recorded as exported, `duplicate: true`. Nothing is charged twice.
+   export is recorded as exported, `duplicate: true`. Nothing is charged twice — as long as
+   Stripe still remembers the identifier, which it promises for about 24 h. So an attempt that
+   may have reached Stripe (a timeout, a cut connection, a 5xx, or a plan another sender left
+   without an answer) is recorded as ambiguous, and such a plan older than
+   `BILLING_RESEND_HORIZON` (20 h) is not sent again but held for an operator
+   (`billing.export_held`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -33,6 +39,7 @@ from schemas.events import (
     Event,
     UsageExported,
     UsageExportFailed,
+    UsageExportHeld,
     UsageExportPlanned,
     UsageExportSkipped,
 )
@@ -44,6 +51,7 @@ from services.billing.hours import (
     decide,
     floor_hour,
     meter_timestamp,
+    must_hold,
     send_groups,
 )
 from services.billing.settings import BillingSettings
@@ -51,7 +59,14 @@ from services.core.aio import wait_event
 from services.core.backoff import Backoff
 from services.core.billing_ledger import record_billing_events
 from services.core.db import Connection, connect
-from services.core.stripe_billing import Failure, MeterSend, StripeBilling, classify, describe
+from services.core.stripe_billing import (
+    Failure,
+    MeterSend,
+    StripeBilling,
+    classify,
+    describe,
+    may_have_reached,
+)
 
 log = structlog.get_logger("billing.pusher")
 
@@ -71,7 +86,8 @@ class PusherMetrics:
         self.exports = Counter("billing_exports_total", "Meter events to Stripe, by outcome",
                                ["status"], registry=registry)
         """status: exported, duplicate (Stripe had it: a resend), retry (a retryable error),
-        failed (given up), skipped (tenant without a Stripe customer)."""
+        failed (given up), skipped (tenant without a Stripe customer), held (no longer
+        resent: it may have reached Stripe too long ago; an operator settles it)."""
         self.leader = Gauge("billing_pusher_leader", "1 while this process pushes to Stripe",
                             registry=registry)
         self.pending = Gauge("billing_exports_pending", "Planned meter events not yet sent",
@@ -104,10 +120,32 @@ WHERE m.total > coalesce(p.planned, 0)
 ORDER BY m.hour, m.tenant_id, m.meter
 """
 
+# Planned exports, and whether an attempt was recorded as one that may have reached Stripe
+# (from the feed; an hour of slack for the clocks of two leaders).
 _PLANNED = """
-SELECT identifier, tenant_id, meter, event_name, hour, sequence, value, customer_id
-FROM meter_exports WHERE status = 'planned' ORDER BY hour, sequence, tenant_id, meter
+SELECT m.identifier, m.tenant_id, m.meter, m.event_name, m.hour, m.sequence, m.value,
+       m.customer_id, m.planned_at, m.error,
+       EXISTS (SELECT 1 FROM billing_events b
+               WHERE b.tenant_id = m.tenant_id AND b.type = 'billing.export_failed'
+                 AND b.occurred_at >= m.planned_at - interval '1 hour'
+                 AND b.data->>'identifier' = m.identifier
+                 AND coalesce((b.data->>'ambiguous')::bool, false)) AS ambiguous
+FROM meter_exports m WHERE m.status = 'planned'
+ORDER BY m.hour, m.sequence, m.tenant_id, m.meter
 """
+
+LEFT_OVER = ("left planned by an earlier sender, which may have sent it before it stopped: "
+             "Stripe may have it")
+
+
+@dataclass
+class _Pending:
+    plan: Plan
+    planned_at: datetime
+    ambiguous: bool
+    """An attempt may have reached Stripe (recorded as such)."""
+    error: str
+    """The failure recorded last."""
 
 
 class Pusher:
@@ -121,6 +159,9 @@ class Pusher:
         self.metrics = PusherMetrics(registry)
         self.is_leader = False
         self._reported_unlinked: set[object] = set()
+        self._seen: set[str] = set()
+        """Planned identifiers this process has had in hand since it took the lead: any other
+        was left by another sender, which may have sent it."""
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -136,6 +177,7 @@ class Pusher:
             try:
                 conn = await connect(self.settings.database_url.reveal())
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", PUSHER_LOCK_KEY):
+                    self._seen.clear()  # another leader may have sent meanwhile
                     self.is_leader = True
                     self.metrics.leader.set(1)
                     log.info("billing pusher is leader")
@@ -170,8 +212,8 @@ class Pusher:
 
     async def push_once(self) -> int:
         """Plan what is due, then send everything planned. Returns meter events settled."""
-        await self.plan()
-        return await self.send_planned()
+        decisions = await self.plan()
+        return await self.send_planned({d.identifier for d in decisions if isinstance(d, Plan)})
 
     async def plan(self) -> list[Plan | Skip]:
         now = self.clock()
@@ -207,12 +249,26 @@ class Pusher:
                                 tenant_id=str(d.tenant_id), hour=d.hour.isoformat())
         return decisions
 
-    async def send_planned(self) -> int:
+    async def send_planned(self, fresh: Collection[str] = ()) -> int:
+        """Send every planned export. `fresh`: identifiers this process planned just now;
+        others it has not had in hand before were left by another sender (a crashed or
+        deposed leader) and count as possibly sent."""
         rows = await self.pool.fetch(_PLANNED)
-        plans = [Plan(r["tenant_id"], r["hour"], r["meter"], r["event_name"], int(r["value"]),
-                      r["identifier"], r["sequence"], r["customer_id"]) for r in rows]
-        self.metrics.pending.set(len(plans))
-        if not plans:
+        pending = {r["identifier"]: _Pending(
+            Plan(r["tenant_id"], r["hour"], r["meter"], r["event_name"], int(r["value"]),
+                 r["identifier"], r["sequence"], r["customer_id"]),
+            r["planned_at"], r["ambiguous"], r["error"] or "") for r in rows}
+        self._seen &= pending.keys()
+        for ident, p in pending.items():
+            if ident not in fresh and ident not in self._seen and not p.ambiguous:
+                await self._record(UsageExportFailed(
+                    tenant_id=p.plan.tenant_id, meter=p.plan.meter, hour=p.plan.hour,
+                    identifier=ident, error=LEFT_OVER, retryable=True, value=p.plan.value,
+                    ambiguous=True))
+                p.ambiguous = True
+            self._seen.add(ident)
+        self.metrics.pending.set(len(pending))
+        if not pending:
             return 0
         gate = asyncio.Semaphore(self.settings.billing_push_concurrency)
         settled = 0
@@ -221,20 +277,27 @@ class Pusher:
             nonlocal settled
             async with gate:
                 for plan in group:  # one call at a time per customer and meter
-                    if not await self._send(plan):
+                    if not await self._send(pending[plan.identifier]):
                         return  # Stripe keeps failing: the next pass resumes here
                     settled += 1
                     self.metrics.pending.dec()
 
-        await asyncio.gather(*(one_group(g) for g in send_groups(plans)))
+        await asyncio.gather(*(one_group(g) for g in send_groups(
+            p.plan for p in pending.values())))
         return settled
 
-    async def _send(self, plan: Plan) -> bool:
+    async def _send(self, pending: _Pending) -> bool:
         """Send one planned meter event and record the outcome. False: still planned."""
+        plan = pending.plan
         backoff = Backoff(self.settings.billing_retry_initial, self.settings.billing_retry_max)
         bound = log.bind(identifier=plan.identifier, customer_id=plan.customer_id)
         last_error = ""
+        ambiguous = pending.ambiguous
         for attempt in range(1, self.settings.billing_push_attempts + 1):
+            if must_hold(pending.planned_at, self.clock(), self.settings.resend_horizon,
+                         ambiguous):
+                await self._hold(pending, last_error or pending.error)
+                return True
             try:
                 sent = await self.stripe.send_meter_event(
                     event_name=plan.event_name, customer_id=plan.customer_id, value=plan.value,
@@ -252,6 +315,7 @@ class Pusher:
                     self.metrics.exports.labels("failed").inc()
                     return True
                 self.metrics.exports.labels("retry").inc()
+                ambiguous = ambiguous or may_have_reached(exc)
                 bound.warning("meter event not sent; retrying", attempt=attempt,
                               error=last_error)
                 if attempt < self.settings.billing_push_attempts:
@@ -264,21 +328,39 @@ class Pusher:
             self.metrics.exports.labels(
                 "duplicate" if sent is MeterSend.DUPLICATE else "exported").inc()
             return True
-        # Still planned: the next pass sends it again. Recorded once, not at every pass.
-        await self._record_retrying(plan, last_error)
+        # Still planned: the next pass sends it again. Recorded once, not at every pass —
+        # and once more when it first may have reached Stripe, which the hold rule needs.
+        await self._record_retrying(plan, last_error,
+                                    newly_ambiguous=ambiguous and not pending.ambiguous)
         return False
+
+    async def _hold(self, pending: _Pending, last_error: str) -> None:
+        plan = pending.plan
+        age = self.clock() - pending.planned_at
+        reason = (f"planned {age.total_seconds() / 3600:.1f} h ago and an earlier attempt may "
+                  f"have reached Stripe{f' ({last_error})' if last_error else ''}; Stripe "
+                  "keeps identifiers unique for about 24 h, so a resend could be counted "
+                  "twice: check Stripe for this identifier")
+        await self._record(UsageExportHeld(
+            tenant_id=plan.tenant_id, meter=plan.meter, hour=plan.hour,
+            identifier=plan.identifier, value=plan.value, planned_at=pending.planned_at,
+            reason=reason))
+        self.metrics.exports.labels("held").inc()
+        log.error("meter event held for an operator: it may have reached Stripe too long ago "
+                  "to resend", identifier=plan.identifier, customer_id=plan.customer_id,
+                  value=plan.value, planned_at=pending.planned_at.isoformat())
 
     async def _record(self, event: Event) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await record_billing_events(conn, [event], actor=ACTOR)
 
-    async def _record_retrying(self, plan: Plan, error: str) -> None:
+    async def _record_retrying(self, plan: Plan, error: str, *, newly_ambiguous: bool) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             already = await conn.fetchval(
                 "SELECT error IS NOT NULL FROM meter_exports WHERE identifier = $1",
                 plan.identifier)
-            if not already:
+            if not already or newly_ambiguous:
                 await record_billing_events(conn, [UsageExportFailed(
                     tenant_id=plan.tenant_id, meter=plan.meter, hour=plan.hour,
                     identifier=plan.identifier, error=error, retryable=True,
-                    value=plan.value)], actor=ACTOR)
+                    value=plan.value, ambiguous=newly_ambiguous)], actor=ACTOR)

@@ -50,6 +50,10 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     """Tries per meter event and pass for retryable errors (429, 5xx, network)."""
     billing_retry_initial: float = 0.5
     billing_retry_max: float = 30.0
+    billing_resend_horizon: float = 72000.0
+    """Seconds (20 h) after planning past which a meter event that may have reached Stripe
+    already (a timeout, a cut connection, a 5xx, a sender that stopped) is held for an
+    operator instead of resent: Stripe keeps identifiers unique for about 24 h only."""
     billing_leader_retry: float = 5.0
     """Seconds between a standby pusher's attempts to take over."""
 
@@ -63,6 +67,10 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     @property
     def hour_grace(self) -> timedelta:
         return timedelta(seconds=self.billing_hour_grace)
+
+    @property
+    def resend_horizon(self) -> timedelta:
+        return timedelta(seconds=self.billing_resend_horizon)
 
     @property
     def backdate_window(self) -> timedelta:
@@ -83,6 +91,7 @@ def check_settings(s: BillingSettings) -> None:
                 "BILLING_PUSH_ATTEMPTS": s.billing_push_attempts,
                 "BILLING_RETRY_INITIAL": s.billing_retry_initial,
                 "BILLING_LEADER_RETRY": s.billing_leader_retry,
+                "BILLING_RESEND_HORIZON": s.billing_resend_horizon,
                 "STRIPE_TIMEOUT": s.stripe_timeout,
                 "STRIPE_WEBHOOK_TOLERANCE": s.stripe_webhook_tolerance}
     for name, value in positive.items():

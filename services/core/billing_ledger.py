@@ -30,6 +30,7 @@ from schemas.events import (
     SubscriptionChanged,
     UsageExported,
     UsageExportFailed,
+    UsageExportHeld,
     UsageExportPlanned,
     UsageExportSkipped,
     payload_of,
@@ -130,6 +131,12 @@ async def _apply_one(conn: Connection, r: RecordedEvent, e: Event) -> None:
                    updated_at = $4, version = $5
                WHERE identifier = $1 AND version < $5""",
             e.identifier, e.error[:2000], e.retryable, at, v)
+    elif isinstance(e, UsageExportHeld):
+        await conn.execute(
+            """UPDATE meter_exports SET status = 'held', error = $2, updated_at = $3,
+                   version = $4
+               WHERE identifier = $1 AND version < $4""",
+            e.identifier, e.reason[:2000], at, v)
     elif isinstance(e, MeterErrorReported) and e.sample_identifiers:
         # Stripe samples the invalid events it found; mark ours among them for operators.
         codes = ",".join(sorted(e.error_counts)) or "error"
@@ -217,7 +224,7 @@ class MeterExport(msgspec.Struct, kw_only=True, frozen=True):
     value: int
     customer_id: str | None
     status: str
-    """skipped, planned, exported or failed."""
+    """skipped, planned, exported, failed or held."""
     duplicate: bool
     error: str | None
     stripe_error: str | None
@@ -283,6 +290,7 @@ class ExportTotals:
     planned: int
     failed: int
     skipped: int
+    held: int = 0
 
 
 async def export_totals(db: asyncpg.Pool[asyncpg.Record] | Connection,
@@ -291,8 +299,9 @@ async def export_totals(db: asyncpg.Pool[asyncpg.Record] | Connection,
         """SELECT coalesce(sum(value) FILTER (WHERE status = 'exported'), 0) AS exported,
                   coalesce(sum(value) FILTER (WHERE status = 'planned'), 0) AS planned,
                   coalesce(sum(value) FILTER (WHERE status = 'failed'), 0) AS failed,
-                  coalesce(sum(value) FILTER (WHERE status = 'skipped'), 0) AS skipped
+                  coalesce(sum(value) FILTER (WHERE status = 'skipped'), 0) AS skipped,
+                  coalesce(sum(value) FILTER (WHERE status = 'held'), 0) AS held
            FROM meter_exports WHERE tenant_id = $1""", tenant_id)
     assert row is not None
     return ExportTotals(int(row["exported"]), int(row["planned"]), int(row["failed"]),
-                        int(row["skipped"]))
+                        int(row["skipped"]), int(row["held"]))

@@ -77,6 +77,16 @@ def classify(exc: stripe.StripeError) -> Failure:
     return Failure.PERMANENT
 
 
+def may_have_reached(exc: stripe.StripeError) -> bool:
+    """Whether Stripe may have carried out a request that failed so. A timeout or a cut
+    connection can come after Stripe accepted, and a 5xx does not say it did nothing; a 429,
+    a 409 or a refused key are answers given before anything was done. Pure."""
+    if isinstance(exc, stripe.APIConnectionError):
+        return True
+    status = exc.http_status or 0
+    return status == 0 or status >= 500
+
+
 def describe(exc: stripe.StripeError) -> str:
     """A short, secret-free description for logs and events."""
     status = exc.http_status

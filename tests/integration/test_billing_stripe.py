@@ -318,6 +318,101 @@ async def test_stripe_failures_are_retried_and_never_double_count(rig: BillingRi
     assert metrics.exports.labels("retry")._value.get() >= 7
 
 
+METER_EVENTS = "/v1/billing/meter_events"
+
+
+async def exports_where(rig: BillingRig, condition: str) -> int:
+    return int(await rig.pool.fetchval(f"SELECT count(*) FROM meter_exports WHERE {condition}"))
+
+
+async def test_a_plan_that_may_have_reached_stripe_is_held_past_the_horizon(
+        rig: BillingRig) -> None:
+    """Stripe answers 500 (it may have counted the event, or not) for longer than the horizon:
+    past it, Stripe may have forgotten the identifier, so a resend could count twice. The plan
+    is held for an operator, and stays so once Stripe answers again."""
+    acme = await rig.tenant("acme")
+    await rig.record([usage(acme, hours_ago(2), 10, 3)])
+    state = rig.stripe.state
+    state.fail(METER_EVENTS, "status", status=500, times=10_000)
+    app = await rig.start(billing_resend_horizon=1.0)
+
+    async def held() -> bool:
+        return await exports_where(rig, "status = 'held'") == 2
+
+    await eventually(held, timeout=15, what="both meters held")
+    assert state.meter_events == {}
+    assert {c.outcome for c in state.calls} == {"failed"}
+    events = await rig.pool.fetch(
+        "SELECT data FROM billing_events WHERE type = 'billing.export_held' "
+        "ORDER BY data->>'meter'")
+    assert [(e["data"]["meter"], e["data"]["value"]) for e in events] == [
+        ("input_tokens", 10), ("output_tokens", 3)]
+    assert "500" in events[0]["data"]["reason"]
+    assert app[PUSHER].metrics.exports.labels("held")._value.get() == 2
+
+    state.faults.clear()  # Stripe answers again: still nothing resent, nothing re-planned
+    calls = len(state.calls)
+    await app[PUSHER].push_once()
+    await app[PUSHER].push_once()
+    assert len(state.calls) == calls
+    assert await exports_where(rig, "true") == 2
+
+
+async def test_a_plan_stripe_only_refused_is_still_resent_past_the_horizon(
+        rig: BillingRig) -> None:
+    """429s are answers given before Stripe did anything: resending stays safe at any age."""
+    acme = await rig.tenant("acme")
+    await rig.record([usage(acme, hours_ago(2), 10, 3)])
+    state = rig.stripe.state
+    state.fail(METER_EVENTS, "status", status=429, times=10_000)
+    await rig.start(billing_resend_horizon=0.5)
+
+    async def past_the_horizon() -> bool:
+        return await exports_where(rig, "status = 'planned' AND error IS NOT NULL AND "
+                                        "planned_at < now() - interval '1 second'") == 2
+
+    await eventually(past_the_horizon, timeout=15, what="plans past the horizon")
+    state.faults.clear()
+    await rig.all_exported()
+    assert await exports_where(rig, "status = 'held'") == 0
+    assert len(state.meter_events) == 2
+
+
+async def test_a_plan_left_by_a_stopped_sender_counts_as_possibly_sent(rig: BillingRig) -> None:
+    """A sender that stops while Stripe holds its answer leaves the plan without a recorded
+    outcome; whoever sends next must count it as possibly sent, even if Stripe then only
+    refuses (429), and hold it past the horizon rather than resend it."""
+    acme = await rig.tenant("acme")
+    await rig.record([usage(acme, hours_ago(2), 10, 3)])
+    state = rig.stripe.state
+    state.fail(METER_EVENTS, "hang_after_accept")
+    await rig.start()
+
+    async def one_hangs() -> bool:
+        return len(state.outcomes("accepted")) == 2 and \
+            await exports_where(rig, "status = 'exported'") == 1
+
+    await eventually(one_hangs, timeout=15, what="one accepted meter event without an answer")
+    await rig.stop()
+    [hung] = [r["identifier"] for r in await rig.pool.fetch(
+        "SELECT identifier FROM meter_exports WHERE status = 'planned'")]
+
+    state.fail(METER_EVENTS, "status", status=429, times=10_000)
+    await rig.start(billing_resend_horizon=1.0)
+
+    async def held() -> bool:
+        return await exports_where(rig, f"identifier = '{hung}' AND status = 'held'") == 1
+
+    await eventually(held, timeout=15, what="the left plan held")
+    first, *after = [c.outcome for c in state.calls if c.identifier == hung]
+    assert first == "accepted"
+    assert set(after) <= {"failed"}  # only the 429s: never through to Stripe again
+    flagged = await rig.pool.fetch(
+        "SELECT data FROM billing_events WHERE type = 'billing.export_failed' "
+        "AND data->>'identifier' = $1 AND (data->>'ambiguous')::bool", hung)
+    assert len(flagged) == 1 and "earlier sender" in flagged[0]["data"]["error"]
+
+
 async def test_two_billing_replicas_push_each_hour_once(rig: BillingRig) -> None:
     tenants = [await rig.tenant(f"r{i}") for i in range(8)]
     events = [usage(t, hours_ago(h, m), 3, 4) for t in tenants for h in (1, 2, 3)

@@ -19,6 +19,7 @@ from services.billing.hours import (
     identifier,
     is_closed,
     meter_timestamp,
+    must_hold,
     send_groups,
 )
 
@@ -150,3 +151,13 @@ def test_send_groups_keep_one_call_per_customer_and_meter() -> None:
     assert len(groups) == 3
     c1_in = next(g for g in groups if (g[0].customer_id, g[0].event_name) == ("c1", "in"))
     assert [(p.hour.hour, p.sequence) for p in c1_in] == [(1, 0), (1, 1), (3, 0)]
+
+
+def test_a_plan_that_may_have_reached_stripe_is_held_past_the_horizon() -> None:
+    horizon = timedelta(hours=20)
+    planned = at(0)
+    assert not must_hold(planned, planned + timedelta(hours=19, minutes=59), horizon, True)
+    assert must_hold(planned, planned + horizon, horizon, True)
+    assert must_hold(planned, planned + timedelta(days=3), horizon, True)
+    # Every attempt refused before Stripe did anything (429, 401): resending stays safe.
+    assert not must_hold(planned, planned + timedelta(days=3), horizon, False)

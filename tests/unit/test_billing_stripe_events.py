@@ -18,7 +18,7 @@ from services.billing.stripe_events import (
     is_current_subscription,
     parse,
 )
-from services.core.stripe_billing import Failure, classify
+from services.core.stripe_billing import Failure, classify, may_have_reached
 
 T = uuid.UUID("0193a1b2-0000-7000-8000-0000000000aa")
 
@@ -201,3 +201,17 @@ def _error(cls: type[stripe.StripeError], status: int | None, code: str | None =
 ])
 def test_stripe_errors_are_classified(error: stripe.StripeError, expected: Failure) -> None:
     assert classify(error) is expected
+
+
+@pytest.mark.parametrize(("error", "reached"), [
+    (stripe.APIConnectionError("timed out"), True),       # maybe after Stripe accepted
+    (_error(stripe.APIError, 500), True),
+    (_error(stripe.APIError, 503), True),
+    (_error(stripe.RateLimitError, 429), False),          # refused before doing anything
+    (_error(stripe.APIError, 409), False),
+    (_error(stripe.AuthenticationError, 401), False),
+    (_error(stripe.InvalidRequestError, 400, "parameter_invalid"), False),
+])
+def test_which_failures_may_have_reached_stripe(error: stripe.StripeError,
+                                                 reached: bool) -> None:
+    assert may_have_reached(error) is reached
