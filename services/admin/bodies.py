@@ -137,6 +137,14 @@ class KeyPatch(Body, frozen=True, kw_only=True):
     expires_at: AwareTime | UnsetType = UNSET
 
 
+class KeyRotate(Body, frozen=True, kw_only=True):
+    """`expires_at` is the successor's expiry: a time to set one, null for none; left out,
+    the old key's (which must not have passed)."""
+
+    reason: Reason = ""
+    expires_at: AwareTime | UnsetType | None = UNSET
+
+
 class KeyWithSecret(ApiKeyRecord, frozen=True, kw_only=True):
     """A key just made: the record plus the plaintext `key`, shown this once."""
 

@@ -36,6 +36,7 @@ ERROR_DESCRIPTIONS = {
          "allow it",
     413: "Body too large",
     415: "The body is not application/json",
+    502: "A component behind the API (a node's agent) answered with something unreadable",
 }
 
 DESCRIPTION = f"""\

@@ -171,7 +171,12 @@ def _keys_revoke(c: AdminClient, a: argparse.Namespace) -> Any:
 
 
 def _keys_rotate(c: AdminClient, a: argparse.Namespace) -> Any:
-    return c.post(f"/keys/{a.id}/rotate", _given(a, "reason"))
+    body = _given(a, "reason")
+    if a.expires:
+        body["expires_at"] = parse_expires(a.expires)
+    elif a.no_expiry:
+        body["expires_at"] = None
+    return c.post(f"/keys/{a.id}/rotate", body)
 
 
 # --------------------------------------------------------------------------- models
@@ -458,6 +463,12 @@ def register_admin_commands(sub: Any) -> None:
         p = leaf(g, name, text, command)
         p.add_argument("id")
         p.add_argument("--reason")
+        if name == "rotate":
+            expiry = p.add_mutually_exclusive_group()
+            expiry.add_argument("--expires", metavar="WHEN",
+                                help="the successor's expiry (default: the old key's)")
+            expiry.add_argument("--no-expiry", action="store_true",
+                                help="the successor never expires")
 
     g = group("models", "models of the catalog (admin API)")
     p = leaf(g, "create", "add a model", _models_create)

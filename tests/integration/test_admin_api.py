@@ -23,7 +23,7 @@ from schemas.events import TenantUpdated
 from services.admin.app import create_admin_app
 from services.admin.routes import all_routes
 from services.admin.settings import AdminSettings
-from services.core.catalog import hash_api_key
+from services.core.catalog import Catalog, hash_api_key
 from services.core.eventlog import EventLog
 from services.core.settings import Secret
 from tests.helpers import eventually
@@ -538,3 +538,76 @@ async def test_a_concurrent_change_is_a_409(admin: Admin, pool: asyncpg.Pool) ->
     status, answer = await asyncio.wait_for(patch, 10)
     assert status == 409
     assert "retry" in assert_error(answer, "conflict_error")
+
+
+# --------------------------------------------------------------------------- conflicts
+
+
+async def test_a_status_change_that_changes_nothing_is_a_409(admin: Admin,
+                                                             pool: asyncpg.Pool) -> None:
+    tenant = await admin.ok("POST", "/tenants", {"name": "Acme"}, 201)
+    status, answer = await admin.call("POST", f"/tenants/{tenant['id']}/reactivate")
+    assert status == 409 and "active already" in assert_error(answer, "conflict_error")
+    await admin.ok("POST", f"/tenants/{tenant['id']}/suspend", {"reason": "unpaid"})
+    status, answer = await admin.call("POST", f"/tenants/{tenant['id']}/suspend",
+                                      {"reason": "something else"})
+    assert status == 409 and "suspended already" in assert_error(answer, "conflict_error")
+    # The first suspension's reason stands; one event each.
+    assert (await admin.ok("GET", f"/tenants/{tenant['id']}"))["status_reason"] == "unpaid"
+    assert await pool.fetchval("SELECT count(*) FROM events "
+                               "WHERE type IN ('tenant.suspended', 'tenant.reactivated')") == 1
+
+
+async def test_environment_names_are_unique_within_a_tenant(admin: Admin,
+                                                            pool: asyncpg.Pool) -> None:
+    tenant_a, _, _ = await seed(admin, "A")  # has "production"
+    path = f"/tenants/{tenant_a['id']}/environments"
+    status, answer = await admin.call("POST", path, {"name": "production", "region": "r"})
+    assert status == 409 and "production" in assert_error(answer, "conflict_error")
+    tenant_b = await admin.ok("POST", "/tenants", {"name": "B"}, 201)
+    await admin.ok("POST", f"/tenants/{tenant_b['id']}/environments",
+                   {"name": "production", "region": "r"}, 201)  # another tenant's: fine
+    staging = await admin.ok("POST", path, {"name": "staging", "region": "r"}, 201)
+    status, answer = await admin.call("PATCH", f"/environments/{staging['id']}",
+                                      {"name": "production"})
+    assert status == 409
+    assert_error(answer, "conflict_error")
+    assert (await admin.ok("PATCH", f"/environments/{staging['id']}",
+                           {"name": "staging", "region": "r2"}))["region"] == "r2"
+
+    # Racing creators of one name: one wins.
+    results = await asyncio.gather(*(admin.call("POST", path, {"name": "qa", "region": "r"})
+                                     for _ in range(6)))
+    assert sorted(status for status, _ in results) == [201] + [409] * 5
+    assert await pool.fetchval("SELECT count(*) FROM environments WHERE tenant_id = $1 "
+                               "AND name = 'qa'", uuid.UUID(tenant_a["id"])) == 1
+
+
+async def test_rotation_sets_keeps_or_clears_the_expiry(admin: Admin,
+                                                        pool: asyncpg.Pool) -> None:
+    _, env, key = await seed(admin)
+    later = (datetime.now(UTC) + timedelta(days=60)).replace(microsecond=0)
+    rotated = await admin.ok("POST", f"/keys/{key['id']}/rotate",
+                             {"expires_at": later.isoformat()}, 201)
+    assert datetime.fromisoformat(rotated["expires_at"]) == later
+    kept = await admin.ok("POST", f"/keys/{rotated['id']}/rotate", {}, 201)
+    assert kept["expires_at"] == rotated["expires_at"]
+    cleared = await admin.ok("POST", f"/keys/{kept['id']}/rotate", {"expires_at": None}, 201)
+    assert cleared["expires_at"] is None
+
+    # An expired key's successor must not be born expired: the caller says what it wants.
+    expired = await Catalog(EventLog(pool), actor="test").create_api_key(
+        uuid.UUID(env["id"]), expires_at=datetime.now(UTC) - timedelta(hours=1))
+    status, answer = await admin.call("POST", f"/keys/{expired.key_id}/rotate")
+    assert status == 400
+    assert "expired" in assert_error(answer, "invalid_request_error", "expires_at")
+    status, answer = await admin.call(
+        "POST", f"/keys/{expired.key_id}/rotate",
+        {"expires_at": (datetime.now(UTC) - timedelta(minutes=1)).isoformat()})
+    assert status == 400
+    assert_error(answer, "invalid_request_error", "expires_at")
+    assert (await admin.ok("GET", f"/keys/{expired.key_id}"))["status"] == "active"
+    renewed = await admin.ok("POST", f"/keys/{expired.key_id}/rotate",
+                             {"expires_at": later.isoformat()}, 201)
+    assert datetime.fromisoformat(renewed["expires_at"]) == later
+    assert (await admin.ok("GET", f"/keys/{expired.key_id}"))["status"] == "revoked"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -10,23 +11,27 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from agent.node_agent import NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
-from schemas.events import UsagePrice, UsageRecorded
+from schemas.events import NodeHeartbeat, UsagePrice, UsageRecorded
 from schemas.ids import uuid7
+from schemas.subjects import node_command_subject
 from services.billing.projection import UsageRecordsProjection
 from services.core.bus import Bus
 from services.core.eventlog import EventLog
+from services.core.fleet.projection import NodesProjection
 from services.core.projections import ProjectionRunner
 from services.core.settings import Secret
 from services.core.usage_queries import parse_usage_query
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import eventually, node_registered
 from tests.integration.test_admin_api import Admin, assert_error, running_admin
 from tests.integration.test_monitor_basics import serve
 
@@ -252,3 +257,57 @@ async def test_bad_usage_queries_name_the_parameter(admin: Admin, query: str,
     status, answer = await admin.call(
         "GET", "/usage?" + query.format(a=uuid.uuid4(), b=uuid.uuid4()))
     assert status == 400 and answer["error"]["param"] == param
+
+
+async def _registered_node(pool: asyncpg.Pool) -> uuid.UUID:
+    """A node in the `nodes` projection, as the monitor would have recorded it."""
+    event = node_registered(uuid7(), model="m")
+    log = EventLog(pool)
+    await log.record([event])
+    await ProjectionRunner(log, NodesProjection()).catch_up()
+    return event.node_id
+
+
+@pytest.mark.parametrize(("params", "param"), [
+    ([("status", "bogus")], "status"), ([("status", "active"), ("status", "draining")], "status"),
+    ([("model", "m"), ("model", "n")], "model"), ([("limit", "1"), ("limit", "2")], "limit"),
+])
+async def test_node_filters_are_checked(admin: Admin, params: list[tuple[str, str]],
+                                        param: str) -> None:
+    status, answer = await admin.call("GET", "/nodes", params=params)
+    assert status == 400
+    assert param in assert_error(answer, "invalid_request_error", param)
+
+
+async def test_heartbeat_age_is_the_monitors_not_the_agents_clock(
+        admin: Admin, pool: asyncpg.Pool, redis_url: str) -> None:
+    node = await _registered_node(pool)
+    # What the monitor keeps: the heartbeat as sent (by an agent whose clock is an hour
+    # behind) and when the monitor itself received it, two seconds ago.
+    beat = NodeHeartbeat(node_id=node, sequence=7, health_score=95, vllm_healthy=True,
+                         occurred_at=datetime.now(UTC) - timedelta(hours=1))
+    redis = aioredis.from_url(redis_url)
+    try:
+        await redis.set(f"node:{node}:heartbeat", msgspec.json.encode(beat))
+        await redis.zadd("nodes:heard", {str(node): time.time() - 2})
+        for answer in ((await admin.ok("GET", "/nodes"))["data"][0],
+                       await admin.ok("GET", f"/nodes/{node}")):
+            assert 2 <= answer["heartbeat"]["age_seconds"] < 10
+            assert answer["heartbeat"]["health_score"] == 95
+    finally:
+        await redis.aclose()
+
+
+async def test_a_drain_reply_the_api_cannot_read_is_a_502(admin: Admin, pool: asyncpg.Pool,
+                                                          bus: Bus) -> None:
+    node = await _registered_node(pool)
+
+    async def garbled(msg: Any) -> None:
+        await msg.respond(b"\x00 not a reply")
+
+    sub = await bus.nc.subscribe(node_command_subject(node), cb=garbled)
+    try:
+        status, answer = await admin.call("POST", f"/nodes/{node}/drain", {})
+    finally:
+        await sub.unsubscribe()
+    assert status == 502 and answer["error"]["code"] == "bad_agent_reply"

@@ -139,3 +139,18 @@ async def test_errors_print_the_api_message_and_exit_non_zero(cli: Cli, tmp_path
                                                  "admin_token": TOKEN}))
     from_dev = Cli({**base_env(tmp_path), "CROSSLOGIC_STATE_DIR": str(state)})
     assert await from_dev.ok("tenants", "list") == "(none)\n"
+
+
+async def test_rotate_sets_or_clears_the_successors_expiry(cli: Cli) -> None:
+    tenant = await cli.json("tenants", "create", "Acme")
+    env = await cli.json("environments", "create", tenant["id"], "production", "--region", "r")
+    key = await cli.json("keys", "create", env["id"], "--expires", "2d")
+    later = await cli.json("keys", "rotate", key["id"], "--expires", "10d")
+    assert later["expires_at"] > key["expires_at"]
+    kept = await cli.json("keys", "rotate", later["id"])
+    assert kept["expires_at"] == later["expires_at"]
+    never = await cli.json("keys", "rotate", kept["id"], "--no-expiry")
+    assert never["expires_at"] is None
+    code, _, err = await cli.run("keys", "rotate", never["id"], "--expires", "1d",
+                                 "--no-expiry")
+    assert code == 2 and "not allowed with" in err

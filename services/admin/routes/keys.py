@@ -5,10 +5,18 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+import msgspec
 from aiohttp import web
 
 from schemas.events import Quota
-from services.admin.bodies import ApiKeyList, KeyCreate, KeyPatch, KeyWithSecret, StatusChange
+from services.admin.bodies import (
+    ApiKeyList,
+    KeyCreate,
+    KeyPatch,
+    KeyRotate,
+    KeyWithSecret,
+    StatusChange,
+)
 from services.admin.routing import PAGE_QUERY, Route, add
 from services.admin.validation import check_future, next_cursor
 from services.admin.web_io import (
@@ -23,8 +31,9 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.catalog import NewApiKey
+from services.core.catalog import KEEP, NewApiKey
 from services.core.catalog import queries as q
+from services.core.catalog.commands import Keep
 from services.core.catalog.queries import ApiKeyRecord
 
 
@@ -100,8 +109,14 @@ async def revoke_key(request: web.Request) -> web.Response:
 async def rotate_key(request: web.Request) -> web.Response:
     no_query(request)
     key_id = path_id(request, "key_id", "api key")
-    body = await read_body(request, StatusChange)
-    new = await catalog(request).rotate_api_key(key_id, body.reason or "rotated")
+    body = await read_body(request, KeyRotate)
+    now = datetime.now(UTC)
+    expires_at: datetime | Keep | None = KEEP
+    if not isinstance(body.expires_at, msgspec.UnsetType):
+        expires_at = None if body.expires_at is None else \
+            check_future(body.expires_at, "expires_at", now)
+    new = await catalog(request).rotate_api_key(key_id, body.reason or "rotated",
+                                                expires_at=expires_at, now=now)
     return await _with_secret(request, new)
 
 
@@ -122,9 +137,11 @@ ROUTES = (
           "Revoke a key (idempotent): gateways refuse it within a second", TAG,
           body=StatusChange, body_required=False, response=ApiKeyRecord, errors=(409,)),
     Route("POST", "/keys/{key_id}/rotate", rotate_key,
-          "Revoke a key and make its successor (same environment, name, role, limits, "
-          "expiry); the new plaintext `key` is shown once", TAG, body=StatusChange,
-          body_required=False, response=KeyWithSecret, status=201, errors=(409,)),
+          "Revoke a key and make its successor (same environment, name, role, limits; the "
+          "same expiry unless `expires_at` sets another or null clears it, and required "
+          "when the old one has passed); the new plaintext `key` is shown once", TAG,
+          body=KeyRotate, body_required=False, response=KeyWithSecret, status=201,
+          errors=(409,)),
 )
 
 

@@ -4,28 +4,32 @@ drains the node, takes its machine down and closes it)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 import asyncpg
 import msgspec
 import nats.errors
+import structlog
 from aiohttp import web
 from msgspec import Meta
 
 from schemas.commands import CommandKind, CommandReply, NodeCommand
-from schemas.events import NodeHeartbeat
+from schemas.events import NodeHeartbeat, NodeStatus
 from schemas.subjects import node_command_subject
 from services.admin.bodies import Body, Reason
 from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
-from services.admin.validation import next_cursor
+from services.admin.validation import FieldError, next_cursor
 from services.admin.web_io import db, json_response, no_query, page_query, path_id, read_body
 from services.core.catalog import NotFound
 from services.core.errors import ApiError
 from services.core.fleet import Fleet, UnknownNode
 from services.core.http import BUS, EVENTLOG, REDIS
+
+log = structlog.get_logger("admin.nodes")
 
 
 class Heartbeat(msgspec.Struct, kw_only=True, frozen=True):
@@ -87,22 +91,37 @@ class TerminateResult(msgspec.Struct, kw_only=True, frozen=True):
     """The node's status when the request was recorded; the orchestrator does the rest."""
 
 
+_STATUSES = tuple(s.value for s in NodeStatus)
 _COLUMNS = ("id, cluster_name, provider, region, instance_type, gpu_type, vram_total_gb, "
             "model_name, endpoint_url, spot_instance, status, status_reason, deployment_id, "
             "terminate_requested_at, registered_at, updated_at")
 
 
+HEARD = "nodes:heard"
+"""The monitor's sorted set: node id → when it received the node's latest heartbeat (its
+clock, epoch seconds). The age is measured from that, not from the agent's `occurred_at`: a
+node whose clock is off must not look fresh, or stale, for it."""
+
+
 async def _with_heartbeats(request: web.Request,
                            rows: Sequence[asyncpg.Record]) -> list[NodeRecord]:
-    redis = request.app[REDIS]
-    raw = await redis.mget([f"node:{r['id']}:heartbeat" for r in rows]) if rows else []
-    now = datetime.now(UTC)
+    raw: list[bytes | None] = []
+    heard: list[float | None] = []
+    if rows:
+        async with request.app[REDIS].pipeline(transaction=False) as pipe:
+            pipe.mget([f"node:{r['id']}:heartbeat" for r in rows])
+            pipe.zmscore(HEARD, [str(r["id"]) for r in rows])
+            raw, heard = await pipe.execute()
+    now = time.time()
     out = []
-    for row, beat_raw in zip(rows, raw, strict=True):
+    for row, beat_raw, heard_at in zip(rows, raw, heard or [None] * len(rows), strict=True):
         beat = None
         if beat_raw:
             hb = msgspec.json.decode(beat_raw, type=NodeHeartbeat)
-            beat = Heartbeat(age_seconds=round((now - hb.occurred_at).total_seconds(), 3),
+            # A heartbeat stored without a receipt time (a monitor older than the set):
+            # the agent's own time is all there is.
+            received = heard_at if heard_at is not None else hb.occurred_at.timestamp()
+            beat = Heartbeat(age_seconds=round(max(0.0, now - received), 3),
                              health_score=hb.health_score, vllm_healthy=hb.vllm_healthy,
                              draining=hb.draining, num_requests_running=hb.num_requests_running,
                              num_requests_waiting=hb.num_requests_waiting,
@@ -113,9 +132,17 @@ async def _with_heartbeats(request: web.Request,
     return out
 
 
+def _status_filter(request: web.Request) -> str | None:
+    status = request.query.get("status")
+    if status is not None and status not in _STATUSES:
+        raise FieldError(f"'status' must be one of {', '.join(_STATUSES)}, not "
+                         f"{status[:40]!r}.", "status")
+    return status
+
+
 async def list_nodes(request: web.Request) -> web.Response:
     page = page_query(request, extra=("status", "model"))
-    status = request.query.get("status")
+    status = _status_filter(request)
     model = request.query.get("model")
     rows = await db(request).fetch(
         f"""SELECT {_COLUMNS} FROM nodes
@@ -151,7 +178,15 @@ async def drain_node(request: web.Request) -> web.Response:
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         raise ApiError.conflict("The node's agent did not answer: it is gone or unreachable.",
                                 code="agent_unreachable") from None
-    reply = msgspec.json.decode(msg.data, type=CommandReply)
+    try:
+        reply = msgspec.json.decode(msg.data, type=CommandReply)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # The agent answered, but not in words we know (another version, a bug): its fault,
+        # not ours, and not the caller's.
+        log.warning("undecodable drain reply", node_id=str(node_id), error=str(exc))
+        raise ApiError.bad_gateway("The node's agent answered the drain command with a "
+                                   "reply this API cannot read.",
+                                   code="bad_agent_reply") from None
     return json_response(DrainResult(accepted=reply.accepted, detail=reply.detail), 202)
 
 
@@ -175,14 +210,15 @@ ROUTES = (
     Route("GET", "/nodes", list_nodes, "List GPU nodes with their latest heartbeat", TAG,
           response=NodeList, query=(*PAGE_QUERY,
                                     QueryParam("status", "only nodes in this status",
-                                               {"type": "string"}),
+                                               {"type": "string",
+                                                "enum": [s.value for s in NodeStatus]}),
                                     QueryParam("model", "only nodes serving this model",
                                                {"type": "string"}))),
     Route("GET", "/nodes/{node_id}", get_node, "Read a node", TAG, response=NodeRecord),
     Route("POST", "/nodes/{node_id}/drain", drain_node,
           "Ask a node's agent to drain: finish in-flight requests, deregister, exit", TAG,
           body=DrainRequest, body_required=False, response=DrainResult, status=202,
-          errors=(409,)),
+          errors=(409, 502)),
     Route("POST", "/nodes/{node_id}/terminate", terminate_node,
           "Terminate a node: the orchestrator drains it, takes its machine down and, for a "
           "deployment's node, launches a replacement if the deployment is below its minimum",

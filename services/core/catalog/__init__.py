@@ -4,6 +4,7 @@ as typed records are in `services.core.catalog.queries`."""
 
 from services.core.catalog.commands import (
     API_KEY_PREFIX,
+    KEEP,
     Catalog,
     CatalogError,
     Conflict,
@@ -17,6 +18,6 @@ from services.core.catalog.commands import (
 )
 from services.core.catalog.projections import catalog_projections
 
-__all__ = ["API_KEY_PREFIX", "Catalog", "CatalogError", "Conflict", "Invalid", "NewApiKey",
+__all__ = ["API_KEY_PREFIX", "KEEP", "Catalog", "CatalogError", "Conflict", "Invalid", "NewApiKey",
            "NotFound", "QuotaChanges", "catalog_projections", "generate_api_key", "hash_api_key",
            "merge_quota"]

@@ -6,6 +6,7 @@ The admin API is a thin HTTP layer over these; tests and `crosslogic dev` call t
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import hashlib
 import secrets
@@ -13,8 +14,9 @@ import string
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Final
 
 import asyncpg
 
@@ -113,6 +115,14 @@ def _quota_of(row: asyncpg.Record) -> Quota:
                  concurrency=row.get("concurrency"))
 
 
+class Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP
+"""For an optional argument whose None means something (no expiry): leave it as it is."""
+
+
 @dataclass(frozen=True)
 class NewApiKey:
     key_id: uuid.UUID
@@ -180,25 +190,54 @@ class Catalog:
             await self._write(conn, event.stream, [event], version)
 
     async def suspend_tenant(self, tenant_id: uuid.UUID, reason: str = "") -> None:
-        await self._tenant_status(tenant_id, TenantSuspended(tenant_id=tenant_id, reason=reason))
+        """Conflict when it is suspended already: a second suspension would overwrite the
+        first one's reason and say nothing new."""
+        await self._tenant_status(tenant_id, TenantSuspended(tenant_id=tenant_id, reason=reason),
+                                  "suspended")
 
     async def reactivate_tenant(self, tenant_id: uuid.UUID, reason: str = "") -> None:
         await self._tenant_status(tenant_id,
-                                  TenantReactivated(tenant_id=tenant_id, reason=reason))
+                                  TenantReactivated(tenant_id=tenant_id, reason=reason),
+                                  "active")
 
-    async def _tenant_status(self, tenant_id: uuid.UUID, event: Event) -> None:
+    async def _tenant_status(self, tenant_id: uuid.UUID, event: Event, to: str) -> None:
         async with self.log.pool.acquire() as conn, conn.transaction():
-            version = await self._version(conn, "tenants", tenant_id)
-            await self._write(conn, event.stream, [event], version)
+            row = await conn.fetchrow("SELECT status, version FROM tenants WHERE id = $1",
+                                      tenant_id)
+            if row is None:
+                raise NotFound(f"tenant {tenant_id} not found")
+            if row["status"] == to:
+                raise Conflict(f"tenant {tenant_id} is {to} already")
+            await self._write(conn, event.stream, [event], row["version"])
 
     # ------------------------------------------------------------------ environments
 
+    async def _lock_tenant(self, conn: Connection, tenant_id: uuid.UUID) -> None:
+        """Serializes the commands that check a name within a tenant: two creating
+        `production` at once take turns, and the second sees the first's row."""
+        if await conn.fetchval("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE",
+                               tenant_id) is None:
+            raise NotFound(f"tenant {tenant_id} not found")
+
+    @staticmethod
+    async def _check_environment_name(conn: Connection, tenant_id: uuid.UUID, name: str,
+                                      but: uuid.UUID | None = None) -> None:
+        taken = await conn.fetchval(
+            "SELECT id FROM environments WHERE tenant_id = $1 AND name = $2 "
+            "AND ($3::uuid IS NULL OR id <> $3)", tenant_id, name, but)
+        if taken is not None:
+            raise Conflict(f"tenant {tenant_id} has an environment named {name!r} already "
+                           f"({taken})")
+
     async def create_environment(self, tenant_id: uuid.UUID, name: str, region: str,
                                  quota: Quota | None = None) -> uuid.UUID:
+        """Conflict when the tenant has an environment of that name (names are how people
+        tell production from staging)."""
         event = EnvironmentCreated(environment_id=uuid7(), tenant_id=tenant_id, name=name,
                                    region=region, quota=quota or Quota())
         async with self.log.pool.acquire() as conn, conn.transaction():
-            await self._version(conn, "tenants", tenant_id)
+            await self._lock_tenant(conn, tenant_id)
+            await self._check_environment_name(conn, tenant_id, name)
             await self._write(conn, event.stream, [event], NO_STREAM)
         return event.environment_id
 
@@ -213,6 +252,10 @@ class Catalog:
                 raise NotFound(f"environment {environment_id} not found")
             if name is None and region is None and quota is None and status is None:
                 return
+            if name is not None:
+                await self._lock_tenant(conn, row["tenant_id"])
+                await self._check_environment_name(conn, row["tenant_id"], name,
+                                                   but=environment_id)
             merged = merge_quota(_quota_of(row), quota) if quota is not None else None
             event = EnvironmentUpdated(environment_id=environment_id,
                                        tenant_id=row["tenant_id"], name=name, region=region,
@@ -270,9 +313,14 @@ class Catalog:
                                   limits=merged, expires_at=expires_at)
             await self._write(conn, event.stream, [event], row["version"])
 
-    async def rotate_api_key(self, key_id: uuid.UUID, reason: str = "rotated") -> NewApiKey:
+    async def rotate_api_key(self, key_id: uuid.UUID, reason: str = "rotated", *,
+                             expires_at: datetime | Keep | None = KEEP,
+                             now: datetime | None = None) -> NewApiKey:
         """Revoke the key and create its successor (same environment, name, role, limits and
-        expiry) in one transaction: there is never a moment with neither or both active."""
+        expiry) in one transaction: there is never a moment with neither or both active.
+        `expires_at` gives the successor another expiry (None: none); left out, the old one
+        is kept — unless it has passed: a successor that is expired at birth is refused
+        (Invalid on `expires_at`), the caller says which expiry it wants."""
         plaintext = generate_api_key()
         async with self.log.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
@@ -280,6 +328,16 @@ class Catalog:
                 raise NotFound(f"api key {key_id} not found")
             if row["status"] == "revoked":
                 raise Conflict(f"api key {key_id} is revoked; create a new one")
+            successor_expiry: datetime | None
+            if isinstance(expires_at, Keep):
+                successor_expiry = row["expires_at"]
+                if successor_expiry is not None and \
+                        successor_expiry <= (now or datetime.now(UTC)):
+                    raise Invalid(f"api key {key_id} expired at "
+                                  f"{successor_expiry.isoformat()}: give its successor an "
+                                  "expires_at (null for none)", "expires_at")
+            else:
+                successor_expiry = expires_at
             revoked = ApiKeyRevoked(key_id=key_id, tenant_id=row["tenant_id"],
                                     key_hash=row["key_hash"], reason=reason)
             await self._write(conn, revoked.stream, [revoked], row["version"])
@@ -287,7 +345,7 @@ class Catalog:
                                     environment_id=row["environment_id"],
                                     key_hash=hash_api_key(plaintext), last_four=plaintext[-4:],
                                     name=row["name"], role=row["role"], limits=_quota_of(row),
-                                    expires_at=row["expires_at"])
+                                    expires_at=successor_expiry)
             await self._write(conn, created.stream, [created], NO_STREAM)
         return NewApiKey(created.key_id, created.tenant_id, created.environment_id, plaintext,
                          plaintext[-4:])
