@@ -105,11 +105,11 @@ class NodeAgent:
         self._leave_by: datetime | None = None
         """Set once the drain is over: the last moment to publish what is still queued."""
         self.leave_grace = 5.0
-        self._registration = self.registration_event()
-        """Built once: every publish of it, even from a restarted task, is the same event."""
+        """After the drain, how long the agent keeps trying to tell the control plane."""
         self.unannounced: list[str] = []
         """Types of the lifecycle events given up on (NATS unreachable until too late)."""
-        """After the drain, how long the agent keeps trying to tell the control plane."""
+        self._registration = self.registration_event()
+        """Built once: every publish of it, even from a restarted task, is the same event."""
         self._last_tokens: tuple[float, float] | None = None
         self._metrics_problem: str | None = None
         self._session: aiohttp.ClientSession | None = None
