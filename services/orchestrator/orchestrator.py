@@ -65,6 +65,7 @@ from services.orchestrator.reconciler import (
     Terminate,
     plan_deployment,
 )
+from services.orchestrator.safety import believable_cloud_losses
 from services.orchestrator.settings import OrchestratorSettings
 
 log = structlog.get_logger("orchestrator")
@@ -88,6 +89,10 @@ class OrchestratorMetrics:
         self.cloud_lost = Counter("orchestrator_cloud_lost_total",
                                   "Nodes failed because the cloud no longer had their machine",
                                   registry=registry)
+        self.cloud_doubted = Counter(
+            "orchestrator_cloud_checks_doubted_total",
+            "Looks at the cloud not acted on: they had most of the fleet gone at once",
+            registry=registry)
         self.desired = Gauge("deployment_desired_nodes", "Nodes a deployment wants now",
                              ["deployment"], registry=registry)
         self.active = Gauge("deployment_active_nodes", "A deployment's active nodes",
@@ -368,25 +373,39 @@ class Orchestrator:
     # ------------------------------------------------------------------ observations
 
     async def _check_cloud(self, nodes: list[NodeView]) -> set[uuid.UUID]:
-        """The third safety signal: fail nodes whose machine is gone; end orphan machines."""
+        """The third safety signal: fail nodes whose machine is gone; end orphan machines.
+        An answer that has most of the fleet gone at once is doubted, not acted on
+        (safety.believable_cloud_losses): the heartbeats tell whether it was true."""
         try:
             clusters = await self.launcher.clusters()
         except LaunchError as exc:
             log.warning("cloud status unavailable", error=str(exc))
             return set()
-        failed: set[uuid.UUID] = set()
         owned: set[str] = set()
+        checked: list[NodeView] = []
+        missing: list[tuple[NodeView, str]] = []
         for n in nodes:
             if n.deployment_id is None:
                 continue
             owned.add(n.cluster_name)
             if n.status == NodeStatus.LAUNCHING or n.id in self.launches:
                 continue  # not up yet: the launch deadline watches it
+            checked.append(n)
             state = clusters.get(n.cluster_name)
             if state in (ClusterState.UP, ClusterState.STARTING):
                 continue
-            reason = "the cloud stopped its machine" if state == ClusterState.STOPPED \
-                else "the cloud no longer has its machine"
+            missing.append((n, "the cloud stopped its machine" if state == ClusterState.STOPPED
+                            else "the cloud no longer has its machine"))
+        if not believable_cloud_losses(len(checked), len(missing),
+                                       max_fraction=self.settings.cloud_lost_max_fraction):
+            self.metrics.cloud_doubted.inc()
+            log.error("the cloud says most of the fleet is gone at once; not believed "
+                      "(the nodes' heartbeats will tell): check the launcher's credentials "
+                      "and user", missing=len(missing), checked=len(checked),
+                      clusters_seen=len(clusters))
+            return set()
+        failed: set[uuid.UUID] = set()
+        for n, reason in missing:
             after = await self.fleet.signal(n.id, Signal.CLOUD_LOST, reason=reason)
             if after is not None:
                 log.warning("node lost by the cloud", node_id=str(n.id),

@@ -19,6 +19,9 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     node_heartbeat_interval: float = 15.0
     reconcile_every_seconds: float = 5.0
     cloud_check_every_seconds: float = 30.0
+    cloud_lost_max_fraction: float = 0.5
+    """A look at the cloud that has more than this fraction of the nodes' machines gone (and
+    more than one) is not acted on: most likely the look is wrong, not the fleet."""
     launch_deadline_seconds: float = 900.0
     """A launch not registered by then has failed (cloud provisioning takes minutes)."""
     capacity_cooldown_seconds: float = 300.0

@@ -4,6 +4,14 @@
 it blocks, so it runs in the launcher's own thread pool (launches take minutes: they must not
 starve the event loop's default executor). `sky` is imported there too: it is slow to import
 and only this launcher needs it.
+
+`sky.status` is asked for every user's clusters (`all_users=True`): SkyPilot keeps clusters
+per user, and orchestrator replicas on different pods may well be different SkyPilot users —
+a standby that took over would otherwise see none of its predecessor's clusters and take the
+whole fleet for lost. What the platform owns is what carries its cluster prefix.
+
+What SkyPilot answers is turned into the launcher's terms by two pure functions,
+`cluster_states` and `launch_error`, tested offline.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,14 +35,46 @@ _STATES = {"UP": ClusterState.UP, "INIT": ClusterState.STARTING,
            "AUTOSTOPPING": ClusterState.STOPPED}
 
 
+def _field(record: Any, name: str) -> Any:
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
+
+def cluster_states(records: Iterable[Any], prefix: str) -> dict[str, ClusterState]:
+    """`sky.status` records (StatusResponse models; plain dicts from older SDKs) → the state of
+    every cluster whose name carries the platform's prefix. A status we do not know is
+    "starting": not up, not gone either."""
+    out: dict[str, ClusterState] = {}
+    for r in records:
+        name = str(_field(r, "name") or "")
+        if not name.startswith(prefix):
+            continue
+        status = _field(r, "status")
+        out[name] = _STATES.get(str(getattr(status, "value", status)), ClusterState.STARTING)
+    return out
+
+
+def launch_error(exc: BaseException) -> LaunchError:
+    """What a failed `sky.launch` means for the orchestrator. No resources anywhere SkyPilot
+    looked (ResourcesUnavailableError) is a capacity error: try another region, or on-demand.
+    Unless SkyPilot says failing over would not help (`no_failover`: the request itself cannot
+    be met), and everything else (credentials, quota, the API server, a setup that failed)
+    is an error."""
+    import sky.exceptions
+
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, sky.exceptions.ResourcesUnavailableError) and not exc.no_failover:
+        return LaunchError(text, capacity=True)
+    return LaunchError(text)
+
+
 def _launch(config: dict[str, Any], cluster: str) -> None:
     import sky
 
     task = sky.Task.from_yaml_config(copy.deepcopy(config))  # it consumes the dict
     try:
         sky.get(sky.launch(task, cluster_name=cluster, retry_until_up=False))
-    except sky.exceptions.ResourcesUnavailableError as exc:
-        raise LaunchError(str(exc), capacity=True) from exc
+    except Exception as exc:
+        raise launch_error(exc) from exc
 
 
 def _down(cluster: str) -> None:
@@ -46,14 +87,8 @@ def _down(cluster: str) -> None:
 def _status(prefix: str) -> dict[str, ClusterState]:
     import sky
 
-    records = sky.get(sky.status(refresh=sky.StatusRefreshMode.AUTO))
-    out: dict[str, ClusterState] = {}
-    for r in records:
-        name = str(r.name)
-        if name.startswith(prefix):
-            status = getattr(r.status, "value", str(r.status))
-            out[name] = _STATES.get(str(status), ClusterState.STARTING)
-    return out
+    records = sky.get(sky.status(refresh=sky.StatusRefreshMode.AUTO, all_users=True))
+    return cluster_states(records, prefix)
 
 
 class SkyPilotLauncher:

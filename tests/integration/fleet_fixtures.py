@@ -9,20 +9,26 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
 from agent.local_cloud import CLOUD, CloudConfig, LocalCloud, create_cloud_app
+from schemas.events import NodeLaunching, NodeStatus
+from schemas.ids import uuid7
 from services.core.bus import Bus
 from services.core.catalog import Catalog, NewApiKey
 from services.core.eventlog import EventLog, LogWaker
+from services.core.fleet import Fleet as FleetCommands
+from services.core.node_states import Signal
 from services.core.relay import OutboxRelay
 from services.core.settings import Secret
 from services.gateway.app import create_gateway_app
@@ -31,10 +37,11 @@ from services.gateway.settings import GatewaySettings
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from services.orchestrator.app import ORCHESTRATOR, create_orchestrator_app
+from services.orchestrator.launcher import ClusterState, LaunchError, LaunchSpec, cluster_name
 from services.orchestrator.orchestrator import Orchestrator
 from services.orchestrator.settings import OrchestratorSettings
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import eventually, node_registered
 from tests.integration.test_monitor_basics import serve
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -201,3 +208,121 @@ async def fleet(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bus,
     await asyncio.gather(*f.tasks, return_exceptions=True)
     await waker.close()
     assert not hung, f"cleanup took over 30 s: {hung}"
+
+
+# --------------------------------------------------------------------------- the orchestrator
+# alone, against a cloud in this process
+
+
+class MemoryCloud:
+    """A cloud in this process, for orchestrator tests that need it to misbehave in ways the
+    local cloud cannot: launches succeed at once (no machine actually starts) or fail as told
+    per region; `blind` makes its status answer empty, as SkyPilot's does when asked as the
+    wrong user."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.machines: dict[str, LaunchSpec] = {}
+        self.launches: list[LaunchSpec] = []
+        self.downs: list[str] = []
+        self.errors: dict[str, LaunchError] = {}
+        """region → the error its launches fail with."""
+        self.blind = False
+
+    async def launch(self, spec: LaunchSpec) -> None:
+        self.launches.append(spec)
+        error = self.errors.get(spec.region)
+        if error is not None:
+            raise error
+        self.machines[spec.cluster_name] = spec
+
+    async def down(self, cluster_name: str) -> None:
+        self.downs.append(cluster_name)
+        self.machines.pop(cluster_name, None)
+
+    async def clusters(self) -> dict[str, ClusterState]:
+        return {} if self.blind else dict.fromkeys(self.machines, ClusterState.UP)
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class Rig:
+    """An Orchestrator on real PostgreSQL, Redis and NATS, with a MemoryCloud; nodes are made
+    by recording what agents and the monitor would."""
+
+    pool: asyncpg.Pool
+    redis: Any
+    bus: Bus
+    catalog: Catalog
+    cloud: MemoryCloud
+    servers: Servers
+    orchestrators: list[Orchestrator] = field(default_factory=list)
+
+    def orchestrator(self, **overrides: Any) -> Orchestrator:
+        settings = OrchestratorSettings(**{
+            "database_url": Secret(self.servers.database_url),
+            "redis_url": Secret(self.servers.redis_url),
+            "nats_url": Secret(self.servers.nats_url), "log_json": False,
+            "cloud_check_every_seconds": 0, "launcher": "local", **overrides})
+        o = Orchestrator(settings, eventlog=EventLog(self.pool), redis=self.redis,
+                         nc=self.bus.nc, launcher=self.cloud)
+        self.orchestrators.append(o)
+        return o
+
+    async def deploy(self, *, regions: Sequence[str] = ("aws/us-east-1",), spot: bool = False,
+                     min_nodes: int = 1, max_nodes: int = 1) -> uuid.UUID:
+        return await self.catalog.create_deployment(
+            MODEL, regions=list(regions), gpu_type="A10G", spot=spot, min_nodes=min_nodes,
+            max_nodes=max_nodes)
+
+    async def active_node(self, deployment: uuid.UUID, region: str = "us-east-1") -> uuid.UUID:
+        """A node as if launched for `deployment`, registered and serving, with its machine up
+        in the cloud."""
+        node_id = uuid7()
+        cluster = cluster_name("crosslogic", MODEL, region, node_id)
+        fleet = FleetCommands(EventLog(self.pool), actor="test")
+        await fleet.launching(NodeLaunching(
+            node_id=node_id, deployment_id=deployment, cluster_name=cluster, model_name=MODEL,
+            provider="aws", region=region, gpu_type="A10G", spot=False,
+            deadline=datetime.now(UTC) + timedelta(minutes=15)))
+        registered = msgspec.structs.replace(node_registered(node_id, model=MODEL,
+                                                             region=region),
+                                             cluster_name=cluster)
+        await EventLog(self.pool).record([registered])
+        assert await fleet.signal(node_id, Signal.HEALTHY) == NodeStatus.ACTIVE
+        self.cloud.machines[cluster] = LaunchSpec(
+            node_id=node_id, cluster_name=cluster, model_name=MODEL, provider="aws",
+            region=region, gpu_type="A10G", spot=False)
+        return node_id
+
+    async def status(self, node_id: uuid.UUID) -> str:
+        return str(await self.pool.fetchval("SELECT status FROM nodes WHERE id = $1", node_id))
+
+    async def settle(self) -> None:
+        """Let the launches and terminations the last tick started finish."""
+        for o in self.orchestrators:
+            await asyncio.gather(*o.launches.values(), *o.terminations.values(),
+                                 return_exceptions=True)
+
+
+@pytest.fixture
+async def rig(servers: Servers, pool: asyncpg.Pool, redis_url: str,
+              bus: Bus) -> AsyncIterator[Rig]:
+    import redis.asyncio as aioredis
+
+    catalog = Catalog(EventLog(pool), actor="test")
+    await catalog.create_model(MODEL, family="llama", vram_gb=16,
+                               input_price_per_million=Decimal("0.10"),
+                               output_price_per_million=Decimal("0.20"), context_length=8192)
+    client = aioredis.from_url(redis_url)
+    r = Rig(pool, client, bus, catalog, MemoryCloud(), servers)
+    yield r
+    for o in r.orchestrators:
+        tasks = [*o.launches.values(), *o.terminations.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await client.aclose()

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sky
 import sky.exceptions
 
+from agent.settings import AgentSettings
 from services.orchestrator.launcher import LaunchSpec, cluster_name, node_env, split_region
-from services.orchestrator.skypilot_task import VLLM_PORT, TaskOptions, accelerators, task_config
+from services.orchestrator.skypilot_task import (
+    NODE_FACTS,
+    VLLM_PORT,
+    TaskOptions,
+    accelerators,
+    task_config,
+)
 
 NODE_ID = uuid.UUID("0190f3a1-7c2e-7d4b-9a1f-1a2b3c4d5e6f")
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -71,7 +80,9 @@ def test_task_is_valid_for_skypilot(infra: str, gpu: str, cloud: str, region: st
     assert r.region == region
     assert r.accelerators == accel
     assert r.use_spot is spot
-    assert r.ports is not None and str(VLLM_PORT) in r.ports
+    # No port opened to the internet: vLLM has no authentication; the control plane reaches
+    # the node's private address.
+    assert not r.ports
     assert r.disk_size == 300
     assert r.labels == {"crosslogic-node-id": str(NODE_ID)}
 
@@ -94,6 +105,79 @@ def test_task_is_valid_for_skypilot(infra: str, gpu: str, cloud: str, region: st
     assert secrets == {"NATS_URL": NATS_URL}
     assert "NATS_URL" not in task.envs
     assert all("s3cr3t" not in v for v in task.envs.values())
+
+
+# ----------------------------------------------------------------- what only the machine knows
+
+# Stand-ins for the machine: its driver, its cloud's metadata service, its network.
+_FAKE_NVIDIA_SMI = """#!/bin/sh
+[ -n "${GPUS_MIB:-}" ] || exit 9
+for m in $GPUS_MIB; do echo "$m"; done
+"""
+_FAKE_CURL = """#!/bin/sh
+args="$*"
+case "$args" in
+  *"-X PUT"*latest/api/token*) [ "$PROVIDER" = aws ] && echo "imds-token" && exit 0 ;;
+  *"X-aws-ec2-metadata-token: imds-token"*meta-data/instance-type*) echo "g5.12xlarge";
+                                                                   exit 0 ;;
+  *"Metadata-Flavor: Google"*instance/machine-type*)
+    echo "projects/123/zones/us-central1-a/machineTypes/g2-standard-8"; exit 0 ;;
+  *"Metadata: true"*compute/vmSize*"format=text"*) echo "Standard_NC24ads_A100_v4";
+                                                   exit 0 ;;
+esac
+exit 22
+"""
+_FAKE_HOSTNAME = """#!/bin/sh
+echo "10.0.3.17 172.17.0.1"
+"""
+
+
+def node_facts(tmp_path: Path, provider: str, gpus_mib: str = "",
+               metadata_down: bool = False) -> dict[str, str]:
+    """Run the task's preamble on a stand-in machine; the agent's environment after it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("nvidia-smi", _FAKE_NVIDIA_SMI), ("hostname", _FAKE_HOSTNAME),
+                       ("curl", "#!/bin/sh\nexit 7\n" if metadata_down else _FAKE_CURL)):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    script = ("set -uo pipefail\n" + NODE_FACTS
+              + 'echo "$INSTANCE_TYPE|$VRAM_TOTAL_GB|$ENDPOINT_URL|$VLLM_URL"\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PROVIDER": provider,
+           "VLLM_PORT": str(VLLM_PORT), "GPUS_MIB": gpus_mib}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         check=True, timeout=10).stdout.strip()
+    instance, vram, endpoint, vllm = out.split("|")
+    return {"INSTANCE_TYPE": instance, "VRAM_TOTAL_GB": vram, "ENDPOINT_URL": endpoint,
+            "VLLM_URL": vllm}
+
+
+@pytest.mark.parametrize(("provider", "gpus_mib", "instance", "vram"), [
+    ("aws", "23028 23028 23028 23028", "g5.12xlarge", "89"),
+    ("gcp", "23034", "g2-standard-8", "22"),
+    ("azure", "81920", "Standard_NC24ads_A100_v4", "80"),
+])
+def test_the_agent_learns_its_machine(tmp_path: Path, provider: str, gpus_mib: str,
+                                      instance: str, vram: str) -> None:
+    facts = node_facts(tmp_path, provider, gpus_mib)
+    assert facts == {"INSTANCE_TYPE": instance, "VRAM_TOTAL_GB": vram,
+                     "ENDPOINT_URL": f"http://10.0.3.17:{VLLM_PORT}",
+                     "VLLM_URL": f"http://127.0.0.1:{VLLM_PORT}"}
+    # The names the agent reads its settings from.
+    assert {"instance_type", "vram_total_gb", "endpoint_url", "vllm_url"} <= set(
+        AgentSettings.__struct_fields__)
+
+
+def test_a_machine_that_cannot_say_still_starts(tmp_path: Path) -> None:
+    facts = node_facts(tmp_path, "aws", gpus_mib="", metadata_down=True)
+    assert (facts["INSTANCE_TYPE"], facts["VRAM_TOTAL_GB"]) == ("unknown", "0")
+
+
+def test_the_run_script_starts_from_the_machine_facts() -> None:
+    config = task_config(spec_for("aws/us-east-1", "A10G", spot=True), TaskOptions())
+    run = config["run"]
+    assert NODE_FACTS in run
+    assert run.index(NODE_FACTS) < run.index("vllm serve") < run.index("python3 -m agent")
 
 
 def test_options_reach_the_task() -> None:
