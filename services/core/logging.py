@@ -25,27 +25,44 @@ def configure_logging(level: str = "info", *, json: bool = True,
                       service: str | None = None) -> None:
     """Called once by a process's entry point, never on import."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    processors: list[Any] = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_secrets,
     ]
     if service:
-        processors.insert(0, _bind_service(service))
+        shared.insert(0, _bind_service(service))
+    render: list[Any]
     if json:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+        render = [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     structlog.configure(
-        processors=processors,
+        processors=[*shared, *render],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries using stdlib logging (aiohttp's access log is off; asyncpg, nats) at WARNING+.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Libraries log through stdlib logging (asyncpg, nats, aiohttp; its access log is off):
+    # at WARNING and above, through the same processors, so a JSON log stream stays JSON —
+    # one object per line with level, logger, service and request context — and a secret
+    # passed as an `extra` is masked like any other.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        # The extras first: _drop_secrets (in `shared`) must see them.
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(),
+                           *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render]))
+    handler.set_name(_HANDLER)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER]:
+        root.removeHandler(old)  # configured again (tests): replaced, not doubled
+    root.addHandler(handler)
+    root.setLevel(max(numeric, logging.WARNING))
+
+
+_HANDLER = "crosslogic"
 
 
 def _bind_service(service: str) -> Any:
