@@ -70,10 +70,23 @@ def split_region(value: str, default_provider: str) -> tuple[str, str]:
 _NOT_NAME = re.compile(r"[^a-z0-9]+")
 
 
+def cluster_prefix(prefix: str) -> str:
+    """CLUSTER_PREFIX as cluster names carry it: lowercase, digits and dashes, at most 24
+    characters ("CrossLogic_Prod" → "crosslogic-prod"). Normalised once, here, for naming and
+    for recognising the platform's clusters alike."""
+    return _NOT_NAME.sub("-", prefix.lower()).strip("-")[:24].rstrip("-") or "crosslogic"
+
+
+def owns_cluster(prefix: str, name: str) -> bool:
+    """Whether the cluster `name` is one this platform (CLUSTER_PREFIX `prefix`) launched:
+    its prefix then the separator, so "crosslogic2-…" is not "crosslogic"'s."""
+    return name.startswith(cluster_prefix(prefix) + "-")
+
+
 def cluster_name(prefix: str, model_name: str, region: str, node_id: uuid.UUID) -> str:
     """`crosslogic-llama-3-1-8b-instruct-us-east-1-1a2b3c4d`: readable in a cloud console,
     unique per node, and valid for every cloud (lowercase, digits, dashes, ≤ 63)."""
-    prefix = _NOT_NAME.sub("-", prefix.lower()).strip("-")[:24] or "crosslogic"
+    prefix = cluster_prefix(prefix)
     model = _NOT_NAME.sub("-", model_name.rsplit("/", 1)[-1].lower()).strip("-")
     where = _NOT_NAME.sub("-", region.lower()).strip("-")
     suffix = node_id.hex[-8:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from services.orchestrator.launcher import ClusterState, LaunchError, LaunchSpec
+from services.orchestrator.launcher import ClusterState, LaunchError, LaunchSpec, owns_cluster
 
 
 class LocalLauncher:
@@ -47,7 +47,7 @@ class LocalLauncher:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise LaunchError(f"local cloud unreachable: {exc}") from exc
         return {c["name"]: ClusterState.UP for c in payload["clusters"]
-                if c["name"].startswith(self.prefix)}
+                if owns_cluster(self.prefix, c["name"])}
 
     async def close(self) -> None:
         await self._session.close()

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from services.orchestrator.launcher import ClusterState, LaunchError, LaunchSpec
+from services.orchestrator.launcher import ClusterState, LaunchError, LaunchSpec, owns_cluster
 from services.orchestrator.skypilot_task import TaskOptions, task_config
 
 log = structlog.get_logger("skypilot")
@@ -41,12 +41,12 @@ def _field(record: Any, name: str) -> Any:
 
 def cluster_states(records: Iterable[Any], prefix: str) -> dict[str, ClusterState]:
     """`sky.status` records (StatusResponse models; plain dicts from older SDKs) → the state of
-    every cluster whose name carries the platform's prefix. A status we do not know is
-    "starting": not up, not gone either."""
+    every cluster this platform owns (CLUSTER_PREFIX `prefix`, see launcher.owns_cluster). A
+    status we do not know is "starting": not up, not gone either."""
     out: dict[str, ClusterState] = {}
     for r in records:
         name = str(_field(r, "name") or "")
-        if not name.startswith(prefix):
+        if not owns_cluster(prefix, name):
             continue
         status = _field(r, "status")
         out[name] = _STATES.get(str(getattr(status, "value", status)), ClusterState.STARTING)

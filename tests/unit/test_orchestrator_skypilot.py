@@ -4,6 +4,7 @@ request it makes."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -13,10 +14,10 @@ from sky.schemas.api.responses import StatusResponse
 from sky.utils.status_lib import ClusterStatus
 
 from services.orchestrator import skypilot_launcher
-from services.orchestrator.launcher import ClusterState
+from services.orchestrator.launcher import ClusterState, cluster_name
 from services.orchestrator.skypilot_launcher import cluster_states, launch_error
 
-PREFIX = "crosslogic-"
+PREFIX = "crosslogic"
 
 
 def record(name: str, status: ClusterStatus) -> StatusResponse:
@@ -45,8 +46,18 @@ def test_every_skypilot_status_is_known() -> None:
 
 def test_other_clusters_are_not_ours() -> None:
     records = [record("crosslogic-a-1", ClusterStatus.UP), record("dev-box", ClusterStatus.UP),
-               record("sky-serve-controller-1", ClusterStatus.UP)]
+               record("sky-serve-controller-1", ClusterStatus.UP),
+               record("crosslogic2-a-1", ClusterStatus.UP),  # another platform's prefix
+               record("crosslogic", ClusterStatus.UP)]
     assert set(cluster_states(records, PREFIX)) == {"crosslogic-a-1"}
+
+
+def test_clusters_are_recognised_by_the_prefix_they_were_named_with() -> None:
+    # CLUSTER_PREFIX as the operator wrote it; cluster names carry it normalised.
+    name = cluster_name("CrossLogic_Prod", "m", "us-east-1", uuid.uuid4())
+    assert name.startswith("crosslogic-prod-")
+    records = [record(name, ClusterStatus.UP), record("crosslogic-a-1", ClusterStatus.UP)]
+    assert cluster_states(records, "CrossLogic_Prod") == {name: ClusterState.UP}
 
 
 def test_plain_dict_records_and_unknown_statuses() -> None:

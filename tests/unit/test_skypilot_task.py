@@ -16,7 +16,14 @@ import sky
 import sky.exceptions
 
 from agent.settings import AgentSettings
-from services.orchestrator.launcher import LaunchSpec, cluster_name, node_env, split_region
+from services.orchestrator.launcher import (
+    LaunchSpec,
+    cluster_name,
+    cluster_prefix,
+    node_env,
+    owns_cluster,
+    split_region,
+)
 from services.orchestrator.skypilot_task import (
     NODE_FACTS,
     VLLM_PORT,
@@ -251,6 +258,36 @@ def test_accelerators(gpu: str, expected: str) -> None:
 
 
 # ----------------------------------------------------------------- cluster names
+
+
+@pytest.mark.parametrize(("raw", "normal"), [
+    ("crosslogic", "crosslogic"),
+    ("CrossLogic", "crosslogic"),
+    ("CrossLogic_Prod", "crosslogic-prod"),
+    ("  team.A  ", "team-a"),
+    ("a-very-long-platform-prefix-for-staging", "a-very-long-platform-pre"),
+    ("abcdefghijklmnopqrstuvw-xyz", "abcdefghijklmnopqrstuvw"),  # no dash left at the cut
+    ("___", "crosslogic"),
+])
+def test_cluster_prefix_is_normalised_once(raw: str, normal: str) -> None:
+    assert cluster_prefix(raw) == normal
+    name = cluster_name(raw, MODEL, "us-east-1", NODE_ID)
+    assert name.startswith(normal + "-") and "--" not in name
+    assert owns_cluster(raw, name)
+
+
+@pytest.mark.parametrize(("prefix", "name", "ours"), [
+    ("crosslogic", "crosslogic-llama-us-east-1-1a2b3c4d", True),
+    ("crosslogic", "crosslogic2-llama-us-east-1-1a2b3c4d", False),
+    ("crosslogic", "crosslogicprod-llama-1a2b3c4d", False),
+    ("crosslogic", "crosslogic", False),
+    ("crosslogic", "other-crosslogic-1a2b3c4d", False),
+    ("CrossLogic_Prod", "crosslogic-prod-llama-1a2b3c4d", True),
+    ("CrossLogic_Prod", "crosslogic-llama-1a2b3c4d", False),
+])
+def test_owns_cluster(prefix: str, name: str, ours: bool) -> None:
+    assert owns_cluster(prefix, name) is ours
+
 
 _VALID = re.compile(r"^[a-z0-9-]+$")
 
