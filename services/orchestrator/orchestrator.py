@@ -65,7 +65,7 @@ from services.orchestrator.reconciler import (
     Terminate,
     plan_deployment,
 )
-from services.orchestrator.safety import believable_cloud_losses
+from services.orchestrator.safety import BackoffKey, LaunchBackoff, believable_cloud_losses
 from services.orchestrator.settings import OrchestratorSettings
 
 log = structlog.get_logger("orchestrator")
@@ -129,6 +129,8 @@ class Orchestrator:
         self.terminations: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.cooling: dict[tuple[str, bool], float] = {}
         """(deployment region, spot) → monotonic time until which it is skipped."""
+        self.backoff = LaunchBackoff(base=settings.launch_retry_seconds,
+                                     cap=settings.launch_retry_max_seconds)
         self.unhealthy_since: dict[uuid.UUID, datetime] = {}
         self.outage_since: dict[uuid.UUID, datetime] = {}
         self.alerted: set[uuid.UUID] = set()
@@ -186,8 +188,12 @@ class Orchestrator:
         for n in nodes:
             by_deployment.setdefault(n.deployment_id, []).append(n)
         known = {d.id for d in deployments}
+        self.backoff.forget(known)
         for dep in deployments:
-            await self._reconcile(dep, by_deployment.get(dep.id, []), loads, situation, mono)
+            blocked = self.backoff.blocked(dep.id, mono)
+            await self._reconcile(dep, by_deployment.get(dep.id, []), loads,
+                                  replace(situation, cooling=situation.cooling | blocked)
+                                  if blocked else situation, mono)
         # Nodes no deployment owns (started by hand) still go when an operator says so.
         for dep_id, group in by_deployment.items():
             if dep_id in known:
@@ -296,21 +302,29 @@ class Orchestrator:
                           spot=launch.spot, env=env, secrets=secrets)
         self.metrics.launches.labels(launch.region, str(launch.spot).lower()).inc()
         self._launching_clusters.add(cluster)
-        self.launches[node_id] = asyncio.create_task(self._run_launch(spec, launch.region),
-                                                     name=f"launch-{cluster}")
+        self.launches[node_id] = asyncio.create_task(
+            self._run_launch(spec, (dep.id, launch.region, launch.spot)),
+            name=f"launch-{cluster}")
 
-    async def _run_launch(self, spec: LaunchSpec, dep_region: str) -> None:
+    async def _run_launch(self, spec: LaunchSpec, where: BackoffKey) -> None:
         try:
             async with self._launch_slots:
                 await self.launcher.launch(spec)
+            self.backoff.succeeded(where)
         except LaunchError as exc:
             kind = "capacity" if exc.capacity else "error"
             self.metrics.launch_failures.labels(kind).inc()
+            _, dep_region, spot = where
             if exc.capacity:
-                self.cooling[(dep_region, spec.spot)] = (time.monotonic()
-                                                         + self.settings.capacity_cooldown_seconds)
+                self.cooling[(dep_region, spot)] = (time.monotonic()
+                                                    + self.settings.capacity_cooldown_seconds)
+                retry_in = self.settings.capacity_cooldown_seconds
+            else:
+                # Not the cloud's capacity: the same launch would fail the same way now.
+                retry_in = self.backoff.failed(where, time.monotonic())
             log.warning("launch failed", node_id=str(spec.node_id), cluster=spec.cluster_name,
-                        capacity=exc.capacity, error=str(exc))
+                        capacity=exc.capacity, error=str(exc),
+                        region_skipped_for_seconds=round(retry_in, 1))
             await self.fleet.signal(spec.node_id, Signal.CLOUD_LOST,
                                     reason=f"launch failed: {exc}"[:500])
             with contextlib.suppress(LaunchError):  # whatever the cloud half-made goes

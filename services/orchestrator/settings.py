@@ -26,6 +26,11 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     """A launch not registered by then has failed (cloud provisioning takes minutes)."""
     capacity_cooldown_seconds: float = 300.0
     """A (region, spot) that refused a launch is skipped for this long."""
+    launch_retry_seconds: float = 10.0
+    """After a launch fails for another reason than capacity, the deployment skips that
+    (region, spot) this long, doubling with each failure in a row..."""
+    launch_retry_max_seconds: float = 300.0
+    """... up to this."""
     unhealthy_grace_seconds: float = 120.0
     """An unhealthy node counts as capacity this long before it is replaced."""
     replace_at_once_fraction: float = 0.25

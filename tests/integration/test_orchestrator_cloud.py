@@ -1,10 +1,12 @@
 """The cloud's view as a safety signal, and its limits: a look that has most of the fleet gone
 at once (SkyPilot asked as another user, the wrong account) is not believed; one machine gone
-is acted on at once."""
+is acted on at once. And a cloud that fails a launch for another reason than capacity is not
+asked again in the same place at every tick."""
 
 from __future__ import annotations
 
 from services.core.node_states import Signal
+from services.orchestrator.launcher import LaunchError
 from tests.integration.fleet_fixtures import Rig, rig  # noqa: F401  (fixture)
 
 
@@ -50,3 +52,19 @@ async def test_a_whole_small_fleet_gone_is_left_to_the_heartbeats(rig: Rig) -> N
     await o.tick()
     await rig.settle()
     assert len(rig.cloud.launches) == 1  # a quarter of two, at least one, at once
+
+
+async def test_a_launch_error_moves_on_to_the_next_region_and_backs_off(
+        rig: Rig) -> None:  # noqa: F811
+    rig.cloud.errors["us-east-1"] = LaunchError("VPC quota exceeded")  # not capacity
+    await rig.deploy(regions=("aws/us-east-1", "aws/us-west-2"), min_nodes=1, max_nodes=1)
+    o = rig.orchestrator(launch_retry_seconds=60)
+    for _ in range(5):  # what five ticks in a row (each failure wakes the next) do
+        await o.tick()
+        await rig.settle()
+    assert [s.region for s in rig.cloud.launches] == ["us-east-1", "us-west-2"]
+    failed = await rig.pool.fetch("SELECT region FROM nodes WHERE status = 'failed'")
+    assert [r["region"] for r in failed] == ["us-east-1"]
+    assert len(await rig.pool.fetch(
+        "SELECT 1 FROM events WHERE type = 'node.launching'")) == 2
+    assert o.metrics.launch_failures.labels("error")._value.get() == 1
