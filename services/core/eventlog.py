@@ -48,6 +48,18 @@ class ConcurrencyError(Exception):
         self.actual = actual
 
 
+class DuplicateEventError(Exception):
+    """An append carried an event id the log holds already: the same event appended twice
+    (say, a retried command that had committed). Nothing was written. `record()` is the
+    idempotent way in for events that may arrive again."""
+
+    def __init__(self, event_ids: Sequence[Any], detail: str | None = None) -> None:
+        super().__init__("an event of this append is in the log already"
+                         + (f" ({detail})" if detail else ""))
+        self.event_ids = list(event_ids)
+        """The ids of the append (one or more of them is taken)."""
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class LogPosition:
     """A place in the log's global order; readers resume strictly after it."""
@@ -302,8 +314,13 @@ class EventLog:
             if version is None:
                 actual = await c.fetchval("SELECT version FROM streams WHERE stream = $1", stream)
                 raise ConcurrencyError(stream, expected_version, actual or 0)
-            rows = await c.fetch(_INSERT, *_insert_args(events, range(version - n + 1,
-                                                                        version + 1), "log"))
+            try:
+                rows = await c.fetch(_INSERT, *_insert_args(events, range(version - n + 1,
+                                                                            version + 1), "log"))
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != "events_event_id_key":
+                    raise
+                raise DuplicateEventError([e.id for e in events], exc.detail) from exc
         return AppendResult(stream, version,
                             [_row_to_recorded(r, e) for r, e in zip(rows, events, strict=True)])
 
@@ -420,6 +437,12 @@ class EventLog:
         return START if row is None else LogPosition(row["transaction_id"], row["position"])
 
 
+# Connecting and LISTENing can fail these ways (InterfaceError: the connection closed under
+# the listener, e.g. PostgreSQL restarting); the loop must outlive them all.
+_LISTEN_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError,
+                                                   asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 class LogWaker:
     """Wakes readers when the log grows: LISTEN on a dedicated connection, with polling as the
     fallback (a missed or late notification, or the listener connection being down, costs at
@@ -439,13 +462,18 @@ class LogWaker:
         return self._conn is not None and not self._conn.is_closed()
 
     async def start(self) -> None:
-        with contextlib.suppress(OSError, asyncpg.PostgresError):
+        with contextlib.suppress(*_LISTEN_ERRORS):
             await self._listen()
         self._task = asyncio.create_task(self._keep_listening(), name="log-waker")
 
     async def _listen(self) -> None:
         conn = await connect(self.dsn)
-        await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
         self._conn = conn
         self._wake()  # events may have landed while we were not listening
 
@@ -460,8 +488,8 @@ class LogWaker:
                 await self._listen()
                 log.info("listening for log notifications again")
                 delay = 1.0
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("log listener down; polling", error=str(exc))
+            except _LISTEN_ERRORS as exc:
+                log.warning("log listener down; polling", error=str(exc) or type(exc).__name__)
                 delay = min(delay * 2, 5.0)
 
     def _on_notify(self, *_: object) -> None:

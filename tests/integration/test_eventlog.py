@@ -9,17 +9,19 @@ import asyncpg
 import pytest
 
 from schemas.events import EventMetadata, TenantSuspended
+from services.core import eventlog as eventlog_module
 from services.core.eventlog import (
     ANY,
     NO_STREAM,
     START,
     ConcurrencyError,
+    DuplicateEventError,
     EventFilter,
     EventLog,
     LogPosition,
     LogWaker,
 )
-from tests.helpers import node_registered, tenant_created, tenant_renamed
+from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
 
 
 @pytest.fixture
@@ -289,3 +291,57 @@ async def test_head_is_the_last_readable_position(log: EventLog) -> None:
     t = tenant_created()
     result = await log.append(t.stream, [t])
     assert await log.head() == result.events[0].checkpoint
+
+
+async def test_appending_an_event_twice_is_a_clear_error(log: EventLog,
+                                                         pool: asyncpg.Pool) -> None:
+    t = tenant_created()
+    await log.append(t.stream, [t])
+    again = tenant_renamed(t.tenant_id, "x")
+    with pytest.raises(DuplicateEventError) as caught:
+        await log.append(t.stream, [again, t])  # a retried command carrying the same event
+    assert t.id in caught.value.event_ids and str(t.id) in str(caught.value)
+    assert await pool.fetchval("SELECT count(*) FROM events") == 1
+    assert await log.stream_version(t.stream) == 1  # nothing written, the version neither
+    # Inside a caller's transaction too, which stays usable.
+    async with pool.acquire() as conn, conn.transaction():
+        with pytest.raises(DuplicateEventError):
+            await log.append(t.stream, [t], conn=conn)
+        await log.append(t.stream, [again], expected_version=1, conn=conn)
+    assert await log.stream_version(t.stream) == 2
+
+
+async def test_waker_outlives_a_connection_closed_under_it(log: EventLog, database_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    real = eventlog_module.connect
+    closed = 0
+
+    async def closing_twice(dsn: str) -> asyncpg.Connection:
+        nonlocal closed
+        conn = await real(dsn)
+        if closed < 2:
+            # PostgreSQL restarting between the connect and the LISTEN: the connection is
+            # closed under the listener, and asyncpg says so with an InterfaceError.
+            closed += 1
+            await conn.close()
+        return conn
+
+    monkeypatch.setattr(eventlog_module, "connect", closing_twice)
+    waker = LogWaker(database_url, poll_interval=30)
+    await waker.start()
+    try:
+        assert not waker.listening
+
+        async def listening() -> bool:
+            return waker.listening
+
+        await eventually(listening, what="listening again after two failures")
+        assert closed == 2
+        generation = waker.generation
+        waiting = asyncio.create_task(waker.wait(generation))
+        t = tenant_created()
+        await log.append(t.stream, [t])
+        await asyncio.wait_for(waiting, 5)  # by notification, long before the 30 s poll
+    finally:
+        await waker.close()
