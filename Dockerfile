@@ -5,17 +5,22 @@
 #   python -m agent · python -m agent.simulator
 #
 #   docker build -t crosslogic .
+#   docker build -t crosslogic --build-arg EXTRAS=skypilot .   # the orchestrator's SkyPilot launcher
+
+ARG EXTRAS=""
 
 FROM python:3.11-slim AS build
+ARG EXTRAS
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY schemas schemas
 COPY services services
 COPY agent agent
 # Wheels of the project and its dependencies, so the runtime stage needs no build tools.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 
 FROM python:3.11-slim
+ARG EXTRAS
 # `crosslogic backup` needs pg_dump from PostgreSQL 16 or later (pg_dump refuses newer
 # servers); Debian's own client may be older, so it comes from the PostgreSQL project's repo.
 RUN apt-get update \
@@ -32,7 +37,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels crosslogic \
+RUN pip install --no-cache-dir --no-index --find-links /wheels "crosslogic${EXTRAS:+[$EXTRAS]}" \
     && rm -rf /wheels
 
 # A numeric, unprivileged user: Kubernetes' runAsNonRoot can check it without a name lookup.
