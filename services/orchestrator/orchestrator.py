@@ -183,7 +183,8 @@ class Orchestrator:
             unhealthy_since=dict(self.unhealthy_since),
             terminating=frozenset(self.terminations),
             cooling=frozenset(k for k, until in self.cooling.items() if until > mono),
-            replace_at_once=self.settings.replace_at_once_fraction)
+            replace_at_once=self.settings.replace_at_once_fraction,
+            activation_deadline=timedelta(seconds=self.settings.activation_deadline_seconds))
         by_deployment: dict[uuid.UUID | None, list[NodeView]] = {}
         for n in nodes:
             by_deployment.setdefault(n.deployment_id, []).append(n)

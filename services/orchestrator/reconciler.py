@@ -9,7 +9,9 @@ Rules:
   notice) are replaced at once: the shortfall they leave is launched now, and the launches are
   attributed to them (node.replaced), then they are terminated. We never wait for the old one
   to die before starting the new one.
-- A launch that has not registered by its deadline has failed.
+- A launch that has not registered by its deadline has failed; so has a node that registered
+  but has not become active within `activation_deadline` of its registration (vLLM never came
+  up): otherwise it would count as capacity for ever and block the launch that replaces it.
 - Suspect losses — stale (silent) or unhealthy past the grace: the node may well come back,
   and a fleet going silent all at once says more about the watcher than the nodes — are
   replaced a few at a time: at most `replace_at_once` of the deployment's target (at least
@@ -87,6 +89,8 @@ class Situation:
     """Nodes whose termination is under way (left alone)."""
     cooling: frozenset[tuple[str, bool]] = frozenset()
     """(region, spot) pairs that refused a launch recently."""
+    activation_deadline: timedelta = timedelta(minutes=20)
+    """How long a registered node has to become active (download the weights, load them)."""
     replace_at_once: float = 1.0
     """Fraction of a deployment's target (at least one node) that may be replaced for a
     suspect loss at a time."""
@@ -119,7 +123,7 @@ def plan_deployment(dep: DeploymentSpec, nodes: list[NodeView], desired: int,
     in_progress = 0
     """Suspect losses being terminated, and launches not serving yet."""
     for node in nodes:
-        if node.status in _ON_THE_WAY or (node.status in _SUSPECT and node.id in s.terminating):
+        if node.status in _SUSPECT and node.id in s.terminating:
             in_progress += 1
         if node.status in _DONE or node.id in s.terminating:
             continue
@@ -134,8 +138,16 @@ def plan_deployment(dep: DeploymentSpec, nodes: list[NodeView], desired: int,
             plan.failures.append(Fail(node.id, "did not register before its deadline"))
             lost.append(node)
             continue
+        if node.status == NodeStatus.REGISTERED and node.status_since is not None \
+                and s.now - node.status_since >= s.activation_deadline:
+            plan.failures.append(Fail(node.id, "registered but did not become active within "
+                                      f"{s.activation_deadline.total_seconds():.0f}s"))
+            lost.append(node)
+            continue
         if node.status in _CAPACITY:
             capacity.append(node)
+            if node.status in _ON_THE_WAY:
+                in_progress += 1
         elif node.status == NodeStatus.UNHEALTHY:
             since = s.unhealthy_since.get(node.id, s.now)
             if s.now - since < s.unhealthy_grace:

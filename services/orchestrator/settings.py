@@ -24,6 +24,9 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     more than one) is not acted on: most likely the look is wrong, not the fleet."""
     launch_deadline_seconds: float = 900.0
     """A launch not registered by then has failed (cloud provisioning takes minutes)."""
+    activation_deadline_seconds: float = 1200.0
+    """A node registered this long without becoming active has failed (vLLM downloads and
+    loads the weights in that time, or never will)."""
     capacity_cooldown_seconds: float = 300.0
     """A (region, spot) that refused a launch is skipped for this long."""
     launch_retry_seconds: float = 10.0

@@ -278,9 +278,10 @@ class Rig:
             MODEL, regions=list(regions), gpu_type="A10G", spot=spot, min_nodes=min_nodes,
             max_nodes=max_nodes)
 
-    async def active_node(self, deployment: uuid.UUID, region: str = "us-east-1") -> uuid.UUID:
-        """A node as if launched for `deployment`, registered and serving, with its machine up
-        in the cloud."""
+    async def active_node(self, deployment: uuid.UUID, region: str = "us-east-1", *,
+                          serving: bool = True) -> uuid.UUID:
+        """A node as if launched for `deployment`, registered and (unless not `serving`)
+        active, with its machine up in the cloud."""
         node_id = uuid7()
         cluster = cluster_name("crosslogic", MODEL, region, node_id)
         fleet = FleetCommands(EventLog(self.pool), actor="test")
@@ -292,7 +293,10 @@ class Rig:
                                                              region=region),
                                              cluster_name=cluster)
         await EventLog(self.pool).record([registered])
-        assert await fleet.signal(node_id, Signal.HEALTHY) == NodeStatus.ACTIVE
+        if serving:
+            assert await fleet.signal(node_id, Signal.HEALTHY) == NodeStatus.ACTIVE
+        else:  # bring the row up to date with the registration (the monitor's projection)
+            await fleet.signal(node_id, Signal.REGISTERED)
         self.cloud.machines[cluster] = LaunchSpec(
             node_id=node_id, cluster_name=cluster, model_name=MODEL, provider="aws",
             region=region, gpu_type="A10G", spot=False)

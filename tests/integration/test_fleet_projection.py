@@ -99,3 +99,25 @@ async def test_a_draining_node_ends(pool: asyncpg.Pool) -> None:
     await run(pool, *active(n), NodeDraining(node_id=n, reason="SIGTERM"))
     row = await run(pool, NodeDeregistered(node_id=n, reason="drained"))
     assert row["status"] == "terminated"
+
+
+async def test_status_since_moves_with_the_status_only(pool: asyncpg.Pool) -> None:
+    n = uuid.uuid4()
+    first = node_registered(n)
+    row = await run(pool, first)
+    assert row["status_since"] == first.occurred_at
+    again = node_registered(n)  # the agent restarted before it served: still the first
+    row = await run(pool, again)
+    assert row["status_since"] == first.occurred_at
+    up = NodeStatusChanged(node_id=n, from_status=NodeStatus.REGISTERED,
+                           to_status=NodeStatus.ACTIVE)
+    row = await run(pool, up)
+    assert row["status_since"] == up.occurred_at
+    row = await run(pool, NodeStatusChanged(node_id=n, from_status=NodeStatus.ACTIVE,
+                                            to_status=NodeStatus.ACTIVE, reason="no change"))
+    assert row["status_since"] == up.occurred_at
+    drain = NodeDraining(node_id=n, reason="SIGTERM")
+    row = await run(pool, drain)
+    assert row["status_since"] == drain.occurred_at
+    row = await run(pool, NodeDraining(node_id=n, reason="again"))
+    assert row["status_since"] == drain.occurred_at

@@ -1,9 +1,12 @@
 """The cloud's view as a safety signal, and its limits: a look that has most of the fleet gone
 at once (SkyPilot asked as another user, the wrong account) is not believed; one machine gone
-is acted on at once. And a cloud that fails a launch for another reason than capacity is not
-asked again in the same place at every tick."""
+is acted on at once. A cloud that fails a launch for another reason than capacity is not
+asked again in the same place at every tick, and a node that registers but never serves does
+not count as capacity for ever."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from services.core.node_states import Signal
 from services.orchestrator.launcher import LaunchError
@@ -68,3 +71,28 @@ async def test_a_launch_error_moves_on_to_the_next_region_and_backs_off(
     assert len(await rig.pool.fetch(
         "SELECT 1 FROM events WHERE type = 'node.launching'")) == 2
     assert o.metrics.launch_failures.labels("error")._value.get() == 1
+
+
+async def test_a_node_that_registers_but_never_serves_is_failed_and_replaced(
+        rig: Rig) -> None:  # noqa: F811
+    dep = await rig.deploy(min_nodes=1, max_nodes=1)
+    stuck = await rig.active_node(dep, serving=False)
+    assert await rig.status(stuck) == "registered"
+    patient = rig.orchestrator()
+    await patient.tick()
+    await rig.settle()
+    assert rig.cloud.launches == [] and await rig.status(stuck) == "registered"
+
+    since = await rig.pool.fetchval("SELECT status_since FROM nodes WHERE id = $1", stuck)
+    await rig.pool.execute("UPDATE nodes SET status_since = $2 WHERE id = $1", stuck,
+                           since - timedelta(minutes=21))  # registered 21 minutes ago
+    o = rig.orchestrator(activation_deadline_seconds=20 * 60)
+    await o.tick()
+    await rig.settle()
+    assert await rig.status(stuck) == "failed"
+    reason = await rig.pool.fetchval("SELECT status_reason FROM nodes WHERE id = $1", stuck)
+    assert "did not become active" in reason
+    assert len(rig.cloud.launches) == 1
+    replaced = await rig.pool.fetchval(
+        "SELECT data->>'replacement_id' FROM events WHERE type = 'node.replaced'")
+    assert replaced == str(rig.cloud.launches[0].node_id)

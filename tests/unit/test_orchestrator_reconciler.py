@@ -39,16 +39,19 @@ def dep(*, regions: tuple[str, ...] = (EAST, WEST), spot: bool = True, min_nodes
 
 def node(status: S = S.ACTIVE, *, region: str = "us-east-1", age: timedelta = timedelta(hours=1),
          deadline: datetime | None = None, terminate_requested: datetime | None = None,
-         spot: bool = True) -> NodeView:
+         spot: bool = True, since: timedelta | None = None) -> NodeView:
     """A node as the fleet reports it: `region` is bare (no cloud), `age` how long ago it
-    registered (or was launched)."""
+    registered (or was launched), `since` how long it has been in its status (default: a minute,
+    or its age if younger)."""
     node_id = uuid.uuid4()
     return NodeView(id=node_id, status=status, deployment_id=uuid.UUID(int=1),
                     cluster_name=f"crosslogic-test-{node_id.hex[-8:]}",
                     model_name="meta-llama/Llama-3.1-8B-Instruct", region=region,
                     endpoint_url="" if status == S.LAUNCHING else "http://10.0.0.1:8000",
                     spot_instance=spot, launch_deadline=deadline,
-                    terminate_requested_at=terminate_requested, registered_at=NOW - age)
+                    terminate_requested_at=terminate_requested, registered_at=NOW - age,
+                    status_since=NOW - (min(age, timedelta(minutes=1)) if since is None
+                                        else since))
 
 
 def launching(*, past_deadline: bool = False, region: str = "us-east-1",
@@ -57,11 +60,14 @@ def launching(*, past_deadline: bool = False, region: str = "us-east-1",
     return node(S.LAUNCHING, deadline=deadline, region=region, age=age)
 
 
+ACTIVATION = timedelta(minutes=20)
+
+
 def situation(*, unhealthy_since: dict[uuid.UUID, datetime] | None = None,
               terminating: frozenset[uuid.UUID] = frozenset(),
               cooling: frozenset[tuple[str, bool]] = frozenset()) -> Situation:
     return Situation(now=NOW, unhealthy_grace=GRACE, unhealthy_since=unhealthy_since or {},
-                     terminating=terminating, cooling=cooling)
+                     terminating=terminating, cooling=cooling, activation_deadline=ACTIVATION)
 
 
 def plan(nodes: list[NodeView], desired: int, d: DeploymentSpec | None = None,
@@ -137,9 +143,43 @@ def test_deadline_is_reached_at_the_exact_instant() -> None:
     assert [f.node_id for f in p.failures] == [late.id]
 
 
-def test_only_launching_nodes_have_deadlines() -> None:
-    # A node that registered after its deadline passed is fine.
-    n = node(S.ACTIVE, deadline=NOW - timedelta(hours=1))
+def test_an_active_node_has_no_deadline() -> None:
+    # A node that became active after its launch deadline passed is fine, however long ago.
+    n = node(S.ACTIVE, deadline=NOW - timedelta(hours=1), since=timedelta(days=3))
+    assert is_empty(plan([n], 1))
+
+
+def test_a_registered_node_has_its_launch_deadline_no_more() -> None:
+    # It registered in time: the launch deadline is behind it, the activation one is not yet.
+    n = node(S.REGISTERED, deadline=NOW - timedelta(minutes=1), since=timedelta(minutes=5))
+    assert is_empty(plan([n], 1))
+
+
+def test_a_node_registered_but_never_active_fails_at_its_activation_deadline() -> None:
+    stuck = node(S.REGISTERED, since=ACTIVATION)
+    p = plan([stuck], 1)
+    assert [f.node_id for f in p.failures] == [stuck.id]
+    assert "did not become active" in p.failures[0].reason
+    # ... is replaced at once, and goes without a drain (it never served).
+    assert p.launches == [Launch(EAST, True, "replacement", replaces=stuck.id)]
+    assert [(t.node_id, t.drain) for t in p.terminations] == [(stuck.id, False)]
+
+
+def test_a_registered_node_within_its_activation_deadline_is_capacity() -> None:
+    n = node(S.REGISTERED, since=ACTIVATION - timedelta(seconds=1))
+    assert is_empty(plan([n], 1))
+
+
+def test_a_stuck_registered_node_no_longer_blocks_a_scale_up() -> None:
+    # Scaling up waits for nodes on their way; a stuck one is not on its way any more.
+    stuck = node(S.REGISTERED, since=ACTIVATION + timedelta(hours=1))
+    p = plan([node(S.ACTIVE), stuck], 2)
+    assert len(p.launches) == 1 and p.launches[0].replaces == stuck.id
+
+
+def test_registration_time_unknown_means_no_activation_deadline() -> None:
+    n = node(S.REGISTERED)
+    n = NodeView(**{**n.__dict__, "status_since": None})
     assert is_empty(plan([n], 1))
 
 

@@ -51,6 +51,8 @@ class NodeView:
     terminate_requested_at: datetime | None
     registered_at: datetime
     terminate_reason: str = ""
+    status_since: datetime | None = None
+    """When the node entered its current status (None: not known)."""
 
 
 class UnknownNode(LookupError):
@@ -148,7 +150,7 @@ class Fleet:
         rows = await self.log.pool.fetch(
             """SELECT id, status, deployment_id, cluster_name, model_name, region,
                       endpoint_url, spot_instance, launch_deadline, terminate_requested_at,
-                      terminate_reason, registered_at
+                      terminate_reason, registered_at, status_since
                FROM nodes
                WHERE ($1::uuid IS NULL OR deployment_id = $1)
                  AND ($2::text[] IS NULL OR status = ANY($2))
@@ -161,5 +163,6 @@ class Fleet:
                          launch_deadline=r["launch_deadline"],
                          terminate_requested_at=r["terminate_requested_at"],
                          terminate_reason=r["terminate_reason"],
-                         registered_at=r["registered_at"]) for r in rows]
+                         registered_at=r["registered_at"],
+                         status_since=r["status_since"]) for r in rows]
 

@@ -30,8 +30,10 @@ from services.core.projections import Projection
 _FINAL = "('terminated', 'failed')"
 
 # An agent's word on a node that has ended changes nothing but the row's version.
+# `status_since` moves only when the status does.
 _STATUS_UPDATE = f"""
 UPDATE nodes SET
+    status_since = CASE WHEN status IN {_FINAL} OR status = $2 THEN status_since ELSE $4 END,
     status = CASE WHEN status IN {_FINAL} THEN status ELSE $2 END,
     status_reason = CASE WHEN status IN {_FINAL} THEN status_reason ELSE $3 END,
     updated_at = CASE WHEN status IN {_FINAL} THEN updated_at ELSE $4 END,
@@ -55,8 +57,9 @@ class NodesProjection(Projection):
                 await conn.execute(
                     """INSERT INTO nodes (id, cluster_name, provider, region, gpu_type,
                            model_name, spot_instance, status, deployment_id, launch_deadline,
-                           registered_at, updated_at, version)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, 'launching', $8, $9, $10, $10, $11)
+                           registered_at, updated_at, status_since, version)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, 'launching', $8, $9, $10, $10, $10,
+                               $11)
                        ON CONFLICT (id) DO NOTHING""",
                     e.node_id, e.cluster_name, e.provider, e.region, e.gpu_type, e.model_name,
                     e.spot, e.deployment_id, e.deadline, e.occurred_at, v)
@@ -75,9 +78,10 @@ class NodesProjection(Projection):
                 await conn.execute(
                     """INSERT INTO nodes (id, cluster_name, provider, region, instance_type,
                            gpu_type, vram_total_gb, model_name, endpoint_url, spot_instance,
-                           agent_version, status, registered_at, updated_at, version)
+                           agent_version, status, registered_at, updated_at, status_since,
+                           version)
                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'registered',
-                               $12, $12, $13)
+                               $12, $12, $12, $13)
                        ON CONFLICT (id) DO UPDATE SET
                            cluster_name = EXCLUDED.cluster_name, provider = EXCLUDED.provider,
                            region = EXCLUDED.region, instance_type = EXCLUDED.instance_type,
@@ -86,6 +90,9 @@ class NodesProjection(Projection):
                            endpoint_url = EXCLUDED.endpoint_url,
                            spot_instance = EXCLUDED.spot_instance,
                            agent_version = EXCLUDED.agent_version,
+                           status_since = CASE WHEN nodes.status IN ('draining', 'registered')
+                                               THEN nodes.status_since
+                                               ELSE EXCLUDED.status_since END,
                            status = CASE WHEN nodes.status = 'draining' THEN 'draining'
                                          ELSE 'registered' END,
                            status_reason = CASE WHEN nodes.status = 'draining'
@@ -98,6 +105,7 @@ class NodesProjection(Projection):
             elif isinstance(e, NodeStatusChanged):
                 await conn.execute(
                     """UPDATE nodes SET status = $2, status_reason = $3,
+                           status_since = CASE WHEN status = $2 THEN status_since ELSE $5 END,
                            health_score = coalesce($4, health_score), updated_at = $5,
                            version = $6
                        WHERE id = $1 AND version < $6""",
