@@ -151,7 +151,9 @@ def test_alertmanager_routes_everything_to_the_notifier_bridge() -> None:
                 for m in rule["source_matchers"] + rule["target_matchers"]]
     matchers += [m for route in routes(config["route"]) for m in route.get("matchers", [])]
     for matcher in matchers:
-        label, value = re.fullmatch(r'(\w+)="([^"]*)"', matcher).groups()  # type: ignore[union-attr]
+        match = re.fullmatch(r'(\w+)="([^"]*)"', matcher)
+        assert match is not None, matcher
+        label, value = match.groups()
         if label == "alertname":
             assert value in names, matcher
         elif label == "severity":

@@ -52,7 +52,8 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     if doc["kind"] == "CronJob":
         spec: dict[str, Any] = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         return spec
-    return doc["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+    template: dict[str, Any] = doc["spec"]["template"]["spec"]
+    return template
 
 
 def workloads() -> Iterator[dict[str, Any]]:

@@ -59,7 +59,7 @@ def _metric_name_dicts(tree: ast.Module) -> list[str]:
                 isinstance(k, ast.Constant) and isinstance(k.value, str)
                 and _METRIC_NAME.fullmatch(k.value) for k in node.keys) and all(
                 isinstance(v, ast.Constant) and isinstance(v.value, str) for v in node.values):
-            names.extend(k.value for k in node.keys if isinstance(k, ast.Constant))
+            names.extend(str(k.value) for k in node.keys if isinstance(k, ast.Constant))
     return names
 
 
