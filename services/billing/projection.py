@@ -34,22 +34,26 @@ WITH fresh AS (
         $13::numeric[], $14::float8[], $15::float8[], $16::int[], $17::bool[],
         $18::timestamptz[])
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING tenant_id, environment_id, model, occurred_at, prompt_tokens,
+    RETURNING event_id, tenant_id, environment_id, model, occurred_at, prompt_tokens,
               completion_tokens, cost
 ), hourly AS (
     INSERT INTO usage_hourly AS h (tenant_id, environment_id, model, hour, requests,
-        prompt_tokens, completion_tokens, cost, updated_at)
-    SELECT tenant_id, environment_id, model, date_trunc('hour', occurred_at, 'UTC'), count(*),
-           sum(prompt_tokens), sum(completion_tokens), sum(cost), max(occurred_at)
-    FROM fresh GROUP BY 1, 2, 3, 4
-    -- updated_at is the hour's latest usage, from the events (not the clock), so a rebuild
-    -- from the log gives back the same table.
+        prompt_tokens, completion_tokens, cost, updated_at, last_position)
+    SELECT f.tenant_id, f.environment_id, f.model, date_trunc('hour', f.occurred_at, 'UTC'),
+           count(*), sum(f.prompt_tokens), sum(f.completion_tokens), sum(f.cost),
+           max(f.occurred_at), max(e.position)
+    FROM fresh f JOIN unnest($2::uuid[], $19::bigint[]) AS e (event_id, position)
+         USING (event_id)
+    GROUP BY 1, 2, 3, 4
+    -- updated_at is the hour's latest usage and last_position its latest event, from the
+    -- events (not the clock), so a rebuild from the log gives back the same table.
     ON CONFLICT (tenant_id, hour, environment_id, model) DO UPDATE SET
         requests = h.requests + EXCLUDED.requests,
         prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens,
         completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens,
         cost = h.cost + EXCLUDED.cost,
-        updated_at = greatest(h.updated_at, EXCLUDED.updated_at)
+        updated_at = greatest(h.updated_at, EXCLUDED.updated_at),
+        last_position = greatest(h.last_position, EXCLUDED.last_position)
 )
 SELECT tenant_id, model, count(*) AS records,
        sum(prompt_tokens + completion_tokens) AS tokens
@@ -78,7 +82,7 @@ class UsageRecordsProjection(Projection):
         self.metrics = metrics
 
     async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
-        cols: list[list[object]] = [[] for _ in range(18)]
+        cols: list[list[object]] = [[] for _ in range(19)]
         for r in events:
             e = r.event
             if not isinstance(e, UsageRecorded):
@@ -86,7 +90,8 @@ class UsageRecordsProjection(Projection):
             row = (e.request_id, e.id, e.tenant_id, e.environment_id, e.api_key_id, e.model,
                    e.endpoint, e.region, e.node_id, e.prompt_tokens, e.completion_tokens,
                    e.prompt_tokens + e.completion_tokens, e.price.cost if e.price else _ZERO,
-                   e.latency_ms, e.time_to_first_token_ms, e.status, e.streamed, e.occurred_at)
+                   e.latency_ms, e.time_to_first_token_ms, e.status, e.streamed, e.occurred_at,
+                   r.position)
             for col, value in zip(cols, row, strict=True):
                 col.append(value)
         if not cols[0]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -95,21 +96,24 @@ class PusherMetrics:
 
 
 # Per tenant, hour and meter: what the closed hours hold, against what was planned for them.
+# `{keys}` limits the tenant hours looked at.
 _DUE = """
-WITH usage AS (
-    SELECT tenant_id, hour, sum(prompt_tokens)::bigint AS input_tokens,
-           sum(completion_tokens)::bigint AS output_tokens
-    FROM usage_hourly WHERE hour >= $1 AND hour < $2 GROUP BY 1, 2
+WITH keys AS (
+    {keys}
+), usage AS (
+    SELECT h.tenant_id, h.hour, sum(h.prompt_tokens)::bigint AS input_tokens,
+           sum(h.completion_tokens)::bigint AS output_tokens
+    FROM usage_hourly h JOIN keys USING (tenant_id, hour) GROUP BY 1, 2
 ), per_meter AS (
     SELECT tenant_id, hour, 'input_tokens' AS meter, input_tokens AS total FROM usage
     UNION ALL
     SELECT tenant_id, hour, 'output_tokens', output_tokens FROM usage
 ), planned AS (
-    SELECT tenant_id, hour, meter,
-           coalesce(sum(value) FILTER (WHERE status <> 'skipped'), 0) AS planned,
-           max(sequence) FILTER (WHERE status <> 'skipped') AS last_sequence,
-           bool_or(status = 'skipped') AS skipped
-    FROM meter_exports WHERE hour >= $1 AND hour < $2 GROUP BY 1, 2, 3
+    SELECT m.tenant_id, m.hour, m.meter,
+           coalesce(sum(m.value) FILTER (WHERE m.status <> 'skipped'), 0) AS planned,
+           max(m.sequence) FILTER (WHERE m.status <> 'skipped') AS last_sequence,
+           bool_or(m.status = 'skipped') AS skipped
+    FROM meter_exports m JOIN keys USING (tenant_id, hour) GROUP BY 1, 2, 3
 )
 SELECT m.tenant_id, m.hour, m.meter, m.total, coalesce(p.planned, 0) AS planned,
        p.last_sequence, coalesce(p.skipped, false) AS skipped, a.customer_id
@@ -119,6 +123,25 @@ LEFT JOIN billing_accounts a USING (tenant_id)
 WHERE m.total > coalesce(p.planned, 0)
 ORDER BY m.hour, m.tenant_id, m.meter
 """
+
+# Every closed tenant hour of the look-back ($1 ≤ hour < $2).
+_DUE_ALL = _DUE.format(keys="""SELECT DISTINCT tenant_id, hour FROM usage_hourly
+    WHERE hour >= $1 AND hour < $2""")
+
+# Only the tenant hours that may have something due since the previous pass: usage changed
+# (a log position past $3, the previous pass's mark), the hour closed since ($4: the previous
+# pass's bound), or hours skipped for a tenant that is linked now. Each by its own index.
+_CHANGED_KEYS = """
+    SELECT tenant_id, hour FROM usage_hourly
+    WHERE last_position > $3 AND hour >= $1 AND hour < $2
+    UNION
+    SELECT tenant_id, hour FROM usage_hourly WHERE hour >= $4 AND hour < $2
+    UNION
+    SELECT s.tenant_id, s.hour FROM meter_exports s JOIN billing_accounts a USING (tenant_id)
+    WHERE s.status = 'skipped' AND a.customer_id IS NOT NULL AND s.hour >= $1 AND s.hour < $2
+"""
+_DUE_CHANGED = _DUE.format(keys=_CHANGED_KEYS)
+_HOURS_CHANGED = f"SELECT count(*) FROM ({_CHANGED_KEYS}) k"
 
 # Planned exports, and whether an attempt was recorded as one that may have reached Stripe
 # (from the feed; an hour of slack for the clocks of two leaders).
@@ -159,6 +182,13 @@ class Pusher:
         self.metrics = PusherMetrics(registry)
         self.is_leader = False
         self._reported_unlinked: set[object] = set()
+        self._mark: int | None = None
+        """The highest log position in usage_hourly at the previous plan (None: look at every
+        hour next time)."""
+        self._closed_upto = datetime.min.replace(tzinfo=UTC)
+        self._full_scan_at = 0.0
+        self.hours_checked: int | None = None
+        """Tenant hours the last plan looked at (None: it looked at every hour)."""
         self._seen: set[str] = set()
         """Planned identifiers this process has had in hand since it took the lead: any other
         was left by another sender, which may have sent it."""
@@ -178,6 +208,7 @@ class Pusher:
                 conn = await connect(self.settings.database_url.reveal())
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", PUSHER_LOCK_KEY):
                     self._seen.clear()  # another leader may have sent meanwhile
+                    self._mark = None  # …and planned: look at everything first
                     self.is_leader = True
                     self.metrics.leader.set(1)
                     log.info("billing pusher is leader")
@@ -219,9 +250,21 @@ class Pusher:
         now = self.clock()
         upto = closed_before(now, self.settings.hour_grace)
         since = floor_hour(now - timedelta(days=self.settings.billing_push_lookback_days))
+        full = self._mark is None or \
+            time.monotonic() - self._full_scan_at >= self.settings.billing_full_scan_interval
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PLAN_LOCK_KEY)
-            rows = await conn.fetch(_DUE, since, upto)
+            # Read before the hours: a change committed in between is looked at twice, never
+            # missed (the projection commits positions in order).
+            mark = int(await conn.fetchval(
+                "SELECT coalesce(max(last_position), 0) FROM usage_hourly"))
+            if full:
+                rows = await conn.fetch(_DUE_ALL, since, upto)
+                self.hours_checked = None
+            else:
+                args = (since, upto, self._mark, max(self._closed_upto, since))
+                self.hours_checked = int(await conn.fetchval(_HOURS_CHANGED, *args))
+                rows = await conn.fetch(_DUE_CHANGED, *args) if self.hours_checked else []
             due = [HourDue(r["tenant_id"], r["hour"], r["meter"], int(r["total"]),
                            int(r["planned"]), r["last_sequence"], r["skipped"],
                            r["customer_id"]) for r in rows]
@@ -239,6 +282,9 @@ class Pusher:
                         identifier=d.identifier, reason=d.reason, sequence=d.sequence))
             if events:
                 await record_billing_events(conn, events, actor=ACTOR)
+        self._mark, self._closed_upto = mark, upto
+        if full:
+            self._full_scan_at = time.monotonic()
         for d in decisions:
             if isinstance(d, Skip):
                 self.metrics.exports.labels("skipped").inc()

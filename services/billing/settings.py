@@ -42,6 +42,11 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     billing period whose invoice Stripe has finalized. Keep it under your invoices'
     finalization grace period (Stripe's default: 1 h)."""
     billing_push_interval: float = 30.0
+    billing_full_scan_interval: float = 900.0
+    """Seconds between plans that look at every hour of the look-back; the passes between
+    look only at hours whose usage changed, that just closed, or were skipped for a tenant
+    linked since. The full ones catch what no change marks (usage recovered by rebuilding
+    usage_records)."""
     billing_push_lookback_days: int = 45
     """Hours older than this are not looked at again (late usage for them is not pushed)."""
     billing_push_concurrency: int = 4
@@ -86,6 +91,7 @@ def check_settings(s: BillingSettings) -> None:
     """What the types cannot say; SettingsError names the variable."""
     positive = {"USAGE_RECORDER_WORKERS": s.usage_recorder_workers,
                 "BILLING_PUSH_INTERVAL": s.billing_push_interval,
+                "BILLING_FULL_SCAN_INTERVAL": s.billing_full_scan_interval,
                 "BILLING_PUSH_LOOKBACK_DAYS": s.billing_push_lookback_days,
                 "BILLING_PUSH_CONCURRENCY": s.billing_push_concurrency,
                 "BILLING_PUSH_ATTEMPTS": s.billing_push_attempts,
