@@ -12,8 +12,9 @@ import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 
+from schemas.events import EventDecodeError, decode_event
 from services.core.aio import stop_task
-from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, create_app
+from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
 from services.core.leadership import Leadership
 from services.orchestrator.launcher import Launcher
 from services.orchestrator.local_launcher import LocalLauncher
@@ -58,14 +59,17 @@ async def _orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     launcher = make_launcher(s)
     bus = app[BUS]
     orchestrator = Orchestrator(s, eventlog=app[EVENTLOG], redis=app[REDIS], nc=bus.nc,
-                                launcher=launcher, registry=app[REGISTRY])
+                                launcher=launcher, registry=app[REGISTRY], waker=app[WAKER])
     app[ORCHESTRATOR] = orchestrator
     leadership = Leadership(s.database_url.reveal(), "orchestrator",
                             retry=s.leader_retry_seconds)
     app[LEADERSHIP] = leadership
 
-    async def wake(_: Msg) -> None:
-        orchestrator.wake.set()
+    async def wake(msg: Msg) -> None:
+        try:
+            orchestrator.observe(decode_event(msg.data))
+        except EventDecodeError:
+            orchestrator.wake.set()
 
     subs = [await bus.nc.subscribe(subject, cb=wake) for subject in WAKE_SUBJECTS]
     task = asyncio.create_task(leadership.run(orchestrator.lead), name="orchestrator-leader")

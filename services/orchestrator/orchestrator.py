@@ -12,6 +12,13 @@ Each tick (every `reconcile_every_seconds`, or sooner when a node event arrives)
    drained, torn down and closed with `node.terminated`, each in its own task).
 
 Launches and terminations run as tasks; the tick never waits for a cloud.
+
+A node event seen on NATS wakes the leader at once, but the `nodes` table may not have it yet:
+an agent's spot notice is recorded by the monitor a moment later, and its projection later
+still. So the leader notes the event (`observe`), and before each tick brings the rows of
+nodes whose noted events are now in the log up to date itself (Fleet.catch_up); while some
+are not in the log yet, it waits on the log's notifications as well as on NATS. A spot notice
+is acted on as soon as it is recorded, whatever RECONCILE_EVERY_SECONDS says.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas.commands import CommandKind, CommandReply, NodeCommand
 from schemas.events import (
     DeploymentNoActiveNodes,
+    Event,
     EventDecodeError,
     EventMetadata,
     NodeHeartbeat,
@@ -44,7 +52,7 @@ from schemas.events import (
 from schemas.ids import uuid7
 from schemas.subjects import node_command_subject
 from services.core.aio import wait_event
-from services.core.eventlog import ANY, EventLog
+from services.core.eventlog import ANY, EventLog, LogWaker
 from services.core.fleet import Fleet, NodeView
 from services.core.node_states import FINAL, Signal
 from services.orchestrator.autoscaler import NodeLoad, ScaleMemory, ScalePolicy, decide_scale
@@ -72,6 +80,9 @@ log = structlog.get_logger("orchestrator")
 
 LIVE = frozenset(NodeStatus) - FINAL
 DRAIN_POLL = 0.5
+AWAIT_RECORDING = 30.0
+"""How long a node event seen on NATS is waited for in the log (one the monitor refused never
+arrives)."""
 
 
 class OrchestratorMetrics:
@@ -108,8 +119,10 @@ class OrchestratorMetrics:
 class Orchestrator:
     def __init__(self, settings: OrchestratorSettings, *, eventlog: EventLog,
                  redis: aioredis.Redis, nc: NATS, launcher: Launcher,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 waker: LogWaker | None = None) -> None:
         self.settings = settings
+        self.waker = waker
         self.eventlog = eventlog
         self.fleet = Fleet(eventlog, actor="orchestrator")
         self.redis = redis
@@ -123,6 +136,10 @@ class Orchestrator:
             up_delay=settings.scale_up_delay_seconds,
             down_delay=settings.scale_down_delay_seconds)
         self.wake = asyncio.Event()
+        self.leading = False
+        self.awaited: dict[uuid.UUID, tuple[uuid.UUID, float]] = {}
+        """Node events seen on NATS, not yet caught up with: event id → (node, seen at)."""
+        self._log_generation = 0
         self.memory: dict[uuid.UUID, ScaleMemory] = {}
         self.launches: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._launching_clusters: set[str] = set()
@@ -146,16 +163,19 @@ class Orchestrator:
         """The leader's work, until cancelled (stepping down cancels what is in flight; the
         next leader picks it up from the log)."""
         self.metrics.leader.set(1)
+        self.leading = True
         self._last_cloud_check = 0.0
         try:
             while True:
                 try:
+                    await self._catch_up_awaited()
                     await self.tick()
                 except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
                     log.warning("tick failed; next one retries", error=str(exc))
-                await wait_event(self.wake, self.settings.reconcile_every_seconds)
-                self.wake.clear()
+                await self._pause()
         finally:
+            self.leading = False
+            self.awaited.clear()
             self.metrics.leader.set(0)
             tasks = [*self.launches.values(), *self.terminations.values()]
             for task in tasks:
@@ -164,6 +184,46 @@ class Orchestrator:
             self.launches.clear()
             self._launching_clusters.clear()
             self.terminations.clear()
+
+    def observe(self, event: Event) -> None:
+        """A node or deployment event seen on NATS: wake the leader, and have it bring the
+        node's row up to date once the event is in the log."""
+        node = getattr(event, "node_id", None)
+        if self.leading and isinstance(node, uuid.UUID):
+            self.awaited[event.id] = (node, time.monotonic())
+        self.wake.set()
+
+    async def _catch_up_awaited(self) -> None:
+        if self.waker is not None:
+            self._log_generation = self.waker.generation  # before the read: nothing missed
+        if not self.awaited:
+            return
+        recorded = {r["event_id"] for r in await self.eventlog.pool.fetch(
+            "SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", list(self.awaited))}
+        nodes = {self.awaited.pop(e)[0] for e in recorded}
+        for node in nodes:
+            await self.fleet.catch_up(node)
+        too_old = time.monotonic() - AWAIT_RECORDING
+        for e in [e for e, (_, seen) in self.awaited.items() if seen < too_old]:
+            del self.awaited[e]
+
+    async def _pause(self) -> None:
+        """Until the next tick is due: a wake-up, the log growing while node events are
+        awaited in it, or the reconcile interval."""
+        timeout = self.settings.reconcile_every_seconds
+        if self.awaited and self.waker is not None:
+            waits = {asyncio.ensure_future(wait_event(self.wake, timeout)),
+                     asyncio.ensure_future(self.waker.wait(
+                         self._log_generation, min(timeout, self.waker.poll_interval)))}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+        else:
+            await wait_event(self.wake, timeout)
+        self.wake.clear()
 
     async def tick(self) -> None:
         now = datetime.now(UTC)

@@ -88,7 +88,8 @@ def _sent_to(fleet: Fleet, node_id: str) -> float:
 async def test_spot_notice_drains_at_once_and_a_replacement_serves_before_the_deadline(
         fleet: Fleet) -> None:
     await fleet.start_cloud()
-    await fleet.start_control_plane()
+    # Production's reconcile interval and slower: the replacement must not wait for a tick.
+    await fleet.start_control_plane(reconcile_every_seconds=30)
     await fleet.deploy(regions=("aws/us-east-1",), spot=True, min_nodes=2, max_nodes=2)
     await fleet.wait_nodes("active", 2)
     await fleet.routable(2)

@@ -141,6 +141,12 @@ class Fleet:
 
         await self._append(node_id, decide)
 
+    async def catch_up(self, node_id: uuid.UUID) -> None:
+        """Bring the node's row up to date with its stream now, not when the projection
+        runner gets there (it finds the work done: every write is guarded by the version)."""
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            await self._catch_up(conn, node_id)
+
     async def status(self, node_id: uuid.UUID) -> NodeStatus | None:
         value = await self.log.pool.fetchval("SELECT status FROM nodes WHERE id = $1", node_id)
         return NodeStatus(value) if value else None
