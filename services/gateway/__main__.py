@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from services.core.devstack import die_with_parent
 from services.core.http import serve
 from services.core.logging import configure_logging
 from services.core.settings import SettingsError, load_settings
@@ -29,10 +30,13 @@ def _supervise(settings: GatewaySettings) -> int:
            "TLS_KEY_FILE": settings.tls_key_file}
     # Each worker counts only what it served: one metrics port each (METRICS_PORT + i), all
     # scraped; a shared /metrics would show whichever worker the kernel picked.
+    # A supervisor killed with -9 must not leave workers serving on the port beside the next
+    # one's: they die with it.
     children = [subprocess.Popen(
         [sys.executable, "-m", "services.gateway"],
         env={**env, "METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port
-                                        else 0)})
+                                        else 0)},
+        preexec_fn=die_with_parent)
         for i in range(settings.workers)]
 
     def forward(signum: int, _: object) -> None:

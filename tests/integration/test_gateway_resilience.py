@@ -403,6 +403,50 @@ async def test_a_request_cut_off_by_the_deadline_settles_and_is_billed(
 # --------------------------------------------------------------------------- outages
 
 
+async def test_workers_die_with_a_supervisor_killed_hard(platform: Platform  # noqa: F811
+                                                         ) -> None:
+    """Left behind, they would go on taking connections on the port beside the next
+    supervisor's workers."""
+    p = platform
+    port = free_port()
+    proc = await start_gateway_process(p, port, WORKERS="2")
+    try:
+        async with aiohttp.ClientSession() as s:
+            await eventually(lambda: serving(s, f"http://127.0.0.1:{port}"), timeout=30,
+                             what="workers ready")
+
+        def children() -> list[int]:
+            from pathlib import Path
+
+            return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                    and (d / "stat").exists()
+                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+
+        async def both() -> bool:
+            return len(children()) == 2
+
+        await eventually(both, what="two workers")
+        workers = children()
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+        def running(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        async def gone() -> bool:
+            return not any(running(pid) for pid in workers)
+
+        await eventually(gone, what="the workers gone too")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_a_revocation_reaches_every_gateway_within_a_second(platform: Platform  # noqa: F811
                                                                   ) -> None:
     p = platform
