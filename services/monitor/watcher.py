@@ -64,16 +64,35 @@ WATCHED_AT = "monitor:watched_at"
 WATCHING_SINCE = "monitor:watching_since"
 """Since when the monitor has been hearing the fleet without a blind spell."""
 
+# Heartbeats are spread over the replicas one message at a time, so two from the same node
+# can be handled out of order: only a newer one is written. Older means neither a higher
+# sequence nor a later time than the last written (an agent that restarts counts its
+# sequence from 1 again, but its clock goes on). A node that has ended is not written at all.
 # KEYS: heartbeat, health_score, status, last_seen zset, probe-failing flag, heard zset,
-#       health hash.
-# ARGV: heartbeat json, score, ttl, node id, now (seconds).
+#       health hash, heartbeat order ("sequence time").
+# ARGV: heartbeat json, score, ttl, node id, now (seconds), sequence, occurred at (seconds).
+# Returns {cached status, probe flag set, written}.
 _RECORD = """
+local status = redis.call('GET', KEYS[3])
+if status == 'terminated' or status == 'failed' then
+  return {status, 0, 0}
+end
+local order = redis.call('GET', KEYS[8])
+if order then
+  local sep = string.find(order, ' ', 1, true)
+  local seq = tonumber(string.sub(order, 1, sep - 1))
+  local at = tonumber(string.sub(order, sep + 1))
+  if tonumber(ARGV[6]) <= seq and tonumber(ARGV[7]) <= at then
+    return {status, 0, 0}
+  end
+end
+redis.call('SET', KEYS[8], ARGV[6] .. ' ' .. ARGV[7], 'EX', ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[6], ARGV[5], ARGV[4])
 redis.call('HSET', KEYS[7], ARGV[4], ARGV[2])
-return {redis.call('GET', KEYS[3]), redis.call('EXISTS', KEYS[5])}
+return {status, redis.call('EXISTS', KEYS[5]), 1}
 """
 
 # Nodes not heard from for ARGV[1] seconds' worth (score <= ARGV[1]) leave the metrics: a
@@ -176,6 +195,10 @@ class WatchMetrics:
                            registry=registry)
         self.heartbeats = Counter("monitor_heartbeats_total",
                                   "Heartbeats this replica handled", registry=registry)
+        self.superseded = Counter(
+            "monitor_heartbeats_superseded_total",
+            "Heartbeats not recorded: a newer one from the node was already (or it has ended)",
+            registry=registry)
         self.dropped = Counter("monitor_heartbeats_dropped_total",
                                "Heartbeats dropped unhandled because the queue was full",
                                registry=registry)
@@ -258,14 +281,18 @@ class NodeWatcher:
                 await self._record(
                     keys=[f"node:{node}:heartbeat", f"node:{node}:health_score",
                           f"node:{node}:status", LAST_SEEN, f"node:{node}:probe_failing",
-                          HEARD, HEALTH],
-                    args=[msgspec.json.encode(event), event.health_score, ttl, str(node), now],
+                          HEARD, HEALTH, f"node:{node}:heartbeat_order"],
+                    args=[msgspec.json.encode(event), event.health_score, ttl, str(node), now,
+                          event.sequence, repr(event.occurred_at.timestamp())],
                     client=pipe)
             results = await pipe.execute()
         self.heartbeats += len(batch)
         self.metrics.heartbeats.inc(len(batch))
-        for event, (cached, probe_failing) in zip(batch, results, strict=True):
-            await self._judge(event, cached, bool(probe_failing))
+        for event, (cached, probe_failing, written) in zip(batch, results, strict=True):
+            if written:
+                await self._judge(event, cached, bool(probe_failing))
+            else:  # a newer one was handled already (or the node has ended): it decided
+                self.metrics.superseded.inc()
 
     async def _judge(self, event: NodeHeartbeat, cached: bytes | None,
                      probe_failing: bool) -> None:
@@ -317,7 +344,8 @@ class NodeWatcher:
                 pipe.zrem(LAST_SEEN, str(node))
                 pipe.zrem(HEARD, str(node))
                 pipe.hdel(HEALTH, str(node))
-                pipe.delete(f"node:{node}:heartbeat", f"node:{node}:health_score")
+                pipe.delete(f"node:{node}:heartbeat", f"node:{node}:health_score",
+                            f"node:{node}:heartbeat_order")
             elif status == NodeStatus.REGISTERED:
                 # Silence counts from the registration until the first heartbeat.
                 pipe.zadd(LAST_SEEN, {str(node): time.time()}, nx=True)
