@@ -23,7 +23,16 @@ from services.billing.settings import BillingSettings, check_settings
 from services.billing.webhooks import WEBHOOKS, WebhookHandler, stripe_webhook
 from services.core.billing_ledger import BillingProjection
 from services.core.bus import ConsumerSpec
-from services.core.http import BUS, DB, EVENTLOG, REGISTRY, WAKER, Needs, create_app
+from services.core.http import (
+    BUS,
+    DB,
+    EVENTLOG,
+    PROJECTION_METRICS,
+    REGISTRY,
+    WAKER,
+    Needs,
+    create_app,
+)
 from services.core.projections import ProjectionRunner
 from services.core.recorder import Recorder
 from services.core.stripe_billing import StripeBilling
@@ -52,9 +61,10 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
     recorder = Recorder(app[EVENTLOG], app[BUS], USAGE_RECORDER, transform=prices.transform,
                         registry=registry)
     usage = ProjectionRunner(app[EVENTLOG], UsageRecordsProjection(UsageMetrics(registry)),
-                             batch_size=2000, waker=app[WAKER])
+                             batch_size=2000, waker=app[WAKER],
+                             metrics=app[PROJECTION_METRICS])
     ledger = ProjectionRunner(app[EVENTLOG], BillingProjection(), batch_size=500,
-                              waker=app[WAKER])
+                              waker=app[WAKER], metrics=app[PROJECTION_METRICS])
     # Several fetchers on one durable consumer: while one batch is written to PostgreSQL the
     # next is fetched and priced (JetStream hands each message to one of them).
     tasks = [*(asyncio.create_task(_fetch(app, recorder), name=f"usage-recorder-{i}")

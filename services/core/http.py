@@ -33,6 +33,7 @@ from services.core.aio import stop_task, within
 from services.core.bus import Bus
 from services.core.db import create_pool
 from services.core.eventlog import EventLog, LogWaker
+from services.core.projections import ProjectionMetrics
 from services.core.settings import CoreSettings
 
 log = structlog.get_logger("http")
@@ -44,6 +45,8 @@ EVENTLOG = web.AppKey("eventlog", EventLog)
 WAKER = web.AppKey("waker", LogWaker)
 REDIS = web.AppKey("redis", aioredis.Redis)
 BUS = web.AppKey("bus", Bus)
+PROJECTION_METRICS = web.AppKey("projection_metrics", ProjectionMetrics)
+"""One per service: every projection runner it starts reports through it (lag, failures)."""
 
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -59,6 +62,10 @@ class Needs:
     postgres: bool = True
     redis: bool = True
     nats: bool = True
+    serves_without: frozenset[str] = frozenset()
+    """Resources (`postgres`, `redis`, `nats`) whose outage `/ready` reports but does not
+    turn into a 503: the service still does its job without them (the gateway serves from
+    its caches and spools usage), and a readiness probe must not take every replica out."""
 
 
 def request_id_of(request: web.Request) -> str:
@@ -97,6 +104,7 @@ class HttpMetrics:
 
 
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
+NEEDS = web.AppKey("needs", Needs)
 
 
 def route_label(request: web.Request) -> str:
@@ -154,7 +162,8 @@ async def ready(request: web.Request) -> web.Response:
     if BUS in app:
         probes.append(_check("nats", _nats_probe(app[BUS])))
     checks = dict(await asyncio.gather(*probes))
-    ok = all(v == "ok" for v in checks.values())
+    optional = app[NEEDS].serves_without
+    ok = all(v == "ok" for name, v in checks.items() if name not in optional)
     return web.json_response({"status": "ready" if ok else "not ready", "checks": checks},
                              status=200 if ok else 503)
 
@@ -248,7 +257,9 @@ def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[HTTP_METRICS] = HttpMetrics(registry)
+    app[NEEDS] = needs
     if needs.postgres:
+        app[PROJECTION_METRICS] = ProjectionMetrics(registry)
         app.cleanup_ctx.append(postgres_ctx)
     if needs.redis:
         app.cleanup_ctx.append(redis_ctx)

@@ -25,7 +25,11 @@ def middleware_config(s: GatewaySettings) -> MiddlewareConfig:
 def create_gateway_app(settings: GatewaySettings) -> web.Application:
     config = middleware_config(settings)
     # Redis is opened by the gateway itself (short timeouts, no client retries), not the shell.
-    app = create_app(settings, needs=Needs(postgres=True, redis=False, nats=True),
+    # Ready while it can serve: warm caches answer without PostgreSQL, usage spools without
+    # NATS, and limits fall back to the process without Redis (unless the policy is deny).
+    optional = {"postgres", "nats"} | ({"redis"} if settings.ratelimit_policy != "deny" else set())
+    app = create_app(settings, needs=Needs(postgres=True, redis=False, nats=True,
+                                           serves_without=frozenset(optional)),
                      client_max_size=config.max_body_bytes)
     install_middleware(app, config)
     app[GATEWAY_SETTINGS] = settings

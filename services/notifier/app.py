@@ -17,7 +17,16 @@ import aiohttp
 from aiohttp import web
 
 from services.core.errors import ApiError, error_response
-from services.core.http import BUS, DB, EVENTLOG, REGISTRY, WAKER, Needs, create_app
+from services.core.http import (
+    BUS,
+    DB,
+    EVENTLOG,
+    PROJECTION_METRICS,
+    REGISTRY,
+    WAKER,
+    Needs,
+    create_app,
+)
 from services.core.notifications import NotificationSubscriptionsProjection
 from services.core.notifications.targets import Kind
 from services.core.projections import ProjectionRunner
@@ -69,7 +78,7 @@ async def _notifier_ctx(app: web.Application) -> AsyncIterator[None]:
     # Commands apply subscriptions inline; the runner keeps the table right should anything
     # append their events without doing so, and is how a rebuild catches up.
     runner = ProjectionRunner(app[EVENTLOG], NotificationSubscriptionsProjection(),
-                              waker=app[WAKER])
+                              waker=app[WAKER], metrics=app[PROJECTION_METRICS])
     app[NOTIFIER] = Notifier(scheduler, schedule, session)
     followers = [asyncio.create_task(intake.run(), name="notifier-intake"),
                  asyncio.create_task(runner.run(), name="notifier-subscriptions")]

@@ -80,6 +80,7 @@ class Intake:
             await self.bus.js.add_consumer(spec.stream, config)
             sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable,
                                                         stream=spec.stream)
+            self.bus.track_consumer(spec.stream, spec.durable)  # its backlog in /metrics
             self._subs.append((spec, sub))
 
     async def run(self) -> None:

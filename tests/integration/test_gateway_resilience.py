@@ -605,6 +605,11 @@ async def test_redis_down_keeps_serving_with_local_limits(platform: Platform) ->
     await client.close()
     m = await _metrics(p)
     assert m[("rate_limit_fallback_total", (("policy", "local"),))] >= 5
+    # Still ready (a readiness probe must not take every gateway out), and it says why.
+    async with aiohttp.ClientSession() as s, s.get(f"{p.gateway_url}/ready") as r:
+        body = await r.json()
+    assert r.status == 200 and body["checks"]["redis"].startswith("error")
+    assert body["checks"]["postgres"] == body["checks"]["nats"] == "ok"
 
 
 def _dead_redis() -> Any:
