@@ -55,7 +55,8 @@ async def test_failing_probes_keep_refreshing_their_verdict(start_monitor: Any, 
     while time.monotonic() - started < 1.0:
         await probe_rounds(watcher, 1)
     after = await redis.pttl(flag)
-    assert before > 0 and after > before, (before, after)
+    # Unrefreshed, a second has gone off it; refreshed (every 0.2 s), it is near full again.
+    assert before > 0 and after > before - 500, (before, after)
 
 
 async def test_a_passing_probe_clears_a_verdict_its_predecessor_left(
