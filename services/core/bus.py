@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,8 +106,16 @@ class Bus:
                       connect_timeout: float = 2.0) -> Bus:
         """Connect, and keep reconnecting for ever once connected (NATS restarts are normal)."""
 
+        said: dict[str, float] = {}
+
         async def on_error(exc: Exception) -> None:
-            log.warning("nats error", error=str(exc) or type(exc).__name__)
+            # While NATS is away the client fails every 0.5 s: say each kind of error once a
+            # minute, not twice a second from every process.
+            error = str(exc) or type(exc).__name__
+            now = time.monotonic()
+            if now - said.get(error, -60.0) >= 60.0:
+                said[error] = now
+                log.warning("nats error", error=error)
 
         bus: Bus | None = None
 
@@ -143,11 +152,17 @@ class Bus:
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=1)
         if not self.nc.is_closed:
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except (OSError, nats.errors.Error) as exc:  # closing in the middle of a reconnect
+                log.debug("nats close failed", error=str(exc) or type(exc).__name__)
 
     # ------------------------------------------------------------------ streams
 
-    async def ensure_streams(self, specs: Sequence[StreamSpec] = STREAMS) -> None:
+    async def ensure_streams(self, specs: Sequence[StreamSpec] = STREAMS, *,
+                             replicas: int = 1) -> None:
+        """Create the streams, or bring them up to date; `replicas` > 1 on a NATS cluster
+        keeps each stream on that many servers (production: 3)."""
         for spec in specs:
             config = api.StreamConfig(
                 name=spec.name,
@@ -158,6 +173,7 @@ class Bus:
                 max_age=spec.max_age_seconds or None,
                 duplicate_window=spec.duplicate_window_seconds,
                 discard=api.DiscardPolicy.OLD,
+                num_replicas=replicas,
             )
             try:
                 await self.js.add_stream(config)

@@ -223,7 +223,7 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     bus = await Bus.connect(settings.nats_url.reveal(), name=settings.service_name,
                             user=settings.nats_user, password=settings.nats_password.reveal(),
                             registry=app[REGISTRY])
-    await bus.ensure_streams()
+    await bus.ensure_streams(replicas=settings.nats_stream_replicas)
     app[BUS] = bus
     yield
     await bus.close()

@@ -65,6 +65,9 @@ class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     nats_url: Secret = Secret("nats://127.0.0.1:4222")
     nats_user: str = ""
     nats_password: Secret = Secret("")
+    nats_stream_replicas: int = 1
+    """Copies of each JetStream stream a service creates or updates: 3 on a 3-node cluster,
+    so a stream survives a server; 1 on a single server."""
     db_min_connections: int = 2
     db_max_connections: int = 10
     http_host: str = "127.0.0.1"
