@@ -19,6 +19,7 @@ from services.core.leadership import lock_key
 from services.monitor.app import LEADERSHIP, WATCHER
 from tests.helpers import eventually
 from tests.integration.test_monitor_states import (  # noqa: F401  (fixtures)
+    leader_and_standby,
     start_monitor,
     start_node,
     wait_status,
@@ -46,16 +47,6 @@ def samples(text: str, name: str) -> dict[str, float]:
 
 def exports_fleet(text: str) -> bool:
     return any(line.startswith(s) for line in text.splitlines() for s in FLEET_SERIES)
-
-
-async def leader_and_standby(*runners: web.AppRunner) -> tuple[web.AppRunner, web.AppRunner]:
-    async def one_leads() -> list[web.AppRunner]:
-        leading = [r for r in runners if r.app is not None and r.app[LEADERSHIP].is_leader]
-        return leading if len(leading) == 1 else []
-
-    (leader,) = await eventually(one_leads, what="one monitor leads")
-    (standby,) = [r for r in runners if r is not leader]
-    return leader, standby
 
 
 async def test_only_the_leader_exports_the_fleet_as_every_replica_recorded_it(

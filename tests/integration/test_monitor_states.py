@@ -19,7 +19,7 @@ from schemas.ids import uuid7
 from services.core.bus import Bus
 from services.core.devstack import free_port
 from services.core.settings import Secret
-from services.monitor.app import WATCHER, create_monitor_app
+from services.monitor.app import LEADERSHIP, WATCHER, create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers
 from tests.helpers import eventually
@@ -161,19 +161,50 @@ async def test_failing_probes_override_cheerful_heartbeats(start_monitor: Any,
                                node.agent.node_id) == "unhealthy"
 
 
+async def leader_and_standby(*runners: web.AppRunner) -> tuple[web.AppRunner, web.AppRunner]:
+    """The one replica that leads, and the other."""
+    async def one_leads() -> list[web.AppRunner]:
+        leading = [r for r in runners if r.app is not None and r.app[LEADERSHIP].is_leader]
+        return leading if len(leading) == 1 else []
+
+    (leader,) = await eventually(one_leads, what="one monitor leads")
+    (standby,) = [r for r in runners if r is not leader]
+    return leader, standby
+
+
 async def test_a_standby_monitor_takes_over_the_sweep(start_monitor: Any, start_node: Any,
                                                       pool: asyncpg.Pool) -> None:
     first = await start_monitor()
     second = await start_monitor()
     node = await start_node()
     await wait_status(pool, node, "active")
-    await first.cleanup()  # the leader (whichever it was) may be gone now
-    await second.cleanup()
-    third = await start_monitor()
+    leader, standby = await leader_and_standby(first, second)
+    assert standby.app is not None
+    watcher = standby.app[WATCHER]
+    assert watcher.sweeps == 0  # a standby does not sweep
+
+    await leader.cleanup()  # the leader dies; the standby lives on, and takes over
+
+    async def took_over() -> bool:
+        return bool(standby.app is not None and standby.app[LEADERSHIP].is_leader
+                    and watcher.sweeps > 0)
+
+    await eventually(took_over, what="the standby sweeping")
+    # It hears every heartbeat now (it is the queue group's only member) ...
+    beats = watcher.heartbeats
+
+    async def hears() -> bool:
+        return bool(watcher.heartbeats >= beats + 3)
+
+    await eventually(hears, what="the standby handling the node's heartbeats")
+    assert await pool.fetchval("SELECT status FROM nodes WHERE id = $1",
+                               node.agent.node_id) == "active"
+    # ... and a node that goes silent is declared stale by it.
+    declared = watcher.transitions
     node.task.cancel()
     await asyncio.gather(node.task, return_exceptions=True)
     await wait_status(pool, node, "stale", timeout=5)
-    assert third.app is not None
+    assert watcher.transitions == declared + 1
 
 
 async def test_fleet_metrics(start_monitor: Any, start_node: Any, pool: asyncpg.Pool) -> None:
