@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -115,6 +116,17 @@ class OrchestratorMetrics:
         self.leader = Gauge("orchestrator_is_leader", "1 on the replica that leads",
                             registry=registry)
 
+    def forget_deployments(self, keep: AbstractSet[str] = frozenset()) -> None:
+        """Drop the per-deployment series of deployments not in `keep`: those that are gone,
+        or all of them when this replica stops leading (a standby exports none)."""
+        for gauge in (self.desired, self.active, self.held):
+            for (label,) in [k for k in _labels(gauge) if k[0] not in keep]:
+                gauge.remove(label)
+
+
+def _labels(gauge: Gauge) -> list[tuple[str, ...]]:
+    return [tuple(s.labels.values()) for m in gauge.collect() for s in m.samples]
+
 
 class Orchestrator:
     def __init__(self, settings: OrchestratorSettings, *, eventlog: EventLog,
@@ -177,6 +189,7 @@ class Orchestrator:
             self.leading = False
             self.awaited.clear()
             self.metrics.leader.set(0)
+            self.metrics.forget_deployments()  # the next leader's to say; ours would go stale
             tasks = [*self.launches.values(), *self.terminations.values()]
             for task in tasks:
                 task.cancel()
@@ -250,6 +263,7 @@ class Orchestrator:
             by_deployment.setdefault(n.deployment_id, []).append(n)
         known = {d.id for d in deployments}
         self.backoff.forget(known)
+        self.metrics.forget_deployments(keep={str(d) for d in known})
         for dep in deployments:
             blocked = self.backoff.blocked(dep.id, mono)
             await self._reconcile(dep, by_deployment.get(dep.id, []), loads,

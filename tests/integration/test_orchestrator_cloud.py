@@ -6,10 +6,13 @@ not count as capacity for ever."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
+from services.core.aio import stop_task
 from services.core.node_states import Signal
 from services.orchestrator.launcher import LaunchError
+from tests.helpers import eventually
 from tests.integration.fleet_fixtures import Rig, rig  # noqa: F401  (fixture)
 
 
@@ -96,3 +99,31 @@ async def test_a_node_that_registers_but_never_serves_is_failed_and_replaced(
     replaced = await rig.pool.fetchval(
         "SELECT data->>'replacement_id' FROM events WHERE type = 'node.replaced'")
     assert replaced == str(rig.cloud.launches[0].node_id)
+
+
+async def test_deployment_series_are_the_leaders_and_the_live_deployments_only(
+        rig: Rig) -> None:  # noqa: F811
+    keep = await rig.deploy(min_nodes=1, max_nodes=1)
+    gone = await rig.deploy(min_nodes=0, max_nodes=1)
+    o = rig.orchestrator()
+    await o.tick()
+    await rig.settle()
+
+    def series() -> set[str]:
+        return {s.labels["deployment"] for m in o.metrics.desired.collect() for s in m.samples}
+
+    assert series() == {str(keep), str(gone)}
+    await rig.catalog.delete_deployment(gone)
+    await o.tick()
+    assert series() == {str(keep)}
+    assert {s.labels["deployment"] for m in o.metrics.active.collect()
+            for s in m.samples} == {str(keep)}
+
+    lead = asyncio.create_task(o.lead())  # leads for a moment, then stops leading
+
+    async def ticked() -> bool:
+        return o.ticks >= 3
+
+    await eventually(ticked, what="a tick as leader")
+    await stop_task(lead)
+    assert series() == set() and o.metrics.leader._value.get() == 0
