@@ -96,6 +96,13 @@ class NodeTable:
                     _beat(node, event, now)
             case NodeRegistered():
                 key = str(event.node_id)
+                known = self.nodes.get(key)
+                if known is not None:
+                    # Registered again (an agent asking anew for its acknowledgment): the same
+                    # node, still serving; what its heartbeats and the monitor said stands.
+                    known.model, known.endpoint_url, known.region = \
+                        event.model_name, event.endpoint_url, event.region
+                    return
                 node = NodeView(key, event.model_name, event.endpoint_url, event.region)
                 self.nodes[key] = node
                 early = self._early.pop(key, None)

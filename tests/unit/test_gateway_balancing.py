@@ -273,3 +273,14 @@ def test_a_node_leaving_is_reported_once_and_a_seed_never_overrides_events() -> 
     t.apply(NodeStatusChanged(node_id=b, from_status=NodeStatus.ACTIVE,
                               to_status=NodeStatus.FAILED), 4)
     assert gone == [str(a), str(b)] and t.nodes == {}
+
+
+def test_a_registration_again_leaves_a_serving_node_serving() -> None:
+    """An agent that did not hear its acknowledgment registers again: same node."""
+    n = uuid.uuid4()
+    t = table_with(n)
+    t.apply(NodeStatusChanged(node_id=n, from_status=NodeStatus.REGISTERED,
+                              to_status=NodeStatus.ACTIVE), 1)
+    t.apply(node_registered(n, model="m"), 2)
+    assert [c.node_id for c in t.candidates("m", 2, RULES)] == [str(n)]
+    assert t.nodes[str(n)].status is NodeStatus.ACTIVE
