@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import statistics
 import sys
@@ -76,6 +77,10 @@ def bare_proxy(upstream: str, port: int) -> None:
 # --------------------------------------------------------------------------- load
 
 
+ERRORS: collections.Counter[tuple[int, str]] = collections.Counter()
+"""(status, start of the body) of every failed request, printed after the run."""
+
+
 async def load(url: str, key: str, concurrency: int, seconds: float, stream: bool
                ) -> tuple[float, list[float], int]:
     latencies: list[float] = []
@@ -89,9 +94,10 @@ async def load(url: str, key: str, concurrency: int, seconds: float, stream: boo
         while time.perf_counter() < deadline:
             started = time.perf_counter()
             async with session.post(url, json=body, headers=headers) as r:
-                await r.read()
+                answer = await r.read()
                 if r.status != 200:
                     errors += 1
+                    ERRORS[(r.status, answer[:160].decode(errors="replace"))] += 1
                     continue
             latencies.append(time.perf_counter() - started)
 
@@ -228,6 +234,8 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
                     print(f"{name:<11} {'stream' if stream else 'whole':<7} {concurrency:>4} "
                           f"{rps:>8,.0f} {pct(lat, 50):>8.2f} {pct(lat, 99):>8.2f} "
                           f"{errors:>6}", flush=True)
+        for (status, body), count in ERRORS.most_common(5):
+            print(f"errors: {count} x {status} {body}")
         print("\ngateway / bare proxy (goal: at least 0.60)")
         for stream in (False, True):
             for concurrency in concurrencies:

@@ -234,7 +234,7 @@ class Proxy:
         node = progress.node
         assert node is not None
         meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
-        response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
+        response = _HeldHeadersResponse(status=200, headers={**headers, **SSE_HEADERS})
         failure: str | None = None
         client_gone = False
         try:
@@ -246,6 +246,7 @@ class Proxy:
             self._succeeded(progress, req.model, started)
             return ProxyResult(response, 200, node.node_id, client_gone=True)
         partial = b""
+        finished = False
         while True:
             try:
                 # Whatever has arrived, however many lines: one write to the client per read.
@@ -265,10 +266,15 @@ class Proxy:
             lines = (partial + data).split(b"\n")
             partial = lines.pop()  # an incomplete last line waits for the next read
             out = b"".join(meter.feed(line + b"\n") for line in lines)
-            if not out:
-                continue
+            if not out or finished:
+                continue  # (after [DONE], the read goes on to the end: the connection is reused)
             try:
-                await response.write(out)
+                if meter.done:
+                    # The last of it: headers (if still held), data and the end in one send.
+                    await response.write_eof(out)
+                    finished = True
+                else:
+                    await response.write(out)
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 client_gone = True
                 break
@@ -302,6 +308,14 @@ class Proxy:
                                       code="upstream_dropped"))
         await _quietly(response.write(sse_error_event(error)))
         await _quietly(response.write_eof())
+
+
+class _HeldHeadersResponse(web.StreamResponse):
+    """A stream whose headers go out with its first data rather than alone: a send (a system
+    call) fewer per stream, and a whole short answer in one. vLLM sends its headers at once,
+    so the client still sees them as soon as the node has anything to say."""
+
+    _send_headers_immediately = False
 
 
 async def _quietly(op: Any) -> None:

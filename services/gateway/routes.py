@@ -166,11 +166,11 @@ def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
             prompt + completion)
     node = gw.table.nodes.get(node_id) if node_id else None
     gw.usage.submit(UsageRecorded(
-        request_id=request_id, tenant_id=uuid.UUID(principal.tenant_id),
-        environment_id=uuid.UUID(principal.environment_id),
-        api_key_id=uuid.UUID(principal.key_id), model=req.model, endpoint=req.endpoint,
+        request_id=request_id, tenant_id=gw.uuid_of(principal.tenant_id),
+        environment_id=gw.uuid_of(principal.environment_id),
+        api_key_id=gw.uuid_of(principal.key_id), model=req.model, endpoint=req.endpoint,
         region=node.region if node else principal.region,
-        node_id=uuid.UUID(node_id) if node_id else None, prompt_tokens=prompt,
+        node_id=gw.uuid_of(node_id) if node_id else None, prompt_tokens=prompt,
         completion_tokens=completion, latency_ms=round((time.monotonic() - started) * 1000, 3),
         time_to_first_token_ms=(round(progress.time_to_first_token * 1000, 3)
                                 if progress.time_to_first_token is not None else None),

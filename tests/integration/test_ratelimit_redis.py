@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from services.core.pipelined_redis import PipelinedRedis
 from services.gateway.ratelimit import (
     Layer,
     Limits,
@@ -244,6 +245,55 @@ async def test_settle_gives_back_or_takes_more_once(limiter: RedisRateLimiter,
     assert await r.zcard("ratelimit:key:k1:concurrency") == 0  # settling released the leases
     d = await limiter.acquire(SUBJECT, TOKENS, 380)
     assert d.allowed and d.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_settles_of_one_loop_turn_go_as_one_script_and_each_counts_once(
+        r: aioredis.Redis, redis_url: str, registry: CollectorRegistry) -> None:
+    pipelined = PipelinedRedis(redis_url, timeout=5)
+    limiter = RedisRateLimiter(pipelined, registry=registry, timeout=5)
+    await limiter.load_scripts()
+    other = LimitSubject("k2", "e1", "t1")
+    mine = [held((await limiter.acquire(SUBJECT, TOKENS, 100)).reservation) for _ in range(3)]
+    theirs = held((await limiter.acquire(other, TOKENS, 50)).reservation)
+    assert await counter(r, "tokens:env:e1:day") == 350
+    # As if the minute ended for one of them: that counter must not be touched.
+    await r.hset("tokens:key:k2:minute", mapping={"w": theirs.token_windows[0].start_ms
+                                                  + MINUTE_MS, "n": 7})
+    before = int((await r.info("commandstats"))["cmdstat_evalsha"]["calls"])
+    for reservation, actual in zip(mine, (10, 100, 250), strict=True):
+        limiter.settle_nowait(reservation, actual)
+    limiter.settle_nowait(theirs, 0)
+    limiter.settle_nowait(mine[0], 10_000)  # a second settle of the same request: nothing
+
+    async def released() -> bool:
+        return (await r.zcard("ratelimit:key:k1:concurrency")
+                + await r.zcard("ratelimit:key:k2:concurrency")) == 0
+
+    await eventually(released, what="the leases released")
+    assert await counter(r, "tokens:key:k1:minute") == 10 + 100 + 250
+    assert await counter(r, "tokens:key:k2:minute") == 7
+    assert await counter(r, "tokens:env:e1:day") == 360  # 350 - 90 + 0 + 150 - 50
+    calls = int((await r.info("commandstats"))["cmdstat_evalsha"]["calls"]) - before
+    assert calls == 1
+    await pipelined.aclose()
+
+
+async def test_batched_settles_survive_redis_forgetting_its_scripts(
+        r: aioredis.Redis, redis_url: str, registry: CollectorRegistry) -> None:
+    pipelined = PipelinedRedis(redis_url, timeout=5)
+    limiter = RedisRateLimiter(pipelined, registry=registry, timeout=5)
+    reservations = [held((await limiter.acquire(SUBJECT, TOKENS, 100)).reservation)
+                    for _ in range(2)]
+    await r.script_flush()  # a Redis restart, as far as scripts go
+    for reservation in reservations:
+        limiter.settle_nowait(reservation, 30)
+
+    async def settled() -> bool:
+        return await r.zcard("ratelimit:key:k1:concurrency") == 0
+
+    await eventually(settled, what="settled the slow way")
+    assert await counter(r, "tokens:key:k1:minute") == 60
+    await pipelined.aclose()
 
 
 async def test_settle_after_the_window_rolled_is_dropped(limiter: RedisRateLimiter,

@@ -122,6 +122,43 @@ return 1
 """)
 
 
+SETTLE_MANY = _script("""
+-- SETTLE for several reservations in one call: the gateway gathers the settles of requests
+-- that finish in the same turn of its event loop (one script run, one reply, instead of one
+-- each). KEYS: for each reservation its lease set, then its token counters.
+-- ARGV[1]: the number of reservations; then for each: the number of its keys, lease id,
+-- tokens to add, and the window start of each of its counters.
+-- Reply: the number of reservations settled now (not already settled, lease not expired).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local k, a, settled = 1, 2, 0
+for _ = 1, tonumber(ARGV[1]) do
+  local nkeys, lease, delta = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local expiry = redis.call('ZSCORE', KEYS[k], lease)
+  if expiry then
+    redis.call('ZREM', KEYS[k], lease)
+    if tonumber(expiry) > now then
+      settled = settled + 1
+      if delta ~= 0 then
+        for i = 1, nkeys - 1 do
+          local w = redis.call('HGET', KEYS[k + i], 'w')
+          if w and tonumber(w) == tonumber(ARGV[a + i - 1]) then
+            if redis.call('HINCRBY', KEYS[k + i], 'n', delta) < 0 then
+              redis.call('HSET', KEYS[k + i], 'n', 0)
+            end
+          end
+        end
+      end
+    end
+  end
+  a = a + nkeys - 1
+  k = k + nkeys
+end
+return settled
+""")
+
+
 RENEW = _script("""
 -- KEYS[1]: the key's lease set. ARGV[1]: lease id, ARGV[2]: ttl (ms).
 -- Reply: 1 renewed, 0 the lease is gone or expired (a lapsed lease is never revived: its slot

@@ -115,6 +115,7 @@ class RedisRateLimiter:
         self._probing = False
         self._fallbacks = 0
         self._settling: set[asyncio.Future[None]] = set()
+        self._to_settle: list[tuple[Reservation, int]] = []
         self._plans = PlanCache()
         # Lease ids only need to be unique, not secret: no getrandom syscall per request.
         self._ids = random.Random()
@@ -188,24 +189,46 @@ class RedisRateLimiter:
 
     def settle_nowait(self, reservation: Reservation, actual_tokens: int) -> None:
         """`settle` without waiting for Redis's answer, for when the response has already
-        gone: with PipelinedRedis the EVALSHA rides the next write, with no task at all."""
+        gone. With PipelinedRedis, the settles of every request that ends in this turn of the
+        event loop go as one EVALSHA (SETTLE_MANY) on the next write, with no task at all."""
         if (reservation.origin is Origin.REDIS and reservation.lease_key is not None
                 and isinstance(self._redis, PipelinedRedis) and self._down_since is None):
-            keys = [reservation.lease_key, *(w.key for w in reservation.token_windows)]
-            delta = max(0, actual_tokens) - reservation.tokens
-            sent = self._redis.execute_nowait(
-                "EVALSHA", lua.SETTLE.sha, len(keys), *keys, reservation.lease_id, delta,
-                *(w.start_ms for w in reservation.token_windows))
-            if sent is not None:
-                def retry_unloaded(done: asyncio.Future[Any]) -> None:
-                    # Redis lost its scripts (restart, SCRIPT FLUSH): settle the slow way,
-                    # which loads them. Settling is idempotent, so a retry is safe.
-                    if not done.cancelled() and isinstance(done.exception(), NoScriptError):
-                        self._background(self.settle(reservation, actual_tokens))
-
-                sent.add_done_callback(retry_unloaded)
-                return
+            self._to_settle.append((reservation, actual_tokens))
+            if len(self._to_settle) == 1:
+                asyncio.get_running_loop().call_soon(self._send_settles)
+            return
         self._background(self.settle(reservation, actual_tokens))
+
+    def _send_settles(self) -> None:
+        batch, self._to_settle = self._to_settle, []
+        if not batch:
+            return
+        assert isinstance(self._redis, PipelinedRedis)
+        keys: list[str] = []
+        args: list[str | int] = [len(batch)]
+        for reservation, actual in batch:
+            assert reservation.lease_key is not None
+            keys.append(reservation.lease_key)
+            keys += [w.key for w in reservation.token_windows]
+            args += [1 + len(reservation.token_windows), reservation.lease_id,
+                     max(0, actual) - reservation.tokens]
+            args += [w.start_ms for w in reservation.token_windows]
+        sent = self._redis.execute_nowait("EVALSHA", lua.SETTLE_MANY.sha, len(keys), *keys,
+                                          *args)
+
+        def settle_slowly(done: asyncio.Future[Any] | None = None) -> None:
+            # Redis lost its scripts (restart, SCRIPT FLUSH), or the connection is gone:
+            # settle one by one the slow way, which loads scripts and counts outages.
+            # Settling is idempotent, so a retry is safe.
+            if done is None or (not done.cancelled()
+                                and isinstance(done.exception(), NoScriptError)):
+                for reservation, actual in batch:
+                    self._background(self.settle(reservation, actual))
+
+        if sent is None:
+            settle_slowly()
+        else:
+            sent.add_done_callback(settle_slowly)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -216,7 +239,7 @@ class RedisRateLimiter:
         """Load every script now (at start-up) so fire-and-forget settles never meet
         NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
         try:
-            for script in (lua.ACQUIRE, lua.SETTLE, lua.RENEW):
+            for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:
             return False
