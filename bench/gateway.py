@@ -207,6 +207,8 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
                 **env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
                 "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1",
                 "HTTP_PORT": str(gw_port), "TENANT_REQUESTS_PER_MINUTE": str(10**9),
+                # Every layer on, the platform-wide one too: each is a key in the script.
+                "GLOBAL_REQUESTS_PER_MINUTE": str(10**9),
                 "USAGE_SPOOL_DIR": str(tmp / "spool")}))
         await wait_ready(sim)
         await wait_port(bare_port)

@@ -303,3 +303,12 @@ def test_plan_cache_gives_the_same_checks_as_plan() -> None:
     other = LimitSubject("k2", "e", "t")
     for s in (other, LimitSubject("k3", "e", "t"), subject):  # past capacity: still right
         assert cache.plan(s, limits, 9) == plan(s, limits, 9)
+    prepared = cache.prepared(subject, limits, 7)
+    assert prepared is cache.prepared(subject, limits, 7)  # built once
+    assert prepared.keys == tuple(c.key for c in plan(subject, limits, 7))
+    words = prepared.spec.split(" ")
+    assert words[:4] == ["r", "5", "60000", "1"]  # the key's requests first
+    assert [words[i:i + 4] for i in range(0, len(words), 4)
+            if words[i] == "t"] == [["t", "100", "60000", "7"], ["t", "1000", "86400000", "7"]]
+    assert words[-4:] == ["c", "2", "0", "1"]
+    assert prepared.lease

@@ -219,28 +219,46 @@ def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int) -> tuple[
     return tuple(checks)
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedChecks:
+    """A request's checks with what the Redis call needs, derived once per plan."""
+
+    checks: tuple[Check, ...]
+    keys: tuple[str, ...]
+    spec: str
+    """The ACQUIRE script's check list: ``kind limit window amount`` per check."""
+    lease: bool
+
+
+def prepare(checks: tuple[Check, ...]) -> PreparedChecks:
+    spec = " ".join(f"{c.kind.value} {-1 if c.limit is None else c.limit} "
+                    f"{c.window_ms} {c.amount}" for c in checks)
+    return PreparedChecks(checks, tuple(c.key for c in checks), spec, needs_lease(checks))
+
+
 class PlanCache:
     """`plan` for a hot path: a subject's checks depend on its limits, which change rarely,
-    and on the token estimate, which changes every request. The checks are built once per
-    (subject, limits); only the token checks are remade per request."""
+    and on the token estimate, which a client mostly keeps the same (its max_tokens). Each
+    (subject, limits, estimate) is planned and prepared once; a request then builds nothing."""
 
     def __init__(self, capacity: int = 50_000) -> None:
         self.capacity = capacity
-        self._plans: dict[tuple[LimitSubject, Limits], tuple[Check, ...]] = {}
+        self._plans: dict[tuple[LimitSubject, Limits, int], PreparedChecks] = {}
+
+    def prepared(self, subject: LimitSubject, limits: Limits,
+                 estimated_tokens: int) -> PreparedChecks:
+        tokens = max(0, estimated_tokens)
+        key = (subject, limits, tokens)
+        found = self._plans.get(key)
+        if found is None:
+            if len(self._plans) >= self.capacity:
+                self._plans.clear()  # rare; cheaper than bookkeeping an LRU per request
+            found = self._plans[key] = prepare(plan(subject, limits, tokens))
+        return found
 
     def plan(self, subject: LimitSubject, limits: Limits,
              estimated_tokens: int) -> tuple[Check, ...]:
-        key = (subject, limits)
-        template = self._plans.get(key)
-        if template is None:
-            if len(self._plans) >= self.capacity:
-                self._plans.clear()  # rare; cheaper than bookkeeping an LRU per request
-            template = self._plans[key] = plan(subject, limits, 0)
-        tokens = max(0, estimated_tokens)
-        if tokens == 0:
-            return template
-        return tuple(Check(c.layer, c.kind, c.key, c.limit, c.window_ms, tokens)
-                     if c.kind is Kind.TOKENS else c for c in template)
+        return self.prepared(subject, limits, estimated_tokens).checks
 
 
 def needs_lease(checks: Sequence[Check]) -> bool:
@@ -305,29 +323,6 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(round(seconds, 6))))
 
 
-@dataclass(frozen=True, slots=True)
-class _Standing:
-    check: Check
-    index: int
-    remaining: int
-    reset_ms: int
-
-
-def _standing(check: Check, index: int, used: int, now_ms: int, committed: bool) -> _Standing:
-    assert check.limit is not None
-    counted = used + (check.amount if committed else 0)
-    reset = window_reset_ms(now_ms, check.window_ms) if check.window_ms else 0
-    return _Standing(check, index, max(0, check.limit - counted), reset)
-
-
-def most_constraining(standings: Sequence[_Standing]) -> _Standing | None:
-    """Fewest remaining; on a tie the one that resets last (it will bind longer), then the
-    plan's order."""
-    if not standings:
-        return None
-    return min(standings, key=lambda s: (s.remaining, -s.reset_ms, s.index))
-
-
 def retry_after_of(check: Check, now_ms: int) -> float:
     if check.kind is Kind.CONCURRENCY:
         return CONCURRENCY_RETRY_AFTER
@@ -369,18 +364,32 @@ def rate_limit_headers(checks: Sequence[Check], used: Sequence[int], now_ms: int
     """OpenAI's `x-ratelimit-*` headers for the most constraining request layer and token
     layer (remaining counted after this request when it was committed). When a layer of one
     kind refused, that kind's headers describe it, so they agree with `x-ratelimit-scope`."""
+    # Runs on every request: one pass, few objects. The most constraining check of a kind has
+    # the fewest remaining, then resets last (it binds longer), then comes first in the plan;
+    # a check that refused is named whatever its standing.
+    best: dict[Kind, tuple[tuple[int, int, int], Check, int, int]] = {}
+    for i, c in enumerate(checks):
+        limit = c.limit
+        if limit is None or c.kind is Kind.CONCURRENCY:
+            continue
+        remaining = limit - (used[i] + c.amount if committed else used[i])
+        if remaining < 0:
+            remaining = 0
+        window = c.window_ms
+        reset = window - now_ms % window if window else 0
+        rank = (-1, 0, 0) if c is refused else (remaining, -reset, i)
+        held = best.get(c.kind)
+        if held is None or rank < held[0]:
+            best[c.kind] = (rank, c, remaining, reset)
     headers: dict[str, str] = {}
     for kind, suffix in ((Kind.REQUESTS, "requests"), (Kind.TOKENS, "tokens")):
-        standings = [_standing(c, i, u, now_ms, committed)
-                     for i, (c, u) in enumerate(zip(checks, used, strict=True))
-                     if c.kind is kind and c.limit is not None]
-        chosen = next((s for s in standings if s.check is refused), None) \
-            or most_constraining(standings)
-        if chosen is None or chosen.check.limit is None:
+        chosen = best.get(kind)
+        if chosen is None:
             continue
-        headers[f"x-ratelimit-limit-{suffix}"] = str(chosen.check.limit)
-        headers[f"x-ratelimit-remaining-{suffix}"] = str(chosen.remaining)
-        headers[f"x-ratelimit-reset-{suffix}"] = format_reset(chosen.reset_ms / 1000)
+        _, check, remaining, reset = chosen
+        headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{suffix}"] = format_reset(reset / 1000)
     return headers
 
 

@@ -31,7 +31,6 @@ from services.gateway.ratelimit.limits import (
     Origin,
     PlanCache,
     Reservation,
-    needs_lease,
     reservation_for,
     unavailable,
     verdict,
@@ -138,15 +137,14 @@ class RedisRateLimiter:
                       estimated_tokens: int) -> Decision:
         """Check every layer and, only if all pass, count the request, reserve
         `estimated_tokens` and take a lease: one EVALSHA."""
-        checks = self._plans.plan(subject, limits, estimated_tokens)
+        prepared = self._plans.prepared(subject, limits, estimated_tokens)
+        checks = prepared.checks
         if not checks:
             return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
                             reservation=_NOTHING, degraded=False)
-        lease_id = f"{self._ids.getrandbits(128):032x}" if needs_lease(checks) else ""
-        spec = " ".join(f"{c.kind.value} {-1 if c.limit is None else c.limit} "
-                        f"{c.window_ms} {c.amount}" for c in checks)
-        args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, spec]
-        done, reply = await self._run(lua.ACQUIRE, [c.key for c in checks], args)
+        lease_id = f"{self._ids.getrandbits(128):032x}" if prepared.lease else ""
+        args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, prepared.spec]
+        done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
         if not done:
             return self._fallback(subject, limits, estimated_tokens)
         allowed, now_ms, *used = (int(x) for x in reply)
