@@ -89,6 +89,10 @@ class PusherMetrics:
         """status: exported, duplicate (Stripe had it: a resend), retry (a retryable error),
         failed (given up), skipped (tenant without a Stripe customer), held (no longer
         resent: it may have reached Stripe too long ago; an operator settles it)."""
+        # Every outcome's series exists from the start, at 0: an alert on rate(...) sees the
+        # first failure instead of a series that appears with it.
+        for status in ("exported", "duplicate", "retry", "failed", "skipped", "held"):
+            self.exports.labels(status)
         self.leader = Gauge("billing_pusher_leader", "1 while this process pushes to Stripe",
                             registry=registry)
         self.pending = Gauge("billing_exports_pending", "Planned meter events not yet sent",
