@@ -203,3 +203,27 @@ class StreamMeter:
         if self.wants_continuous_usage:
             return line
         return b"data: " + payload[:at] + b"}\n"
+
+
+def openai_error_body(status: int, body: bytes) -> bytes:
+    """A node's error answer in OpenAI's shape. Current vLLM already answers
+    ``{"error": {...}}`` (passed through untouched); vLLM before 0.10.1 answered a flat
+    ``{"object": "error", "message", "type", "param", "code"}``, and something in front of a
+    node (a proxy, a crashed server) may answer anything at all."""
+    try:
+        parsed = _decode(body)
+    except msgspec.DecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        if isinstance(parsed.get("error"), dict):
+            return body
+        if parsed.get("object") == "error" and isinstance(parsed.get("message"), str):
+            return _encode({"error": {
+                "message": parsed["message"], "type": parsed.get("type"),
+                "param": parsed.get("param"),
+                "code": parsed.get("code") if parsed.get("code") != status else None}})
+    text = body[:200].decode(errors="replace").strip()
+    return _encode({"error": {
+        "message": f"The model server refused the request ({status})"
+                   + (f": {text}" if text else "."),
+        "type": "invalid_request_error", "param": None, "code": None}})

@@ -2,7 +2,8 @@
 
 - Pooled keep-alive connections (one ClientSession for all nodes).
 - One retry on another node when the connection fails before any byte was sent.
-- Upstream errors: vLLM's 4xx are OpenAI-shaped already and pass through; 5xx, a dropped
+- Upstream errors: vLLM's 4xx keep their status and reach the client in OpenAI's shape
+  (current vLLM's pass through untouched; older vLLM's flat shape is wrapped); 5xx, a dropped
   connection or a timeout become 502/504 in OpenAI's shape.
 - Streams: each line is forwarded as it comes; a silent upstream times out per chunk, not per
   response; a client that hangs up cancels the upstream request and is billed what it got.
@@ -27,6 +28,7 @@ from services.gateway.protocol import (
     ENDPOINTS,
     InferenceRequest,
     StreamMeter,
+    openai_error_body,
     upstream_body,
     usage_of,
 )
@@ -220,12 +222,14 @@ class Proxy:
             raise UpstreamFailure(502, f"The model server failed ({upstream.status}).",
                                   node_id=node.node_id)
         latency = self._succeeded(progress, req.model, started)
+        content_type = upstream.headers.get("content-type", "application/json")
         if upstream.status == 200:
             progress.prompt_tokens, progress.completion_tokens = usage_of(body)
             progress.time_to_first_token = latency
+        else:
+            body, content_type = openai_error_body(upstream.status, body), "application/json"
         response = web.Response(body=body, status=upstream.status, headers={
-            **headers, "Content-Type": upstream.headers.get("content-type",
-                                                            "application/json")})
+            **headers, "Content-Type": content_type})
         return ProxyResult(response, upstream.status, node.node_id)
 
     async def _stream(self, request: web.Request, req: InferenceRequest, progress: Progress,

@@ -102,3 +102,21 @@ def test_usage_of_whole_answers() -> None:
     assert usage_of(b'{"usage": {"prompt_tokens": 4, "completion_tokens": 6}}') == (4, 6)
     assert usage_of(b'{"choices": []}') == (0, 0)
     assert usage_of(b"not json") == (0, 0)
+
+
+def test_node_errors_reach_clients_in_openai_shape() -> None:
+    from services.gateway.protocol import openai_error_body
+
+    current = b'{"error": {"message": "too long", "type": "BadRequestError", "param": null, ' \
+              b'"code": 400}}'
+    assert openai_error_body(400, current) is current  # vLLM 0.10.1 on: untouched
+    flat = (b'{"object": "error", "message": "This model\'s maximum context length is 8192",'
+            b' "type": "BadRequestError", "param": null, "code": 400}')
+    assert msgspec.json.decode(openai_error_body(400, flat)) == {"error": {
+        "message": "This model's maximum context length is 8192", "type": "BadRequestError",
+        "param": None, "code": None}}
+    odd = msgspec.json.decode(openai_error_body(404, b"<html>Not Found</html>"))
+    assert odd["error"]["type"] == "invalid_request_error"
+    assert odd["error"]["message"] == ("The model server refused the request (404): "
+                                       "<html>Not Found</html>")
+    assert msgspec.json.decode(openai_error_body(422, b""))["error"]["message"].endswith("(422).")
