@@ -30,7 +30,7 @@ from schemas.events import (
     TenantSuspended,
     TenantUpdated,
 )
-from services.core.catalog import API_KEY_PREFIX, hash_api_key
+from services.core.catalog import hash_api_key, looks_like_api_key
 
 log = structlog.get_logger("auth")
 
@@ -77,7 +77,7 @@ def bearer_key(authorization: str | None) -> str:
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise AuthError(401, "malformed", "The Authorization header must be 'Bearer <key>'.")
-    if not key.startswith(API_KEY_PREFIX):
+    if not looks_like_api_key(key):
         raise AuthError(401, "invalid", "Incorrect API key provided.")
     return key
 

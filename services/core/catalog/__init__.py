@@ -14,10 +14,11 @@ from services.core.catalog.commands import (
     QuotaChanges,
     generate_api_key,
     hash_api_key,
+    looks_like_api_key,
     merge_quota,
 )
 from services.core.catalog.projections import catalog_projections
 
 __all__ = ["API_KEY_PREFIX", "KEEP", "Catalog", "CatalogError", "Conflict", "Invalid", "NewApiKey",
            "NotFound", "QuotaChanges", "catalog_projections", "generate_api_key", "hash_api_key",
-           "merge_quota"]
+           "looks_like_api_key", "merge_quota"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import hashlib
+import re
 import secrets
 import string
 import uuid
@@ -52,6 +53,15 @@ _KEY_LENGTH = 40  # 40 base62 characters: ~238 bits
 
 def generate_api_key() -> str:
     return API_KEY_PREFIX + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(_KEY_LENGTH))
+
+
+_KEY_SHAPE = re.compile(rf"{API_KEY_PREFIX}[A-Za-z0-9]{{{_KEY_LENGTH}}}")
+
+
+def looks_like_api_key(key: str) -> bool:
+    """Whether `key` could be one of ours at all: anything else is refused without a lookup,
+    so a client spraying garbage never reaches PostgreSQL."""
+    return _KEY_SHAPE.fullmatch(key) is not None
 
 
 def hash_api_key(key: str) -> str:
