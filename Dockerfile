@@ -55,7 +55,9 @@ ENV PYTHONUNBUFFERED=1 \
     LOG_JSON=true \
     USAGE_SPOOL_DIR=/var/lib/crosslogic/usage-spool
 
-EXPOSE 8079 8080 8081 8082 8083 8084 8085
+# The services' HTTP ports, and /metrics when METRICS_PORT is set (9090 in the compose stack
+# and the Kubernetes manifests; a gateway's worker i on 9090 + i).
+EXPOSE 8079 8080 8081 8082 8083 8084 8085 9090
 
 # Liveness of the service this container runs, on its HTTP_PORT (each service's default port
 # differs, so the compose file and the manifests set HTTP_PORT). The agent serves no HTTP:

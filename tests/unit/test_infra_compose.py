@@ -106,17 +106,68 @@ def test_every_platform_container_runs_a_real_program_with_real_settings(name: s
     program_of(service["command"]).check(env_of(service))
 
 
-def test_prometheus_scrapes_each_service_on_its_port() -> None:
-    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
-    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"]
-               for t in sc["targets"]}
+def prometheus_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    return config
+
+
+def scrape_problems(doc: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Where the compose services' /metrics and Prometheus's targets disagree. A service with
+    METRICS_PORT serves /metrics there only (and a gateway's worker i on METRICS_PORT + i);
+    without it, on its HTTP port."""
+    jobs = {job["job_name"]: {t for sc in job["static_configs"] for t in sc["targets"]}
+            for job in config["scrape_configs"]}
+    services = doc["services"]
+    problems = []
+    for name in sorted(CONTROL_PLANE):
+        env = env_of(services[name])
+        metrics_port = int(env.get("METRICS_PORT", "0"))
+        if not metrics_port:
+            served = {f"{name}:{env['HTTP_PORT']}"}
+        else:
+            served = {f"{name}:{metrics_port + i}" for i in range(int(env.get("WORKERS", "1")))}
+        scraped = jobs.get(f"crosslogic-{name}", set())
+        if scraped != served:
+            problems.append(f"{name}: /metrics on {sorted(served)}, scraped at {sorted(scraped)}")
+    for target in set().union(*jobs.values()):
+        host = target.split(":")[0]
+        if host != "localhost" and host not in services:
+            problems.append(f"{target}: no such service")
+    return problems
+
+
+def test_prometheus_scrapes_each_service_where_it_serves_metrics() -> None:
+    assert scrape_problems(compose(), prometheus_config()) == []
     services = compose()["services"]
     for name in CONTROL_PLANE:
-        port = env_of(services[name])["HTTP_PORT"]
-        assert f"{name}:{port}" in targets, name
-    for target in targets:
-        host = target.split(":")[0]
-        assert host == "localhost" or host in services, target
+        env = env_of(services[name])
+        # Off the HTTP ports: the gateway's published port serves no /metrics.
+        assert env["METRICS_PORT"] == "9090"
+        metrics = {int(env["METRICS_PORT"]) + i for i in range(int(env.get("WORKERS", "1")))}
+        assert int(env["HTTP_PORT"]) not in metrics
+        published = {str(p).rsplit(":", 2)[-1] for p in services[name].get("ports", [])}
+        assert not published & {str(p) for p in metrics}, f"{name} publishes its metrics"
+    assert env_of(services["gateway"])["WORKERS"] == "2"  # both workers are targets
+
+
+def test_the_scrape_check_catches_a_mistake() -> None:
+    doc = copy.deepcopy(compose())
+    doc["services"]["gateway"]["environment"]["WORKERS"] = "3"
+    assert scrape_problems(doc, prometheus_config()) == [
+        "gateway: /metrics on ['gateway:9090', 'gateway:9091', 'gateway:9092'], "
+        "scraped at ['gateway:9090', 'gateway:9091']"]
+    doc = copy.deepcopy(compose())
+    del doc["services"]["billing"]["environment"]["METRICS_PORT"]
+    assert scrape_problems(doc, prometheus_config()) == [
+        "billing: /metrics on ['billing:8083'], scraped at ['billing:9090']"]
+
+
+def test_one_copy_of_each_stream_on_the_one_nats_server() -> None:
+    services = compose()["services"]
+    assert [n for n, s in services.items() if str(s.get("image", "")).startswith("nats:")] == [
+        "nats"]
+    for name in CONTROL_PLANE:
+        assert env_of(services[name])["NATS_STREAM_REPLICAS"] == "1"
 
 
 def test_the_agent_reaches_its_simulator_and_alertmanager_the_notifier() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -18,10 +19,12 @@ import pytest
 import yaml
 
 from services.cli.main import SERVICES
+from tests.unit.test_alerts import needs_promtool, promtool
 from tests.unit.test_infra_metric_names import ROOT
 from tests.unit.test_infra_settings import program_of, service_settings
 
 K8S = ROOT / "infra" / "k8s"
+PROMETHEUS_K8S = ROOT / "infra" / "prometheus" / "prometheus-k8s.yml"
 NAMESPACE = "crosslogic-prod"
 KUBERNETES_VERSION = "1.30.0"
 PLATFORM_IMAGE = "crosslogic"
@@ -101,6 +104,129 @@ def resolved_env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+# --------------------------------------------------------------------------- metrics
+
+
+def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus's relabelling of one discovered target (the actions used here: keep, drop,
+    replace); None when the target is dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = rule.get("separator", ";").join(labels.get(n, "")
+                                                for n in rule.get("source_labels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if (action == "keep" and match is None) or (action == "drop" and match is not None):
+            return None
+        if action == "replace" and match is not None:
+            replacement = re.sub(r"\$(\d+)", r"\\g<\1>", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(replacement)
+        elif action not in ("keep", "drop", "replace"):
+            pytest.fail(f"relabel action {action} is not simulated here")
+    return labels
+
+
+def discovered(doc: dict[str, Any]) -> list[dict[str, str]]:
+    """What Kubernetes service discovery (`role: pod`) finds in a running pod of `doc`: one
+    target per declared container port, at the pod's IP."""
+    template = doc["spec"]["template"]
+    meta = {"__meta_kubernetes_namespace": doc["metadata"]["namespace"],
+            "__meta_kubernetes_pod_name": f"{doc['metadata']['name']}-7d9f-x2x4k",
+            "__meta_kubernetes_pod_phase": "Running"}
+    for key, value in template["metadata"].get("labels", {}).items():
+        meta["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    for key, value in template["metadata"].get("annotations", {}).items():
+        meta["__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    return [{**meta, "__address__": f"10.1.2.3:{port['containerPort']}",
+             "__meta_kubernetes_pod_container_name": container["name"],
+             "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+             "__meta_kubernetes_pod_container_port_number": str(port["containerPort"])}
+            for container in template["spec"]["containers"]
+            for port in container.get("ports", [])]
+
+
+def scraped(doc: dict[str, Any]) -> set[tuple[str, int]]:
+    """(job, port) of every target infra/prometheus/prometheus-k8s.yml scrapes in `doc`'s
+    pods."""
+    config = yaml.safe_load(PROMETHEUS_K8S.read_text())
+    found = set()
+    for job in config["scrape_configs"]:
+        for target in discovered(doc):
+            labels = relabel({**target, "job": job["job_name"]}, job["relabel_configs"])
+            if labels is not None:
+                found.add((labels["job"], int(labels["__address__"].rsplit(":", 1)[1])))
+    return found
+
+
+def metrics_problems(deployment: dict[str, Any]) -> list[str]:
+    """Where a control-plane Deployment's /metrics is served, declared and scraped disagree:
+    the METRICS_PORT its settings get (and METRICS_PORT + i for a gateway's worker i), the
+    container ports named for them, the annotation, and the targets Prometheus makes."""
+    name = deployment["metadata"]["name"]
+    (container,) = pod_spec(deployment)["containers"]
+    env = resolved_env(container)
+    metrics_port = int(env.get("METRICS_PORT", "0"))
+    if not metrics_port:
+        return [f"{name}: no METRICS_PORT, so /metrics is on its HTTP port"]
+    served = [metrics_port + i for i in range(int(env.get("WORKERS", "1")))]
+    problems = []
+    if int(env["HTTP_PORT"]) in served:
+        problems.append(f"{name}: HTTP_PORT is a metrics port")
+    declared = {p["containerPort"]: p["name"] for p in container["ports"]}
+    for i, port in enumerate(served):
+        want = "metrics" if i == 0 else f"metrics-{i}"
+        if declared.get(port) != want:
+            problems.append(f"{name}: port {port} is not declared as {want!r}")
+    targets = scraped(deployment)
+    if targets != {(f"crosslogic-{name}", port) for port in served}:
+        problems.append(f"{name}: Prometheus scrapes {sorted(targets)}; /metrics is on "
+                        f"{served}")
+    annotation = deployment["spec"]["template"]["metadata"]["annotations"]
+    if annotation.get("prometheus.io/port") != str(metrics_port):
+        problems.append(f"{name}: the prometheus.io/port annotation is not {metrics_port}")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(CONTROL_PLANE))
+def test_metrics_are_served_declared_and_scraped_off_the_http_port(name: str) -> None:
+    deployment = objects("Deployment")[name]
+    assert metrics_problems(deployment) == []
+    (container,) = pod_spec(deployment)["containers"]
+    # The reference design's "Port: 9090 (Metrics)".
+    assert resolved_env(container)["METRICS_PORT"] == "9090"
+    # Services (the gateway's is the Ingress's backend) carry the HTTP port only.
+    ports = objects("Service")[name]["spec"]["ports"]
+    assert [p["targetPort"] for p in ports] == ["http"]
+
+
+def test_the_metrics_check_catches_a_mistake() -> None:
+    gateway = copy.deepcopy(objects("Deployment")["gateway"])
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    workers = next(item for item in container["env"] if item["name"] == "WORKERS")
+    workers["value"] = "2"  # a second worker, its metrics port neither declared nor scraped
+    problems = metrics_problems(gateway)
+    assert any("9091" in p and "'metrics-1'" in p for p in problems)
+    assert any("Prometheus scrapes" in p for p in problems)
+    container["ports"].append({"name": "metrics-1", "containerPort": 9091, "protocol": "TCP"})
+    assert metrics_problems(gateway) == []
+    container["ports"][1]["name"] = "prometheus"
+    assert len(metrics_problems(gateway)) == 2  # not declared as metrics, so not scraped
+
+
+@needs_promtool
+def test_promtool_checks_the_kubernetes_prometheus_config(tmp_path: Path) -> None:
+    """Debian's promtool is built without Kubernetes discovery: the rest is checked with a
+    static target in its place (the relabelling is simulated above)."""
+    config = yaml.safe_load(PROMETHEUS_K8S.read_text())
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs")[0]["namespaces"]["names"] == [NAMESPACE]
+        job["static_configs"] = [{"targets": ["pod:9090"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(PROMETHEUS_K8S.parent / "alerts.yml", tmp_path / "alerts.yml")
+    result = promtool("check", "config", tmp_path / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------- schemas
 
 
@@ -158,9 +284,8 @@ def test_control_plane_service_is_deployed_for_availability(name: str) -> None:
     if settings is not None:
         assert port == settings.__struct_defaults__[
             settings.__struct_fields__.index("http_port")]
-    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
-    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == str(port)
+    assert container["ports"][0] == {"name": "http", "containerPort": port, "protocol": "TCP"}
+    assert metrics_problems(deployment) == []
     service = objects("Service")[name]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"]["ports"][0]["targetPort"] == "http"
@@ -251,6 +376,10 @@ def test_nats_is_a_three_node_jetstream_cluster() -> None:
     assert objects("PodDisruptionBudget")["nats"]["spec"]["maxUnavailable"] == 1
     assert data_of("ConfigMap", "crosslogic-config")["NATS_URL"] == "nats://nats:4222"
     assert "nats" in objects("Service")
+    # Each stream the services create is kept on every server, so it outlives one.
+    for name in CONTROL_PLANE:
+        (service,) = pod_spec(objects("Deployment")[name])["containers"]
+        assert resolved_env(service)["NATS_STREAM_REPLICAS"] == str(nats["spec"]["replicas"])
 
 
 # --------------------------------------------------------------------------- edges
