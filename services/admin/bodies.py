@@ -198,6 +198,22 @@ class DeploymentPatch(Body, frozen=True, kw_only=True):
     allow_on_demand_fallback: bool | UnsetType = UNSET
 
 
+# --------------------------------------------------------------------------- billing
+
+ExportIdentifier = Annotated[str, Meta(
+    min_length=1, max_length=100,
+    description="a meter export's `identifier`: the Stripe meter event identifier, "
+                "`<tenant>:<meter>:<YYYY-MM-DDTHH>[:<sequence>]`")]
+
+
+class ExportSettle(Body, frozen=True, kw_only=True):
+    identifier: ExportIdentifier
+    action: Annotated[Literal["resend", "mark_exported"], Meta(
+        description="`resend`: Stripe does not have the identifier, so send the meter event "
+                    "now (stamped with the time of sending); `mark_exported`: Stripe has it, "
+                    "so record it as exported without sending")]
+
+
 # --------------------------------------------------------------------------- lists
 
 

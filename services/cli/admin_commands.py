@@ -270,6 +270,10 @@ def _nodes_terminate(c: AdminClient, a: argparse.Namespace) -> Any:
 _EXPORT_COLUMNS: tuple[Column, ...] = (
     ("HOUR", "hour"), ("METER", "meter"), ("SEQ", "sequence"), ("TOKENS", "value"),
     ("STATUS", "status"), ("DUPLICATE", "duplicate"), ("ERROR", "error"))
+_HELD_COLUMNS: tuple[Column, ...] = (
+    ("TENANT", "tenant_id"), ("IDENTIFIER", "identifier"), ("TOKENS", "value"),
+    ("CUSTOMER", "customer_id"), ("PLANNED", "planned_at"), ("STATUS", "status"),
+    ("ERROR", "error"))
 
 
 def _billing_link(c: AdminClient, a: argparse.Namespace) -> Any:
@@ -289,11 +293,32 @@ def _billing_show(c: AdminClient, a: argparse.Namespace) -> Any:
         "payment": account.get("payment_status"),
         "flagged at": account.get("payment_flagged_at"),
         "tokens exported": totals["exported"], "tokens planned": totals["planned"],
-        "tokens failed": totals["failed"], "tokens skipped": totals["skipped"]}))
+        "tokens failed": totals["failed"], "tokens skipped": totals["skipped"],
+        "tokens held": totals["held"]}))
     if answer["exports"]:
         print()
         print(format_table(answer["exports"], _EXPORT_COLUMNS))
+    if totals["held"]:
+        print(f"\n{totals['held']} tokens are held: `crosslogic billing exports` lists them, "
+              "`crosslogic billing settle` settles one after checking Stripe.")
     return None
+
+
+def _billing_exports(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get("/billing/exports", {"status": a.status, "limit": str(a.limit)})["data"]
+
+
+def _billing_settle(c: AdminClient, a: argparse.Namespace) -> Any:
+    answer = c.post(f"/tenants/{a.tenant_id}/billing/exports/settle",
+                    {"identifier": a.identifier,
+                     "action": "resend" if a.resend else "mark_exported"})
+    if a.json:
+        return answer
+    export = answer["export"]
+    how = {"sent": "resent: Stripe took it", "duplicate": "resent: Stripe already had it",
+           None: "marked exported (not sent)"}[answer["stripe"]]
+    return {"identifier": export["identifier"], "settled": how, "status": export["status"],
+            "tokens": export["value"], "meter": export["meter"], "hour": export["hour"]}
 
 
 # --------------------------------------------------------------------------- subscriptions
@@ -529,6 +554,19 @@ def register_admin_commands(sub: Any) -> None:
          _billing_link).add_argument("tenant_id")
     leaf(g, "show", "a tenant's Stripe link, payment standing and meter exports",
          _billing_show).add_argument("tenant_id")
+    p = leaf(g, "exports", "every tenant's meter exports that are held (or failed, or "
+             "planned)", _billing_exports, _HELD_COLUMNS)
+    p.add_argument("--status", choices=("held", "failed", "planned"), default="held")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="at most N rows")
+    p = leaf(g, "settle", "settle a held meter export after looking its identifier up in "
+             "Stripe", _billing_settle)
+    p.add_argument("tenant_id")
+    p.add_argument("identifier", help="the export's identifier (`billing exports`)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--resend", action="store_true",
+                     help="Stripe does not have it: send it now")
+    how.add_argument("--exported", action="store_true",
+                     help="Stripe has it: record it as exported, send nothing")
 
     g = group("subscriptions", "notification subscriptions and their deliveries (admin API)")
     p = leaf(g, "create", "send events to Discord, Slack, e-mail or a signed webhook",

@@ -6,19 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from schemas.events import SubscriptionChanged
+from schemas.events import (
+    StripeCustomerLinked,
+    SubscriptionChanged,
+    UsageExported,
+    UsageExportFailed,
+    UsageExportHeld,
+    UsageExportPlanned,
+)
+from services.billing.hours import floor_hour, identifier
 from services.core.billing_ledger import record_billing_events
 from services.core.catalog import Catalog
 from services.core.eventlog import EventLog
 from tests.doubles.stripe_server import StripeServer, running_stripe
-from tests.integration.test_admin_api import TOKEN, Admin, running_admin
+from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin
 from tests.integration.test_cli_admin import Cli, base_env
 
 PRICES = {"stripe_price_input_tokens": "price_in_tokens",
@@ -68,7 +78,8 @@ async def test_link_creates_customer_and_subscription_once(admin: Admin,
     shown = await admin.ok("GET", f"/tenants/{tenant}/billing")
     assert shown["account"]["customer_id"] == first["customer_id"]
     assert shown["account"]["payment_status"] == "ok"
-    assert shown["totals"] == {"exported": 0, "planned": 0, "failed": 0, "skipped": 0}
+    assert shown["totals"] == {"exported": 0, "planned": 0, "failed": 0, "skipped": 0,
+                               "held": 0}
     assert [e["type"] for e in shown["events"]] == ["billing.customer_linked"]
 
 
@@ -158,3 +169,237 @@ async def test_cli_billing_link_and_show(admin: Admin, tmp_path: Path,
     assert linked["customer_id"] in shown and "payment" in shown
     code, _, err = await cli.run("billing", "show", str(uuid.uuid4()))
     assert code == 1 and "not found" in err
+
+
+# --------------------------------------------------------------------------- held exports
+
+EVENT_NAMES = {"input_tokens": "crosslogic_input_tokens",
+               "output_tokens": "crosslogic_output_tokens"}
+
+
+async def held_export(pool: asyncpg.Pool, stripe_server: StripeServer, tenant: uuid.UUID, *,
+                      meter: str = "input_tokens", value: int = 1234,
+                      customer: str | None = None) -> str:
+    """A meter export as the pusher leaves it once held: planned 30 hours ago, an attempt that
+    may have reached Stripe (a 500), then held (the events it records, in its order)."""
+    if customer is None:
+        customer = stripe_server.state.add_customer(str(tenant))
+    hour = floor_hour(datetime.now(UTC) - timedelta(hours=31))
+    ident = identifier(tenant, meter, hour)
+    planned_at = datetime.now(UTC) - timedelta(hours=30)
+    async with pool.acquire() as conn, conn.transaction():
+        await record_billing_events(conn, [
+            StripeCustomerLinked(tenant_id=tenant, customer_id=customer),
+            UsageExportPlanned(tenant_id=tenant, meter=meter, event_name=EVENT_NAMES[meter],
+                               hour=hour, value=value, identifier=ident, sequence=0,
+                               customer_id=customer, occurred_at=planned_at)],
+            actor="billing-pusher")
+    async with pool.acquire() as conn, conn.transaction():
+        await record_billing_events(conn, [UsageExportFailed(
+            tenant_id=tenant, meter=meter, hour=hour, identifier=ident,
+            error="500 An unknown error occurred.", retryable=True, value=value,
+            ambiguous=True)], actor="billing-pusher")
+    async with pool.acquire() as conn, conn.transaction():
+        await record_billing_events(conn, [UsageExportHeld(
+            tenant_id=tenant, meter=meter, hour=hour, identifier=ident, value=value,
+            planned_at=planned_at, reason="planned 30.0 h ago and an earlier attempt may "
+                                          "have reached Stripe")], actor="billing-pusher")
+    return ident
+
+
+def settle(ident: str, action: str = "resend") -> dict[str, str]:
+    return {"identifier": ident, "action": action}
+
+
+async def test_a_held_export_is_shown_listed_and_resent_once(
+        admin: Admin, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Held")
+    ident = await held_export(pool, stripe_server, tenant, value=1234)
+    shown = await admin.ok("GET", f"/tenants/{tenant}/billing")
+    assert shown["totals"]["held"] == 1234 and shown["totals"]["exported"] == 0
+    [listed] = (await admin.ok("GET", "/billing/exports"))["data"]
+    assert (listed["tenant_id"], listed["identifier"], listed["status"], listed["value"]) == (
+        str(tenant), ident, "held", 1234)
+    assert (await admin.ok("GET", "/billing/exports", params={"status": "planned"}))[
+        "data"] == []
+
+    sent_from = int(time.time())
+    answer = await admin.ok("POST", f"/tenants/{tenant}/billing/exports/settle",
+                            settle(ident, "resend"))
+    assert answer["action"] == "resend" and answer["stripe"] == "sent"
+    assert (answer["export"]["status"], answer["export"]["duplicate"]) == ("exported", False)
+    event = stripe_server.state.meter_events[ident]
+    assert event["payload"] == {"stripe_customer_id": listed["customer_id"], "value": "1234"}
+    assert event["event_name"] == "crosslogic_input_tokens"
+    assert event["timestamp"] >= sent_from  # stamped when sent: the hour's invoice may be final
+
+    [recorded] = await pool.fetch(
+        "SELECT data, metadata FROM events WHERE type = 'billing.usage_exported'")
+    held_id = await pool.fetchval("SELECT event_id FROM events WHERE type = 'billing.export_held'")
+    assert (recorded["data"]["identifier"], recorded["data"]["duplicate"]) == (ident, False)
+    metadata = recorded["metadata"]
+    assert metadata["actor"] == "admin-api" and metadata["causation_id"] == str(held_id)
+    assert metadata["correlation_id"]
+    shown = await admin.ok("GET", f"/tenants/{tenant}/billing")
+    assert (shown["totals"]["held"], shown["totals"]["exported"]) == (0, 1234)
+    assert (await admin.ok("GET", "/billing/exports"))["data"] == []
+
+    # Settled is settled: a second try (another operator, a retry) changes nothing.
+    status, again = await admin.call("POST", f"/tenants/{tenant}/billing/exports/settle",
+                                     settle(ident, "resend"))
+    assert status == 409 and again["error"]["code"] == "export_not_held"
+    assert [c.outcome for c in stripe_server.state.calls if c.identifier == ident] == [
+        "accepted"]
+
+
+async def test_concurrent_settles_send_once(admin: Admin, stripe_server: StripeServer,
+                                            pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Twice")
+    ident = await held_export(pool, stripe_server, tenant)
+    answers = await asyncio.gather(*(admin.call(
+        "POST", f"/tenants/{tenant}/billing/exports/settle", settle(ident)) for _ in range(3)))
+    assert sorted(status for status, _ in answers) == [200, 409, 409]
+    assert len([c for c in stripe_server.state.calls if c.identifier == ident]) == 1
+    assert await pool.fetchval(
+        "SELECT count(*) FROM events WHERE type = 'billing.usage_exported'") == 1
+
+
+async def test_an_export_stripe_has_is_marked_exported_without_sending(
+        admin: Admin, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Had")
+    customer = stripe_server.state.add_customer(str(tenant))
+    inputs = await held_export(pool, stripe_server, tenant, customer=customer, value=10)
+    outputs = await held_export(pool, stripe_server, tenant, customer=customer,
+                                meter="output_tokens", value=20)
+    calls = len(stripe_server.state.calls)
+    answer = await admin.ok("POST", f"/tenants/{tenant}/billing/exports/settle",
+                            settle(inputs, "mark_exported"))
+    assert answer["stripe"] is None
+    assert (answer["export"]["status"], answer["export"]["duplicate"]) == ("exported", True)
+    assert len(stripe_server.state.calls) == calls  # Stripe was not called
+
+    # A resend of one Stripe still has (the earlier attempt did arrive) is counted once.
+    stripe_server.state.meter_events[outputs] = {
+        "event_name": "crosslogic_output_tokens", "identifier": outputs,
+        "payload": {"stripe_customer_id": customer, "value": "20"}}
+    answer = await admin.ok("POST", f"/tenants/{tenant}/billing/exports/settle",
+                            settle(outputs, "resend"))
+    assert answer["stripe"] == "duplicate" and answer["export"]["duplicate"] is True
+    assert [c.outcome for c in stripe_server.state.calls][calls:] == ["duplicate"]
+    assert stripe_server.state.total("crosslogic_output_tokens") == 20
+    shown = await admin.ok("GET", f"/tenants/{tenant}/billing")
+    assert (shown["totals"]["held"], shown["totals"]["exported"]) == (0, 30)
+
+
+async def test_a_resend_stripe_fails_keeps_it_held_and_one_it_refuses_fails_it(
+        admin: Admin, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Flaky")
+    ident = await held_export(pool, stripe_server, tenant)
+    path = f"/tenants/{tenant}/billing/exports/settle"
+    stripe_server.state.fail("/v1/billing/meter_events", "status", status=500)
+    status, answer = await admin.call("POST", path, settle(ident))
+    assert status == 503 and answer["error"]["code"] == "stripe_unavailable"
+    assert "may have counted it" in answer["error"]["message"]  # a 500: look again first
+    assert await pool.fetchval("SELECT status FROM meter_exports WHERE identifier = $1",
+                               ident) == "held"
+    failures = await pool.fetch(
+        "SELECT data, metadata FROM events WHERE type = 'billing.export_failed' "
+        "AND metadata->>'actor' = 'admin-api'")
+    assert len(failures) == 1
+    assert failures[0]["data"]["ambiguous"] is True and failures[0]["data"]["retryable"]
+
+    stripe_server.state.fail("/v1/billing/meter_events", "status", status=400)
+    status, answer = await admin.call("POST", path, settle(ident))
+    assert status == 502 and answer["error"]["code"] == "stripe_refused"
+    assert await pool.fetchval("SELECT status FROM meter_exports WHERE identifier = $1",
+                               ident) == "failed"
+    assert stripe_server.state.meter_events == {}
+
+
+async def test_settle_refuses_bad_requests(admin: Admin, stripe_server: StripeServer,
+                                           pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Strict")
+    other = await Catalog(EventLog(pool)).create_tenant("Other")
+    ident = await held_export(pool, stripe_server, tenant)
+    path = f"/tenants/{tenant}/billing/exports/settle"
+    for body, param in (({"identifier": ident, "action": "refund"}, "action"),
+                        ({"action": "resend"}, "identifier"),
+                        ({"identifier": "", "action": "resend"}, "identifier"),
+                        ({"identifier": "x" * 101, "action": "resend"}, "identifier"),
+                        ({**settle(ident), "force": True}, "force")):
+        status, answer = await admin.call("POST", path, body)
+        assert status == 400, (body, answer)
+        assert_error(answer, "invalid_request_error", param)
+    assert (await admin.call("POST", path, settle(ident), token="wrong"))[0] == 401
+    assert (await admin.call("POST", path, settle(ident), token=None))[0] == 401
+    assert (await admin.call("GET", "/billing/exports", token="wrong"))[0] == 401
+    status, answer = await admin.call(
+        "POST", f"/tenants/{uuid.uuid4()}/billing/exports/settle", settle(ident))
+    assert status == 404 and "tenant" in answer["error"]["message"].lower()
+    status, answer = await admin.call("POST", path, settle(f"{tenant}:input_tokens:2020-01-01T00"))
+    assert status == 404 and "meter export" in answer["error"]["message"].lower()
+    # Another tenant's export is not found through this one.
+    status, _ = await admin.call("POST", f"/tenants/{other}/billing/exports/settle",
+                                 settle(ident, "mark_exported"))
+    assert status == 404
+    for params, param in (({"status": "exported"}, "status"), ({"limit": "0"}, "limit"),
+                          ({"limit": "many"}, "limit"), ({"tenant": str(tenant)}, "tenant")):
+        status, answer = await admin.call("GET", "/billing/exports", params=params)
+        assert status == 400, (params, answer)
+        assert_error(answer, "invalid_request_error", param)
+    # Nothing above changed it.
+    assert await pool.fetchval("SELECT status FROM meter_exports WHERE identifier = $1",
+                               ident) == "held"
+    assert stripe_server.state.calls == []
+
+
+async def test_only_held_exports_are_settled(admin: Admin, stripe_server: StripeServer,
+                                             pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Planned")
+    customer = stripe_server.state.add_customer(str(tenant))
+    hour = floor_hour(datetime.now(UTC) - timedelta(hours=2))
+    ident = identifier(tenant, "input_tokens", hour)
+    async with pool.acquire() as conn, conn.transaction():
+        await record_billing_events(conn, [
+            StripeCustomerLinked(tenant_id=tenant, customer_id=customer),
+            UsageExportPlanned(tenant_id=tenant, meter="input_tokens",
+                               event_name="crosslogic_input_tokens", hour=hour, value=5,
+                               identifier=ident, sequence=0, customer_id=customer),
+            UsageExported(tenant_id=tenant, meter="input_tokens", hour=hour, value=5,
+                          identifier=ident, customer_id=customer)], actor="billing-pusher")
+    status, answer = await admin.call("POST", f"/tenants/{tenant}/billing/exports/settle",
+                                      settle(ident, "mark_exported"))
+    assert status == 409 and "is exported, not held" in answer["error"]["message"]
+
+
+async def test_resend_needs_stripe_here_and_marking_does_not(
+        database_url: str, nats_url: str, redis_url: str, pool: asyncpg.Pool) -> None:
+    async with running_stripe() as stripe_server:
+        tenant = await Catalog(EventLog(pool)).create_tenant("NoStripe")
+        ident = await held_export(pool, stripe_server, tenant)
+    async with running_admin(database_url, nats_url, redis_url) as admin:
+        path = f"/tenants/{tenant}/billing/exports/settle"
+        status, answer = await admin.call("POST", path, settle(ident, "resend"))
+        assert status == 503 and answer["error"]["code"] == "stripe_not_configured"
+        answer = await admin.ok("POST", path, settle(ident, "mark_exported"))
+        assert answer["export"]["status"] == "exported"
+
+
+async def test_cli_lists_and_settles_held_exports(admin: Admin, stripe_server: StripeServer,
+                                                  tmp_path: Path, pool: asyncpg.Pool) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Cli")
+    ident = await held_export(pool, stripe_server, tenant, value=777)
+    cli = Cli({**base_env(tmp_path), "CROSSLOGIC_ADMIN_URL": admin.url,
+               "CROSSLOGIC_ADMIN_TOKEN": TOKEN})
+    shown = await cli.ok("billing", "show", str(tenant))
+    assert "tokens held" in shown and "777" in shown and "billing settle" in shown
+    listed = await cli.ok("billing", "exports")
+    assert ident in listed and str(tenant) in listed and "held" in listed
+    assert (await cli.ok("billing", "exports", "--status", "failed")).strip() == "(none)"
+    code, _, err = await cli.run("billing", "settle", str(tenant), ident)
+    assert code == 2 and "--resend" in err  # one of the two is required
+    out = await cli.ok("billing", "settle", str(tenant), ident, "--exported")
+    assert "marked exported" in out and "exported" in out
+    assert stripe_server.state.calls == []
+    code, _, err = await cli.run("billing", "settle", str(tenant), ident, "--resend")
+    assert code == 1 and "not held" in err

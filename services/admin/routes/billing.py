@@ -3,21 +3,44 @@
 Linking needs `STRIPE_SECRET_KEY` in the admin service's settings; without it the route
 answers 503 and the rest of the API works as before. The Stripe client is opened with the app
 (this module adds its own cleanup context) and never shows the key.
+
+Held meter exports (`billing.export_held`: an attempt may have reached Stripe longer ago than
+Stripe's identifier deduplication can be counted on, so the pusher no longer resends them) are
+settled here by an operator who has looked the identifier up in Stripe: resent, or recorded as
+exported. Either way the outcome is an event the pusher itself would record
+(`billing.usage_exported`, or `billing.export_failed` when a resend fails), appended and
+applied to the ledger in one transaction, caused by the hold.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Literal
 
+import asyncpg
 import msgspec
+import stripe
 import structlog
 from aiohttp import web
 
+from schemas.events import UsageExported, UsageExportFailed
+from services.admin.bodies import ExportSettle
 from services.admin.context import ADMIN_SETTINGS
-from services.admin.routing import Route, add
-from services.admin.web_io import ACTOR, db, json_response, no_query, path_id, require
+from services.admin.routing import QueryParam, Route, add
+from services.admin.validation import FieldError, parse_limit
+from services.admin.web_io import (
+    ACTOR,
+    db,
+    json_response,
+    no_query,
+    path_id,
+    read_body,
+    require,
+)
 from services.core.billing_ledger import (
     BillingAccount,
     BillingEventRecord,
@@ -26,16 +49,24 @@ from services.core.billing_ledger import (
     get_account,
     recent_billing_events,
     recent_exports,
+    record_billing_events,
 )
+from services.core.catalog import NotFound
 from services.core.catalog import queries as q
+from services.core.db import Connection
 from services.core.errors import ApiError
 from services.core.http import REQUEST_ID
 from services.core.stripe_billing import (
+    Failure,
+    MeterSend,
     StripeBilling,
     StripeConfig,
     StripeRejected,
     StripeUnavailable,
+    classify,
+    describe,
     link_tenant,
+    may_have_reached,
 )
 
 log = structlog.get_logger("admin.billing")
@@ -59,6 +90,9 @@ class ExportTotalsBody(msgspec.Struct, kw_only=True, frozen=True):
     planned: int
     failed: int
     skipped: int
+    held: int
+    """Not sent again by the pusher: an operator settles them (POST
+    /tenants/{tenant_id}/billing/exports/settle)."""
 
 
 class TenantBilling(msgspec.Struct, kw_only=True, frozen=True):
@@ -108,9 +142,163 @@ async def get_billing(request: web.Request) -> web.Response:
     return json_response(TenantBilling(
         tenant_id=tenant_id, account=await get_account(pool, tenant_id),
         totals=ExportTotalsBody(exported=totals.exported, planned=totals.planned,
-                                failed=totals.failed, skipped=totals.skipped),
+                                failed=totals.failed, skipped=totals.skipped,
+                                held=totals.held),
         exports=await recent_exports(pool, tenant_id),
         events=await recent_billing_events(pool, tenant_id)))
+
+
+class ExportRecord(MeterExport, frozen=True, kw_only=True):
+    """A meter export and its tenant."""
+
+    tenant_id: uuid.UUID
+
+
+ExportStatus = Literal["held", "failed", "planned"]
+_LISTED: tuple[ExportStatus, ...] = ("held", "failed", "planned")
+_DEFAULT_LIST_LIMIT = 100
+_MAX_LIST_LIMIT = 1000
+_COLUMNS = ("tenant_id, identifier, meter, event_name, hour, sequence, value, customer_id, "
+            "status, duplicate, error, stripe_error, planned_at, exported_at")
+
+
+class ExportList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[ExportRecord]
+    """Oldest hour first."""
+    truncated: bool
+    """More exports are in this status than `limit` showed."""
+
+
+class ExportSettlement(msgspec.Struct, kw_only=True, frozen=True):
+    action: Literal["resend", "mark_exported"]
+    stripe: Literal["sent", "duplicate"] | None
+    """What Stripe answered the resend (`duplicate`: it still had the identifier, so nothing
+    more was counted); null for `mark_exported`."""
+    export: ExportRecord
+    """The export after settling: status `exported`."""
+
+
+async def _export(conn: asyncpg.Pool[asyncpg.Record] | Connection, tenant_id: uuid.UUID,
+                  identifier: str) -> ExportRecord | None:
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM meter_exports "
+                              "WHERE identifier = $1 AND tenant_id = $2", identifier, tenant_id)
+    return None if row is None else msgspec.convert(dict(row), ExportRecord)
+
+
+async def list_exports(request: web.Request) -> web.Response:
+    for name in request.query:
+        if name not in ("status", "limit") or len(request.query.getall(name)) > 1:
+            raise FieldError(f"Unknown or repeated query parameter '{name}' (known: limit, "
+                             "status).", name)
+    status = request.query.get("status", "held")
+    if status not in _LISTED:
+        raise FieldError(f"'status' must be one of {', '.join(_LISTED)}, not "
+                         f"{status[:40]!r}.", "status")
+    limit = parse_limit(request.query["limit"], maximum=_MAX_LIST_LIMIT) \
+        if "limit" in request.query else _DEFAULT_LIST_LIMIT
+    rows = await db(request).fetch(
+        f"""SELECT {_COLUMNS} FROM meter_exports WHERE status = $1
+            ORDER BY hour, tenant_id, meter, sequence LIMIT $2""", status, limit + 1)
+    return json_response(ExportList(
+        data=[msgspec.convert(dict(r), ExportRecord) for r in rows[:limit]],
+        truncated=len(rows) > limit))
+
+
+def _settle_lock_key(identifier: str) -> int:
+    # A signed 64-bit advisory lock key per identifier; a collision only serializes two.
+    digest = hashlib.blake2b(f"settle:{identifier}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def settle_export(request: web.Request) -> web.Response:
+    no_query(request)
+    tenant_id = path_id(request, "tenant_id", "tenant")
+    body = await read_body(request, ExportSettle)
+    pool = db(request)
+    require(await q.get_tenant(pool, tenant_id), "tenant", tenant_id)
+    stripe_billing = request.app.get(ADMIN_STRIPE)
+    if body.action == "resend" and stripe_billing is None:
+        raise ApiError.unavailable(
+            "Stripe is not configured on the admin service: set STRIPE_SECRET_KEY to resend "
+            "(mark_exported needs no Stripe).", code="stripe_not_configured")
+    key = _settle_lock_key(body.identifier)
+    # A session lock, not a row lock in a transaction: nothing is held open in the log (its
+    # readers wait for open writers) while Stripe answers; two operators settle one at a time.
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", key)
+        try:
+            export = await _export(conn, tenant_id, body.identifier)
+            if export is None:
+                raise NotFound(f"meter export {body.identifier!r} of tenant {tenant_id} "
+                               "not found")
+            if export.status != "held":
+                raise ApiError.conflict(
+                    f"Meter export {body.identifier!r} is {export.status}, not held: only a "
+                    "held export is settled by hand.", param="identifier",
+                    code="export_not_held")
+            answer: MeterSend | None = None
+            if body.action == "resend":
+                assert stripe_billing is not None
+                answer = await _resend(request, conn, stripe_billing, tenant_id, export)
+            await _record(request, conn, tenant_id, UsageExported(
+                tenant_id=tenant_id, meter=export.meter, hour=export.hour, value=export.value,
+                identifier=export.identifier, sequence=export.sequence,
+                customer_id=export.customer_id or "",
+                # Recorded as exported by hand: Stripe had it (the earlier attempt arrived).
+                duplicate=answer is not MeterSend.SENT))
+            settled = await _export(conn, tenant_id, body.identifier)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+    assert settled is not None
+    log.info("held meter export settled by an operator", identifier=body.identifier,
+                action=body.action, stripe=answer.value if answer else None,
+                value=export.value, request_id=request[REQUEST_ID])
+    return json_response(ExportSettlement(action=body.action,
+                                          stripe=answer.value if answer else None,
+                                          export=settled))
+
+
+async def _resend(request: web.Request, conn: Connection, stripe_billing: StripeBilling,
+                  tenant_id: uuid.UUID, export: ExportRecord) -> MeterSend:
+    """Send the held meter event under its own identifier (Stripe answers "duplicate" if it
+    still has it), stamped now: its hour's invoice may be final by now. A failure is recorded
+    as the pusher records one: retryable keeps it held, a refusal marks it failed."""
+    if not export.customer_id or not export.event_name:
+        raise ApiError.conflict(f"Meter export {export.identifier!r} has no Stripe customer "
+                                "or meter event name to send it with.",
+                                code="export_not_sendable")
+    try:
+        return await stripe_billing.send_meter_event(
+            event_name=export.event_name, customer_id=export.customer_id, value=export.value,
+            identifier=export.identifier, timestamp=int(time.time()))
+    except stripe.StripeError as exc:
+        error = describe(exc)
+        retryable = classify(exc) is not Failure.PERMANENT
+        await _record(request, conn, tenant_id, UsageExportFailed(
+            tenant_id=tenant_id, meter=export.meter, hour=export.hour,
+            identifier=export.identifier, error=error, retryable=retryable,
+            value=export.value, ambiguous=may_have_reached(exc)))
+        log.warning("resending a held meter export failed", identifier=export.identifier,
+                    error=error, retryable=retryable)
+        if retryable:
+            maybe = ": Stripe may have counted it, look again before resending" \
+                if may_have_reached(exc) else ""
+            raise ApiError.unavailable(f"Stripe did not take the meter event ({error}); it "
+                                       f"stays held{maybe}.", code="stripe_unavailable") from None
+        raise ApiError.bad_gateway(f"Stripe refused the meter event ({error}); the export is "
+                                   "now failed.", code="stripe_refused") from None
+
+
+async def _record(request: web.Request, conn: Connection, tenant_id: uuid.UUID,
+                  event: UsageExported | UsageExportFailed) -> None:
+    held = await conn.fetchval(
+        """SELECT event_id FROM billing_events WHERE tenant_id = $1
+             AND type = 'billing.export_held' AND data->>'identifier' = $2
+           ORDER BY occurred_at DESC LIMIT 1""", tenant_id, event.identifier)
+    async with conn.transaction():
+        await record_billing_events(conn, [event], actor=ACTOR,
+                                    correlation_id=request[REQUEST_ID],
+                                    causation_id=str(held) if held else None)
 
 
 async def _stripe_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -138,6 +326,31 @@ ROUTES = (
     Route("GET", "/tenants/{tenant_id}/billing", get_billing,
           "A tenant's Stripe link, payment standing and latest meter exports", TAG,
           response=TenantBilling),
+    Route("GET", "/billing/exports", list_exports,
+          "Meter exports of every tenant that need an operator's eye, by status", TAG,
+          response=ExportList,
+          query=(QueryParam("status", "held (the default), failed or planned",
+                            {"type": "string", "enum": list(_LISTED), "default": "held"}),
+                 QueryParam("limit", "rows at most",
+                            {"type": "integer", "minimum": 1, "maximum": _MAX_LIST_LIMIT,
+                             "default": _DEFAULT_LIST_LIMIT})),
+          description="Held exports are not sent again by the pusher (an earlier attempt may "
+                      "have reached Stripe too long ago to resend safely): look each "
+                      "identifier up in Stripe, then settle it."),
+    Route("POST", "/tenants/{tenant_id}/billing/exports/settle", settle_export,
+          "Settle a held meter export after checking Stripe: resend it, or mark it exported",
+          TAG, body=ExportSettle, response=ExportSettlement, errors=(409, 502),
+          description="Only a held export (`billing.export_held`) is settled; any other "
+                      "status is a 409 `export_not_held`, an identifier that is not this "
+                      "tenant's a 404. `mark_exported` records `billing.usage_exported` "
+                      "(`duplicate: true`: Stripe had it) without calling Stripe. `resend` "
+                      "sends the meter event under its identifier, stamped with the time of "
+                      "sending, and records `billing.usage_exported`; if Stripe fails "
+                      "`billing.export_failed` is recorded: a retryable failure (503 "
+                      "`stripe_unavailable`) leaves the export held, a refusal (502 "
+                      "`stripe_refused`) marks it failed. 503 `stripe_not_configured` when "
+                      "resending without STRIPE_SECRET_KEY here. The events name the admin "
+                      "API as actor, the request id as correlation and the hold as cause."),
 )
 
 
