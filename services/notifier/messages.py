@@ -185,6 +185,49 @@ def _payment_failed(p: Mapping[str, Any]) -> tuple[str, Section]:
     return title, Section(title, text, fields, Severity.CRITICAL)
 
 
+def _tokens(p: Mapping[str, Any]) -> str:
+    """``1,234 input tokens``: a meter export's value in its meter's words."""
+    value = p.get("value")
+    amount = f"{value:,}" if isinstance(value, int) else text_of(value)
+    return f"{amount} {str(p.get('meter') or 'tokens').replace('_', ' ')}"
+
+
+def _export_fields(p: Mapping[str, Any], *extra: Field) -> tuple[Field, ...]:
+    return (Field("tenant", str(p.get("tenant_id", "-")), inline=False),
+            Field("identifier", str(p.get("identifier", "-")), inline=False),
+            Field("hour", text_of(p.get("hour"))), Field("tokens", _tokens(p)), *extra)
+
+
+def _export_held(p: Mapping[str, Any]) -> tuple[str, Section]:
+    title = f"Stripe meter event held for an operator: {_tokens(p)}"
+    text = ("The billing pusher will not send it again: an earlier attempt may have reached "
+            "Stripe too long ago for a resend to be safe. Look the identifier up in Stripe, "
+            f"then settle it: `crosslogic billing settle {p.get('tenant_id', 'TENANT_ID')} "
+            f"{p.get('identifier', 'IDENTIFIER')} --exported` if Stripe has it, `--resend` if "
+            "it does not.")
+    if p.get("reason"):
+        text += f"\nWhy: {p['reason']}"
+    return title, Section(title, text, _export_fields(
+        p, Field("planned at", text_of(p.get("planned_at")))), Severity.WARNING)
+
+
+def _export_failed(p: Mapping[str, Any]) -> tuple[str, Section]:
+    error = str(p.get("error") or "no error given")
+    if p.get("retryable"):
+        title = f"Stripe meter event not sent yet, retrying: {_tokens(p)}"
+        text = f"Stripe did not take it ({error}); the billing pusher sends it again."
+        if p.get("ambiguous"):
+            text += (" Stripe may have counted this attempt: the resend carries the same "
+                     "identifier, which Stripe deduplicates.")
+        severity = Severity.INFO
+    else:
+        title = f"Stripe refused a meter event: {_tokens(p)} not billed"
+        text = (f"Stripe refused it ({error}) and it is given up: fix the cause (the tenant's "
+                "Stripe customer, the meter settings), then bill these tokens by hand.")
+        severity = Severity.WARNING
+    return title, Section(title, text, _export_fields(p), severity)
+
+
 def _tenant_suspended(p: Mapping[str, Any]) -> tuple[str, Section]:
     title = "Tenant suspended"
     return title, Section(title, str(p.get("reason", "")),
@@ -218,6 +261,8 @@ DESCRIBERS: dict[str, Describer] = {
     "node.terminated": _simple_node("was terminated", Severity.INFO),
     "deployment.no_active_nodes": _no_active_nodes,
     "billing.payment_failed": _payment_failed,
+    "billing.export_held": _export_held,
+    "billing.export_failed": _export_failed,
     "tenant.suspended": _tenant_suspended,
     "notification.endpoint_disabled": _endpoint_disabled,
     "notification.delivery_failed": _delivery_failed,

@@ -75,6 +75,44 @@ def test_known_events_read_as_sentences() -> None:
                                         subscription_id="s")).headline
 
 
+def test_billing_exports_tell_the_operator_what_to_do() -> None:
+    tenant = str(uuid.uuid4())
+    ident = f"{tenant}:input_tokens:2026-01-01T10"
+    held = describe(event("billing.export_held", tenant_id=tenant, meter="input_tokens",
+                          hour="2026-01-01T10:00:00Z", identifier=ident, value=1234567,
+                          planned_at="2026-01-01T11:05:00Z",
+                          reason="planned 21.0 h ago and an earlier attempt may have reached "
+                                 "Stripe (500 api_error)"))
+    assert held.headline == "Stripe meter event held for an operator: 1,234,567 input tokens"
+    assert held.severity is Severity.WARNING
+    text = held.sections[0].text
+    assert f"crosslogic billing settle {tenant} {ident} --exported" in text
+    assert "--resend" in text and "500 api_error" in text
+    fields = {f.name: f.value for f in held.sections[0].fields}
+    assert (fields["tenant"], fields["identifier"], fields["tokens"]) == (
+        tenant, ident, "1,234,567 input tokens")
+    assert fields["planned at"] == "2026-01-01T11:05:00Z"
+
+    refused = describe(event("billing.export_failed", tenant_id=tenant, meter="output_tokens",
+                             hour="2026-01-01T10:00:00Z", identifier=ident, value=20,
+                             error="400 resource_missing No such customer", retryable=False))
+    assert refused.headline == "Stripe refused a meter event: 20 output tokens not billed"
+    assert refused.severity is Severity.WARNING
+    assert "No such customer" in refused.sections[0].text
+    assert "by hand" in refused.sections[0].text
+
+    retrying = describe(event("billing.export_failed", tenant_id=tenant, meter="input_tokens",
+                              hour="2026-01-01T10:00:00Z", identifier=ident, value=5,
+                              error="500 api_error", retryable=True, ambiguous=True))
+    assert retrying.headline.startswith("Stripe meter event not sent yet, retrying")
+    assert retrying.severity is Severity.INFO
+    assert "may have counted" in retrying.sections[0].text
+    # Every service's format carries it within its limits.
+    for service in (discord, slack):
+        out = service.payload(held)
+        assert service.check(out) == [] and ident in json.dumps(out)
+
+
 def test_unknown_types_still_say_something() -> None:
     m = describe(event("orchestrator.capacity_low", region="us-east-1", free_gpus=0,
                        empty=None, nested={"a": 1}, flags=[True, False]))
