@@ -42,7 +42,7 @@ from schemas.events import (
     encode_event,
 )
 from schemas.subjects import node_ack_subject, node_command_subject
-from services.core.aio import stop_task, within
+from services.core.aio import stop_task, stop_tasks, within
 from services.core.backoff import Backoff
 from services.core.bus import Bus
 
@@ -159,9 +159,7 @@ class NodeAgent:
                 if self.exit_code == EXIT_DRAINED:
                     await self._drain_and_leave(request)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await stop_tasks(tasks)
                 try:
                     await self.bus.close()
                 except (OSError, nats.errors.Error) as exc:

@@ -21,6 +21,7 @@ from services.billing.projection import UsageMetrics, UsageRecordsProjection
 from services.billing.pusher import Clock, Pusher, utcnow
 from services.billing.settings import BillingSettings, check_settings
 from services.billing.webhooks import WEBHOOKS, WebhookHandler, stripe_webhook
+from services.core.aio import stop_tasks
 from services.core.billing_ledger import BillingProjection
 from services.core.bus import ConsumerSpec
 from services.core.http import (
@@ -72,9 +73,7 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
              asyncio.create_task(usage.run(), name="usage-records"),
              asyncio.create_task(ledger.run(), name="billing-events")]
     yield
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await stop_tasks(tasks)
 
 
 def _stripe_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:

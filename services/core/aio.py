@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -59,3 +59,10 @@ async def stop_task(task: asyncio.Task[object], *, grace: float = 5.0) -> None:
             task.result()  # retrieved, so asyncio does not warn; the owner logged it
     if caller_cancelled:
         raise asyncio.CancelledError
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, grace: float = 5.0) -> None:
+    """`stop_task` for each, all at once. Not `cancel()` then `gather()`: a task whose wait
+    swallowed that one cancellation (nats-py's fetch waits with wait_for) would hold the
+    gather, and the shutdown with it, for ever."""
+    await asyncio.gather(*(stop_task(t, grace=grace) for t in tasks))

@@ -19,6 +19,7 @@ from nats.js.api import DeliverPolicy
 
 from schemas.events import EventDecodeError, NodeStatus, decode_event
 from schemas.subjects import CONTROL
+from services.core.aio import stop_tasks
 from services.core.bus import Bus
 from services.core.http import BUS, DB, REDIS, REGISTRY
 from services.core.pipelined_redis import PipelinedRedis
@@ -172,14 +173,11 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     refresher = asyncio.create_task(_refresh_models(models), name="models-refresh")
     renewer = asyncio.create_task(gw.leases.run(), name="lease-keeper")
     yield
-    renewer.cancel()
     for sub in subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     await feed.stop()
-    refresher.cancel()
-    usage_task.cancel()
-    await asyncio.gather(usage_task, refresher, renewer, return_exceptions=True)
+    await stop_tasks([usage_task, refresher, renewer])
     await gw.usage.close()
     if gw._tasks:
         await asyncio.gather(*gw._tasks, return_exceptions=True)

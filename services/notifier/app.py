@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from services.core.aio import stop_tasks
 from services.core.errors import ApiError, error_response
 from services.core.http import (
     BUS,
@@ -84,9 +85,7 @@ async def _notifier_ctx(app: web.Application) -> AsyncIterator[None]:
                  asyncio.create_task(runner.run(), name="notifier-subscriptions")]
     sending = asyncio.create_task(scheduler.run(), name="notifier-scheduler")
     yield
-    for task in followers:
-        task.cancel()
-    await asyncio.gather(*followers, return_exceptions=True)
+    await stop_tasks(followers)
     await scheduler.stop(grace=max(s.http_timeout_seconds, s.smtp_timeout_seconds) + 1)
     sending.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -52,7 +52,7 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from schemas.subjects import node_command_subject
-from services.core.aio import wait_event
+from services.core.aio import stop_tasks, wait_event
 from services.core.eventlog import ANY, EventLog, LogWaker
 from services.core.fleet import Fleet, NodeView
 from services.core.node_states import FINAL, Signal
@@ -190,10 +190,7 @@ class Orchestrator:
             self.awaited.clear()
             self.metrics.leader.set(0)
             self.metrics.forget_deployments()  # the next leader's to say; ours would go stale
-            tasks = [*self.launches.values(), *self.terminations.values()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks([*self.launches.values(), *self.terminations.values()])
             self.launches.clear()
             self._launching_clusters.clear()
             self.terminations.clear()
