@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/simulator.py
 	$(BIN)/python bench/ratelimit.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/billing.py
+	$(BIN)/python bench/heartbeats.py
 
 # Re-export schemas/jsonschema/ after changing schemas/ (a test fails while it is stale).
 schemas: $(STAMP)
