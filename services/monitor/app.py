@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 
+import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
@@ -13,7 +15,10 @@ from aiohttp import web
 from schemas.commands import RegistrationAck
 from schemas.events import Event, NodeRegistered
 from schemas.subjects import HEARTBEATS, NODES, node_ack_subject
-from services.core.bus import ConsumerSpec
+from services.core.aio import stop_tasks
+from services.core.bus import Bus, ConsumerSpec
+from services.core.db import Connection
+from services.core.eventlog import EventLog, Origin, RecordedEvent
 from services.core.fleet import Fleet, NodesProjection
 from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
 from services.core.leadership import Leadership
@@ -21,7 +26,7 @@ from services.core.projections import ProjectionRunner
 from services.core.recorder import Recorder
 from services.monitor.registration import check_registration
 from services.monitor.settings import MonitorSettings
-from services.monitor.watcher import NodeWatcher, WatchSettings
+from services.monitor.watcher import NodeWatcher, WatchSettings, status_of
 
 log = structlog.get_logger("monitor")
 
@@ -32,10 +37,55 @@ LEADERSHIP = web.AppKey("monitor_leadership", Leadership)
 NODE_RECORDER = ConsumerSpec(durable="monitor-nodes", stream=NODES.name, subjects=("node.>",))
 
 
-async def validate(event: Event) -> Sequence[Event]:
-    if isinstance(event, NodeRegistered):
-        check_registration(event)
-    return (event,)
+class RecordingLog(EventLog):
+    """The node recorder's log, noting which events its latest `record` call wrote: the rest of
+    that batch was in the log already. The recorder hands every event of a batch to the
+    after-commit hook, new or not, and records one batch at a time."""
+
+    def __init__(self, source: asyncpg.Pool[asyncpg.Record] | Connection) -> None:
+        super().__init__(source)
+        self.fresh: frozenset[uuid.UUID] = frozenset()
+
+    async def record(self, events: Sequence[Event], *, origin: Origin = "bus",
+                     conn: Connection | None = None) -> list[RecordedEvent]:
+        self.fresh = frozenset()
+        recorded = await super().record(events, origin=origin, conn=conn)
+        self.fresh = frozenset(r.event_id for r in recorded)
+        return recorded
+
+
+def to_remember(events: Sequence[Event], fresh: Collection[uuid.UUID],
+                written_here: Collection[uuid.UUID]) -> list[Event]:
+    """The events whose status the cache takes: those just recorded, and those the control
+    plane's own writers appended (relayed from the log: the orchestrator's, another monitor's).
+    Not a second copy of what an agent said (a redelivery, a registration published again when
+    its ack was lost): the node may have moved on since, and the copy would move it back. Pure."""
+    return [e for e in events if status_of(e) is not None
+            and (e.id in fresh or e.id in written_here)]
+
+
+def refusal(event: NodeRegistered, reason: str) -> RegistrationAck:
+    """The answer to a registration the monitor will never record: the agent stops asking."""
+    return RegistrationAck(node_id=event.node_id, event_id=event.id, accepted=False,
+                           reason=reason)
+
+
+def validator(bus: Bus) -> Callable[[Event], Awaitable[Sequence[Event]]]:
+    async def validate(event: Event) -> Sequence[Event]:
+        if isinstance(event, NodeRegistered):
+            try:
+                check_registration(event)
+            except ValueError as exc:
+                # Dead-lettered all the same (an operator sees it: NatsDeadLetters), but the
+                # agent is told, or it would publish its registration again forever.
+                log.warning("registration refused", node_id=str(event.node_id),
+                            reason=str(exc))
+                await bus.nc.publish(node_ack_subject(event.node_id),
+                                     msgspec.json.encode(refusal(event, str(exc))))
+                raise
+        return (event,)
+
+    return validate
 
 
 async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -50,18 +100,28 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         registry=app[REGISTRY], connected=lambda: bus.connected)
     app[WATCHER] = watcher
 
+    recording = RecordingLog(app[EVENTLOG].pool)
+
     async def committed(events: list[Event]) -> None:
         # After the commit: an agent told "registered" is in the log, whatever happens next.
+        # Every copy is acked again: it is there because the agent did not hear the last ack.
         for e in events:
             if isinstance(e, NodeRegistered):
                 ack = RegistrationAck(node_id=e.node_id, event_id=e.id)
                 await bus.nc.publish(node_ack_subject(e.node_id), msgspec.json.encode(ack))
-        await watcher.on_node_events(events)
+        fresh = recording.fresh
+        known = [e.id for e in events if e.id not in fresh and status_of(e) is not None]
+        written_here: set[uuid.UUID] = set()
+        if known:
+            written_here = {r["event_id"] for r in await recording.pool.fetch(
+                "SELECT event_id FROM events WHERE event_id = ANY($1::uuid[]) "
+                "AND origin = 'log'", known)}
+        await watcher.on_node_events(to_remember(events, fresh, written_here))
 
     # A queue group: each heartbeat is handled by one monitor replica.
     heartbeats = await bus.subscribe_observations(HEARTBEATS.subjects[0], "monitor",
                                                   watcher.on_heartbeat)
-    recorder = Recorder(app[EVENTLOG], bus, NODE_RECORDER, transform=validate,
+    recorder = Recorder(recording, bus, NODE_RECORDER, transform=validator(bus),
                         on_committed=committed, registry=app[REGISTRY])
     runner = ProjectionRunner(app[EVENTLOG], NodesProjection(), waker=app[WAKER])
     leadership = Leadership(s.database_url.reveal(), "monitor-sweeper",
@@ -74,9 +134,7 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     with contextlib.suppress(Exception):
         await heartbeats.unsubscribe()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await stop_tasks(tasks)
 
 
 def create_monitor_app(settings: MonitorSettings) -> web.Application:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -14,15 +14,26 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from agent.node_agent import NodeAgent
+from agent.node_agent import EXIT_REJECTED, NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
-from schemas.events import NodeHeartbeat, NodeRegistered
+from schemas.commands import RegistrationAck
+from schemas.events import (
+    NodeHeartbeat,
+    NodeRegistered,
+    NodeStatus,
+    NodeStatusChanged,
+    NodeTerminated,
+    encode_event,
+)
 from schemas.ids import uuid7
+from schemas.subjects import NODES, node_ack_subject
 from services.core.bus import Bus
 from services.core.devstack import free_port
+from services.core.eventlog import EventLog
+from services.core.fleet import Fleet
 from services.core.settings import Secret
-from services.monitor.app import create_monitor_app
+from services.monitor.app import NODE_RECORDER, create_monitor_app, refusal, to_remember
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers
 from tests.helpers import eventually, node_registered
@@ -114,3 +125,105 @@ async def test_unroutable_registration_is_parked_not_recorded(monitor: web.Appli
     await eventually(settled, what="good recorded, bad parked")
     parked = await bus.js.get_msg("DLQ", 1)
     assert "unusable endpoint_url" in (parked.headers or {})["Crosslogic-Error"]
+
+
+async def test_a_registration_published_again_is_acked_and_moves_no_node_back(
+        monitor: web.Application, node: dict[str, Any], bus: Bus, pool: asyncpg.Pool,
+        redis_url: str) -> None:
+    """An agent whose ack was lost publishes its registration again under another message id
+    (agent/node_agent.py). The monitor acks the copy too, but the node, active by then, stays
+    active in the cache: the copy is not news."""
+    agent: NodeAgent = node["agent"]
+    await asyncio.wait_for(agent.registered.wait(), 15)
+    r = aioredis.from_url(redis_url)
+    acks = await bus.nc.subscribe(node_ack_subject(agent.node_id))
+    try:
+        async def active() -> bool:
+            return await r.get(f"node:{agent.node_id}:status") == b"active"
+
+        await eventually(active, what="the node active in the cache")
+        registration = agent._registration  # the very event the agent keeps publishing
+        stored = await bus.publish_raw(registration.subject, encode_event(registration),
+                                       f"{registration.id}.2")
+        assert not stored.duplicate
+
+        ack = msgspec.json.decode((await acks.next_msg(timeout=10)).data, type=RegistrationAck)
+        assert (ack.event_id, ack.accepted) == (registration.id, True)
+
+        async def handled() -> bool:  # the copy's whole batch, after-commit hook included
+            info = await bus.js.consumer_info(NODES.name, NODE_RECORDER.durable)
+            return info.ack_floor.stream_seq >= stored.seq
+
+        await eventually(handled, what="the copy handled and acked")
+        assert await r.get(f"node:{agent.node_id}:status") == b"active"
+        assert await pool.fetchval("SELECT count(*) FROM events WHERE type = 'node.registered'"
+                                   ) == 1
+    finally:
+        await acks.unsubscribe()
+        await r.aclose()
+
+
+async def test_a_refused_registration_is_answered_and_the_agent_stops(
+        monitor: web.Application, servers: Servers, bus: Bus, pool: asyncpg.Pool) -> None:
+    """A registration check_registration refuses goes to the dead letters, and the agent is
+    told why (accepted: false) instead of publishing it forever: it exits 3."""
+    url, runner = await serve(create_app(SimulatorConfig(model="m")))
+    settings = AgentSettings(nats_url=Secret(servers.nats_url), node_id=uuid7(), model_name="m",
+                             vllm_url=url, endpoint_url="ftp://nowhere", heartbeat_interval=0.2,
+                             registration_timeout=2.0, log_json=False)
+    acks = await bus.nc.subscribe(node_ack_subject(settings.node_id))
+    try:
+        agent = NodeAgent(settings)
+        assert await asyncio.wait_for(agent.run(), 20) == EXIT_REJECTED
+        ack = msgspec.json.decode((await acks.next_msg(timeout=1)).data, type=RegistrationAck)
+        assert ack.accepted is False and "unusable endpoint_url" in ack.reason
+        assert ack.event_id == agent._registration.id
+
+        async def parked() -> bool:
+            return (await bus.js.stream_info("DLQ")).state.messages >= 1
+
+        await eventually(parked, what="the registration dead-lettered")
+        assert await pool.fetchval("SELECT count(*) FROM events WHERE type = 'node.registered'"
+                                   ) == 0
+    finally:
+        await acks.unsubscribe()
+        await runner.cleanup()
+
+
+def test_only_news_moves_the_cached_status() -> None:
+    fresh, copy = node_registered(), node_registered()
+    relayed = NodeStatusChanged(node_id=uuid.uuid4(), from_status=NodeStatus.REGISTERED,
+                                to_status=NodeStatus.ACTIVE)
+    heartbeat = NodeHeartbeat(node_id=uuid.uuid4(), sequence=1, health_score=90,
+                              vllm_healthy=True)
+    events = [fresh, copy, relayed, heartbeat]
+    assert to_remember(events, {fresh.id}, {relayed.id}) == [fresh, relayed]
+    assert to_remember(events, set(), set()) == []
+    assert refusal(copy, "no model").accepted is False
+
+
+async def test_what_the_control_plane_wrote_still_moves_the_cached_status(
+        monitor: web.Application, node: dict[str, Any], bus: Bus, pool: asyncpg.Pool,
+        redis_url: str) -> None:
+    """Events other services append (origin 'log') reach the monitor through the relay, and
+    are in the log before it sees them: they are news all the same."""
+    agent: NodeAgent = node["agent"]
+    await asyncio.wait_for(agent.registered.wait(), 15)
+    r = aioredis.from_url(redis_url)
+    try:
+        async def status() -> bytes | None:
+            return await r.get(f"node:{agent.node_id}:status")  # type: ignore[no-any-return]
+
+        await eventually(lambda: _is(status, b"active"), what="the node active")
+        log = EventLog(pool)
+        await Fleet(log, actor="orchestrator").terminated(agent.node_id, "test", "c1")
+        terminated = (await log.read_stream(f"node:{agent.node_id}"))[-1].event
+        assert isinstance(terminated, NodeTerminated)
+        await bus.publish(terminated)  # as the outbox relay does
+        await eventually(lambda: _is(status, b"terminated"), what="the cache following the log")
+    finally:
+        await r.aclose()
+
+
+async def _is(read: Callable[[], Awaitable[bytes | None]], want: bytes) -> bool:
+    return await read() == want
