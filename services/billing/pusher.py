@@ -97,6 +97,9 @@ class PusherMetrics:
                             registry=registry)
         self.pending = Gauge("billing_exports_pending", "Planned meter events not yet sent",
                              registry=registry)
+        self.held = Gauge("billing_exports_held",
+                          "Meter events held for an operator (crosslogic billing settle): "
+                          "counted by the leader each pass", registry=registry)
 
 
 # Per tenant, hour and meter: what the closed hours hold, against what was planned for them.
@@ -224,6 +227,7 @@ class Pusher:
                     log.info("billing pusher stepped down")
                 self.is_leader = False
                 self.metrics.leader.set(0)
+                self.metrics.held.set(0)  # the leader's to count
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(conn.close())
@@ -248,7 +252,12 @@ class Pusher:
     async def push_once(self) -> int:
         """Plan what is due, then send everything planned. Returns meter events settled."""
         decisions = await self.plan()
-        return await self.send_planned({d.identifier for d in decisions if isinstance(d, Plan)})
+        settled = await self.send_planned(
+            {d.identifier for d in decisions if isinstance(d, Plan)})
+        # Standing, not a rate: the alert stays up until an operator settles every one.
+        self.metrics.held.set(await self.pool.fetchval(
+            "SELECT count(*) FROM meter_exports WHERE status = 'held'"))
+        return settled
 
     async def plan(self) -> list[Plan | Skip]:
         now = self.clock()

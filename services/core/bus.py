@@ -296,6 +296,10 @@ class Consumer:
         self.handler = handler
         self.log = log.bind(consumer=spec.durable)
         self._outcomes = bus.metrics.consumed
+        # Each outcome's series from the start, at 0: an alert on increase() sees the first
+        # dead letter, not a series that appears with it.
+        for outcome in ("ack", "nak", "dead_letter"):
+            self._outcomes.labels(spec.durable, outcome)
 
     async def run(self) -> None:
         delay = 0.2

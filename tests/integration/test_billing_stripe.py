@@ -356,6 +356,7 @@ async def test_a_plan_that_may_have_reached_stripe_is_held_past_the_horizon(
     await app[PUSHER].push_once()
     assert len(state.calls) == calls
     assert await exports_where(rig, "true") == 2
+    assert app[PUSHER].metrics.held._value.get() == 2  # standing until settled
 
 
 async def test_a_plan_stripe_only_refused_is_still_resent_past_the_horizon(
