@@ -43,17 +43,23 @@ async def stop_task(task: asyncio.Task[object], *, grace: float = 5.0) -> None:
     it has not (its own waits may have swallowed the first). If the caller is cancelled
     meanwhile, it still waits for the task to end, then raises CancelledError."""
     caller_cancelled = False
+    loop = asyncio.get_running_loop()
     task.cancel()
+    again_at = loop.time() + grace
     while not task.done():
         try:
-            await asyncio.wait({task}, timeout=grace)
+            await asyncio.wait({task}, timeout=max(0.0, again_at - loop.time()))
         except asyncio.CancelledError:
-            caller_cancelled = True  # the task may be cleaning up: let it finish
+            # The task may be cleaning up: let it finish. The schedule of cancelling it again
+            # is kept, not restarted: a caller cancelled every `grace` seconds (a stop_task
+            # above this one) would otherwise keep this one from ever cancelling again.
+            caller_cancelled = True
             continue
         if not task.done():
             log.warning("task still running after cancel; cancelling again",
                         task=task.get_name())
             task.cancel()
+            again_at = loop.time() + grace
     if not task.cancelled():
         with contextlib.suppress(Exception):
             task.result()  # retrieved, so asyncio does not warn; the owner logged it

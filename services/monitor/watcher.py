@@ -480,6 +480,11 @@ class NodeWatcher:
                     async with session.get(f"{url}/health") as resp:
                         return resp.status == 200
                 except (aiohttp.ClientError, TimeoutError):
+                    # aiohttp turns a cancellation that meets its own timeout into a
+                    # TimeoutError: a stopping monitor must not take it for a failed probe.
+                    me = asyncio.current_task()
+                    if me is not None and me.cancelling():
+                        raise asyncio.CancelledError from None
                     return False
 
         results = await asyncio.gather(*(one(n.endpoint_url) for n in nodes))

@@ -89,3 +89,33 @@ async def test_a_cancelled_caller_still_waits_for_the_task_to_end() -> None:
     with pytest.raises(asyncio.CancelledError):
         await stopper
     assert ended.is_set() and task.done()
+
+
+async def test_nested_stops_escalate_even_while_the_outer_one_keeps_cancelling() -> None:
+    """A leader's work stopping its own worker, stopped in turn by the service: the worker
+    swallows its first cancellation (as aiohttp's timeout or 3.11's wait_for can). The inner
+    stop must still cancel it again, although the outer stop interrupts it every `grace`."""
+    swallowed = 0
+
+    async def worker() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed == 0:
+                    swallowed += 1
+                    continue
+                raise
+
+    async def lead() -> None:
+        inner = asyncio.create_task(worker())
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await stop_task(inner, grace=0.1)
+
+    outer = asyncio.create_task(lead())
+    await asyncio.sleep(0.01)
+    await within(stop_task(outer, grace=0.1), 5)
+    assert outer.cancelled() and swallowed == 1
