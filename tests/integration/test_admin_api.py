@@ -424,6 +424,9 @@ BODIES = {
     "drain_node": ({}, ({"reason": 3}, "reason"),
                    ({"deadline_seconds": 0}, "deadline_seconds")),
     "terminate_node": ({}, ({"reason": 3}, "reason"), ({"reason": LONG}, "reason")),
+    "settle_export": ({"identifier": "t:input_tokens:2026-12-01T10", "action": "mark_exported"},
+                      ({"identifier": "x", "action": 5}, "action"),
+                      ({"identifier": "", "action": "resend"}, "identifier")),
     "create_notification_subscription": (
         {"kind": "email", "target": "ops@acme.test", "event_types": ["node.*"]},
         ({"kind": "email", "target": 5, "event_types": ["node.*"]}, "target"),
