@@ -1,7 +1,8 @@
 """A small Redis client for hot paths: one connection, every command pipelined.
 
 Commands issued by concurrent callers during one turn of the event loop leave in a single
-write; replies are matched to callers in order by one protocol object, with no task, no
+write (a command with nothing else in flight leaves at once: at low load there is nobody to
+wait for); replies are matched to callers in order by one protocol object, with no task, no
 connection pool and no lock per command. On this job (an EVALSHA per request, and a second one
 to settle it) it costs a fraction of redis-py's per-command overhead, which profiling showed to
 be the largest single cost of the gateway.
@@ -180,9 +181,14 @@ class PipelinedRedis:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        idle = not self._waiting
         self._waiting.append((future, time.monotonic()))
         self._out.append(encode_command(args))
-        if not self._flush_scheduled:
+        if idle and not self._flush_scheduled:
+            # Nothing in flight: nobody to share a write with, so do not wait a turn of the
+            # loop for company (a request's whole latency, at low load).
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         if self._watchdog is None:

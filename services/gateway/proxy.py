@@ -241,14 +241,9 @@ class Proxy:
         response = _HeldHeadersResponse(status=200, headers={**headers, **SSE_HEADERS})
         failure: str | None = None
         client_gone = False
-        try:
-            await response.prepare(request)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            # Gone before the first byte: nothing delivered, nothing billed, node not at fault.
-            upstream.close()
-            self.metrics.disconnects.inc()
-            self._succeeded(progress, req.model, started)
-            return ProxyResult(response, 200, node.node_id, client_gone=True)
+        # Writes nothing yet (the headers are held): a client already gone is found by the
+        # first write below, like one that leaves mid-stream.
+        await response.prepare(request)
         partial = b""
         finished = False
         while True:
