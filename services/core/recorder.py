@@ -9,6 +9,7 @@ commit. Idempotent on event id: redeliveries, replays and racing replicas record
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
@@ -22,8 +23,9 @@ from services.core.eventlog import EventLog
 log = structlog.get_logger("recorder")
 
 Transform = Callable[[Event], Awaitable[Sequence[Event]]]
-AfterCommit = Callable[[list[Event]], Awaitable[None]]
-"""Called once a batch is in the log, before its messages are acked."""
+AfterCommit = Callable[[list[Event], frozenset[uuid.UUID]], Awaitable[None]]
+"""Called once a batch is in the log, before its messages are acked: every event of the batch,
+and the ids of those this call recorded (the others were in the log already)."""
 """Validate an incoming event and return what to record (empty: record nothing).
 Raise ValueError for a message that must never be recorded: it goes to the dead letters."""
 
@@ -73,5 +75,6 @@ class Recorder:
             self.recorded.labels(self.spec.durable).inc(len(recorded))
             if self.on_committed is not None:
                 # Every event of the batch, new or already in the log: a redelivered
-                # message deserves the same follow-up (an agent waiting for its ack).
-                await self.on_committed(events)
+                # message deserves the same follow-up (an agent waiting for its ack); which
+                # are new tells a copy from news.
+                await self.on_committed(events, frozenset(r.event_id for r in recorded))

@@ -7,7 +7,6 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 
-import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
@@ -17,8 +16,6 @@ from schemas.events import Event, NodeRegistered
 from schemas.subjects import HEARTBEATS, NODES, node_ack_subject
 from services.core.aio import stop_tasks
 from services.core.bus import Bus, ConsumerSpec
-from services.core.db import Connection
-from services.core.eventlog import EventLog, Origin, RecordedEvent
 from services.core.fleet import Fleet, NodesProjection
 from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
 from services.core.leadership import Leadership
@@ -35,23 +32,6 @@ WATCHER = web.AppKey("node_watcher", NodeWatcher)
 LEADERSHIP = web.AppKey("monitor_leadership", Leadership)
 
 NODE_RECORDER = ConsumerSpec(durable="monitor-nodes", stream=NODES.name, subjects=("node.>",))
-
-
-class RecordingLog(EventLog):
-    """The node recorder's log, noting which events its latest `record` call wrote: the rest of
-    that batch was in the log already. The recorder hands every event of a batch to the
-    after-commit hook, new or not, and records one batch at a time."""
-
-    def __init__(self, source: asyncpg.Pool[asyncpg.Record] | Connection) -> None:
-        super().__init__(source)
-        self.fresh: frozenset[uuid.UUID] = frozenset()
-
-    async def record(self, events: Sequence[Event], *, origin: Origin = "bus",
-                     conn: Connection | None = None) -> list[RecordedEvent]:
-        self.fresh = frozenset()
-        recorded = await super().record(events, origin=origin, conn=conn)
-        self.fresh = frozenset(r.event_id for r in recorded)
-        return recorded
 
 
 def to_remember(events: Sequence[Event], fresh: Collection[uuid.UUID],
@@ -100,20 +80,17 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         registry=app[REGISTRY], connected=lambda: bus.connected)
     app[WATCHER] = watcher
 
-    recording = RecordingLog(app[EVENTLOG].pool)
-
-    async def committed(events: list[Event]) -> None:
+    async def committed(events: list[Event], fresh: frozenset[uuid.UUID]) -> None:
         # After the commit: an agent told "registered" is in the log, whatever happens next.
         # Every copy is acked again: it is there because the agent did not hear the last ack.
         for e in events:
             if isinstance(e, NodeRegistered):
                 ack = RegistrationAck(node_id=e.node_id, event_id=e.id)
                 await bus.nc.publish(node_ack_subject(e.node_id), msgspec.json.encode(ack))
-        fresh = recording.fresh
         known = [e.id for e in events if e.id not in fresh and status_of(e) is not None]
         written_here: set[uuid.UUID] = set()
         if known:
-            written_here = {r["event_id"] for r in await recording.pool.fetch(
+            written_here = {r["event_id"] for r in await app[EVENTLOG].pool.fetch(
                 "SELECT event_id FROM events WHERE event_id = ANY($1::uuid[]) "
                 "AND origin = 'log'", known)}
         await watcher.on_node_events(to_remember(events, fresh, written_here))
@@ -121,7 +98,7 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     # A queue group: each heartbeat is handled by one monitor replica.
     heartbeats = await bus.subscribe_observations(HEARTBEATS.subjects[0], "monitor",
                                                   watcher.on_heartbeat)
-    recorder = Recorder(recording, bus, NODE_RECORDER, transform=validator(bus),
+    recorder = Recorder(app[EVENTLOG], bus, NODE_RECORDER, transform=validator(bus),
                         on_committed=committed, registry=app[REGISTRY])
     runner = ProjectionRunner(app[EVENTLOG], NodesProjection(), waker=app[WAKER])
     leadership = Leadership(s.database_url.reveal(), "monitor-sweeper",
