@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from schemas.events import NodeRegistered, TenantCreated, TenantUpdated
@@ -25,6 +26,35 @@ async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 10.0
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s (last: {last!r})")
         await asyncio.sleep(interval)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, then the parent's
+    pid); None when the process is gone."""
+    try:
+        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def live_parents() -> dict[int, int]:
+    """Every live (not zombie) process's parent pid."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`."""
+    return [child for child, parent in live_parents().items() if parent == pid]
 
 
 def tenant_created(name: str = "acme", tenant_id: uuid.UUID | None = None) -> TenantCreated:

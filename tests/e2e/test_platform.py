@@ -22,7 +22,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from services.cli.dev import python_command
-from tests.helpers import eventually
+from tests.helpers import eventually, live_parents, process_alive
 
 CLI = [sys.executable, "-m", "services.cli"]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -71,15 +71,7 @@ class Dev:
 
     def descendants(self) -> set[int]:
         """Every process started under `crosslogic dev` (servers, services, node)."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if fields[0] != "Z":
-                    parents[int(entry.name)] = int(fields[1])
+        parents = live_parents()
         found: set[int] = set()
         frontier = {self.proc.pid}
         while frontier:
@@ -194,7 +186,7 @@ async def test_a_new_operators_first_hour(dev: Dev) -> None:
     assert len(children) >= 8
     assert await dev.stop(signal.SIGINT) == 0
 
-    assert not any(_alive(pid) for pid in children)
+    assert not any(process_alive(pid) for pid in children)
 
     # The state folder survives: the demo key works again after a restart.
     again = await start_dev(dev.state)
@@ -223,7 +215,7 @@ async def test_a_suspended_demo_a_double_ctrl_c_and_a_fresh_start(dev: Dev) -> N
     assert await asyncio.wait_for(dev.proc.wait(), 60) == 0
 
     async def all_gone() -> bool:
-        return not any(_alive(pid) for pid in children)
+        return not any(process_alive(pid) for pid in children)
 
     await eventually(all_gone, timeout=20, what="servers and services stopped")
     assert not (dev.state / "urls.json").exists()
@@ -261,13 +253,8 @@ async def test_dev_killed_hard_leaves_no_orphans(dev: Dev) -> None:
     await dev.proc.wait()
 
     async def all_gone() -> bool:
-        return not any(_alive(pid) for pid in children)
+        return not any(process_alive(pid) for pid in children)
 
     await eventually(all_gone, timeout=20, what="everything died with crosslogic dev")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -24,7 +24,7 @@ from services.core.devstack import free_port
 from services.core.eventlog import EventLog
 from services.core.fleet.projection import NodesProjection
 from services.core.projections import ProjectionRunner
-from tests.helpers import eventually, node_registered
+from tests.helpers import children_of, eventually, node_registered, process_alive
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
@@ -415,30 +415,16 @@ async def test_workers_die_with_a_supervisor_killed_hard(platform: Platform  # n
             await eventually(lambda: serving(s, f"http://127.0.0.1:{port}"), timeout=30,
                              what="workers ready")
 
-        def children() -> list[int]:
-            from pathlib import Path
-
-            return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-                    and (d / "stat").exists()
-                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
-
         async def both() -> bool:
-            return len(children()) == 2
+            return len(children_of(proc.pid)) == 2
 
         await eventually(both, what="two workers")
-        workers = children()
+        workers = children_of(proc.pid)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
 
-        def running(pid: int) -> bool:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-            except FileNotFoundError:
-                return False
-
         async def gone() -> bool:
-            return not any(running(pid) for pid in workers)
+            return not any(process_alive(pid) for pid in workers)
 
         await eventually(gone, what="the workers gone too")
     finally:
@@ -635,14 +621,7 @@ async def test_several_worker_processes_share_one_port(platform: Platform) -> No
             await eventually(lambda: _routes(s, url, p.key.plaintext), timeout=15,
                              what="workers route")
 
-            def workers() -> list[int]:
-                from pathlib import Path
-
-                return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
-                        and (d / "stat").exists()
-                        and (d / "stat").read_text().split()[3] == str(proc.pid)]
-
-            assert len(workers()) == 2
+            assert len(children_of(proc.pid)) == 2
 
             async def served() -> float:
                 """200s on chat completions, summed over every worker's own metrics port."""
