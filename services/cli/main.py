@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.cli.admin_commands import register_admin_commands
+from services.cli.nats_commands import register_nats_commands
 from services.core.eventlog import EventFilter
 
 
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port for /health, /metrics")
     p.set_defaults(func=_cmd_relay)
 
+    register_nats_commands(sub)
     register_admin_commands(sub)  # tenants, environments, keys, models, deployments
     return parser
 
