@@ -189,6 +189,10 @@ class NodeLaunching(_NodeEvent, tag="node.launching"):
     spot: bool
     deadline: datetime
     """Registration expected by then, or the launch has failed."""
+    credential_key: str = ""
+    """The public key (``U…``) of the NATS credential minted for this node: revoked when the
+    node ends. Empty for launches from before per-node credentials."""
+    credential_expires_at: datetime | None = None
 
 
 class NodeTerminateRequested(_NodeEvent, tag="node.terminate_requested"):

@@ -16,6 +16,8 @@ from schemas.events import EventDecodeError, decode_event
 from services.core.aio import stop_task
 from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
 from services.core.leadership import Leadership
+from services.core.natsauth.authority import NodeIssuer
+from services.orchestrator.credentials import CredentialKeeper
 from services.orchestrator.launcher import Launcher
 from services.orchestrator.local_launcher import LocalLauncher
 from services.orchestrator.orchestrator import Orchestrator
@@ -58,8 +60,12 @@ async def _orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[ORCHESTRATOR_SETTINGS]
     launcher = make_launcher(s)
     bus = app[BUS]
+    issuer = NodeIssuer.from_json(s.nats_node_issuer.reveal())
+    credentials = CredentialKeeper(issuer, s.nats_url.reveal(), app[EVENTLOG].pool,
+                                   registry=app[REGISTRY])
     orchestrator = Orchestrator(s, eventlog=app[EVENTLOG], redis=app[REDIS], nc=bus.nc,
-                                launcher=launcher, registry=app[REGISTRY], waker=app[WAKER])
+                                launcher=launcher, registry=app[REGISTRY], waker=app[WAKER],
+                                issuer=issuer, credentials=credentials)
     app[ORCHESTRATOR] = orchestrator
     leadership = Leadership(s.database_url.reveal(), "orchestrator",
                             retry=s.leader_retry_seconds)
@@ -81,12 +87,15 @@ async def _orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
         await stop_task(task)
     finally:
         await launcher.close()
+        await credentials.close()
 
 
 def create_orchestrator_app(settings: OrchestratorSettings) -> web.Application:
     if settings.launcher not in LAUNCHERS:  # fail at start, not at the first tick
         raise LauncherError(f"LAUNCHER must be one of {', '.join(LAUNCHERS)}, "
                             f"not {settings.launcher!r}")
+    # Fail at start too: without it no launched node could connect, or be revoked.
+    NodeIssuer.from_json(settings.nats_node_issuer.reveal())
     app = create_app(settings)
     app[ORCHESTRATOR_SETTINGS] = settings
     app.cleanup_ctx.append(_orchestrator_ctx)

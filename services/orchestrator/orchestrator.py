@@ -55,8 +55,10 @@ from schemas.subjects import node_command_subject
 from services.core.aio import stop_tasks, wait_event
 from services.core.eventlog import ANY, EventLog, LogWaker
 from services.core.fleet import Fleet, NodeView
+from services.core.natsauth.authority import NodeIssuer
 from services.core.node_states import FINAL, Signal
 from services.orchestrator.autoscaler import NodeLoad, ScaleMemory, ScalePolicy, decide_scale
+from services.orchestrator.credentials import CredentialKeeper, node_credentials
 from services.orchestrator.launcher import (
     ClusterState,
     Launcher,
@@ -132,8 +134,14 @@ class Orchestrator:
     def __init__(self, settings: OrchestratorSettings, *, eventlog: EventLog,
                  redis: aioredis.Redis, nc: NATS, launcher: Launcher,
                  registry: CollectorRegistry | None = None,
-                 waker: LogWaker | None = None) -> None:
+                 waker: LogWaker | None = None,
+                 issuer: NodeIssuer | None = None,
+                 credentials: CredentialKeeper | None = None) -> None:
         self.settings = settings
+        self.issuer = issuer
+        """Mints each launched node's NATS credential (None: nodes get none, for tests of
+        plans that launch nothing real)."""
+        self.credentials = credentials
         self.waker = waker
         self.eventlog = eventlog
         self.fleet = Fleet(eventlog, actor="orchestrator")
@@ -177,11 +185,15 @@ class Orchestrator:
         self.metrics.leader.set(1)
         self.leading = True
         self._last_cloud_check = 0.0
+        if self.credentials is not None:
+            self.credentials.forget_state()
         try:
             while True:
                 try:
                     await self._catch_up_awaited()
                     await self.tick()
+                    if self.credentials is not None:
+                        await self.credentials.sync()
                 except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
                     log.warning("tick failed; next one retries", error=str(exc))
                 await self._pause()
@@ -353,16 +365,22 @@ class Orchestrator:
                                 provider=provider, region=region, gpu_type=dep.gpu_type,
                                 spot=launch.spot, heartbeat_interval=s.node_heartbeat_interval,
                                 nats_url=nats_url)
-        if s.nats_user:
-            env["NATS_USER"] = s.nats_user
-            secrets["NATS_PASSWORD"] = s.nats_password.reveal()
+        credential_key, credential_expires_at = "", None
+        if self.issuer is not None:
+            # Its own identity, for this node only; its key goes in the log so that it can be
+            # revoked when the node ends.
+            creds, credential_expires_at = node_credentials(
+                self.issuer, node_id, s.node_credential_ttl_seconds, datetime.now(UTC))
+            credential_key = creds.public_key
+            secrets["NATS_CREDS"] = creds.text()
         if s.hf_token.reveal():
             secrets["HF_TOKEN"] = s.hf_token.reveal()
         deadline = datetime.now(UTC) + timedelta(seconds=s.launch_deadline_seconds)
         await self.fleet.launching(NodeLaunching(
             node_id=node_id, deployment_id=dep.id, cluster_name=cluster,
             model_name=dep.model_name, provider=provider, region=region,
-            gpu_type=dep.gpu_type, spot=launch.spot, deadline=deadline))
+            gpu_type=dep.gpu_type, spot=launch.spot, deadline=deadline,
+            credential_key=credential_key, credential_expires_at=credential_expires_at))
         if launch.replaces is not None:
             await self.fleet.replaced(launch.replaces, node_id, launch.reason, dep.id)
             self.metrics.replacements.inc()

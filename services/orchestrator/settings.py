@@ -15,7 +15,13 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     default_provider: str = "aws"
     """The cloud of a deployment region given without one ("us-east-1")."""
     node_nats_url: Secret = Secret("")
-    """How nodes reach NATS (with credentials); defaults to NATS_URL."""
+    """How nodes reach NATS (tls://… in production); defaults to NATS_URL."""
+    nats_node_issuer: Secret = Secret("")
+    """`issuer.json` of `crosslogic nats init`: the scoped key that mints each node's own NATS
+    credential at launch, and what revokes it when the node ends. Required."""
+    node_credential_ttl_seconds: float = 30 * 86400.0
+    """A node's NATS credential expires this long after its launch (then NATS closes its
+    connection and the node goes stale and is replaced)."""
     node_heartbeat_interval: float = 15.0
     reconcile_every_seconds: float = 5.0
     cloud_check_every_seconds: float = 30.0

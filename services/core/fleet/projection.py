@@ -57,12 +57,14 @@ class NodesProjection(Projection):
                 await conn.execute(
                     """INSERT INTO nodes (id, cluster_name, provider, region, gpu_type,
                            model_name, spot_instance, status, deployment_id, launch_deadline,
-                           registered_at, updated_at, status_since, version)
+                           registered_at, updated_at, status_since, version, credential_key,
+                           credential_expires_at)
                        VALUES ($1, $2, $3, $4, $5, $6, $7, 'launching', $8, $9, $10, $10, $10,
-                               $11)
+                               $11, $12, $13)
                        ON CONFLICT (id) DO NOTHING""",
                     e.node_id, e.cluster_name, e.provider, e.region, e.gpu_type, e.model_name,
-                    e.spot, e.deployment_id, e.deadline, e.occurred_at, v)
+                    e.spot, e.deployment_id, e.deadline, e.occurred_at, v,
+                    e.credential_key, e.credential_expires_at)
             elif isinstance(e, NodeTerminateRequested):
                 await conn.execute(
                     """UPDATE nodes SET terminate_requested_at = $2, terminate_reason = $3,
