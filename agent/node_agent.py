@@ -44,12 +44,15 @@ from schemas.events import (
 from schemas.subjects import node_ack_subject, node_command_subject
 from services.core.aio import stop_task, stop_tasks, within
 from services.core.backoff import Backoff
-from services.core.bus import Bus
+from services.core.bus import Bus, NatsAuthError
 
 log = structlog.get_logger("agent")
 
 EXIT_DRAINED = 0
 EXIT_REJECTED = 3
+EXIT_REFUSED = 4
+"""NATS refused or dropped this node's credential (revoked when the node ended, or expired):
+nothing it says can be heard any more."""
 MAX_DRAIN_SECONDS = 86400.0
 """The longest drain a command may ask for (and a bound that keeps datetime arithmetic sane)."""
 
@@ -144,7 +147,12 @@ class NodeAgent:
         timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._session = session
-            bus = await self._connect_unless_stopped()
+            try:
+                bus = await self._connect_unless_stopped()
+            except NatsAuthError as exc:
+                self._remove_signal_handlers(loop)
+                log.error("nats refused this node's credential", error=str(exc))
+                return EXIT_REFUSED
             if bus is None:
                 self._remove_signal_handlers(loop)
                 log.info("stopped before nats answered: nothing registered, nothing to drain")
@@ -152,7 +160,8 @@ class NodeAgent:
             self.bus = bus
             tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in (
                 ("heartbeats", self._heartbeats), ("register", self._register),
-                ("spot", self._watch_spot), ("announcer", self._announcer))]
+                ("spot", self._watch_spot), ("announcer", self._announcer),
+                ("credential", self._watch_credential))]
             await self.bus.nc.subscribe(node_command_subject(self.node_id), cb=self._on_command)
             try:
                 request = await self._drain
@@ -213,11 +222,23 @@ class NodeAgent:
         self.connecting = True
         try:
             bus = await Bus.connect(s.nats_url.reveal(), name=f"agent-{self.node_id}",
-                                    user=s.nats_user, password=s.nats_password.reveal())
+                                    creds=s.nats_creds.reveal())
         finally:
             self.connecting = False
         log.info("connected to nats")
         return bus
+
+    async def _watch_credential(self) -> None:
+        """NATS closes a connection for good when its credential is revoked (the control plane
+        ended this node) or expires: the node can no longer be heard, so it leaves."""
+        assert self.bus is not None
+        await self.bus.closed.wait()
+        if self.bus.closing:
+            return
+        log.error("nats closed this node's connection: its credential was revoked or expired")
+        self.exit_code = EXIT_REFUSED
+        self.request_drain("NATS credential revoked or expired",
+                           timeout=self.settings.sigterm_drain_timeout)
 
     # ------------------------------------------------------------------ registration
 

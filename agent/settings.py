@@ -23,8 +23,9 @@ DEFAULT_METADATA_URLS = {
 
 class AgentSettings(msgspec.Struct, kw_only=True, frozen=True):
     nats_url: Secret = Secret("nats://127.0.0.1:4222")
-    nats_user: str = ""
-    nats_password: Secret = Secret("")
+    nats_creds: Secret = Secret("")
+    """This node's own NATS credential (`.creds` text), minted by the orchestrator at launch:
+    it may speak only of this node, and stops working when the node ends."""
     node_id: uuid.UUID = msgspec.field(default_factory=uuid7)
     """Set by the launcher so the control plane knows which launch registered; new if unset."""
     cluster_name: str = "local"

@@ -44,6 +44,7 @@ from services.core.db import create_pool
 from services.core.devstack import DevStack
 from services.core.eventlog import EventLog
 from services.core.migrate import migrate
+from services.core.natsauth.identities import Role
 from services.core.settings import Secret
 
 MODEL = "bench-model"
@@ -63,13 +64,18 @@ async def publish(bus: Bus, events: list[UsageRecorded]) -> None:
         await asyncio.gather(*(bus.publish(e) for e in events[i:i + 500]))
 
 
-def gateway_process(nats_url: str, tenants: list[uuid.UUID], total: int,
+def creds(auth_dir: Path, role: Role) -> str:
+    """Each part connects as the identity it has in production."""
+    return (auth_dir / "creds" / f"{role.value}.creds").read_text()
+
+
+def gateway_process(nats_url: str, gateway_creds: str, tenants: list[uuid.UUID], total: int,
                     ready: EventType, go: EventType) -> None:
     """A separate process publishing usage, as gateways do (not competing with billing for
     this process's CPU). It connects and builds its events, says `ready`, waits for `go`."""
 
     async def run() -> None:
-        bus = await Bus.connect(nats_url, name="bench-gateway")
+        bus = await Bus.connect(nats_url, name="bench-gateway", creds=gateway_creds)
         events = [usage(tenants, i) for i in range(total)]
         ready.set()
         await asyncio.to_thread(go.wait)
@@ -108,7 +114,7 @@ def wipe_refusal(logged_events: int, stream_messages: Mapping[str, int]) -> str 
             "--i-know-this-wipes.")
 
 
-async def check_empty(dsn: str, nats_url: str) -> str | None:
+async def check_empty(dsn: str, nats_url: str, auth_dir: Path) -> str | None:
     """`wipe_refusal` for the servers at `dsn` and `nats_url`, read without changing them."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -117,7 +123,7 @@ async def check_empty(dsn: str, nats_url: str) -> str | None:
             logged = int(await conn.fetchval("SELECT count(*) FROM events"))
     finally:
         await conn.close()
-    bus = await Bus.connect(nats_url, name="bench-check")
+    bus = await Bus.connect(nats_url, name="bench-check", creds=creds(auth_dir, Role.ADMIN))
     try:
         streams = {info.config.name or "?": info.state.messages
                    for info in await bus.js.streams_info()}
@@ -126,21 +132,22 @@ async def check_empty(dsn: str, nats_url: str) -> str | None:
     return wipe_refusal(logged, streams)
 
 
-async def bench(dsn: str, nats_url: str, total: int) -> None:
+async def bench(dsn: str, nats_url: str, total: int, auth_dir: Path) -> None:
     pool = await create_pool(dsn, min_size=1, max_size=4)
     await pool.execute("TRUNCATE usage_records, usage_hourly, events, streams, checkpoints, "
                        "models")
     await Catalog(EventLog(pool)).create_model(
         MODEL, family="bench", vram_gb=16, input_price_per_million=Decimal("0.15"),
         output_price_per_million=Decimal("0.60"), context_length=8192)
-    bus = await Bus.connect(nats_url, name="bench")
+    bus = await Bus.connect(nats_url, name="bench", creds=creds(auth_dir, Role.ADMIN))
     for info in await bus.js.streams_info():
         if info.config.name:
             await bus.js.delete_stream(info.config.name)
     await bus.ensure_streams()
     tenants = [uuid.uuid4() for _ in range(50)]
     settings = BillingSettings(database_url=Secret(dsn), nats_url=Secret(nats_url),
-                               log_json=False, log_level="warning", event_poll_interval=0.2)
+                               nats_creds=Secret(creds(auth_dir, Role.BILLING)), log_json=False,
+                               log_level="warning", event_poll_interval=0.2)
 
     backlog = [usage(tenants, i) for i in range(total)]
     await publish(bus, backlog)
@@ -152,7 +159,9 @@ async def bench(dsn: str, nats_url: str, total: int) -> None:
 
     ctx = multiprocessing.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
-    gateway = ctx.Process(target=gateway_process, args=(nats_url, tenants, total, ready, go))
+    gateway = ctx.Process(target=gateway_process,
+                          args=(nats_url, creds(auth_dir, Role.GATEWAY), tenants, total,
+                                ready, go))
     gateway.start()
     await asyncio.to_thread(ready.wait)  # its start-up is not measured
     t0 = time.perf_counter()
@@ -175,26 +184,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--external", action="store_true",
-                        help="use $DATABASE_URL, $NATS_URL (they must be empty: they are wiped)")
+                        help="use $DATABASE_URL, $NATS_URL (they must be empty: they are "
+                             "wiped) and the NATS authority in $NATS_AUTH_DIR")
     parser.add_argument("--i-know-this-wipes", action="store_true",
                         help="with --external: run even though the servers hold data, which "
                              "is deleted")
     args = parser.parse_args()
     if args.external:
+        auth_dir = Path(os.environ["NATS_AUTH_DIR"])
         if not args.i_know_this_wipes:
             refusal = asyncio.run(check_empty(os.environ["DATABASE_URL"],
-                                              os.environ["NATS_URL"]))
+                                              os.environ["NATS_URL"], auth_dir))
             if refusal:
                 raise SystemExit(refusal)
         asyncio.run(migrate(os.environ["DATABASE_URL"]))
-        asyncio.run(bench(os.environ["DATABASE_URL"], os.environ["NATS_URL"], args.events))
+        asyncio.run(bench(os.environ["DATABASE_URL"], os.environ["NATS_URL"], args.events,
+                          auth_dir))
         return
     with tempfile.TemporaryDirectory() as tmp:
         stack = DevStack(Path(tmp), redis=False)
         stack.start()
         try:
             asyncio.run(migrate(stack.urls.database_url))
-            asyncio.run(bench(stack.urls.database_url, stack.urls.nats_url, args.events))
+            assert stack.nats is not None
+            asyncio.run(bench(stack.urls.database_url, stack.urls.nats_url, args.events,
+                              stack.nats.auth_dir))
         finally:
             stack.stop()
 

@@ -37,6 +37,7 @@ from services.core.db import create_pool
 from services.core.devstack import (
     DevStack,
     DevStackError,
+    NatsServer,
     PreferredPorts,
     StackURLs,
     die_with_parent,
@@ -46,6 +47,7 @@ from services.core.devstack import (
 from services.core.eventlog import EventLog
 from services.core.logging import configure_logging
 from services.core.migrate import migrate
+from services.core.natsauth.identities import Role
 
 DEFAULT_STATE_DIR = Path(".state/dev")
 URLS_FILE = "urls.json"
@@ -104,12 +106,13 @@ class Service:
     log: IO[bytes] | None = field(default=None, repr=False)
 
 
-async def _prepare(urls: StackURLs, state: Path) -> tuple[Demo, list[str]]:
+async def _prepare(urls: StackURLs, state: Path, nats: NatsServer) -> tuple[Demo, list[str]]:
     """Migrations, streams and the demo data; with what stands in the demo's way (a
     suspended tenant, a deleted deployment: an operator's doing, kept across runs)."""
     applied = await migrate(urls.database_url)
     _say(f"  migrations applied: {len(applied)}")
-    bus = await Bus.connect(urls.nats_url, name="crosslogic-dev")
+    bus = await Bus.connect(urls.nats_url, name="crosslogic-dev",
+                            creds=nats.creds(Role.PROVISIONER))
     try:
         await bus.ensure_streams()
     finally:
@@ -187,35 +190,42 @@ async def _demo_data(database_url: str, state: Path) -> Demo:
         await pool.close()
 
 
-def _services(urls: StackURLs, demo: Demo, state: Path) -> tuple[list[Service], DevURLs]:
+def _services(urls: StackURLs, demo: Demo, state: Path,
+              nats: NatsServer) -> tuple[list[Service], DevURLs]:
     py = sys.executable
     base = {**os.environ, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
             "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1", "LOG_LEVEL": "info",
             "LOG_JSON": "true", "EVENT_POLL_INTERVAL": "0.5"}
+
+    def as_(role: Role) -> dict[str, str]:
+        """Each service connects to NATS as its own identity, as in production."""
+        return {**base, "NATS_CREDS": nats.creds(role)}
+
     ports = {name: free_port(preferred) for name, preferred in
              (("gateway", 8080), ("admin", 8081), ("monitor", 8082), ("billing", 8083),
               ("orchestrator", 8085), ("notifier", 8084), ("relay", 8079), ("cloud", 8090))}
     cloud = f"http://127.0.0.1:{ports['cloud']}"
     services = [
         Service("relay", [py, "-m", "services.cli", "relay"],
-                {**base, "HTTP_PORT": str(ports["relay"])},
+                {**as_(Role.RELAY), "HTTP_PORT": str(ports["relay"])},
                 f"http://127.0.0.1:{ports['relay']}/ready"),
         Service("monitor", [py, "-m", "services.monitor"],
-                {**base, "HTTP_PORT": str(ports["monitor"])},
+                {**as_(Role.MONITOR), "HTTP_PORT": str(ports["monitor"])},
                 f"http://127.0.0.1:{ports['monitor']}/ready"),
         Service("billing", [py, "-m", "services.billing"],
-                {**base, "HTTP_PORT": str(ports["billing"])},
+                {**as_(Role.BILLING), "HTTP_PORT": str(ports["billing"])},
                 f"http://127.0.0.1:{ports['billing']}/ready"),
         Service("notifier", [py, "-m", "services.notifier"],
-                {**base, "HTTP_PORT": str(ports["notifier"]),
+                {**as_(Role.NOTIFIER), "HTTP_PORT": str(ports["notifier"]),
                  # Local webhook receivers are the point of a local run.
                  "ALLOW_PRIVATE_TARGETS": "true"},
                 f"http://127.0.0.1:{ports['notifier']}/ready"),
         Service("admin", [py, "-m", "services.admin"],
-                {**base, "HTTP_PORT": str(ports["admin"]), "ADMIN_TOKEN": demo.admin_token},
+                {**as_(Role.ADMIN_API), "HTTP_PORT": str(ports["admin"]),
+                 "ADMIN_TOKEN": demo.admin_token},
                 f"http://127.0.0.1:{ports['admin']}/ready"),
         Service("gateway", [py, "-m", "services.gateway"],
-                {**base, "HTTP_PORT": str(ports["gateway"]),
+                {**as_(Role.GATEWAY), "HTTP_PORT": str(ports["gateway"]),
                  "USAGE_SPOOL_DIR": str(state / "usage-spool")},
                 f"http://127.0.0.1:{ports['gateway']}/ready"),
         Service("cloud", [py, "-m", "agent.local_cloud", "--port", str(ports["cloud"]),
@@ -224,7 +234,8 @@ def _services(urls: StackURLs, demo: Demo, state: Path) -> tuple[list[Service], 
                           "--agent-env", "LOG_JSON=true"],
                 dict(os.environ), f"{cloud}/clusters"),
         Service("orchestrator", [py, "-m", "services.orchestrator"],
-                {**base, "HTTP_PORT": str(ports["orchestrator"]), "LAUNCHER": "local",
+                {**as_(Role.ORCHESTRATOR), "HTTP_PORT": str(ports["orchestrator"]),
+                 "NATS_NODE_ISSUER": nats.authority.node_issuer().to_json(), "LAUNCHER": "local",
                  "LOCAL_CLOUD_URL": cloud, "DEFAULT_PROVIDER": "local",
                  "NODE_HEARTBEAT_INTERVAL": "5", "RECONCILE_EVERY_SECONDS": "2",
                  "CLOUD_CHECK_EVERY_SECONDS": "2", "LAUNCH_DEADLINE_SECONDS": "60"},
@@ -461,9 +472,10 @@ def run_dev(state_dir: Path, *, fresh: bool) -> int:
             wrote_urls = True
             _say(f"  postgres  {urls.database_url}\n  redis     {urls.redis_url}\n"
                  f"  nats      {urls.nats_url}")
-            demo, problems = asyncio.run(_prepare(urls, state_dir))
+            assert stack.nats is not None
+            demo, problems = asyncio.run(_prepare(urls, state_dir, stack.nats))
             _say("  demo tenant, environment, model and key ready")
-            services, dev = _services(urls, demo, state_dir)
+            services, dev = _services(urls, demo, state_dir, stack.nats)
             deadline = time.monotonic() + 90
             for service in services:
                 _start(service, logs)

@@ -24,6 +24,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.events import Event, EventDecodeError, decode_event, encode_event
 from schemas.subjects import STREAMS, StreamSpec, dlq_subject
+from services.core.natsauth.creds import Credentials
 
 log = structlog.get_logger("bus")
 
@@ -38,6 +40,10 @@ MSG_ID = "Nats-Msg-Id"
 ERROR_HEADER = "Crosslogic-Error"
 SUBJECT_HEADER = "Crosslogic-Original-Subject"
 DELIVERIES_HEADER = "Crosslogic-Deliveries"
+
+
+class NatsAuthError(ConnectionError):
+    """NATS refused the credential (missing, expired, revoked, or not this server's)."""
 
 
 class TransientError(Exception):
@@ -99,12 +105,19 @@ class Bus:
         """Seconds between refreshes of `nats_consumer_pending_messages`."""
         self._tracked: set[tuple[str, str]] = set()
         self._pending_task: asyncio.Task[None] | None = None
+        self.identity: Credentials | None = None
+        """Who this connection is (None: anonymous)."""
+        self.closed = asyncio.Event()
+        """Set when the connection is closed for good."""
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, user: str = "", password: str = "",
+    async def connect(cls, url: str, *, name: str, creds: str = "",
                       registry: CollectorRegistry | None = None,
                       connect_timeout: float = 2.0) -> Bus:
-        """Connect, and keep reconnecting for ever once connected (NATS restarts are normal)."""
+        """Connect as the identity of `creds` (a `.creds` text; empty: anonymous, which only
+        a server without authentication takes), and keep reconnecting for ever once
+        connected (NATS restarts are normal). Replies come to the identity's own inbox."""
+        credentials = Credentials.parse(creds) if creds else None
 
         said: dict[str, float] = {}
 
@@ -126,13 +139,34 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats reconnected")
 
-        nc = await nats.connect(
-            servers=[url], name=name, user=user or None, password=password or None,
-            connect_timeout=int(max(1, connect_timeout)), allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-        )
+        closed = asyncio.Event()
+
+        async def on_closed() -> None:
+            # For good: nats-py gives up when the server refuses the credential on reconnect
+            # (revoked, expired); otherwise only close() does this.
+            closed.set()
+            if bus is not None and not bus.closing:
+                log.error("nats connection closed for good (credential refused?)")
+
+        auth: dict[str, Any] = {}
+        if credentials is not None:
+            auth = {"user_credentials": RawCredentials(credentials.text()),
+                    "inbox_prefix": credentials.inbox_prefix}
+        try:
+            nc = await nats.connect(
+                servers=[url], name=name, connect_timeout=int(max(1, connect_timeout)),
+                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                error_cb=on_error, disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect, closed_cb=on_closed, **auth)
+        except nats.errors.Error as exc:
+            if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+                raise NatsAuthError(
+                    f"NATS refused {name}'s credential ({exc}): set NATS_CREDS to this "
+                    "identity's .creds (see docs/security.md)") from None
+            raise
         bus = cls(nc, registry=registry)
+        bus.identity = credentials
+        bus.closed = closed
         return bus
 
     @property
@@ -158,6 +192,32 @@ class Bus:
                 log.debug("nats close failed", error=str(exc) or type(exc).__name__)
 
     # ------------------------------------------------------------------ streams
+
+    async def wait_for_streams(self, specs: Sequence[StreamSpec] = STREAMS, *,
+                               say_every: float = 10.0) -> None:
+        """Return once every stream of `specs` exists. Services do not create streams (their
+        identities may not): `crosslogic nats setup` does, as `migrate` does the tables."""
+        missing = [s.name for s in specs]
+        said = -say_every
+        began = time.monotonic()
+        while True:
+            still: list[str] = []
+            for name in missing:
+                try:
+                    await self.js.stream_info(name)
+                except nats.js.errors.NotFoundError:
+                    still.append(name)
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    still.append(name)  # JetStream not ready yet (a server starting)
+            if not still:
+                return
+            missing = still
+            now = time.monotonic()
+            if now - said >= say_every:
+                said = now
+                log.warning("waiting for JetStream streams: run `crosslogic nats setup`",
+                            missing=missing, waited=round(now - began, 1))
+            await asyncio.sleep(0.5)
 
     async def ensure_streams(self, specs: Sequence[StreamSpec] = STREAMS, *,
                              replicas: int = 1) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import IO
 
 import structlog
+
+from services.core.natsauth.authority import Authority
+from services.core.natsauth.identities import Role
 
 log = structlog.get_logger("devstack")
 
@@ -337,21 +341,48 @@ class RedisServer(_Server):
 
 
 class NatsServer(_Server):
+    """nats-server with JetStream and authentication on, as in production: the operator,
+    accounts and every identity's credential come from the authority kept in
+    `<root>/auth` (made on first start). Anonymous connections are refused."""
+
     def __init__(self, root: Path, *, port: int | None = None) -> None:
         super().__init__()
         self.root = root
         self.port = free_port(port)
         self.monitor_port = free_port()
+        self.auth_dir = root / "auth"
+        self._authority: Authority | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    @property
+    def authority(self) -> Authority:
+        if self._authority is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._authority = Authority.load_or_create(self.auth_dir)
+        return self._authority
+
+    def creds(self, role: Role) -> str:
+        """The `.creds` text of `role`, as written to the state folder."""
+        return (self.auth_dir / "creds" / f"{role.value}.creds").read_text()
+
+    def config(self) -> str:
         store = self.root / "jetstream"
-        store.mkdir(parents=True, exist_ok=True)
-        argv = [str(_venv_binary("nats-server")), "-a", "127.0.0.1", "-p", str(self.port),
-                "-m", str(self.monitor_port), "-js", "-sd", str(store), "-n", "crosslogic-dev"]
+        return (f"listen: \"127.0.0.1:{self.port}\"\n"
+                f"http: \"127.0.0.1:{self.monitor_port}\"\n"
+                "server_name: crosslogic-dev\n"
+                f"jetstream: {{ store_dir: {json.dumps(str(store))} }}\n"
+                + self.authority.server_config(self.root / "accounts"))
+
+    def start(self) -> None:
+        (self.root / "jetstream").mkdir(parents=True, exist_ok=True)
+        (self.root / "accounts").mkdir(parents=True, exist_ok=True)
+        conf = self.root / "nats.conf"
+        conf.write_text(self.config())
+        conf.chmod(0o600)
+        argv = [str(_venv_binary("nats-server")), "-c", str(conf)]
         self._launch("nats", argv, timeout=30)
 
     def _ready(self) -> bool:

@@ -221,9 +221,12 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     bus = await Bus.connect(settings.nats_url.reveal(), name=settings.service_name,
-                            user=settings.nats_user, password=settings.nats_password.reveal(),
-                            registry=app[REGISTRY])
-    await bus.ensure_streams(replicas=settings.nats_stream_replicas)
+                            creds=settings.nats_creds.reveal(), registry=app[REGISTRY])
+    try:
+        await bus.wait_for_streams()
+    except BaseException:
+        await bus.close()
+        raise
     app[BUS] = bus
     yield
     await bus.close()

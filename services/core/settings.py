@@ -63,11 +63,12 @@ class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     database_url: Secret = Secret("postgresql://postgres@127.0.0.1:5432/crosslogic")
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
     nats_url: Secret = Secret("nats://127.0.0.1:4222")
-    nats_user: str = ""
-    nats_password: Secret = Secret("")
+    nats_creds: Secret = Secret("")
+    """This service's NATS credential: the text of its `.creds` file (its JWT and seed),
+    from `crosslogic nats init` (docs/security.md). Each service has its own identity."""
     nats_stream_replicas: int = 1
-    """Copies of each JetStream stream a service creates or updates: 3 on a 3-node cluster,
-    so a stream survives a server; 1 on a single server."""
+    """Copies of each JetStream stream `crosslogic nats setup` creates or updates: 3 on a
+    3-node cluster, so a stream survives a server; 1 on a single server."""
     db_min_connections: int = 2
     db_max_connections: int = 10
     http_host: str = "127.0.0.1"

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from services.core.devstack import die_with_parent, free_port
+from services.core.natsauth.identities import Role
 from tests.helpers import eventually
 from tests.integration.fleet_fixtures import MODEL, ORCHESTRATOR_TIMING, Fleet
 from tests.integration.test_admin_api import running_admin
@@ -175,6 +176,8 @@ async def _spawn_orchestrator(fleet: Fleet) -> tuple[asyncio.subprocess.Process,
     settings = fleet.orchestrator_settings()
     env = {**os.environ, "DATABASE_URL": fleet.servers.database_url,
            "REDIS_URL": fleet.servers.redis_url, "NATS_URL": fleet.servers.nats_url,
+           "NATS_CREDS": fleet.servers.creds(Role.ORCHESTRATOR),
+           "NATS_NODE_ISSUER": fleet.servers.node_issuer(),
            "HTTP_PORT": str(port), "LAUNCHER": "local", "LOCAL_CLOUD_URL": fleet.cloud_url,
            "LOG_JSON": "false", "EVENT_POLL_INTERVAL": "0.1"}
     env.update({k.upper(): str(v) for k, v in ORCHESTRATOR_TIMING.items()})
@@ -250,8 +253,8 @@ async def test_an_operator_terminates_a_node_and_the_deployment_keeps_its_minimu
     await fleet.deploy(min_nodes=1, max_nodes=1)
     (node,) = await fleet.wait_nodes("active", 1)
     servers = fleet.servers
-    async with running_admin(servers.database_url, servers.nats_url,
-                             servers.redis_url) as admin:
+    async with running_admin(servers.database_url, servers.nats_url, servers.redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as admin:
         answer = await admin.ok("POST", f"/nodes/{node['id']}/terminate",
                                 {"reason": "bad GPU"}, 202)
     assert answer["status"] == "active"

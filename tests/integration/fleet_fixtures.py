@@ -28,6 +28,7 @@ from services.core.bus import Bus
 from services.core.catalog import Catalog, NewApiKey
 from services.core.eventlog import EventLog, LogWaker
 from services.core.fleet import Fleet as FleetCommands
+from services.core.natsauth.identities import Role
 from services.core.node_states import Signal
 from services.core.relay import OutboxRelay
 from services.core.settings import Secret
@@ -89,10 +90,12 @@ class Fleet:
         return AsyncOpenAI(base_url=f"{self.gateway_url}/v1", api_key=self.key.plaintext,
                            max_retries=0)
 
-    def core(self) -> dict[str, Any]:
+    def core(self, role: Role) -> dict[str, Any]:
+        """The settings every service shares; NATS as `role`, as in production."""
         return dict(database_url=Secret(self.servers.database_url),
                     redis_url=Secret(self.servers.redis_url),
-                    nats_url=Secret(self.servers.nats_url), log_json=False,
+                    nats_url=Secret(self.servers.nats_url),
+                    nats_creds=Secret(self.servers.creds(role)), log_json=False,
                     event_poll_interval=0.1)
 
     async def start_cloud(self, *simulator_args: str) -> None:
@@ -106,19 +109,20 @@ class Fleet:
         self.runners.append(("local cloud", runner))
 
     def orchestrator_settings(self, **overrides: Any) -> OrchestratorSettings:
-        return OrchestratorSettings(**{**self.core(), **ORCHESTRATOR_TIMING,
+        return OrchestratorSettings(**{**self.core(Role.ORCHESTRATOR), **ORCHESTRATOR_TIMING,
+                                       "nats_node_issuer": Secret(self.servers.node_issuer()),
                                        "launcher": "local", "local_cloud_url": self.cloud_url,
                                        "default_provider": "aws", **overrides})
 
     async def start_control_plane(self, *, orchestrator: bool = True,
                                   **orchestrator_overrides: Any) -> None:
         monitor = create_monitor_app(MonitorSettings(
-            **self.core(), stale_after_seconds=5, sweep_every_seconds=0.2,
+            **self.core(Role.MONITOR), stale_after_seconds=5, sweep_every_seconds=0.2,
             probe_every_seconds=0.5, probe_timeout_seconds=1, probe_failures=2,
             leader_retry_seconds=0.2))
         self.runners.append(("monitor", (await serve(monitor))[1]))
         gateway = create_gateway_app(GatewaySettings(
-            **self.core(), usage_spool_dir=str(self.tmp / "spool")))
+            **self.core(Role.GATEWAY), usage_spool_dir=str(self.tmp / "spool")))
         self.gateway_url, runner = await serve(gateway)
         self.gateway_app = gateway
         self.runners.append(("gateway", runner))
@@ -189,7 +193,9 @@ async def fleet(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bus,
     f = Fleet(servers, pool, bus, catalog, key, tmp_path)
     waker = LogWaker(servers.database_url, poll_interval=0.1)
     await waker.start()
-    relay = OutboxRelay(servers.database_url, bus, waker=waker, leader_retry=0.1)
+    relay_bus = await Bus.connect(servers.nats_url, name="relay",
+                                  creds=servers.creds(Role.RELAY))
+    relay = OutboxRelay(servers.database_url, relay_bus, waker=waker, leader_retry=0.1)
     f.tasks.append(asyncio.create_task(relay.run()))
     yield f
     # The orchestrator first (it launches), the cloud last (its machines die with it). A
@@ -206,6 +212,7 @@ async def fleet(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bus,
     for t in f.tasks:
         t.cancel()
     await asyncio.gather(*f.tasks, return_exceptions=True)
+    await relay_bus.close()
     await waker.close()
     assert not hung, f"cleanup took over 30 s: {hung}"
 
@@ -265,7 +272,8 @@ class Rig:
         settings = OrchestratorSettings(**{
             "database_url": Secret(self.servers.database_url),
             "redis_url": Secret(self.servers.redis_url),
-            "nats_url": Secret(self.servers.nats_url), "log_json": False,
+            "nats_url": Secret(self.servers.nats_url),
+            "nats_creds": Secret(self.servers.creds(Role.ORCHESTRATOR)), "log_json": False,
             "cloud_check_every_seconds": 0, "launcher": "local", **overrides})
         o = Orchestrator(settings, eventlog=EventLog(self.pool), redis=self.redis,
                          nc=self.bus.nc, launcher=self.cloud)

@@ -14,7 +14,6 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import nats
 import pytest
 from aiohttp import web
 from nats.aio.client import Client as NATS
@@ -32,6 +31,7 @@ from services.core.bus import Bus
 from services.core.catalog import Catalog, NewApiKey
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog, LogWaker
+from services.core.natsauth.identities import Role
 from services.core.relay import OutboxRelay
 from services.core.settings import Secret
 from services.gateway.app import create_gateway_app
@@ -96,7 +96,8 @@ class Platform:
         base: dict[str, Any] = dict(
             database_url=Secret(self.servers.database_url),
             redis_url=Secret(self.servers.redis_url), nats_url=Secret(self.servers.nats_url),
-            http_host="127.0.0.1", usage_spool_dir=str(self.tmp / "spool"),
+            nats_creds=Secret(self.servers.creds(Role.GATEWAY)), http_host="127.0.0.1",
+            usage_spool_dir=str(self.tmp / "spool"),
             circuit_min_requests=4, circuit_cooldown_seconds=30, log_json=False,
             event_poll_interval=0.2)
         base.update(overrides)
@@ -121,7 +122,9 @@ class Platform:
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         url = f"http://127.0.0.1:{port}"
-        settings = AgentSettings(nats_url=Secret(self.servers.nats_url), node_id=uuid7(),
+        node_id = uuid7()
+        settings = AgentSettings(nats_url=Secret(self.servers.nats_url), node_id=node_id,
+                                 nats_creds=Secret(self.servers.node_creds(node_id)),
                                  model_name=model, vllm_url=url, endpoint_url=advertise,
                                  heartbeat_interval=0.2,
                                  region="us-east-1", log_json=False)
@@ -162,13 +165,14 @@ async def platform(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bu
     await catalog.create_model(MODEL, family="llama", vram_gb=16,
                                input_price_per_million=Decimal("0.10"),
                                output_price_per_million=Decimal("0.20"), context_length=8192)
-    nc = await nats.connect(servers.nats_url, max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.2)
+    nc = await servers.nats_client(max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     await _ack_registrations(nc)
     p = Platform(servers, pool, bus, catalog, tenant, env, key, tmp_path, nc)
     waker = LogWaker(servers.database_url, poll_interval=0.2)
     await waker.start()
-    relay = OutboxRelay(servers.database_url, bus, waker=waker, leader_retry=0.1)
+    relay_bus = await Bus.connect(servers.nats_url, name="relay",
+                                  creds=servers.creds(Role.RELAY))
+    relay = OutboxRelay(servers.database_url, relay_bus, waker=waker, leader_retry=0.1)
     p.tasks.append(asyncio.create_task(relay.run()))
     yield p
     for t in p.tasks:
@@ -180,3 +184,4 @@ async def platform(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bu
     for node in p.nodes:
         await node.stop()
     await nc.close()
+    await relay_bus.close()

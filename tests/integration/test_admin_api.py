@@ -25,7 +25,9 @@ from services.admin.routes import all_routes
 from services.admin.settings import AdminSettings
 from services.core.catalog import Catalog, hash_api_key
 from services.core.eventlog import EventLog
+from services.core.natsauth.identities import Role
 from services.core.settings import Secret
+from tests.conftest import Servers
 from tests.helpers import eventually
 
 TOKEN = "admin-test-token-6f1c2b9e8d7a4c3b"
@@ -65,9 +67,11 @@ class Admin:
 
 
 @contextlib.asynccontextmanager
-async def running_admin(database_url: str, nats_url: str, redis_url: str,
+async def running_admin(database_url: str, nats_url: str, redis_url: str, *, creds: str,
                         **overrides: Any) -> AsyncIterator[Admin]:
+    """The admin API; `creds`: its NATS identity (`servers.creds(Role.ADMIN_API)`)."""
     settings = AdminSettings(database_url=Secret(database_url), nats_url=Secret(nats_url),
+                             nats_creds=Secret(creds),
                              redis_url=Secret(redis_url),
                              admin_token=Secret(TOKEN), db_min_connections=1,
                              event_poll_interval=0.5, **overrides)
@@ -81,8 +85,10 @@ async def running_admin(database_url: str, nats_url: str, redis_url: str,
 
 
 @pytest.fixture
-async def admin(database_url: str, nats_url: str, redis_url: str) -> AsyncIterator[Admin]:
-    async with running_admin(database_url, nats_url, redis_url) as running:
+async def admin(servers: Servers, database_url: str, nats_url: str,
+                redis_url: str) -> AsyncIterator[Admin]:
+    async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as running:
         yield running
 
 

@@ -15,13 +15,17 @@ import pytest
 from services.admin.bodies import EventList
 from services.cli.tail import format_json
 from services.core.eventlog import START, EventFilter, EventLog
+from services.core.natsauth.identities import Role
+from tests.conftest import Servers
 from tests.helpers import node_registered, tenant_created
 from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin
 
 
 @pytest.fixture
-async def admin(database_url: str, nats_url: str, redis_url: str) -> AsyncIterator[Admin]:
+async def admin(servers: Servers, database_url: str, nats_url: str,
+                redis_url: str) -> AsyncIterator[Admin]:
     async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API),
                              event_stream_keepalive=0.3) as running:
         yield running
 

@@ -25,6 +25,7 @@ from services.billing.projection import UsageRecordsProjection
 from services.core.bus import Bus
 from services.core.eventlog import EventLog
 from services.core.fleet.projection import NodesProjection
+from services.core.natsauth.identities import Role
 from services.core.projections import ProjectionRunner
 from services.core.settings import Secret
 from services.core.usage_queries import parse_usage_query
@@ -37,8 +38,10 @@ from tests.integration.test_monitor_basics import serve
 
 
 @pytest.fixture
-async def admin(database_url: str, nats_url: str, redis_url: str) -> AsyncIterator[Admin]:
-    async with running_admin(database_url, nats_url, redis_url) as running:
+async def admin(servers: Servers, database_url: str, nats_url: str,
+                redis_url: str) -> AsyncIterator[Admin]:
+    async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as running:
         yield running
 
 
@@ -47,11 +50,14 @@ async def fleet(servers: Servers, database_url: str, redis_url: str,
                 bus: Bus) -> AsyncIterator[dict[str, Any]]:
     monitor = create_monitor_app(MonitorSettings(
         database_url=Secret(database_url), redis_url=Secret(redis_url),
-        nats_url=Secret(servers.nats_url), event_poll_interval=0.2, log_json=False))
+        nats_url=Secret(servers.nats_url), nats_creds=Secret(servers.creds(Role.MONITOR)),
+        event_poll_interval=0.2, log_json=False))
     _, monitor_runner = await serve(monitor)
     url, sim_runner = await serve(create_app(SimulatorConfig(model="m",
                                                              inter_token_latency=0.01)))
-    agent = NodeAgent(AgentSettings(nats_url=Secret(servers.nats_url), node_id=uuid7(),
+    node_id = uuid7()
+    agent = NodeAgent(AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id,
+                                    nats_creds=Secret(servers.node_creds(node_id)),
                                     model_name="m", vllm_url=url, heartbeat_interval=0.2,
                                     drain_grace=0.05, log_json=False))
     task = asyncio.create_task(agent.run())

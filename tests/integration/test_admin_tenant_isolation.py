@@ -16,7 +16,9 @@ import pytest
 from schemas.events import UsagePrice, UsageRecorded
 from services.billing.projection import UsageRecordsProjection
 from services.core.eventlog import EventLog
+from services.core.natsauth.identities import Role
 from services.core.projections import ProjectionRunner
+from tests.conftest import Servers
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 from tests.integration.test_admin_api import Admin, running_admin
 
@@ -91,8 +93,10 @@ async def test_a_tenant_key_never_reads_another_tenants_usage(
 
 
 @pytest.fixture
-async def admin(database_url: str, nats_url: str, redis_url: str) -> AsyncIterator[Admin]:
-    async with running_admin(database_url, nats_url, redis_url) as running:
+async def admin(servers: Servers, database_url: str, nats_url: str,
+                redis_url: str) -> AsyncIterator[Admin]:
+    async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as running:
         yield running
 
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import nats
 import pytest
 from aiohttp import web
 from nats.aio.client import Client as NATS
@@ -133,8 +132,9 @@ class ControlPlane:
 
 
 @pytest.fixture
-async def control_plane(bus: Bus, nats_url: str) -> AsyncIterator[ControlPlane]:
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+async def control_plane(servers: Servers, bus: Bus, nats_url: str
+                        ) -> AsyncIterator[ControlPlane]:
+    nc = await servers.nats_client(max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     cp = ControlPlane(nc)
     await nc.subscribe("node.>", cb=cp.on_msg)
     await nc.flush()
@@ -142,9 +142,12 @@ async def control_plane(bus: Bus, nats_url: str) -> AsyncIterator[ControlPlane]:
     await nc.close()
 
 
-def agent_settings(nats_url: str, vllm_url: str, **overrides: Any) -> AgentSettings:
+def agent_settings(servers: Servers, vllm_url: str, **overrides: Any) -> AgentSettings:
+    """An agent's settings with its own node credential, as the orchestrator launches it."""
+    node_id = overrides.pop("node_id", None) or uuid7()
     base: dict[str, Any] = dict(
-        nats_url=Secret(nats_url), node_id=uuid7(), cluster_name="crosslogic-llama-8b-test",
+        nats_url=Secret(servers.nats_url), node_id=node_id,
+        nats_creds=Secret(servers.node_creds(node_id)), cluster_name="crosslogic-llama-8b-test",
         provider="aws", region="us-east-1", instance_type="g5.2xlarge", gpu_type="A10G",
         vram_total_gb=24, model_name=MODEL, vllm_url=vllm_url,
         endpoint_url="http://10.0.1.45:8000", spot_instance=False, heartbeat_interval=0.2,
@@ -178,22 +181,22 @@ class Rig:
     """Everything an agent test needs: NATS, a control plane, simulators, agents."""
 
     cp: ControlPlane
-    nats_url: str
+    servers: Servers
     bus: Bus
     start_simulator: Callable[..., Awaitable[Served]]
     run_agent: Callable[[AgentSettings], asyncio.Task[int]]
 
     def settings(self, vllm_url: str, **overrides: Any) -> AgentSettings:
-        settings = agent_settings(self.nats_url, vllm_url, **overrides)
+        settings = agent_settings(self.servers, vllm_url, **overrides)
         self.cp.watch(settings.node_id)
         return settings
 
 
 @pytest.fixture
-def rig(control_plane: ControlPlane, nats_url: str, bus: Bus,
+def rig(control_plane: ControlPlane, servers: Servers, nats_url: str, bus: Bus,
         start_simulator: Callable[..., Awaitable[Served]],
         run_agent: Callable[[AgentSettings], asyncio.Task[int]]) -> Rig:
-    return Rig(control_plane, nats_url, bus, start_simulator, run_agent)
+    return Rig(control_plane, servers, bus, start_simulator, run_agent)
 
 
 # --------------------------------------------------------------------------- registration
@@ -589,7 +592,8 @@ async def test_sigterm_drains_and_exits_zero(rig: Rig) -> None:
     sim = await rig.start_simulator()
     node_id = str(uuid.uuid4())
     rig.cp.watch(node_id)
-    env = {**os.environ, "NATS_URL": rig.nats_url, "NODE_ID": node_id, "VLLM_URL": sim.url,
+    env = {**os.environ, "NATS_URL": rig.servers.nats_url, "NODE_ID": node_id,
+           "NATS_CREDS": rig.servers.node_creds(node_id), "VLLM_URL": sim.url,
            "MODEL_NAME": MODEL, "HEARTBEAT_INTERVAL": "0.2", "DRAIN_GRACE": "0.1",
            "LOG_LEVEL": "warning"}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent", env=env)
@@ -612,7 +616,8 @@ async def test_sigterm_bounds_the_drain_by_its_own_timeout(rig: Rig) -> None:
     sim = await rig.start_simulator(inter_token_latency=0.05)
     node_id = str(uuid.uuid4())
     rig.cp.watch(node_id)
-    env = {**os.environ, "NATS_URL": rig.nats_url, "NODE_ID": node_id, "VLLM_URL": sim.url,
+    env = {**os.environ, "NATS_URL": rig.servers.nats_url, "NODE_ID": node_id,
+           "NATS_CREDS": rig.servers.node_creds(node_id), "VLLM_URL": sim.url,
            "MODEL_NAME": MODEL, "HEARTBEAT_INTERVAL": "0.2", "DRAIN_GRACE": "0.1",
            "SIGTERM_DRAIN_TIMEOUT": "1", "LOG_LEVEL": "warning"}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent", env=env)
@@ -692,7 +697,7 @@ async def test_starts_before_nats_is_up(servers: Servers, nats_url: str, bus: Bu
         pytest.skip("needs the embedded NATS server to stop it")
     sim = await start_simulator()
     servers.nats.stop()
-    task = run_agent(agent_settings(nats_url, sim.url))
+    task = run_agent(agent_settings(servers, sim.url))
     agent: NodeAgent = task.agent
 
     async def trying() -> bool:
@@ -701,7 +706,7 @@ async def test_starts_before_nats_is_up(servers: Servers, nats_url: str, bus: Bu
 
     await eventually(trying, what="the agent tries NATS while it is down")
     servers.nats.start()
-    nc = await nats.connect(nats_url)
+    nc = await servers.nats_client()
     cp = ControlPlane(nc)
     try:
         await nc.subscribe("node.>", cb=cp.on_msg)

@@ -27,6 +27,8 @@ from services.billing.hours import floor_hour, identifier
 from services.core.billing_ledger import record_billing_events
 from services.core.catalog import Catalog
 from services.core.eventlog import EventLog
+from services.core.natsauth.identities import Role
+from tests.conftest import Servers
 from tests.doubles.stripe_server import StripeServer, running_stripe
 from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin
 from tests.integration.test_cli_admin import Cli, base_env
@@ -42,11 +44,12 @@ async def stripe_server() -> AsyncIterator[StripeServer]:
 
 
 @pytest.fixture
-async def admin(database_url: str, nats_url: str, redis_url: str,
+async def admin(servers: Servers, database_url: str, nats_url: str, redis_url: str,
                 stripe_server: StripeServer) -> AsyncIterator[Admin]:
     from services.core.settings import Secret
 
     async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API),
                              stripe_secret_key=Secret(stripe_server.api_key),
                              stripe_api_base=stripe_server.url, stripe_timeout=2.0,
                              **PRICES) as running:
@@ -143,10 +146,11 @@ async def test_link_errors(admin: Admin, stripe_server: StripeServer,
     assert (await admin.ok("POST", f"/tenants/{tenant}/billing/customer"))["created"] is True
 
 
-async def test_admin_without_stripe_answers_503(database_url: str, nats_url: str,
+async def test_admin_without_stripe_answers_503(servers: Servers, database_url: str, nats_url: str,
                                                 redis_url: str, pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Epsilon")
-    async with running_admin(database_url, nats_url, redis_url) as admin:
+    async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as admin:
         status, answer = await admin.call("POST", f"/tenants/{tenant}/billing/customer")
         assert status == 503
         assert answer["error"]["code"] == "stripe_not_configured"
@@ -373,11 +377,13 @@ async def test_only_held_exports_are_settled(admin: Admin, stripe_server: Stripe
 
 
 async def test_resend_needs_stripe_here_and_marking_does_not(
-        database_url: str, nats_url: str, redis_url: str, pool: asyncpg.Pool) -> None:
+        servers: Servers, database_url: str, nats_url: str, redis_url: str,
+        pool: asyncpg.Pool) -> None:
     async with running_stripe() as stripe_server:
         tenant = await Catalog(EventLog(pool)).create_tenant("NoStripe")
         ident = await held_export(pool, stripe_server, tenant)
-    async with running_admin(database_url, nats_url, redis_url) as admin:
+    async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as admin:
         path = f"/tenants/{tenant}/billing/exports/settle"
         status, answer = await admin.call("POST", path, settle(ident, "resend"))
         assert status == 503 and answer["error"]["code"] == "stripe_not_configured"

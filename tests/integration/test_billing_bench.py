@@ -30,7 +30,7 @@ def test_what_counts_as_holding_data() -> None:
 
 async def test_external_run_refuses_servers_with_data(servers: Servers, pool: asyncpg.Pool,
                                                       bus: Bus) -> None:
-    assert await check_empty(servers.database_url, servers.nats_url) is None
+    assert await check_empty(servers.database_url, servers.nats_url, servers.auth_dir) is None
     catalog = Catalog(EventLog(pool), actor="test")
     await catalog.create_model("m", family="llama", vram_gb=16,
                                input_price_per_million=Decimal("0.15"),
@@ -39,7 +39,8 @@ async def test_external_run_refuses_servers_with_data(servers: Servers, pool: as
     await bus.publish(usage(tenant, datetime.now(UTC), 1, 1))
     logged = await pool.fetchval("SELECT count(*) FROM events")
 
-    env = {**os.environ, "DATABASE_URL": servers.database_url, "NATS_URL": servers.nats_url}
+    env = {**os.environ, "DATABASE_URL": servers.database_url, "NATS_URL": servers.nats_url,
+           "NATS_AUTH_DIR": str(servers.auth_dir)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "bench/billing.py", "--external", "--events", "10", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

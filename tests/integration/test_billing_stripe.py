@@ -35,6 +35,7 @@ from services.core.bus import Bus
 from services.core.catalog import Catalog
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog
+from services.core.natsauth.identities import Role
 from services.core.projections import ProjectionRunner
 from services.core.settings import Secret
 from services.core.stripe_billing import StripeBilling, StripeConfig, link_tenant
@@ -62,6 +63,7 @@ class BillingRig:
         base: dict[str, Any] = dict(
             database_url=Secret(self.servers.database_url),
             nats_url=Secret(self.servers.nats_url), event_poll_interval=0.2, log_json=False,
+            nats_creds=Secret(self.servers.creds(Role.BILLING)),
             stripe_secret_key=Secret(self.stripe.api_key), stripe_api_base=self.stripe.url,
             stripe_timeout=1.0, stripe_webhook_secret=Secret(WEBHOOK_SECRET),
             billing_hour_grace=0, billing_push_interval=0.2, billing_retry_initial=0.01,
@@ -578,6 +580,7 @@ async def test_killed_between_push_and_record_sends_nothing_twice(rig: BillingRi
     state.fail("/v1/billing/meter_events", "hang_after_accept")
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_")}
     env.update({"DATABASE_URL": rig.servers.database_url, "NATS_URL": rig.servers.nats_url,
+                "NATS_CREDS": rig.servers.creds(Role.BILLING),
                 "HTTP_PORT": str(free_port()), "LOG_JSON": "false",
                 "STRIPE_SECRET_KEY": rig.stripe.api_key, "STRIPE_API_BASE": rig.stripe.url,
                 "BILLING_HOUR_GRACE": "0", "BILLING_PUSH_INTERVAL": "0.2",

@@ -19,6 +19,7 @@ from services.core.bus import Bus
 from services.core.catalog import Catalog
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog
+from services.core.natsauth.identities import Role
 from services.core.projections import ProjectionRunner
 from services.core.settings import Secret
 from tests.conftest import Servers
@@ -34,6 +35,7 @@ async def billing(servers: Servers, pool: asyncpg.Pool, bus: Bus) -> AsyncIterat
         output_price_per_million=Decimal("0.60"), context_length=8192)
     settings = BillingSettings(database_url=Secret(servers.database_url),
                                nats_url=Secret(servers.nats_url), event_poll_interval=0.2,
+                               nats_creds=Secret(servers.creds(Role.BILLING)),
                                region_multipliers="eu-west-1=1.10", log_json=False)
     runner = web.AppRunner(create_billing_app(settings), shutdown_timeout=1.0)
     await runner.setup()

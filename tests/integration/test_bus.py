@@ -6,12 +6,12 @@ import asyncio
 import json
 import uuid
 
-import nats
 from prometheus_client import CollectorRegistry
 
 from schemas.events import Event, NodeHeartbeat
 from schemas.subjects import STREAMS, stream_for_subject
 from services.core.bus import Bus, ConsumerSpec, Delivery, TransientError, dlq_headers
+from tests.conftest import Servers
 from tests.helpers import eventually, node_registered
 
 
@@ -164,8 +164,9 @@ async def test_transient_errors_do_not_spend_deliveries(bus: Bus) -> None:
     assert (await bus.js.stream_info("DLQ")).state.messages == 0
 
 
-async def test_observations_are_shared_across_a_queue_group(bus: Bus, nats_url: str) -> None:
-    other = await Bus.connect(nats_url, name="test-2")
+async def test_observations_are_shared_across_a_queue_group(servers: Servers, bus: Bus,
+                                                            nats_url: str) -> None:
+    other = await servers.admin_bus("test-2")
     got: dict[str, list[int]] = {"a": [], "b": []}
 
     def collector(name: str):
@@ -180,7 +181,7 @@ async def test_observations_are_shared_across_a_queue_group(bus: Bus, nats_url: 
         await bus.nc.flush()
         await other.nc.flush()
         node = uuid.uuid4()
-        publisher = await nats.connect(nats_url)
+        publisher = await servers.nats_client()
         for seq in range(200):
             await Bus(publisher).publish_observation(heartbeat(node, seq))
         await publisher.flush()
@@ -198,9 +199,11 @@ async def test_observations_are_shared_across_a_queue_group(bus: Bus, nats_url: 
         await other.close()
 
 
-async def test_consumer_backlog_is_a_metric_that_moves(nats_url: str, bus: Bus) -> None:
+async def test_consumer_backlog_is_a_metric_that_moves(servers: Servers, nats_url: str,
+                                                       bus: Bus) -> None:
     registry = CollectorRegistry()
-    metered = await Bus.connect(nats_url, name="test-metered", registry=registry)
+    metered = await Bus.connect(nats_url, name="test-metered", registry=registry,
+                                creds=servers.creds())
     metered.pending_interval = 0.05
     try:
         for _ in range(12):

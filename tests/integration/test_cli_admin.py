@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from services.core.natsauth.identities import Role
+from tests.conftest import Servers
 from tests.integration.test_admin_api import TOKEN, Admin, running_admin
 
 CLI = [sys.executable, "-m", "services.cli"]
 
 
 @pytest.fixture
-async def admin(database_url: str, nats_url: str, redis_url: str) -> AsyncIterator[Admin]:
-    async with running_admin(database_url, nats_url, redis_url) as running:
+async def admin(servers: Servers, database_url: str, nats_url: str,
+                redis_url: str) -> AsyncIterator[Admin]:
+    async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as running:
         yield running
 
 

@@ -23,6 +23,7 @@ from schemas.events import NodeTerminated, Quota, UsageRecorded, decode_event
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog
 from services.core.fleet.projection import NodesProjection
+from services.core.natsauth.identities import Role
 from services.core.projections import ProjectionRunner
 from tests.helpers import children_of, eventually, node_registered, process_alive
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
@@ -53,7 +54,8 @@ async def chat(session: aiohttp.ClientSession, url: str, key: str, **body: Any
 async def start_gateway_process(p: Platform, port: int, **env: str
                                 ) -> asyncio.subprocess.Process:
     settings = {"DATABASE_URL": p.servers.database_url, "REDIS_URL": p.servers.redis_url,
-                "NATS_URL": p.servers.nats_url, "HTTP_HOST": "127.0.0.1",
+                "NATS_URL": p.servers.nats_url, "NATS_CREDS": p.servers.creds(Role.GATEWAY),
+                "HTTP_HOST": "127.0.0.1",
                 "HTTP_PORT": str(port), "LOG_LEVEL": "warning",
                 "USAGE_SPOOL_DIR": str(p.tmp / f"spool-{port}"), **env}
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway",

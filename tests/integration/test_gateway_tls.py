@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from openai import APIConnectionError, AsyncOpenAI
 
 from services.core.devstack import die_with_parent, free_port
+from services.core.natsauth.identities import Role
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 
@@ -47,6 +48,7 @@ def self_signed(tmp: Path) -> tuple[Path, Path]:
 async def start(p: Platform, port: int, *args: str) -> asyncio.subprocess.Process:
     env = {**os.environ, "DATABASE_URL": p.servers.database_url,
            "REDIS_URL": p.servers.redis_url, "NATS_URL": p.servers.nats_url,
+           "NATS_CREDS": p.servers.creds(Role.GATEWAY),
            "HTTP_HOST": "127.0.0.1", "LOG_LEVEL": "warning",
            "USAGE_SPOOL_DIR": str(p.tmp / "spool-tls")}
     return await asyncio.create_subprocess_exec(

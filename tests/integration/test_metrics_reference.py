@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.billing.app import create_billing_app
 from services.billing.settings import BillingSettings
+from services.core.natsauth.identities import Role
 from services.core.settings import Secret
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
@@ -87,17 +88,20 @@ def missing(found: dict[str, set[frozenset[str]]], wanted: dict[str, set[str]]) 
 @pytest.fixture
 async def services(platform: Platform) -> AsyncIterator[dict[str, Any]]:  # noqa: F811
     p = platform
-    core = dict(database_url=Secret(p.servers.database_url),
-                redis_url=Secret(p.servers.redis_url), nats_url=Secret(p.servers.nats_url),
-                log_json=False, event_poll_interval=0.2)
+    def core(role: Role) -> dict[str, Any]:
+        return dict(database_url=Secret(p.servers.database_url),
+                    redis_url=Secret(p.servers.redis_url), nats_url=Secret(p.servers.nats_url),
+                    nats_creds=Secret(p.servers.creds(role)), log_json=False,
+                    event_poll_interval=0.2)
     runners: list[web.AppRunner] = []
     async with running_stripe() as stripe:
         monitor_url, runner = await serve(create_monitor_app(MonitorSettings(
-            **core, gauges_every_seconds=0.2, sweep_every_seconds=0.2,
+            **core(Role.MONITOR), gauges_every_seconds=0.2, sweep_every_seconds=0.2,
             leader_retry_seconds=0.2)))
         runners.append(runner)
         billing_url, runner = await serve(create_billing_app(BillingSettings(
-            **core, stripe_secret_key=Secret(stripe.api_key), stripe_api_base=stripe.url,
+            **core(Role.BILLING), stripe_secret_key=Secret(stripe.api_key),
+            stripe_api_base=stripe.url,
             billing_push_interval=0.2, billing_leader_retry=0.2)))
         runners.append(runner)
         try:

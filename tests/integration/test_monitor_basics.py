@@ -32,6 +32,7 @@ from services.core.bus import Bus
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog
 from services.core.fleet import Fleet
+from services.core.natsauth.identities import Role
 from services.core.settings import Secret
 from services.monitor.app import NODE_RECORDER, create_monitor_app, refusal, to_remember
 from services.monitor.settings import MonitorSettings
@@ -52,7 +53,7 @@ async def monitor(servers: Servers, database_url: str, redis_url: str,
                   bus: Bus) -> AsyncIterator[web.Application]:
     settings = MonitorSettings(database_url=Secret(database_url), redis_url=Secret(redis_url),
                                nats_url=Secret(servers.nats_url), event_poll_interval=0.2,
-                               log_json=False)
+                               nats_creds=Secret(servers.creds(Role.MONITOR)), log_json=False)
     app = create_monitor_app(settings)
     _, runner = await serve(app)
     yield app
@@ -62,7 +63,9 @@ async def monitor(servers: Servers, database_url: str, redis_url: str,
 @pytest.fixture
 async def node(servers: Servers) -> AsyncIterator[dict[str, Any]]:
     url, runner = await serve(create_app(SimulatorConfig(model="m")))
-    settings = AgentSettings(nats_url=Secret(servers.nats_url), node_id=uuid7(), model_name="m",
+    node_id = uuid7()
+    settings = AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id, model_name="m",
+                             nats_creds=Secret(servers.node_creds(node_id)),
                              vllm_url=url, heartbeat_interval=0.2, log_json=False,
                              cluster_name="c1", region="eu-west-1")
     agent = NodeAgent(settings)
@@ -168,7 +171,9 @@ async def test_a_refused_registration_is_answered_and_the_agent_stops(
     """A registration check_registration refuses goes to the dead letters, and the agent is
     told why (accepted: false) instead of publishing it forever: it exits 3."""
     url, runner = await serve(create_app(SimulatorConfig(model="m")))
-    settings = AgentSettings(nats_url=Secret(servers.nats_url), node_id=uuid7(), model_name="m",
+    node_id = uuid7()
+    settings = AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id, model_name="m",
+                             nats_creds=Secret(servers.node_creds(node_id)),
                              vllm_url=url, endpoint_url="ftp://nowhere", heartbeat_interval=0.2,
                              registration_timeout=2.0, log_json=False)
     acks = await bus.nc.subscribe(node_ack_subject(settings.node_id))

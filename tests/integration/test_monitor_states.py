@@ -18,6 +18,7 @@ from agent.simulator import SimulatorConfig, create_app
 from schemas.ids import uuid7
 from services.core.bus import Bus
 from services.core.devstack import free_port
+from services.core.natsauth.identities import Role
 from services.core.settings import Secret
 from services.monitor.app import LEADERSHIP, WATCHER, create_monitor_app
 from services.monitor.settings import MonitorSettings
@@ -38,8 +39,9 @@ def monitor_settings(servers: Servers, database_url: str, redis_url: str,
                      **overrides: Any) -> MonitorSettings:
     base: dict[str, Any] = dict(
         database_url=Secret(database_url), redis_url=Secret(redis_url),
-        nats_url=Secret(servers.nats_url), event_poll_interval=0.1, log_json=False,
-        stale_after_seconds=0.8, sweep_every_seconds=0.1, probe_every_seconds=0.2,
+        nats_url=Secret(servers.nats_url), nats_creds=Secret(servers.creds(Role.MONITOR)),
+        event_poll_interval=0.1, log_json=False, stale_after_seconds=0.8,
+        sweep_every_seconds=0.1, probe_every_seconds=0.2,
         probe_timeout_seconds=0.5, probe_failures=2, leader_retry_seconds=0.1,
         gauges_every_seconds=0.1)
     base.update(overrides)
@@ -69,7 +71,9 @@ async def start_node(servers: Servers) -> AsyncIterator[Callable[..., Awaitable[
 
     async def start(*, advertise: str = "") -> Node:
         url, runner = await serve(create_app(SimulatorConfig(model="m")))
-        agent = NodeAgent(AgentSettings(nats_url=Secret(servers.nats_url), node_id=uuid7(),
+        node_id = uuid7()
+        agent = NodeAgent(AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id,
+                                        nats_creds=Secret(servers.node_creds(node_id)),
                                         model_name="m", vllm_url=url, endpoint_url=advertise,
                                         heartbeat_interval=0.1, log_json=False))
         node = Node(agent, asyncio.create_task(agent.run()), url, runner)

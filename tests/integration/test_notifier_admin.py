@@ -15,6 +15,7 @@ import pytest
 
 from schemas.events import NodeStatus
 from services.core.bus import Bus
+from services.core.natsauth.identities import Role
 from tests.conftest import Servers
 from tests.doubles.webhook_receivers import Reply, WebhookReceivers
 from tests.helpers import eventually
@@ -24,8 +25,10 @@ from tests.integration.test_notifier_delivery import node_changed, publish, runn
 
 
 @pytest.fixture
-async def admin(database_url: str, nats_url: str, redis_url: str) -> AsyncIterator[Admin]:
-    async with running_admin(database_url, nats_url, redis_url) as running:
+async def admin(servers: Servers, database_url: str, nats_url: str,
+                redis_url: str) -> AsyncIterator[Admin]:
+    async with running_admin(database_url, nats_url, redis_url,
+                             creds=servers.creds(Role.ADMIN_API)) as running:
         yield running
 
 

@@ -33,6 +33,7 @@ from services.core.bus import Bus
 from services.core.catalog import Catalog
 from services.core.devstack import free_port
 from services.core.eventlog import EventFilter, EventLog
+from services.core.natsauth.identities import Role
 from services.core.notifications import Notifications
 from services.core.settings import Secret
 from services.notifier.app import create_notifier_app
@@ -65,7 +66,8 @@ class RunningNotifier:
 def notifier_settings(servers: Servers, **overrides: Any) -> NotifierSettings:
     values: dict[str, Any] = {
         "database_url": Secret(servers.database_url), "nats_url": Secret(servers.nats_url),
-        "retry_schedule": FAST, "poll_interval": 0.05, "event_poll_interval": 0.2,
+        "nats_creds": Secret(servers.creds(Role.NOTIFIER)), "retry_schedule": FAST,
+        "poll_interval": 0.05, "event_poll_interval": 0.2,
         "min_interval_discord": 0.0, "min_interval_slack": 0.0, "min_interval_email": 0.0,
         "min_interval_generic": 0.0, "allow_private_targets": True,
         "http_timeout_seconds": 2.0, "smtp_timeout_seconds": 2.0, "lease_seconds": 5.0,

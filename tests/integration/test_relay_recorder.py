@@ -17,6 +17,7 @@ from schemas.events import Event, decode_event, encode_event
 from services.core.bus import Bus, ConsumerSpec, Delivery
 from services.core.devstack import free_port
 from services.core.eventlog import START, EventLog, LogWaker
+from services.core.natsauth.identities import Role
 from services.core.recorder import Recorder
 from services.core.relay import RELAY_LOCK_KEY, OutboxRelay
 from tests.conftest import Servers
@@ -80,7 +81,8 @@ async def test_relay_waits_out_a_nats_outage_in_order(pool: asyncpg.Pool, bus: B
     if servers.nats is None:
         pytest.skip("needs the embedded NATS server to stop and start it")
     log = EventLog(pool)
-    relay_bus = await Bus.connect(servers.nats_url, name="relay")
+    relay_bus = await Bus.connect(servers.nats_url, name="relay",
+                                  creds=servers.creds(Role.RELAY))
     relay = OutboxRelay(database_url, relay_bus, leader_retry=0.1)
     task = asyncio.create_task(relay.run())
     try:
@@ -107,6 +109,7 @@ async def test_relay_waits_out_a_nats_outage_in_order(pool: asyncpg.Pool, bus: B
 
 def start_relay_process(servers: Servers, database_url: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "DATABASE_URL": database_url, "NATS_URL": servers.nats_url,
+           "NATS_CREDS": servers.creds(Role.RELAY),
            "HTTP_PORT": str(port), "RELAY_LEADER_RETRY": "0.1", "EVENT_POLL_INTERVAL": "0.2",
            "RELAY_BATCH_SIZE": "5", "LOG_LEVEL": "warning"}
     return subprocess.Popen([sys.executable, "-m", "services.cli", "relay"], env=env,

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from services.core.http import BUS, DB, EVENTLOG, REDIS, REQUEST_ID, Needs, create_app
+from services.core.natsauth.identities import Role
 from services.core.settings import CoreSettings, Secret, load_settings
 from tests.conftest import Servers
 from tests.helpers import tenant_created
@@ -17,7 +18,8 @@ from tests.helpers import tenant_created
 
 def settings_for(servers: Servers, **overrides: object) -> CoreSettings:
     env = {"DATABASE_URL": servers.database_url, "REDIS_URL": servers.redis_url,
-           "NATS_URL": servers.nats_url, "SERVICE_NAME": "shell-test"}
+           "NATS_URL": servers.nats_url, "NATS_CREDS": servers.creds(Role.OBSERVER),
+           "SERVICE_NAME": "shell-test"}
     return load_settings(CoreSettings, env, **overrides)
 
 

@@ -13,6 +13,7 @@ from services.billing.app import create_billing_app
 from services.billing.pricing import cost
 from services.billing.settings import BillingSettings
 from services.core.devstack import free_port
+from services.core.natsauth.identities import Role
 from services.core.settings import Secret
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
@@ -24,6 +25,7 @@ HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
 async def billed(platform: Platform) -> AsyncIterator[Platform]:  # noqa: F811
     settings = BillingSettings(database_url=Secret(platform.servers.database_url),
                                nats_url=Secret(platform.servers.nats_url),
+                               nats_creds=Secret(platform.servers.creds(Role.BILLING)),
                                event_poll_interval=0.2, log_json=False)
     runner = web.AppRunner(create_billing_app(settings), shutdown_timeout=1.0)
     await runner.setup()
@@ -93,7 +95,7 @@ async def test_a_tenant_key_opens_nothing_on_the_admin_api(billed: Platform,
     from tests.integration.test_admin_api import running_admin
 
     async with running_admin(billed.servers.database_url, billed.servers.nats_url,
-                             redis_url) as admin:
+                             redis_url, creds=billed.servers.creds(Role.ADMIN_API)) as admin:
         for header in ({"Authorization": f"Bearer {billed.key.plaintext}"},
                        {"X-Admin-Token": billed.key.plaintext}):
             async with admin.session.get(admin.url + "/admin/v1/tenants",

@@ -14,6 +14,7 @@ from schemas.events import UsageRecorded, decode_event, encode_event
 from services.core.aio import stop_task
 from services.core.bus import Bus
 from services.core.devstack import NatsServer
+from services.core.natsauth.identities import Role
 from services.gateway.usage import UsagePublisher
 from tests.helpers import eventually
 
@@ -69,7 +70,8 @@ async def test_a_batch_cut_off_by_shutdown_is_still_published(tmp_path: Path) ->
     acknowledgments, and that NATS dies before storing it: close() publishes it again."""
     nats_server = NatsServer(tmp_path / "nats")
     nats_server.start()
-    bus = await Bus.connect(nats_server.url, name="usage-test")
+    bus = await Bus.connect(nats_server.url, name="usage-test",
+                            creds=nats_server.creds(Role.ADMIN))
     try:
         await bus.ensure_streams()
         publisher = UsagePublisher(bus, tmp_path / "spool")
@@ -110,7 +112,8 @@ async def test_a_spool_found_at_start_while_nats_is_away_is_replayed_when_it_is_
     """No request needs to come in: the publisher keeps trying on its own."""
     nats_server = NatsServer(tmp_path / "nats")
     nats_server.start()
-    bus = await Bus.connect(nats_server.url, name="usage-test")
+    bus = await Bus.connect(nats_server.url, name="usage-test",
+                            creds=nats_server.creds(Role.ADMIN))
     spool = tmp_path / "spool"
     spool.mkdir()
     (spool / "usage-4242-1-1.jsonl").write_bytes(encode_event(used(5)) + b"\n")
