@@ -9,6 +9,7 @@ credentials that have expired since forgotten (an expired JWT is refused anyway)
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -21,9 +22,14 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
+from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.core.natsauth.authority import NodeIssuer
+from services.core.natsauth.authority import (
+    AUTH_ERROR_ADVISORIES,
+    NodeIssuer,
+    disconnect_advisories,
+)
 from services.core.natsauth.creds import Credentials
 from services.core.natsauth.revocations import (
     AccountResolver,
@@ -67,8 +73,36 @@ def node_credentials(issuer: NodeIssuer, node_id: uuid.UUID, ttl_seconds: float,
     return creds, datetime.fromtimestamp(creds.expires_at, UTC)
 
 
+REFUSALS = {"authentication failure": "authentication_failure",
+            "authentication expired": "credentials_expired",
+            "credentials revoked": "credentials_revoked",
+            "authentication revoked": "credentials_revoked",
+            "authentication timeout": "authentication_timeout"}
+"""The servers' reasons for refusing or closing a connection, as metric labels."""
+
+
+def refusal_reason(advisory: bytes, *, refused: bool) -> str | None:
+    """The label for a connection advisory; None for a disconnect that was no refusal (a
+    client closing, a restart). `refused`: it came on the authentication-error subject, so it
+    counts whatever its reason. Pure."""
+    try:
+        reason = str(json.loads(advisory).get("reason", "")).strip().lower()
+    except (ValueError, AttributeError):
+        reason = ""
+    label = REFUSALS.get(reason)
+    if label is None and refused:
+        return "other"
+    return label
+
+
 class CredentialMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.refused = Counter("nats_connections_refused_total",
+                               "Connections the NATS servers refused or closed for their "
+                               "credential: none or forged, expired, revoked", ["reason"],
+                               registry=registry)
+        for label in sorted(set(REFUSALS.values())):
+            self.refused.labels(label)
         self.revoked = Gauge("orchestrator_node_credentials_revoked",
                              "Node credentials revoked and not yet expired", registry=registry)
         self.pushes = Counter("orchestrator_account_pushes_total",
@@ -102,7 +136,22 @@ class CredentialKeeper:
                 user_credentials=RawCredentials(self.issuer.system_creds.text()),
                 allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 connect_timeout=2)
+            # The servers' word on refused and revoked connections, as a metric: a node
+            # knocking with a revoked credential, or anyone without one, shows there.
+            await self._nc.subscribe(AUTH_ERROR_ADVISORIES, cb=self._on_refused)
+            await self._nc.subscribe(disconnect_advisories(self.issuer.account),
+                                     cb=self._on_disconnect)
         return AccountResolver(self._nc, self.issuer.account)
+
+    async def _on_refused(self, msg: Msg) -> None:
+        label = refusal_reason(msg.data, refused=True)
+        if label is not None:
+            self.metrics.refused.labels(label).inc()
+
+    async def _on_disconnect(self, msg: Msg) -> None:
+        label = refusal_reason(msg.data, refused=False)
+        if label is not None:
+            self.metrics.refused.labels(label).inc()
 
     async def _plan(self, now: datetime) -> RevocationPlan:
         rows = await self.pool.fetch(

@@ -23,7 +23,7 @@ from services.core.natsauth.identities import (
 from services.core.natsauth.jwt import JwtError, Permissions, decode, encode, user_claims
 from services.core.natsauth.keys import KeyKind, kind_of, new_seed, public_key, sign, verify
 from services.core.natsauth.revocations import resign, revised, revocations_of
-from services.orchestrator.credentials import EndedNode, plan_revocations
+from services.orchestrator.credentials import EndedNode, plan_revocations, refusal_reason
 
 
 def covers(pattern: str, subject: str) -> bool:
@@ -182,7 +182,7 @@ def test_only_the_gateways_publish_usage_and_only_the_relay_the_control_plane() 
         pub = permissions(role).pub_allow
         assert may(pub, "usage.recorded.t") == (role is Role.GATEWAY), role
         for subject in ("tenant.created.t", "apikey.created.t", "node.status_changed.n",
-                        "node.launching.n", "deployment.created.d"):
+                        "node.launching.n", "node.accepted.n", "deployment.created.d"):
             assert may(pub, subject) == (role is Role.RELAY), (role, subject)
         assert not any(may(pub, f"{t}.n") for t in NODE_PUBLISHES), role
         for destructive in ("$JS.API.STREAM.DELETE.USAGE", "$JS.API.STREAM.PURGE.CONTROL",
@@ -264,3 +264,13 @@ def test_plan_revokes_ended_nodes_until_their_credentials_expire() -> None:
         expired_keys=["U2", "U4", "U1"], now=now)
     assert plan.revoke == {"U1": int(now.timestamp()), "U3": int(now.timestamp())}
     assert plan.forget == {"U2", "U4"}
+
+
+def test_connection_advisories_are_counted_only_when_they_are_refusals() -> None:
+    assert refusal_reason(b'{"reason": "Authentication Failure"}', refused=True) == \
+        "authentication_failure"
+    assert refusal_reason(b'{"reason": "Credentials Revoked"}', refused=False) == \
+        "credentials_revoked"
+    assert refusal_reason(b'{"reason": "Client Closed"}', refused=False) is None
+    assert refusal_reason(b'{"reason": "Something New"}', refused=True) == "other"
+    assert refusal_reason(b"not json", refused=False) is None

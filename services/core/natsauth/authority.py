@@ -36,11 +36,23 @@ OPERATOR_NAME = "crosslogic"
 ACCOUNT_NAME = "CROSSLOGIC"
 SYSTEM_ACCOUNT_NAME = "SYS"
 
+AUTH_ERROR_ADVISORIES = "$SYS.SERVER.*.CLIENT.AUTH.ERR"
+"""Where the servers announce a connection they refused (no, a forged or an expired
+credential)."""
+
+
+def disconnect_advisories(account: str) -> str:
+    """Where the servers announce a closed connection of `account` (with the reason:
+    "Credentials Revoked" when a revocation closed it)."""
+    return f"$SYS.ACCOUNT.{account}.DISCONNECT"
+
+
 PUSHER_PERMISSIONS = Permissions(
     pub_allow=("$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE", "$SYS.REQ.ACCOUNT.*.CLAIMS.LOOKUP"),
-    sub_allow=("_INBOX.>",))
+    sub_allow=("_INBOX.>", AUTH_ERROR_ADVISORIES, disconnect_advisories("*")))
 """The system-account user that looks up and pushes the CROSSLOGIC account's JWT (to revoke
-node credentials): nothing else of the servers' own subjects."""
+node credentials) and hears the servers refuse and close connections: nothing else of the
+servers' own subjects."""
 
 
 def node_scope(key: str) -> ScopedKey:

@@ -1,0 +1,169 @@
+"""What a stolen credential can do on NATS: a GPU node's, a service's. Each attempt against the
+real server, each refused, and nothing of it stored anywhere."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from decimal import Decimal
+
+import msgspec
+import nats
+import nats.errors
+import pytest
+from nats.js.api import AckPolicy, DeliverPolicy
+
+from schemas.events import ApiKeyCreated, NodeRegistered, UsagePrice, UsageRecorded
+from schemas.subjects import CONTROL, NODES, USAGE
+from services.core.bus import Bus
+from services.core.natsauth.authority import Authority
+from services.core.natsauth.identities import NODE_PUBLISHES, Role
+from services.core.natsauth.keys import KeyKind, new_seed
+from tests.conftest import Servers
+from tests.redteam.conftest import Connect
+
+
+def forged_usage(tenant: uuid.UUID) -> bytes:
+    event = UsageRecorded(request_id="forged", tenant_id=tenant, environment_id=tenant,
+                          api_key_id=tenant, model="m", endpoint="chat", region="us-east-1",
+                          node_id=None, prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+                          price=UsagePrice(input_price_per_million=Decimal("-1000"),
+                                           output_price_per_million=Decimal("-1000"),
+                                           region_multiplier=Decimal("1"),
+                                           cost=Decimal("-1000000")))
+    return msgspec.json.encode(event)
+
+
+async def messages(bus: Bus, stream: str) -> int:
+    return int((await bus.js.stream_info(stream)).state.messages)
+
+
+async def test_a_node_credential_publishes_nothing_but_its_own_words(
+        servers: Servers, bus: Bus, intruder: Connect) -> None:
+    me, other = uuid.uuid4(), uuid.uuid4()
+    node = await intruder(servers.node_creds(me))
+    tenant = uuid.uuid4()
+    # Bill a tenant, negative included.
+    await node.publish_refused(f"usage.recorded.{tenant}", forged_usage(tenant))
+    # Be another node: register in its name, point its traffic elsewhere, drain it.
+    hijack = NodeRegistered(node_id=other, cluster_name="c", provider="aws", region="r",
+                            instance_type="i", gpu_type="g", vram_total_gb=1, model_name="m",
+                            endpoint_url="http://attacker.example:8000", spot_instance=False)
+    await node.publish_refused(f"node.registered.{other}", msgspec.json.encode(hijack))
+    for event_type in NODE_PUBLISHES:
+        await node.publish_refused(f"{event_type}.{other}")
+    await node.publish_refused(f"node.command.{other}", b'{"command": "drain"}')
+    await node.publish_refused(f"node.ack.{me}")  # acknowledge itself
+    # Speak for the control plane: a key, a status, a tenant.
+    key = ApiKeyCreated(key_id=uuid.uuid4(), tenant_id=tenant, environment_id=tenant,
+                        key_hash="h" * 64, last_four="xxxx", name="forged",
+                        role="admin")
+    await node.publish_refused(f"apikey.created.{tenant}", msgspec.json.encode(key))
+    for subject in (f"node.status_changed.{me}", f"node.launching.{me}",
+                    f"tenant.created.{tenant}", "deployment.created.x", "dlq.x.y"):
+        await node.publish_refused(subject)
+    assert await messages(bus, USAGE.name) == 0
+    assert await messages(bus, NODES.name) == 0
+    assert await messages(bus, CONTROL.name) == 0
+    # What it may say still goes through.
+    ack = await node.nc.jetstream().publish(f"node.heartbeat.{me}", b"{}")
+    assert ack.stream == "HEARTBEATS"
+
+
+async def test_a_node_credential_hears_nothing_but_what_is_said_to_it(
+        servers: Servers, intruder: Connect) -> None:
+    me, other = uuid.uuid4(), uuid.uuid4()
+    node = await intruder(servers.node_creds(me))
+    for subject in ("node.>", f"node.command.{other}", f"node.ack.{other}", "node.heartbeat.*",
+                    "usage.>", "tenant.>", "apikey.>", ">", "_INBOX.>", "_INBOX.gateway.>",
+                    "_INBOX.billing.>", f"_INBOX_NODE.{other}.>", "$JS.API.>", "dlq.>"):
+        await node.subscribe_refused(subject)
+    await node.nc.subscribe(f"node.command.{me}")  # its own
+    await node.nc.flush()
+
+
+async def test_a_node_credential_has_no_jetstream_api(servers: Servers, bus: Bus,
+                                                       intruder: Connect) -> None:
+    node = await intruder(servers.node_creds(uuid.uuid4()))
+    await node.request_refused("$JS.API.INFO")
+    await node.request_refused(f"$JS.API.STREAM.DELETE.{USAGE.name}")
+    await node.request_refused(f"$JS.API.STREAM.PURGE.{NODES.name}")
+    await node.request_refused(f"$JS.API.STREAM.INFO.{CONTROL.name}")
+    await node.request_refused(f"$JS.API.CONSUMER.CREATE.{CONTROL.name}",
+                               json.dumps({"stream_name": CONTROL.name,
+                                           "config": {"ack_policy": "none"}}).encode())
+    await node.request_refused(f"$JS.API.STREAM.MSG.GET.{CONTROL.name}",
+                               b'{"seq": 1}')
+    assert {s.config.name for s in await bus.js.streams_info()} >= {USAGE.name, NODES.name,
+                                                                    CONTROL.name}
+
+
+@pytest.mark.parametrize("role", [Role.MONITOR, Role.BILLING, Role.NOTIFIER, Role.ADMIN_API,
+                                  Role.ORCHESTRATOR, Role.RELAY, Role.OBSERVER,
+                                  Role.PROVISIONER])
+async def test_only_a_gateway_credential_publishes_usage(servers: Servers, bus: Bus,
+                                                         intruder: Connect, role: Role) -> None:
+    tenant = uuid.uuid4()
+    service = await intruder(servers.creds(role))
+    await service.publish_refused(f"usage.recorded.{tenant}", forged_usage(tenant))
+    assert await messages(bus, USAGE.name) == 0
+
+
+@pytest.mark.parametrize("role", [Role.GATEWAY, Role.MONITOR, Role.BILLING, Role.NOTIFIER,
+                                  Role.ADMIN_API, Role.ORCHESTRATOR, Role.OBSERVER])
+async def test_a_service_credential_cannot_speak_for_the_control_plane_or_a_node(
+        servers: Servers, bus: Bus, intruder: Connect, role: Role) -> None:
+    service = await intruder(servers.creds(role))
+    node = uuid.uuid4()
+    for subject in (f"apikey.created.{node}", f"tenant.suspended.{node}",
+                    f"node.status_changed.{node}", f"node.registered.{node}",
+                    f"node.heartbeat.{node}"):
+        await service.publish_refused(subject)
+    for stream in (USAGE.name, NODES.name, CONTROL.name):
+        await service.request_refused(f"$JS.API.STREAM.DELETE.{stream}")
+        await service.request_refused(f"$JS.API.STREAM.PURGE.{stream}")
+    assert await messages(bus, NODES.name) == 0 and await messages(bus, CONTROL.name) == 0
+
+
+async def test_a_gateway_credential_cannot_touch_another_services_consumer(
+        servers: Servers, bus: Bus, intruder: Connect) -> None:
+    """Its ordered consumers are unnamed ephemerals: it may not name, update or delete the
+    monitor's or billing's durable consumers (which would skip or replay their messages)."""
+    await bus.js.add_consumer(NODES.name, durable_name="monitor-nodes", ack_policy="explicit")
+    gateway = await intruder(servers.creds(Role.GATEWAY))
+    take_over = json.dumps({"stream_name": NODES.name,
+                            "config": {"durable_name": "monitor-nodes", "name": "monitor-nodes",
+                                       "deliver_policy": "new", "ack_policy": "none"}}).encode()
+    await gateway.request_refused(f"$JS.API.CONSUMER.DURABLE.CREATE.{NODES.name}.monitor-nodes",
+                                  take_over)
+    await gateway.request_refused(f"$JS.API.CONSUMER.CREATE.{NODES.name}.monitor-nodes",
+                                  take_over)
+    await gateway.request_refused(f"$JS.API.CONSUMER.DELETE.{NODES.name}.monitor-nodes")
+    # The one create it may make, unnamed: the server will not let it name a durable there.
+    answer = json.loads((await gateway.nc.request(f"$JS.API.CONSUMER.CREATE.{NODES.name}",
+                                                  take_over, timeout=5)).data)
+    assert "error" in answer, answer
+    info = await bus.js.consumer_info(NODES.name, "monitor-nodes")
+    assert info.config.deliver_policy == DeliverPolicy.ALL
+    assert info.config.ack_policy == AckPolicy.EXPLICIT
+    await gateway.subscribe_refused("_INBOX.monitor.>")
+
+
+async def test_strangers_and_forgers_cannot_connect(servers: Servers, nats_url: str) -> None:
+    with pytest.raises(nats.errors.Error, match=r"(?i)authorization"):
+        await nats.connect(nats_url, allow_reconnect=False, max_reconnect_attempts=0)
+    # A credential from another authority (someone who made their own operator and account).
+    elsewhere = Authority.create().user(Role.ADMIN)
+    # A node credential that expired.
+    issuer = servers.authority.node_issuer()
+    expired = issuer.node_credentials(uuid.uuid4(), ttl_seconds=1, now=time.time() - 60)
+    # A real node's JWT presented with another key's seed (the JWT alone proves nothing).
+    real = issuer.node_credentials(uuid.uuid4(), ttl_seconds=60)
+    stolen_jwt = (f"-----BEGIN NATS USER JWT-----\n{real.jwt}\n------END NATS USER JWT------\n"
+                  f"-----BEGIN USER NKEY SEED-----\n{new_seed(KeyKind.USER)}\n"
+                  f"------END USER NKEY SEED------\n")
+    for creds in (elsewhere.text(), expired.text(), stolen_jwt):
+        with pytest.raises(nats.errors.Error, match=r"(?i)authorization|authentication"):
+            await nats.connect(nats_url, user_credentials=nats.aio.client.RawCredentials(creds),
+                               allow_reconnect=False, max_reconnect_attempts=0)
