@@ -49,11 +49,14 @@ from services.core.settings import Secret
 
 MODEL = "bench-model"
 
+Owner = tuple[uuid.UUID, uuid.UUID, uuid.UUID]
+"""(tenant, environment, API key): billing bills only ids the catalog has, together."""
 
-def usage(tenants: list[uuid.UUID], i: int) -> UsageRecorded:
-    tenant = tenants[i % len(tenants)]
+
+def usage(owners: list[Owner], i: int) -> UsageRecorded:
+    tenant, environment, key = owners[i % len(owners)]
     return UsageRecorded(request_id=f"bench-{uuid.uuid4()}", tenant_id=tenant,
-                         environment_id=tenant, api_key_id=tenant, model=MODEL,
+                         environment_id=environment, api_key_id=key, model=MODEL,
                          endpoint="chat", region="us-east-1", node_id=None,
                          prompt_tokens=100 + i % 900, completion_tokens=10 + i % 300,
                          latency_ms=12.0, occurred_at=datetime.now(UTC))
@@ -69,14 +72,14 @@ def creds(auth_dir: Path, role: Role) -> str:
     return (auth_dir / "creds" / f"{role.value}.creds").read_text()
 
 
-def gateway_process(nats_url: str, gateway_creds: str, tenants: list[uuid.UUID], total: int,
+def gateway_process(nats_url: str, gateway_creds: str, owners: list[Owner], total: int,
                     ready: EventType, go: EventType) -> None:
     """A separate process publishing usage, as gateways do (not competing with billing for
     this process's CPU). It connects and builds its events, says `ready`, waits for `go`."""
 
     async def run() -> None:
         bus = await Bus.connect(nats_url, name="bench-gateway", creds=gateway_creds)
-        events = [usage(tenants, i) for i in range(total)]
+        events = [usage(owners, i) for i in range(total)]
         ready.set()
         await asyncio.to_thread(go.wait)
         await publish(bus, events)
@@ -135,8 +138,9 @@ async def check_empty(dsn: str, nats_url: str, auth_dir: Path) -> str | None:
 async def bench(dsn: str, nats_url: str, total: int, auth_dir: Path) -> None:
     pool = await create_pool(dsn, min_size=1, max_size=4)
     await pool.execute("TRUNCATE usage_records, usage_hourly, events, streams, checkpoints, "
-                       "models")
-    await Catalog(EventLog(pool)).create_model(
+                       "models, tenants, environments, api_keys")
+    catalog = Catalog(EventLog(pool))
+    await catalog.create_model(
         MODEL, family="bench", vram_gb=16, input_price_per_million=Decimal("0.15"),
         output_price_per_million=Decimal("0.60"), context_length=8192)
     bus = await Bus.connect(nats_url, name="bench", creds=creds(auth_dir, Role.ADMIN))
@@ -144,12 +148,17 @@ async def bench(dsn: str, nats_url: str, total: int, auth_dir: Path) -> None:
         if info.config.name:
             await bus.js.delete_stream(info.config.name)
     await bus.ensure_streams()
-    tenants = [uuid.uuid4() for _ in range(50)]
+    owners: list[Owner] = []
+    for i in range(50):
+        tenant = await catalog.create_tenant(f"bench-{i}")
+        environment = await catalog.create_environment(tenant, "production", "us-east-1")
+        owners.append((tenant, environment,
+                       (await catalog.create_api_key(environment)).key_id))
     settings = BillingSettings(database_url=Secret(dsn), nats_url=Secret(nats_url),
                                nats_creds=Secret(creds(auth_dir, Role.BILLING)), log_json=False,
                                log_level="warning", event_poll_interval=0.2)
 
-    backlog = [usage(tenants, i) for i in range(total)]
+    backlog = [usage(owners, i) for i in range(total)]
     await publish(bus, backlog)
     runner = web.AppRunner(create_billing_app(settings), shutdown_timeout=1.0)
     t0 = time.perf_counter()
@@ -160,7 +169,7 @@ async def bench(dsn: str, nats_url: str, total: int, auth_dir: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
     gateway = ctx.Process(target=gateway_process,
-                          args=(nats_url, creds(auth_dir, Role.GATEWAY), tenants, total,
+                          args=(nats_url, creds(auth_dir, Role.GATEWAY), owners, total,
                                 ready, go))
     gateway.start()
     await asyncio.to_thread(ready.wait)  # its start-up is not measured

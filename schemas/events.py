@@ -128,6 +128,18 @@ class NodeRegistered(_NodeEvent, tag="node.registered"):
     agent_version: str = ""
 
 
+class NodeAccepted(_NodeEvent, tag="node.accepted"):
+    """The monitor accepted registration `registration_id`: the node was launched by the
+    orchestrator, is still live, and says what its launch said. Gateways route only to nodes
+    they learned of from this event, at this `endpoint_url` (a raw ``node.registered`` is only
+    the agent's word). Appended with the registration, in the same transaction."""
+
+    registration_id: uuid.UUID
+    endpoint_url: str
+    model_name: str
+    region: str
+
+
 class NodeHeartbeat(_NodeEvent, tag="node.heartbeat"):
     """An observation, not a state change: the latest one lives in Redis."""
 
@@ -634,6 +646,7 @@ class NotificationAlert(Event, tag="notification.alert"):
 
 AnyEvent = (
     NodeRegistered
+    | NodeAccepted
     | NodeHeartbeat
     | NodeSpotWarning
     | NodeStatusChanged

@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from schemas.events import NodeRegistered, TenantCreated, TenantUpdated
+import asyncpg
+
+from schemas.events import (
+    ApiKeyCreated,
+    EnvironmentCreated,
+    Event,
+    NodeAccepted,
+    NodeLaunching,
+    NodeRegistered,
+    TenantCreated,
+    TenantUpdated,
+)
+from schemas.ids import uuid7
+from services.core.catalog import catalog_projections, generate_api_key, hash_api_key
+from services.core.eventlog import NO_STREAM, EventLog
+from services.core.fleet import Fleet
 
 T = TypeVar("T")
 
@@ -72,3 +90,62 @@ def node_registered(node_id: uuid.UUID | None = None, *, model: str = "llama-8b"
         provider="aws", region=region, instance_type="g5.2xlarge", gpu_type="A10G",
         vram_total_gb=24, model_name=model, endpoint_url="http://10.0.1.45:8000",
         spot_instance=True, agent_version="test")
+
+
+def node_accepted(registration: NodeRegistered) -> NodeAccepted:
+    """What the monitor appends when it accepts `registration` (the same id it would give)."""
+    from services.monitor.registration import accepted_id
+
+    return NodeAccepted(id=accepted_id(registration.id), node_id=registration.node_id,
+                        registration_id=registration.id,
+                        endpoint_url=registration.endpoint_url,
+                        model_name=registration.model_name, region=registration.region)
+
+
+async def launched(source: asyncpg.Pool | EventLog, node_id: uuid.UUID, *,
+                   model: str = "llama-8b", region: str = "us-east-1") -> NodeLaunching:
+    """Record that the orchestrator launched `node_id` (as it does before asking the cloud):
+    the monitor accepts a registration only from a launched node. `source`: a pool or an
+    EventLog."""
+    eventlog = source if isinstance(source, EventLog) else EventLog(source)
+    event = NodeLaunching(node_id=node_id, deployment_id=None,
+                          cluster_name=f"crosslogic-test-{node_id.hex[:8]}", model_name=model,
+                          provider="local", region=region, gpu_type="A10G", spot=False,
+                          deadline=datetime.now(UTC) + timedelta(minutes=30))
+    await Fleet(eventlog, actor="test").launching(event)
+    return event
+
+
+@dataclass(frozen=True)
+class UsageOwner:
+    tenant_id: uuid.UUID
+    environment_id: uuid.UUID
+    api_key_id: uuid.UUID
+
+
+async def usage_owner(pool: asyncpg.Pool, tenant_id: uuid.UUID | None = None, *,
+                      environment_id: uuid.UUID | None = None,
+                      api_key_id: uuid.UUID | None = None) -> UsageOwner:
+    """A tenant (made unless it exists), an environment of it and an API key of that
+    environment, in the log and the catalog's projections, under the ids asked for: billing
+    bills only usage whose ids exist and belong together."""
+    tenant_id = tenant_id or uuid7()
+    environment_id = environment_id or uuid7()
+    api_key_id = api_key_id or uuid7()
+    plaintext = generate_api_key()
+    events: list[Event] = []
+    if not await pool.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id):
+        events.append(TenantCreated(tenant_id=tenant_id, name=f"t-{tenant_id.hex[:8]}"))
+    events += [EnvironmentCreated(environment_id=environment_id, tenant_id=tenant_id,
+                                  name=f"env-{environment_id.hex[:8]}", region="us-east-1"),
+               ApiKeyCreated(key_id=api_key_id, tenant_id=tenant_id,
+                             environment_id=environment_id, key_hash=hash_api_key(plaintext),
+                             last_four=plaintext[-4:])]
+    async with pool.acquire() as conn, conn.transaction():
+        log = EventLog(conn)
+        for event in events:
+            result = await log.append(event.stream, [event], NO_STREAM)
+            for projection in catalog_projections():
+                if any(fnmatch.fnmatchcase(event.type, t) for t in projection.event_types):
+                    await projection.apply(conn, result.events)
+    return UsageOwner(tenant_id, environment_id, api_key_id)

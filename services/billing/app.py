@@ -1,6 +1,7 @@
 """The billing service: `python -m services.billing` (or `crosslogic serve billing`).
 
-- the usage recorder: `usage.recorded` from JetStream, priced, into the log once;
+- the usage recorder: `usage.recorded` from JetStream, checked and priced from the catalog
+  (intake.py), into the log once;
 - projections `usage_records` (+ `usage_hourly`) and `billing_events`;
 - the Stripe pusher (one leader across replicas) when `STRIPE_SECRET_KEY` is set;
 - POST /webhooks/stripe when `STRIPE_WEBHOOK_SECRET` is set.
@@ -15,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from schemas.subjects import USAGE
+from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
 from services.billing.pricing import parse_multipliers
 from services.billing.projection import UsageMetrics, UsageRecordsProjection
@@ -59,7 +61,8 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
                        refresh_seconds=s.model_refresh_seconds)
     await prices.refresh()
     registry = app[REGISTRY]
-    recorder = Recorder(app[EVENTLOG], app[BUS], USAGE_RECORDER, transform=prices.transform,
+    intake = UsageIntake(prices, max_tokens=s.billing_max_tokens_per_record, registry=registry)
+    recorder = Recorder(app[EVENTLOG], app[BUS], USAGE_RECORDER, batch_transform=intake,
                         registry=registry)
     usage = ProjectionRunner(app[EVENTLOG], UsageRecordsProjection(UsageMetrics(registry)),
                              batch_size=2000, waker=app[WAKER],

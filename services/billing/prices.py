@@ -1,4 +1,6 @@
-"""Model prices from the catalog, held in memory for the usage recorder."""
+"""Model prices from the catalog, held in memory for the usage recorder. Usage is always priced
+here: a `price` already on an incoming event is replaced, never believed (anyone able to
+publish usage could otherwise set what a tenant pays)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from decimal import Decimal
 import asyncpg
 import msgspec
 
-from schemas.events import Event, UsagePrice, UsageRecorded
+from schemas.events import UsagePrice, UsageRecorded
 from services.billing.pricing import cost
 
 
@@ -34,9 +36,8 @@ class PriceBook:
         self._loaded_at = time.monotonic()
 
     async def price(self, event: UsageRecorded) -> UsageRecorded:
-        """The event as billing records it: with the price applied now."""
-        if event.price is not None:
-            return event  # already priced (a replay of our own record)
+        """The event as billing records it: with the catalog's price applied now (whatever
+        price it came with)."""
         if event.model not in self.prices or \
                 time.monotonic() - self._loaded_at > self.refresh_seconds:
             await self.refresh()
@@ -50,8 +51,3 @@ class PriceBook:
             region_multiplier=multiplier,
             cost=cost(event.prompt_tokens, event.completion_tokens, input_price, output_price,
                       multiplier)))
-
-    async def transform(self, event: Event) -> list[Event]:
-        if not isinstance(event, UsageRecorded):
-            return []
-        return [await self.price(event)]

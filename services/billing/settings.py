@@ -18,6 +18,9 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     model_refresh_seconds: float = 30.0
     usage_recorder_workers: int = 2
     """Concurrent fetchers on the usage consumer (throughput; order does not matter)."""
+    billing_max_tokens_per_record: int = 10_000_000
+    """Usage records carrying more tokens (prompt + completion) are refused (dead letters):
+    no request is that large; a record that says so is a lie or a bug."""
 
     # Stripe. Without a secret key usage is still recorded; nothing is pushed.
     stripe_secret_key: Secret = Secret("")
@@ -90,6 +93,7 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
 def check_settings(s: BillingSettings) -> None:
     """What the types cannot say; SettingsError names the variable."""
     positive = {"USAGE_RECORDER_WORKERS": s.usage_recorder_workers,
+                "BILLING_MAX_TOKENS_PER_RECORD": s.billing_max_tokens_per_record,
                 "BILLING_PUSH_INTERVAL": s.billing_push_interval,
                 "BILLING_FULL_SCAN_INTERVAL": s.billing_full_scan_interval,
                 "BILLING_PUSH_LOOKBACK_DAYS": s.billing_push_lookback_days,

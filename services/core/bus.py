@@ -3,11 +3,14 @@
 - Streams (schemas.subjects.STREAMS) are created idempotently and updated in place.
 - Every JetStream publish sets ``Nats-Msg-Id`` to the event id: a retried publish within the
   stream's duplicate window is stored once.
-- Durable pull consumers ack explicitly. A message that does not decode, or that keeps failing
-  (``max_deliver``), is parked on the dead-letter subject ``dlq.<consumer>.<subject>`` with the
-  reason in its headers, then terminated. Failures of the handler's own dependencies (Postgres
-  down) are *transient*: the batch is retried in place, without spending delivery attempts, so
-  an outage never sends good messages to the dead-letter stream.
+- Durable pull consumers ack explicitly. A message that does not decode, that is not what its
+  subject says (schemas/arrival.py: a ``node.heartbeat.A`` carrying node B), that the handler
+  refuses (`Delivery.refuse`), or that keeps failing (``max_deliver``), is parked on the
+  dead-letter subject ``dlq.<consumer>.<subject>`` with the reason in its headers, then
+  terminated; refusals are counted in ``nats_messages_refused_total{consumer, reason}``.
+  Failures of the handler's own dependencies (Postgres down) are *transient*: the batch is
+  retried in place, without spending delivery attempts, so an outage never sends good messages
+  to the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +28,12 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
-from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from schemas.arrival import mismatch
 from schemas.events import Event, EventDecodeError, decode_event, encode_event
 from schemas.subjects import STREAMS, StreamSpec, dlq_subject
 from services.core.natsauth.creds import Credentials
@@ -54,8 +58,20 @@ class PermanentError(Exception):
     """Raise from a handler for a message that can never succeed: parked at once, not retried."""
 
 
+UNDECODABLE = "undecodable"
+SUBJECT_MISMATCH = "subject_mismatch"
+REFUSED = "refused"
+REFUSAL_REASONS = (UNDECODABLE, SUBJECT_MISMATCH, REFUSED)
+"""`nats_messages_refused_total`'s reasons: not an event; an event its subject does not name;
+an event the receiving service refused (its own metrics say why)."""
+
+
 class BusMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.refused = Counter("nats_messages_refused_total",
+                               "Messages a receiver refused: not an event, not the event its "
+                               "subject names, or refused by the service",
+                               ["consumer", "reason"], registry=registry)
         self.published = Counter("nats_published_total", "Messages published to NATS",
                                  ["stream"], registry=registry)
         self.consumed = Counter("nats_consumed_total", "Messages handled by a consumer",
@@ -88,6 +104,12 @@ class Delivery:
     num_delivered: int
     stream_sequence: int
     msg: Msg = field(repr=False)
+    refusal: str | None = None
+    """Set by the handler (`refuse`): the message is parked, not acked, once the batch is
+    handled; the rest of the batch goes on."""
+
+    def refuse(self, reason: str) -> None:
+        self.refusal = reason
 
 
 BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
@@ -148,14 +170,30 @@ class Bus:
             if bus is not None and not bus.closing:
                 log.error("nats connection closed for good (credential refused?)")
 
+        nc = NATS()
         auth: dict[str, Any] = {}
         if credentials is not None:
-            auth = {"user_credentials": RawCredentials(credentials.text()),
+            who = credentials
+            must_be_tls = urllib.parse.urlsplit(url).scheme == "tls"
+
+            def user_jwt() -> bytearray:
+                return bytearray(who.jwt.encode())
+
+            def signature(nonce: str) -> bytes:
+                # nats-py moves to TLS only when the server asks for it: a tls:// URL answered
+                # in plain text may be someone in the middle, and the nonce it hands us
+                # signed would let it connect as us. Refuse to sign (the client retries).
+                if must_be_tls and not nc._server_info.get("tls_required"):
+                    raise NatsAuthError(f"{url} answered without TLS: not signing in")
+                return who.nonce_signature(nonce)
+
+            auth = {"user_jwt_cb": user_jwt, "signature_cb": signature,
                     "inbox_prefix": credentials.inbox_prefix}
         try:
-            nc = await nats.connect(
+            await nc.connect(  # reconnect_time_wait is typed int, but is any number of seconds
                 servers=[url], name=name, connect_timeout=int(max(1, connect_timeout)),
-                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                allow_reconnect=True, max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
                 error_cb=on_error, disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect, closed_cb=on_closed, **auth)
         except nats.errors.Error as exc:
@@ -264,8 +302,20 @@ class Bus:
         await self.nc.publish(event.subject, encode_event(event), headers={MSG_ID: str(event.id)})
 
     async def subscribe_observations(self, subject: str, queue: str,
-                                     handler: EventHandler) -> Subscription:
-        """Core NATS queue group: each message goes to one member of `queue`."""
+                                     handler: EventHandler, *,
+                                     dead_letters: str | None = None) -> Subscription:
+        """Core NATS queue group: each message goes to one member of `queue`. What is not
+        an event, or not the event its subject names, is dropped and counted under `queue`;
+        with `dead_letters`, parked on ``dlq.<dead_letters>.<subject>`` too (at a bounded
+        rate: a flood of bad observations must not fill the dead-letter stream)."""
+        for reason in (UNDECODABLE, SUBJECT_MISMATCH):
+            self.metrics.refused.labels(queue, reason)
+        budget = ParkBudget()
+
+        async def refuse(msg: Msg, reason: str, error: str) -> None:
+            self.metrics.refused.labels(queue, reason).inc()
+            if dead_letters is not None and budget.take(time.monotonic()):
+                await self.park_observation(dead_letters, msg, error)
 
         async def on_msg(msg: Msg) -> None:
             try:
@@ -273,6 +323,13 @@ class Bus:
             except EventDecodeError as exc:
                 log.warning("dropping undecodable observation", subject=msg.subject,
                             error=str(exc))
+                await refuse(msg, UNDECODABLE, f"decode: {exc}")
+                return
+            wrong = mismatch(event, msg.subject)
+            if wrong is not None:
+                log.warning("dropping an observation its subject does not name",
+                            subject=msg.subject, error=wrong)
+                await refuse(msg, SUBJECT_MISMATCH, f"subject: {wrong}")
                 return
             try:
                 await handler(event)
@@ -332,6 +389,20 @@ class Bus:
             await self.refresh_pending()
             await asyncio.sleep(self.pending_interval)
 
+    async def park_observation(self, name: str, msg: Msg, reason: str) -> None:
+        """`dead_letter` for a core NATS message: fire and forget (a subscription's callback
+        must not wait for JetStream), deduplicated on the original's message id if it had
+        one."""
+        headers = {ERROR_HEADER: reason[:1000], SUBJECT_HEADER: msg.subject,
+                   DELIVERIES_HEADER: "1"}
+        original = (msg.headers or {}).get(MSG_ID)
+        if original:
+            headers[MSG_ID] = f"dlq:{original}"[:200]
+        try:
+            await self.nc.publish(dlq_subject(name, msg.subject), msg.data, headers=headers)
+        except nats.errors.Error as exc:  # NATS away: the counter still says it
+            log.debug("could not park an observation", error=str(exc) or type(exc).__name__)
+
     async def dead_letter(self, consumer: str, msg: Msg, reason: str) -> None:
         meta = msg.metadata
         headers = {
@@ -339,9 +410,11 @@ class Bus:
             SUBJECT_HEADER: msg.subject,
             DELIVERIES_HEADER: str(meta.num_delivered),
         }
-        # The original stream position makes parking the same message twice a no-op.
+        # The consumer and the original stream position make parking the same message twice
+        # a no-op, and two consumers parking it two letters.
         await self.publish_raw(dlq_subject(consumer, msg.subject), msg.data,
-                               f"dlq:{meta.stream}:{meta.sequence.stream}", headers=headers)
+                               f"dlq:{consumer}:{meta.stream}:{meta.sequence.stream}",
+                               headers=headers)
 
 
 class Consumer:
@@ -360,6 +433,9 @@ class Consumer:
         # dead letter, not a series that appears with it.
         for outcome in ("ack", "nak", "dead_letter"):
             self._outcomes.labels(spec.durable, outcome)
+        self._refused = bus.metrics.refused
+        for reason in REFUSAL_REASONS:
+            self._refused.labels(spec.durable, reason)
 
     async def run(self) -> None:
         delay = 0.2
@@ -390,7 +466,13 @@ class Consumer:
             except EventDecodeError as exc:
                 self.log.warning("undecodable message to dead letters", subject=msg.subject,
                                  error=str(exc))
-                await self._park(msg, f"decode: {exc}")
+                await self._park(msg, f"decode: {exc}", UNDECODABLE)
+                continue
+            wrong = mismatch(event, msg.subject)
+            if wrong is not None:
+                self.log.warning("message its subject does not name to dead letters",
+                                 subject=msg.subject, error=wrong)
+                await self._park(msg, f"subject: {wrong}", SUBJECT_MISMATCH)
                 continue
             deliveries.append(Delivery(event, msg.subject, meta.num_delivered,
                                        meta.sequence.stream, msg))
@@ -412,14 +494,16 @@ class Consumer:
                 except Exception as exc:
                     await self._failed(d, exc)
                 else:
-                    await self._ack(d)
+                    await self._done(d)
             return
         for d in deliveries:
-            await self._ack(d)
+            await self._done(d)
 
     async def _handle_with_retry(self, deliveries: list[Delivery]) -> None:
         delay = 0.2
         while True:
+            for d in deliveries:  # a refusal holds for the attempt that made it only
+                d.refusal = None
             try:
                 await self.handler(deliveries)
                 return
@@ -432,15 +516,20 @@ class Consumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _ack(self, d: Delivery) -> None:
-        await d.msg.ack()
-        self._outcomes.labels(self.spec.durable, "ack").inc()
+    async def _done(self, d: Delivery) -> None:
+        if d.refusal is None:
+            await d.msg.ack()
+            self._outcomes.labels(self.spec.durable, "ack").inc()
+            return
+        self.log.warning("message refused; to dead letters", subject=d.subject,
+                         error=d.refusal)
+        await self._park(d.msg, f"refused: {d.refusal}", REFUSED)
 
     async def _failed(self, d: Delivery, exc: Exception) -> None:
         if isinstance(exc, PermanentError):
             self.log.warning("message refused; to dead letters", subject=d.subject,
                              error=str(exc))
-            await self._park(d.msg, f"refused: {exc}")
+            await self._park(d.msg, f"refused: {exc}", REFUSED)
             return
         if d.num_delivered >= self.spec.max_deliver:
             self.log.error("message kept failing; to dead letters", subject=d.subject,
@@ -453,10 +542,32 @@ class Consumer:
         await d.msg.nak(delay=delays[min(d.num_delivered, len(delays)) - 1])
         self._outcomes.labels(self.spec.durable, "nak").inc()
 
-    async def _park(self, msg: Msg, reason: str) -> None:
+    async def _park(self, msg: Msg, reason: str, refusal: str | None = None) -> None:
         await self.bus.dead_letter(self.spec.durable, msg, reason)
         await msg.term()
         self._outcomes.labels(self.spec.durable, "dead_letter").inc()
+        if refusal is not None:
+            self._refused.labels(self.spec.durable, refusal).inc()
+
+
+class ParkBudget:
+    """A token bucket for parking refused observations: `rate` a second, bursts of `burst`.
+    Pure (the caller passes the time)."""
+
+    def __init__(self, rate: float = 20.0, burst: float = 100.0) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 def dlq_headers(msg: Msg) -> dict[str, Any]:

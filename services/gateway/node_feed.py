@@ -5,6 +5,9 @@ so no queue group).
 `start` returns once the table holds what NATS knew when it was called: the lifecycle
 replayed and the latest stored heartbeat of each node. A worker that listened before that
 would answer 503 for a whole heartbeat interval after a restart or a scale-out.
+
+What is not an event, or not the event its subject names (a ``node.heartbeat.A`` carrying node
+B), is dropped and counted in ``nats_messages_refused_total{consumer="gateway-nodes"}``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
+from schemas.arrival import mismatch
 from schemas.events import EventDecodeError, decode_event
 from schemas.subjects import HEARTBEATS, NODES
-from services.core.bus import Bus
+from services.core.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
 from services.gateway.nodes import NodeTable
 
 log = structlog.get_logger("node_feed")
+
+CONSUMER = "gateway-nodes"
+"""The feed's name in `nats_messages_refused_total`."""
 
 
 class NodeFeed:
@@ -36,6 +43,9 @@ class NodeFeed:
         self.wall_clock = wall_clock
         self._subs: list[Subscription] = []
         self.received = 0
+        self._refused = bus.metrics.refused
+        for reason in (UNDECODABLE, SUBJECT_MISMATCH):
+            self._refused.labels(CONSUMER, reason)
 
     async def start(self, warm_timeout: float = 5.0) -> None:
         """Follow the fleet; wait (up to `warm_timeout`) until what is stored has been read."""
@@ -81,6 +91,13 @@ class NodeFeed:
         except EventDecodeError as exc:
             log.warning("ignoring undecodable node message", subject=msg.subject,
                         error=str(exc))
+            self._refused.labels(CONSUMER, UNDECODABLE).inc()
+            return
+        wrong = mismatch(event, msg.subject)
+        if wrong is not None:
+            log.warning("ignoring a node message its subject does not name",
+                        subject=msg.subject, error=wrong)
+            self._refused.labels(CONSUMER, SUBJECT_MISMATCH).inc()
             return
         self.received += 1
         self.table.apply(event, self.clock() - age)

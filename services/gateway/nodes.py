@@ -2,6 +2,11 @@
 
 Pure: `NodeTable.apply(event, now)` folds one event in; `routable(...)` decides who may take a
 request. No Postgres on the hot path: the table is fed from NATS (see node_feed.py).
+
+A node enters the table only from a ``node.accepted`` (the monitor checked that the
+orchestrator launched it, that it is live, and settled its address), and its `endpoint_url`
+comes only from there: a ``node.registered`` is an agent's word, which a leaked node
+credential could make say anything, so it creates and re-points nothing.
 """
 
 from __future__ import annotations
@@ -11,10 +16,10 @@ from dataclasses import dataclass
 
 from schemas.events import (
     Event,
+    NodeAccepted,
     NodeDeregistered,
     NodeDraining,
     NodeHeartbeat,
-    NodeRegistered,
     NodeSpotWarning,
     NodeStatus,
     NodeStatusChanged,
@@ -64,8 +69,8 @@ FINAL_STATUSES = frozenset({NodeStatus.TERMINATED, NodeStatus.FAILED})
 class NodeTable:
     def __init__(self, on_removed: Callable[[str], None] | None = None) -> None:
         self.nodes: dict[str, NodeView] = {}
-        # A heartbeat can overtake its node's registration (different subjects, a gateway
-        # replaying the registrations at start): keep the latest until the node is known.
+        # A heartbeat can overtake its node's acceptance (different subjects, a gateway
+        # replaying the acceptances at start): keep the latest until the node is known.
         self._early: dict[str, tuple[NodeHeartbeat, float]] = {}
         self._on_removed = on_removed
         """Told the id of each node that leaves the table, so what is kept per node
@@ -73,8 +78,10 @@ class NodeTable:
 
     def seed(self, node: NodeView) -> None:
         """A node known from the `nodes` projection at start: its registration may be older
-        than the NODES stream keeps. Events, replayed or live, win over it."""
-        if node.status not in FINAL_STATUSES:
+        than the NODES stream keeps. Events, replayed or live, win over it. Only a node with
+        an address: the projection has one only from a registration the monitor recorded,
+        which it does only when it accepts it."""
+        if node.status not in FINAL_STATUSES and node.endpoint_url:
             self.nodes.setdefault(node.node_id, node)
 
     def _remove(self, node_id: str) -> None:
@@ -94,12 +101,13 @@ class NodeTable:
                         self._early[str(event.node_id)] = (event, now)
                 elif node.last_heartbeat is None or node.last_heartbeat <= now:
                     _beat(node, event, now)
-            case NodeRegistered():
+            case NodeAccepted():
                 key = str(event.node_id)
                 known = self.nodes.get(key)
                 if known is not None:
-                    # Registered again (an agent asking anew for its acknowledgment): the same
-                    # node, still serving; what its heartbeats and the monitor said stands.
+                    # Accepted again (an agent restarted, or asking anew for its ack): the
+                    # same node, still serving; what its heartbeats and the monitor said
+                    # stands.
                     known.model, known.endpoint_url, known.region = \
                         event.model_name, event.endpoint_url, event.region
                     return

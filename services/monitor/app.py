@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 
 import msgspec
 import structlog
@@ -19,9 +19,10 @@ from services.core.bus import Bus, ConsumerSpec
 from services.core.fleet import Fleet, NodesProjection
 from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
 from services.core.leadership import Leadership
+from services.core.natsauth.identities import MONITOR_HEARTBEATS_DLQ
 from services.core.projections import ProjectionRunner
 from services.core.recorder import Recorder
-from services.monitor.registration import check_registration
+from services.monitor.intake import NodeIntake
 from services.monitor.settings import MonitorSettings
 from services.monitor.watcher import NodeWatcher, WatchSettings, status_of
 
@@ -50,22 +51,12 @@ def refusal(event: NodeRegistered, reason: str) -> RegistrationAck:
                            reason=reason)
 
 
-def validator(bus: Bus) -> Callable[[Event], Awaitable[Sequence[Event]]]:
-    async def validate(event: Event) -> Sequence[Event]:
-        if isinstance(event, NodeRegistered):
-            try:
-                check_registration(event)
-            except ValueError as exc:
-                # Dead-lettered all the same (an operator sees it: NatsDeadLetters), but the
-                # agent is told, or it would publish its registration again forever.
-                log.warning("registration refused", node_id=str(event.node_id),
-                            reason=str(exc))
-                await bus.nc.publish(node_ack_subject(event.node_id),
-                                     msgspec.json.encode(refusal(event, str(exc))))
-                raise
-        return (event,)
+def intake(bus: Bus, app: web.Application) -> NodeIntake:
+    async def tell_refused(event: NodeRegistered, reason: str) -> None:
+        await bus.nc.publish(node_ack_subject(event.node_id),
+                             msgspec.json.encode(refusal(event, reason)))
 
-    return validate
+    return NodeIntake(tell_refused, registry=app[REGISTRY])
 
 
 async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -97,8 +88,9 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
 
     # A queue group: each heartbeat is handled by one monitor replica.
     heartbeats = await bus.subscribe_observations(HEARTBEATS.subjects[0], "monitor",
-                                                  watcher.on_heartbeat)
-    recorder = Recorder(app[EVENTLOG], bus, NODE_RECORDER, transform=validator(bus),
+                                                  watcher.on_heartbeat,
+                                                  dead_letters=MONITOR_HEARTBEATS_DLQ)
+    recorder = Recorder(app[EVENTLOG], bus, NODE_RECORDER, batch_transform=intake(bus, app),
                         on_committed=committed, registry=app[REGISTRY])
     runner = ProjectionRunner(app[EVENTLOG], NodesProjection(), waker=app[WAKER])
     leadership = Leadership(s.database_url.reveal(), "monitor-sweeper",

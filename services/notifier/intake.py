@@ -5,7 +5,10 @@ unique (subscription, event) key makes that a no-op).
 Messages are read as JSON objects, not through the typed event decoder: a subscription may
 name a type this build does not know yet (a newer service during a rolling deploy), and the
 notifier only needs the type, id, time, tenant and payload. A message that is not an event at
-all is parked on the dead-letter stream. HEARTBEATS and USAGE are not consumed: far too many
+all, or not the event its subject names (schemas/arrival.py: an ``apikey.created`` on
+``node.>``, a node event of another node), is parked on the dead-letter stream and counted in
+``nats_messages_refused_total{consumer, reason}``: subscribers must never be told a forged
+fact. HEARTBEATS and USAGE are not consumed: far too many
 messages, none worth a notification.
 """
 
@@ -24,8 +27,9 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from schemas.arrival import raw_mismatch
 from schemas.subjects import CONTROL, NODES
-from services.core.bus import Bus
+from services.core.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
 from services.notifier import store
 from services.notifier.scheduler import DATABASE_DOWN, NotifierMetrics
 
@@ -44,14 +48,21 @@ INTAKES = (IntakeSpec("notifier-nodes", NODES.name, "node.>"),
            IntakeSpec("notifier-control", CONTROL.name, None))
 
 
-def parse(data: bytes) -> store.Queued:
-    """ValueError for a message that is not an event's JSON object."""
+class SubjectMismatch(ValueError):
+    """An event that is not the one its subject names."""
+
+
+def parse(data: bytes, subject: str | None = None) -> store.Queued:
+    """ValueError for a message that is not an event's JSON object; SubjectMismatch for one
+    that `subject` (when given) does not name."""
     try:
         event: Any = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(event, dict):
         raise ValueError("not a JSON object")
+    if subject is not None and (wrong := raw_mismatch(event, subject)) is not None:
+        raise SubjectMismatch(wrong)
     return store.queued(event)
 
 
@@ -81,6 +92,8 @@ class Intake:
             sub = await self.bus.js.pull_subscribe_bind(durable=spec.durable,
                                                         stream=spec.stream)
             self.bus.track_consumer(spec.stream, spec.durable)  # its backlog in /metrics
+            for reason in (UNDECODABLE, SUBJECT_MISMATCH):
+                self.bus.metrics.refused.labels(spec.durable, reason)
             self._subs.append((spec, sub))
 
     async def run(self) -> None:
@@ -114,12 +127,16 @@ class Intake:
         kept: list[Msg] = []
         for msg in msgs:
             try:
-                items.append(parse(msg.data))
+                items.append(parse(msg.data, msg.subject))
+            except SubjectMismatch as exc:
+                log.warning("not the event its subject names; to dead letters",
+                            subject=msg.subject, error=str(exc))
+                await self._refuse(spec, msg, f"subject: {exc}", SUBJECT_MISMATCH)
+                continue
             except ValueError as exc:
                 log.warning("not an event; to dead letters", subject=msg.subject,
                             error=str(exc))
-                await self.bus.dead_letter(spec.durable, msg, f"decode: {exc}")
-                await msg.term()
+                await self._refuse(spec, msg, f"decode: {exc}", UNDECODABLE)
                 continue
             kept.append(msg)
         added = await self._queue(items, kept)
@@ -129,6 +146,11 @@ class Intake:
             self.metrics.queued.inc(added)
             self.on_queued()
         return len(msgs)
+
+    async def _refuse(self, spec: IntakeSpec, msg: Msg, error: str, reason: str) -> None:
+        await self.bus.dead_letter(spec.durable, msg, error)
+        await msg.term()
+        self.bus.metrics.refused.labels(spec.durable, reason).inc()
 
     async def _queue(self, items: list[store.Queued], msgs: list[Msg]) -> int:
         """Retried in place while PostgreSQL is down: the messages are told we are still

@@ -12,11 +12,13 @@ import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 
+from schemas.arrival import mismatch
 from schemas.events import EventDecodeError, decode_event
 from services.core.aio import stop_task
 from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
 from services.core.leadership import Leadership
 from services.core.natsauth.authority import NodeIssuer
+from services.core.node_keys import check_secret
 from services.orchestrator.credentials import CredentialKeeper
 from services.orchestrator.launcher import Launcher
 from services.orchestrator.local_launcher import LocalLauncher
@@ -73,9 +75,13 @@ async def _orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def wake(msg: Msg) -> None:
         try:
-            orchestrator.observe(decode_event(msg.data))
+            event = decode_event(msg.data)
         except EventDecodeError:
             orchestrator.wake.set()
+            return
+        # Not the event its subject names (a node speaking of another): not worth a look.
+        if mismatch(event, msg.subject) is None:
+            orchestrator.observe(event)
 
     subs = [await bus.nc.subscribe(subject, cb=wake) for subject in WAKE_SUBJECTS]
     task = asyncio.create_task(leadership.run(orchestrator.lead), name="orchestrator-leader")
@@ -96,6 +102,7 @@ def create_orchestrator_app(settings: OrchestratorSettings) -> web.Application:
                             f"not {settings.launcher!r}")
     # Fail at start too: without it no launched node could connect, or be revoked.
     NodeIssuer.from_json(settings.nats_node_issuer.reveal())
+    check_secret(settings.node_api_key_secret.reveal())  # nor be served by the gateways
     app = create_app(settings)
     app[ORCHESTRATOR_SETTINGS] = settings
     app.cleanup_ctx.append(_orchestrator_ctx)

@@ -32,7 +32,7 @@ from services.core.usage_queries import parse_usage_query
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers
-from tests.helpers import eventually, node_registered
+from tests.helpers import eventually, launched, node_registered
 from tests.integration.test_admin_api import Admin, assert_error, running_admin
 from tests.integration.test_monitor_basics import serve
 
@@ -46,8 +46,8 @@ async def admin(servers: Servers, database_url: str, nats_url: str,
 
 
 @pytest.fixture
-async def fleet(servers: Servers, database_url: str, redis_url: str,
-                bus: Bus) -> AsyncIterator[dict[str, Any]]:
+async def fleet(servers: Servers, database_url: str, redis_url: str, bus: Bus,
+                pool: asyncpg.Pool) -> AsyncIterator[dict[str, Any]]:
     monitor = create_monitor_app(MonitorSettings(
         database_url=Secret(database_url), redis_url=Secret(redis_url),
         nats_url=Secret(servers.nats_url), nats_creds=Secret(servers.creds(Role.MONITOR)),
@@ -56,6 +56,7 @@ async def fleet(servers: Servers, database_url: str, redis_url: str,
     url, sim_runner = await serve(create_app(SimulatorConfig(model="m",
                                                              inter_token_latency=0.01)))
     node_id = uuid7()
+    await launched(pool, node_id, model="m")  # the monitor accepts only launched nodes
     agent = NodeAgent(AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id,
                                     nats_creds=Secret(servers.node_creds(node_id)),
                                     model_name="m", vllm_url=url, heartbeat_interval=0.2,
@@ -74,7 +75,8 @@ async def test_nodes_listed_with_heartbeats_and_drained(admin: Admin,
 
     async def listed() -> list[dict[str, Any]] | None:
         page = await admin.ok("GET", "/nodes")
-        nodes = [n for n in page["data"] if n["heartbeat"]]
+        # Listed from its launch on; registered once the monitor accepted it.
+        nodes = [n for n in page["data"] if n["heartbeat"] and n["status"] != "launching"]
         return nodes or None
 
     (node,) = await eventually(listed, what="the node with a heartbeat")
@@ -106,8 +108,8 @@ async def test_termination_is_recorded_for_the_orchestrator(admin: Admin, pool: 
     agent: NodeAgent = fleet["agent"]
 
     async def known() -> bool:
-        status, _ = await admin.call("GET", f"/nodes/{agent.node_id}")
-        return status == 200
+        status, node = await admin.call("GET", f"/nodes/{agent.node_id}")
+        return status == 200 and node["status"] != "launching"
 
     await eventually(known, what="the node registered")
     result = await admin.ok("POST", f"/nodes/{agent.node_id}/terminate",

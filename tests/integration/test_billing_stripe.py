@@ -41,7 +41,7 @@ from services.core.settings import Secret
 from services.core.stripe_billing import StripeBilling, StripeConfig, link_tenant
 from tests.conftest import Servers
 from tests.doubles.stripe_server import StripeServer, running_stripe
-from tests.helpers import eventually
+from tests.helpers import eventually, usage_owner
 
 MODEL = "llama-8b"
 IN, OUT = "crosslogic_input_tokens", "crosslogic_output_tokens"
@@ -89,6 +89,9 @@ class BillingRig:
 
     async def tenant(self, name: str, *, linked: bool = True) -> uuid.UUID:
         tenant_id = await self.catalog.create_tenant(name, f"{name}@example.test")
+        # The environment and key `usage()` bills to: billing refuses ids it does not know.
+        await usage_owner(self.pool, tenant_id, environment_id=uuid.UUID(int=tenant_id.int ^ 1),
+                          api_key_id=uuid.UUID(int=tenant_id.int ^ 2))
         if linked:
             await self.link(tenant_id)
         return tenant_id
@@ -183,7 +186,8 @@ async def rig(servers: Servers, pool: asyncpg.Pool, bus: Bus) -> AsyncIterator[B
 def usage(tenant: uuid.UUID, when: datetime, prompt: int, completion: int, *,
           request_id: str | None = None) -> UsageRecorded:
     return UsageRecorded(request_id=request_id or f"req-{uuid.uuid4()}", tenant_id=tenant,
-                         environment_id=uuid.UUID(int=tenant.int ^ 1), api_key_id=uuid.uuid4(),
+                         environment_id=uuid.UUID(int=tenant.int ^ 1),
+                         api_key_id=uuid.UUID(int=tenant.int ^ 2),
                          model=MODEL, endpoint="chat", region="us-east-1", node_id=None,
                          prompt_tokens=prompt, completion_tokens=completion, latency_ms=10.0,
                          occurred_at=when)

@@ -1,4 +1,6 @@
-"""Billing records usage from NATS into the log and usage_records, priced once, exactly once."""
+"""Billing records usage from NATS into the log and usage_records, priced once, exactly once;
+priced from the catalog whatever the message says, and only usage that is plausible and whose
+tenant, environment and key exist and belong together."""
 
 from __future__ import annotations
 
@@ -7,10 +9,11 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
+import msgspec
 import pytest
 from aiohttp import web
 
-from schemas.events import UsageRecorded
+from schemas.events import UsagePrice, UsageRecorded
 from services.billing.app import create_billing_app
 from services.billing.pricing import cost
 from services.billing.projection import UsageRecordsProjection
@@ -19,17 +22,19 @@ from services.core.bus import Bus
 from services.core.catalog import Catalog
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog
+from services.core.http import REGISTRY
 from services.core.natsauth.identities import Role
 from services.core.projections import ProjectionRunner
 from services.core.settings import Secret
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import UsageOwner, eventually, usage_owner
 
 MODEL = "llama-8b"
 
 
 @pytest.fixture
-async def billing(servers: Servers, pool: asyncpg.Pool, bus: Bus) -> AsyncIterator[None]:
+async def billing(servers: Servers, pool: asyncpg.Pool, bus: Bus
+                  ) -> AsyncIterator[web.Application]:
     await Catalog(EventLog(pool)).create_model(
         MODEL, family="llama", vram_gb=16, input_price_per_million=Decimal("0.15"),
         output_price_per_million=Decimal("0.60"), context_length=8192)
@@ -37,19 +42,25 @@ async def billing(servers: Servers, pool: asyncpg.Pool, bus: Bus) -> AsyncIterat
                                nats_url=Secret(servers.nats_url), event_poll_interval=0.2,
                                nats_creds=Secret(servers.creds(Role.BILLING)),
                                region_multipliers="eu-west-1=1.10", log_json=False)
-    runner = web.AppRunner(create_billing_app(settings), shutdown_timeout=1.0)
+    app = create_billing_app(settings)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", free_port()).start()
-    yield
+    yield app
     await runner.cleanup()
 
 
-def usage(request_id: str, *, model: str = MODEL, region: str = "us-east-1", prompt: int = 123,
-          completion: int = 456, tenant: uuid.UUID | None = None) -> UsageRecorded:
-    return UsageRecorded(request_id=request_id, tenant_id=tenant or uuid.uuid4(),
-                         environment_id=uuid.uuid4(), api_key_id=uuid.uuid4(), model=model,
-                         endpoint="chat", region=region, node_id=None, prompt_tokens=prompt,
-                         completion_tokens=completion, latency_ms=12.5)
+@pytest.fixture
+async def owner(pool: asyncpg.Pool) -> UsageOwner:
+    return await usage_owner(pool)
+
+
+def usage(request_id: str, owner: UsageOwner, *, model: str = MODEL, region: str = "us-east-1",
+          prompt: int = 123, completion: int = 456) -> UsageRecorded:
+    return UsageRecorded(request_id=request_id, tenant_id=owner.tenant_id,
+                         environment_id=owner.environment_id, api_key_id=owner.api_key_id,
+                         model=model, endpoint="chat", region=region, node_id=None,
+                         prompt_tokens=prompt, completion_tokens=completion, latency_ms=12.5)
 
 
 async def records(pool: asyncpg.Pool, n: int) -> list[asyncpg.Record]:
@@ -60,9 +71,9 @@ async def records(pool: asyncpg.Pool, n: int) -> list[asyncpg.Record]:
     return await eventually(enough, what=f"{n} usage records")
 
 
-async def test_usage_is_priced_and_recorded_once(billing: None, bus: Bus,
-                                                 pool: asyncpg.Pool) -> None:
-    a, b = usage("req-a"), usage("req-b", region="eu-west-1")
+async def test_usage_is_priced_and_recorded_once(billing: web.Application, bus: Bus,
+                                                 pool: asyncpg.Pool, owner: UsageOwner) -> None:
+    a, b = usage("req-a", owner), usage("req-b", owner, region="eu-west-1")
     await bus.publish(a)
     await bus.publish(b)
     await bus.publish(a)  # a retry: deduplicated by NATS
@@ -71,8 +82,9 @@ async def test_usage_is_priced_and_recorded_once(billing: None, bus: Bus,
     assert rows[0]["cost"] == cost(123, 456, Decimal("0.15"), Decimal("0.60"))
     assert rows[1]["cost"] == cost(123, 456, Decimal("0.15"), Decimal("0.60"), Decimal("1.10"))
     assert rows[0]["total_tokens"] == 579
+    # Two fetchers share the consumer: the log's order is not the publishing order.
     logged = await pool.fetch("SELECT data FROM events WHERE type = 'usage.recorded' "
-                              "ORDER BY position")
+                              "ORDER BY data->>'request_id'")
     assert logged[0]["data"]["price"]["cost"] == str(rows[0]["cost"])
 
     # The price is in the log: a rebuild after a price change gives the same records.
@@ -83,13 +95,15 @@ async def test_usage_is_priced_and_recorded_once(billing: None, bus: Bus,
     assert after == before
 
 
-async def test_requests_sharing_a_request_id_are_each_billed(billing: None, bus: Bus,
-                                                             pool: asyncpg.Pool) -> None:
+async def test_requests_sharing_a_request_id_are_each_billed(billing: web.Application,
+                                                             bus: Bus, pool: asyncpg.Pool,
+                                                             owner: UsageOwner) -> None:
     """X-Request-ID is the caller's: one client reusing it, or another tenant choosing the
     same, is still a separate request."""
-    tenant, other = uuid.uuid4(), uuid.uuid4()
-    first, second = usage("same", tenant=tenant), usage("same", tenant=tenant, prompt=7)
-    theirs = usage("same", tenant=other)
+    someone = await usage_owner(pool)
+    tenant, other = owner.tenant_id, someone.tenant_id
+    first, second = usage("same", owner), usage("same", owner, prompt=7)
+    theirs = usage("same", someone)
     for e in (first, second, theirs, first):  # the last: a redelivery, not a new request
         await bus.publish(e)
     rows = await records(pool, 3)
@@ -102,10 +116,10 @@ async def test_requests_sharing_a_request_id_are_each_billed(billing: None, bus:
     assert await pool.fetchval("SELECT count(*) FROM usage_records") == 3
 
 
-async def test_usage_of_an_unknown_model_is_parked(billing: None, bus: Bus,
-                                                   pool: asyncpg.Pool) -> None:
-    await bus.publish(usage("req-x", model="no-such-model"))
-    await bus.publish(usage("req-y"))
+async def test_usage_of_an_unknown_model_is_parked(billing: web.Application, bus: Bus,
+                                                   pool: asyncpg.Pool, owner: UsageOwner) -> None:
+    await bus.publish(usage("req-x", owner, model="no-such-model"))
+    await bus.publish(usage("req-y", owner))
     await records(pool, 1)
 
     async def parked() -> bool:
@@ -114,3 +128,80 @@ async def test_usage_of_an_unknown_model_is_parked(billing: None, bus: Bus,
     await eventually(parked, what="unpriceable usage in the dead letters")
     msg = await bus.js.get_msg("DLQ", 1)
     assert "no price for model 'no-such-model'" in (msg.headers or {})["Crosslogic-Error"]
+
+
+
+def refused(app: web.Application, reason: str) -> float:
+    return app[REGISTRY].get_sample_value("billing_usage_refused_total",
+                                          {"reason": reason}) or 0.0
+
+
+async def test_a_price_on_incoming_usage_is_ignored(servers: Servers, billing: web.Application,
+                                                    pool: asyncpg.Pool,
+                                                    owner: UsageOwner) -> None:
+    """Published with the gateways' own credential, carrying a price of its own (a refund):
+    billed at the catalog's price all the same."""
+    gateway = await Bus.connect(servers.nats_url, name="gateway",
+                                creds=servers.creds(Role.GATEWAY))
+    try:
+        cheap = msgspec.structs.replace(usage("req-priced", owner), price=UsagePrice(
+            input_price_per_million=Decimal(0), output_price_per_million=Decimal(0),
+            region_multiplier=Decimal(0), cost=Decimal("-1000")))
+        await gateway.publish(cheap)
+        (row,) = await records(pool, 1)
+    finally:
+        await gateway.close()
+    assert row["cost"] == cost(123, 456, Decimal("0.15"), Decimal("0.60"))
+    logged = await pool.fetchval("SELECT data FROM events WHERE type = 'usage.recorded'")
+    assert Decimal(logged["price"]["input_price_per_million"]) == Decimal("0.15")
+    assert logged["price"]["cost"] == str(row["cost"])
+
+
+async def test_implausible_or_foreign_usage_is_parked_and_never_billed(
+        servers: Servers, billing: web.Application, bus: Bus, pool: asyncpg.Pool,
+        owner: UsageOwner) -> None:
+    """Negative or absurd token counts, an API key nobody has, another tenant's key, or an
+    environment of another tenant: each parked in the dead letters, counted, billed to no
+    one; the honest record among them is billed."""
+    someone = await usage_owner(pool)
+    crossed = await usage_owner(pool, owner.tenant_id)  # another environment of the tenant
+    lies = {
+        "negative": (usage("neg", owner, prompt=-5_000_000), "negative_tokens"),
+        "absurd": (usage("big", owner, completion=10**12), "too_many_tokens"),
+        "no key": (msgspec.structs.replace(usage("nokey", owner), api_key_id=uuid.uuid4()),
+                   "unknown_ids"),
+        "no tenant": (msgspec.structs.replace(usage("notenant", owner),
+                                              tenant_id=(t := uuid.uuid4()),
+                                              stream=f"usage:{t}"), "mismatched_ids"),
+        "their key": (msgspec.structs.replace(usage("theirs", owner),
+                                              api_key_id=someone.api_key_id), "mismatched_ids"),
+        "other environment": (msgspec.structs.replace(usage("otherenv", owner),
+                                                      environment_id=crossed.environment_id),
+                              "mismatched_ids"),
+    }
+    gateway = await Bus.connect(servers.nats_url, name="gateway",
+                                creds=servers.creds(Role.GATEWAY))
+    try:
+        for event, _ in lies.values():
+            await gateway.publish(event)
+        await gateway.publish(usage("honest", owner))
+
+        async def parked() -> bool:
+            return (await bus.js.stream_info("DLQ")).state.messages == len(lies)
+
+        await eventually(parked, what="every lie in the dead letters")
+        rows = await records(pool, 1)
+    finally:
+        await gateway.close()
+    assert [r["request_id"] for r in rows] == ["honest"]
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE type = 'usage.recorded'") == 1
+    expected: dict[str, int] = {}
+    for _, reason in lies.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    for reason, n in expected.items():
+        assert refused(billing, reason) == n, reason
+    info = await bus.js.stream_info("DLQ")
+    errors = [(await bus.js.get_msg("DLQ", seq)).headers or {}
+              for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+    assert all(h["Crosslogic-Error"].startswith("refused: ") for h in errors)
+    assert all(h["Crosslogic-Original-Subject"].startswith("usage.recorded.") for h in errors)

@@ -8,9 +8,10 @@ import uuid
 
 from prometheus_client import CollectorRegistry
 
-from schemas.events import Event, NodeHeartbeat
+from schemas.events import ApiKeyCreated, Event, NodeHeartbeat, encode_event
 from schemas.subjects import STREAMS, stream_for_subject
 from services.core.bus import Bus, ConsumerSpec, Delivery, TransientError, dlq_headers
+from services.core.natsauth.identities import MONITOR_HEARTBEATS_DLQ, Role
 from tests.conftest import Servers
 from tests.helpers import eventually, node_registered
 
@@ -240,3 +241,133 @@ async def test_consumer_backlog_is_a_metric_that_moves(servers: Servers, nats_ur
         assert len(handled) == 5
     finally:
         await metered.close()
+
+
+async def metered_bus(servers: Servers, creds: str | None = None
+                      ) -> tuple[Bus, CollectorRegistry]:
+    registry = CollectorRegistry()
+    b = await Bus.connect(servers.nats_url, name="test-metered", registry=registry,
+                          creds=creds or servers.creds())
+    return b, registry
+
+
+def refused(registry: CollectorRegistry, consumer: str, reason: str) -> float:
+    return registry.get_sample_value("nats_messages_refused_total",
+                                     {"consumer": consumer, "reason": reason}) or 0.0
+
+
+async def test_a_message_its_subject_does_not_name_is_dead_lettered_and_counted(
+        servers: Servers, bus: Bus) -> None:
+    """Node A's own credential may publish on `node.registered.A`, but not speak for B there;
+    nor may anyone slip an `apikey.created` onto a node subject."""
+    a, b = uuid.uuid4(), uuid.uuid4()
+    node_a = await Bus.connect(servers.nats_url, name="node-a", creds=servers.node_creds(a))
+    metered, registry = await metered_bus(servers)
+    try:
+        forged = node_registered(b)
+        await node_a.publish_raw(f"node.registered.{a}", encode_event(forged), str(forged.id))
+        apikey = ApiKeyCreated(key_id=uuid.uuid4(), tenant_id=uuid.uuid4(),
+                               environment_id=uuid.uuid4(), key_hash="0" * 64,
+                               last_four="abcd")
+        await bus.publish_raw(f"node.registered.{a}", encode_event(apikey), str(apikey.id))
+        good = node_registered(a)
+        await node_a.publish(good)
+        seen: list[Event] = []
+
+        async def handler(batch: list[Delivery]) -> None:
+            seen.extend(d.event for d in batch)
+
+        spec = ConsumerSpec(durable="t-subject", stream="NODES",
+                            subjects=("node.registered.*",))
+        assert refused(registry, "t-subject", "subject_mismatch") == 0
+
+        async def done() -> bool:
+            return bool(seen) and (await bus.js.stream_info("DLQ")).state.messages == 2
+
+        await consume_until(metered, spec, handler, done)
+        assert [e.id for e in seen] == [good.id]
+        assert refused(registry, "t-subject", "subject_mismatch") == 2
+        errors = {dlq_headers(await bus.js.get_msg("DLQ", seq))["error"]  # type: ignore[arg-type]
+                  for seq in (1, 2)}
+        assert all(e.startswith("subject: ") for e in errors)
+        assert any(str(b) in e for e in errors) and any("apikey.created" in e for e in errors)
+    finally:
+        await node_a.close()
+        await metered.close()
+
+
+async def test_a_refused_delivery_is_parked_and_the_rest_of_its_batch_acked(
+        servers: Servers, bus: Bus) -> None:
+    events = [node_registered() for _ in range(4)]
+    for e in events:
+        await bus.publish(e)
+    metered, registry = await metered_bus(servers)
+    handled: list[Event] = []
+    calls = {"n": 0}
+
+    async def handler(batch: list[Delivery]) -> None:
+        calls["n"] += 1
+        for d in batch:
+            if d.event.id == events[1].id:
+                d.refuse("not this one")
+            else:
+                handled.append(d.event)
+
+    spec = ConsumerSpec(durable="t-refuse", stream="NODES", subjects=("node.registered.*",))
+    try:
+        async def done() -> bool:
+            return (len(handled) == 3
+                    and (await bus.js.stream_info("DLQ")).state.messages == 1)
+
+        await consume_until(metered, spec, handler, done)
+        assert calls["n"] == 1  # one batch: no one-at-a-time hunt for a poison message
+        assert refused(registry, "t-refuse", "refused") == 1
+        parked = await bus.js.get_msg("DLQ", 1)
+        assert json.loads(parked.data)["id"] == str(events[1].id)
+        assert dlq_headers(parked)["error"] == "refused: not this one"  # type: ignore[arg-type]
+        info = await bus.js.consumer_info("NODES", "t-refuse")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+    finally:
+        await metered.close()
+
+
+async def test_an_observation_its_subject_does_not_name_is_dropped_counted_and_parked(
+        servers: Servers, bus: Bus) -> None:
+    """Node A heartbeats on its own subject, saying it is node B: B hears nothing of it."""
+    a, b = uuid.uuid4(), uuid.uuid4()
+    monitor, registry = await metered_bus(servers, servers.creds(Role.MONITOR))
+    node_a = await Bus.connect(servers.nats_url, name="node-a", creds=servers.node_creds(a))
+    got: list[Event] = []
+
+    async def handle(event: Event) -> None:
+        got.append(event)
+
+    try:
+        await monitor.subscribe_observations("node.heartbeat.*", "monitor", handle,
+                                             dead_letters=MONITOR_HEARTBEATS_DLQ)
+        await monitor.nc.flush()
+        assert refused(registry, "monitor", "subject_mismatch") == 0
+        lie = heartbeat(b)
+        await node_a.nc.publish(f"node.heartbeat.{a}", encode_event(lie),
+                                headers={"Nats-Msg-Id": str(lie.id)})
+        await node_a.nc.publish(f"node.heartbeat.{a}", b"{not json")
+        await node_a.publish_observation(heartbeat(a, 7))
+
+        async def heard() -> bool:
+            return bool(got) and refused(registry, "monitor", "undecodable") == 1
+
+        await eventually(heard, what="the true heartbeat handled, the bad ones refused")
+        assert [(e.node_id, e.sequence) for e in got] == [(a, 7)]  # type: ignore[attr-defined]
+        assert refused(registry, "monitor", "subject_mismatch") == 1
+
+        async def parked() -> bool:
+            return (await bus.js.stream_info("DLQ")).state.messages == 2
+
+        await eventually(parked, what="both parked")
+        first = await bus.js.get_msg("DLQ", 1)
+        assert first.subject == f"dlq.{MONITOR_HEARTBEATS_DLQ}.node.heartbeat.{a}"
+        assert json.loads(first.data)["node_id"] == str(b)
+        assert str(b) in dlq_headers(first)["error"]  # type: ignore[arg-type]
+    finally:
+        await node_a.close()
+        await monitor.close()

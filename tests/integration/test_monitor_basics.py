@@ -37,7 +37,7 @@ from services.core.settings import Secret
 from services.monitor.app import NODE_RECORDER, create_monitor_app, refusal, to_remember
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers
-from tests.helpers import eventually, node_registered
+from tests.helpers import eventually, launched, node_registered
 
 
 async def serve(app: web.Application) -> tuple[str, web.AppRunner]:
@@ -61,9 +61,10 @@ async def monitor(servers: Servers, database_url: str, redis_url: str,
 
 
 @pytest.fixture
-async def node(servers: Servers) -> AsyncIterator[dict[str, Any]]:
+async def node(servers: Servers, pool: asyncpg.Pool) -> AsyncIterator[dict[str, Any]]:
     url, runner = await serve(create_app(SimulatorConfig(model="m")))
     node_id = uuid7()
+    await launched(pool, node_id, model="m", region="eu-west-1")  # as the orchestrator does
     settings = AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id, model_name="m",
                              nats_creds=Secret(servers.node_creds(node_id)),
                              vllm_url=url, heartbeat_interval=0.2, log_json=False,
@@ -82,9 +83,16 @@ async def test_registration_is_recorded_then_acknowledged(monitor: web.Applicati
                                                          redis_url: str) -> None:
     agent: NodeAgent = node["agent"]
     await asyncio.wait_for(agent.registered.wait(), 15)
-    # The ack came after the commit: the event is in the log already.
-    assert await pool.fetchval("SELECT count(*) FROM events WHERE type = 'node.registered' "
-                               "AND origin = 'bus'") == 1
+    # The ack came after the commit: the event is in the log already, and with it (same
+    # transaction) the acceptance gateways route by, for the relay to publish.
+    rows = await pool.fetch("SELECT type, origin, transaction_id, data FROM events "
+                            "WHERE stream = $1 ORDER BY stream_version",
+                            f"node:{agent.node_id}")
+    assert [(r["type"], r["origin"]) for r in rows[:3]] == [
+        ("node.launching", "log"), ("node.registered", "bus"), ("node.accepted", "log")]
+    assert rows[1]["transaction_id"] == rows[2]["transaction_id"]
+    assert rows[2]["data"]["endpoint_url"] == node["url"]
+    assert rows[2]["data"]["registration_id"] == str(agent._registration.id)
 
     async def projected() -> asyncpg.Record | None:
         return await pool.fetchrow("SELECT * FROM nodes WHERE id = $1", agent.node_id)
@@ -117,12 +125,14 @@ async def test_unroutable_registration_is_parked_not_recorded(monitor: web.Appli
     bad = NodeRegistered(node_id=uuid.uuid4(), cluster_name="c", provider="aws",
                          region="r", instance_type="i", gpu_type="g", vram_total_gb=1,
                          model_name="m", endpoint_url="not a url", spot_instance=False)
+    await launched(pool, good.node_id)
+    await launched(pool, bad.node_id, model="m")
     await bus.publish(bad)
     await bus.publish(good)
 
     async def settled() -> bool:
         dlq = (await bus.js.stream_info("DLQ")).state.messages
-        recorded = await pool.fetchval("SELECT count(*) FROM events")
+        recorded = await pool.fetchval("SELECT count(*) FROM events WHERE origin = 'bus'")
         return dlq == 1 and recorded == 1
 
     await eventually(settled, what="good recorded, bad parked")
@@ -172,6 +182,7 @@ async def test_a_refused_registration_is_answered_and_the_agent_stops(
     told why (accepted: false) instead of publishing it forever: it exits 3."""
     url, runner = await serve(create_app(SimulatorConfig(model="m")))
     node_id = uuid7()
+    await launched(pool, node_id, model="m")
     settings = AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id, model_name="m",
                              nats_creds=Secret(servers.node_creds(node_id)),
                              vllm_url=url, endpoint_url="ftp://nowhere", heartbeat_interval=0.2,

@@ -43,7 +43,7 @@ async def test_an_older_heartbeat_handled_later_changes_nothing(
     settings = dict(probe_every_seconds=3600, stale_after_seconds=60)
     a = (await start_monitor(**settings)).app[WATCHER]
     b = (await start_monitor(**settings)).app[WATCHER]
-    node = Node(bus)
+    node = Node(bus, pool)
     await node.register()
     await active(pool, node)  # its own heartbeats: sequences 1, 2, ... timed now
     redis = aioredis.from_url(redis_url)

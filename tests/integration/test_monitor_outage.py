@@ -22,7 +22,7 @@ from services.core.http import BUS
 from services.monitor.app import WATCHER
 from services.monitor.watcher import LAST_SEEN, WATCHED_AT
 from tests.conftest import Servers
-from tests.helpers import eventually, node_registered
+from tests.helpers import eventually, launched, node_registered
 from tests.integration.test_monitor_states import start_monitor  # noqa: F401  (fixture)
 
 # A short window, a short blindness threshold; no probes (the node has no real endpoint).
@@ -31,13 +31,16 @@ TIMING: dict[str, Any] = dict(stale_after_seconds=0.8, blind_after_seconds=1.0,
 
 
 class Node:
-    def __init__(self, bus: Bus, *, endpoint: str = "") -> None:
+    def __init__(self, bus: Bus, pool: asyncpg.Pool, *, endpoint: str = "") -> None:
         self.bus = bus
+        self.pool = pool
         self.id = uuid.uuid4()
         self.sequence = 0
         self.endpoint = endpoint
 
     async def register(self) -> None:
+        """As a launched node does: the orchestrator recorded the launch first."""
+        await launched(self.pool, self.id)
         event = node_registered(self.id)
         if self.endpoint:
             event = msgspec.structs.replace(event, endpoint_url=self.endpoint)
@@ -99,7 +102,7 @@ async def sweeps(app: web.Application, count: int) -> None:
 async def test_a_monitor_back_after_every_monitor_was_down_declares_nothing_at_once(
         start_monitor: Any, bus: Bus, pool: asyncpg.Pool, redis: aioredis.Redis) -> None:  # noqa: F811
     first = await start_monitor(**TIMING)
-    node = Node(bus)
+    node = Node(bus, pool)
     await node.register()
     await active(pool, node)
     await first.cleanup()  # every monitor down
@@ -133,7 +136,7 @@ async def test_nats_down_longer_than_the_window_declares_nothing(
     runner = await start_monitor(**TIMING)
     app = runner.app
     assert app is not None
-    node = Node(bus)
+    node = Node(bus, pool)
     await node.register()
     await active(pool, node)
 

@@ -87,10 +87,10 @@ async def test_unanswered_probes_do_not_hold_up_the_sweep(start_monitor: Any, bu
     port = blackhole.sockets[0].getsockname()[1]
     try:
         await start_monitor(probe_timeout_seconds=30)
-        mute = Node(bus, endpoint=f"http://127.0.0.1:{port}")
+        mute = Node(bus, pool, endpoint=f"http://127.0.0.1:{port}")
         await mute.register()
         await active(pool, mute)
-        quiet = Node(bus)
+        quiet = Node(bus, pool)
         await quiet.register()
         await active(pool, quiet)
 

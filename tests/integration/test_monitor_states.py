@@ -23,7 +23,7 @@ from services.core.settings import Secret
 from services.monitor.app import LEADERSHIP, WATCHER, create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import eventually, launched
 from tests.integration.test_monitor_basics import serve
 
 
@@ -66,12 +66,14 @@ async def start_monitor(servers: Servers, database_url: str, redis_url: str,
 
 
 @pytest.fixture
-async def start_node(servers: Servers) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+async def start_node(servers: Servers, pool: asyncpg.Pool
+                     ) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
     nodes: list[Node] = []
 
     async def start(*, advertise: str = "") -> Node:
         url, runner = await serve(create_app(SimulatorConfig(model="m")))
         node_id = uuid7()
+        await launched(pool, node_id, model="m")  # as the orchestrator does first
         agent = NodeAgent(AgentSettings(nats_url=Secret(servers.nats_url), node_id=node_id,
                                         nats_creds=Secret(servers.node_creds(node_id)),
                                         model_name="m", vllm_url=url, endpoint_url=advertise,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import aiohttp
 import asyncpg
@@ -15,13 +16,20 @@ from prometheus_client import CollectorRegistry
 
 from schemas.events import Event, decode_event, encode_event
 from services.core.bus import Bus, ConsumerSpec, Delivery
+from services.core.db import Connection
 from services.core.devstack import free_port
 from services.core.eventlog import START, EventLog, LogWaker
 from services.core.natsauth.identities import Role
-from services.core.recorder import Recorder
+from services.core.recorder import Recorder, Refusal, Verdict
 from services.core.relay import RELAY_LOCK_KEY, OutboxRelay
 from tests.conftest import Servers
-from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
+from tests.helpers import (
+    eventually,
+    node_accepted,
+    node_registered,
+    tenant_created,
+    tenant_renamed,
+)
 
 
 async def stream_events(bus: Bus, stream: str) -> list[Event]:
@@ -273,3 +281,46 @@ async def test_relay_lag_is_a_metric_every_replica_reports(pool: asyncpg.Pool, b
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await holder.close()
+
+
+async def test_derived_events_are_recorded_for_the_relay_in_the_same_transaction(
+        pool: asyncpg.Pool, bus: Bus, database_url: str) -> None:
+    """What a batch transform derives (the monitor's `node.accepted`) is not on NATS yet: it
+    is recorded with origin 'log', with the incoming event (origin 'bus') in one transaction,
+    and the relay publishes it; a refusal in the batch leaves the rest recorded."""
+    log = EventLog(pool)
+    good, bad = node_registered(), node_registered()
+    seen_conn: list[bool] = []
+
+    async def derive(events: Sequence[Event], conn: Connection) -> list[Verdict]:
+        seen_conn.append(conn.is_in_transaction())
+        return [Refusal("no") if e.id == bad.id else (e, node_accepted(e))  # type: ignore[arg-type]
+                for e in events]
+
+    spec = ConsumerSpec(durable="recorder-derive", stream="NODES",
+                        subjects=("node.registered.*",), fetch_timeout=0.2)
+    recorder = Recorder(log, bus, spec, batch_transform=derive)
+    await bus.publish(bad)
+    await bus.publish(good)
+    waker = LogWaker(database_url, poll_interval=0.2)
+    await waker.start()
+    relay = OutboxRelay(database_url, bus, waker=waker, leader_retry=0.1)
+    tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(relay.run())]
+    accepted = node_accepted(good)
+    try:
+        async def relayed() -> bool:
+            return any(e.id == accepted.id for e in await stream_events(bus, "NODES"))
+
+        await eventually(relayed, what="the derived event published by the relay")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await waker.close()
+    assert seen_conn and all(seen_conn)
+    rows = await pool.fetch("SELECT event_id, origin, transaction_id FROM events "
+                            "ORDER BY position")
+    assert [(r["event_id"], r["origin"]) for r in rows] == \
+        [(good.id, "bus"), (accepted.id, "log")]
+    assert rows[0]["transaction_id"] == rows[1]["transaction_id"]
+    assert (await bus.js.stream_info("DLQ")).state.messages == 1

@@ -5,9 +5,11 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
+import msgspec
 import pytest
 
 from schemas.events import (
+    NodeAccepted,
     NodeDeregistered,
     NodeDraining,
     NodeHeartbeat,
@@ -18,9 +20,16 @@ from schemas.events import (
 )
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker, CircuitState
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules, routable
-from tests.helpers import node_registered
+from tests.helpers import node_accepted, node_registered
 
 RULES = RoutingRules(health_threshold=50, heartbeat_timeout=60)
+
+
+def accepted(node_id: uuid.UUID, *, model: str = "llama-8b",
+             endpoint_url: str = "http://10.0.1.45:8000") -> NodeAccepted:
+    """The monitor's acceptance of a registration of `node_id`: what makes a node routable."""
+    return node_accepted(msgspec.structs.replace(node_registered(node_id, model=model),
+                                                 endpoint_url=endpoint_url))
 
 
 def beat(node_id: uuid.UUID, *, score: int = 100, healthy: bool = True, waiting: float = 0,
@@ -33,7 +42,7 @@ def beat(node_id: uuid.UUID, *, score: int = 100, healthy: bool = True, waiting:
 def table_with(*node_ids: uuid.UUID, model: str = "m") -> NodeTable:
     t = NodeTable()
     for n in node_ids:
-        t.apply(node_registered(n, model=model), 0)
+        t.apply(accepted(n, model=model), 0)
         t.apply(beat(n), 0)
     return t
 
@@ -44,7 +53,7 @@ def table_with(*node_ids: uuid.UUID, model: str = "m") -> NodeTable:
 def test_a_registered_node_serves_once_it_heartbeats_healthy() -> None:
     n = uuid.uuid4()
     t = NodeTable()
-    t.apply(node_registered(n, model="m"), 0)
+    t.apply(accepted(n, model="m"), 0)
     assert t.candidates("m", 1, RULES) == []  # no heartbeat yet
     t.apply(beat(n), 1)
     assert [c.node_id for c in t.candidates("m", 2, RULES)] == [str(n)]
@@ -52,11 +61,11 @@ def test_a_registered_node_serves_once_it_heartbeats_healthy() -> None:
     assert t.models() == {"m"}
 
 
-def test_an_early_heartbeat_is_kept_until_registration() -> None:
+def test_an_early_heartbeat_is_kept_until_acceptance() -> None:
     n = uuid.uuid4()
     t = NodeTable()
     t.apply(beat(n), 5)
-    t.apply(node_registered(n, model="m"), 6)
+    t.apply(accepted(n, model="m"), 6)
     assert t.nodes[str(n)].last_heartbeat == 5
     assert t.candidates("m", 6, RULES)
 
@@ -67,7 +76,7 @@ def test_an_older_heartbeat_never_undoes_a_newer_one() -> None:
     t = NodeTable()
     t.apply(beat(n, score=90), 10)
     t.apply(beat(n, score=10), 4)  # early, and older: kept out
-    t.apply(node_registered(n, model="m"), 11)
+    t.apply(accepted(n, model="m"), 11)
     assert t.nodes[str(n)].health_score == 90
     t.apply(beat(n, healthy=False), 3)
     assert t.nodes[str(n)].last_heartbeat == 10 and t.nodes[str(n)].vllm_healthy
@@ -260,7 +269,7 @@ def test_a_node_leaving_is_reported_once_and_a_seed_never_overrides_events() -> 
     gone: list[str] = []
     t = NodeTable(on_removed=gone.append)
     a, b = uuid.uuid4(), uuid.uuid4()
-    t.apply(node_registered(a, model="m"), 0)
+    t.apply(accepted(a, model="m"), 0)
     t.seed(NodeView(str(a), "other", "http://stale", "r"))  # events win
     assert t.nodes[str(a)].model == "m"
     t.seed(NodeView(str(b), "m", "http://b", "r", status=NodeStatus.ACTIVE))
@@ -281,6 +290,40 @@ def test_a_registration_again_leaves_a_serving_node_serving() -> None:
     t = table_with(n)
     t.apply(NodeStatusChanged(node_id=n, from_status=NodeStatus.REGISTERED,
                               to_status=NodeStatus.ACTIVE), 1)
-    t.apply(node_registered(n, model="m"), 2)
+    t.apply(accepted(n, model="m"), 2)
     assert [c.node_id for c in t.candidates("m", 2, RULES)] == [str(n)]
     assert t.nodes[str(n)].status is NodeStatus.ACTIVE
+
+
+def test_a_raw_registration_never_creates_a_node() -> None:
+    """Only the monitor's `node.accepted` does: a registration is an agent's word."""
+    n = uuid.uuid4()
+    t = NodeTable()
+    t.apply(beat(n), 0)
+    t.apply(node_registered(n, model="m"), 1)
+    assert t.nodes == {} and t.candidates("m", 1, RULES) == []
+    t.apply(accepted(n, model="m"), 2)
+    assert [c.node_id for c in t.candidates("m", 2, RULES)] == [str(n)]
+
+
+def test_a_raw_registration_never_re_points_a_node() -> None:
+    n = uuid.uuid4()
+    t = NodeTable()
+    t.apply(accepted(n, model="m", endpoint_url="http://10.0.0.1:8000"), 0)
+    t.apply(beat(n), 0)
+    attacker = msgspec.structs.replace(node_registered(n, model="other"),
+                                       endpoint_url="http://evil.example:8000")
+    t.apply(attacker, 1)
+    node = t.nodes[str(n)]
+    assert (node.endpoint_url, node.model) == ("http://10.0.0.1:8000", "m")
+    assert [c.node_id for c in t.candidates("m", 1, RULES)] == [str(n)]
+
+
+def test_a_seed_without_an_address_is_not_a_node() -> None:
+    """A projection row with no endpoint (a launch whose registration was never accepted)
+    never becomes routable, whatever status it reached."""
+    t = NodeTable()
+    n = uuid.uuid4()
+    t.seed(NodeView(str(n), "m", "", "r", status=NodeStatus.ACTIVE))
+    t.apply(beat(n), 1)
+    assert t.nodes == {} and t.candidates("m", 1, RULES) == []
