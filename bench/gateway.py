@@ -7,6 +7,12 @@ Prints requests/s and p50/p99 latency, and (c) as a ratio of (b).
 
 `python bench/gateway.py [--seconds 5]`. Run by hand: the figures depend on the machine, and
 the load generator shares it with the servers, so compare the ratios, not the absolute numbers.
+
+As in production: NATS with authentication (the gateway, the node agent, the monitor and the
+outbox relay each connect as their own identity); the node launched (`node.launching` in the
+log) before its agent registers, so the monitor accepts it and the gateway routes to it; and
+the node's vLLM (the simulator) with its own API key, which the gateway derives from
+NODE_API_KEY_SECRET and the bare proxy is given.
 """
 
 from __future__ import annotations
@@ -15,23 +21,29 @@ import argparse
 import asyncio
 import collections
 import os
+import secrets
 import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from schemas.events import Quota
+from schemas.events import NodeLaunching, Quota
+from schemas.ids import uuid7
 from services.core.bus import Bus
 from services.core.catalog import Catalog
 from services.core.db import create_pool
 from services.core.devstack import DevStack, free_port
 from services.core.eventlog import EventLog
+from services.core.fleet import Fleet
 from services.core.migrate import migrate
+from services.core.natsauth.identities import Role
+from services.core.node_keys import node_api_key
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say something nice."}],
@@ -41,8 +53,9 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say something 
 # --------------------------------------------------------------------------- (b) bare proxy
 
 
-def bare_proxy(upstream: str, port: int) -> None:
-    """What any reverse proxy does: read the body, forward it, stream the answer back."""
+def bare_proxy(upstream: str, port: int, upstream_key: str) -> None:
+    """What any reverse proxy does: read the body, forward it (with the node's key), stream
+    the answer back."""
 
     async def ctx(app: web.Application) -> object:
         app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -53,7 +66,8 @@ def bare_proxy(upstream: str, port: int) -> None:
         body = await request.read()
         session: aiohttp.ClientSession = request.app["session"]
         async with session.post(upstream + request.path, data=body,
-                                headers={"Content-Type": "application/json"}) as up:
+                                headers={"Content-Type": "application/json",
+                                         "Authorization": f"Bearer {upstream_key}"}) as up:
             response = web.StreamResponse(status=up.status, headers={
                 "Content-Type": up.headers.get("Content-Type", "application/json")})
             await response.prepare(request)
@@ -167,11 +181,13 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
               concurrencies: list[int]) -> None:
     stack = DevStack(tmp / "servers")
     stack.start()
+    assert stack.nats is not None
     procs: list[asyncio.subprocess.Process] = []
     try:
         urls = stack.urls
         await migrate(urls.database_url)
-        bus = await Bus.connect(urls.nats_url, name="bench")
+        bus = await Bus.connect(urls.nats_url, name="bench",
+                                creds=stack.nats.creds(Role.PROVISIONER))
         await bus.ensure_streams()
         await bus.close()
         pool = await create_pool(urls.database_url)
@@ -187,26 +203,44 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
                                    input_price_per_million=Decimal("0.1"),
                                    output_price_per_million=Decimal("0.2"),
                                    context_length=8192)
+        node_id = uuid7()
+        # As the orchestrator does before asking the cloud: the monitor accepts only launched
+        # nodes, and the gateway routes only to accepted ones.
+        await Fleet(EventLog(pool), actor="bench").launching(NodeLaunching(
+            node_id=node_id, deployment_id=None, cluster_name=f"bench-{node_id.hex[:8]}",
+            model_name=MODEL, provider="local", region="local", gpu_type="simulated",
+            spot=False, deadline=datetime.now(UTC) + timedelta(hours=1)))
         await pool.close()
 
         sim_port, bare_port, gw_port = free_port(), free_port(), free_port()
         sim = f"http://127.0.0.1:{sim_port}"
         env_base = {**os.environ, "LOG_LEVEL": "warning"}
+        services = {**env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
+                    "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1"}
+        for argv, role in ((["-m", "services.cli", "relay"], Role.RELAY),
+                           (["-m", "services.monitor"], Role.MONITOR)):
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, *argv, stdout=asyncio.subprocess.DEVNULL, env={
+                    **services, "NATS_CREDS": stack.nats.creds(role),
+                    "HTTP_PORT": str(free_port())}))
+        node_secret = secrets.token_urlsafe(48)
+        node_key = node_api_key(node_secret, node_id)
         procs.append(await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.simulator", "--port", str(sim_port), "--model", MODEL,
-            stdout=asyncio.subprocess.DEVNULL, env=env_base))
+            stdout=asyncio.subprocess.DEVNULL, env={**env_base, "VLLM_API_KEY": node_key}))
         procs.append(await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--bare-proxy", sim, "--port", str(bare_port),
-            env=env_base))
+            env={**env_base, "BENCH_UPSTREAM_KEY": node_key}))
         procs.append(await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", env={
                 **env_base, "NATS_URL": urls.nats_url, "VLLM_URL": sim, "MODEL_NAME": MODEL,
-                "HEARTBEAT_INTERVAL": "1"}))
+                "NODE_ID": str(node_id), "HEARTBEAT_INTERVAL": "1",
+                "NATS_CREDS": stack.nats.authority.node_credentials(node_id).text()}))
         procs.append(await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.gateway", env={
-                **env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
-                "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1",
-                "HTTP_PORT": str(gw_port), "TENANT_REQUESTS_PER_MINUTE": str(10**9),
+                **services, "NATS_CREDS": stack.nats.creds(Role.GATEWAY),
+                "NODE_API_KEY_SECRET": node_secret, "HTTP_PORT": str(gw_port),
+                "TENANT_REQUESTS_PER_MINUTE": str(10**9),
                 # Every layer on, the platform-wide one too: each is a key in the script.
                 "GLOBAL_REQUESTS_PER_MINUTE": str(10**9),
                 "USAGE_SPOOL_DIR": str(tmp / "spool")}))
@@ -230,8 +264,10 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
                 for name, url in targets.items():
                     if only and name.split()[0] not in only:
                         continue
-                    rps, lat, errors = await load(url, key.plaintext, concurrency, seconds,
-                                                  stream)
+                    # The simulator is called as the gateway calls it, with the node's key.
+                    rps, lat, errors = await load(
+                        url, node_key if name == "simulator" else key.plaintext,
+                        concurrency, seconds, stream)
                     results[(name, stream, concurrency)] = rps
                     print(f"{name:<11} {'stream' if stream else 'whole':<7} {concurrency:>4} "
                           f"{rps:>8,.0f} {pct(lat, 50):>8.2f} {pct(lat, 99):>8.2f} "
@@ -266,7 +302,7 @@ def main() -> None:
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
     if args.bare_proxy:
-        bare_proxy(args.bare_proxy, args.port)
+        bare_proxy(args.bare_proxy, args.port, os.environ.get("BENCH_UPSTREAM_KEY", ""))
         return
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(args.seconds, Path(tmp), set(filter(None, args.only.split(","))),

@@ -6,7 +6,10 @@ It behaves like a cloud where it matters to the control plane:
 - a machine whose simulator dies has crashed: the cloud kills what is left and forgets it;
 - a spot preemption posts the provider's notice on the machine's metadata service and takes
   the machine away at the deadline, whatever is running;
-- `terminate` (sky down) stops both processes: draining is the caller's business.
+- `terminate` (sky down) stops both processes: draining is the caller's business;
+- the machine's vLLM takes the launch's VLLM_API_KEY, as `vllm serve` on a SkyPilot machine
+  does (the environment, not the command line, so the process list does not show it); the
+  agent, which reads only `/health` and `/metrics`, does not get it.
 
 Every process dies with the cloud (PR_SET_PDEATHSIG), so nothing outlives a test or
 `crosslogic dev`.
@@ -34,6 +37,7 @@ from services.core.devstack import die_with_parent
 log = structlog.get_logger("local_cloud")
 
 LISTENING = "vllm simulator listening on "
+API_KEY = "VLLM_API_KEY"
 
 
 class CloudError(Exception):
@@ -128,9 +132,13 @@ class LocalCloud:
             kind = "spot" if req.spot else "on-demand"
             raise CloudError(f"no {kind} capacity in {req.region}", kind="capacity",
                              status=503)
+        # Only the launch's key: one the cloud itself was started with is no machine's.
+        simulator_env = {k: v for k, v in os.environ.items() if k != API_KEY}
+        if req.env.get(API_KEY):
+            simulator_env[API_KEY] = req.env[API_KEY]
         simulator = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent.simulator", "--port", "0", "--model", req.model_name,
-            *self.config.simulator_args, stdout=asyncio.subprocess.PIPE,
+            *self.config.simulator_args, env=simulator_env, stdout=asyncio.subprocess.PIPE,
             stderr=self._log_file(req.name, "simulator"), stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True, preexec_fn=die_with_parent)
         try:
@@ -147,6 +155,7 @@ class LocalCloud:
         env = {**os.environ, **dict(self.config.agent_env), **req.env, "VLLM_URL": endpoint,
                "ENDPOINT_URL": endpoint,
                "METADATA_URL": metadata_url}
+        env.pop(API_KEY, None)
         agent = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log_file(req.name, "agent"), stderr=asyncio.subprocess.STDOUT,

@@ -4,6 +4,10 @@ Every flag defaults to a ``SIM_*`` environment variable (``--max-model-len`` ←
 ``SIM_MAX_MODEL_LEN``), then to SimulatorConfig's default. ``--port 0`` picks a free port;
 the one line printed to stdout says which:
 ``vllm simulator listening on http://127.0.0.1:8000``.
+
+``--api-key KEY [KEY ...]``, else the ``VLLM_API_KEY`` environment variable, as ``vllm serve``
+reads them: requests to ``/v1`` then need ``Authorization: Bearer <one of them>``. The
+environment keeps the key out of the process list.
 """
 
 from __future__ import annotations
@@ -66,12 +70,17 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    default=default("SIM_DROP_AFTER_TOKENS", f.drop_after_tokens))
     p.add_argument("--health-503", action="store_true",
                    default=_env_flag(env, "SIM_HEALTH_503"))
+    p.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help="require one of these keys on /v1 (default: $VLLM_API_KEY)")
     return p
 
 
-def config_from(argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, int,
-                                                                     SimulatorConfig]:
+def config_from(argv: Sequence[str], env: Mapping[str, str]
+                ) -> tuple[str, int, SimulatorConfig, list[str]]:
+    """(host, port, config, API keys) from the flags, then the environment."""
     args = parser(env).parse_args(argv)
+    # vLLM's rule: the flag wins over VLLM_API_KEY; empty keys are no keys.
+    api_keys = [k for k in (args.api_key or [env.get("VLLM_API_KEY", "")]) if k]
     faults = Faults(error_rate=args.error_rate, slow_seconds=args.slow_seconds,
                     hang_after_tokens=args.hang_after_tokens,
                     drop_after_tokens=args.drop_after_tokens, health_503=args.health_503)
@@ -80,11 +89,12 @@ def config_from(argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, int,
         inter_token_latency=args.itl, max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
         embedding_dimensions=args.embedding_dimensions, seed=args.seed, faults=faults)
-    return args.host, args.port, config
+    return args.host, args.port, config, api_keys
 
 
-async def serve(host: str, port: int, config: SimulatorConfig) -> None:
-    app = create_app(config)
+async def serve(host: str, port: int, config: SimulatorConfig,
+                api_keys: Sequence[str] = ()) -> None:
+    app = create_app(config, api_keys=api_keys)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
@@ -104,7 +114,8 @@ async def serve(host: str, port: int, config: SimulatorConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        host, port, config = config_from(sys.argv[1:] if argv is None else argv, os.environ)
+        host, port, config, api_keys = config_from(sys.argv[1:] if argv is None else argv,
+                                                   os.environ)
         validated(config)  # fail on a bad setting before binding anything
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -113,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve(host, port, config))
+    asyncio.run(serve(host, port, config, api_keys))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The HTTP server: vLLM's OpenAI-compatible routes, plus ``/admin/faults``.
+"""The HTTP server: vLLM's OpenAI-compatible routes, plus ``/admin/faults``. Given API keys,
+it guards its routes as ``vllm serve --api-key`` does (see auth.py).
 
 Serve it with ``handler_cancellation=True`` (``python -m agent.simulator`` does) so a client
 that leaves is noticed at once; otherwise within DISCONNECT_POLL seconds (see engine.py).
@@ -9,19 +10,24 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from agent.simulator.auth import ApiKeys, auth_middleware
 from agent.simulator.config import ConfigError, SimulatorConfig, validated
 from agent.simulator.engine import Engine
 from agent.simulator.faults import FaultState
-from agent.simulator.metrics import EngineMetrics
-from agent.simulator.prepare import Prepare
+from agent.simulator.generation import chat_text
+from agent.simulator.metrics import HTTP_EXCLUDED, EngineMetrics, HttpMetrics
+from agent.simulator.prefix_cache import PrefixCache
+from agent.simulator.prepare import Prepare, completion_prompts
 from agent.simulator.protocol import (
     ApiError,
+    check_cache_salt,
     check_stream_options,
     decode_chat,
     decode_completion,
@@ -31,7 +37,7 @@ from agent.simulator.protocol import (
 from agent.simulator.scheduler import Scheduler
 from agent.simulator.serving import JSON_HEADERS, Serving, error_response, json_response
 
-VLLM_VERSION = "0.11.0"
+VLLM_VERSION = "0.34.0"
 CRASH_EXIT_CODE = 70
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,8 +51,11 @@ class Simulator:
         self.registry = CollectorRegistry()
         self.scheduler = Scheduler(config.max_num_seqs, config.kv_cache_tokens,
                                    config.block_size)
-        self.engine = Engine(self.scheduler,
-                             EngineMetrics(self.registry, config.model, self.scheduler))
+        self.metrics = EngineMetrics(self.registry, config.model, self.scheduler)
+        self.engine = Engine(self.scheduler, self.metrics)
+        self.http_metrics = HttpMetrics(self.registry)
+        self.prefix_cache = PrefixCache(config.kv_cache_tokens // config.block_size,
+                                        config.block_size)
         self.faults = FaultState(config.faults, config.seed)
         self.prepare = Prepare(config)
         self.serving = Serving(config, self.engine, self.faults)
@@ -61,6 +70,12 @@ class Simulator:
                 "allow_fine_tuning": False, "organization": "*", "group": None,
                 "is_blocking": False}],
         }]})
+
+    def query_prefix_cache(self, salt: str | None, prompts: list[str]) -> None:
+        for prompt in prompts:
+            queried, hit = self.prefix_cache.query(salt, prompt)
+            self.metrics.prefix_cache_queries.inc(queried)
+            self.metrics.prefix_cache_hits.inc(hit)
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
@@ -86,9 +101,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         req = decode_chat(await request.read())
         check_stream_options(req)
+        check_cache_salt(req.cache_salt)
         gen = sim.prepare.chat(req, request_id(request, "chatcmpl-", req.request_id))
     except ApiError as exc:
         return error_response(exc)
+    sim.query_prefix_cache(req.cache_salt, [chat_text([(m.role, m.text())
+                                                       for m in req.messages])])
     return await sim.serving.generation(request, gen, arrival)
 
 
@@ -98,9 +116,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     try:
         req = decode_completion(await request.read())
         check_stream_options(req)
+        check_cache_salt(req.cache_salt)
         gen = sim.prepare.completion(req, request_id(request, "cmpl-", req.request_id))
     except ApiError as exc:
         return error_response(exc)
+    sim.query_prefix_cache(req.cache_salt, [k for k, _, _ in completion_prompts(req.prompt)])
     return await sim.serving.generation(request, gen, arrival)
 
 
@@ -109,6 +129,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     arrival = sim.engine.now()
     try:
         req = decode_embedding(await request.read())
+        check_cache_salt(req.cache_salt)
         vectors, prompt_tokens = sim.prepare.embeddings(req)
     except ApiError as exc:
         return error_response(exc)
@@ -180,6 +201,18 @@ async def fastapi_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return web.Response(body=b'{"detail":"Not Found"}', status=404, headers=JSON_HEADERS)
 
 
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """vLLM's `http_requests_total`: inside the API key check (a refused key is not counted,
+    as in vLLM, where the instrumentator runs inside the authentication middleware)."""
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    name = resource.canonical if resource is not None else "none"
+    if name not in HTTP_EXCLUDED:
+        request.app[SIMULATOR].http_metrics.count(name, request.method, response.status)
+    return response
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SIMULATOR].engine.stopping.clear()  # a runner may serve the same app again
     yield
@@ -191,9 +224,15 @@ async def _on_shutdown(app: web.Application) -> None:
     app[SIMULATOR].engine.stopping.set()
 
 
-def create_app(config: SimulatorConfig) -> web.Application:
-    """A vLLM-compatible OpenAI server for `config` (ConfigError when out of range)."""
-    app = web.Application(middlewares=[fastapi_errors], client_max_size=64 * 1024 * 1024)
+def create_app(config: SimulatorConfig, *, api_keys: Iterable[str] = ()) -> web.Application:
+    """A vLLM-compatible OpenAI server for `config` (ConfigError when out of range); with
+    `api_keys`, one of them is required as vLLM's `--api-key` requires it."""
+    keys = ApiKeys(api_keys)
+    # Outermost, as in vLLM: an unknown /v1 path without the key is a 401, not a 404.
+    middlewares: list[Middleware] = [count_requests, fastapi_errors]
+    if keys:
+        middlewares.insert(0, auth_middleware(keys))
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024 * 1024)
     app[SIMULATOR] = Simulator(validated(config))
     app[CRASH] = _crash
     app.on_shutdown.append(_on_shutdown)

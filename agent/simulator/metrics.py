@@ -30,6 +30,13 @@ class EngineMetrics:
         Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
               names, registry=registry).labels(*labels).set_function(
             lambda: scheduler.kv_cache_usage)
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.", names,
+            registry=registry).labels(*labels)
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+            names, registry=registry).labels(*labels)
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Number of prefill tokens processed.", names,
             registry=registry).labels(*labels)
@@ -46,3 +53,27 @@ class EngineMetrics:
         self.e2e_request_latency = Histogram(
             "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
             names, buckets=REQUEST_LATENCY_BUCKETS, registry=registry).labels(*labels)
+
+
+HTTP_EXCLUDED = frozenset({"/metrics", "/health", "/load", "/ping", "/version",
+                           "/server_info"})
+"""Not counted, as vLLM's prometheus-fastapi-instrumentator is told."""
+
+
+class HttpMetrics:
+    """vLLM's `http_requests_total` (handler, method, status class): every request that got
+    past `--api-key` to a route, answered or refused; what the node actually served."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("http_requests_total", "Total number of requests by method, "
+                                "status and handler.", ["handler", "method", "status"],
+                                registry=registry)
+        self._children: dict[tuple[str, str, int], Counter] = {}
+
+    def count(self, handler: str, method: str, status: int) -> None:
+        key = (handler, method, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(handler, method,
+                                                               f"{status // 100}xx")
+        child.inc()

@@ -99,6 +99,8 @@ class _Sampling(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     min_tokens: int = 0
     request_id: str | None = None
+    cache_salt: Any = None
+    """Checked by `check_cache_salt` (as vLLM's "before" validator, whatever the type)."""
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -125,6 +127,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: str = "float"
     dimensions: int | None = None
     request_id: str | None = None
+    cache_salt: Any = None
 
 
 _CHAT = msgspec.json.Decoder(ChatCompletionRequest)
@@ -184,10 +187,33 @@ def validation_error_of(kind: str, loc: tuple[str | int, ...], msg: str,
     return ApiError(400, f"1 validation error:\n  {error}", "Bad Request", dotted)
 
 
+def model_validation_error(message: str, param: str) -> ApiError:
+    """A VLLMValidationError raised by one of a request model's "before" validators, as
+    vLLM's validation handler reports it: with its parameter, ``loc`` the whole body."""
+    error = {"type": "value_error", "loc": "body",
+             "msg": f"Value error, {message} (parameter={param})"}
+    return ApiError(400, f"1 validation error:\n  {error}", "Bad Request", param)
+
+
 def check_stream_options(req: _Sampling) -> None:
     if req.stream_options is not None and not req.stream:
-        # A model validator in vLLM: reported by the validation handler with its parameter.
-        raise ApiError(400, "1 validation error:\n  {'type': 'value_error', 'loc': 'body', "
-                            "'msg': 'Value error, Stream options can only be defined when "
-                            "`stream=True`. (parameter=stream_options)'}",
-                       "Bad Request", "stream_options")
+        raise model_validation_error("Stream options can only be defined when `stream=True`.",
+                                     "stream_options")
+
+
+MAX_CACHE_SALT_LENGTH = 128
+_CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
+
+
+def check_cache_salt(salt: object) -> None:
+    """vLLM's `validate_cache_salt` (chat, completions and pooling requests): a non-empty
+    string of at most 128 characters without '@', '/', '\\' or NUL."""
+    if salt is None:
+        return
+    if not isinstance(salt, str) or not salt:
+        raise model_validation_error(
+            "Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
+    if len(salt) > MAX_CACHE_SALT_LENGTH or not _CACHE_SALT_FORBIDDEN.isdisjoint(salt):
+        raise model_validation_error(
+            "Parameter 'cache_salt' must be at most 128 characters and must not contain "
+            "'@', '/', '\\\\', or NUL.", "cache_salt")

@@ -52,6 +52,7 @@ from services.core.natsauth.identities import Role
 DEFAULT_STATE_DIR = Path(".state/dev")
 URLS_FILE = "urls.json"
 DEMO_FILE = "demo.json"
+NODE_KEY_SECRET_FILE = "node-api-key.secret"
 DEMO_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -190,9 +191,26 @@ async def _demo_data(database_url: str, state: Path) -> Demo:
         await pool.close()
 
 
+def node_key_secret(state: Path) -> str:
+    """NODE_API_KEY_SECRET of this state folder, made on first use: the gateway derives each
+    node's vLLM key from it, the orchestrator hands each node its key (the same secret)."""
+    path = state / NODE_KEY_SECRET_FILE
+    try:
+        secret = path.read_text().strip()
+    except OSError:
+        secret = ""
+    if not secret:
+        secret = secrets.token_urlsafe(48)
+        # Local dev state only: the folder is git-ignored and yours.
+        path.write_text(secret + "\n")
+        path.chmod(0o600)
+    return secret
+
+
 def _services(urls: StackURLs, demo: Demo, state: Path,
               nats: NatsServer) -> tuple[list[Service], DevURLs]:
     py = sys.executable
+    node_keys = node_key_secret(state)
     base = {**os.environ, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
             "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1", "LOG_LEVEL": "info",
             "LOG_JSON": "true", "EVENT_POLL_INTERVAL": "0.5"}
@@ -226,6 +244,7 @@ def _services(urls: StackURLs, demo: Demo, state: Path,
                 f"http://127.0.0.1:{ports['admin']}/ready"),
         Service("gateway", [py, "-m", "services.gateway"],
                 {**as_(Role.GATEWAY), "HTTP_PORT": str(ports["gateway"]),
+                 "NODE_API_KEY_SECRET": node_keys,
                  "USAGE_SPOOL_DIR": str(state / "usage-spool")},
                 f"http://127.0.0.1:{ports['gateway']}/ready"),
         Service("cloud", [py, "-m", "agent.local_cloud", "--port", str(ports["cloud"]),
@@ -236,6 +255,7 @@ def _services(urls: StackURLs, demo: Demo, state: Path,
         Service("orchestrator", [py, "-m", "services.orchestrator"],
                 {**as_(Role.ORCHESTRATOR), "HTTP_PORT": str(ports["orchestrator"]),
                  "NATS_NODE_ISSUER": nats.authority.node_issuer().to_json(), "LAUNCHER": "local",
+                 "NODE_API_KEY_SECRET": node_keys,
                  "LOCAL_CLOUD_URL": cloud, "DEFAULT_PROVIDER": "local",
                  "NODE_HEARTBEAT_INTERVAL": "5", "RECONCILE_EVERY_SECONDS": "2",
                  "CLOUD_CHECK_EVERY_SECONDS": "2", "LAUNCH_DEADLINE_SECONDS": "60"},

@@ -22,13 +22,15 @@ from schemas.subjects import CONTROL
 from services.core.aio import stop_tasks
 from services.core.bus import Bus
 from services.core.http import BUS, DB, REDIS, REGISTRY
+from services.core.node_keys import NodeKeys
 from services.core.pipelined_redis import PipelinedRedis
-from services.gateway.auth import Authenticator, AuthSettings
+from services.gateway.auth import Authenticator, auth_settings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelCatalog
 from services.gateway.node_feed import NodeFeed
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
+from services.gateway.protocol import InferenceRequest, parse_request
 from services.gateway.proxy import Proxy, ProxySettings
 from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
 from services.gateway.settings import GatewaySettings
@@ -91,6 +93,14 @@ class Gateway:
             found = self._uuids[value] = uuid.UUID(value)
         return found
 
+    def parse_request(self, raw: bytes, endpoint: str, tenant_id: str) -> InferenceRequest:
+        """The request in `raw`, bounded by this gateway's settings and the model's context
+        length, its prefix cache salted with the tenant; BadRequest when it is not one to
+        send to a node."""
+        return parse_request(raw, endpoint, default_reserved=self.settings.default_reserved_tokens,
+                             max_n=self.settings.max_n,
+                             context_length=self.models.context_length, cache_salt=tenant_id)
+
     def background(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` without waiting for it; keep a reference so it is not collected."""
         task = asyncio.create_task(work)
@@ -117,6 +127,7 @@ GATEWAY_SETTINGS = web.AppKey("gateway_settings", GatewaySettings)
 
 async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[GATEWAY_SETTINGS]
+    node_keys = NodeKeys(s.node_api_key_secret)  # first: no secret, no start
     registry = app[REGISTRY]
     bus = app[BUS]
     # Auth's cache client: short timeouts, so a dead Redis costs milliseconds, not seconds.
@@ -145,12 +156,10 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     await models.refresh()
     gw = Gateway(
         settings=s,
-        auth=Authenticator(app[DB], redis, AuthSettings(local_ttl=s.auth_local_cache_seconds,
-                                                        redis_ttl=s.auth_redis_cache_seconds),
-                           registry=registry),
+        auth=Authenticator(app[DB], redis, auth_settings(s), registry=registry),
         limiter=limiter,
         table=table, balancer=balancer,
-        proxy=Proxy(upstream, table, balancer, rules, metrics, ProxySettings(
+        proxy=Proxy(upstream, table, balancer, rules, metrics, node_keys, ProxySettings(
             connect_timeout=s.upstream_connect_timeout, request_timeout=s.request_timeout,
             chunk_timeout=s.stream_chunk_timeout)),
         usage=UsagePublisher(bus, Path(s.usage_spool_dir), buffer_size=s.usage_buffer_size,

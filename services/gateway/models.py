@@ -36,6 +36,11 @@ class ModelCatalog:
     def get(self, name: str) -> ModelInfo | None:
         return self.models.get(name)
 
+    def context_length(self, name: str) -> int | None:
+        """The model's context length in tokens; None for a model not in the catalog."""
+        model = self.models.get(name)
+        return model.context_length if model is not None else None
+
     def stale(self) -> bool:
         return time.monotonic() - self._loaded_at > self.refresh_seconds
 

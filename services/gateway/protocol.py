@@ -1,14 +1,21 @@
 """The OpenAI-compatible request and response shapes as the gateway needs them. Pure.
 
-The gateway parses a request body only to route, limit and meter it; everything it does not
-know passes through to vLLM unchanged. For streams it always asks vLLM for usage on every
-chunk (`stream_options.include_usage` + vLLM's `continuous_usage_stats`), so that a client
-who hangs up mid-stream is billed exactly what it was sent, then gives each client only what
-it asked for.
+The gateway parses a request body only to route, bound, limit and meter it; everything it
+does not know passes through to vLLM unchanged, with two exceptions:
+- vLLM's `cache_salt` is always the tenant's id (whatever the client sent), so the prefix
+  cache of a node is never shared between tenants;
+- for streams it always asks vLLM for usage on every chunk (`stream_options.include_usage` +
+  vLLM's `continuous_usage_stats`), so that a client who hangs up mid-stream is billed exactly
+  what it was sent, then gives each client only what it asked for.
+
+Bounds, checked before anything leaves: `n` from 1 to `max_n`; `max_tokens` and
+`max_completion_tokens` at most the model's context length. The token reservation counts
+every output the request may produce: prompts * `n` * (`max_tokens`, else the default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,15 +24,24 @@ import msgspec
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
              "embeddings": "/v1/embeddings"}
 
+SALTED = frozenset(ENDPOINTS)
+"""Endpoints whose vLLM requests take `cache_salt`: chat and completions, and (current vLLM)
+the pooling requests behind embeddings."""
+GENERATING = frozenset({"chat", "completions"})
+"""Endpoints that produce output tokens (and take `n`)."""
+DEFAULT_MAX_N = 8
+
 _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,8 @@ class InferenceRequest:
     """The client asked for the final usage chunk (stream_options.include_usage)."""
     wants_continuous_usage: bool
     reserved_tokens: int
+    cache_salt: str | None = None
+    """What the node's prefix cache is salted with (the tenant's id); None: left as sent."""
 
 
 def _positive_int(body: dict[str, Any], name: str) -> int | None:
@@ -48,6 +66,54 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BadRequest(f"'{name}' must be a non-negative integer", name)
     return value
+
+
+def _choices(body: dict[str, Any], max_n: int) -> int:
+    """`n`, from 1 to `max_n` (absent or null: 1)."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise BadRequest("Invalid 'n': expected an integer.", "n", "invalid_type")
+    if n < 1:
+        raise BadRequest(f"Invalid 'n': integer below minimum value. Expected a value >= 1, "
+                         f"but got {n} instead.", "n", "integer_below_min_value")
+    if n > max_n:
+        # The number quoted is cut short: it is the client's, and may be any size.
+        raise BadRequest(f"Invalid 'n': integer above maximum value. Expected a value <= "
+                         f"{max_n}, but got {_quote_int(n)} instead.", "n",
+                         "integer_above_max_value")
+    return n
+
+
+def _quote_int(value: int) -> str:
+    text = str(value) if value.bit_length() < 200 else "a larger number"
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _output_budget(body: dict[str, Any], context_length: int | None) -> int | None:
+    """The output tokens asked for (max_completion_tokens, else max_tokens), each bounded by
+    the model's context length when it is known."""
+    budget = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = _positive_int(body, name)
+        if value is None:
+            continue
+        if context_length is not None and value > context_length:
+            raise BadRequest(f"'{name}' is too large: {_quote_int(value)}. This model's context "
+                             f"is {context_length} tokens (prompt and output together).",
+                             name, "integer_above_max_value")
+        budget = value  # max_completion_tokens, checked last, wins (as in vLLM)
+    return budget
+
+
+def _prompts(body: dict[str, Any], endpoint: str) -> int:
+    """How many prompts a completions request holds: each gets `n` outputs."""
+    prompt = body.get("prompt") if endpoint == "completions" else None
+    if isinstance(prompt, list) and prompt and not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return len(prompt)  # strings, or lists of token ids (a flat list is one prompt)
+    return 1
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
@@ -62,7 +128,13 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     return size // 4 + 8
 
 
-def parse_request(raw: bytes, endpoint: str, *, default_reserved: int) -> InferenceRequest:
+def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
+                  max_n: int = DEFAULT_MAX_N,
+                  context_length: Callable[[str], int | None] | None = None,
+                  cache_salt: str | None = None) -> InferenceRequest:
+    """The request in `raw` for `endpoint`, bounded; BadRequest names what is wrong.
+    `context_length(model)` is the model's context (None: unknown model, not bounded here);
+    `cache_salt` replaces whatever salt the client sent."""
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
@@ -83,27 +155,41 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int) -> Infere
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     options = options or {}
-    n = _positive_int(body, "n") or 1
-    max_tokens = _positive_int(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = _positive_int(body, "max_tokens")
-    completion = 0 if endpoint == "embeddings" else (
-        max_tokens * n if max_tokens is not None else default_reserved)
+    completion = 0
+    if endpoint in GENERATING:
+        n = _choices(body, max_n)
+        limit = context_length(model) if context_length is not None else None
+        budget = _output_budget(body, limit)
+        if budget is None:  # vLLM then generates up to the rest of the context
+            budget = default_reserved if limit is None else min(default_reserved, limit)
+        completion = _prompts(body, endpoint) * n * budget
     return InferenceRequest(
         endpoint=endpoint, model=model, stream=stream, body=body, raw=raw,
         wants_usage=bool(options.get("include_usage")),
         wants_continuous_usage=bool(options.get("continuous_usage_stats")),
-        reserved_tokens=estimate_prompt_tokens(body) + completion)
+        reserved_tokens=estimate_prompt_tokens(body) + completion,
+        cache_salt=cache_salt if endpoint in SALTED else None)
 
 
 def upstream_body(req: InferenceRequest) -> bytes:
-    """The body for vLLM: the client's, untouched, except a stream always reports usage."""
+    """The body for vLLM: the client's, except that `cache_salt` is the request's (the
+    tenant's) and a stream always reports usage."""
+    salt = req.cache_salt
     if not req.stream or (req.wants_usage and req.wants_continuous_usage):
-        return req.raw
+        if salt is None:
+            return req.raw
+        if "cache_salt" not in req.body:
+            # The common case, without encoding the body again: the salt goes in before the
+            # object's closing brace (the body is an object with a model, so never empty).
+            return req.raw.rstrip()[:-1] + b',"cache_salt":' + _encode(salt) + b"}"
+        return _encode({**req.body, "cache_salt": salt})
     options = dict(req.body.get("stream_options") or {})
     options["include_usage"] = True
     options["continuous_usage_stats"] = True
-    return _encode({**req.body, "stream_options": options})
+    body = {**req.body, "stream_options": options}
+    if salt is not None:
+        body["cache_salt"] = salt
+    return _encode(body)
 
 
 class _UsageOnly(msgspec.Struct):

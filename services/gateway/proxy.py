@@ -1,7 +1,11 @@
 """Forwarding a request to a vLLM node and the answer back, streaming chunk by chunk.
 
-- Pooled keep-alive connections (one ClientSession for all nodes).
-- One retry on another node when the connection fails before any byte was sent.
+- Pooled keep-alive connections (one pool for all nodes).
+- Each node is called with its own vLLM API key (`Authorization: Bearer <key>`, derived from
+  NODE_API_KEY_SECRET and the node's id: services/core/node_keys.py); the tenant's key never
+  leaves the gateway.
+- One retry on another node when the connection fails before any byte was sent, or when the
+  node refuses the gateway's key (401/403: it did nothing with the request).
 - Upstream errors: vLLM's 4xx keep their status and reach the client in OpenAI's shape
   (current vLLM's pass through untouched; older vLLM's flat shape is wrapped); 5xx, a dropped
   connection or a timeout become 502/504 in OpenAI's shape.
@@ -21,6 +25,7 @@ import structlog
 from aiohttp import web
 
 from services.core.errors import ApiError, sse_error_event
+from services.core.node_keys import NodeKeys
 from services.gateway.balancer import Balancer
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
@@ -85,23 +90,28 @@ class Progress:
         return self.node.node_id if self.node else None
 
 
+class NodeRefused(Exception):
+    """The node refused the gateway's key (401/403): a secret out of step with the node's,
+    or something else listening at its address. Nothing was done with the request."""
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     connect_timeout: float = 5.0
     request_timeout: float = 60.0
     chunk_timeout: float = 60.0
-    upstream_api_key: str = ""
 
 
 class Proxy:
     def __init__(self, pool: UpstreamPool, table: NodeTable, balancer: Balancer,
-                 rules: RoutingRules, metrics: GatewayMetrics,
+                 rules: RoutingRules, metrics: GatewayMetrics, node_keys: NodeKeys,
                  settings: ProxySettings | None = None) -> None:
         self.pool = pool
         self.table = table
         self.balancer = balancer
         self.rules = rules
         self.metrics = metrics
+        self.node_keys = node_keys
         self.settings = settings or ProxySettings()
 
     def has_nodes(self, model: str) -> bool:
@@ -114,9 +124,8 @@ class Proxy:
                       headers: dict[str, str], progress: Progress) -> ProxyResult:
         """Send `req` to a node and the answer to the client (with `headers` added)."""
         body = upstream_body(req)
-        upstream_headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
-        if self.settings.upstream_api_key:
-            upstream_headers["Authorization"] = f"Bearer {self.settings.upstream_api_key}"
+        upstream_headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
+                             "Authorization": ""}
         path = ENDPOINTS[req.endpoint]
         started = time.monotonic()
         tried: set[str] = set()
@@ -139,6 +148,7 @@ class Proxy:
             self.balancer.started(node.node_id, now)
             progress.node, progress.in_flight = node, True
             self.metrics.child(self.metrics.lb_requests, req.model, node.node_id).inc()
+            upstream_headers["Authorization"] = self.node_keys.authorization(node.node_id)
             try:
                 return await self._attempt(request, req, progress, path, body,
                                            upstream_headers, headers, started)
@@ -147,6 +157,11 @@ class Proxy:
                 last_error = str(exc)
                 log.warning("node unreachable; trying another", node_id=node.node_id,
                             error=last_error)
+                continue
+            except NodeRefused as exc:
+                last_error = str(exc)
+                log.warning("node refused the gateway's key; trying another",
+                            node_id=node.node_id, error=last_error)
                 continue
             except BaseException:
                 # Cut off (a deadline, a client gone) or a bug: no verdict on the node, but
@@ -221,6 +236,11 @@ class Proxy:
             self._failed(progress, req.model, f"http_{upstream.status}")
             raise UpstreamFailure(502, f"The model server failed ({upstream.status}).",
                                   node_id=node.node_id)
+        if upstream.status in (401, 403):
+            # Not the tenant's doing (its key never reaches a node): a node that is not ours,
+            # or one launched with another NODE_API_KEY_SECRET. Counted against the node.
+            self._failed(progress, req.model, "unauthorized")
+            raise NodeRefused(f"the node refused the gateway's key ({upstream.status})")
         latency = self._succeeded(progress, req.model, started)
         content_type = upstream.headers.get("content-type", "application/json")
         if upstream.status == 200:

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
@@ -16,10 +17,10 @@ from schemas.events import UsageRecorded
 from services.core.errors import ApiError
 from services.core.http import DB, REQUEST_ID
 from services.core.usage_queries import UsageQueryError, parse_usage_query, usage_report
-from services.gateway.auth import AuthError, Principal
+from services.gateway.auth import AuthError, AuthThrottled, Principal
 from services.gateway.gateway import GATEWAY, Gateway
-from services.gateway.middleware import CLIENT_CLOSED_REQUEST, deadline_expired
-from services.gateway.protocol import BadRequest, InferenceRequest, parse_request
+from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
+from services.gateway.protocol import BadRequest, InferenceRequest
 from services.gateway.proxy import Progress, UpstreamFailure
 from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
 from services.gateway.settings import GatewaySettings
@@ -47,7 +48,11 @@ def limits_for(p: Principal, s: GatewaySettings) -> Limits:
 async def authenticate(request: web.Request) -> Principal:
     gw = request.app[GATEWAY]
     try:
-        principal = await gw.auth.authenticate(request.headers.get("Authorization"))
+        principal = await gw.auth.authenticate(request.headers.get("Authorization"),
+                                               request.get(REAL_IP))
+    except AuthThrottled as exc:
+        raise ApiError.rate_limited(exc.message, headers=exc.headers,
+                                    code="too_many_auth_failures") from None
     except AuthError as exc:
         if exc.status == 403:
             raise ApiError.permission(exc.message, code=exc.reason) from None
@@ -77,6 +82,13 @@ async def models(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """The caller's own tenant's usage: totals per hour or day (see usage_queries)."""
     principal = await authenticate(request)
+    gw = request.app[GATEWAY]
+    # Its own budget, before the query: each report is a PostgreSQL aggregate.
+    decision = await gw.limiter.acquire_usage(
+        LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
+        gw.settings.usage_requests_per_minute or None)
+    if not decision.allowed:
+        raise refusal(decision)
     if "tenant_id" in request.query:
         raise ApiError.invalid_request("'tenant_id' is implied by your API key; leave it out.",
                                        param="tenant_id")
@@ -85,8 +97,14 @@ async def usage(request: web.Request) -> web.Response:
     except UsageQueryError as exc:
         raise ApiError.invalid_request(exc.message, param=exc.param) from None
     query = dataclasses.replace(query, tenant_id=uuid.UUID(principal.tenant_id))
-    report = await usage_report(request.app[DB], query)
-    return web.Response(body=msgspec.json.encode(report), content_type="application/json")
+    try:
+        report = await usage_report(request.app[DB], query)
+    except asyncpg.QueryCanceledError:
+        # DB_STATEMENT_TIMEOUT_MS cut it short: the client asked for more than we serve.
+        raise ApiError.timeout("The usage report took too long to compute; ask for a "
+                               "shorter period or a coarser granularity.") from None
+    return web.Response(body=msgspec.json.encode(report), content_type="application/json",
+                        headers=decision.headers)
 
 
 def inference(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -102,10 +120,9 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     started = time.monotonic()
     principal = await authenticate(request)
     try:
-        req = parse_request(await request.read(), endpoint,
-                            default_reserved=gw.settings.default_reserved_tokens)
+        req = gw.parse_request(await request.read(), endpoint, principal.tenant_id)
     except BadRequest as exc:
-        raise ApiError.invalid_request(exc.message, exc.param) from None
+        raise ApiError.invalid_request(exc.message, exc.param, exc.code) from None
     if gw.models.get(req.model) is None:
         raise ApiError.not_found(f"The model `{req.model}` does not exist or you do not have "
                                  "access to it.", param="model", code="model_not_found")

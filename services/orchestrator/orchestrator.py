@@ -56,6 +56,7 @@ from services.core.aio import stop_tasks, wait_event
 from services.core.eventlog import ANY, EventLog, LogWaker
 from services.core.fleet import Fleet, NodeView
 from services.core.natsauth.authority import NodeIssuer
+from services.core.node_keys import node_api_key
 from services.core.node_states import FINAL, Signal
 from services.orchestrator.autoscaler import NodeLoad, ScaleMemory, ScalePolicy, decide_scale
 from services.orchestrator.credentials import CredentialKeeper, node_credentials
@@ -373,6 +374,8 @@ class Orchestrator:
                 self.issuer, node_id, s.node_credential_ttl_seconds, datetime.now(UTC))
             credential_key = creds.public_key
             secrets["NATS_CREDS"] = creds.text()
+        # vLLM serves only who holds this node's key: the gateways derive it from the secret.
+        secrets["VLLM_API_KEY"] = node_api_key(s.node_api_key_secret, node_id)
         if s.hf_token.reveal():
             secrets["HF_TOKEN"] = s.hf_token.reveal()
         deadline = datetime.now(UTC) + timedelta(seconds=s.launch_deadline_seconds)

@@ -19,6 +19,9 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     nats_node_issuer: Secret = Secret("")
     """`issuer.json` of `crosslogic nats init`: the scoped key that mints each node's own NATS
     credential at launch, and what revokes it when the node ends. Required."""
+    node_api_key_secret: Secret = Secret("")
+    """What each node's vLLM API key is derived from (HMAC-SHA256 with the node's id; handed
+    to the node at launch as VLLM_API_KEY): the gateways' NODE_API_KEY_SECRET. Required."""
     node_credential_ttl_seconds: float = 30 * 86400.0
     """A node's NATS credential expires this long after its launch (then NATS closes its
     connection and the node goes stale and is replaced)."""
@@ -57,7 +60,8 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     max_concurrent_launches: int = 16
     skypilot_agent_install: str = "crosslogic"
     """pip requirement that installs the node agent on a SkyPilot machine."""
-    skypilot_vllm_version: str = "0.11.0"
+    skypilot_vllm_version: str = "0.34.0"
+    """The vLLM release nodes install (`vllm==…`): one with no known advisory."""
     skypilot_disk_size_gb: int = 256
     hf_token: Secret = Secret("")
     """Handed to nodes as a secret, for gated models."""

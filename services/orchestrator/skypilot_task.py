@@ -4,14 +4,18 @@ same shape as a task YAML). Pure: tests validate it against SkyPilot's own schem
 The machine installs vLLM and the agent, starts vLLM on VLLM_PORT, and runs the agent in the
 foreground with the environment `launcher.node_env` gives it, plus what only the machine
 knows: its instance type (from the cloud's metadata service) and its GPUs' memory (from the
-driver). NATS credentials and the Hugging Face token go in `secrets`, which SkyPilot keeps
-out of its listings and logs.
+driver). The node's NATS credential, its vLLM API key (VLLM_API_KEY) and the Hugging Face
+token go in `secrets`, which SkyPilot keeps out of its listings and logs.
 
-No port is opened: SkyPilot's `ports` opens them to the whole internet, and vLLM has no
-authentication. The agent advertises the machine's private address, and the gateways reach
-it over the private network — the operator grants that in SkyPilot's own config (a VPC and a
-security group / firewall rule that admits the control plane on VLLM_PORT; see
-docs/orchestrator.md).
+vLLM serves only who presents the node's own key (the gateways derive it: see
+services/core/node_keys.py). It reads the key from VLLM_API_KEY, as `vllm serve` does, rather
+than from `--api-key`: vLLM logs its non-default arguments at start, and a command line is
+readable by every process on the machine. The run refuses to start vLLM without a key.
+
+No port is opened either: SkyPilot's `ports` opens them to the whole internet. The agent
+advertises the machine's private address, and the gateways reach it over the private network —
+the operator grants that in SkyPilot's own config (a VPC and a security group / firewall rule
+that admits the control plane on VLLM_PORT; see docs/orchestrator.md).
 """
 
 from __future__ import annotations
@@ -60,10 +64,19 @@ export ENDPOINT_URL="http://$(hostname -I | awk '{print $1}'):${VLLM_PORT}"
 """
 
 # vLLM in the background, the agent in the foreground: when the agent leaves (drained, or
-# told to stop), vLLM goes too; when vLLM dies, the agent's heartbeats say so.
+# told to stop), vLLM goes too; when vLLM dies, the agent's heartbeats say so. vLLM takes its
+# API key from VLLM_API_KEY (a secret of the launch); an empty one would mean no key at all.
+API_KEY_GUARD = """\
+if [ -z "${VLLM_API_KEY:-}" ]; then
+  echo "VLLM_API_KEY is not set: vLLM would serve anyone; not starting" >&2
+  exit 78
+fi
+export VLLM_API_KEY
+"""
+
 _RUN = """\
 set -uo pipefail
-""" + NODE_FACTS + """\
+""" + API_KEY_GUARD + NODE_FACTS + """\
 vllm serve "${MODEL_NAME}" --host 0.0.0.0 --port "${VLLM_PORT}" &
 VLLM_PID=$!
 trap 'kill -TERM ${VLLM_PID} 2>/dev/null' EXIT
@@ -74,7 +87,8 @@ python3 -m agent
 @dataclass(frozen=True)
 class TaskOptions:
     agent_install: str = "crosslogic"
-    vllm_version: str = "0.11.0"
+    vllm_version: str = "0.34.0"
+    """Pinned: a release with no known advisory (SKYPILOT_VLLM_VERSION)."""
     disk_size_gb: int = 256
 
 

@@ -178,6 +178,7 @@ async def _spawn_orchestrator(fleet: Fleet) -> tuple[asyncio.subprocess.Process,
            "REDIS_URL": fleet.servers.redis_url, "NATS_URL": fleet.servers.nats_url,
            "NATS_CREDS": fleet.servers.creds(Role.ORCHESTRATOR),
            "NATS_NODE_ISSUER": fleet.servers.node_issuer(),
+           "NODE_API_KEY_SECRET": fleet.node_key_secret,
            "HTTP_PORT": str(port), "LAUNCHER": "local", "LOCAL_CLOUD_URL": fleet.cloud_url,
            "LOG_JSON": "false", "EVENT_POLL_INTERVAL": "0.1"}
     env.update({k.upper(): str(v) for k, v in ORCHESTRATOR_TIMING.items()})

@@ -5,6 +5,7 @@ machines are real simulator and agent processes. Timings are shortened, nothing 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -70,6 +71,8 @@ class Fleet:
     orchestrator_app: web.Application | None = None
     runners: list[tuple[str, web.AppRunner]] = field(default_factory=list)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    node_key_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    """NODE_API_KEY_SECRET, the same for the orchestrator (it keys nodes) and the gateway."""
 
     @property
     def cloud(self) -> LocalCloud:
@@ -111,6 +114,7 @@ class Fleet:
     def orchestrator_settings(self, **overrides: Any) -> OrchestratorSettings:
         return OrchestratorSettings(**{**self.core(Role.ORCHESTRATOR), **ORCHESTRATOR_TIMING,
                                        "nats_node_issuer": Secret(self.servers.node_issuer()),
+                                       "node_api_key_secret": Secret(self.node_key_secret),
                                        "launcher": "local", "local_cloud_url": self.cloud_url,
                                        "default_provider": "aws", **overrides})
 
@@ -122,7 +126,8 @@ class Fleet:
             leader_retry_seconds=0.2))
         self.runners.append(("monitor", (await serve(monitor))[1]))
         gateway = create_gateway_app(GatewaySettings(
-            **self.core(Role.GATEWAY), usage_spool_dir=str(self.tmp / "spool")))
+            **self.core(Role.GATEWAY), usage_spool_dir=str(self.tmp / "spool"),
+            node_api_key_secret=Secret(self.node_key_secret)))
         self.gateway_url, runner = await serve(gateway)
         self.gateway_app = gateway
         self.runners.append(("gateway", runner))
@@ -274,6 +279,7 @@ class Rig:
             "redis_url": Secret(self.servers.redis_url),
             "nats_url": Secret(self.servers.nats_url),
             "nats_creds": Secret(self.servers.creds(Role.ORCHESTRATOR)), "log_json": False,
+            "node_api_key_secret": Secret(secrets.token_urlsafe(32)),
             "cloud_check_every_seconds": 0, "launcher": "local", **overrides})
         o = Orchestrator(settings, eventlog=EventLog(self.pool), redis=self.redis,
                          nc=self.bus.nc, launcher=self.cloud)

@@ -1,10 +1,14 @@
 """A whole inference path for gateway tests: real PostgreSQL, Redis and NATS, the catalog with
 a tenant, environment, key and model, simulated GPU nodes (simulator + real node agent) and the
-gateway app served over real TCP. The test plays the monitor only in acknowledging agents."""
+gateway app served over real TCP. The test plays the monitor only in acknowledging agents and
+announcing their acceptance (`node.accepted`, what gateways route by); nodes are launched (a
+`node.launching` in the log) before their agent starts, as the orchestrator does, so a real
+monitor running beside it accepts them too."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,13 +22,14 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from openai import AsyncOpenAI
 
 from agent.node_agent import NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
 from schemas.commands import RegistrationAck
-from schemas.events import NodeRegistered, decode_event
+from schemas.events import NodeRegistered, decode_event, encode_event
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject
 from services.core.bus import Bus
@@ -32,13 +37,14 @@ from services.core.catalog import Catalog, NewApiKey
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog, LogWaker
 from services.core.natsauth.identities import Role
+from services.core.node_keys import node_api_key
 from services.core.relay import OutboxRelay
 from services.core.settings import Secret
 from services.gateway.app import create_gateway_app
 from services.gateway.gateway import GATEWAY, Gateway
 from services.gateway.settings import GatewaySettings
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import eventually, launched, node_accepted
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -51,6 +57,8 @@ class Node:
     sim_runner: web.AppRunner
     agent: NodeAgent
     agent_task: asyncio.Task[int]
+    api_key: str = field(default="", repr=False)
+    """The node's vLLM API key (its simulator refuses /v1 requests without it)."""
 
     async def faults(self, **faults: Any) -> None:
         import aiohttp
@@ -82,6 +90,16 @@ class Platform:
     gateway_runner: web.AppRunner | None = None
     nodes: list[Node] = field(default_factory=list)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    node_key_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    """NODE_API_KEY_SECRET: each node's simulator takes the key derived from it."""
+    acker: Subscription | None = None
+    """The test playing the monitor (None once a test runs the real one instead)."""
+
+    async def stop_playing_the_monitor(self) -> None:
+        """For a test that runs the real monitor: registrations are no longer accepted here."""
+        if self.acker is not None:
+            await self.acker.unsubscribe()
+            self.acker = None
 
     @property
     def gw(self) -> Gateway:
@@ -97,6 +115,7 @@ class Platform:
             database_url=Secret(self.servers.database_url),
             redis_url=Secret(self.servers.redis_url), nats_url=Secret(self.servers.nats_url),
             nats_creds=Secret(self.servers.creds(Role.GATEWAY)), http_host="127.0.0.1",
+            node_api_key_secret=Secret(self.node_key_secret),
             usage_spool_dir=str(self.tmp / "spool"),
             circuit_min_requests=4, circuit_cooldown_seconds=30, log_json=False,
             event_poll_interval=0.2)
@@ -113,16 +132,23 @@ class Platform:
         self.gateway_app, self.gateway_runner = app, runner
         self.gateway_url = f"http://127.0.0.1:{port}"
 
-    async def add_node(self, *, model: str = MODEL, advertise: str = "", **sim: Any) -> Node:
+    async def add_node(self, *, model: str = MODEL, advertise: str = "", launch: bool = True,
+                       api_key: str | None = None, **sim: Any) -> Node:
         """A simulator and a real agent for it; `advertise` makes the agent announce another
-        address than the one it watches (a node unreachable from the gateway)."""
-        sim_app = create_app(SimulatorConfig(model=model, **sim))
+        address than the one it watches (a node unreachable from the gateway); `launch`: record
+        its launch first, as the orchestrator does (False: a node nobody launched); `api_key`
+        replaces the vLLM key derived for the node (one the gateway does not know)."""
+        node_id = uuid7()
+        if launch:
+            await launched(self.pool, node_id, model=model)
+        if api_key is None:
+            api_key = node_api_key(self.node_key_secret, node_id)
+        sim_app = create_app(SimulatorConfig(model=model, **sim), api_keys=[api_key])
         runner = web.AppRunner(sim_app, handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         url = f"http://127.0.0.1:{port}"
-        node_id = uuid7()
         settings = AgentSettings(nats_url=Secret(self.servers.nats_url), node_id=node_id,
                                  nats_creds=Secret(self.servers.node_creds(node_id)),
                                  model_name=model, vllm_url=url, endpoint_url=advertise,
@@ -130,7 +156,7 @@ class Platform:
                                  region="us-east-1", log_json=False)
         agent = NodeAgent(settings)
         node = Node(str(settings.node_id), url, sim_app, runner, agent,
-                    asyncio.create_task(agent.run()))
+                    asyncio.create_task(agent.run()), api_key)
         self.nodes.append(node)
         return node
 
@@ -145,14 +171,21 @@ class Platform:
         return int((await self.bus.js.stream_info("USAGE")).state.messages)
 
 
-async def _ack_registrations(nc: NATS) -> None:
+async def _ack_registrations(nc: NATS) -> Subscription:
+    js = nc.jetstream()
+
     async def on_registration(msg: Msg) -> None:
         event = decode_event(msg.data)
         if isinstance(event, NodeRegistered):
+            # What the monitor's acceptance would reach the gateways as (the relay publishes
+            # it; here the test's admin identity does), under the id the monitor would give it.
+            accepted = node_accepted(event)
+            await js.publish(accepted.subject, encode_event(accepted),
+                             headers={"Nats-Msg-Id": str(accepted.id)})
             ack = RegistrationAck(node_id=event.node_id, event_id=event.id)
             await nc.publish(node_ack_subject(event.node_id), msgspec.json.encode(ack))
 
-    await nc.subscribe("node.registered.*", cb=on_registration)
+    return await nc.subscribe("node.registered.*", cb=on_registration)
 
 
 @pytest.fixture
@@ -166,8 +199,8 @@ async def platform(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bu
                                input_price_per_million=Decimal("0.10"),
                                output_price_per_million=Decimal("0.20"), context_length=8192)
     nc = await servers.nats_client(max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    await _ack_registrations(nc)
-    p = Platform(servers, pool, bus, catalog, tenant, env, key, tmp_path, nc)
+    acker = await _ack_registrations(nc)
+    p = Platform(servers, pool, bus, catalog, tenant, env, key, tmp_path, nc, acker=acker)
     waker = LogWaker(servers.database_url, poll_interval=0.2)
     await waker.start()
     relay_bus = await Bus.connect(servers.nats_url, name="relay",

@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +63,13 @@ StartSim = Callable[..., Awaitable[Sim]]
 @pytest.fixture
 async def start_sim() -> AsyncIterator[StartSim]:
     """Starts simulators in this process; ``plain=True`` serves with a plain AppRunner (no
-    handler cancellation), as an embedding service might."""
+    handler cancellation), as an embedding service might; `api_keys` as `--api-key`."""
     servers: list[TestServer] = []
     runners: list[web.AppRunner] = []
 
-    async def start(*, plain: bool = False, **config: Any) -> Sim:
-        app = create_app(SimulatorConfig(**config))
+    async def start(*, plain: bool = False, api_keys: Sequence[str] = (),
+                    **config: Any) -> Sim:
+        app = create_app(SimulatorConfig(**config), api_keys=api_keys)
         if plain:
             runner = web.AppRunner(app, shutdown_timeout=1)
             await runner.setup()

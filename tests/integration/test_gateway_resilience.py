@@ -55,7 +55,7 @@ async def start_gateway_process(p: Platform, port: int, **env: str
                                 ) -> asyncio.subprocess.Process:
     settings = {"DATABASE_URL": p.servers.database_url, "REDIS_URL": p.servers.redis_url,
                 "NATS_URL": p.servers.nats_url, "NATS_CREDS": p.servers.creds(Role.GATEWAY),
-                "HTTP_HOST": "127.0.0.1",
+                "NODE_API_KEY_SECRET": p.node_key_secret, "HTTP_HOST": "127.0.0.1",
                 "HTTP_PORT": str(port), "LOG_LEVEL": "warning",
                 "USAGE_SPOOL_DIR": str(p.tmp / f"spool-{port}"), **env}
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.gateway",

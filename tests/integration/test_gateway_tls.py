@@ -49,6 +49,7 @@ async def start(p: Platform, port: int, *args: str) -> asyncio.subprocess.Proces
     env = {**os.environ, "DATABASE_URL": p.servers.database_url,
            "REDIS_URL": p.servers.redis_url, "NATS_URL": p.servers.nats_url,
            "NATS_CREDS": p.servers.creds(Role.GATEWAY),
+           "NODE_API_KEY_SECRET": p.node_key_secret,
            "HTTP_HOST": "127.0.0.1", "LOG_LEVEL": "warning",
            "USAGE_SPOOL_DIR": str(p.tmp / "spool-tls")}
     return await asyncio.create_subprocess_exec(

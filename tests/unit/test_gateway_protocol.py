@@ -120,3 +120,112 @@ def test_node_errors_reach_clients_in_openai_shape() -> None:
     assert odd["error"]["message"] == ("The model server refused the request (404): "
                                        "<html>Not Found</html>")
     assert msgspec.json.decode(openai_error_body(422, b""))["error"]["message"].endswith("(422).")
+
+
+# --------------------------------------------------------------------------- bounds
+
+CONTEXT = {"m": 8192}.get
+CHAT = b'"messages": [{"role": "user", "content": "hi"}]'
+
+
+def chat_body(extra: bytes = b"") -> bytes:
+    return b'{"model": "m", ' + CHAT + (b", " + extra if extra else b"") + b"}"
+
+
+@pytest.mark.parametrize(("extra", "code"), [
+    (b'"n": 9', "integer_above_max_value"),
+    (b'"n": 9223372036854775808', "integer_above_max_value"),  # 2^63
+    (b'"n": 99999999999999999999999999999999999999', "integer_above_max_value"),
+    (b'"n": 0', "integer_below_min_value"),
+    (b'"n": -1', "integer_below_min_value"),
+    (b'"n": 2.0', "invalid_type"),
+    (b'"n": "2"', "invalid_type"),
+    (b'"n": true', "invalid_type"),
+])
+def test_n_is_bounded(extra: bytes, code: str) -> None:
+    for endpoint, body in (("chat", chat_body(extra)),
+                           ("completions", b'{"model": "m", "prompt": "x", ' + extra + b"}")):
+        with pytest.raises(BadRequest) as info:
+            parse_request(body, endpoint, default_reserved=10, max_n=8, context_length=CONTEXT)
+        assert (info.value.param, info.value.code) == ("n", code)
+        assert len(info.value.message) < 200  # a huge number is not echoed whole
+
+
+def test_n_up_to_the_setting_passes() -> None:
+    req = parse_request(chat_body(b'"n": 8'), "chat", default_reserved=10, max_n=8)
+    assert req.body["n"] == 8
+    assert parse_request(chat_body(b'"n": null'), "chat", default_reserved=10).body["n"] is None
+    with pytest.raises(BadRequest):
+        parse_request(chat_body(b'"n": 3'), "chat", default_reserved=10, max_n=2)
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_output_tokens_are_bounded_by_the_context(param: str) -> None:
+    ok = parse_request(chat_body(f'"{param}": 8192'.encode()), "chat", default_reserved=10,
+                       context_length=CONTEXT)
+    assert ok.body[param] == 8192
+    for too_many in (8193, 2**63, 10**40):
+        with pytest.raises(BadRequest) as info:
+            parse_request(chat_body(f'"{param}": {too_many}'.encode()), "chat",
+                          default_reserved=10, context_length=CONTEXT)
+        assert (info.value.param, info.value.code) == (param, "integer_above_max_value")
+        assert "8192" in info.value.message
+    # An unknown model (the route answers 404 for it) and embeddings are not bounded here.
+    parse_request(b'{"model": "other", "max_tokens": 9000}', "completions",
+                  default_reserved=10, context_length=CONTEXT)
+
+
+def test_the_reservation_counts_every_output() -> None:
+    def reserved(body: bytes, endpoint: str = "chat", default: int = 100) -> int:
+        req = parse_request(body, endpoint, default_reserved=default, context_length=CONTEXT)
+        return req.reserved_tokens - estimate_prompt_tokens(req.body)
+
+    assert reserved(chat_body(b'"max_tokens": 10, "n": 3')) == 30
+    assert reserved(chat_body(b'"n": 4')) == 400  # no max_tokens: n x the default budget
+    assert reserved(chat_body()) == 100
+    assert reserved(chat_body(b'"max_tokens": 10, "max_completion_tokens": 20, "n": 2')) == 40
+    # The default never exceeds the model's context.
+    assert reserved(chat_body(b'"n": 2'), default=10_000) == 2 * 8192
+    # Completions: each prompt of a batch gets its n outputs; token ids are one prompt.
+    assert reserved(b'{"model": "m", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 5}',
+                    "completions") == 30
+    assert reserved(b'{"model": "m", "prompt": [[1, 2], [3]], "max_tokens": 5}',
+                    "completions") == 10
+    assert reserved(b'{"model": "m", "prompt": [1, 2, 3], "max_tokens": 5}',
+                    "completions") == 5
+    assert reserved(b'{"model": "m", "input": "x", "n": 50}', "embeddings") == 0
+
+
+# --------------------------------------------------------------------------- cache_salt
+
+TENANT = "0190f3a1-7c2e-7d4b-9a1f-1a2b3c4d5e6f"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("sent", [None, '"other-tenant"', "5", '""', "null"])
+def test_the_node_gets_the_tenant_as_cache_salt(stream: bool, sent: str | None) -> None:
+    extra = b'"stream": true' if stream else b'"temperature": 0'
+    if sent is not None:
+        extra += f', "cache_salt": {sent}'.encode()
+    for endpoint, body in (("chat", chat_body(extra)),
+                           ("completions", b'{"model": "m", "prompt": "x", ' + extra + b"}")):
+        req = parse_request(body, endpoint, default_reserved=10, cache_salt=TENANT)
+        sent_body = msgspec.json.decode(upstream_body(req))
+        assert sent_body["cache_salt"] == TENANT
+        assert sent_body["model"] == "m" and sent_body.get("temperature", 0) == 0
+
+
+def test_embeddings_are_salted_and_an_unsalted_request_is_untouched() -> None:
+    emb = parse_request(b'{"model": "m", "input": "x"}\n', "embeddings", default_reserved=10,
+                        cache_salt=TENANT)
+    assert msgspec.json.decode(upstream_body(emb)) == {"model": "m", "input": "x",
+                                                       "cache_salt": TENANT}
+    plain = parse_request(chat_body(), "chat", default_reserved=10)
+    assert upstream_body(plain) is plain.raw
+
+
+def test_a_salt_the_client_hid_in_an_escape_is_replaced_too() -> None:
+    body = b'{"model": "m", "prompt": "x", "cache\\u005fsalt": "victim"}'
+    req = parse_request(body, "completions", default_reserved=10, cache_salt=TENANT)
+    sent = upstream_body(req)
+    assert b"victim" not in sent and msgspec.json.decode(sent)["cache_salt"] == TENANT

@@ -65,13 +65,23 @@ def test_the_earlier_of_hang_and_drop_wins() -> None:
 def test_cli_flags_win_over_environment_over_defaults() -> None:
     env = {"SIM_MODEL": "env-model", "SIM_MAX_MODEL_LEN": "4096", "SIM_TTFT": "0.5",
            "SIM_HEALTH_503": "true", "SIM_HANG_AFTER_TOKENS": "7"}
-    host, port, c = config_from(["--model", "flag-model", "--itl", "0.01", "--port", "9"], env)
-    assert (host, port) == ("127.0.0.1", 9)
+    host, port, c, keys = config_from(["--model", "flag-model", "--itl", "0.01", "--port",
+                                       "9"], env)
+    assert (host, port, keys) == ("127.0.0.1", 9, [])
     assert (c.model, c.max_model_len, c.time_to_first_token, c.inter_token_latency) == (
         "flag-model", 4096, 0.5, 0.01)
     assert c.faults == Faults(health_503=True, hang_after_tokens=7)
-    _, port, c = config_from([], {})
+    _, port, c, _ = config_from([], {})
     assert port == 8000 and c == SimulatorConfig()
+
+
+def test_api_keys_as_vllm_reads_them() -> None:
+    """`--api-key` wins over VLLM_API_KEY; an empty key is no key (no auth), as in vLLM."""
+    env = {"VLLM_API_KEY": "from-env"}
+    assert config_from([], env)[3] == ["from-env"]
+    assert config_from(["--api-key", "a", "b"], env)[3] == ["a", "b"]
+    assert config_from([], {"VLLM_API_KEY": ""})[3] == []
+    assert config_from([], {})[3] == []
 
 
 def test_requests_ignore_unknown_fields_and_name_bad_ones() -> None:

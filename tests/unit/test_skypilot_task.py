@@ -87,8 +87,8 @@ def test_task_is_valid_for_skypilot(infra: str, gpu: str, cloud: str, region: st
     assert r.region == region
     assert r.accelerators == accel
     assert r.use_spot is spot
-    # No port opened to the internet: vLLM has no authentication; the control plane reaches
-    # the node's private address.
+    # No port opened to the internet (vLLM's key is one defence, the private network another):
+    # the control plane reaches the node's private address.
     assert not r.ports
     assert r.disk_size == 300
     assert r.labels == {"crosslogic-node-id": str(NODE_ID)}
@@ -175,6 +175,53 @@ def test_the_agent_learns_its_machine(tmp_path: Path, provider: str, gpus_mib: s
         AgentSettings.__struct_fields__)
 
 
+_FAKE_VLLM = """#!/bin/sh
+{ echo "args=$*"; echo "key=${VLLM_API_KEY:-}"; } > "$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+"""
+# The agent: waits (bounded) for vLLM's stand-in to have started, as the real one polls it.
+_FAKE_PYTHON = """#!/bin/sh
+i=0
+while [ ! -f "$OUT" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+echo "agent ran" >> "$OUT.agent"
+"""
+
+
+def run_script(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The task's whole run script on a stand-in machine (vLLM and the agent are stubs)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("nvidia-smi", _FAKE_NVIDIA_SMI), ("hostname", _FAKE_HOSTNAME),
+                       ("curl", _FAKE_CURL), ("vllm", _FAKE_VLLM), ("python3", _FAKE_PYTHON)):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    run = task_config(spec_for("aws/us-east-1", "A10G", spot=True), TaskOptions())["run"]
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PROVIDER": "aws", "GPUS_MIB": "23028",
+            "VLLM_PORT": str(VLLM_PORT), "MODEL_NAME": MODEL, "OUT": str(tmp_path / "vllm")}
+    return subprocess.run(["bash", "-c", run], env={**base, **env}, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_vllm_serves_with_the_nodes_key_from_the_environment(tmp_path: Path) -> None:
+    done = run_script(tmp_path, {"VLLM_API_KEY": "clnk_the-node-key"})
+    assert done.returncode == 0, done.stderr
+    seen = dict(line.split("=", 1) for line in (tmp_path / "vllm").read_text().splitlines())
+    # vLLM reads VLLM_API_KEY itself: the key is in its environment, not on its command
+    # line (which vLLM logs at start and every process on the machine can read).
+    assert seen["key"] == "clnk_the-node-key"
+    assert "clnk_the-node-key" not in seen["args"]
+    assert seen["args"] == f"serve {MODEL} --host 0.0.0.0 --port {VLLM_PORT}"
+    assert (tmp_path / "vllm.agent").exists()
+
+
+@pytest.mark.parametrize("key", [None, ""])
+def test_no_key_no_vllm(tmp_path: Path, key: str | None) -> None:
+    """An empty VLLM_API_KEY would be vLLM without authentication: the node does not start."""
+    done = run_script(tmp_path, {} if key is None else {"VLLM_API_KEY": key})
+    assert done.returncode == 78
+    assert "VLLM_API_KEY is not set" in done.stderr
+    assert not (tmp_path / "vllm").exists() and not (tmp_path / "vllm.agent").exists()
+
+
 def test_a_machine_that_cannot_say_still_starts(tmp_path: Path) -> None:
     facts = node_facts(tmp_path, "aws", gpus_mib="", metadata_down=True)
     assert (facts["INSTANCE_TYPE"], facts["VRAM_TOTAL_GB"]) == ("unknown", "0")
@@ -204,11 +251,22 @@ def test_multi_gpu_type_passes_through() -> None:
 
 def test_all_secrets_stay_out_of_envs() -> None:
     spec = spec_for("aws/us-east-1", "A10G", spot=True,
-                    extra_secrets={"NATS_PASSWORD": "pw-123", "HF_TOKEN": "hf_abc"})
+                    extra_secrets={"NATS_PASSWORD": "pw-123", "HF_TOKEN": "hf_abc",
+                                   "VLLM_API_KEY": "clnk_node-key"})
     task = to_task(task_config(spec, TaskOptions()))
-    assert set(task.secrets) == {"NATS_URL", "NATS_PASSWORD", "HF_TOKEN"}
+    assert set(task.secrets) == {"NATS_URL", "NATS_PASSWORD", "HF_TOKEN", "VLLM_API_KEY"}
     assert not set(task.secrets) & set(task.envs)
-    assert all(v not in ("pw-123", "hf_abc") for v in task.envs.values())
+    assert all(v not in ("pw-123", "hf_abc", "clnk_node-key") for v in task.envs.values())
+    assert "clnk_node-key" not in task_config(spec, TaskOptions())["run"]
+
+
+def test_nodes_install_a_current_vllm_by_default() -> None:
+    from services.orchestrator.settings import OrchestratorSettings
+
+    default = TaskOptions().vllm_version
+    assert default == OrchestratorSettings().skypilot_vllm_version == "0.34.0"
+    major, minor = (int(part) for part in default.split(".")[:2])
+    assert (major, minor) >= (0, 20)  # the first releases without the known advisories
 
 
 def test_task_config_does_not_share_the_specs_dicts() -> None:
