@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from services.core.settings import CoreSettings, Secret, SettingsError
+from services.core.settings import CoreSettings, Secret, SettingsError, require_strong_token
 
 
 class AdminSettings(CoreSettings, kw_only=True, frozen=True):
     service_name: str = "admin"
     http_port: int = 8081
     admin_token: Secret = Secret("")
-    """Callers send it as ``X-Admin-Token``. Required: the service refuses to start without."""
+    """Callers send it as ``X-Admin-Token``. Required, and strong: the service refuses to
+    start when it is empty, a placeholder or shorter than 32 characters."""
     max_body_bytes: int = 1024 * 1024
     event_stream_keepalive: float = 15.0
     """Seconds of silence after which an event stream sends an SSE comment, so proxies and
@@ -29,10 +30,8 @@ class AdminSettings(CoreSettings, kw_only=True, frozen=True):
 
 def check_settings(settings: AdminSettings) -> None:
     """What `load_settings` cannot say by types alone; SettingsError names the variable."""
-    if not settings.admin_token.reveal().strip():
-        raise SettingsError("ADMIN_TOKEN is empty: the admin API refuses to start without a "
-                            "token (set ADMIN_TOKEN to a long random string; callers send it "
-                            "as X-Admin-Token)")
+    require_strong_token("ADMIN_TOKEN", settings.admin_token,
+                         "it opens the whole admin API; callers send it as X-Admin-Token")
     if settings.max_body_bytes <= 0:
         raise SettingsError("MAX_BODY_BYTES must be positive")
     if settings.event_stream_keepalive <= 0:

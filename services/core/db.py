@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 else:
     Connection = asyncpg.Connection
 
+DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+"""CoreSettings.db_statement_timeout_ms's default, for pools and connections made without a
+service's settings (CLI commands, the relay's and leaders' own connections)."""
+
 _json_decode = msgspec.json.decode
 _json_encoder = msgspec.json.Encoder()
 
@@ -33,16 +37,34 @@ async def init_connection(conn: Connection) -> None:
                                   schema="pg_catalog", format="text")
 
 
+def with_statement_timeout(kwargs: dict[str, Any], timeout_ms: int) -> dict[str, Any]:
+    """asyncpg's keyword arguments with PostgreSQL's `statement_timeout` set for the session
+    (0: none), keeping any other server settings given."""
+    if timeout_ms < 0:
+        raise ValueError("statement timeout must be >= 0 milliseconds")
+    settings = dict(kwargs.get("server_settings") or {})
+    settings["statement_timeout"] = str(timeout_ms)
+    return {**kwargs, "server_settings": settings}
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
+                      statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
                       **kwargs: Any) -> asyncpg.Pool[asyncpg.Record]:
+    """A pool whose every connection has `statement_timeout_ms` (services pass their
+    DB_STATEMENT_TIMEOUT_MS): a statement running longer is cancelled by the server, and the
+    caller gets `asyncpg.QueryCanceledError`."""
     pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     init=init_connection, **kwargs)
+                                     init=init_connection,
+                                     **with_statement_timeout(kwargs, statement_timeout_ms))
     assert pool is not None
     return pool
 
 
-async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection[asyncpg.Record]:
-    """A dedicated connection (advisory-lock leadership, LISTEN) with the same codecs."""
-    conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(dsn, **kwargs)
+async def connect(dsn: str, *, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+                  **kwargs: Any) -> asyncpg.Connection[asyncpg.Record]:
+    """A dedicated connection (advisory-lock leadership, LISTEN) with the same codecs and the
+    same statement timeout as a pool's."""
+    conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(
+        dsn, **with_statement_timeout(kwargs, statement_timeout_ms))
     await init_connection(conn)
     return conn

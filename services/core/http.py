@@ -200,7 +200,8 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     dsn = settings.database_url.reveal()
     pool = await create_pool(dsn, min_size=settings.db_min_connections,
-                             max_size=settings.db_max_connections)
+                             max_size=settings.db_max_connections,
+                             statement_timeout_ms=settings.db_statement_timeout_ms)
     waker = LogWaker(dsn, poll_interval=settings.event_poll_interval)
     await waker.start()
     app[DB] = pool

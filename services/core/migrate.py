@@ -54,7 +54,10 @@ def load_migrations(folder: Path = MIGRATIONS_DIR) -> list[Migration]:
 async def migrate(dsn: str, folder: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Apply what is missing; returns the migrations this call applied."""
     migrations = load_migrations(folder)
-    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    # No statement timeout (services have DB_STATEMENT_TIMEOUT_MS, even one set on the role):
+    # a migration may rebuild a big table, and waiting for another replica's lock is normal.
+    conn: asyncpg.Connection = await asyncpg.connect(dsn,
+                                                     server_settings={"statement_timeout": "0"})
     applied_now: list[Migration] = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)

@@ -56,6 +56,43 @@ class SettingsError(ValueError):
     """An environment variable is missing or does not parse; the message names it."""
 
 
+TOKEN_MIN_LENGTH = 32
+MAKE_A_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+_PLACEHOLDERS = ("replaceme", "changeme", "placeholder", "yourtoken", "yoursecret",
+                 "example", "insecure")
+"""Texts of templates and tutorials (compared without case, spaces, dashes or underscores),
+long enough that a random token never contains one by chance."""
+_MIN_DISTINCT = 6
+
+
+def weak_token_reason(token: str) -> str | None:
+    """Why `token` is no fit shared secret (empty, a template's placeholder, short, or a
+    repeated pattern), or None when it will do. Pure; the reason never quotes the token."""
+    value = token.strip()
+    if not value:
+        return "is empty"
+    folded = "".join(c for c in value.lower() if c.isalnum())
+    for placeholder in _PLACEHOLDERS:
+        if placeholder in folded:
+            return f"is a placeholder (it contains {placeholder!r})"
+    if len(value) < TOKEN_MIN_LENGTH:
+        return f"is too short ({len(value)} characters; at least {TOKEN_MIN_LENGTH})"
+    if len(set(value)) < _MIN_DISTINCT:
+        return "is a repeated pattern, not a random string"
+    return None
+
+
+def require_strong_token(name: str, token: Secret, why: str = "") -> None:
+    """SettingsError, naming the variable `name` and how to make a good one, unless `token`
+    is fit to guard a service (`weak_token_reason`). `why` says what the token protects."""
+    reason = weak_token_reason(token.reveal())
+    if reason is None:
+        return
+    guard = f" ({why})" if why else ""
+    raise SettingsError(f"{name} {reason}: the service refuses to start with a weak "
+                        f"token{guard}. Make one with: {MAKE_A_TOKEN}")
+
+
 class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     """What every service needs. Subclass it to add a service's own settings."""
 
@@ -71,6 +108,9 @@ class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     3-node cluster, so a stream survives a server; 1 on a single server."""
     db_min_connections: int = 2
     db_max_connections: int = 10
+    db_statement_timeout_ms: int = 30_000
+    """PostgreSQL cancels any statement of this service's pool that runs longer (0: never),
+    so one runaway query cannot hold a connection, and with it the pool, for ever."""
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     metrics_port: int = 0

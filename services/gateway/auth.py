@@ -5,14 +5,21 @@ here touches PostgreSQL.
 Revocations and suspensions arrive as events (apikey.*, tenant.*, environment.*) on NATS; every
 gateway drops the affected entries from its own cache and marks them in Redis with a short
 tombstone, so a lookup that raced the change cannot put the stale answer back.
+
+Unknown and failing credentials cost no database query per attempt: a key PostgreSQL does not
+know is remembered in Redis for AUTH_UNKNOWN_KEY_CACHE_SECONDS (its creation event clears that),
+concurrent lookups of one key in a process share one query, and a client network with too many
+failures is refused (429) before any lookup (ratelimit/auth_failures.py) — except for keys
+this process has recently seen good, so one bad neighbour behind a NAT cannot lock out others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
@@ -22,6 +29,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from schemas.events import (
+    ApiKeyCreated,
     ApiKeyRevoked,
     ApiKeyUpdated,
     EnvironmentUpdated,
@@ -31,11 +39,25 @@ from schemas.events import (
     TenantUpdated,
 )
 from services.core.catalog import hash_api_key, looks_like_api_key
+from services.gateway.ratelimit import lua
+from services.gateway.ratelimit.auth_failures import (
+    FailureLedger,
+    FailureLimit,
+    judge,
+    network_of,
+)
+from services.gateway.ratelimit.auth_failures import redis_key as failure_key
+from services.gateway.ratelimit.limits import retry_after_header
+from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("auth")
 
 TOMBSTONE = b"-"
 TOMBSTONE_SECONDS = 5
+UNKNOWN = b"0"
+"""Cached in `api_key:{hash}` for a key PostgreSQL does not know (a Principal never encodes
+to this: its msgpack is an array)."""
+_REDIS_DOWN = (aioredis.RedisError, OSError)
 
 
 class Principal(msgspec.Struct, frozen=True, array_like=True):
@@ -67,6 +89,20 @@ class AuthError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+
+class AuthThrottled(AuthError):
+    """429: the client's network failed to authenticate too often; nothing was looked up."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(429, "throttled", "Too many failed authentications from your "
+                         f"address. Retry after {retry_after_header(retry_after)}s.")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": retry_after_header(self.retry_after),
+                "x-ratelimit-scope": "auth_failures"}
 
 
 def bearer_key(authorization: str | None) -> str:
@@ -125,6 +161,21 @@ class AuthSettings:
     local_ttl: float = 5.0
     redis_ttl: int = 60
     local_capacity: int = 100_000
+    unknown_ttl: int = 30
+    """Seconds Redis remembers that a key does not exist (0: not remembered)."""
+    failures: FailureLimit = field(default_factory=FailureLimit)
+    known_good_seconds: float = 600.0
+    """A key that authenticated here is let past a throttled network for this long after its
+    last success (it is still looked up and checked as usual)."""
+
+
+def auth_settings(s: GatewaySettings) -> AuthSettings:
+    return AuthSettings(local_ttl=s.auth_local_cache_seconds,
+                        redis_ttl=s.auth_redis_cache_seconds,
+                        unknown_ttl=s.auth_unknown_key_cache_seconds,
+                        failures=FailureLimit(s.auth_failure_limit,
+                                              s.auth_failure_window_seconds),
+                        known_good_seconds=s.auth_known_good_seconds)
 
 
 class AuthMetrics:
@@ -135,6 +186,13 @@ class AuthMetrics:
                                 registry=registry)
         self.lookups = Counter("auth_lookups_total", "Where key lookups were answered",
                                ["source"], registry=registry)
+        self.throttled = Counter("auth_throttled_total",
+                                 "Requests refused (429) because their client network failed "
+                                 "to authenticate too often; nothing was looked up",
+                                 registry=registry)
+        # Looked up once: these two count every request on the hot path.
+        self.successes = self.attempts.labels("success")
+        self.local_hits = self.lookups.labels("local")
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -151,26 +209,70 @@ class Authenticator:
         self.metrics = AuthMetrics(registry)
         self._local: OrderedDict[str, tuple[Principal | None, float]] = OrderedDict()
         self._invalidated: dict[str, float] = {}
+        self._good: dict[str, float] = {}
+        """Hashes that authenticated here → until when they pass a throttled network."""
+        self._ledger = FailureLedger(self.settings.failures, self.settings.local_capacity)
+        self._queries: dict[str, asyncio.Task[Principal | None]] = {}
+        """The PostgreSQL lookup of a key under way, shared by everyone asking meanwhile."""
+        self._check_failures = redis.register_script(lua.AUTH_LOOKUP.source)
+        self._throttling = self.settings.failures.enabled
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None,
+                           client_ip: str | None = None) -> Principal:
+        """The principal `authorization` stands for, or AuthError. With `client_ip`, failures
+        are counted against its network, which is refused (AuthThrottled) once over the
+        limit, unless the key is known good."""
+        client = client_ip if self._throttling else None
+        hashed: str | None = None
         try:
             hashed = hash_api_key(bearer_key(authorization))
-            principal = check(await self.lookup(hashed), time.time())
+            cached = self._local.get(hashed)
+            if (cached is not None and cached[0] is not None
+                    and cached[1] > time.monotonic()):
+                # The hot path: a key this process knows, no I/O at all.
+                self.metrics.local_hits.inc()
+                principal = check(cached[0], time.time())
+            else:
+                principal = check(await self.lookup(hashed, client), time.time())
+                self._known_good(hashed)
+        except AuthThrottled:
+            self._throttled()
+            raise
         except AuthError as exc:
+            if hashed is not None:
+                self._good.pop(hashed, None)
+            if client is not None and exc.status == 401:
+                try:
+                    await self._count_failure(network_of(client))
+                except AuthThrottled:
+                    self._throttled()
+                    raise
             self.metrics.attempts.labels("failure").inc()
             self.metrics.failures.labels(exc.reason).inc()
             raise
-        self.metrics.attempts.labels("success").inc()
+        self.metrics.successes.inc()
         return principal
 
-    async def lookup(self, hashed: str) -> Principal | None:
+    def _throttled(self) -> None:
+        self.metrics.attempts.labels("throttled").inc()
+        self.metrics.throttled.inc()
+
+    async def lookup(self, hashed: str, client_ip: str | None = None) -> Principal | None:
+        """The key's principal (None: no such key), from the nearest cache that has it. With
+        `client_ip` and a key not known good, AuthThrottled when its network is refused."""
         now = time.monotonic()
         cached = self._local.get(hashed)
         if cached is not None and cached[1] > now:
-            self.metrics.lookups.labels("local").inc()
+            self.metrics.local_hits.inc()
             return cached[0]
+        network: str | None = None
+        if client_ip is not None and self._good.get(hashed, 0.0) <= now:
+            network = network_of(client_ip)
+            blocked = self._ledger.blocked_for(network, now)
+            if blocked > 0:
+                raise AuthThrottled(blocked)
         started = now
-        principal, source = await self._lookup_shared(hashed)
+        principal, source = await self._lookup_shared(hashed, network)
         self.metrics.lookups.labels(source).inc()
         # An invalidation that arrived while we were reading makes our answer suspect:
         # use it for this request, but do not cache it.
@@ -178,24 +280,97 @@ class Authenticator:
             self._remember(hashed, principal, now)
         return principal
 
-    async def _lookup_shared(self, hashed: str) -> tuple[Principal | None, str]:
+    async def _lookup_shared(self, hashed: str,
+                             network: str | None) -> tuple[Principal | None, str]:
         redis_key = f"api_key:{hashed}"
         cached: bytes | str | None = None  # bytes: the gateway's client does not decode
         redis_ok = True
         try:
-            cached = await self.redis.get(redis_key)
-        except (aioredis.RedisError, OSError):
+            if network is None:
+                cached = await self.redis.get(redis_key)
+            else:
+                cached = await self._read_unless_throttled(network, redis_key)
+        except _REDIS_DOWN:
             redis_ok = False  # Redis down: PostgreSQL still answers, just slower
+        if cached == UNKNOWN:
+            return None, "redis_unknown"
         if isinstance(cached, bytes) and cached != TOMBSTONE:
             return _decoder.decode(cached), "redis"
+        # Everyone in this process asking for this key meanwhile shares one query (and its
+        # caching); a caller that gives up does not cancel it for the others.
+        query = self._queries.get(hashed)
+        source = "postgres_shared"  # answered by a query another request started
+        if query is None:
+            query = asyncio.ensure_future(self._query(hashed, redis_key,
+                                                      redis_ok and cached != TOMBSTONE))
+            self._queries[hashed] = query
+            query.add_done_callback(lambda done: self._query_done(hashed, done))
+            source = "postgres"  # counted once per query PostgreSQL runs
+        return await asyncio.shield(query), source
+
+    async def _read_unless_throttled(self, network: str, redis_key: str) -> bytes | None:
+        reply = await self._check_failures(
+            keys=[failure_key(network), redis_key], args=[self.settings.failures.failures])
+        if int(reply[0]) == 0:
+            left_ms = int(reply[1])
+            left = left_ms / 1000 if left_ms > 0 else self.settings.failures.window
+            self._ledger.block(network, left, time.monotonic())
+            raise AuthThrottled(left)
+        return reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
+
+    async def _query(self, hashed: str, redis_key: str, cache: bool) -> Principal | None:
         row = await self.db.fetchrow(_LOOKUP, hashed)
         principal = _principal(row) if row is not None else None
-        if principal is not None and redis_ok and cached != TOMBSTONE:
+        if cache:
             # NX: a tombstone written meanwhile wins over our possibly stale answer.
-            with contextlib.suppress(aioredis.RedisError, OSError):
-                await self.redis.set(redis_key, _encoder.encode(principal),
-                                     ex=self.settings.redis_ttl, nx=True)
-        return principal, "postgres"
+            with contextlib.suppress(*_REDIS_DOWN):
+                if principal is not None:
+                    await self.redis.set(redis_key, _encoder.encode(principal),
+                                         ex=self.settings.redis_ttl, nx=True)
+                elif self.settings.unknown_ttl > 0:
+                    await self.redis.set(redis_key, UNKNOWN, ex=self.settings.unknown_ttl,
+                                         nx=True)
+        return principal
+
+    def _query_done(self, hashed: str, query: asyncio.Task[Principal | None]) -> None:
+        if self._queries.get(hashed) is query:
+            del self._queries[hashed]
+        if not query.cancelled():
+            query.exception()  # retrieved: every caller may have given up
+
+    def _known_good(self, hashed: str) -> None:
+        if len(self._good) >= self.settings.local_capacity:
+            now = time.monotonic()
+            self._good = {h: t for h, t in self._good.items() if t > now}
+            if len(self._good) >= self.settings.local_capacity:
+                self._good.clear()  # rare; the worst is a throttled neighbour waiting
+        self._good[hashed] = time.monotonic() + self.settings.known_good_seconds
+
+    async def _count_failure(self, network: str) -> None:
+        """Count a failed authentication here and in Redis; AuthThrottled when the network
+        was already over the limit (the first failures keep their own error)."""
+        now = time.monotonic()
+        blocked = self._ledger.blocked_for(network, now)
+        if blocked > 0:
+            raise AuthThrottled(blocked)
+        count, left = self._ledger.fail(network, now)
+        limit = self.settings.failures
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                key = failure_key(network)
+                pipe.set(key, 0, px=limit.window_ms, nx=True)
+                pipe.incr(key)
+                pipe.pttl(key)
+                _, shared, left_ms = await pipe.execute()
+            if int(shared) > count:
+                count = int(shared)
+                left = int(left_ms) / 1000 if int(left_ms) > 0 else limit.window
+        except _REDIS_DOWN:
+            pass  # this process's own count still holds the line
+        verdict = judge(count, left, limit)
+        self._ledger.block(network, verdict.block_for, now)
+        if verdict.throttled:
+            raise AuthThrottled(verdict.block_for)
 
     def _remember(self, hashed: str, principal: Principal | None, now: float) -> None:
         self._local[hashed] = (principal, now + self.settings.local_ttl)
@@ -213,6 +388,8 @@ class Authenticator:
         for h in hashes:
             self._local.pop(h, None)
             self._invalidated[h] = now
+            # A query under way may have read the old answer: later askers start their own.
+            self._queries.pop(h, None)
         self._prune_invalidated(now)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -232,6 +409,10 @@ class Authenticator:
         """Apply a control-plane event that may change who is allowed in."""
         match event:
             case ApiKeyRevoked() | ApiKeyUpdated():
+                await self.invalidate([event.key_hash])
+            case ApiKeyCreated():
+                # Only a guess could have tried the new key's hash before, but a remembered
+                # "unknown" must never hide a key that now exists.
                 await self.invalidate([event.key_hash])
             case TenantSuspended() | TenantReactivated() | TenantUpdated():
                 await self.invalidate(await self._hashes("tenant_id", str(event.tenant_id)))

@@ -17,18 +17,35 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     without a load balancer terminating TLS in front of it)."""
     tls_key_file: str = ""
     region: str = "local"
-    admin_token: Secret = Secret("")
+    node_api_key_secret: Secret = Secret("")
+    """What each node's vLLM API key is derived from (HMAC-SHA256 with the node's id): the
+    orchestrator's NODE_API_KEY_SECRET. Required: the gateway refuses to start without it
+    (or with a weak one)."""
 
     # authentication
     auth_local_cache_seconds: float = 5.0
     auth_redis_cache_seconds: int = 60
+    auth_unknown_key_cache_seconds: int = 30
+    """How long Redis remembers that a key does not exist (0: not remembered): an unknown key
+    costs one PostgreSQL query per this many seconds, however often it is tried."""
+    auth_failure_limit: int = 20
+    """Failed authentications a client network (an IPv4 address, an IPv6 /64) may make per
+    window; past it, its requests without a known-good key get 429 (0: no limit)."""
+    auth_failure_window_seconds: float = 60.0
+    auth_known_good_seconds: float = 600.0
+    """A key that authenticated on this gateway within this long passes a throttled network."""
 
     # rate limits (0 = no limit at that level)
     environment_requests_per_minute: int = 10_000
     tenant_requests_per_minute: int = 50_000
     global_requests_per_minute: int = 0
+    usage_requests_per_minute: int = 60
+    """GET /v1/usage per key, apart from inference limits: each runs a PostgreSQL query."""
     default_reserved_tokens: int = 1024
-    """Tokens reserved for a request that gives no max_tokens (settled with the real usage)."""
+    """Tokens reserved per output (prompts * n) of a request that gives no max_tokens, at most
+    the model's context length (settled with the real usage)."""
+    max_n: int = 8
+    """Most outputs (`n`) one chat or completions request may ask for; more is a 400."""
     ratelimit_policy: Literal["local", "allow", "deny"] = "local"
     """When Redis is unreachable: local (per-process limits), allow, or deny."""
     ratelimit_redis_timeout: float = 0.25

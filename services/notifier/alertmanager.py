@@ -11,6 +11,9 @@ Point a receiver at it::
 
 Alerts are platform events (no tenant), so only platform subscriptions whose patterns match
 ``notification.alert`` hear them, e.g. ``notification.alert`` or ``notification.*``.
+
+The token is required unless the notifier listens on loopback only (settings.check_intake):
+anyone who could POST here would otherwise page every platform subscriber.
 """
 
 from __future__ import annotations

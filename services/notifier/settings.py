@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from services.core.settings import CoreSettings, Secret
+import ipaddress
+
+from services.core.settings import (
+    MAKE_A_TOKEN,
+    CoreSettings,
+    Secret,
+    SettingsError,
+    require_strong_token,
+)
 
 SVIX_SCHEDULE = "0,5,300,1800,7200,18000,36000,36000"
 """Seconds before each attempt: at once, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h (Svix's)."""
@@ -41,8 +49,9 @@ class NotifierSettings(CoreSettings, kw_only=True, frozen=True):
     response_excerpt_chars: int = 500
 
     alertmanager_token: Secret = Secret("")
-    """When set, POST /alertmanager wants ``Authorization: Bearer <token>`` (Alertmanager's
-    http_config.authorization)."""
+    """POST /alertmanager wants ``Authorization: Bearer <token>`` (Alertmanager's
+    http_config.authorization). Required unless HTTP_HOST is loopback; when set, it must be
+    strong (32 characters or more, no placeholder)."""
 
     smtp_host: str = ""
     smtp_port: int = 587
@@ -66,7 +75,32 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     return delays
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps the service to this machine."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name, or "" (every interface): reachable from elsewhere
+
+
+def check_intake(settings: NotifierSettings) -> None:
+    """The Alertmanager intake turns any POST into alerts sent to every platform subscription:
+    open only to this machine, or guarded by a strong token."""
+    if settings.alertmanager_token:
+        require_strong_token("ALERTMANAGER_TOKEN", settings.alertmanager_token,
+                             "it guards POST /alertmanager")
+    elif not is_loopback(settings.http_host):
+        raise SettingsError(
+            f"ALERTMANAGER_TOKEN is empty while HTTP_HOST is {settings.http_host!r}: anyone who "
+            "reaches the notifier could send alerts to every platform subscription. Set "
+            f"ALERTMANAGER_TOKEN (make one with: {MAKE_A_TOKEN}) and give Alertmanager the "
+            "same, or listen on loopback only (HTTP_HOST=127.0.0.1)")
+
+
 def check_settings(settings: NotifierSettings) -> None:
+    check_intake(settings)
     parse_schedule(settings.retry_schedule)
     if settings.smtp_security not in ("starttls", "tls", "none"):
         raise ValueError("SMTP_SECURITY must be starttls, tls or none")

@@ -63,6 +63,9 @@ class RunningNotifier:
         await self.runner.cleanup()
 
 
+AM_TOKEN = "alertmanager-test-token-5c0e9b27d4a1f863"
+
+
 def notifier_settings(servers: Servers, **overrides: Any) -> NotifierSettings:
     values: dict[str, Any] = {
         "database_url": Secret(servers.database_url), "nats_url": Secret(servers.nats_url),
@@ -483,12 +486,15 @@ async def test_private_addresses_are_refused_unless_allowed(
 
 
 async def test_alertmanager_token_and_payload_checks(stack: Servers) -> None:
-    async with running_notifier(stack, alertmanager_token=Secret("am-token")) as notifier, \
+    async with running_notifier(stack, alertmanager_token=Secret(AM_TOKEN)) as notifier, \
             aiohttp.ClientSession() as http:
         url = notifier.url + "/alertmanager"
         async with http.post(url, json={"version": "4"}) as r:
             assert r.status == 401
-        headers = {"Authorization": "Bearer am-token"}
+        async with http.post(url, json={"version": "4"},
+                             headers={"Authorization": f"Bearer {AM_TOKEN[:-1]}"}) as r:
+            assert r.status == 401
+        headers = {"Authorization": f"Bearer {AM_TOKEN}"}
         async with http.post(url, json={"version": "3", "status": "firing", "alerts": []},
                              headers=headers) as r:
             assert r.status == 400

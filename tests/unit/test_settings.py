@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
+import sys
+
 import pytest
 
-from services.core.settings import CoreSettings, Secret, SettingsError, load_settings, redact_url
+from services.admin.settings import AdminSettings
+from services.admin.settings import check_settings as check_admin_settings
+from services.core.settings import (
+    MAKE_A_TOKEN,
+    CoreSettings,
+    Secret,
+    SettingsError,
+    load_settings,
+    redact_url,
+    require_strong_token,
+    weak_token_reason,
+)
+from services.gateway.settings import GatewaySettings
 
 
-class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
+class ServiceSettings(CoreSettings, kw_only=True, frozen=True):
+    """A service's settings, as a subclass declares them."""
+
     admin_token: Secret = Secret("")
     workers: int = 1
     ratio: float = 0.5
 
 
 def test_fields_come_from_upper_cased_variables() -> None:
-    s = load_settings(GatewaySettings, {"HTTP_PORT": "9000", "LOG_JSON": "false",
+    s = load_settings(ServiceSettings, {"HTTP_PORT": "9000", "LOG_JSON": "false",
                                         "WORKERS": "4", "RATIO": "0.25",
                                         "ADMIN_TOKEN": "s3cret", "UNRELATED": "x"})
     assert (s.http_port, s.log_json, s.workers, s.ratio) == (9000, False, 4, 0.25)
@@ -34,7 +53,7 @@ def test_bad_values_name_the_variable() -> None:
 
 
 def test_secrets_never_show_in_repr_or_str() -> None:
-    s = load_settings(GatewaySettings, {"ADMIN_TOKEN": "s3cret",
+    s = load_settings(ServiceSettings, {"ADMIN_TOKEN": "s3cret",
                                         "DATABASE_URL": "postgresql://u:pw@h/db"})
     text = repr(s) + str(s) + str(s.admin_token) + f"{s.database_url}"
     assert "s3cret" not in text and "pw@" not in text
@@ -46,3 +65,82 @@ def test_secrets_never_show_in_repr_or_str() -> None:
 def test_redact_url() -> None:
     assert redact_url("postgresql://user:pw@db:5432/x") == "postgresql://user:***@db:5432/x"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+# --------------------------------------------------------------------------- shared tokens
+
+STRONG = "Vq3m9ZKx0p7L2wB8sYt4nR1cH6dJ5fGa"  # 32 characters, like token_urlsafe(24)
+
+
+@pytest.mark.parametrize(("token", "reason"), [
+    ("", "is empty"),
+    ("   ", "is empty"),
+    ("REPLACE_ME", "placeholder"),
+    ("replace-me-with-a-long-random-string-please", "placeholder"),
+    ("CHANGEME" + "x" * 40, "placeholder"),
+    ("<your-token-here>" + "q" * 30, "placeholder"),
+    ("Example-Token-0123456789abcdefghijklmnop", "placeholder"),
+    ("s3cret", "too short (6 characters; at least 32)"),
+    (STRONG[:31], "too short (31 characters"),
+    ("a" * 64, "repeated pattern"),
+    ("abab" * 10, "repeated pattern"),
+])
+def test_weak_tokens_are_named_with_their_reason(token: str, reason: str) -> None:
+    found = weak_token_reason(token)
+    assert found is not None and reason in found
+    assert token.strip() == "" or token not in found  # the reason never quotes the token
+
+
+@pytest.mark.parametrize("token", [
+    STRONG,
+    secrets.token_urlsafe(32),
+    secrets.token_hex(16),  # `openssl rand -hex 16`: 32 characters of 16 symbols
+    secrets.token_hex(24),
+    "admin-test-token-6f1c2b9e8d7a4c3b",
+])
+def test_random_tokens_pass(token: str) -> None:
+    assert weak_token_reason(token) is None
+
+
+def test_require_strong_token_names_the_variable_and_how_to_make_one() -> None:
+    require_strong_token("ADMIN_TOKEN", Secret(STRONG))
+    with pytest.raises(SettingsError) as refused:
+        require_strong_token("ADMIN_TOKEN", Secret("REPLACE_ME"), "it opens the admin API")
+    message = str(refused.value)
+    assert message.startswith("ADMIN_TOKEN is a placeholder")
+    assert "it opens the admin API" in message
+    assert MAKE_A_TOKEN in message and "secrets.token_urlsafe(32)" in message
+
+
+def test_the_suggested_command_makes_a_token_that_passes() -> None:
+    made = subprocess.run([sys.executable, "-c", MAKE_A_TOKEN.split('"')[1]],
+                          capture_output=True, text=True, timeout=30, check=True).stdout
+    assert weak_token_reason(made) is None
+
+
+@pytest.mark.parametrize("token", ["", "REPLACE_ME", "changeme", "short-token"])
+def test_admin_settings_refuse_a_weak_token(token: str) -> None:
+    with pytest.raises(SettingsError, match=r"^ADMIN_TOKEN "):
+        check_admin_settings(AdminSettings(admin_token=Secret(token)))
+    check_admin_settings(AdminSettings(admin_token=Secret(STRONG)))
+
+
+def test_the_admin_service_refuses_to_start_with_a_placeholder_token() -> None:
+    """A real start: `python -m services.admin` exits before opening anything."""
+    env = {**os.environ, "ADMIN_TOKEN": "REPLACE_ME"}
+    result = subprocess.run([sys.executable, "-m", "services.admin"], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "ADMIN_TOKEN is a placeholder" in result.stderr
+    assert "secrets.token_urlsafe(32)" in result.stderr
+
+
+def test_the_gateway_takes_no_admin_token() -> None:
+    """It never used one: a setting nobody reads only invites a weak value."""
+    assert "admin_token" not in GatewaySettings.__struct_fields__
+
+
+def test_every_pool_has_a_statement_timeout_by_default() -> None:
+    assert CoreSettings().db_statement_timeout_ms == 30_000
+    s = load_settings(CoreSettings, {"DB_STATEMENT_TIMEOUT_MS": "1500"})
+    assert s.db_statement_timeout_ms == 1500

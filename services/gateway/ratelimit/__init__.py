@@ -27,6 +27,11 @@ class RateLimiter(Protocol):
     LocalRateLimiter(*, lease_ttl: float = 120.0, clock=time.time)
     connect_redis(url: str, *, timeout: float = 0.25, max_connections: int | None = None)
 
+    RedisRateLimiter.acquire_usage(subject, per_minute) -> Decision
+                          # GET /v1/usage's own per-key limit, apart from inference's
+    auth_failures: FailureLimit(failures=20, window=60.0), FailureLedger, judge, network_of
+                          # failed authentications per client network (the authenticator's)
+
 Per request: `d = await limiter.acquire(subject, limits, prompt_estimate + max_tokens)`; when
 `d.allowed`, call upstream (long streams `renew(d.reservation)` every lease_ttl/3 or so), then
 `settle(d.reservation, actual_total_tokens)` — or `release` if nothing was consumed. Otherwise

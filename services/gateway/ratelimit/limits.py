@@ -41,6 +41,8 @@ class Layer(StrEnum):
     ENVIRONMENT_TOKENS_MINUTE = "environment_tokens_minute"
     ENVIRONMENT_TOKENS_DAY = "environment_tokens_day"
     KEY_CONCURRENCY = "key_concurrency"
+    KEY_USAGE_REQUESTS = "key_usage_requests"
+    """GET /v1/usage per key per minute: counted apart from inference (`usage_plan`)."""
     UNAVAILABLE = "unavailable"
     """Not a limit: Redis is unreachable and the policy is `deny` (answer 503)."""
 
@@ -184,6 +186,8 @@ def redis_key(layer: Layer, subject: LimitSubject) -> str:
             return f"tokens:env:{s.environment_id}:day"
         case Layer.KEY_CONCURRENCY:
             return f"ratelimit:key:{s.key_id}:concurrency"
+        case Layer.KEY_USAGE_REQUESTS:
+            return f"ratelimit:usage:key:{s.key_id}:minute"
     raise ValueError(f"{layer} has no Redis key")
 
 
@@ -217,6 +221,16 @@ def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int) -> tuple[
         checks.append(Check(Layer.KEY_CONCURRENCY, Kind.CONCURRENCY,
                             redis_key(Layer.KEY_CONCURRENCY, subject), concurrency, 0, 1))
     return tuple(checks)
+
+
+def usage_plan(subject: LimitSubject, per_minute: int | None) -> tuple[Check, ...]:
+    """The one check of a usage report: requests per key per minute, on a counter of its own,
+    so reading usage neither spends nor is blocked by the key's inference budget."""
+    limit = _effective(per_minute)
+    if limit is None:
+        return ()
+    layer = Layer.KEY_USAGE_REQUESTS
+    return (Check(layer, Kind.REQUESTS, redis_key(layer, subject), limit, MINUTE_MS, 1),)
 
 
 @dataclass(frozen=True, slots=True)

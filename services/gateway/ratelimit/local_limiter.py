@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from services.gateway.ratelimit.limits import (
     WINDOW_GRACE_MS,
+    Check,
     Decision,
     Kind,
     Limits,
@@ -72,9 +73,12 @@ class LocalRateLimiter:
 
     def decide(self, subject: LimitSubject, limits: Limits, estimated_tokens: int) -> Decision:
         """`acquire` without the coroutine: the local limiter never waits."""
+        return self.decide_checks(plan(subject, limits, estimated_tokens))
+
+    def decide_checks(self, checks: tuple[Check, ...]) -> Decision:
+        """Judge and, when allowed, count any planned checks (`plan`, `usage_plan`)."""
         now = self._now_ms()
         self._maybe_sweep(now)
-        checks = plan(subject, limits, estimated_tokens)
         used = [self._active(c.key, now) if c.kind is Kind.CONCURRENCY
                 else self._used(c.key, c.window_ms, now) for c in checks]
         result = verdict(checks, used, now)

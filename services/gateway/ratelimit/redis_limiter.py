@@ -24,15 +24,19 @@ from services.core.pipelined_redis import PipelinedRedis
 from services.gateway.ratelimit import lua
 from services.gateway.ratelimit.limits import (
     WINDOW_GRACE_MS,
+    Check,
     Decision,
     Layer,
     Limits,
     LimitSubject,
     Origin,
     PlanCache,
+    PreparedChecks,
     Reservation,
+    prepare,
     reservation_for,
     unavailable,
+    usage_plan,
     verdict,
 )
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
@@ -116,6 +120,7 @@ class RedisRateLimiter:
         self._settling: set[asyncio.Future[None]] = set()
         self._to_settle: list[tuple[Reservation, int]] = []
         self._plans = PlanCache()
+        self._usage_plans: dict[tuple[str, int | None], PreparedChecks] = {}
         # Lease ids only need to be unique, not secret: no getrandom syscall per request.
         self._ids = random.Random()
         # A client with its own deadlines (PipelinedRedis) spares us a timer per call.
@@ -146,7 +151,32 @@ class RedisRateLimiter:
         args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, prepared.spec]
         done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
         if not done:
-            return self._fallback(subject, limits, estimated_tokens)
+            return self._fallback(lambda: self._local.decide(subject, limits, estimated_tokens))
+        return self._judged(checks, lease_id, reply)
+
+    async def acquire_usage(self, subject: LimitSubject, per_minute: int | None) -> Decision:
+        """GET /v1/usage's own per-key limit (`usage_plan`), counted apart from inference:
+        one EVALSHA, the same verdict, headers and outage policy as `acquire`."""
+        prepared = self._usage_plan(subject, per_minute)
+        if not prepared.checks:
+            return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
+                            reservation=_NOTHING, degraded=False)
+        args: list[str | int] = ["", self._lease_ttl_ms, WINDOW_GRACE_MS, prepared.spec]
+        done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
+        if not done:
+            return self._fallback(lambda: self._local.decide_checks(prepared.checks))
+        return self._judged(prepared.checks, "", reply)
+
+    def _usage_plan(self, subject: LimitSubject, per_minute: int | None) -> PreparedChecks:
+        key = (subject.key_id, per_minute)
+        found = self._usage_plans.get(key)
+        if found is None:
+            if len(self._usage_plans) >= 10_000:
+                self._usage_plans.clear()
+            found = self._usage_plans[key] = prepare(usage_plan(subject, per_minute))
+        return found
+
+    def _judged(self, checks: tuple[Check, ...], lease_id: str, reply: Any) -> Decision:
         allowed, now_ms, *used = (int(x) for x in reply)
         result = verdict(checks, used, now_ms, committed=allowed == 1)
         if not result.allowed and result.layer is not None:
@@ -315,8 +345,7 @@ class RedisRateLimiter:
                  decided_without_redis=self._fallbacks)
         self._down_since = None
 
-    def _fallback(self, subject: LimitSubject, limits: Limits,
-                  estimated_tokens: int) -> Decision:
+    def _fallback(self, decide_locally: Callable[[], Decision]) -> Decision:
         self._fallbacks += 1
         self.metrics.fallback.labels(self.policy).inc()
         if self.policy == "allow":
@@ -326,7 +355,7 @@ class RedisRateLimiter:
             result = unavailable(max(self._cooldown, 1.0))
             return Decision(allowed=False, layer=result.layer, retry_after=result.retry_after,
                             headers=result.headers, reservation=None, degraded=True)
-        decision = self._local.decide(subject, limits, estimated_tokens)
+        decision = decide_locally()
         if not decision.allowed and decision.layer is not None:
             self.metrics.exceeded.labels(str(decision.layer)).inc()
         return decision

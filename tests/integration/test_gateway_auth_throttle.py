@@ -1,0 +1,225 @@
+"""The auth path cannot be used to load PostgreSQL (real gateway, PostgreSQL, Redis, NATS):
+unknown keys are remembered in Redis, failing client networks are refused before any lookup,
+and GET /v1/usage has a limit of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from services.core.catalog import hash_api_key
+from services.core.catalog.commands import generate_api_key
+from services.core.devstack import free_port
+from services.core.http import REGISTRY
+from services.gateway.app import create_gateway_app
+from tests.helpers import eventually
+from tests.integration.gateway_fixtures import Platform, platform  # noqa: F401
+
+# Loopback is a trusted proxy by default: the test names its client address in X-Forwarded-For.
+THROTTLED_IP = "203.0.113.7"
+OTHER_IP = "198.51.100.21"
+SOURCES = ("local", "redis", "redis_unknown", "postgres", "postgres_shared")
+
+
+@pytest.fixture
+async def redis_client(platform: Platform) -> AsyncIterator[aioredis.Redis]:  # noqa: F811
+    client = aioredis.from_url(platform.servers.redis_url)
+    yield client
+    await client.aclose()
+
+
+class Gateway:
+    """One gateway app over real TCP, and what its registry says."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, url: str) -> None:
+        self.app, self.runner, self.url = app, runner, url
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.app[REGISTRY].get_sample_value(name, labels) or 0.0
+
+    def queries(self) -> float:
+        """PostgreSQL key lookups this gateway ran (counted where the query is issued)."""
+        return self.sample("auth_lookups_total", source="postgres")
+
+    def lookups(self) -> float:
+        return sum(self.sample("auth_lookups_total", source=s) for s in SOURCES)
+
+    async def call(self, path: str, key: str | None, ip: str = OTHER_IP,
+                   authorization: str | None = None) -> tuple[int, dict[str, Any], Any]:
+        headers = {"X-Forwarded-For": ip}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        elif key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        async with aiohttp.ClientSession() as s, s.get(f"{self.url}{path}",
+                                                       headers=headers) as r:
+            return r.status, await r.json(), r.headers
+
+
+@pytest.fixture
+async def gateways(platform: Platform) -> AsyncIterator[list[Gateway]]:  # noqa: F811
+    """Gateways started by `start(**settings)`; all share the platform's Redis."""
+    started: list[Gateway] = []
+    yield started
+    for gw in started:
+        await gw.runner.cleanup()
+
+
+async def start(p: Platform, started: list[Gateway], **overrides: Any) -> Gateway:
+    app = create_gateway_app(p.settings(**overrides))
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    gw = Gateway(app, runner, f"http://127.0.0.1:{port}")
+    started.append(gw)
+    return gw
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+async def test_a_flood_of_one_unknown_key_costs_one_query(
+        platform: Platform, gateways: list[Gateway],  # noqa: F811
+        redis_client: aioredis.Redis) -> None:
+    p = platform
+    quiet = {"auth_failure_limit": 0}  # the flood is about the key cache, not the throttle
+    first = await start(p, gateways, **quiet)
+    second = await start(p, gateways, **quiet)
+    unknown = generate_api_key()
+    answers = await asyncio.gather(*[first.call("/v1/models", unknown) for _ in range(100)])
+    assert {status for status, _, _ in answers} == {401}
+    assert first.queries() == 1  # concurrent misses share one query; the rest hit caches
+    answers = await asyncio.gather(*[second.call("/v1/models", unknown) for _ in range(100)])
+    assert {status for status, _, _ in answers} == {401}
+    assert second.queries() == 0  # another gateway finds "unknown" in Redis
+    assert second.sample("auth_lookups_total", source="redis_unknown") >= 1
+    ttl = await redis_client.ttl(f"api_key:{hash_api_key(unknown)}")
+    assert 0 < ttl <= 30  # AUTH_UNKNOWN_KEY_CACHE_SECONDS
+
+
+async def test_an_unknown_key_is_asked_of_postgresql_once_per_ttl(
+        platform: Platform, gateways: list[Gateway]) -> None:  # noqa: F811
+    gw = await start(platform, gateways, auth_failure_limit=0,
+                     auth_unknown_key_cache_seconds=1, auth_local_cache_seconds=0.1)
+    unknown = generate_api_key()
+    started = time.monotonic()
+    tried = 0
+    while time.monotonic() - started < 3.5:  # a steady flood for a few TTLs
+        status, _, _ = await gw.call("/v1/models", unknown)
+        assert status == 401
+        tried += 1
+    elapsed = time.monotonic() - started
+    assert tried > 20
+    # Redis forgets it after each TTL (so it is asked again), never sooner.
+    assert 2 <= gw.queries() <= elapsed // 1 + 1, (gw.queries(), elapsed)
+
+
+async def test_a_key_created_after_it_was_tried_works_at_once(
+        platform: Platform, gateways: list[Gateway],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    p = platform
+    # Both caches would hide the key for minutes: only its creation event can clear them.
+    gw = await start(p, gateways, auth_failure_limit=0, auth_local_cache_seconds=300,
+                     auth_unknown_key_cache_seconds=300)
+    plaintext = generate_api_key()
+    for _ in range(2):
+        status, _, _ = await gw.call("/v1/models", plaintext)
+        assert status == 401
+    # The catalog makes this very key (a guess that came true, or a lookup that raced it).
+    monkeypatch.setattr("services.core.catalog.commands.generate_api_key", lambda: plaintext)
+    made = await p.catalog.create_api_key(p.environment_id, name="tried before")
+    assert made.plaintext == plaintext
+
+    async def works() -> bool:
+        return (await gw.call("/v1/models", plaintext))[0] == 200
+
+    await eventually(works, timeout=15, what="the new key to authenticate")
+
+
+# --------------------------------------------------------------------------- failing networks
+
+
+async def test_a_network_over_the_failure_limit_is_refused_before_any_lookup(
+        platform: Platform, gateways: list[Gateway],  # noqa: F811
+        redis_client: aioredis.Redis) -> None:
+    p = platform
+    gw = await start(p, gateways, auth_failure_limit=4, auth_failure_window_seconds=60)
+    good = p.key.plaintext
+    assert (await gw.call("/v1/models", good, ip="192.0.2.50"))[0] == 200  # known good now
+
+    for _ in range(4):  # the first failures keep their 401
+        status, body, _ = await gw.call("/v1/models", generate_api_key(), ip=THROTTLED_IP)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, body, headers = await gw.call("/v1/models", generate_api_key(), ip=THROTTLED_IP)
+    assert status == 429
+    assert body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["code"] == "too_many_auth_failures"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert headers["x-ratelimit-scope"] == "auth_failures"
+
+    # Refused without a lookup: no cache, no Redis command, no PostgreSQL query.
+    lookups, commands = gw.lookups(), await redis_commands(redis_client)
+    for authorization in (f"Bearer {generate_api_key()}", "Bearer nonsense", "Basic x", None):
+        status, _, headers = await gw.call("/v1/models", None, ip=THROTTLED_IP,
+                                           authorization=authorization)
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert gw.lookups() == lookups
+    assert await redis_commands(redis_client) == commands
+    assert gw.sample("auth_throttled_total") == 5
+
+    # Another network, and a key known good even from the throttled one, are unaffected.
+    status, _, _ = await gw.call("/v1/models", generate_api_key(), ip=OTHER_IP)
+    assert status == 401
+    assert (await gw.call("/v1/models", good, ip=THROTTLED_IP))[0] == 200
+    assert (await gw.call("/v1/models", good, ip=OTHER_IP))[0] == 200
+    # A key this gateway has not seen good yet waits like everyone else from there.
+    fresh = await p.catalog.create_api_key(p.environment_id, name="fresh")
+    assert (await gw.call("/v1/models", fresh.plaintext, ip=THROTTLED_IP))[0] == 429
+
+    # The count is shared: another gateway refuses the network too, reading nothing.
+    other = await start(p, gateways, auth_failure_limit=4, auth_failure_window_seconds=60)
+    status, _, headers = await other.call("/v1/models", generate_api_key(), ip=THROTTLED_IP)
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= 60
+    assert other.lookups() == 0 and other.sample("auth_throttled_total") == 1
+
+
+async def redis_commands(client: aioredis.Redis) -> dict[str, int]:
+    """Calls per command since Redis started, but INFO's own."""
+    stats = await client.info("commandstats")
+    return {name: int(value["calls"]) for name, value in stats.items()
+            if name != "cmdstat_info"}
+
+
+# --------------------------------------------------------------------------- /v1/usage
+
+
+async def test_usage_has_its_own_limit_per_key(
+        platform: Platform, gateways: list[Gateway],  # noqa: F811
+        redis_client: aioredis.Redis) -> None:
+    p = platform
+    gw = await start(p, gateways, usage_requests_per_minute=3)
+    for _ in range(3):
+        status, body, headers = await gw.call("/v1/usage", p.key.plaintext)
+        assert status == 200 and body["data"] == []
+        assert headers["x-ratelimit-limit-requests"] == "3"
+    status, body, headers = await gw.call("/v1/usage", p.key.plaintext)
+    assert status == 429
+    assert body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert headers["x-ratelimit-scope"] == "key_usage_requests"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert gw.sample("rate_limit_exceeded_total", reason="key_usage_requests") == 1
+    # Per key, and apart from inference: the key's inference counter was never touched.
+    other = await p.catalog.create_api_key(p.environment_id, name="other")
+    assert (await gw.call("/v1/usage", other.plaintext))[0] == 200
+    assert not await redis_client.exists(f"ratelimit:key:{p.key.key_id}:minute")
+    assert (await gw.call("/v1/models", p.key.plaintext))[0] == 200
