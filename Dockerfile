@@ -1,8 +1,8 @@
 # The platform image: every control-plane service, the CLI, the node agent and the simulator.
 # One image, many commands (docs/operations.md):
 #   crosslogic serve gateway|admin|monitor|billing|notifier|orchestrator
-#   crosslogic relay · crosslogic migrate · crosslogic backup
-#   python -m agent · python -m agent.simulator
+#   crosslogic relay · crosslogic migrate · crosslogic backup · crosslogic nats setup
+#   python -m agent · python -m agent.simulator · python -m agent.local_cloud
 #
 #   docker build -t crosslogic .
 #   docker build -t crosslogic --build-arg EXTRAS=skypilot .   # the orchestrator's SkyPilot launcher
@@ -41,9 +41,14 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels "crosslogic${EXTR
     && rm -rf /wheels
 
 # A numeric, unprivileged user: Kubernetes' runAsNonRoot can check it without a name lookup.
+# nats-auth: where the compose stack's one-shot `nats-auth` writes the NATS authority; a new
+# named volume mounted there takes this folder's owner and mode, so the user can write it.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/crosslogic \
         --create-home --shell /usr/sbin/nologin crosslogic \
-    && install -d -o 10001 -g 10001 /var/lib/crosslogic/usage-spool /var/lib/crosslogic/backups
+    && install -d -o 10001 -g 10001 /var/lib/crosslogic/usage-spool /var/lib/crosslogic/backups \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/crosslogic/nats-auth
+# Secrets from files (NATS_CREDS_FILE → NATS_CREDS): infra/docker/entrypoint.sh says which.
+COPY --chmod=0755 infra/docker/entrypoint.sh /usr/local/bin/crosslogic-entrypoint
 WORKDIR /var/lib/crosslogic
 USER 10001:10001
 
@@ -65,4 +70,5 @@ EXPOSE 8079 8080 8081 8082 8083 8084 8085 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('HTTP_PORT', '8080'), timeout=4)"]
 
+ENTRYPOINT ["/usr/local/bin/crosslogic-entrypoint"]
 CMD ["crosslogic", "--help"]

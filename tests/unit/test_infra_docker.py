@@ -1,6 +1,7 @@
 """The platform image's Dockerfile and .dockerignore, read as text (no Docker engine here):
-the base, a non-root numeric user, a health check on the service's port, and a build context
-that holds everything `pip install .` needs."""
+the base, a non-root numeric user, a health check on the service's port, the entrypoint that
+reads secrets from files, and a build context that holds everything `pip install .` and the
+image need. (The entrypoint itself runs in tests/unit/test_infra_settings.py.)"""
 
 from __future__ import annotations
 
@@ -34,10 +35,25 @@ def final_stage() -> list[tuple[str, str]]:
 
 
 def ignored(path: str) -> bool:
+    """Docker's rule: a pattern matches a path or any folder above it; `!` takes a match
+    back; the last pattern that matches decides."""
     patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
-    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path.split("/")[0], p)
-               for p in patterns)
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    verdict = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.removeprefix("!")
+        if any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes):
+            verdict = not negated
+    return verdict
+
+
+def copy_sources(args: str) -> list[str]:
+    """The sources of a COPY (its --flags left out)."""
+    words = [w for w in args.split() if not w.startswith("--")]
+    return words[:-1]
 
 
 def test_every_stage_is_python_3_11_slim() -> None:
@@ -68,7 +84,7 @@ def test_the_health_check_asks_the_services_own_port() -> None:
 def test_the_build_context_holds_what_the_install_needs() -> None:
     sources = [source for word, args in instructions()
                if word == "COPY" and not args.startswith("--from")
-               for source in args.split()[:-1]]
+               for source in copy_sources(args)]
     assert "README.md" in sources and "pyproject.toml" in sources
     for source in sources:
         assert (ROOT / source).exists(), source
@@ -78,8 +94,26 @@ def test_the_build_context_holds_what_the_install_needs() -> None:
         top = pattern.rstrip("*")
         assert any(line.startswith(f"COPY {top} ") for line in
                    (f"{w} {a}" for w, a in instructions())), f"{top}/ is copied"
-    for heavy in (".venv", ".git", ".state", "tests"):
+    for heavy in (".venv", ".git", ".state", "tests", "infra/k8s/config.yaml", "infra/.env"):
         assert ignored(heavy), heavy
+
+
+def test_the_ignore_rule_takes_exceptions_back() -> None:
+    assert ignored("infra/prometheus/alerts.yml")
+    assert not ignored("infra/docker/entrypoint.sh")
+    assert not ignored("services/core/bus.py")
+
+
+def test_the_entrypoint_is_the_images_and_runs_the_command() -> None:
+    entrypoints = [args for word, args in final_stage() if word == "ENTRYPOINT"]
+    assert len(entrypoints) == 1
+    (script,) = json.loads(entrypoints[0])  # exec form: the command's signals reach it
+    copies = [[*copy_sources(args), args.split()[-1]] for word, args in final_stage()
+              if word == "COPY" and not args.startswith("--from")]
+    assert ["infra/docker/entrypoint.sh", script] in copies
+    text = (ROOT / "infra" / "docker" / "entrypoint.sh").read_text()
+    assert text.startswith("#!/bin/sh\n")
+    assert text.rstrip().endswith('exec "$@"'), "the command replaces the script (PID 1)"
 
 
 def test_the_image_ships_pg_dump_16_for_backups() -> None:

@@ -1,16 +1,24 @@
 """infra/k8s/: every manifest valid against the Kubernetes API schemas (kubernetes-validate,
 in-process, strict: unknown fields are errors), and the deployment the reference design asks
 for — control-plane Deployments with probes, resources, security contexts and disruption
-budgets, PostgreSQL, Redis, a 3-node NATS JetStream cluster, TLS ingress, hourly backups —
-wired together: every reference resolves, every command is a real program, every variable a
-real setting."""
+budgets, PostgreSQL, Redis, a 3-node NATS JetStream cluster with JWT authentication and TLS
+servers for the GPU nodes, TLS ingress, hourly backups — wired together: every reference
+resolves (Secrets made by kustomize's secretGenerator and by cert-manager included), every
+command is a real program, every variable a real setting, every service its own NATS
+identity. NetworkPolicies: tests/unit/test_infra_netpol.py; the NATS servers' configurations
+run: tests/unit/test_infra_nats.py."""
 
 from __future__ import annotations
 
+import base64
 import copy
+import posixpath
 import re
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli.main import SERVICES
+from services.cli.main import SERVICES, build_parser
+from services.core.natsauth.creds import Credentials
+from services.core.natsauth.identities import Role
 from tests.unit.test_alerts import needs_promtool, promtool
 from tests.unit.test_infra_metric_names import ROOT
 from tests.unit.test_infra_settings import program_of, service_settings
@@ -30,8 +40,14 @@ KUBERNETES_VERSION = "1.30.0"
 PLATFORM_IMAGE = "crosslogic"
 CONTROL_PLANE = {*SERVICES, "relay"}
 # Custom resources (cert-manager's, the Prometheus operator's) have no schema in
-# kubernetes-validate; none is used today, and any added must be listed here to be skipped.
-CUSTOM_KINDS: frozenset[str] = frozenset()
+# kubernetes-validate: listed here to be skipped there, and checked by a test of their own.
+CUSTOM_KINDS: frozenset[str] = frozenset({"Certificate"})
+# Each control-plane service's NATS identity (services/core/natsauth/identities.py's Role).
+NATS_ROLES = {"gateway": "gateway", "admin": "admin-api", "monitor": "monitor",
+              "billing": "billing", "notifier": "notifier", "orchestrator": "orchestrator",
+              "relay": "relay"}
+# The keys cert-manager writes into a Certificate's Secret.
+CERTIFICATE_KEYS = ("tls.crt", "tls.key", "ca.crt")
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate.utils")
 
@@ -47,8 +63,44 @@ def manifests() -> list[tuple[str, dict[str, Any]]]:
     return docs
 
 
+@cache
+def kustomization() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return doc
+
+
+def generator_keys(generator: dict[str, Any]) -> dict[str, str]:
+    """{key: file} of a secretGenerator: kustomize names a key after its file unless the
+    entry says `key=file`."""
+    keys = {}
+    for entry in generator.get("files", []):
+        key, sep, path = str(entry).partition("=")
+        keys[key if sep else Path(key).name] = path if sep else key
+    return keys
+
+
+@cache
+def provided_secrets() -> tuple[dict[str, Any], ...]:
+    """Secrets the manifests do not hold but the apply makes: kustomize's secretGenerator
+    (from `crosslogic nats init`'s files) and cert-manager (each Certificate's secretName).
+    Their values stand in for what the files and certificates will hold."""
+    made = [{"kind": "Secret", "metadata": {"name": g["name"], "namespace": NAMESPACE},
+             "stringData": dict.fromkeys(generator_keys(g), "generated")}
+            for g in kustomization().get("secretGenerator", [])]
+    made += [{"kind": "Secret", "metadata": {"name": doc["spec"]["secretName"],
+                                              "namespace": NAMESPACE},
+              "stringData": dict.fromkeys(CERTIFICATE_KEYS, "issued")}
+             for _, doc in manifests() if doc["kind"] == "Certificate"]
+    return tuple(made)
+
+
 def objects(kind: str) -> dict[str, dict[str, Any]]:
-    return {doc["metadata"]["name"]: doc for _, doc in manifests() if doc["kind"] == kind}
+    found = {doc["metadata"]["name"]: doc for _, doc in manifests() if doc["kind"] == kind}
+    if kind == "Secret":
+        for doc in provided_secrets():
+            assert doc["metadata"]["name"] not in found, "a Secret made twice"
+            found[doc["metadata"]["name"]] = doc
+    return found
 
 
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
@@ -246,11 +298,77 @@ def test_the_validation_catches_a_mistake() -> None:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert sorted(kustomization["resources"]) == sorted(files)
-    assert kustomization["namespace"] == NAMESPACE
-    assert [i["name"] for i in kustomization["images"]] == [PLATFORM_IMAGE]
+    assert sorted(kustomization()["resources"]) == sorted(files)
+    assert kustomization()["namespace"] == NAMESPACE
+    assert [i["name"] for i in kustomization()["images"]] == [PLATFORM_IMAGE]
+
+
+def test_the_nats_secrets_are_made_from_the_authority_files() -> None:
+    """`crosslogic nats init`'s layout (server.conf, issuer.json, creds/<role>.creds) copied
+    into infra/k8s/nats-auth/ (git-ignored): the service identities and the provisioner,
+    never the admin's or the observer's."""
+    generators = {g["name"]: generator_keys(g) for g in kustomization()["secretGenerator"]}
+    assert generators["nats-server-auth"] == {"server.conf": "nats-auth/server.conf"}
+    assert generators["nats-node-issuer"] == {"issuer.json": "nats-auth/issuer.json"}
+    roles = {*NATS_ROLES.values(), Role.PROVISIONER.value}
+    assert generators["nats-credentials"] == {
+        f"{role}.creds": f"nats-auth/creds/{role}.creds" for role in roles}
+    assert set(generators) == {"nats-server-auth", "nats-node-issuer", "nats-credentials"}
+    ignored = (ROOT / "infra" / ".gitignore").read_text().splitlines()
+    assert "k8s/nats-auth/" in ignored, "the credentials stay out of git"
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (its kustomize builds)")
+def test_kustomize_builds_with_the_nats_authority(tmp_path: Path) -> None:
+    """`kubectl kustomize` (what `kubectl apply -k` applies, no cluster needed) with the
+    files of a real `crosslogic nats init` copied in as operations.md says: the NATS Secrets
+    are made, every reference to them follows their hashed names, each service's key holds
+    its own role's credential; and without the files the build stops."""
+    assert KUBECTL is not None
+    folder = tmp_path / "k8s"
+    shutil.copytree(K8S, folder, ignore=shutil.ignore_patterns("nats-auth"))
+    build = [KUBECTL, "kustomize", str(folder)]
+    missing = subprocess.run(build, capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode != 0 and "nats-auth" in missing.stderr
+    init = subprocess.run([sys.executable, "-m", "services.cli", "nats", "init",
+                           str(tmp_path / "authority")], capture_output=True, text=True,
+                          timeout=60, check=False, cwd=ROOT)
+    assert init.returncode == 0, init.stderr
+    for path in {p for g in kustomization()["secretGenerator"]
+                 for p in generator_keys(g).values()}:
+        source = tmp_path / "authority" / Path(path).relative_to("nats-auth")
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, folder / path)
+    result = subprocess.run(build, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    made = {d["spec"]["secretName"] for d in docs if d["kind"] == "Certificate"}
+    for doc in docs:
+        if doc["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        if doc["kind"] not in ("Deployment", "StatefulSet", "CronJob"):
+            continue
+        assert all(c["image"].startswith(("registry.example.com/crosslogic:", "nats",
+                                          "postgres", "redis", "busybox"))
+                   for c in containers(doc))
+        refs = [i["valueFrom"]["secretKeyRef"] for c in containers(doc)
+                for i in c.get("env", []) if "secretKeyRef" in i.get("valueFrom", {})]
+        for ref in refs:
+            secret = secrets[ref["name"]]
+            keys = {*secret.get("data", {}), *secret.get("stringData", {})}
+            assert ref["key"] in keys, f"{doc['metadata']['name']}: {ref}"
+        for volume in pod_spec(doc).get("volumes", []):
+            if "secret" in volume and not volume["secret"].get("optional"):
+                assert volume["secret"]["secretName"] in {*secrets, *made}
+    (credentials,) = [s for n, s in secrets.items() if n.startswith("nats-credentials-")]
+    for key, value in credentials["data"].items():
+        creds = Credentials.parse(base64.b64decode(value).decode())
+        assert f"{creds.role}.creds" == key
 
 
 def test_everything_lives_in_the_namespace() -> None:
@@ -292,9 +410,70 @@ def test_control_plane_service_is_deployed_for_availability(name: str) -> None:
     budget = objects("PodDisruptionBudget")[name]
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert 1 <= budget["spec"]["minAvailable"] < deployment["spec"]["replicas"]
-    # Migrations before the service starts.
-    (migrate,) = spec["initContainers"]
-    assert migrate["command"] == ["crosslogic", "migrate"]
+    # Migrations before the service starts (and the relay makes the JetStream streams).
+    inits = [c["command"] for c in spec["initContainers"]]
+    assert inits[0] == ["crosslogic", "migrate"]
+    assert inits[1:] == ([["crosslogic", "nats", "setup"]] if name == "relay" else [])
+
+
+def nats_identities(docs: Iterable[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """{(workload, container): the nats-credentials key its NATS_CREDS comes from}."""
+    found = {}
+    for doc in docs:
+        for container in containers(doc):
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] == "nats-credentials":
+                    assert item["name"] == "NATS_CREDS", item
+                    found[(doc["metadata"]["name"], container["name"])] = ref["key"]
+    return found
+
+
+def test_every_service_connects_to_nats_as_its_own_identity() -> None:
+    want = {(name, name): f"{role}.creds" for name, role in NATS_ROLES.items()}
+    want[("relay", "nats-setup")] = "provisioner.creds"
+    assert nats_identities(workloads()) == want
+    for name in CONTROL_PLANE:
+        (container,) = pod_spec(objects("Deployment")[name])["containers"]
+        assert "NATS_CREDS" in resolved_env(container)
+
+
+def test_the_identity_check_catches_a_borrowed_credential() -> None:
+    billing = copy.deepcopy(objects("Deployment")["billing"])
+    (container,) = pod_spec(billing)["containers"]
+    creds = next(i for i in container["env"] if i["name"] == "NATS_CREDS")
+    creds["valueFrom"]["secretKeyRef"]["key"] = "gateway.creds"  # billing as the gateway
+    docs = [billing if d is objects("Deployment")["billing"] else d for d in workloads()]
+    assert nats_identities(docs)[("billing", "billing")] == "gateway.creds"
+    assert nats_identities(docs) != nats_identities(workloads())
+
+
+def secret_users() -> dict[str, set[str]]:
+    """{Secret: the workloads that read it, by env or volume}."""
+    users: dict[str, set[str]] = {}
+    for doc in workloads():
+        name = doc["metadata"]["name"]
+        for volume in pod_spec(doc).get("volumes", []):
+            if "secret" in volume:
+                users.setdefault(volume["secret"]["secretName"], set()).add(name)
+        for container in containers(doc):
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    users.setdefault(ref["name"], set()).add(name)
+    return users
+
+
+def test_the_nats_keys_reach_only_who_needs_them() -> None:
+    users = secret_users()
+    # The issuer mints any node's credential and pushes revocations as the system account.
+    assert users["nats-node-issuer"] == {"orchestrator"}
+    assert users["nats-server-auth"] == {"nats", "nats-edge"}
+    assert users["nats-nodes-tls"] == {"nats-edge"}
+    (orchestrator,) = pod_spec(objects("Deployment")["orchestrator"])["containers"]
+    issuer = next(i for i in orchestrator["env"] if i["name"] == "NATS_NODE_ISSUER")
+    assert issuer["valueFrom"]["secretKeyRef"] == {"name": "nats-node-issuer",
+                                                    "key": "issuer.json"}
 
 
 def test_every_platform_container_runs_a_real_program_with_real_settings() -> None:
@@ -360,6 +539,44 @@ def test_redis() -> None:
     assert "redis" in objects("Service")
 
 
+def mount_of(container: dict[str, Any], volume: str) -> str:
+    (path,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume]
+    return str(path)
+
+
+def volume_source(doc: dict[str, Any], volume: str) -> dict[str, Any]:
+    (found,) = [v for v in pod_spec(doc)["volumes"] if v["name"] == volume]
+    return found
+
+
+def included(config: str, config_dir: str) -> list[str]:
+    """The files a nats-server configuration includes (relative to its own folder)."""
+    return [posixpath.normpath(posixpath.join(config_dir, f))
+            for f in re.findall(r"^\s*include\s+(\S+)", config, flags=re.MULTILINE)]
+
+
+@pytest.mark.parametrize(("kind", "name", "configmap"), [
+    ("StatefulSet", "nats", "nats-config"), ("Deployment", "nats-edge", "nats-edge-config")])
+def test_nats_servers_authenticate_with_the_generated_configuration(
+        kind: str, name: str, configmap: str) -> None:
+    """Every NATS server includes the authority's server.conf from the Secret, and keeps the
+    account JWTs (revocations) where `crosslogic nats init` told the resolver to: on /data."""
+    doc = objects(kind)[name]
+    container = next(c for c in pod_spec(doc)["containers"] if c["name"] == "nats")
+    config_file = container["args"][container["args"].index("-c") + 1]
+    config_dir = posixpath.dirname(config_file)
+    assert mount_of(container, "config") == config_dir
+    assert volume_source(doc, "config")["configMap"]["name"] == configmap
+    config = data_of("ConfigMap", configmap)[posixpath.basename(config_file)]
+    auth_dir = mount_of(container, "auth")
+    assert included(config, config_dir) == [f"{auth_dir}/server.conf"]
+    assert volume_source(doc, "auth")["secret"]["secretName"] == "nats-server-auth"
+    assert "server.conf" in data_of("Secret", "nats-server-auth")
+    resolver_dir = build_parser().parse_args(["nats", "init", "x"]).resolver_dir
+    assert resolver_dir.startswith(mount_of(container, "data") + "/")
+    assert "no_advertise: true" in config, "clients are not sent unreachable pod addresses"
+
+
 def test_nats_is_a_three_node_jetstream_cluster() -> None:
     nats = objects("StatefulSet")["nats"]
     assert nats["spec"]["replicas"] == 3
@@ -383,6 +600,65 @@ def test_nats_is_a_three_node_jetstream_cluster() -> None:
 
 
 # --------------------------------------------------------------------------- edges
+
+
+def test_gpu_nodes_reach_nats_over_tls_with_a_certificate_for_their_url() -> None:
+    """NODE_NATS_URL names the certificate's host and the load balancer's port, with TLS and
+    no password (each node brings its own credential); the servers behind it require TLS
+    with that certificate and join the JetStream cluster."""
+    (orchestrator,) = pod_spec(objects("Deployment")["orchestrator"])["containers"]
+    url = urllib.parse.urlsplit(resolved_env(orchestrator)["NODE_NATS_URL"])
+    assert url.scheme == "tls"
+    assert url.username is None and url.password is None
+    (certificate,) = objects("Certificate").values()
+    assert url.hostname in certificate["spec"]["dnsNames"]
+    issuer = certificate["spec"]["issuerRef"]
+    assert (issuer["group"], issuer["kind"]) == ("cert-manager.io", "ClusterIssuer")
+    service = objects("Service")["nats-nodes"]
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"]["externalTrafficPolicy"] == "Local"  # NetworkPolicy sees the node
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == url.port
+    edge = objects("Deployment")["nats-edge"]
+    assert service["spec"]["selector"].items() <= \
+        edge["spec"]["template"]["metadata"]["labels"].items()
+    nats = next(c for c in pod_spec(edge)["containers"] if c["name"] == "nats")
+    assert {p["name"]: p["containerPort"] for p in nats["ports"]}[port["targetPort"]] == 4222
+    config = data_of("ConfigMap", "nats-edge-config")["nats.conf"]
+    tls = re.search(r"^tls \{(.*?)^\}", config, flags=re.MULTILINE | re.DOTALL)
+    assert tls is not None, "TLS on the client port"
+    files = dict(re.findall(r"^\s*(cert_file|key_file):\s*(\S+)", tls.group(1), re.MULTILINE))
+    tls_dir = mount_of(nats, "tls")
+    assert files == {"cert_file": f"{tls_dir}/tls.crt", "key_file": f"{tls_dir}/tls.key"}
+    assert volume_source(edge, "tls")["secret"]["secretName"] == \
+        certificate["spec"]["secretName"]
+    assert "jetstream" not in config
+    # In the JetStream servers' cluster: same name, routes to their pods.
+    cluster = data_of("ConfigMap", "nats-config")["nats.conf"]
+    assert re.findall(r"name: (\S+)", config) == re.findall(r"name: (\S+)", cluster)
+    assert re.findall(r"nats://\S+:6222", config) == re.findall(r"nats://\S+:6222", cluster)
+    # The JetStream servers themselves take no TLS: only the platform's pods reach them.
+    assert not re.search(r"^\s*tls\s*\{", cluster, flags=re.MULTILINE)
+
+
+def test_the_nodes_cidr_is_the_same_at_the_load_balancer_and_in_the_policy() -> None:
+    ranges = objects("Service")["nats-nodes"]["spec"]["loadBalancerSourceRanges"]
+    policy = objects("NetworkPolicy")["nats-edge-from-nodes"]
+    cidrs = [peer["ipBlock"]["cidr"] for rule in policy["spec"]["ingress"]
+             for peer in rule["from"]]
+    assert ranges == cidrs
+
+
+def test_the_certificate_is_a_cert_manager_certificate() -> None:
+    """cert-manager's CRD has no schema here: its fields, by hand."""
+    for certificate in objects("Certificate").values():
+        assert certificate["apiVersion"] == "cert-manager.io/v1"
+        spec = certificate["spec"]
+        assert set(spec) <= {"secretName", "dnsNames", "issuerRef", "privateKey", "duration",
+                             "renewBefore", "usages", "commonName"}
+        assert set(spec["issuerRef"]) == {"group", "kind", "name"}
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+        assert all(re.fullmatch(r"[a-z0-9.-]+", n) for n in spec["dnsNames"])
 
 
 def test_ingress_terminates_tls_with_cert_manager() -> None:

@@ -90,3 +90,14 @@ def test_runbook_commands_parse(command: str) -> None:
     except SystemExit as exc:  # argparse's way of refusing
         pytest.fail(f"`{command}` does not parse: exit {exc.code}")
     assert callable(args.func)
+
+
+def test_links_from_the_infra_files_to_the_docs_land() -> None:
+    """The manifests and the compose file send operators to docs/<page>.md#<section>."""
+    files = [p for p in (ROOT / "infra").rglob("*") if p.is_file()
+             and p.suffix in (".yml", ".yaml", ".sh", ".example", ".json")]
+    links = {(m.group(1), m.group(2)) for path in [*files, ROOT / "Dockerfile"]
+             for m in re.finditer(r"docs/([\w.-]+\.md)#([\w-]+)", path.read_text())}
+    assert ("operations.md", "gpu-nodes-reach-nats-over-tls") in links
+    for page, fragment in links:
+        assert fragment in anchors(ROOT / "docs" / page), f"docs/{page}#{fragment}"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -24,11 +26,35 @@ from services.core.settings import CoreSettings, load_settings
 from tests.unit.test_infra_metric_names import ROOT
 
 # Variables the `crosslogic` CLI itself reads (an operator runs it inside any platform
-# container): checked against the CLI's source below.
+# container; `crosslogic nats setup` runs as a one-shot container): checked against the CLI's
+# source below.
 CLI_ENV = frozenset({"DATABASE_URL", "CROSSLOGIC_ADMIN_URL", "CROSSLOGIC_ADMIN_TOKEN",
-                     "CROSSLOGIC_STATE_DIR"})
+                     "CROSSLOGIC_STATE_DIR", "NATS_URL", "NATS_CREDS", "NATS_STREAM_REPLICAS",
+                     "NATS_AUTH_DIR"})
 
 SIMULATOR_MAIN = ROOT / "agent" / "simulator" / "__main__.py"
+ENTRYPOINT = ROOT / "infra" / "docker" / "entrypoint.sh"
+
+
+def file_variables() -> frozenset[str]:
+    """The variables the image's entrypoint reads from files: NAME_FILE → NAME."""
+    match = re.search(r"^for name in ([A-Z_ ]+); do$", ENTRYPOINT.read_text(), re.MULTILINE)
+    assert match is not None, "the entrypoint's list of variables"
+    return frozenset(match.group(1).split())
+
+
+def through_entrypoint(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment the program sees after the image's entrypoint: each NAME_FILE it
+    handles becomes NAME (the value stands for the file's content); any other stays."""
+    seen = {}
+    for key, value in env.items():
+        name = key.removesuffix("_FILE")
+        if key.endswith("_FILE") and name in file_variables():
+            assert name not in env, f"both {name} and {key}: the entrypoint refuses"
+            seen[name] = f"content of {value}"
+        else:
+            seen[key] = value
+    return seen
 
 
 @dataclass(frozen=True)
@@ -85,6 +111,10 @@ def program_of(argv: Sequence[str]) -> Program:
             return Program("agent", AgentSettings)
         if module == "agent.simulator":
             return Program("simulator", None, simulator_variables())
+        if module == "agent.local_cloud":
+            # Its machines' agents and simulators inherit its environment: theirs, then.
+            return Program("local cloud", None, simulator_variables() | frozenset(
+                f.upper() for f in AgentSettings.__struct_fields__))
         match = re.fullmatch(r"services\.(\w+)", module)
         if match and f"services.{match.group(1)}.__main__" in SERVICES.values():
             return Program(module, service_settings(match.group(1)), CLI_ENV)
@@ -117,6 +147,38 @@ def test_a_misspelt_variable_or_a_bad_value_is_caught() -> None:
         gateway.check({"HTTP_PROT": "8080"})
     with pytest.raises(ValueError, match="HTTP_PORT"):
         gateway.check({"HTTP_PORT": "eighty"})
+
+
+def test_the_entrypoint_turns_files_into_variables() -> None:
+    assert {"NATS_CREDS", "NATS_NODE_ISSUER"} <= file_variables()
+    # A path setting that ends in _FILE is left alone.
+    assert through_entrypoint({"NATS_CREDS_FILE": "/run/x", "TLS_CERT_FILE": "/tls.crt"}) == \
+        {"NATS_CREDS": "content of /run/x", "TLS_CERT_FILE": "/tls.crt"}
+    with pytest.raises(AssertionError, match="both"):
+        through_entrypoint({"NATS_CREDS_FILE": "/run/x", "NATS_CREDS": "text"})
+
+
+def run_entrypoint(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(ENTRYPOINT), *argv], env={"PATH": "/usr/bin:/bin", **env},
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_the_entrypoint_runs_the_command_with_the_files_content(tmp_path: Path) -> None:
+    """The script itself, under sh: a credential's lines arrive whole, the _FILE variable is
+    gone, and a missing file or a second source stops the container before it starts."""
+    creds = tmp_path / "nats.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n")
+    shown = run_entrypoint({"NATS_CREDS_FILE": str(creds)}, "sh", "-c",
+                           'printf "%s|%s" "$NATS_CREDS" "${NATS_CREDS_FILE-unset}"')
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == creds.read_text().rstrip("\n") + "|unset"
+    missing = run_entrypoint({"NATS_CREDS_FILE": str(tmp_path / "none")}, "true")
+    assert missing.returncode != 0 and "NATS_CREDS_FILE" in missing.stderr
+    both = run_entrypoint({"NATS_CREDS_FILE": str(creds), "NATS_CREDS": "x"}, "true")
+    assert both.returncode != 0 and "both" in both.stderr
+    plain = run_entrypoint({"TLS_CERT_FILE": str(creds)}, "sh", "-c",
+                           'printf "%s" "$TLS_CERT_FILE"')
+    assert plain.stdout == str(creds)
 
 
 @pytest.mark.parametrize("argv", [["crosslogic", "serve", "billingg"], ["crosslogic", "relai"],
