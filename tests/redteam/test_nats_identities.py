@@ -3,6 +3,7 @@ real server, each refused, and nothing of it stored anywhere."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -21,6 +22,7 @@ from services.core.natsauth.authority import Authority
 from services.core.natsauth.identities import NODE_PUBLISHES, Role
 from services.core.natsauth.keys import KeyKind, new_seed
 from tests.conftest import Servers
+from tests.helpers import eventually
 from tests.redteam.conftest import Connect
 
 
@@ -167,3 +169,42 @@ async def test_strangers_and_forgers_cannot_connect(servers: Servers, nats_url: 
         with pytest.raises(nats.errors.Error, match=r"(?i)authorization|authentication"):
             await nats.connect(nats_url, user_credentials=nats.aio.client.RawCredentials(creds),
                                allow_reconnect=False, max_reconnect_attempts=0)
+
+
+async def test_a_tls_url_answered_in_plain_text_gets_no_signature(servers: Servers) -> None:
+    """Someone in the middle of a node's tls:// connection answers as a NATS server without
+    TLS and hands the node a nonce to sign: with it, it could connect as the node. The node's
+    client refuses to sign over plain text, and keeps trying."""
+    heard: list[bytes] = []
+    attempts = 0
+
+    async def pretend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        info = {"server_id": "MITM", "version": "2.10.0", "proto": 1, "headers": True,
+                "max_payload": 1048576, "nonce": "sign-me-please", "tls_required": False}
+        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+        await writer.drain()
+        try:
+            while line := await reader.readline():
+                heard.append(line)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(pretend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connecting = asyncio.create_task(Bus.connect(
+        f"tls://127.0.0.1:{port}", name="agent", creds=servers.node_creds(uuid.uuid4())))
+    try:
+        await eventually(lambda: _true(attempts >= 3), what="the client trying again")
+        assert not connecting.done()
+        assert not any(b'"sig"' in line or b"sign-me-please" in line for line in heard), heard
+    finally:
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
+
+
+async def _true(value: bool) -> bool:
+    return value

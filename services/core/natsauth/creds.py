@@ -5,13 +5,14 @@ The seed is secret: it never shows in a repr, and `text()` is for files and secr
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.core.natsauth.identities import Role, inbox_prefix
 from services.core.natsauth.jwt import JwtError, decode
-from services.core.natsauth.keys import public_key
+from services.core.natsauth.keys import public_key, sign
 
 __all__ = ["Credentials", "CredentialsError"]
 
@@ -77,6 +78,11 @@ class Credentials:
         """Where this identity's replies arrive: the only inbox its permissions let it read."""
         role = self.role
         return "_INBOX" if role is None else inbox_prefix(role, self.name)
+
+    def nonce_signature(self, nonce: str) -> bytes:
+        """The proof of holding the seed that a server asks for at connect: its nonce signed,
+        base64 (what nats-py sends as `sig`)."""
+        return base64.b64encode(sign(self.seed, nonce.encode()))
 
     def text(self) -> str:
         return (f"-----BEGIN NATS USER JWT-----\n{self.jwt}\n------END NATS USER JWT------\n\n"
