@@ -345,11 +345,14 @@ class NatsServer(_Server):
     accounts and every identity's credential come from the authority kept in
     `<root>/auth` (made on first start). Anonymous connections are refused."""
 
-    def __init__(self, root: Path, *, port: int | None = None) -> None:
+    def __init__(self, root: Path, *, port: int | None = None, leafnodes: bool = False) -> None:
         super().__init__()
         self.root = root
         self.port = free_port(port)
         self.monitor_port = free_port()
+        self.leafnode_port = free_port() if leafnodes else 0
+        """Where leaf servers connect (0: none): a fleet larger than one server's connections
+        reaches this server through leaf nodes (bench/heartbeats.py)."""
         self.auth_dir = root / "auth"
         self._authority: Authority | None = None
 
@@ -374,6 +377,8 @@ class NatsServer(_Server):
                 f"http: \"127.0.0.1:{self.monitor_port}\"\n"
                 "server_name: crosslogic-dev\n"
                 f"jetstream: {{ store_dir: {json.dumps(str(store))} }}\n"
+                + (f'leafnodes: {{ listen: "127.0.0.1:{self.leafnode_port}" }}\n'
+                   if self.leafnode_port else "")
                 + self.authority.server_config(self.root / "accounts"))
 
     def start(self) -> None:
