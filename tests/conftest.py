@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,7 @@ from typing import Any
 
 import asyncpg
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
@@ -196,7 +198,16 @@ async def nats_url(servers: Servers) -> str:
     try:
         for info in await admin.js.streams_info():
             await admin.js.delete_stream(info.config.name)
-        await admin.ensure_streams()
+        # A stream made again right after its deletion can find its old store still being
+        # removed on a busy machine ("error creating store for stream"): ask again.
+        for attempt in itertools.count():
+            try:
+                await admin.ensure_streams()
+                break
+            except nats.js.errors.ServerError:
+                if attempt >= 50:
+                    raise
+                await asyncio.sleep(0.1)
     finally:
         await admin.close()
     return servers.nats_url

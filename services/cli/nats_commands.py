@@ -4,6 +4,7 @@
   credential per identity; keep DIR offline, hand each credential to its service.
 - `setup`: create or update the JetStream streams (as the provisioner identity).
 - `creds ROLE`: a fresh credential for a service or tool (rotation: issue, deploy, revoke).
+- `key FILE`: the public key of a credential (what `revoke` takes).
 - `revoke KEY`: close and refuse a user key now (a leaked credential).
 """
 
@@ -86,6 +87,20 @@ def _cmd_creds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_key(args: argparse.Namespace) -> int:
+    """Whose a credential is: what `revoke` takes, to retire it after a rotation."""
+    from datetime import UTC, datetime
+
+    from services.core.natsauth.creds import Credentials
+
+    creds = Credentials.parse(Path(args.file).read_text())
+    expires = (datetime.fromtimestamp(creds.expires_at, UTC).isoformat()
+               if creds.expires_at else "never")
+    role = creds.role.value if creds.role else "?"
+    print(f"{creds.public_key}  role={role} name={creds.name} expires={expires}")
+    return 0
+
+
 def _cmd_revoke(args: argparse.Namespace) -> int:
     import nats
     from nats.aio.client import RawCredentials
@@ -136,6 +151,9 @@ def register_nats_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("role", choices=[r.value for r in Role if r is not Role.NODE])
     p.add_argument("--expires-days", type=float, default=0.0)
     p.set_defaults(func=_cmd_creds)
+    p = ns.add_parser("key", help="the public key (U…), role and expiry of a .creds file")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_key)
     p = ns.add_parser("revoke", help="revoke user keys (U…): connections closed, JWTs refused")
     p.add_argument("key", nargs="+")
     p.set_defaults(func=_cmd_revoke)
