@@ -46,7 +46,7 @@ import msgspec
 import nats
 import redis.asyncio as aioredis
 from nats.aio.client import RawCredentials
-from nats_fleet import LEAF_CONNECTIONS, LeafServer, Share, run_share
+from nats_fleet import LEAF_CONNECTIONS, LeafServer, Share, run_share, server_varz
 
 from schemas.commands import RegistrationAck
 from schemas.events import NodeHeartbeat, NodeLaunching, NodeRegistered
@@ -69,12 +69,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def handled(metrics_url: str) -> float:
+def monitor_counts(metrics_url: str) -> dict[str, float]:
+    """The monitor's counters, summed over their labels."""
+    counts: dict[str, float] = {}
     with urllib.request.urlopen(metrics_url, timeout=5) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith("monitor_heartbeats_total "):
-                return float(line.split()[1])
-    return 0.0
+            if line and not line.startswith("#"):
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def handled(metrics_url: str) -> float:
+    return monitor_counts(metrics_url).get("monitor_heartbeats_total", 0.0)
 
 
 async def launch(database_url: str, nodes: list[uuid.UUID]) -> None:
@@ -195,8 +202,12 @@ async def run(args: argparse.Namespace, stack_urls: dict[str, str], hub: NatsSer
               f"{args.silent_after:.0f}s); one heartbeat per node every {args.interval:g}s "
               f"= {n / args.interval:,.0f}/s offered; {args.duration:.0f}s run")
 
+        def servers_now() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            return server_varz(hub.monitor_port), [leaf.varz() for leaf in leaves]
+
         started = time.monotonic()
         cpu0, handled0 = cpu_seconds(monitor.pid), await asyncio.to_thread(handled, metrics_url)
+        hub0, leaves0 = await asyncio.to_thread(servers_now)
         go.set()
         stale_at: dict[uuid.UUID, float] = {}
         silent_published = 0
@@ -221,6 +232,17 @@ async def run(args: argparse.Namespace, stack_urls: dict[str, str], hub: NatsSer
         elapsed = time.monotonic() - started
         done = await asyncio.to_thread(handled, metrics_url) - handled0
         cpu = cpu_seconds(monitor.pid) - cpu0
+        hub1, leaves1 = await asyncio.to_thread(servers_now)
+        # What was still queued in the monitor when the fleet stopped: handled late, or lost?
+        published = silent_published + sum(r["published"] for r in results)
+        drained_at, last, in_the_end = time.monotonic(), done, done
+        while in_the_end < published and time.monotonic() - drained_at < 60:
+            await asyncio.sleep(0.5)
+            in_the_end = await asyncio.to_thread(handled, metrics_url) - handled0
+            if in_the_end == last and time.monotonic() - drained_at > 10:
+                break  # not moving: the rest will not come
+            last = in_the_end
+        drain = time.monotonic() - drained_at
 
         # The rest of the silent nodes, if the run ended before their mark.
         wait_until = max((s.last_beat for s in silent), default=started) + args.stale_after + 15
@@ -231,7 +253,6 @@ async def run(args: argparse.Namespace, stack_urls: dict[str, str], hub: NatsSer
                     stale_at[node.id] = time.monotonic()
             await asyncio.sleep(0.1)
 
-        published = silent_published + sum(r["published"] for r in results)
         failed = sum(r["failed"] for r in results)
         dropped = sum(r["connected"] - r["still_connected"] for r in results)
         mint = max(r["mint_seconds"] for r in results)
@@ -242,8 +263,22 @@ async def run(args: argparse.Namespace, stack_urls: dict[str, str], hub: NatsSer
         if failed:
             print(f"  first refusal: {next(r['first_failure'] for r in results if r['failed'])}")
         print(f"  published   {published:>10,} heartbeats  {published / elapsed:>9,.0f}/s")
+        leaf_in = sum(b["in_msgs"] - a["in_msgs"] for a, b in zip(leaves0, leaves1, strict=True))
+        slow = (hub1["slow_consumers"] - hub0["slow_consumers"]
+                + sum(b["slow_consumers"] - a["slow_consumers"]
+                      for a, b in zip(leaves0, leaves1, strict=True)))
+        hub_in, hub_out = hub1["in_msgs"] - hub0["in_msgs"], hub1["out_msgs"] - hub0["out_msgs"]
+        print(f"  NATS        leaves took in {leaf_in:,}, the hub {hub_in:,} and sent out "
+              f"{hub_out:,}; {slow} slow consumers")
         print(f"  handled     {int(done):>10,} heartbeats  {done / elapsed:>9,.0f}/s  "
               f"({done / max(published, 1):.3f} of published)")
+        print(f"  by the end  {int(in_the_end):>10,} heartbeats handled "
+              f"({in_the_end / max(published, 1):.3f} of published; the monitor's queue took "
+              f"{drain:.1f}s more to empty)")
+        counts = await asyncio.to_thread(monitor_counts, metrics_url)
+        print(f"  monitor     dropped {counts.get('monitor_heartbeats_dropped_total', 0):,.0f} "
+              f"(queue full), refused {counts.get('nats_messages_refused_total', 0):,.0f} "
+              f"(subject and content disagree)")
         print(f"  monitor CPU {cpu / elapsed:>10.0%} of one core "
               f"({cpu / max(done, 1) * 1e6:.0f} µs per heartbeat)")
         lags = [stale_at[s.id] - (s.last_beat + args.stale_after)
