@@ -445,7 +445,7 @@ CrossLogic is running. Ctrl-C stops everything.
   admin     {dev.admin_url}/admin/v1   (X-Admin-Token: {demo.admin_token})
   postgres  {dev.database_url}
   redis     {dev.redis_url}
-  nats      {dev.nats_url}
+  nats      {dev.nats_url}   (credentials: {state / 'nats' / 'auth' / 'creds'}/)
   logs      {state / 'logs'}/
 {heads_up}
 Try it:

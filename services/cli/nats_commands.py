@@ -22,11 +22,9 @@ from services.core.natsauth.identities import Role
 
 __all__ = ["register_nats_commands"]
 
-DEV_AUTH_DIR = Path(".state/dev/nats/auth")
-
-
 def _auth_dir(args: argparse.Namespace) -> Path:
-    folder = Path(args.auth_dir or os.environ.get("NATS_AUTH_DIR") or DEV_AUTH_DIR)
+    dev = Path(os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev")) / "nats" / "auth"
+    folder = Path(args.auth_dir or os.environ.get("NATS_AUTH_DIR") or dev)
     if not (folder / "authority.json").exists():
         raise SystemExit(f"crosslogic: no NATS authority in {folder} (`crosslogic nats init "
                          "DIR`, or pass --auth-dir)")
