@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats
 import pytest
@@ -21,20 +22,46 @@ from services.core.natsauth.creds import Credentials
 from tests.conftest import Servers
 from tests.helpers import eventually
 
+# The platforms the attacks are tried on: the same fixtures as the integration tests'.
+from tests.integration.gateway_fixtures import platform  # noqa: F401
+from tests.integration.test_billing_usage import billing, owner  # noqa: F401
+from tests.integration.test_gateway_api import ready  # noqa: F401
+
 
 @dataclass
 class Intruder:
     nc: NATS
+    key: str
+    """The credential's public key: how nats-server's log names it."""
+    server_log: Path | None
+    """The embedded nats-server's log (None when NATS is external)."""
+    log_from: int = 0
+    """Where the log stood when this intruder connected: only what came after is read."""
     told: list[str] = field(default_factory=list)
 
     async def refused(self, what: str, subject: str) -> None:
-        """Wait until the server said no to `what` ("publish" or "subscription") on `subject`."""
+        """Wait until the server said no to `what` ("publish" or "subscription") on `subject`:
+        to the client, and in its log, naming the credential's key — where an operator sees
+        it (NATS has no advisory for permission violations)."""
         wanted = f'permissions violation for {what} to "{subject}"'.lower()
 
         async def said() -> bool:
             return any(wanted in t.lower() for t in self.told)
 
         await eventually(said, timeout=10, what=f"the server refusing {what} to {subject}")
+        if self.server_log is None:
+            return
+        logged = f'jwt:{self.key}" - {what.capitalize()} Violation - Subject "{subject}"'
+
+        log = self.server_log
+
+        async def in_the_log() -> bool:
+            with log.open("rb") as f:
+                f.seek(self.log_from)
+                return logged.encode() in f.read()
+
+        await eventually(in_the_log, timeout=10, interval=0.05,
+                         what=f"nats-server logging {logged}")
 
     async def publish_refused(self, subject: str, data: bytes = b"{}",
                               headers: dict[str, str] | None = None) -> None:
@@ -78,13 +105,16 @@ async def intruder(servers: Servers, nats_url: str) -> AsyncIterator[Connect]:
     """`await intruder(creds_text)`: a connection as whoever holds that credential."""
     made: list[NATS] = []
 
+    server_log = servers.nats.root / "nats.log" if servers.nats is not None else None
+
     async def connect(creds: str) -> Intruder:
-        who = Intruder(None)  # type: ignore[arg-type]
+        parsed = Credentials.parse(creds)
+        who = Intruder(None, parsed.public_key, server_log,  # type: ignore[arg-type]
+                       server_log.stat().st_size if server_log is not None else 0)
 
         async def on_error(exc: Exception) -> None:
             who.told.append(str(exc))
 
-        parsed = Credentials.parse(creds)
         who.nc = await nats.connect(nats_url, user_credentials=RawCredentials(parsed.text()),
                                     inbox_prefix=parsed.inbox_prefix, error_cb=on_error,
                                     allow_reconnect=False, max_reconnect_attempts=0)

@@ -17,6 +17,7 @@ from nats.js.api import AckPolicy, DeliverPolicy
 
 from schemas.events import ApiKeyCreated, NodeRegistered, UsagePrice, UsageRecorded
 from schemas.subjects import CONTROL, NODES, USAGE
+from services.core.aio import stop_task
 from services.core.bus import Bus
 from services.core.natsauth.authority import Authority
 from services.core.natsauth.identities import NODE_PUBLISHES, Role
@@ -196,12 +197,13 @@ async def test_a_tls_url_answered_in_plain_text_gets_no_signature(servers: Serve
     connecting = asyncio.create_task(Bus.connect(
         f"tls://127.0.0.1:{port}", name="agent", creds=servers.node_creds(uuid.uuid4())))
     try:
-        await eventually(lambda: _true(attempts >= 3), what="the client trying again")
+        await eventually(lambda: _true(attempts >= 3), timeout=30,
+                         what="the client trying again")
         assert not connecting.done()
         assert not any(b'"sig"' in line or b"sign-me-please" in line for line in heard), heard
     finally:
-        connecting.cancel()
-        await asyncio.gather(connecting, return_exceptions=True)
+        # nats-py's connect loop can swallow a cancellation: stop_task asks again.
+        await stop_task(connecting, grace=0.5)
         server.close()
         await server.wait_closed()
 
