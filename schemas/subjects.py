@@ -13,10 +13,12 @@ from schemas.events import EVENT_TYPES, PLATFORM
 
 __all__ = [
     "CONTROL",
+    "CONTROL_VIEW",
     "DLQ",
     "DLQ_PREFIX",
     "HEARTBEATS",
     "NODES",
+    "NODES_VIEW",
     "PLATFORM",
     "STREAMS",
     "USAGE",
@@ -37,6 +39,8 @@ class StreamSpec:
     """0 keeps messages until the stream's limits (none set here) drop them."""
     description: str
     duplicate_window_seconds: float = 120.0
+    mirror: str = ""
+    """A read-only copy of that stream (no subjects of its own): see NODES_VIEW."""
 
 
 def event_subject(event_type: str, token: str = "*") -> str:
@@ -85,7 +89,21 @@ DLQ = StreamSpec(
     description="Messages a consumer could not decode or kept failing on.",
 )
 
-STREAMS: tuple[StreamSpec, ...] = (NODES, HEARTBEATS, USAGE, CONTROL, DLQ)
+# Readers that replay a stream (the gateways, operators) do it from a mirror of it: creating
+# their consumers needs a grant on the stream's consumer API that NATS cannot narrow to
+# unnamed consumers, and that grant would also let them rewrite the durable consumers the
+# monitor, billing and the notifier read from (a filter that skips everything, say).
+NODES_VIEW = StreamSpec(
+    name="NODES_VIEW", subjects=(), mirror=NODES.name, max_age_seconds=NODES.max_age_seconds,
+    description="A mirror of NODES for readers that replay it (gateways, operators).")
+
+CONTROL_VIEW = StreamSpec(
+    name="CONTROL_VIEW", subjects=(), mirror=CONTROL.name,
+    max_age_seconds=CONTROL.max_age_seconds,
+    description="A mirror of CONTROL for readers that replay it (gateways, operators).")
+
+STREAMS: tuple[StreamSpec, ...] = (NODES, HEARTBEATS, USAGE, CONTROL, DLQ, NODES_VIEW,
+                                   CONTROL_VIEW)
 
 
 def node_ack_subject(node_id: object) -> str:

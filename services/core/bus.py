@@ -265,11 +265,12 @@ class Bus:
             config = api.StreamConfig(
                 name=spec.name,
                 description=spec.description,
-                subjects=list(spec.subjects),
+                subjects=list(spec.subjects) or None,
+                mirror=api.StreamSource(name=spec.mirror) if spec.mirror else None,
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE,
                 max_age=spec.max_age_seconds or None,
-                duplicate_window=spec.duplicate_window_seconds,
+                duplicate_window=0 if spec.mirror else spec.duplicate_window_seconds,
                 discard=api.DiscardPolicy.OLD,
                 num_replicas=replicas,
             )

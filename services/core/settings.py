@@ -93,8 +93,25 @@ def require_strong_token(name: str, token: Secret, why: str = "") -> None:
                         f"token{guard}. Make one with: {MAKE_A_TOKEN}")
 
 
+def placeholder_password(url: str) -> bool:
+    """Whether `url` carries a template's placeholder as its password (`REPLACE_ME`,
+    `changeme`, …): a manifest deployed before its secrets were filled in. No password is
+    not this: a local PostgreSQL or Redis may need none."""
+    password = urllib.parse.urlsplit(url).password
+    if not password:
+        return False
+    folded = "".join(c for c in password.lower() if c.isalnum())
+    return any(p in folded for p in _PLACEHOLDERS)
+
+
 class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     """What every service needs. Subclass it to add a service's own settings."""
+
+    def __post_init__(self) -> None:
+        for name in ("database_url", "redis_url", "nats_url"):
+            if placeholder_password(getattr(self, name).reveal()):
+                raise SettingsError(f"{name.upper()} has a placeholder for its password: the "
+                                    "service refuses to start with one. Set the real password.")
 
     service_name: str = "crosslogic"
     database_url: Secret = Secret("postgresql://postgres@127.0.0.1:5432/crosslogic")

@@ -18,7 +18,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
 from schemas.events import EventDecodeError, NodeStatus, decode_event
-from schemas.subjects import CONTROL
+from schemas.subjects import CONTROL_VIEW
 from services.core.aio import stop_tasks
 from services.core.bus import Bus
 from services.core.http import BUS, DB, REDIS, REGISTRY
@@ -171,11 +171,11 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     await seed_nodes(app[DB], table)
     feed = NodeFeed(bus, table)
     await feed.start()
-    # From the CONTROL stream, not plain NATS: an ordered consumer picks up where it left off
-    # after a reconnect, so a revocation published while this gateway was cut off still
-    # reaches its caches.
+    # From the CONTROL stream (its mirror, which readers may replay), not plain NATS: an
+    # ordered consumer picks up where it left off after a reconnect, so a revocation published
+    # while this gateway was cut off still reaches its caches.
     subs: list[Subscription] = [
-        await bus.js.subscribe(subject, stream=CONTROL.name, ordered_consumer=True,
+        await bus.js.subscribe(subject, stream=CONTROL_VIEW.name, ordered_consumer=True,
                                deliver_policy=DeliverPolicy.NEW, cb=gw.on_control_event)
         for subject in CONTROL_SUBJECTS]
     usage_task = asyncio.create_task(gw.usage.run(), name="usage-publisher")

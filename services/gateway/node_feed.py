@@ -23,7 +23,7 @@ from nats.js.api import DeliverPolicy
 
 from schemas.arrival import mismatch
 from schemas.events import EventDecodeError, decode_event
-from schemas.subjects import HEARTBEATS, NODES
+from schemas.subjects import HEARTBEATS, NODES_VIEW, StreamSpec
 from services.core.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
 from services.gateway.nodes import NodeTable
 
@@ -53,7 +53,10 @@ class NodeFeed:
         # An ordered consumer replays the stream from the start, then follows it; the client
         # recreates it by itself after a NATS restart.
         lifecycle = asyncio.Event()
-        self._subs.append(await self._replay(NODES.name, "node.>", DeliverPolicy.ALL,
+        began = time.monotonic()
+        await self._mirror_caught_up(NODES_VIEW, warm_timeout)
+        warm_timeout = max(0.0, warm_timeout - (time.monotonic() - began))
+        self._subs.append(await self._replay(NODES_VIEW.name, "node.>", DeliverPolicy.ALL,
                                              lifecycle, self._on_msg))
         beats = asyncio.Event()
         # Only the latest heartbeat per node, once: the live subscription above does the rest.
@@ -70,6 +73,20 @@ class NodeFeed:
         finally:
             await _unsubscribe(replay)
         log.info("node table warm", nodes=len(self.table.nodes))
+
+    async def _mirror_caught_up(self, view: StreamSpec, timeout: float) -> None:
+        """Wait (up to `timeout`) until the mirror holds what its stream held when asked: a
+        mirror follows its stream a moment behind, and "warm" means what NATS knew now."""
+        target = (await self.bus.js.stream_info(view.mirror)).state.last_seq
+        try:
+            async with asyncio.timeout(timeout):
+                while True:  # a stream offers nothing to wait on but its info
+                    if (await self.bus.js.stream_info(view.name)).state.last_seq >= target:
+                        return
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            log.warning("the mirror is behind its stream; replaying what it has",
+                        stream=view.name, waited=timeout)
 
     async def _replay(self, stream: str, subject: str, policy: DeliverPolicy,
                       caught_up: asyncio.Event,

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import nats.js.errors
 import pytest
 from aiohttp import web
 
@@ -562,7 +563,10 @@ async def test_thousands_of_requests_stripe_equals_usage_records(rig: BillingRig
     await rig.start()
 
     async def consumed_again() -> bool:
-        info = await rig.bus.js.consumer_info("USAGE", "billing-usage")
+        try:
+            info = await rig.bus.js.consumer_info("USAGE", "billing-usage")
+        except nats.js.errors.NotFoundError:
+            return False  # billing has not made its consumer again yet
         return info.num_pending == 0 and info.num_ack_pending == 0 and \
             info.delivered.stream_seq == len(events) + 200
 

@@ -12,6 +12,7 @@ import nats.errors
 import pytest
 from nats.aio.client import RawCredentials
 
+from schemas.subjects import STREAMS
 from services.core.bus import Bus
 from services.core.natsauth.creds import Credentials
 from services.core.natsauth.identities import Role
@@ -52,7 +53,7 @@ async def test_setup_makes_the_streams_as_the_provisioner(servers: Servers, nats
                                           "--creds-file", str(creds))
         assert code == 0, err
         assert {i.config.name for i in await admin.js.streams_info()} == \
-            {"NODES", "HEARTBEATS", "USAGE", "CONTROL", "DLQ"}
+            {s.name for s in STREAMS}
         # A service's identity may not do it.
         creds.write_text(servers.creds(Role.GATEWAY))
         for info in await admin.js.streams_info():

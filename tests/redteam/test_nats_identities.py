@@ -13,17 +13,18 @@ import msgspec
 import nats
 import nats.errors
 import pytest
-from nats.js.api import AckPolicy, DeliverPolicy
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy
 
 from schemas.events import ApiKeyCreated, NodeRegistered, UsagePrice, UsageRecorded
-from schemas.subjects import CONTROL, NODES, USAGE
+from schemas.subjects import CONTROL, NODES, NODES_VIEW, USAGE
 from services.core.aio import stop_task
 from services.core.bus import Bus
 from services.core.natsauth.authority import Authority
 from services.core.natsauth.identities import NODE_PUBLISHES, Role
 from services.core.natsauth.keys import KeyKind, new_seed
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import eventually, node_registered
 from tests.redteam.conftest import Connect
 
 
@@ -129,28 +130,63 @@ async def test_a_service_credential_cannot_speak_for_the_control_plane_or_a_node
     assert await messages(bus, NODES.name) == 0 and await messages(bus, CONTROL.name) == 0
 
 
-async def test_a_gateway_credential_cannot_touch_another_services_consumer(
-        servers: Servers, bus: Bus, intruder: Connect) -> None:
-    """Its ordered consumers are unnamed ephemerals: it may not name, update or delete the
-    monitor's or billing's durable consumers (which would skip or replay their messages)."""
+@pytest.mark.parametrize("role", [Role.GATEWAY, Role.OBSERVER, Role.MONITOR, Role.BILLING,
+                                  Role.NOTIFIER])
+async def test_a_credential_cannot_touch_another_services_consumer(
+        servers: Servers, bus: Bus, intruder: Connect, role: Role) -> None:
+    """A consumer made on a stream by name — durable, or ephemeral named like a durable —
+    would rewrite that consumer (a filter matching nothing: the monitor hears no registration
+    again). Readers replay mirrors instead, where no service keeps a consumer; each service
+    reaches its own durable consumer only."""
     await bus.js.add_consumer(NODES.name, durable_name="monitor-nodes", ack_policy="explicit")
-    gateway = await intruder(servers.creds(Role.GATEWAY))
-    take_over = json.dumps({"stream_name": NODES.name,
-                            "config": {"durable_name": "monitor-nodes", "name": "monitor-nodes",
-                                       "deliver_policy": "new", "ack_policy": "none"}}).encode()
-    await gateway.request_refused(f"$JS.API.CONSUMER.DURABLE.CREATE.{NODES.name}.monitor-nodes",
-                                  take_over)
-    await gateway.request_refused(f"$JS.API.CONSUMER.CREATE.{NODES.name}.monitor-nodes",
-                                  take_over)
-    await gateway.request_refused(f"$JS.API.CONSUMER.DELETE.{NODES.name}.monitor-nodes")
-    # The one create it may make, unnamed: the server will not let it name a durable there.
-    answer = json.loads((await gateway.nc.request(f"$JS.API.CONSUMER.CREATE.{NODES.name}",
-                                                  take_over, timeout=5)).data)
-    assert "error" in answer, answer
-    info = await bus.js.consumer_info(NODES.name, "monitor-nodes")
-    assert info.config.deliver_policy == DeliverPolicy.ALL
-    assert info.config.ack_policy == AckPolicy.EXPLICIT
-    await gateway.subscribe_refused("_INBOX.monitor.>")
+    await bus.js.add_consumer(USAGE.name, durable_name="billing-usage", ack_policy="explicit")
+    service = await intruder(servers.creds(role))
+    for stream, victim in ((NODES.name, "monitor-nodes"), (USAGE.name, "billing-usage"),
+                           (CONTROL.name, "notifier-control")):
+        if f"{role.value}-" in victim:
+            continue  # its own
+        rewrite = json.dumps({"stream_name": stream, "config": {
+            "name": victim, "filter_subject": "node.ack.none", "max_deliver": 1,
+            "ack_policy": "explicit"}}).encode()
+        durable = json.dumps({"stream_name": stream, "config": {
+            "durable_name": victim, "ack_policy": "none"}}).encode()
+        await service.request_refused(f"$JS.API.CONSUMER.CREATE.{stream}", rewrite)
+        await service.request_refused(f"$JS.API.CONSUMER.CREATE.{stream}.{victim}", rewrite)
+        await service.request_refused(f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{victim}",
+                                      durable)
+        await service.request_refused(f"$JS.API.CONSUMER.DELETE.{stream}.{victim}")
+    for stream, durable_name in ((NODES.name, "monitor-nodes"), (USAGE.name, "billing-usage")):
+        info = await bus.js.consumer_info(stream, durable_name)
+        assert info.config.filter_subject is None and info.config.max_deliver in (None, -1)
+        assert info.config.ack_policy == AckPolicy.EXPLICIT
+    await service.subscribe_refused("_INBOX.monitor.>" if role is not Role.MONITOR
+                                    else "_INBOX.billing.>")
+
+
+async def test_readers_replay_the_mirrors(servers: Servers, bus: Bus) -> None:
+    """What the gateway and operators read: the mirrors hold what their streams hold."""
+    node = uuid.uuid4()
+    await bus.publish(node_registered(node))
+    observer = await Bus.connect(servers.nats_url, name="observer",
+                                 creds=servers.creds(Role.OBSERVER))
+    try:
+        async def mirrored() -> bool:
+            info = await observer.js.stream_info(NODES_VIEW.name)
+            return bool(info.state.messages == 1)
+
+        await eventually(mirrored, what="the registration in the mirror")
+        got: list[str] = []
+
+        async def keep(msg: Msg) -> None:
+            got.append(msg.subject)
+
+        sub = await observer.js.subscribe("node.>", stream=NODES_VIEW.name,
+                                          ordered_consumer=True, cb=keep)
+        await eventually(lambda: _true(got == [f"node.registered.{node}"]),
+                         what="the registration replayed from the mirror")
+        await sub.unsubscribe()
+    finally:
+        await observer.close()
 
 
 async def test_strangers_and_forgers_cannot_connect(servers: Servers, nats_url: str) -> None:

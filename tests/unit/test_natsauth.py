@@ -10,6 +10,7 @@ import pytest
 
 from schemas.events import EVENT_TYPES
 from schemas.subjects import STREAMS, stream_for_subject
+from services.core.natsauth import identities
 from services.core.natsauth.authority import Authority, NodeIssuer
 from services.core.natsauth.creds import Credentials, CredentialsError
 from services.core.natsauth.identities import (
@@ -177,7 +178,7 @@ def test_a_node_speaks_only_of_itself_and_hears_only_what_is_said_to_it() -> Non
 
 def test_only_the_gateways_publish_usage_and_only_the_relay_the_control_plane() -> None:
     for role in Role:
-        if role in (Role.NODE, Role.ADMIN):
+        if role in (Role.NODE, Role.ADMIN, Role.LEAF):
             continue
         pub = permissions(role).pub_allow
         assert may(pub, "usage.recorded.t") == (role is Role.GATEWAY), role
@@ -202,14 +203,55 @@ def test_the_relay_may_publish_every_control_plane_event_and_nothing_nodes_say()
 def test_every_identity_reads_only_its_own_inbox() -> None:
     inboxes = {}
     for role in Role:
-        if role in (Role.NODE, Role.ADMIN):
+        if role in (Role.NODE, Role.ADMIN, Role.LEAF):
             continue
         sub = permissions(role).sub_allow
         assert may(sub, f"_INBOX.{role.value}.x.1"), role
-        inboxes[role] = [other for other in Role if other not in (role, Role.NODE, Role.ADMIN)
+        inboxes[role] = [other for other in Role
+                         if other not in (role, Role.NODE, Role.ADMIN, Role.LEAF)
                          and may(sub, f"_INBOX.{other.value}.x.1")]
         assert not may(sub, f"_INBOX_NODE.{NODE}.x"), role
     assert all(not others for others in inboxes.values()), inboxes
+
+
+def test_a_leaf_link_carries_only_what_nodes_say_and_what_is_said_to_them() -> None:
+    p = permissions(Role.LEAF)
+    for t in NODE_PUBLISHES:
+        assert may(p.pub_allow, f"{t}.{NODE}")
+    for subject in ("usage.recorded.t", "node.status_changed.n", "node.accepted.n",
+                    "apikey.created.t", "$JS.API.INFO", "node.ack.n", "_INBOX.gateway.x"):
+        assert not may(p.pub_allow, subject), subject
+    for subject in (f"node.ack.{NODE}", f"node.command.{NODE}", f"_INBOX_NODE.{NODE}.x.1"):
+        assert may(p.sub_allow, subject)
+    for subject in ("tenant.created.t", "usage.recorded.t", "_INBOX.gateway.x", "node.>"):
+        assert not may(p.sub_allow, subject), subject
+
+
+def test_readers_replay_mirrors_never_a_stream_with_durable_consumers() -> None:
+    """A grant to create consumers on a stream reaches its durable consumers too (NATS cannot
+    narrow it to unnamed ones): readers get mirrors."""
+    durable_streams = {"NODES", "USAGE", "CONTROL"}
+    for role in Role:
+        if role in (Role.NODE, Role.ADMIN, Role.PROVISIONER):
+            continue
+        for stream in durable_streams:
+            mine = {"MONITOR": {"NODES"}, "NOTIFIER": {"NODES", "CONTROL"},
+                    "BILLING": {"USAGE"}}.get(role.name, set())
+            assert not may(permissions(role).pub_allow,
+                           f"$JS.API.CONSUMER.CREATE.{stream}") or stream in mine, (role, stream)
+    with pytest.raises(ValueError, match="mirror"):
+        identities._read("NODES")
+
+
+def test_nothing_allowed_is_said_as_everything_denied() -> None:
+    """NATS reads a missing allow list as "everything"."""
+    claims = Permissions(pub_allow=("a.b",)).claims()
+    assert claims["sub"] == {"deny": [">"]} and claims["pub"] == {"allow": ["a.b"]}
+    account = decode(Authority.create().account_jwt())
+    assert account["nats"]["default_permissions"] == {"pub": {"deny": [">"]},
+                                                      "sub": {"deny": [">"]}}
+    (scope,) = account["nats"]["signing_keys"]
+    assert scope["template"]["allowed_connection_types"] == ["STANDARD"]
 
 
 def test_only_the_provisioner_and_admin_change_streams() -> None:

@@ -144,3 +144,16 @@ def test_every_pool_has_a_statement_timeout_by_default() -> None:
     assert CoreSettings().db_statement_timeout_ms == 30_000
     s = load_settings(CoreSettings, {"DB_STATEMENT_TIMEOUT_MS": "1500"})
     assert s.db_statement_timeout_ms == 1500
+
+
+def test_a_placeholder_password_in_a_url_is_refused() -> None:
+    """A manifest deployed before its secrets were filled in: refused, naming the variable;
+    a URL with no password (a local server) or a real one is fine."""
+    from services.core.settings import placeholder_password
+
+    assert placeholder_password("postgresql://crosslogic:REPLACE_ME@postgres:5432/db")
+    assert placeholder_password("redis://:change-me@redis:6379/0")
+    assert not placeholder_password("postgresql://postgres@127.0.0.1:5432/db")
+    assert not placeholder_password("redis://:x9Vq3k2LmTz8@redis:6379/0")
+    with pytest.raises(SettingsError, match="REDIS_URL has a placeholder"):
+        load_settings(CoreSettings, {"REDIS_URL": "redis://:REPLACE_ME@redis:6379/0"})

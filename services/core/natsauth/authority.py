@@ -30,7 +30,7 @@ from services.core.natsauth.jwt import (
 )
 from services.core.natsauth.keys import KeyKind, new_seed, public_key
 
-__all__ = ["ACCOUNT_NAME", "PUSHER_PERMISSIONS", "Authority", "NodeIssuer"]
+__all__ = ["ACCOUNT_NAME", "Authority", "NodeIssuer", "pusher_permissions"]
 
 OPERATOR_NAME = "crosslogic"
 ACCOUNT_NAME = "CROSSLOGIC"
@@ -47,12 +47,14 @@ def disconnect_advisories(account: str) -> str:
     return f"$SYS.ACCOUNT.{account}.DISCONNECT"
 
 
-PUSHER_PERMISSIONS = Permissions(
-    pub_allow=("$SYS.REQ.ACCOUNT.*.CLAIMS.UPDATE", "$SYS.REQ.ACCOUNT.*.CLAIMS.LOOKUP"),
-    sub_allow=("_INBOX.>", AUTH_ERROR_ADVISORIES, disconnect_advisories("*")))
-"""The system-account user that looks up and pushes the CROSSLOGIC account's JWT (to revoke
-node credentials) and hears the servers refuse and close connections: nothing else of the
-servers' own subjects."""
+def pusher_permissions(account: str) -> Permissions:
+    """The system-account user that looks up and pushes the CROSSLOGIC account's JWT (to
+    revoke node credentials) and hears the servers refuse and close its connections: nothing
+    else of the servers' own subjects, nothing of another account."""
+    return Permissions(
+        pub_allow=(f"$SYS.REQ.ACCOUNT.{account}.CLAIMS.UPDATE",
+                   f"$SYS.REQ.ACCOUNT.{account}.CLAIMS.LOOKUP"),
+        sub_allow=("_INBOX.>", AUTH_ERROR_ADVISORIES, disconnect_advisories(account)))
 
 
 def node_scope(key: str) -> ScopedKey:
@@ -101,12 +103,12 @@ class NodeIssuer:
 
 @dataclass(frozen=True)
 class _Seeds:
-    operator: str
-    operator_signing: str
-    system_account: str
-    account: str
-    node_signing: str
-    issued_at: int
+    operator: str = field(repr=False)
+    operator_signing: str = field(repr=False)
+    system_account: str = field(repr=False)
+    account: str = field(repr=False)
+    node_signing: str = field(repr=False)
+    issued_at: int = 0
 
 
 class Authority:
@@ -202,7 +204,7 @@ class Authority:
         seed = new_seed(KeyKind.USER)
         claims = user_claims(name=name, user=public_key(seed),
                              issuer_account=self.system_account, issued_at=int(time.time()),
-                             permissions=PUSHER_PERMISSIONS)
+                             permissions=pusher_permissions(self.account))
         return Credentials(encode(claims, self._seeds.system_account), seed)
 
     def node_issuer(self) -> NodeIssuer:
@@ -238,6 +240,6 @@ class Authority:
 
 def _write_secret(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that existed keeps its mode through O_CREAT: narrow it first
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    path.chmod(0o600)

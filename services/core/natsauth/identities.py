@@ -17,7 +17,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from schemas.events import EVENT_TYPES
-from schemas.subjects import CONTROL, DLQ_PREFIX, HEARTBEATS, NODES, STREAMS, USAGE
+from schemas.subjects import (
+    CONTROL,
+    CONTROL_VIEW,
+    DLQ,
+    DLQ_PREFIX,
+    HEARTBEATS,
+    NODES,
+    NODES_VIEW,
+    STREAMS,
+    USAGE,
+)
 from services.core.natsauth.jwt import Permissions
 
 __all__ = [
@@ -48,6 +58,9 @@ class Role(enum.StrEnum):
     """Creates and updates the JetStream streams (`crosslogic nats setup`): nothing else."""
     OBSERVER = "observer"
     """Operators' read-only view (`nats sub`, `nats stream info`): subscribes, never says."""
+    LEAF = "leaf"
+    """The link of a leaf server that GPU nodes connect to (a fleet too large for one
+    server's connections): carries what nodes may say in, and what is said to nodes out."""
     ADMIN = "admin"
     """Everything: break-glass for operators, and the test harness. Never given to a service."""
     NODE = "node"
@@ -75,10 +88,16 @@ def _streams_info() -> tuple[str, ...]:
     return (f"{_JS}.INFO", f"{_JS}.STREAM.INFO.*")
 
 
+READABLE = (NODES_VIEW.name, CONTROL_VIEW.name, HEARTBEATS.name, DLQ.name)
+"""The streams readers may make consumers on: mirrors, and streams no service has a durable
+consumer on. A consumer grant on a stream reaches every consumer of it, whatever its name."""
+
+
 def _read(stream: str) -> tuple[str, ...]:
     """Ordered consumers on `stream` (replay, then follow): created (and recreated after a
-    NATS restart) as unnamed ephemerals, and their flow control answered. Not by name, nor
-    deleted: that would reach the durable consumers of other services."""
+    NATS restart), and their flow control answered."""
+    if stream not in READABLE:
+        raise ValueError(f"{stream} has durable consumers: readers replay a mirror of it")
     return (f"{_JS}.CONSUMER.CREATE.{stream}", f"{_JS}.CONSUMER.INFO.{stream}.>",
             f"$JS.FC.{stream}.>")
 
@@ -118,8 +137,8 @@ def permissions(role: Role) -> Permissions:
     match role:
         case Role.GATEWAY:
             return _perms(
-                pub=(*USAGE.subjects, *_streams_info(), *_read(NODES.name),
-                     *_read(HEARTBEATS.name), *_read(CONTROL.name)),
+                pub=("usage.recorded.*", *_streams_info(), *_read(NODES_VIEW.name),
+                     *_read(HEARTBEATS.name), *_read(CONTROL_VIEW.name)),
                 sub=(inbox, *HEARTBEATS.subjects))
         case Role.MONITOR:
             return _perms(
@@ -147,12 +166,16 @@ def permissions(role: Role) -> Permissions:
                                f"{_JS}.STREAM.NAMES", f"{_JS}.STREAM.LIST"),
                           sub=(inbox,))
         case Role.OBSERVER:
-            streams = [s.name for s in STREAMS]
             return _perms(pub=(f"{_JS}.INFO", f"{_JS}.STREAM.INFO.*", f"{_JS}.STREAM.NAMES",
                                f"{_JS}.STREAM.LIST", f"{_JS}.CONSUMER.LIST.*",
                                f"{_JS}.CONSUMER.NAMES.*", f"{_JS}.CONSUMER.INFO.*.*",
-                               *(p for s in streams for p in _read(s))),
+                               *(p for s in READABLE for p in _read(s))),
                           sub=(inbox, *(p for s in STREAMS for p in s.subjects)))
+        case Role.LEAF:
+            # On a leaf link, "publish" is what the leaf may send in and "subscribe" what
+            # may be sent out to it: the nodes' own words in, acks, commands and replies out.
+            return _perms(pub=tuple(f"{t}.*" for t in NODE_PUBLISHES),
+                          sub=("node.ack.*", "node.command.*", "_INBOX_NODE.>"))
         case Role.ADMIN:
             return _perms(pub=(">",), sub=(">",))
         case Role.NODE:
@@ -168,5 +191,7 @@ NODE_SCOPE = _perms(
          f"{inbox_prefix(Role.NODE, NODE_NAME)}.>"),
     # Its answer to a command (drain), within a minute of being asked.
     responses=1, response_ttl_seconds=60.0,
-    subs=32, payload=NODE_PAYLOAD_LIMIT)
+    subs=32, payload=NODE_PAYLOAD_LIMIT,
+    # A client, never a leaf server of its own (which would carry others' traffic).
+    connection_types=("STANDARD",))
 """What every node may do, and nothing more: speak of itself, hear what is said to it."""

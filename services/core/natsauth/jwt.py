@@ -89,6 +89,8 @@ class Permissions:
     subs: int = NO_LIMIT
     payload: int = NO_LIMIT
     data: int = NO_LIMIT
+    connection_types: tuple[str, ...] = ()
+    """How the user may connect (NATS's `allowed_connection_types`, e.g. STANDARD); () any."""
 
     def claims(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -96,6 +98,8 @@ class Permissions:
             "sub": _allow_deny(self.sub_allow, self.sub_deny),
             "subs": self.subs, "data": self.data, "payload": self.payload,
         }
+        if self.connection_types:
+            out["allowed_connection_types"] = list(self.connection_types)
         if self.responses:
             out["resp"] = {"max": self.responses,
                            "ttl": int(self.response_ttl_seconds * 1_000_000_000)}
@@ -103,10 +107,10 @@ class Permissions:
 
 
 def _allow_deny(allow: tuple[str, ...], deny: tuple[str, ...]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    if allow:
-        out["allow"] = list(allow)
-    if deny:
+    # NATS reads a missing allow list as "everything": nothing allowed must be said as
+    # everything denied.
+    out: dict[str, list[str]] = {"allow": list(allow)} if allow else {"deny": [">"]}
+    if allow and deny:
         out["deny"] = list(deny)
     return out
 
@@ -145,10 +149,12 @@ def account_claims(*, name: str, account: str, issued_at: int,
     if jetstream:
         limits.update(mem_storage=NO_LIMIT, disk_storage=NO_LIMIT, streams=NO_LIMIT,
                       consumer=NO_LIMIT)
+    # A user of the account without permissions of its own may do nothing (NATS's default
+    # would be everything); every identity of the platform carries its own.
     nats: dict[str, Any] = {
         "type": "account", "version": 2, "limits": limits,
         "signing_keys": [k.claims() if isinstance(k, ScopedKey) else k for k in signing_keys],
-        "default_permissions": {"pub": {}, "sub": {}},
+        "default_permissions": {"pub": {"deny": [">"]}, "sub": {"deny": [">"]}},
     }
     if revocations:
         nats["revocations"] = dict(sorted(revocations.items()))
