@@ -104,7 +104,7 @@ def _containers(state: Path) -> Iterator[Servers]:
                                      + authority.server_config(Path("/data/accounts")))
     with PostgresContainer("postgres:16", driver=None) as pg, \
             RedisContainer("redis:7") as rd, \
-            DockerContainer("nats:2.10").with_volume_mapping(str(state), "/etc/crosslogic") \
+            DockerContainer("nats:2.15-alpine").with_volume_mapping(str(state), "/etc/crosslogic") \
             .with_command("-c /etc/crosslogic/nats.conf").with_exposed_ports(4222) as nc:
         wait_for_logs(nc, "Server is ready")
         yield Servers(
