@@ -1,7 +1,8 @@
 """What the usage recorder records (a `BatchTransform`, run inside its transaction): each
 `usage.recorded` checked (usage_checks.py: plausible counts, ids that exist and belong
 together) and priced from the catalog; what fails is refused (dead letters, counted in
-`billing_usage_refused_total{reason}`), the rest of the batch is recorded."""
+`billing_usage_refused_total{reason}`), the rest of the batch is recorded. The catalog is asked
+at most once per batch for key owners and once for prices, never per record."""
 
 from __future__ import annotations
 
@@ -43,15 +44,19 @@ class UsageIntake:
     async def __call__(self, events: Sequence[Event], conn: Connection) -> list[Verdict]:
         owners = await self.owners.of(
             conn, {e.api_key_id for e in events if isinstance(e, UsageRecorded)})
+        checked = [(e, check_usage(e, owners.get(e.api_key_id), self.max_tokens))
+                   if isinstance(e, UsageRecorded) else (e, None) for e in events]
+        # Only the models of usage that passed: a record refused already costs no lookup.
+        await self.prices.prepare({e.model for e, refused in checked
+                                   if isinstance(e, UsageRecorded) and refused is None}, conn)
         verdicts: list[Verdict] = []
-        for e in events:
+        for e, refused in checked:
             if not isinstance(e, UsageRecorded):
                 verdicts.append(())
                 continue
-            refused = check_usage(e, owners.get(e.api_key_id), self.max_tokens)
             if refused is None:
                 try:
-                    verdicts.append((await self.prices.price(e),))
+                    verdicts.append((self.prices.price(e),))
                     continue
                 except UnknownModel as exc:
                     refused = UsageRefused(UsageRefusedBecause.UNKNOWN_MODEL, str(exc))

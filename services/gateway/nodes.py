@@ -7,6 +7,11 @@ A node enters the table only from a ``node.accepted`` (the monitor checked that 
 orchestrator launched it, that it is live, and settled its address), and its `endpoint_url`
 comes only from there: a ``node.registered`` is an agent's word, which a leaked node
 credential could make say anything, so it creates and re-points nothing.
+
+A node that has ended never comes back: the table remembers the ids of the last
+`ENDED_MEMORY` nodes that ended and ignores a later ``node.accepted`` or heartbeat for them
+(an acceptance relayed after the agent's own farewell reached us, a stream replayed at start,
+a heartbeat still in flight), which would otherwise put a dead node back in rotation.
 """
 
 from __future__ import annotations
@@ -65,10 +70,18 @@ def routable(node: NodeView, now: float, rules: RoutingRules) -> bool:
 
 FINAL_STATUSES = frozenset({NodeStatus.TERMINATED, NodeStatus.FAILED})
 
+ENDED_MEMORY = 100_000
+"""How many ended nodes' ids the table remembers (about 12 MB): more than a fleet ends in the
+NODES stream's lifetime, whose replay is where an old acceptance comes from."""
+
 
 class NodeTable:
-    def __init__(self, on_removed: Callable[[str], None] | None = None) -> None:
+    def __init__(self, on_removed: Callable[[str], None] | None = None, *,
+                 ended_memory: int = ENDED_MEMORY) -> None:
         self.nodes: dict[str, NodeView] = {}
+        self._ended: dict[str, None] = {}
+        """Ids of nodes that ended, oldest first (a dict keeps insertion order)."""
+        self._ended_memory = ended_memory
         # A heartbeat can overtake its node's acceptance (different subjects, a gateway
         # replaying the acceptances at start): keep the latest until the node is known.
         self._early: dict[str, tuple[NodeHeartbeat, float]] = {}
@@ -81,11 +94,20 @@ class NodeTable:
         than the NODES stream keeps. Events, replayed or live, win over it. Only a node with
         an address: the projection has one only from a registration the monitor recorded,
         which it does only when it accepts it."""
-        if node.status not in FINAL_STATUSES and node.endpoint_url:
+        if node.status not in FINAL_STATUSES and node.endpoint_url \
+                and node.node_id not in self._ended:
             self.nodes.setdefault(node.node_id, node)
 
-    def _remove(self, node_id: str) -> None:
+    def ended(self, node_id: str) -> bool:
+        """Whether the table saw `node_id` end (among the last `ended_memory` that did)."""
+        return node_id in self._ended
+
+    def _end(self, node_id: str) -> None:
         self._early.pop(node_id, None)
+        if node_id not in self._ended:
+            self._ended[node_id] = None
+            if len(self._ended) > self._ended_memory:
+                del self._ended[next(iter(self._ended))]
         if self.nodes.pop(node_id, None) is not None and self._on_removed is not None:
             self._on_removed(node_id)
 
@@ -95,6 +117,8 @@ class NodeTable:
                 # `now` is when the beat was sent, more or less: a stored one replayed at
                 # start may arrive after a live, newer one, and must not undo it.
                 node = self.nodes.get(str(event.node_id))
+                if node is None and self.ended(str(event.node_id)):
+                    return  # kept as early, it would bring the node back with an acceptance
                 if node is None:
                     early = self._early.get(str(event.node_id))
                     if early is None or early[1] <= now:
@@ -103,6 +127,8 @@ class NodeTable:
                     _beat(node, event, now)
             case NodeAccepted():
                 key = str(event.node_id)
+                if self.ended(key):
+                    return
                 known = self.nodes.get(key)
                 if known is not None:
                     # Accepted again (an agent restarted, or asking anew for its ack): the
@@ -117,18 +143,19 @@ class NodeTable:
                 if early is not None:
                     _beat(node, *early)
             case NodeStatusChanged():
+                if event.to_status in FINAL_STATUSES:
+                    self._end(str(event.node_id))  # known here or not: it must not come back
+                    return
                 node = self.nodes.get(str(event.node_id))
                 if node is not None:
                     node.status = event.to_status
-                    if event.to_status in FINAL_STATUSES:
-                        self._remove(node.node_id)
             case NodeDraining() | NodeSpotWarning():
                 node = self.nodes.get(str(event.node_id))
                 if node is not None:
                     node.draining = True
                     node.status = NodeStatus.DRAINING
             case NodeDeregistered() | NodeTerminated():
-                self._remove(str(event.node_id))
+                self._end(str(event.node_id))
 
     def candidates(self, model: str, now: float, rules: RoutingRules) -> list[NodeView]:
         return [n for n in self.nodes.values() if n.model == model and routable(n, now, rules)]

@@ -1,11 +1,18 @@
-"""What the monitor accepts as a node registration. Pure.
+"""What the monitor accepts of what a node says about itself. Pure.
 
 A registration is only an agent's word, and a node's credential can leak. So the monitor
 accepts one only for a node the orchestrator launched (a ``node.launching`` in the log) that
 has not ended, serving the model it was launched for; and once a node's registration was
 accepted, its address is settled: a later one with another ``endpoint_url`` (or model) is
 refused. The same registration again (an agent asking anew for its ack) or an agent restarted
-with the same id and address is accepted, as it always was.
+with the same id and address is accepted, as it always was. Where the node runs (its region)
+is the launch's, never the agent's.
+
+A notice (spot warning, drain, leaving) is recorded only for a node that was launched: from a
+node nobody launched it is a lie (a leaked credential growing the log), refused like a
+registration. From a node that has ended it is most likely the truth arriving late (the agent
+drains and deregisters after the orchestrator terminated its machine): acknowledged so it is
+not sent again, but not recorded, since it could change nothing (the node is over).
 """
 
 from __future__ import annotations
@@ -22,20 +29,26 @@ from schemas.events import (
     EventMetadata,
     NodeAccepted,
     NodeDeregistered,
+    NodeDraining,
     NodeLaunching,
     NodeRegistered,
+    NodeSpotWarning,
     NodeStatus,
     NodeStatusChanged,
     NodeTerminated,
 )
 from schemas.ids import uuid7_ms
 
-__all__ = ["Accepted", "Refused", "RefusedBecause", "accepted_id", "check_registration",
-           "decide_registration"]
+__all__ = ["NOTED", "Accepted", "Ignored", "Noted", "Notice", "Refused", "RefusedBecause",
+           "accepted_id", "check_registration", "decide_notice", "decide_registration"]
+
+Notice = NodeSpotWarning | NodeDraining | NodeDeregistered
+"""What an agent says of its node besides registering (its heartbeats are not recorded)."""
 
 
 class RefusedBecause(enum.StrEnum):
-    """`monitor_registrations_refused_total`'s reasons."""
+    """`monitor_registrations_refused_total`'s reasons (and `monitor_notices_refused_total`'s:
+    only `not_launched`)."""
 
     INVALID = "invalid"
     NOT_LAUNCHED = "not_launched"
@@ -56,6 +69,21 @@ class Refused:
     because: RefusedBecause
     reason: str
     """For the agent (its ack), the dead letter and the log line."""
+
+
+@dataclass(frozen=True)
+class Noted:
+    """Record the notice as it came."""
+
+
+NOTED = Noted()
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """Acknowledge the notice, record nothing: the node has ended."""
+
+    reason: str
 
 
 _ENDED = frozenset({NodeStatus.TERMINATED, NodeStatus.FAILED})
@@ -122,5 +150,15 @@ def decide_registration(history: Sequence[Event],
     return Accepted(NodeAccepted(
         id=accepted_id(registration.id), node_id=registration.node_id,
         registration_id=registration.id, endpoint_url=registration.endpoint_url,
-        model_name=registration.model_name, region=registration.region,
+        model_name=registration.model_name, region=launch.region,
         metadata=EventMetadata(causation_id=str(registration.id), actor="monitor")))
+
+
+def decide_notice(history: Sequence[Event], notice: Notice) -> Noted | Ignored | Refused:
+    """Record `notice` or not, given every event of its node so far (as for a registration)."""
+    if not any(isinstance(e, NodeLaunching) for e in history):
+        return Refused(RefusedBecause.NOT_LAUNCHED,
+                       f"node {notice.node_id} was not launched by the control plane")
+    if any(_ended(e) for e in history):
+        return Ignored(f"node {notice.node_id} has ended")
+    return NOTED

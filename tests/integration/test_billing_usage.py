@@ -10,19 +10,25 @@ from decimal import Decimal
 import asyncpg
 import pytest
 from aiohttp import web
+from asyncpg.connection import LoggedQuery
+from prometheus_client import CollectorRegistry
 
 from schemas.events import UsageRecorded
 from services.billing.app import create_billing_app
+from services.billing.intake import UsageIntake
+from services.billing.prices import PriceBook
 from services.billing.pricing import cost
 from services.billing.projection import UsageRecordsProjection
 from services.billing.settings import BillingSettings
 from services.core.bus import Bus
 from services.core.catalog import Catalog
+from services.core.db import Connection, create_pool
 from services.core.devstack import free_port
 from services.core.eventlog import EventLog
 from services.core.http import REGISTRY
 from services.core.natsauth.identities import Role
 from services.core.projections import ProjectionRunner
+from services.core.recorder import Refusal
 from services.core.settings import Secret
 from tests.conftest import Servers
 from tests.helpers import UsageOwner, eventually, usage_owner
@@ -132,3 +138,69 @@ async def test_usage_of_an_unknown_model_is_parked(billing: web.Application, bus
 def refused(app: web.Application, reason: str) -> float:
     return app[REGISTRY].get_sample_value("billing_usage_refused_total",
                                           {"reason": reason}) or 0.0
+
+
+async def test_a_batch_naming_unknown_models_asks_the_catalog_once(
+        pool: asyncpg.Pool, database_url: str, owner: UsageOwner) -> None:
+    """Usage with made-up model names (a gateway's credential in the wrong hands) costs one
+    query per batch, not one per record; the same names again cost none."""
+    await Catalog(EventLog(pool)).create_model(
+        MODEL, family="llama", vram_gb=16, input_price_per_million=Decimal("0.15"),
+        output_price_per_million=Decimal("0.60"), context_length=8192)
+    asked: list[str] = []
+
+    def on_query(q: LoggedQuery) -> None:
+        if "FROM models" in q.query:
+            asked.append(q.query)
+
+    async def watched(conn: Connection) -> None:
+        conn.add_query_logger(on_query)
+
+    # Billing's own pool, every query on it watched: what really reaches PostgreSQL (asyncpg
+    # calls its loggers soon after each query: counted once the transaction is over).
+    billing_db = await create_pool(database_url, min_size=2, max_size=2, setup=watched)
+    try:
+        prices = PriceBook(billing_db, {}, refresh_seconds=3600)
+        await prices.refresh()
+        registry = CollectorRegistry()
+        intake = UsageIntake(prices, max_tokens=10_000_000, registry=registry)
+
+        def batch(tag: str) -> list[UsageRecorded]:
+            return [*(usage(f"{tag}-{i}", owner, model=f"made-up-{i}") for i in range(50)),
+                    usage(f"{tag}-real", owner)]
+
+        async with billing_db.acquire() as conn:
+            async with conn.transaction():
+                first = await intake(batch("a"), conn)
+            async with conn.transaction():
+                again = await intake(batch("b"), conn)
+    finally:
+        await billing_db.close()
+    assert len(asked) == 2  # the start's refresh, and the first batch's one lookup
+    assert prices.queries == 2
+    for verdicts in (first, again):
+        assert all(isinstance(v, Refusal) and "no price" in v.reason for v in verdicts[:-1])
+        (priced,) = verdicts[-1]
+        assert isinstance(priced, UsageRecorded) and priced.price is not None
+        assert priced.price.cost == cost(123, 456, Decimal("0.15"), Decimal("0.60"))
+    assert registry.get_sample_value("billing_usage_refused_total",
+                                     {"reason": "unknown_model"}) == 100
+
+
+async def test_a_model_added_to_the_catalog_is_priced_by_the_next_batch(
+        pool: asyncpg.Pool, owner: UsageOwner) -> None:
+    """A name found missing is asked again once its memory lapses (here at once), and the
+    lookup brings in its price."""
+    prices = PriceBook(pool, {}, refresh_seconds=3600, unknown_seconds=0)
+    await prices.refresh()
+    intake = UsageIntake(prices, max_tokens=10_000_000, registry=CollectorRegistry())
+    async with pool.acquire() as conn:
+        (early,) = await intake([usage("early", owner, model="new-model")], conn)
+    assert isinstance(early, Refusal)
+    await Catalog(EventLog(pool)).create_model(
+        "new-model", family="llama", vram_gb=16, input_price_per_million=Decimal("1"),
+        output_price_per_million=Decimal("2"), context_length=8192)
+    async with pool.acquire() as conn:
+        ((priced,),) = await intake([usage("later", owner, model="new-model")], conn)
+    assert isinstance(priced, UsageRecorded) and priced.price is not None
+    assert priced.price.cost == cost(123, 456, Decimal("1"), Decimal("2"))

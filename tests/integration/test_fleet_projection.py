@@ -1,19 +1,23 @@
 """The `nodes` projection keeps final states final: an agent's late registration, spot notice,
 drain or goodbye (recorded from NATS, never through the state machine) does not bring an
-ended node back, nor a draining one into service. Live and rebuilt alike."""
+ended node back, nor a draining one into service. What the launch said of a node, a
+registration does not change. Live and rebuilt alike."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 import pytest
 
 from schemas.events import (
     Event,
     NodeDeregistered,
     NodeDraining,
+    NodeLaunching,
     NodeRegistered,
     NodeSpotWarning,
     NodeStatus,
@@ -121,3 +125,26 @@ async def test_status_since_moves_with_the_status_only(pool: asyncpg.Pool) -> No
     assert row["status_since"] == drain.occurred_at
     row = await run(pool, NodeDraining(node_id=n, reason="again"))
     assert row["status_since"] == drain.occurred_at
+
+
+async def test_a_registration_does_not_rename_what_the_launch_said(pool: asyncpg.Pool) -> None:
+    """The orchestrator tears down the cluster the row names: a node's credential (leaked)
+    registering under another node's cluster name must not point the teardown there. The
+    agent adds only what it alone knows."""
+    n = uuid.uuid4()
+    launch = NodeLaunching(node_id=n, deployment_id=None, cluster_name="crosslogic-mine",
+                           model_name="llama-8b", provider="aws", region="us-east-1",
+                           gpu_type="A10G", spot=True,
+                           deadline=datetime.now(UTC) + timedelta(minutes=10))
+    lie = msgspec.structs.replace(node_registered(n), cluster_name="crosslogic-victim",
+                                  provider="gcp", region="eu-west-1", gpu_type="H100",
+                                  spot_instance=False, instance_type="g5.4xlarge",
+                                  vram_total_gb=48, endpoint_url="http://10.0.0.7:8000",
+                                  agent_version="1.2.3")
+    row = await run(pool, launch, lie)
+    assert (row["cluster_name"], row["provider"], row["region"], row["gpu_type"],
+            row["spot_instance"], row["model_name"]) == \
+        ("crosslogic-mine", "aws", "us-east-1", "A10G", True, "llama-8b")
+    assert (row["instance_type"], row["vram_total_gb"], row["endpoint_url"],
+            row["agent_version"], row["status"]) == \
+        ("g5.4xlarge", 48, "http://10.0.0.7:8000", "1.2.3", "registered")

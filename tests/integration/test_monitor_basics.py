@@ -95,7 +95,10 @@ async def test_registration_is_recorded_then_acknowledged(monitor: web.Applicati
     assert rows[2]["data"]["registration_id"] == str(agent._registration.id)
 
     async def projected() -> asyncpg.Record | None:
-        return await pool.fetchrow("SELECT * FROM nodes WHERE id = $1", agent.node_id)
+        # The row is there from the launch on; the registration reaches it a moment after
+        # the ack (the projection runner follows the log).
+        return await pool.fetchrow("SELECT * FROM nodes WHERE id = $1 AND endpoint_url <> ''",
+                                   agent.node_id)
 
     row = await eventually(projected, what="the nodes projection")
     assert (row["model_name"], row["endpoint_url"], row["region"]) == \

@@ -9,7 +9,10 @@ credential (`servers.node_creds`) or the harness's admin identity.
 - node A heartbeating as node B: dropped and counted by the monitor and the gateways, B's
   state untouched;
 - an `apikey.created` slipped onto a node subject: parked and counted by every consumer of
-  the NODES stream, not in the log.
+  the NODES stream, not in the log;
+- spot warnings, drains and farewells of a node nobody launched: refused, parked, counted, not
+  in the log; those of a node that has ended (an honest agent's late word): acknowledged, not
+  recorded, and no alert.
 """
 
 from __future__ import annotations
@@ -28,10 +31,21 @@ from prometheus_client import CollectorRegistry
 
 from agent.node_agent import EXIT_REJECTED
 from schemas.commands import RegistrationAck
-from schemas.events import ApiKeyCreated, NodeHeartbeat, NodeRegistered, encode_event
+from schemas.events import (
+    ApiKeyCreated,
+    NodeDeregistered,
+    NodeDraining,
+    NodeHeartbeat,
+    NodeRegistered,
+    NodeSpotWarning,
+    encode_event,
+)
+from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject
 from services.core.bus import Bus, dlq_headers
 from services.core.devstack import free_port
+from services.core.eventlog import EventLog
+from services.core.fleet import Fleet
 from services.core.http import REGISTRY
 from services.core.natsauth.identities import Role
 from services.core.settings import Secret
@@ -259,3 +273,77 @@ async def test_a_control_plane_event_not_in_the_log_is_never_recorded_from_nats(
     assert "control plane" in dlq_headers(letter)["error"]
     assert await p.pool.fetchval("SELECT count(*) FROM events WHERE event_id = $1",
                                  forged.id) == 0
+
+
+async def test_notices_of_a_node_nobody_launched_are_refused_and_never_logged(
+        monitored: Monitored) -> None:
+    """A leaked credential growing the log with drains of a node that does not exist."""
+    p = monitored.p
+    ghost = uuid7()
+    liar = await Bus.connect(p.servers.nats_url, name="ghost",
+                             creds=p.servers.node_creds(ghost))
+    notices = [NodeSpotWarning(node_id=ghost, provider="aws", action="terminate"),
+               NodeDraining(node_id=ghost, reason="SIGTERM"),
+               NodeDeregistered(node_id=ghost, reason="drained")]
+    try:
+        for notice in notices:
+            await liar.publish(notice)
+
+        async def parked() -> list[Any]:
+            letters = await dead_letters(p.bus, "dlq.monitor-nodes.node.")
+            return letters if len(letters) == len(notices) else []
+
+        letters = await eventually(parked, what="the notices parked")
+    finally:
+        await liar.close()
+    assert {m.subject for m in letters} == {f"dlq.monitor-nodes.{n.subject}" for n in notices}
+    assert all("not launched" in dlq_headers(m)["error"] for m in letters)
+    for notice in notices:
+        assert sample(monitored.registry, "monitor_notices_refused_total", type=notice.type,
+                      reason="not_launched") == 1
+    assert sample(monitored.registry, "nats_messages_refused_total", consumer="monitor-nodes",
+                  reason="refused") == len(notices)
+    assert await p.pool.fetchval("SELECT count(*) FROM events WHERE stream = $1",
+                                 f"node:{ghost}") == 0
+
+
+async def test_notices_of_a_node_that_ended_are_heard_not_recorded_and_raise_no_alert(
+        monitored: Monitored) -> None:
+    """The orchestrator terminated the node; its agent's drain and farewell come after. True,
+    and too late to change anything: acknowledged (not parked, not sent again), not recorded,
+    counted apart from the refusals that page someone."""
+    p = monitored.p
+    node = await p.add_node()
+    await p.routable(1)
+    node_id = uuid.UUID(node.node_id)
+    await Fleet(EventLog(p.pool), actor="orchestrator").terminated(node_id, "scale down", "c")
+    stream = f"node:{node_id}"
+    logged = await p.pool.fetchval("SELECT count(*) FROM events WHERE stream = $1", stream)
+    agent = await Bus.connect(p.servers.nats_url, name="late-agent",
+                              creds=p.servers.node_creds(node_id))
+    late = [NodeDraining(node_id=node_id, reason="SIGTERM"),
+            NodeDeregistered(node_id=node_id, reason="drained")]
+    try:
+        for notice in late:
+            await agent.publish(notice)
+
+        async def heard() -> bool:
+            return all(sample(monitored.registry, "monitor_notices_ignored_total",
+                              type=n.type) == 1 for n in late)
+
+        await eventually(heard, what="the late notices heard")
+    finally:
+        await agent.close()
+    assert await p.pool.fetchval("SELECT count(*) FROM events WHERE stream = $1",
+                                 stream) == logged
+    assert await p.pool.fetchval("SELECT status FROM nodes WHERE id = $1",
+                                 node_id) == "terminated"
+    assert sample(monitored.registry, "nats_messages_refused_total", consumer="monitor-nodes",
+                  reason="refused") == 0
+    assert await dead_letters(p.bus, "dlq.monitor-nodes.") == []
+
+    async def acknowledged() -> bool:  # after the commit, so not redelivered
+        info = await p.bus.js.consumer_info("NODES", "monitor-nodes")
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await eventually(acknowledged, what="the late notices acknowledged")

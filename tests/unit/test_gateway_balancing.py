@@ -19,7 +19,7 @@ from schemas.events import (
     NodeTerminated,
 )
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker, CircuitState
-from services.gateway.nodes import NodeTable, NodeView, RoutingRules, routable
+from services.gateway.nodes import ENDED_MEMORY, NodeTable, NodeView, RoutingRules, routable
 from tests.helpers import node_accepted, node_registered
 
 RULES = RoutingRules(health_threshold=50, heartbeat_timeout=60)
@@ -317,6 +317,66 @@ def test_a_raw_registration_never_re_points_a_node() -> None:
     node = t.nodes[str(n)]
     assert (node.endpoint_url, node.model) == ("http://10.0.0.1:8000", "m")
     assert [c.node_id for c in t.candidates("m", 1, RULES)] == [str(n)]
+
+
+ENDINGS = [
+    lambda n: NodeTerminated(node_id=n, reason="down"),
+    lambda n: NodeDeregistered(node_id=n),
+    lambda n: NodeStatusChanged(node_id=n, from_status=NodeStatus.ACTIVE,
+                                to_status=NodeStatus.FAILED),
+    lambda n: NodeStatusChanged(node_id=n, from_status=NodeStatus.DRAINING,
+                                to_status=NodeStatus.TERMINATED),
+]
+
+
+@pytest.mark.parametrize("end_for", ENDINGS, ids=["terminated", "deregistered", "failed",
+                                                  "status-terminated"])
+def test_a_node_that_ended_is_never_accepted_again(end_for: object) -> None:
+    """An acceptance replayed from the stream (or relayed late) after the node's end, and
+    the heartbeats still in flight, bring nothing back."""
+    n = uuid.uuid4()
+    t = table_with(n)
+    t.apply(end_for(n), 1)  # type: ignore[operator]
+    assert t.ended(str(n))
+    t.apply(beat(n), 2)
+    t.apply(accepted(n, model="m"), 3)
+    t.apply(beat(n), 4)
+    assert t.nodes == {} and t.candidates("m", 4, RULES) == []
+
+
+@pytest.mark.parametrize("end_for", ENDINGS, ids=["terminated", "deregistered", "failed",
+                                                  "status-terminated"])
+def test_an_end_heard_before_the_acceptance_keeps_the_node_out(end_for: object) -> None:
+    """The agent's own farewell goes on NATS at once; the monitor's acceptance comes through
+    the log and the relay, and can arrive after it. A heartbeat kept from before the end is
+    dropped with it."""
+    n = uuid.uuid4()
+    t = NodeTable()
+    t.apply(beat(n), 0)
+    t.apply(end_for(n), 1)  # type: ignore[operator]
+    t.apply(accepted(n, model="m"), 2)
+    t.apply(beat(n), 3)
+    assert t.nodes == {} and t.candidates("m", 3, RULES) == []
+
+
+def test_a_seed_of_a_node_seen_ending_is_not_a_node() -> None:
+    n = uuid.uuid4()
+    t = NodeTable()
+    t.apply(NodeTerminated(node_id=n, reason="down"), 0)
+    t.seed(NodeView(str(n), "m", "http://x", "r", status=NodeStatus.ACTIVE))
+    assert t.nodes == {}
+
+
+def test_the_memory_of_ended_nodes_is_bounded_and_forgets_the_oldest() -> None:
+    assert ENDED_MEMORY == 100_000
+    t = NodeTable(ended_memory=3)
+    ids = [uuid.uuid4() for _ in range(4)]
+    for i, n in enumerate(ids):
+        t.apply(NodeTerminated(node_id=n, reason="down"), i)
+    t.apply(NodeDeregistered(node_id=ids[1]), 5)  # ended again: still one entry
+    assert [t.ended(str(n)) for n in ids] == [False, True, True, True]
+    t.apply(accepted(ids[0], model="m"), 6)  # forgotten: taken as any acceptance
+    assert set(t.nodes) == {str(ids[0])}
 
 
 def test_a_seed_without_an_address_is_not_a_node() -> None:

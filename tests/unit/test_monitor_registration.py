@@ -1,6 +1,7 @@
 """Which registrations the monitor accepts (services/monitor/registration.py): only from a node
 the orchestrator launched, still live, for its launch's model; a node's address never changes
-once accepted. Every case."""
+once accepted; its region is the launch's. Which notices (spot warning, drain, leaving) it
+records: only a launched node's, and nothing of a node that has ended. Every case."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from schemas.events import (
     NodeDraining,
     NodeLaunching,
     NodeRegistered,
+    NodeSpotWarning,
     NodeStatus,
     NodeStatusChanged,
     NodeTerminated,
@@ -24,10 +26,14 @@ from schemas.events import (
 )
 from schemas.ids import uuid7, uuid7_ms
 from services.monitor.registration import (
+    NOTED,
     Accepted,
+    Ignored,
+    Notice,
     Refused,
     RefusedBecause,
     accepted_id,
+    decide_notice,
     decide_registration,
 )
 from tests.helpers import node_accepted, node_registered
@@ -63,7 +69,7 @@ def test_a_launched_node_s_first_registration_is_accepted() -> None:
     assert isinstance(decision, Accepted)
     e = decision.event
     assert (e.node_id, e.registration_id, e.endpoint_url, e.model_name, e.region) == \
-        (N, reg.id, URL, "llama-8b", reg.region)
+        (N, reg.id, URL, "llama-8b", "us-east-1")
     assert e.stream == f"node:{N}" and e.subject == f"node.accepted.{N}"
     assert e.metadata.causation_id == str(reg.id)
 
@@ -166,3 +172,60 @@ def test_an_acceptance_in_the_history_counts_as_the_settled_address() -> None:
     assert refused([launch(), acceptance], registration(url="http://other:1")) \
         is RefusedBecause.ENDPOINT_CHANGED
     assert isinstance(decide_registration([launch(), acceptance], registration()), Accepted)
+
+
+def test_the_region_is_the_launch_s_not_the_agent_s() -> None:
+    """Where the node runs is what the orchestrator asked the cloud for; an agent saying
+    otherwise is still accepted (its address and model are what matter for routing)."""
+    liar = msgspec.structs.replace(registration(), region="eu-west-1")
+    decision = decide_registration([launch()], liar)
+    assert isinstance(decision, Accepted)
+    assert decision.event.region == "us-east-1"
+
+
+# --------------------------------------------------------------------------- notices
+
+NOTICES: list[Notice] = [NodeSpotWarning(node_id=N, provider="aws", action="terminate"),
+                         NodeDraining(node_id=N, reason="SIGTERM"),
+                         NodeDeregistered(node_id=N, reason="drained")]
+
+
+def notice_ids(e: Notice) -> str:
+    return e.type
+
+
+@pytest.mark.parametrize("notice", NOTICES, ids=notice_ids)
+def test_a_notice_of_a_node_never_launched_is_refused(notice: Notice) -> None:
+    for history in ([], [registration()], [registration(), NodeDraining(node_id=N, reason="x")]):
+        decision = decide_notice(history, notice)
+        assert isinstance(decision, Refused)
+        assert decision.because is RefusedBecause.NOT_LAUNCHED and "not launched" in \
+            decision.reason
+
+
+@pytest.mark.parametrize("notice", NOTICES, ids=notice_ids)
+@pytest.mark.parametrize("history", [
+    [launch()],
+    [launch(), registration()],
+    [launch(), registration(), status(NodeStatus.UNHEALTHY)],
+    [launch(), NodeSpotWarning(node_id=N, provider="aws", action="terminate")],
+    [launch(), registration(), NodeDraining(node_id=N, reason="SIGTERM")],
+    [launch(), NodeTerminateRequested(node_id=N, reason="scale down")],
+], ids=["launching", "registered", "unhealthy", "spot-warned", "draining", "to-terminate"])
+def test_a_notice_of_a_live_launched_node_is_recorded(history: list[Event],
+                                                      notice: Notice) -> None:
+    assert decide_notice(history, notice) is NOTED
+
+
+@pytest.mark.parametrize("notice", NOTICES, ids=notice_ids)
+@pytest.mark.parametrize("end", [
+    NodeTerminated(node_id=N, reason="gone"), NodeDeregistered(node_id=N),
+    status(NodeStatus.TERMINATED), status(NodeStatus.FAILED)], ids=lambda e: e.type)
+def test_a_notice_of_a_node_that_has_ended_is_acknowledged_not_recorded(
+        end: Event, notice: Notice) -> None:
+    """Most likely an honest agent's late word (its machine was taken down under it): not a
+    refusal, which would raise the alert for lies, but nothing to record either."""
+    reg = registration()
+    for history in ([launch(), reg, node_accepted(reg), end], [launch(), end]):
+        decision = decide_notice(history, notice)
+        assert isinstance(decision, Ignored) and "has ended" in decision.reason

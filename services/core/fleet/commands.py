@@ -1,8 +1,10 @@
 """Commands on the fleet: each appends a node event and updates the `nodes` row in one
 transaction, after bringing the row up to date with everything already in the node's stream
-(events agents published, recorded by the monitor, may not be projected yet). The append
-expects the stream's version: if anything lands in between, the command re-reads and decides
-again, so a decision is never made on a stale view of the node.
+(events agents published, recorded by the monitor, may not be projected yet). Each takes the
+node's lock first (lock.py), as the monitor's intake does, so neither decides on a history the
+other is about to change. The append also expects the stream's version: if anything lands in
+between all the same (a writer that does not lock), the command re-reads and decides again, so
+a decision is never made on a stale view of the node.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from schemas.events import (
 )
 from services.core.db import Connection
 from services.core.eventlog import ConcurrencyError, EventLog
+from services.core.fleet.lock import lock_node
 from services.core.fleet.projection import NodesProjection
 from services.core.node_states import FINAL, Signal, transition
 
@@ -82,6 +85,7 @@ class Fleet:
         for _ in range(ATTEMPTS):
             try:
                 async with self.log.pool.acquire() as conn, conn.transaction():
+                    await lock_node(conn, node_id)
                     version = await self._catch_up(conn, node_id)
                     status = await conn.fetchval("SELECT status FROM nodes WHERE id = $1",
                                                  node_id)
@@ -114,6 +118,9 @@ class Fleet:
     async def launching(self, event: NodeLaunching) -> None:
         event.metadata = EventMetadata(actor=self.actor)
         async with self.log.pool.acquire() as conn, conn.transaction():
+            # Expecting version 0 is a decision on the history too (there is none yet): under
+            # the node's lock like the others, so the intake never reads half of it.
+            await lock_node(conn, event.node_id)
             result = await self.log.append(event.stream, [event], 0, conn=conn)
             await self._projection.apply(conn, result.events)
 

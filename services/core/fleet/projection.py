@@ -74,6 +74,10 @@ class NodesProjection(Projection):
             elif isinstance(e, NodeRegistered):
                 # A node that registers again (agent restarted) is registered anew — unless it
                 # has ended (the version moves on, nothing else) or is draining (it stays so).
+                # What its launch (or first registration) said stands: the agent's word adds
+                # only what the agent alone knows. Its cluster name above all: the orchestrator
+                # tears down the cluster the row names, and a leaked node credential must not
+                # be able to name another node's.
                 await conn.execute(
                     "UPDATE nodes SET version = $2 WHERE id = $1 AND version < $2 "
                     f"AND status IN {_FINAL}", e.node_id, v)
@@ -85,12 +89,9 @@ class NodesProjection(Projection):
                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'registered',
                                $12, $12, $12, $13)
                        ON CONFLICT (id) DO UPDATE SET
-                           cluster_name = EXCLUDED.cluster_name, provider = EXCLUDED.provider,
-                           region = EXCLUDED.region, instance_type = EXCLUDED.instance_type,
-                           gpu_type = EXCLUDED.gpu_type, vram_total_gb = EXCLUDED.vram_total_gb,
-                           model_name = EXCLUDED.model_name,
+                           instance_type = EXCLUDED.instance_type,
+                           vram_total_gb = EXCLUDED.vram_total_gb,
                            endpoint_url = EXCLUDED.endpoint_url,
-                           spot_instance = EXCLUDED.spot_instance,
                            agent_version = EXCLUDED.agent_version,
                            status_since = CASE WHEN nodes.status IN ('draining', 'registered')
                                                THEN nodes.status_since
