@@ -217,7 +217,9 @@ class NodeAgent:
         """Returns once NATS answers, however long that takes. Bus.connect does the waiting:
         nats-py retries even the first connection for ever (max_reconnect_attempts=-1), every
         0.5 s, logging each failure as "nats error"; it does not raise for an unreachable
-        server, so there is nothing to retry here."""
+        server, so there is nothing to retry here. It raises NatsAuthError when the servers
+        refuse the credential a few times in a row (revoked before the node came up,
+        expired, none): no retry would change that, and `run` exits EXIT_REFUSED."""
         s = self.settings
         self.connecting = True
         try:
@@ -230,7 +232,9 @@ class NodeAgent:
 
     async def _watch_credential(self) -> None:
         """NATS closes a connection for good when its credential is revoked (the control plane
-        ended this node) or expires: the node can no longer be heard, so it leaves."""
+        ended this node) or expires, and Bus.connect closes it when the servers refuse every
+        reconnection (revoked while the node was cut off: a network blip, a NATS restart):
+        the node can no longer be heard, so it leaves."""
         assert self.bus is not None
         await self.bus.closed.wait()
         if self.bus.closing:

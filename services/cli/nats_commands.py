@@ -15,12 +15,17 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.core.natsauth.authority import Authority
 from services.core.natsauth.identities import Role
 
-__all__ = ["register_nats_commands"]
+if TYPE_CHECKING:
+    from services.core.natsauth.revocations import AccountResolver
+
+__all__ = ["RevokeRaced", "register_nats_commands", "revoke_keys"]
 
 def _auth_dir(args: argparse.Namespace) -> Path:
     dev = Path(os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev")) / "nats" / "auth"
@@ -99,32 +104,74 @@ def _cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+class RevokeRaced(RuntimeError):
+    """The account JWT kept changing under us: the revocation may not have stuck."""
+
+
+async def revoke_keys(resolver: AccountResolver, keys: Iterable[str], *, signing_seed: str,
+                      now: int, attempts: int = 5, settle: float = 5.0) -> int:
+    """Revoke `keys` (as of `now`) in the account and see that the servers keep them; the
+    number of pushes it took (0: all were revoked already).
+
+    The orchestrator's leader looks up, changes and pushes the same account JWT (revoking
+    nodes that ended), and the last push wins: one of its pushes made from a lookup older
+    than ours would drop our revocation. So after pushing, look again: at once, and once
+    more `settle` seconds later (the leader bounds each of its exchanges with NATS at 5 s,
+    so a push of its in flight has landed by then); merge what is missing and push again,
+    at most `attempts` times in all. The revocation holds from the first push on: the wait
+    only checks that it stays."""
+    from services.core.natsauth.revocations import resign, revised, revocations_of
+
+    wanted = dict.fromkeys(keys, now)
+    pushes = 0
+    settled = False
+    while True:
+        current = await resolver.lookup()
+        held = revocations_of(current)
+        missing = {k: at for k, at in wanted.items() if k not in held}
+        if not missing:
+            if pushes == 0 or settled:
+                return pushes
+            settled = True
+            await asyncio.sleep(settle)
+            continue
+        if pushes >= attempts:
+            raise RevokeRaced(f"the account changed under {pushes} pushes; run revoke again")
+        # An existing revocation is kept as it is: another is the keeper's (at its
+        # credential's expiry) or an earlier one of ours.
+        merged = revised(held, missing, ())
+        assert merged is not None  # something is missing, so something changes
+        await resolver.push(resign(current, merged, signing_seed=signing_seed, now=now))
+        pushes += 1
+        settled = False
+
+
 def _cmd_revoke(args: argparse.Namespace) -> int:
     import nats
     from nats.aio.client import RawCredentials
 
-    from services.core.natsauth.revocations import AccountResolver, resign, revised, revocations_of
+    from services.core.natsauth.revocations import AccountResolver
 
     issuer = Authority.load(_auth_dir(args)).node_issuer()
 
-    async def run() -> None:
+    async def run() -> int:
         nc = await nats.connect(_nats_url(args),
                                 user_credentials=RawCredentials(issuer.system_creds.text()))
         try:
-            resolver = AccountResolver(nc, issuer.account)
-            current = await resolver.lookup()
-            now = int(time.time())
-            wanted = revised(revocations_of(current), {k: now for k in args.key}, ())
-            if wanted is None:
-                print("already revoked")
-                return
-            await resolver.push(resign(current, wanted,
-                                       signing_seed=issuer.operator_signing_seed, now=now))
-            print(f"revoked {len(args.key)} key(s): their connections are closed")
+            return await revoke_keys(AccountResolver(nc, issuer.account), args.key,
+                                     signing_seed=issuer.operator_signing_seed,
+                                     now=int(time.time()))
         finally:
             await nc.close()
 
-    asyncio.run(run())
+    try:
+        pushes = asyncio.run(run())
+    except RevokeRaced as exc:
+        raise SystemExit(f"crosslogic: {exc}") from None
+    if pushes == 0:
+        print("already revoked")
+    else:
+        print(f"revoked {len(args.key)} key(s): their connections are closed")
     return 0
 
 

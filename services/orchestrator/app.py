@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import structlog
@@ -96,10 +97,29 @@ async def _orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
         await credentials.close()
 
 
+def node_nats_url_error(launcher: str, node_nats_url: str, nats_url: str) -> str | None:
+    """Why nodes may not be launched with this NATS URL, or None. Nodes of a real cloud reach
+    NATS across the internet: without TLS their credential's nonce signature and everything
+    they say travel in clear, and someone in the middle can speak as them. The local launcher
+    starts nodes on this machine, so it is exempt. Pure."""
+    if launcher == "local":
+        return None
+    url = node_nats_url or nats_url
+    if urllib.parse.urlsplit(url).scheme != "tls":
+        return (f"LAUNCHER={launcher} needs NODE_NATS_URL (or NATS_URL) to be tls://…: nodes "
+                "in public clouds must reach NATS over TLS (docs/security.md)")
+    return None
+
+
 def create_orchestrator_app(settings: OrchestratorSettings) -> web.Application:
     if settings.launcher not in LAUNCHERS:  # fail at start, not at the first tick
         raise LauncherError(f"LAUNCHER must be one of {', '.join(LAUNCHERS)}, "
                             f"not {settings.launcher!r}")
+    # The message never shows the URL: it may carry a user and password.
+    problem = node_nats_url_error(settings.launcher, settings.node_nats_url.reveal(),
+                                  settings.nats_url.reveal())
+    if problem is not None:
+        raise LauncherError(problem)
     # Fail at start too: without it no launched node could connect, or be revoked.
     NodeIssuer.from_json(settings.nats_node_issuer.reveal())
     check_secret(settings.node_api_key_secret.reveal())  # nor be served by the gateways

@@ -193,10 +193,16 @@ class Orchestrator:
                 try:
                     await self._catch_up_awaited()
                     await self.tick()
-                    if self.credentials is not None:
-                        await self.credentials.sync()
                 except (OSError, asyncpg.PostgresError, aioredis.RedisError) as exc:
                     log.warning("tick failed; next one retries", error=str(exc))
+                if self.credentials is not None:
+                    # Apart from the tick: a failed tick must not hold back revocations, and
+                    # revocations (NATS's business) must never hold back launches.
+                    try:
+                        await self.credentials.sync()
+                    except (OSError, asyncpg.PostgresError) as exc:
+                        log.warning("revocations not synced; next tick retries",
+                                    error=str(exc) or type(exc).__name__)
                 await self._pause()
         finally:
             self.leading = False

@@ -20,23 +20,29 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import nats
 import pytest
 from aiohttp import web
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 from openai import AsyncOpenAI
 from structlog.testing import capture_logs
 
 from agent.local_cloud.metadata import STATE, MetadataState, create_metadata_app
-from agent.node_agent import EXIT_REJECTED, NodeAgent
+from agent.node_agent import EXIT_REFUSED, EXIT_REJECTED, NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
 from schemas.commands import CommandReply, NodeCommand, RegistrationAck
 from schemas.events import Event, NodeHeartbeat, NodeRegistered, decode_event
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject, node_command_subject
+from services.cli.nats_commands import revoke_keys
 from services.core.bus import Bus
 from services.core.devstack import free_port
+from services.core.natsauth.authority import NodeIssuer
+from services.core.natsauth.creds import Credentials
+from services.core.natsauth.revocations import AccountResolver
 from services.core.settings import Secret
 from tests.conftest import Servers
 from tests.helpers import eventually
@@ -714,3 +720,130 @@ async def test_starts_before_nats_is_up(servers: Servers, nats_url: str, bus: Bu
     finally:
         await nc.close()
     assert not task.done()
+
+
+
+# --------------------------------------------------------------------------- refused credentials
+
+
+async def revoke_now(servers: Servers, creds: Secret) -> None:
+    """What `crosslogic nats revoke` (or the orchestrator's keeper, once the node has ended)
+    does: the credential's key revoked in the account, pushed to the servers."""
+    issuer = NodeIssuer.from_json(servers.node_issuer())
+    nc = await nats.connect(servers.nats_url,
+                            user_credentials=RawCredentials(issuer.system_creds.text()))
+    try:
+        await revoke_keys(AccountResolver(nc, issuer.account),
+                          [Credentials.parse(creds.reveal()).public_key],
+                          signing_seed=issuer.operator_signing_seed, now=int(time.time()),
+                          settle=0)
+    finally:
+        await nc.close()
+
+
+async def expired_credential(servers: Servers, node_id: uuid.UUID) -> Secret:
+    issuer = NodeIssuer.from_json(servers.node_issuer())
+    return Secret(issuer.node_credentials(node_id, ttl_seconds=60,
+                                          now=time.time() - 3600).text())
+
+
+@pytest.mark.parametrize("refusal", ["revoked", "expired", "none"])
+async def test_an_agent_whose_credential_is_refused_exits_4_at_start(rig: Rig,
+                                                                     refusal: str) -> None:
+    """Revoked before the node came up (it ended while its machine was still booting),
+    expired, or none at all: no retry can change that, so the agent says so and leaves."""
+    sim = await rig.start_simulator()
+    settings = rig.settings(sim.url)
+    if refusal == "revoked":
+        await revoke_now(rig.servers, settings.nats_creds)
+    elif refusal == "expired":
+        settings = msgspec.structs.replace(
+            settings, nats_creds=await expired_credential(rig.servers, settings.node_id))
+    else:
+        settings = msgspec.structs.replace(settings, nats_creds=Secret(""))
+    with capture_logs() as logs:
+        task = rig.run_agent(settings)
+        assert await asyncio.wait_for(task, 20) == EXIT_REFUSED
+    refused = [e for e in logs if e["event"] == "nats refused this node's credential"]
+    assert refused and str(settings.node_id) in refused[0]["error"]
+    assert rig.servers.nats_url not in refused[0]["error"]
+    assert not rig.cp.of_type("node.registered")
+
+
+class Relay:
+    """The node's network: a TCP path to NATS that the test can cut and restore (same port),
+    as a network blip, or a NATS restart the node cannot see the end of, would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.pipes: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port,
+                                                 reuse_address=True)
+
+    async def cut(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in list(self.pipes):
+            writer.close()
+        self.pipes.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.pipes.update((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+                self.pipes.discard(dst)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+async def test_an_agent_revoked_while_nats_was_down_exits_4_when_it_is_back(
+        servers: Servers, rig: Rig) -> None:
+    """nats-py fires closed_cb only when the -ERR reaches a live connection: a node revoked
+    while it was cut off met the refusal on every reconnection, and retried twice a second
+    for ever. Now a few refusals in a row close it for good, and the agent leaves."""
+    if servers.nats is None:
+        pytest.skip("needs the embedded NATS server to stop it")
+    relay = Relay(servers.nats.port)
+    await relay.start()
+    sim = await rig.start_simulator()
+    settings = rig.settings(sim.url, nats_url=Secret(relay.url))
+    task = rig.run_agent(settings)
+    agent: NodeAgent = task.agent
+    try:
+        await rig.cp.wait_for("node.heartbeat", 1)
+        servers.nats.stop()
+        await relay.cut()  # the node's side stays down a little longer than NATS
+
+        async def noticed() -> bool:
+            return agent.bus is not None and not agent.bus.connected
+
+        await eventually(noticed, what="the agent notices NATS is down")
+        servers.nats.start()
+        await revoke_now(servers, settings.nats_creds)  # the node ended meanwhile
+        await relay.start()
+        assert await asyncio.wait_for(task, 30) == EXIT_REFUSED
+        assert agent.bus is not None and agent.bus.closed.is_set()
+    finally:
+        await relay.cut()

@@ -5,18 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import nats
 import nats.errors
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
+from prometheus_client import CollectorRegistry
 
+from schemas.events import NodeLaunching
+from schemas.ids import uuid7
 from schemas.subjects import STREAMS
+from services.cli.nats_commands import revoke_keys
 from services.core.bus import Bus
+from services.core.eventlog import EventLog
+from services.core.fleet import Fleet
+from services.core.natsauth.authority import NodeIssuer
 from services.core.natsauth.creds import Credentials
 from services.core.natsauth.identities import Role
+from services.core.natsauth.revocations import AccountResolver, revocations_of
+from services.core.node_states import Signal
+from services.orchestrator.credentials import CredentialKeeper, node_credentials
 from tests.conftest import Servers
+from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +107,131 @@ async def test_a_rotated_credential_is_revoked_and_its_connection_closed(
         await other.close()
     finally:
         await old.close()
+
+
+# --------------------------------------------------------------------------- racing pushes
+
+
+class Gated(AccountResolver):
+    """The servers' account store, with the test holding each step of a race: before a
+    lookup (by its number), before the first push, and after each push."""
+
+    def __init__(self, nc: NATS, account: str, *,
+                 before_lookup: Callable[[int], Awaitable[None]] | None = None,
+                 before_first_push: Callable[[], Awaitable[None]] | None = None,
+                 after_push: Callable[[], None] | None = None) -> None:
+        super().__init__(nc, account)
+        self.before_lookup = before_lookup
+        self.before_first_push = before_first_push
+        self.after_push = after_push
+        self.lookups = 0
+        self.pushes = 0
+
+    async def lookup(self) -> str:
+        self.lookups += 1
+        if self.before_lookup is not None:
+            await self.before_lookup(self.lookups)
+        return await super().lookup()
+
+    async def push(self, account_jwt: str) -> None:
+        if self.pushes == 0 and self.before_first_push is not None:
+            await self.before_first_push()
+        await super().push(account_jwt)
+        self.pushes += 1
+        if self.after_push is not None:
+            self.after_push()
+
+
+class RacingKeeper(CredentialKeeper):
+    def __init__(self, *args: Any, gated: Callable[[NATS], Gated], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gated = gated
+
+    def resolver(self, nc: NATS) -> AccountResolver:
+        return self.gated(nc)
+
+
+async def ended_node(pool: asyncpg.Pool, issuer: NodeIssuer) -> str:
+    node_id = uuid7()
+    now = datetime.now(UTC)
+    creds, expires = node_credentials(issuer, node_id, 3600, now)
+    fleet = Fleet(EventLog(pool), actor="orchestrator")
+    await fleet.launching(NodeLaunching(
+        node_id=node_id, deployment_id=None, cluster_name=f"c-{node_id.hex[:8]}",
+        model_name="m", provider="local", region="local", gpu_type="none", spot=False,
+        deadline=now + timedelta(minutes=15), credential_key=creds.public_key,
+        credential_expires_at=expires))
+    await fleet.signal(node_id, Signal.GONE, reason="scaled down")
+    return creds.public_key
+
+
+@pytest.mark.parametrize("stale", ["keeper", "operator"])
+async def test_a_keeper_sync_racing_a_manual_revocation_loses_neither(
+        servers: Servers, pool: asyncpg.Pool, nats_url: str, stale: str) -> None:
+    """The keeper (a node ended) and an operator (`crosslogic nats revoke`) each look up the
+    account, add their revocation and push it; whichever pushes from the older lookup drops
+    the other's. `stale` says whose push that is. Both verify after pushing, and merge again:
+    both revocations end up in the account."""
+    issuer = NodeIssuer.from_json(servers.node_issuer())
+    node_key = await ended_node(pool, issuer)
+    leaked = servers.authority.user(Role.OBSERVER).public_key
+    keeper_looked, keeper_pushed = asyncio.Event(), asyncio.Event()
+    operator_looked, operator_pushed = asyncio.Event(), asyncio.Event()
+
+    async def keeper_lookup(n: int) -> None:
+        if stale == "operator" and n == 1:
+            await operator_looked.wait()  # the operator's lookup is the older
+        if stale == "operator" and n == 2:
+            await operator_pushed.wait()  # verify once the stale push has landed
+        keeper_looked.set()
+
+    async def keeper_first_push() -> None:
+        if stale == "keeper":
+            await operator_pushed.wait()  # push from a lookup made before the operator's push
+
+    async def operator_lookup(n: int) -> None:
+        if stale == "keeper" and n == 1:
+            await keeper_looked.wait()
+        if stale == "keeper" and n == 2:
+            await keeper_pushed.wait()
+        operator_looked.set()
+
+    async def operator_first_push() -> None:
+        if stale == "operator":
+            await keeper_pushed.wait()
+
+    made: list[Gated] = []
+
+    def keepers_resolver(nc: NATS) -> Gated:
+        made.append(Gated(nc, issuer.account, before_lookup=keeper_lookup,
+                          before_first_push=keeper_first_push, after_push=keeper_pushed.set))
+        return made[-1]
+
+    keeper = RacingKeeper(issuer, nats_url, pool, registry=CollectorRegistry(),
+                          gated=keepers_resolver)
+    keeper.start()
+
+    async def connected() -> bool:
+        return keeper.connected
+
+    await eventually(connected, what="the keeper connected")
+    nc = await nats.connect(nats_url, user_credentials=RawCredentials(
+        issuer.system_creds.text()))
+    try:
+        operator = Gated(nc, issuer.account, before_lookup=operator_lookup,
+                         before_first_push=operator_first_push,
+                         after_push=operator_pushed.set)
+        async with asyncio.timeout(30):
+            synced, pushes = await asyncio.gather(
+                keeper.sync(),
+                revoke_keys(operator, [leaked], signing_seed=issuer.operator_signing_seed,
+                            now=int(time.time()), settle=0.05))
+        assert synced and pushes >= 1
+        held = revocations_of(await AccountResolver(nc, issuer.account).lookup())
+        assert node_key in held and leaked in held
+        # Whoever pushed from the stale lookup took the other's away; the other, verifying,
+        # pushed again.
+        assert (pushes, made[0].pushes) == ((1, 2) if stale == "operator" else (2, 1))
+    finally:
+        await nc.close()
+        await keeper.close()

@@ -50,6 +50,14 @@ async def launch(pool: asyncpg.Pool, issuer: NodeIssuer) -> tuple[Any, str]:
     return node_id, creds.text()
 
 
+async def connected(keeper: CredentialKeeper) -> CredentialKeeper:
+    """The keeper connects in the background (the leader's loop never waits for NATS): wait
+    for it here, so that the next sync talks to the servers."""
+    keeper.start()
+    await eventually(lambda: _true(keeper.connected), what="the keeper connected to NATS")
+    return keeper
+
+
 def refused(registry: CollectorRegistry, reason: str) -> float:
     value = registry.get_sample_value("nats_connections_refused_total", {"reason": reason})
     return value or 0.0
@@ -73,6 +81,7 @@ async def test_a_revoked_node_is_cut_off_within_seconds_and_its_agent_leaves(
     try:
         await eventually(lambda: _true(agent.bus is not None and agent.bus.connected),
                          what="the doomed node connected")
+        await connected(keeper)
         assert not await keeper.sync()  # nothing has ended: nothing to push
 
         await Fleet(EventLog(pool), actor="orchestrator").signal(doomed, Signal.CLOUD_LOST,
@@ -117,12 +126,14 @@ async def test_revocations_outlive_a_new_leader_and_end_with_the_credential(
     keys = {r["id"]: r["credential_key"] for r in await pool.fetch(
         "SELECT id, credential_key FROM nodes WHERE id = ANY($1)", [first, second])}
     await fleet.signal(first, Signal.GONE, reason="scaled down")
-    leader = CredentialKeeper(issuer, nats_url, pool, registry=CollectorRegistry())
+    leader = await connected(CredentialKeeper(issuer, nats_url, pool,
+                                              registry=CollectorRegistry()))
     assert await leader.sync()
     await leader.close()
 
     await fleet.signal(second, Signal.GONE, reason="scaled down")
-    successor = CredentialKeeper(issuer, nats_url, pool, registry=CollectorRegistry())
+    successor = await connected(CredentialKeeper(issuer, nats_url, pool,
+                                                 registry=CollectorRegistry()))
     try:
         assert await successor.sync()
         nc = await nats.connect(nats_url, user_credentials=RawCredentials(
@@ -130,10 +141,15 @@ async def test_revocations_outlive_a_new_leader_and_end_with_the_credential(
         try:
             resolver = AccountResolver(nc, issuer.account)
             assert set(revocations_of(await resolver.lookup())) >= {keys[first], keys[second]}
-            # The first credential expires: its revocation goes at the next change.
+            # The first credential expires: its revocation is kept for a margin (the
+            # servers' clock may be behind ours), then goes.
+            successor.verify_every = 0  # look again now rather than in a minute
             await pool.execute("UPDATE nodes SET credential_expires_at = now() - interval '1s' "
                                "WHERE id = $1", first)
-            successor.verify_every = 0  # look again now rather than in a minute
+            assert not await successor.sync()
+            assert keys[first] in revocations_of(await resolver.lookup())
+            await pool.execute("UPDATE nodes SET credential_expires_at = now() - interval "
+                               "'11 minutes' WHERE id = $1", first)
             assert await successor.sync()
             left = revocations_of(await resolver.lookup())
             assert keys[first] not in left and keys[second] in left
@@ -141,6 +157,43 @@ async def test_revocations_outlive_a_new_leader_and_end_with_the_credential(
             await nc.close()
     finally:
         await successor.close()
+
+
+async def test_a_revocation_is_made_at_the_credentials_expiry_and_never_pushed_again(
+        servers: Servers, pool: asyncpg.Pool, nats_url: str) -> None:
+    """Revoking "at now" moved every revocation forward at every verification, and each push
+    makes the servers re-check every connection of the account. At the credential's own
+    expiry the revocation is the same whenever, and by whichever leader, it is made."""
+    issuer = NodeIssuer.from_json(servers.node_issuer())
+    registry = CollectorRegistry()
+    keeper = await connected(CredentialKeeper(issuer, nats_url, pool, registry=registry,
+                                              verify_every=0))
+    node, _ = await launch(pool, issuer)
+    key, expires = (await pool.fetchrow(
+        "SELECT credential_key, credential_expires_at FROM nodes WHERE id = $1", node)).values()
+    await Fleet(EventLog(pool), actor="orchestrator").signal(node, Signal.GONE, reason="done")
+    try:
+        assert await keeper.sync()
+        pushes = registry.get_sample_value("orchestrator_account_pushes_total",
+                                           {"outcome": "ok"})
+        nc = await nats.connect(nats_url, user_credentials=RawCredentials(
+            issuer.system_creds.text()))
+        try:
+            account = await AccountResolver(nc, issuer.account).lookup()
+        finally:
+            await nc.close()
+        assert revocations_of(account)[key] == int(expires.timestamp())
+        assert registry.get_sample_value("orchestrator_account_jwt_bytes") == len(account)
+        # Verifications later (a minute, an hour: any `now`), by this leader or the next:
+        # nothing to push.
+        for later in (timedelta(minutes=1), timedelta(hours=1)):
+            assert not await keeper.sync(datetime.now(UTC) + later)
+        keeper.forget_state()
+        assert not await keeper.sync(datetime.now(UTC) + timedelta(minutes=2))
+        assert registry.get_sample_value("orchestrator_account_pushes_total",
+                                         {"outcome": "ok"}) == pushes
+    finally:
+        await keeper.close()
 
 
 async def _true(value: bool) -> bool:

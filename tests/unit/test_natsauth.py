@@ -24,7 +24,13 @@ from services.core.natsauth.identities import (
 from services.core.natsauth.jwt import JwtError, Permissions, decode, encode, user_claims
 from services.core.natsauth.keys import KeyKind, kind_of, new_seed, public_key, sign, verify
 from services.core.natsauth.revocations import resign, revised, revocations_of
-from services.orchestrator.credentials import EndedNode, plan_revocations, refusal_reason
+from services.orchestrator.credentials import (
+    EndedNode,
+    RevocationPlan,
+    needs_sync,
+    plan_revocations,
+    refusal_reason,
+)
 
 
 def covers(pattern: str, subject: str) -> bool:
@@ -298,14 +304,88 @@ def test_resign_keeps_the_account_and_moves_its_issue_time_forward() -> None:
                                  now=200)) == {}
 
 
-def test_plan_revokes_ended_nodes_until_their_credentials_expire() -> None:
-    now = datetime(2026, 12, 4, tzinfo=UTC)
+NOW = datetime(2026, 12, 4, tzinfo=UTC)
+
+
+def at(when: datetime) -> int:
+    return int(when.timestamp())
+
+
+def test_plan_revokes_ended_nodes_at_their_credentials_expiry() -> None:
+    day = NOW + timedelta(days=1)
     plan = plan_revocations(
-        [EndedNode("U1", now + timedelta(days=1)), EndedNode("U2", now - timedelta(1)),
-         EndedNode("", None), EndedNode("U3", None)],
-        expired_keys=["U2", "U4", "U1"], now=now)
-    assert plan.revoke == {"U1": int(now.timestamp()), "U3": int(now.timestamp())}
-    assert plan.forget == {"U2", "U4"}
+        [EndedNode("U1", day), EndedNode("U2", NOW - timedelta(seconds=1)),
+         EndedNode("", None), EndedNode("U3", None), EndedNode("U5", NOW)],
+        held={}, known=[], now=NOW)
+    # At the expiry, not at now: the same whenever (and by whichever leader) it is planned.
+    assert plan.revoke == {"U1": at(day), "U3": at(NOW)}
+    assert plan.forget == frozenset()
+    later = plan_revocations([EndedNode("U1", day)], held={}, known=[],
+                             now=NOW + timedelta(hours=5))
+    assert later.revoke == {"U1": at(day)}
+
+
+def test_plan_keeps_what_the_servers_hold_as_it_is() -> None:
+    """A held revocation is never re-pushed, whatever its time (an operator's "at now", an
+    older leader's): a verification of an unchanged fleet pushes nothing."""
+    day = NOW + timedelta(days=1)
+    plan = plan_revocations([EndedNode("U1", day), EndedNode("U2", day)],
+                            held={"U1": at(NOW) - 50, "UOPERATOR": 7},
+                            known=[EndedNode("U1", day)], now=NOW)
+    assert plan.revoke == {"U2": at(day)} and plan.forget == frozenset()
+    assert revised({"U1": at(NOW) - 50}, plan.revoke, plan.forget) == \
+        {"U1": at(NOW) - 50, "U2": at(day)}
+    unchanged = plan_revocations([EndedNode("U1", day)], held={"U1": at(day)},
+                                 known=[EndedNode("U1", day)], now=NOW + timedelta(minutes=1))
+    assert not unchanged.revoke and not unchanged.forget
+
+
+def test_plan_forgets_only_node_credentials_expired_longer_than_the_margin() -> None:
+    margin = timedelta(minutes=10)
+    held = {"UOLD": 1, "UJUST": 2, "UALIVE": 3, "UOPERATOR": 4, "UNOEXP": 5}
+    known = [EndedNode("UOLD", NOW - margin - timedelta(seconds=1)),
+             EndedNode("UJUST", NOW - margin + timedelta(seconds=1)),
+             EndedNode("UALIVE", NOW + timedelta(days=3)),
+             EndedNode("UNOEXP", None),
+             EndedNode("UNOTHELD", NOW - timedelta(days=1))]
+    plan = plan_revocations([], held, known, NOW, forget_after=margin)
+    # UOPERATOR is not a node credential the nodes table knows (a revoked service
+    # credential, which may never expire): never forgotten.
+    assert plan.forget == {"UOLD"} and not plan.revoke
+    assert plan_revocations([], held, known, NOW, forget_after=timedelta(0)).forget == \
+        {"UOLD", "UJUST"}
+    assert plan_revocations([], held, known, NOW + timedelta(seconds=2),
+                            forget_after=margin).forget == {"UOLD", "UJUST"}
+
+
+def test_plan_puts_back_what_a_racing_push_dropped_unless_it_is_forgettable() -> None:
+    day = NOW + timedelta(days=1)
+    old = NOW - timedelta(hours=1)
+    seen = {"UMINE": at(day), "UOPERATOR": 42, "UOLD": at(old), "UHELD": 1}
+    plan = plan_revocations([EndedNode("UMINE", day)], held={"UHELD": 9},
+                            known=[EndedNode("UMINE", day), EndedNode("UOLD", old)],
+                            now=NOW, seen=seen)
+    # Put back with the time they had; the held one stays as the servers have it.
+    assert plan.revoke == {"UMINE": at(day), "UOPERATOR": 42}
+    assert plan.forget == frozenset()
+
+
+def test_the_leader_talks_to_nats_only_when_it_has_something_to_say_or_to_check() -> None:
+    nothing = RevocationPlan({}, frozenset())
+    assert needs_sync(None, since_verified=0.0, verify_every=60)  # a new leader looks
+    assert not needs_sync(nothing, since_verified=59.9, verify_every=60)
+    assert needs_sync(nothing, since_verified=60.0, verify_every=60)
+    assert needs_sync(RevocationPlan({"U1": 5}, frozenset()), since_verified=0.0,
+                      verify_every=60)
+    assert needs_sync(RevocationPlan({}, frozenset({"U1"})), since_verified=0.0,
+                      verify_every=60)
+    # An unchanged fleet: the planner finds nothing against what was verified, so a tick
+    # between verifications stays off NATS.
+    day = NOW + timedelta(days=1)
+    held = {"U1": at(day)}
+    assumed = plan_revocations([EndedNode("U1", day)], held, [EndedNode("U1", day)],
+                               NOW + timedelta(minutes=3))
+    assert not needs_sync(assumed, since_verified=5.0, verify_every=60)
 
 
 def test_connection_advisories_are_counted_only_when_they_are_refusals() -> None:
