@@ -9,7 +9,8 @@ tombstone, so a lookup that raced the change cannot put the stale answer back.
 Unknown and failing credentials cost no database query per attempt: a key PostgreSQL does not
 know is remembered in Redis for AUTH_UNKNOWN_KEY_CACHE_SECONDS (its creation event clears that),
 concurrent lookups of one key in a process share one query, and a client network with too many
-failures is refused (429) before any lookup (ratelimit/auth_failures.py) — except for keys
+failures is refused (429) without a PostgreSQL lookup (ratelimit/auth_failures.py) — except
+for keys Redis holds as a principal (read in the same call as the network's count) or
 this process has recently seen good, so one bad neighbour behind a NAT cannot lock out others.
 """
 
@@ -41,9 +42,12 @@ from schemas.events import (
 from services.core.catalog import hash_api_key, looks_like_api_key
 from services.gateway.ratelimit import lua
 from services.gateway.ratelimit.auth_failures import (
+    Cached,
     FailureLedger,
     FailureLimit,
+    counts_as_failure,
     judge,
+    judge_lookup,
     network_of,
 )
 from services.gateway.ratelimit.auth_failures import redis_key as failure_key
@@ -58,6 +62,17 @@ UNKNOWN = b"0"
 """Cached in `api_key:{hash}` for a key PostgreSQL does not know (a Principal never encodes
 to this: its msgpack is an array)."""
 _REDIS_DOWN = (aioredis.RedisError, OSError)
+
+
+def _cached_as(entry: bytes | str | None) -> Cached:
+    """What a Redis `api_key:{hash}` entry is, for the failure throttle."""
+    if entry is None:
+        return Cached.NOTHING
+    if entry == UNKNOWN:
+        return Cached.UNKNOWN
+    if entry == TOMBSTONE:
+        return Cached.CHANGING
+    return Cached.PRINCIPAL
 
 
 class Principal(msgspec.Struct, frozen=True, array_like=True):
@@ -166,7 +181,8 @@ class AuthSettings:
     failures: FailureLimit = field(default_factory=FailureLimit)
     known_good_seconds: float = 600.0
     """A key that authenticated here is let past a throttled network for this long after its
-    last success (it is still looked up and checked as usual)."""
+    last success (it is still looked up and checked as usual), even when Redis has forgotten
+    it or is down. A key Redis holds as a principal passes anyway, on every gateway."""
 
 
 def auth_settings(s: GatewaySettings) -> AuthSettings:
@@ -214,14 +230,14 @@ class Authenticator:
         self._ledger = FailureLedger(self.settings.failures, self.settings.local_capacity)
         self._queries: dict[str, asyncio.Task[Principal | None]] = {}
         """The PostgreSQL lookup of a key under way, shared by everyone asking meanwhile."""
-        self._check_failures = redis.register_script(lua.AUTH_LOOKUP.source)
+        self._read_with_failures = redis.register_script(lua.AUTH_LOOKUP.source)
         self._throttling = self.settings.failures.enabled
 
     async def authenticate(self, authorization: str | None,
                            client_ip: str | None = None) -> Principal:
         """The principal `authorization` stands for, or AuthError. With `client_ip`, failures
         are counted against its network, which is refused (AuthThrottled) once over the
-        limit, unless the key is known good."""
+        limit, unless the key is known good (auth_failures.judge_lookup)."""
         client = client_ip if self._throttling else None
         hashed: str | None = None
         try:
@@ -241,7 +257,7 @@ class Authenticator:
         except AuthError as exc:
             if hashed is not None:
                 self._good.pop(hashed, None)
-            if client is not None and exc.status == 401:
+            if client is not None and counts_as_failure(exc.status, exc.reason):
                 try:
                     await self._count_failure(network_of(client))
                 except AuthThrottled:
@@ -267,10 +283,9 @@ class Authenticator:
             return cached[0]
         network: str | None = None
         if client_ip is not None and self._good.get(hashed, 0.0) <= now:
+            # Even when this process already refuses the network: whether the key passes
+            # depends on Redis's entry for it, read in the same call as the shared count.
             network = network_of(client_ip)
-            blocked = self._ledger.blocked_for(network, now)
-            if blocked > 0:
-                raise AuthThrottled(blocked)
         started = now
         principal, source = await self._lookup_shared(hashed, network)
         self.metrics.lookups.labels(source).inc()
@@ -285,13 +300,18 @@ class Authenticator:
         redis_key = f"api_key:{hashed}"
         cached: bytes | str | None = None  # bytes: the gateway's client does not decode
         redis_ok = True
+        failures, left_ms = 0, 0
         try:
             if network is None:
                 cached = await self.redis.get(redis_key)
             else:
-                cached = await self._read_unless_throttled(network, redis_key)
+                reply = await self._read_with_failures(keys=[failure_key(network), redis_key])
+                cached, failures, left_ms = reply[0], int(reply[1]), int(reply[2])
         except _REDIS_DOWN:
             redis_ok = False  # Redis down: PostgreSQL still answers, just slower
+        if network is not None:
+            # Redis down: nothing is known of the key, and this process's own count decides.
+            self._refuse_if_throttled(network, cached, failures, left_ms)
         if cached == UNKNOWN:
             return None, "redis_unknown"
         if isinstance(cached, bytes) and cached != TOMBSTONE:
@@ -308,15 +328,15 @@ class Authenticator:
             source = "postgres"  # counted once per query PostgreSQL runs
         return await asyncio.shield(query), source
 
-    async def _read_unless_throttled(self, network: str, redis_key: str) -> bytes | None:
-        reply = await self._check_failures(
-            keys=[failure_key(network), redis_key], args=[self.settings.failures.failures])
-        if int(reply[0]) == 0:
-            left_ms = int(reply[1])
-            left = left_ms / 1000 if left_ms > 0 else self.settings.failures.window
-            self._ledger.block(network, left, time.monotonic())
-            raise AuthThrottled(left)
-        return reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
+    def _refuse_if_throttled(self, network: str, entry: bytes | str | None, failures: int,
+                             left_ms: int) -> None:
+        """AuthThrottled when `network` may not have this key looked up (judge_lookup)."""
+        now = time.monotonic()
+        verdict = judge_lookup(_cached_as(entry), failures, left_ms / 1000,
+                               self._ledger.blocked_for(network, now), self.settings.failures)
+        self._ledger.block(network, verdict.block_for, now)
+        if verdict.refuse_for > 0:
+            raise AuthThrottled(verdict.refuse_for)
 
     async def _query(self, hashed: str, redis_key: str, cache: bool) -> Principal | None:
         row = await self.db.fetchrow(_LOOKUP, hashed)

@@ -94,11 +94,13 @@ class Gateway:
         return found
 
     def parse_request(self, raw: bytes, endpoint: str, tenant_id: str) -> InferenceRequest:
-        """The request in `raw`, bounded by this gateway's settings and the model's context
-        length, its prefix cache salted with the tenant; BadRequest when it is not one to
-        send to a node."""
-        return parse_request(raw, endpoint, default_reserved=self.settings.default_reserved_tokens,
-                             max_n=self.settings.max_n,
+        """The request in `raw`, bounded by this gateway's settings (n, sequences per request,
+        embeddings inputs) and the model's context length, its prefix cache salted with the
+        tenant; BadRequest when it is not one to send to a node."""
+        s = self.settings
+        return parse_request(raw, endpoint, default_reserved=s.default_reserved_tokens,
+                             max_n=s.max_n, max_batch_sequences=s.max_batch_sequences,
+                             max_inputs=s.max_embedding_inputs,
                              context_length=self.models.context_length, cache_salt=tenant_id)
 
     def background(self, work: Coroutine[Any, Any, Any]) -> None:

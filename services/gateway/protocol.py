@@ -8,9 +8,12 @@ does not know passes through to vLLM unchanged, with two exceptions:
   vLLM's `continuous_usage_stats`), so that a client who hangs up mid-stream is billed exactly
   what it was sent, then gives each client only what it asked for.
 
-Bounds, checked before anything leaves: `n` from 1 to `max_n`; `max_tokens` and
-`max_completion_tokens` at most the model's context length. The token reservation counts
-every output the request may produce: prompts * `n` * (`max_tokens`, else the default).
+Bounds, checked before anything leaves: the body nests at most MAX_JSON_DEPTH levels; `n`
+from 1 to `max_n`; prompts * `n` (the sequences one completions request makes a node run) at
+most `max_batch_sequences`; an embeddings request's `input` at most `max_inputs` items;
+`max_tokens` and `max_completion_tokens` at most the model's context length. The token
+reservation counts every output the request may produce: prompts * `n` * (`max_tokens`, else
+the default).
 """
 
 from __future__ import annotations
@@ -30,9 +33,21 @@ the pooling requests behind embeddings."""
 GENERATING = frozenset({"chat", "completions"})
 """Endpoints that produce output tokens (and take `n`)."""
 DEFAULT_MAX_N = 8
+DEFAULT_MAX_BATCH_SEQUENCES = 64
+DEFAULT_MAX_INPUTS = 2048
+"""OpenAI's own limit on an embeddings request's inputs."""
+MAX_JSON_DEPTH = 64
+"""How deep a request body may nest. msgspec decodes (and encodes) recursively, so how deep it
+can go depends on how deep the stack already is: a body just under that, decoded here, would
+raise RecursionError when encoded again further down the stack (upstream_body, in the proxy).
+A fixed bound far below the interpreter's keeps every later step safe; OpenAI-shaped bodies,
+JSON schemas of tools and response formats included, nest a few levels."""
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode
+_NOT_JSON = (msgspec.DecodeError, RecursionError)
+"""What decoding a node's answer may raise: RecursionError for JSON nested deeper than the
+stack allows (a rogue node's answer is no more trusted than a client's body)."""
 
 
 class BadRequest(ValueError):
@@ -107,13 +122,56 @@ def _output_budget(body: dict[str, Any], context_length: int | None) -> int | No
     return budget
 
 
-def _prompts(body: dict[str, Any], endpoint: str) -> int:
-    """How many prompts a completions request holds: each gets `n` outputs."""
-    prompt = body.get("prompt") if endpoint == "completions" else None
-    if isinstance(prompt, list) and prompt and not all(
-            isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        return len(prompt)  # strings, or lists of token ids (a flat list is one prompt)
+def _batch_size(value: Any) -> int:
+    """How many prompts (completions' `prompt`) or inputs (embeddings' `input`) `value` holds:
+    one per string or list of token ids in a list; a string or a flat list of token ids is
+    one."""
+    if isinstance(value, list) and value and not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in value):
+        return len(value)
     return 1
+
+
+def _bound_sequences(prompts: int, n: int, limit: int) -> None:
+    """Each prompt of a completions batch runs `n` sequences on one node: a request of a
+    million prompts is as bad for a shared node as a huge `n` (a single prompt's `n` is
+    already bounded by `_choices`)."""
+    if prompts * n > limit:
+        raise BadRequest(f"Invalid 'prompt': too many sequences. Expected at most {limit} "
+                         f"(prompts x n) per request, but got {prompts} prompts x n={n} "
+                         "instead.", "prompt", "array_above_max_length")
+
+
+def _bound_inputs(inputs: int, limit: int) -> None:
+    if inputs > limit:
+        raise BadRequest(f"Invalid 'input': array too long. Expected an array with maximum "
+                         f"length {limit}, but got an array with length {inputs} instead.",
+                         "input", "array_above_max_length")
+
+
+_CONTAINERS = frozenset({list, dict})
+
+
+def nests_deeper_than(body: Any, raw: bytes, limit: int) -> bool:
+    """Whether the decoded `body` (of `raw`) nests more than `limit` levels (a scalar is 0,
+    `{}` is 1). Without recursion, so the check itself cannot exhaust the stack."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # the common case: fewer brackets than levels allowed, at C speed
+    level: list[Any] = [body] if type(body) in _CONTAINERS else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        inner: list[Any] = []
+        for container in level:
+            items = container.values() if type(container) is dict else container
+            # Scanned at C speed; only containers holding containers are walked item by item
+            # (a long list of strings or token ids is not).
+            if not _CONTAINERS.isdisjoint(map(type, items)):
+                inner.extend(item for item in items if type(item) in _CONTAINERS)
+        level = inner
+    return False
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
@@ -130,6 +188,8 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
 
 def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
                   max_n: int = DEFAULT_MAX_N,
+                  max_batch_sequences: int = DEFAULT_MAX_BATCH_SEQUENCES,
+                  max_inputs: int = DEFAULT_MAX_INPUTS,
                   context_length: Callable[[str], int | None] | None = None,
                   cache_salt: str | None = None) -> InferenceRequest:
     """The request in `raw` for `endpoint`, bounded; BadRequest names what is wrong.
@@ -137,12 +197,17 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
     `cache_salt` replaces whatever salt the client sent."""
     if not raw.strip():
         raise BadRequest("The request body is empty; send a JSON object.")
+    too_deep = f"The request body nests more than {MAX_JSON_DEPTH} levels deep."
     try:
         body = _decode(raw)
     except msgspec.DecodeError:
         raise BadRequest("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise BadRequest(too_deep) from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
+    if nests_deeper_than(body, raw, MAX_JSON_DEPTH):
+        raise BadRequest(too_deep)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("You must provide a model parameter.", "model")
@@ -157,12 +222,17 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
     options = options or {}
     completion = 0
     if endpoint in GENERATING:
-        n = _choices(body, max_n)
+        # No request runs more than max_batch_sequences sequences, a single prompt's n too.
+        n = _choices(body, min(max_n, max_batch_sequences))
+        prompts = _batch_size(body.get("prompt")) if endpoint == "completions" else 1
+        _bound_sequences(prompts, n, max_batch_sequences)
         limit = context_length(model) if context_length is not None else None
         budget = _output_budget(body, limit)
         if budget is None:  # vLLM then generates up to the rest of the context
             budget = default_reserved if limit is None else min(default_reserved, limit)
-        completion = _prompts(body, endpoint) * n * budget
+        completion = prompts * n * budget
+    elif endpoint == "embeddings":
+        _bound_inputs(_batch_size(body.get("input")), max_inputs)
     return InferenceRequest(
         endpoint=endpoint, model=model, stream=stream, body=body, raw=raw,
         wants_usage=bool(options.get("include_usage")),
@@ -208,7 +278,7 @@ def usage_of(body: bytes) -> tuple[int, int]:
     """(prompt, completion) tokens of a whole (non-streamed) answer; (0, 0) when absent."""
     try:
         usage = msgspec.json.decode(body, type=_WithUsage).usage
-    except msgspec.DecodeError:
+    except _NOT_JSON:
         return 0, 0
     return (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
 
@@ -248,7 +318,7 @@ class StreamMeter:
                 return fast
         try:
             chunk = _decode(payload)
-        except msgspec.DecodeError:
+        except _NOT_JSON:
             return line  # not ours to judge: forward as is
         usage = chunk.get("usage") if isinstance(chunk, dict) else None
         if not isinstance(usage, dict):
@@ -274,7 +344,7 @@ class StreamMeter:
         chunk does not look like that (the caller then parses it)."""
         try:
             usage = _usage_decoder.decode(payload[at + 9:-1])
-        except msgspec.DecodeError:
+        except _NOT_JSON:
             return None
         if usage is None:
             self.chunks += 1
@@ -298,7 +368,7 @@ def openai_error_body(status: int, body: bytes) -> bytes:
     node (a proxy, a crashed server) may answer anything at all."""
     try:
         parsed = _decode(body)
-    except msgspec.DecodeError:
+    except _NOT_JSON:
         parsed = None
     if isinstance(parsed, dict):
         if isinstance(parsed.get("error"), dict):

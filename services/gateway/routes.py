@@ -7,6 +7,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import asyncpg
 import msgspec
@@ -16,16 +17,26 @@ from aiohttp import web
 from schemas.events import UsageRecorded
 from services.core.errors import ApiError
 from services.core.http import DB, REQUEST_ID
-from services.core.usage_queries import UsageQueryError, parse_usage_query, usage_report
+from services.core.usage_queries import (
+    UsageQuery,
+    UsageQueryError,
+    UsageReport,
+    parse_usage_query,
+    usage_report,
+)
 from services.gateway.auth import AuthError, AuthThrottled, Principal
-from services.gateway.gateway import GATEWAY, Gateway
+from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
 from services.gateway.protocol import BadRequest, InferenceRequest
 from services.gateway.proxy import Progress, UpstreamFailure
 from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
+from services.gateway.ratelimit.in_flight import InFlight
 from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("gateway")
+
+USAGE_REPORTS = web.AppKey("usage_reports", InFlight)
+"""The usage reports this process is computing (USAGE_MAX_CONCURRENT at most)."""
 
 
 def limits_for(p: Principal, s: GatewaySettings) -> Limits:
@@ -97,14 +108,35 @@ async def usage(request: web.Request) -> web.Response:
     except UsageQueryError as exc:
         raise ApiError.invalid_request(exc.message, param=exc.param) from None
     query = dataclasses.replace(query, tenant_id=uuid.UUID(principal.tenant_id))
+    # After the per-key budget: that one is Redis's, this one guards the PostgreSQL pool.
+    reports = request.app[USAGE_REPORTS]
+    if not reports.enter():
+        gw.limiter.metrics.exceeded.labels(str(reports.layer)).inc()
+        raise refusal(reports.refusal())
     try:
-        report = await usage_report(request.app[DB], query)
+        report = await _usage_report(request.app[DB], query,
+                                     gw.settings.usage_statement_timeout_ms)
     except asyncpg.QueryCanceledError:
-        # DB_STATEMENT_TIMEOUT_MS cut it short: the client asked for more than we serve.
+        # USAGE_STATEMENT_TIMEOUT_MS cut it short: the client asked for more than we serve.
         raise ApiError.timeout("The usage report took too long to compute; ask for a "
                                "shorter period or a coarser granularity.") from None
+    finally:
+        reports.leave()
     return web.Response(body=msgspec.json.encode(report), content_type="application/json",
                         headers=decision.headers)
+
+
+async def _usage_report(db: asyncpg.Pool[asyncpg.Record], query: UsageQuery,
+                        timeout_ms: int) -> UsageReport:
+    """The report, under its own statement timeout (0: the pool's), shorter than the pool's:
+    SET LOCAL holds for this transaction only, so the connection goes back to the pool as it
+    came."""
+    async with db.acquire() as conn, conn.transaction(readonly=True):
+        if timeout_ms > 0:
+            await conn.execute("SELECT set_config('statement_timeout', $1, true)",
+                               str(timeout_ms))
+        # usage_report only calls fetch(), which a connection has as a pool does.
+        return await usage_report(cast("asyncpg.Pool[asyncpg.Record]", conn), query)
 
 
 def inference(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -195,6 +227,9 @@ def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
 
 
 def add_routes(app: web.Application) -> None:
+    # Set here, before the app is frozen: per process, like every other cache of the gateway.
+    app[USAGE_REPORTS] = InFlight(app[GATEWAY_SETTINGS].usage_max_concurrent,
+                                  Layer.USAGE_REPORTS_IN_FLIGHT)
     app.router.add_post("/v1/chat/completions", inference("chat"))
     app.router.add_post("/v1/completions", inference("completions"))
     app.router.add_post("/v1/embeddings", inference("embeddings"))

@@ -41,11 +41,23 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     global_requests_per_minute: int = 0
     usage_requests_per_minute: int = 60
     """GET /v1/usage per key, apart from inference limits: each runs a PostgreSQL query."""
+    usage_max_concurrent: int = 2
+    """GET /v1/usage reports one gateway process computes at once (0: no cap); more get 429
+    with Retry-After, so reports never hold more of the small PostgreSQL pool that key lookups
+    need."""
+    usage_statement_timeout_ms: int = 10_000
+    """A usage report's own statement_timeout (SET LOCAL), shorter than the pool's
+    DB_STATEMENT_TIMEOUT_MS (0: the pool's)."""
     default_reserved_tokens: int = 1024
     """Tokens reserved per output (prompts * n) of a request that gives no max_tokens, at most
     the model's context length (settled with the real usage)."""
     max_n: int = 8
     """Most outputs (`n`) one chat or completions request may ask for; more is a 400."""
+    max_batch_sequences: int = 64
+    """Most sequences (prompts x `n`) one completions (or chat) request may make a node run;
+    more is a 400 on `prompt` (a batch of prompts is as heavy for a shared node as a big n)."""
+    max_embedding_inputs: int = 2048
+    """Most items in one embeddings request's `input` (OpenAI's own limit); more is a 400."""
     ratelimit_policy: Literal["local", "allow", "deny"] = "local"
     """When Redis is unreachable: local (per-process limits), allow, or deny."""
     ratelimit_redis_timeout: float = 0.25

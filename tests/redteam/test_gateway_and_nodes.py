@@ -114,6 +114,71 @@ async def test_out_of_bounds_requests_never_reach_a_node(
     assert await served(p.nodes[0]) == before + 1
 
 
+def batch(count: int, item: bytes = b'"x"') -> bytes:
+    return b"[" + b",".join([item] * count) + b"]"
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+COMPLETIONS = b'{"model": "' + MODEL.encode() + b'", "max_tokens": 1, "prompt": '
+EMBEDDINGS = b'{"model": "' + MODEL.encode() + b'", "input": '
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    # A batch of prompts is n times as many sequences on one node: bounded like n.
+    ("/v1/completions", COMPLETIONS + batch(65) + b"}", "prompt"),
+    ("/v1/completions", COMPLETIONS + batch(9) + b', "n": 8}', "prompt"),
+    ("/v1/completions", COMPLETIONS + batch(1_000_000) + b', "n": 8}', "prompt"),
+    ("/v1/completions", COMPLETIONS + batch(65, b"[1,2]") + b"}", "prompt"),
+    ("/v1/embeddings", EMBEDDINGS + batch(2049) + b"}", "input"),
+    ("/v1/embeddings", EMBEDDINGS + batch(1_000_000) + b"}", "input"),
+    # Nested past the interpreter's stack (was a 500), or past what re-encoding survives.
+    ("/v1/chat/completions", b'{"model": "m", "messages": ' + nested(1000) + b"}", None),
+    ("/v1/completions", COMPLETIONS + nested(100_000) + b"}", None),
+    ("/v1/embeddings", EMBEDDINGS + b'"x", "extra": ' + nested(900) + b"}", None),
+    ("/v1/chat/completions", b'{"model": "m", "extra": ' + nested(64) + b"}", None),
+])
+async def test_too_big_batches_and_too_deep_bodies_never_reach_a_node(
+        ready: Platform, path: str, body: bytes, param: str | None) -> None:
+    p = ready
+    before = await served(p.nodes[0])
+    status, err, _ = await raw(p, body, path=path)
+    assert status == 400, err
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+    assert (err["error"]["type"], err["error"]["param"]) == ("invalid_request_error", param)
+    assert len(err["error"]["message"]) < 300
+    # The same requests within their bounds go through, and reach the node.
+    for path, ok in (("/v1/completions", COMPLETIONS + batch(8) + b', "n": 8}'),
+                     ("/v1/embeddings", EMBEDDINGS + batch(2048) + b"}"),
+                     ("/v1/chat/completions", msgspec.json.encode(
+                         {"model": MODEL, "messages": HELLO, "max_tokens": 1,
+                          "extra": msgspec.json.decode(nested(62))}))):
+        status, answer, _ = await raw(p, ok, path=path)
+        assert status == 200, answer
+    assert await served(p.nodes[0]) == before + 3
+
+
+async def test_the_batch_bounds_are_settings(platform: Platform) -> None:
+    p = platform
+    await p.start_gateway(max_batch_sequences=6, max_embedding_inputs=3)
+    await p.add_node()
+    await p.routable(1)
+    before = await served(p.nodes[0])
+    for path, body, param in (
+            ("/v1/completions", COMPLETIONS + batch(4) + b', "n": 2}', "prompt"),
+            ("/v1/completions", COMPLETIONS + b'"x", "n": 7}', "n"),
+            ("/v1/embeddings", EMBEDDINGS + batch(4) + b"}", "input")):
+        status, err, _ = await raw(p, body, path=path)
+        assert (status, err["error"]["param"]) == (400, param), err
+    for path, body in (("/v1/completions", COMPLETIONS + batch(3) + b', "n": 2}'),
+                       ("/v1/embeddings", EMBEDDINGS + batch(3) + b"}")):
+        status, answer, _ = await raw(p, body, path=path)
+        assert status == 200, answer
+    assert await served(p.nodes[0]) == before + 2
+
+
 async def test_the_reservation_counts_n_without_max_tokens(platform: Platform) -> None:
     """n outputs of up to DEFAULT_RESERVED_TOKENS each, even when max_tokens is not given: a
     key with 3,000 tokens a minute may ask for one such output, not four."""

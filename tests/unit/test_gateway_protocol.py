@@ -6,9 +6,13 @@ import msgspec
 import pytest
 
 from services.gateway.protocol import (
+    DEFAULT_MAX_BATCH_SEQUENCES,
+    DEFAULT_MAX_INPUTS,
+    MAX_JSON_DEPTH,
     BadRequest,
     StreamMeter,
     estimate_prompt_tokens,
+    nests_deeper_than,
     parse_request,
     upstream_body,
     usage_of,
@@ -229,3 +233,128 @@ def test_a_salt_the_client_hid_in_an_escape_is_replaced_too() -> None:
     req = parse_request(body, "completions", default_reserved=10, cache_salt=TENANT)
     sent = upstream_body(req)
     assert b"victim" not in sent and msgspec.json.decode(sent)["cache_salt"] == TENANT
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def prompts(count: int, extra: bytes = b"") -> bytes:
+    batch = b"[" + b", ".join([b'"x"'] * count) + b"]"
+    return b'{"model": "m", "prompt": ' + batch + (b", " + extra if extra else b"") + b"}"
+
+
+def inputs(value: bytes) -> bytes:
+    return b'{"model": "m", "input": ' + value + b"}"
+
+
+def test_a_completions_batch_is_bounded_in_sequences() -> None:
+    def parse(body: bytes) -> object:
+        return parse_request(body, "completions", default_reserved=10, max_n=8,
+                             max_batch_sequences=64)
+
+    parse(prompts(64))
+    parse(prompts(8, b'"n": 8'))  # 8 prompts x 8 outputs: 64 sequences
+    for body in (prompts(65), prompts(9, b'"n": 8'), prompts(1_000_000, b'"n": 8'),
+                 b'{"model": "m", "prompt": [' + b", ".join([b"[1, 2]"] * 65) + b"]}"):
+        with pytest.raises(BadRequest) as info:
+            parse(body)
+        assert (info.value.param, info.value.code) == ("prompt", "array_above_max_length")
+        assert "64" in info.value.message and len(info.value.message) < 200
+    # A flat list of token ids is one prompt, however long.
+    parse(b'{"model": "m", "prompt": [' + b", ".join([b"7"] * 5000) + b"], \"n\": 8}")
+
+
+def test_one_prompt_s_n_is_bounded_by_the_sequences_too() -> None:
+    # An operator's MAX_N above MAX_BATCH_SEQUENCES: a single prompt's n is refused as n.
+    for endpoint, body in (("chat", chat_body(b'"n": 5')),
+                           ("completions", b'{"model": "m", "prompt": "x", "n": 5}')):
+        with pytest.raises(BadRequest) as info:
+            parse_request(body, endpoint, default_reserved=10, max_n=16, max_batch_sequences=4)
+        assert (info.value.param, info.value.code) == ("n", "integer_above_max_value")
+        assert "<= 4" in info.value.message
+
+
+def test_batches_are_bounded_by_default() -> None:
+    parse_request(prompts(DEFAULT_MAX_BATCH_SEQUENCES), "completions", default_reserved=10)
+    with pytest.raises(BadRequest):
+        parse_request(prompts(DEFAULT_MAX_BATCH_SEQUENCES + 1), "completions",
+                      default_reserved=10)
+    many = b"[" + b",".join([b'"x"'] * DEFAULT_MAX_INPUTS) + b"]"
+    parse_request(inputs(many), "embeddings", default_reserved=10)
+    with pytest.raises(BadRequest):
+        parse_request(inputs(many[:-1] + b',"x"]'), "embeddings", default_reserved=10)
+    assert DEFAULT_MAX_INPUTS == 2048  # OpenAI's own
+
+
+@pytest.mark.parametrize(("value", "count"), [
+    (b'"one string"', 1), (b"[1, 2, 3]", 1), (b'["a", "b", "c"]', 3),
+    (b"[[1, 2], [3], [4]]", 3), (b"[]", 1),
+])
+def test_embeddings_inputs_are_bounded(value: bytes, count: int) -> None:
+    ok = parse_request(inputs(value), "embeddings", default_reserved=10, max_inputs=count)
+    assert ok.reserved_tokens == estimate_prompt_tokens(ok.body)
+    if count == 1:
+        return  # a single input is never refused: nothing less could be sent
+    with pytest.raises(BadRequest) as info:
+        parse_request(inputs(value), "embeddings", default_reserved=10, max_inputs=count - 1)
+    assert (info.value.param, info.value.code) == ("input", "array_above_max_length")
+    assert info.value.message == (
+        f"Invalid 'input': array too long. Expected an array with maximum length {count - 1}, "
+        f"but got an array with length {count} instead.")
+
+
+# --------------------------------------------------------------------------- nesting
+
+
+def nested(depth: int) -> bytes:
+    """A chat body whose deepest value is `depth` levels down (the body itself is level 1)."""
+    return chat_body(b'"extra": ' + b"[" * (depth - 1) + b"]" * (depth - 1))
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 500, 900, 1000, 100_000])
+def test_deep_nesting_is_a_bad_request(depth: int) -> None:
+    """1,000 levels made msgspec raise RecursionError (a 500); 900 decode here, but would
+    not encode again deeper down the stack (in the proxy): both are refused as too deep."""
+    for endpoint in ("chat", "completions", "embeddings"):
+        with pytest.raises(BadRequest) as info:
+            parse_request(nested(depth), endpoint, default_reserved=10)
+        assert info.value.param is None
+        assert info.value.message == (f"The request body nests more than {MAX_JSON_DEPTH} "
+                                      "levels deep.")
+
+
+def test_nesting_up_to_the_bound_passes() -> None:
+    req = parse_request(nested(MAX_JSON_DEPTH), "chat", default_reserved=10, cache_salt=TENANT)
+    assert msgspec.json.decode(upstream_body(req))["cache_salt"] == TENANT
+
+
+def test_nesting_is_measured_in_every_branch_without_recursion() -> None:
+    def deep(levels: int) -> list[object]:
+        value: list[object] = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    wide: dict[str, object] = {"a": ["x"] * 1000, "b": [{"c": 1}] * 100, "d": deep(5)}
+    raw = msgspec.json.encode(wide)
+    assert not nests_deeper_than(wide, raw, 6) and nests_deeper_than(wide, raw, 5)
+    # The last branch of many is the deep one; a scalar nests 0 levels.
+    late = {"a": [[1]] * 100, "z": {"y": deep(70)}}
+    assert nests_deeper_than(late, msgspec.json.encode(late), 64)
+    assert not nests_deeper_than("x", b'"[[[["', 1)
+    # Fewer brackets than levels allowed: no walk at all (brackets in strings count too).
+    assert not nests_deeper_than({"a": "[[[["}, b'{"a": "[[[["}', 5)
+    too_deep = deep(10_000)  # a walk that recursed would hit the interpreter's limit
+    assert nests_deeper_than(too_deep, b"[" * 10_000, 64)
+
+
+def test_node_answers_nested_too_deep_are_not_json_to_us() -> None:
+    """A rogue node's answer must not raise out of the gateway either."""
+    deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b', "usage": {"prompt_tokens": 1}}'
+    assert usage_of(deep) == (0, 0)
+    line = b"data: " + deep + b"\n"
+    assert StreamMeter(wants_usage=False, wants_continuous_usage=False).feed(line) == line
+    from services.gateway.protocol import openai_error_body
+
+    error = msgspec.json.decode(openai_error_body(500, deep))["error"]
+    assert error["message"].startswith("The model server refused the request (500)")

@@ -1,17 +1,23 @@
-"""Failed authentications per client network (pure), and /v1/usage's own limit plan."""
+"""Failed authentications per client network (pure), and /v1/usage's own limits: its plan and
+its cap on reports in flight."""
 
 from __future__ import annotations
 
 import pytest
 
 from services.gateway.ratelimit.auth_failures import (
+    Cached,
     FailureLedger,
     FailureLimit,
     FailureVerdict,
+    LookupVerdict,
+    counts_as_failure,
     judge,
+    judge_lookup,
     network_of,
     redis_key,
 )
+from services.gateway.ratelimit.in_flight import InFlight
 from services.gateway.ratelimit.limits import (
     MINUTE_MS,
     Kind,
@@ -61,6 +67,52 @@ def test_limits_are_checked() -> None:
     with pytest.raises(ValueError, match="window > 0"):
         FailureLimit(window=0)
     assert FailureLimit(window=0.0001).window_ms == 1
+
+
+@pytest.mark.parametrize(("status", "reason", "counts"), [
+    (401, "invalid", True),  # a wrong key: what a guess looks like
+    (401, "malformed", True),
+    (401, "revoked", True),  # a dead key replayed
+    (401, "expired", True),
+    (401, "missing", False),  # no credential at all: a misconfigured client, not a guess
+    (403, "tenant_suspended", False),  # a real key
+    (403, "environment_suspended", False),
+])
+def test_which_failures_count_against_a_network(status: int, reason: str,
+                                                counts: bool) -> None:
+    assert counts_as_failure(status, reason) is counts
+
+
+def test_a_network_under_its_limit_has_every_key_looked_up() -> None:
+    for cached in Cached:
+        assert judge_lookup(cached, 0, -2.0, 0.0, LIMIT) == LookupVerdict(0.0, 0.0)
+        assert judge_lookup(cached, 2, 30.0, 0.0, LIMIT) == LookupVerdict(0.0, 0.0)
+
+
+@pytest.mark.parametrize("cached", [Cached.NOTHING, Cached.UNKNOWN, Cached.CHANGING])
+def test_a_throttled_network_waits_unless_the_key_is_cached_good(cached: Cached) -> None:
+    # Over the shared limit: refused for what is left of the window, and remembered.
+    assert judge_lookup(cached, 3, 42.0, 0.0, LIMIT) == LookupVerdict(42.0, 42.0)
+    assert judge_lookup(cached, 50, 42.0, 0.0, LIMIT) == LookupVerdict(42.0, 42.0)
+    # A counter without an expiry (never left by our writes): a whole window.
+    assert judge_lookup(cached, 3, -1.0, 0.0, LIMIT) == LookupVerdict(60.0, 60.0)
+    # This process's own block (Redis down, or behind): it decides alone.
+    assert judge_lookup(cached, 0, -2.0, 17.0, LIMIT) == LookupVerdict(17.0, 0.0)
+    assert judge_lookup(cached, 3, 10.0, 17.0, LIMIT) == LookupVerdict(17.0, 10.0)
+
+
+def test_a_key_cached_as_a_principal_passes_a_throttled_network() -> None:
+    """On every gateway, whether or not that process saw the key succeed: a neighbour behind
+    the same NAT cannot lock a tenant out. The network stays refused for everything else."""
+    assert judge_lookup(Cached.PRINCIPAL, 3, 42.0, 0.0, LIMIT) == LookupVerdict(0.0, 42.0)
+    assert judge_lookup(Cached.PRINCIPAL, 0, -2.0, 17.0, LIMIT) == LookupVerdict(0.0, 0.0)
+    assert judge_lookup(Cached.PRINCIPAL, 99, 5.0, 17.0, LIMIT) == LookupVerdict(0.0, 5.0)
+
+
+def test_no_throttle_when_it_is_off() -> None:
+    off = FailureLimit(failures=0)
+    for cached in Cached:
+        assert judge_lookup(cached, 10_000, 30.0, 12.0, off) == LookupVerdict(0.0, 0.0)
 
 
 def test_the_ledger_counts_in_windows_opened_by_the_first_failure() -> None:
@@ -129,3 +181,31 @@ def test_the_local_fallback_counts_usage_apart_from_inference() -> None:
     checks = usage_plan(SUBJECT, 2)
     assert [local.decide_checks(checks).allowed for _ in range(3)] == [True, True, False]
     assert local.decide(SUBJECT, Limits(key_requests_per_minute=1), 0).allowed
+
+
+def test_usage_reports_in_flight_are_capped_per_process() -> None:
+    reports = InFlight(2, Layer.USAGE_REPORTS_IN_FLIGHT)
+    assert [reports.enter() for _ in range(3)] == [True, True, False]
+    assert reports.running == 2  # the refused one took nothing
+    reports.leave()
+    assert reports.enter() and not reports.enter()
+    reports.leave()
+    reports.leave()
+    assert reports.running == 0
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        reports.leave()
+
+
+def test_a_report_turned_away_is_a_429_with_retry_after() -> None:
+    refused = InFlight(1, Layer.USAGE_REPORTS_IN_FLIGHT, retry_after=1.5).refusal()
+    assert not refused.allowed and refused.status == 429 and refused.reservation is None
+    assert refused.layer is Layer.USAGE_REPORTS_IN_FLIGHT
+    assert refused.headers == {"Retry-After": "2",
+                               "x-ratelimit-scope": "usage_reports_in_flight"}
+
+
+def test_no_cap_on_reports_when_it_is_zero() -> None:
+    unlimited = InFlight(0, Layer.USAGE_REPORTS_IN_FLIGHT)
+    assert all(unlimited.enter() for _ in range(1000))
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        InFlight(-1, Layer.USAGE_REPORTS_IN_FLIGHT)

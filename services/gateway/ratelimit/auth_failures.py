@@ -1,9 +1,12 @@
 """Failed authentications per client network, and which networks are refused for a while.
 
 After `FailureLimit.failures` failed authentications from one client network within a window
-(fixed, opened by the first failure), further requests from it that do not carry a key already
-known to be good are answered 429 until the window ends, before any key lookup: guessing keys
-or replaying dead ones from one place cannot load Redis's key cache or PostgreSQL.
+(fixed, opened by the first failure), further requests from it are answered 429 until the
+window ends without a PostgreSQL lookup: guessing keys or replaying dead ones from one place
+cannot load PostgreSQL. Except for keys already known to be good: a key whose shared cache
+entry (Redis `api_key:{hash}`) is a principal passes, on every gateway (`judge_lookup`), so a
+tenant behind a NAT is not locked out by a bad neighbour. Which failures count is
+`counts_as_failure`'s: not a request without any credential.
 
 Every gateway process counts here, in memory, and all of them together in Redis (the
 authenticator does that I/O); a network is refused when either count is over the limit, so a
@@ -17,10 +20,11 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import TypeVar
 
-__all__ = ["FailureLedger", "FailureLimit", "FailureVerdict", "judge", "network_of",
-           "redis_key"]
+__all__ = ["Cached", "FailureLedger", "FailureLimit", "FailureVerdict", "LookupVerdict",
+           "counts_as_failure", "judge", "judge_lookup", "network_of", "redis_key"]
 
 _V = TypeVar("_V")
 
@@ -79,6 +83,57 @@ def judge(count: int, seconds_left: float, limit: FailureLimit) -> FailureVerdic
     if not limit.enabled or count < limit.failures:
         return FailureVerdict(throttled=False, block_for=0.0)
     return FailureVerdict(throttled=count > limit.failures, block_for=max(0.0, seconds_left))
+
+
+def counts_as_failure(status: int, reason: str) -> bool:
+    """Whether a failed authentication counts against its client's network: a 401 (a wrong,
+    malformed, revoked or expired credential: what guessing and replaying look like), but not
+    one without any credential at all (`missing`: a misconfigured client, which guesses
+    nothing and costs no lookup), nor a 403 (a real key of a suspended tenant)."""
+    return status == 401 and reason != "missing"
+
+
+class Cached(Enum):
+    """What the shared key cache (Redis `api_key:{hash}`) holds for a key, as the throttle
+    sees it."""
+
+    NOTHING = "nothing"
+    """No entry (never looked up, expired), or Redis did not answer."""
+    UNKNOWN = "unknown"
+    """PostgreSQL does not know the key."""
+    CHANGING = "changing"
+    """A tombstone: the key was just created, revoked or changed."""
+    PRINCIPAL = "principal"
+    """A key PostgreSQL knows, looked up by some gateway within the cache's time."""
+
+
+@dataclass(frozen=True, slots=True)
+class LookupVerdict:
+    refuse_for: float
+    """Answer 429 with this Retry-After instead of looking the key up (0: look it up)."""
+    block_for: float
+    """Seconds the shared count refuses the network from now (0: it does not): for this
+    process's ledger, so its next failures from there need no Redis call."""
+
+
+def judge_lookup(cached: Cached, shared_failures: int, shared_left: float,
+                 local_left: float, limit: FailureLimit) -> LookupVerdict:
+    """May a key be looked up for a client network whose failures are `shared_failures` in a
+    window with `shared_left` seconds left (Redis; a negative or zero `shared_left` means the
+    window has no end yet: a whole window), and which this process refuses for `local_left`?
+
+    A key cached as a principal passes whatever the counts say: finding it costs no query,
+    a guess is never one, and its owner may share a NAT with whoever failed — on any gateway,
+    not only one that saw it succeed. (A cached principal of a revoked or expired key still
+    fails its check; that failure then counts and is answered 429 like the others.) Any other
+    key waits while either count refuses the network."""
+    if not limit.enabled:
+        return LookupVerdict(refuse_for=0.0, block_for=0.0)
+    block = 0.0
+    if shared_failures >= limit.failures:
+        block = shared_left if shared_left > 0 else limit.window
+    refuse = 0.0 if cached is Cached.PRINCIPAL else max(block, local_left, 0.0)
+    return LookupVerdict(refuse_for=refuse, block_for=block)
 
 
 class FailureLedger:

@@ -43,6 +43,9 @@ class Layer(StrEnum):
     KEY_CONCURRENCY = "key_concurrency"
     KEY_USAGE_REQUESTS = "key_usage_requests"
     """GET /v1/usage per key per minute: counted apart from inference (`usage_plan`)."""
+    USAGE_REPORTS_IN_FLIGHT = "usage_reports_in_flight"
+    """Not a counter in Redis: GET /v1/usage reports one gateway process computes at once
+    (`in_flight.InFlight`), so reports cannot hold the PostgreSQL pool key lookups need."""
     UNAVAILABLE = "unavailable"
     """Not a limit: Redis is unreachable and the policy is `deny` (answer 503)."""
 

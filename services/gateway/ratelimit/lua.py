@@ -179,15 +179,12 @@ return 1
 
 
 AUTH_LOOKUP = _script("""
--- The authenticator's read for a key not known to be good, in one round trip: refuse the
--- client's network if it has failed too often, else read the key's cache entry.
+-- The authenticator's read for a key not known to be good in its process, in one round trip:
+-- the key's cache entry, and its client network's failures with the window's time left.
 -- KEYS[1]: the network's failure counter; KEYS[2]: the key's cache entry (api_key:{hash}).
--- ARGV[1]: failures allowed per window.
--- Reply: {0, ms left in the window} refused (the key's entry is not read), or {1, entry}
--- (just {1} when there is no entry).
+-- Reply: {entry (nil when there is none), failures in the window, ms left in it (PTTL)}.
+-- Whether the key is looked up is the caller's decision (auth_failures.judge_lookup): a key
+-- cached as a principal passes even when the network is over its limit.
 local failures = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if failures >= tonumber(ARGV[1]) then
-  return {0, redis.call('PTTL', KEYS[1])}
-end
-return {1, redis.call('GET', KEYS[2])}
+return {redis.call('GET', KEYS[2]), failures, redis.call('PTTL', KEYS[1])}
 """)
