@@ -17,12 +17,14 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from schemas.subjects import CONTROL, CONTROL_VIEW
 from services.core.catalog import hash_api_key
 from services.core.catalog.commands import generate_api_key
 from services.core.devstack import free_port
 from services.core.http import DB, REGISTRY
 from services.gateway.app import create_gateway_app
 from services.gateway.auth import TOMBSTONE, UNKNOWN
+from services.gateway.gateway import GATEWAY
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import Platform, platform  # noqa: F401
 
@@ -77,6 +79,10 @@ async def gateways(platform: Platform) -> AsyncIterator[list[Gateway]]:  # noqa:
 
 
 async def start(p: Platform, started: list[Gateway], **overrides: Any) -> Gateway:
+    """A gateway that hears only of events the log gets from now on: a key creation or a
+    tenant's change it heard of late would tombstone keys in Redis, and the tests here count
+    lookups and cache entries."""
+    await control_events_delivered(p)
     app = create_gateway_app(p.settings(**overrides))
     runner = web.AppRunner(app, shutdown_timeout=1.0)
     await runner.setup()
@@ -205,7 +211,15 @@ async def test_a_network_over_the_failure_limit_is_refused_before_any_lookup(
     # A key Redis does not hold as good waits like everyone else from there...
     fresh = await p.catalog.create_api_key(p.environment_id, name="fresh")
     assert (await gw.call("/v1/models", fresh.plaintext, ip=THROTTLED_IP))[0] == 429
-    # ...until it is in the shared cache (used from another network).
+    # ...until it is in the shared cache (used from another network). Its creation event
+    # tombstones the entry when it arrives, so it must have arrived first.
+    authenticator = gw.app[GATEWAY].auth
+    fresh_hash = hash_api_key(fresh.plaintext)
+
+    async def creation_applied() -> bool:
+        return fresh_hash in authenticator._invalidated
+
+    await eventually(creation_applied, timeout=20, what="the key's creation event applied")
     await until_cached(gw, redis_client, fresh.plaintext)
 
     # The count is shared: another gateway refuses the network too, looking nothing up.
@@ -236,6 +250,25 @@ async def test_requests_without_a_credential_are_not_counted_as_failures(
     for _ in range(4):  # the network's whole budget is still there
         assert (await gw.call("/v1/models", generate_api_key(), ip=THROTTLED_IP))[0] == 401
     assert (await gw.call("/v1/models", generate_api_key(), ip=THROTTLED_IP))[0] == 429
+
+
+async def control_events_delivered(p: Platform) -> None:
+    """Wait until the outbox relay has published every event in the log and the CONTROL
+    stream's mirror, which gateways read, holds them all: a gateway started after that never
+    hears of them (it reads new events only), whereas one started before the mirror caught up
+    would, and would tombstone a key it finds there as just created."""
+    async def delivered() -> bool:
+        # In the relay's order: (transaction id, position).
+        if not await p.pool.fetchval(
+                "SELECT NOT EXISTS (SELECT 1 FROM events e WHERE (e.transaction_id, e.position)"
+                " > coalesce((SELECT (c.transaction_id, c.position) FROM checkpoints c "
+                "WHERE c.name = 'outbox-relay'), ('0'::xid8, 0::bigint)))"):
+            return False
+        source = await p.bus.js.stream_info(CONTROL.name)
+        mirror = await p.bus.js.stream_info(CONTROL_VIEW.name)
+        return mirror.state.last_seq >= source.state.last_seq
+
+    await eventually(delivered, timeout=30, what="the log's events in CONTROL_VIEW")
 
 
 async def until_cached(gw: Gateway, client: aioredis.Redis, key: str) -> None:
