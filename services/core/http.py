@@ -2,7 +2,8 @@
 
 `create_app` gives an application with `/health` (the process is alive), `/ready` (its
 PostgreSQL, Redis and NATS answer), `/metrics` (the app's own Prometheus registry), request ids
-bound into every log line, and its resources opened in `cleanup_ctx` under typed AppKeys.
+bound into every log line, the reference's security headers on every response, and its
+resources opened in `cleanup_ctx` under typed AppKeys.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from multidict import istr
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -184,6 +186,7 @@ async def metrics_site_ctx(app: web.Application) -> AsyncIterator[None]:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     side = web.Application()
+    side.on_response_prepare.append(add_security_headers)
     side.router.add_get("/metrics", scrape)
     runner = web.AppRunner(side, access_log=None)
     await runner.setup()
@@ -252,6 +255,24 @@ def background(name: str,
     return ctx
 
 
+SECURITY_HEADERS: tuple[tuple[istr, str], ...] = (
+    (istr("Strict-Transport-Security"), "max-age=31536000; includeSubDomains; preload"),
+    (istr("X-Frame-Options"), "DENY"),
+    (istr("X-Content-Type-Options"), "nosniff"),
+    (istr("X-XSS-Protection"), "1; mode=block"),
+    (istr("Content-Security-Policy"), "default-src 'self'; frame-ancestors 'none'"),
+    (istr("Referrer-Policy"), "strict-origin-when-cross-origin"),
+    (istr("Permissions-Policy"), "geolocation=(), microphone=(), camera=()"),
+)
+"""The reference's set, on every response of every service: the admin API, billing's webhook
+and the notifier's intake face operators' browsers and the internet as the gateway does."""
+
+
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: errors, 404s and streams included (their headers go out here)."""
+    response.headers.update(SECURITY_HEADERS)  # replaces, never duplicates, a handler's
+
+
 def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
                middlewares: tuple[Any, ...] = (),
                client_max_size: int = 10 * 1024 * 1024) -> web.Application:
@@ -262,6 +283,7 @@ def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
     app[REGISTRY] = registry
     app[HTTP_METRICS] = HttpMetrics(registry)
     app[NEEDS] = needs
+    app.on_response_prepare.append(add_security_headers)
     if needs.postgres:
         app[PROJECTION_METRICS] = ProjectionMetrics(registry)
         app.cleanup_ctx.append(postgres_ctx)

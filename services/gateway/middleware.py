@@ -50,7 +50,9 @@ from services.core.http import (
     REGISTRY,
     REQUEST_ID,
     REQUEST_ID_HEADER,
+    SECURITY_HEADERS,
     HttpMetrics,
+    add_security_headers,
     request_id_of,
     route_label,
 )
@@ -63,15 +65,6 @@ log = structlog.get_logger("gateway.http")
 REAL_IP = web.RequestKey("real_ip", str)
 """The client's address (see services/gateway/real_ip.py), for rate limits and logs."""
 
-SECURITY_HEADERS: tuple[tuple[istr, str], ...] = (
-    (istr("Strict-Transport-Security"), "max-age=31536000; includeSubDomains; preload"),
-    (istr("X-Frame-Options"), "DENY"),
-    (istr("X-Content-Type-Options"), "nosniff"),
-    (istr("X-XSS-Protection"), "1; mode=block"),
-    (istr("Content-Security-Policy"), "default-src 'self'; frame-ancestors 'none'"),
-    (istr("Referrer-Policy"), "strict-origin-when-cross-origin"),
-    (istr("Permissions-Policy"), "geolocation=(), microphone=(), camera=()"),
-)
 
 DEFAULT_CORS_HEADERS: tuple[str, ...] = (
     "Authorization", "Content-Type", "X-Request-ID", "OpenAI-Organization", "OpenAI-Project",
@@ -624,7 +617,8 @@ def install_middleware(app: web.Application, config: MiddlewareConfig | None = N
     Call before the app starts. Metrics go to `registry`, else the app's ``REGISTRY`` (a new
     one is stored there when it has none), reusing the shell's ``HTTP_METRICS`` counters. The
     shell's `request_context` and `count_requests` middlewares are removed: this stack sets the
-    same `REQUEST_ID` and counts the same metrics, and keeping them would count twice.
+    same `REQUEST_ID` and counts the same metrics, and keeping them would count twice; so is
+    its `add_security_headers` hook, whose headers this stack's hook sets.
     """
     config = config or MiddlewareConfig()
     app_registry = app.get(REGISTRY)
@@ -641,6 +635,9 @@ def install_middleware(app: web.Application, config: MiddlewareConfig | None = N
     others = [m for m in app.middlewares
               if m is not shell_request_context and m is not shell_count_requests]
     app.middlewares[:] = [*stack.middlewares, *others]
+    # The stack's hook sets the shell's security headers itself, with the rest of the edge's.
+    if add_security_headers in app.on_response_prepare:
+        app.on_response_prepare.remove(add_security_headers)
     app.on_response_prepare.append(stack.on_response_prepare)
     app[MIDDLEWARE_CONFIG] = config
     app[EDGE_METRICS] = stack.metrics
