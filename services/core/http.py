@@ -293,10 +293,11 @@ def create_app(settings: CoreSettings, *, needs: Needs = Needs(),
         app.cleanup_ctx.append(nats_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    if settings.metrics_port:
-        app.cleanup_ctx.append(metrics_site_ctx)
-    else:
-        app.router.add_get("/metrics", metrics)
+    if settings.prometheus_enabled:  # PROMETHEUS_ENABLED=false: no /metrics anywhere
+        if settings.metrics_port:
+            app.cleanup_ctx.append(metrics_site_ctx)
+        else:
+            app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
+import msgspec.structs
 
 
 class Secret:
@@ -133,6 +134,9 @@ class CoreSettings(msgspec.Struct, kw_only=True, frozen=True):
     metrics_port: int = 0
     """0: /metrics on the service's own port. Otherwise /metrics is served on this port only
     (kept off a public port); a gateway with N workers uses this port + 0 … N-1."""
+    prometheus_enabled: bool = True
+    """The reference's PROMETHEUS_ENABLED: false serves no /metrics at all (neither on the
+    service's port nor on METRICS_PORT); the counters are still kept, in memory."""
     log_level: str = "info"
     log_json: bool = True
     event_poll_interval: float = 1.0
@@ -151,16 +155,58 @@ def _dec_hook(type_: type, obj: Any) -> Any:
     raise NotImplementedError
 
 
+ALIASES: dict[str, str] = {"admin_token": "ADMIN_API_TOKEN"}
+"""Fields that the reference document's variable names also set (beside ours): a deployment
+written from it works unchanged. Setting both names to different values is an error."""
+
+
+def _reference_names(cls: type[msgspec.Struct], env: Mapping[str, str],
+                     raw: dict[str, Any]) -> None:
+    """Apply the reference's variable names to `raw`: ALIASES, and REDIS_PASSWORD, which the
+    reference gives apart from REDIS_URL (ours carries it in the URL)."""
+    for name, alias in ALIASES.items():
+        if name not in cls.__struct_fields__ or alias not in env:
+            continue
+        if name in raw and raw[name] != env[alias]:
+            raise SettingsError(f"{name.upper()} and {alias} are both set, to different "
+                                "values: set one.")
+        raw[name] = env[alias]
+    password = env.get("REDIS_PASSWORD")
+    if not password or "redis_url" not in cls.__struct_fields__:
+        return
+    url = raw.get("redis_url")
+    if url is None:  # the field's default URL
+        url = next(f.default for f in msgspec.structs.fields(cls) if f.name == "redis_url")
+    raw["redis_url"] = with_password(url.reveal() if isinstance(url, Secret) else str(url),
+                                     password, "REDIS_URL", "REDIS_PASSWORD")
+
+
+def with_password(url: str, password: str, url_name: str, password_name: str) -> str:
+    """`url` with `password` in it (percent-encoded), unless it already has that one;
+    SettingsError when it has another."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is not None:
+        if urllib.parse.unquote(parts.password) == password:
+            return url
+        raise SettingsError(f"{url_name} has a password and {password_name} another: set "
+                            "one.")
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    quoted = urllib.parse.quote(password, safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{quoted}@{host}"))
+
+
 def load_settings(cls: type[S], environ: Mapping[str, str] | None = None,
                   **overrides: Any) -> S:
-    """Build `cls` (any msgspec Struct of settings) from the environment, and explicit
-    overrides, which win."""
+    """Build `cls` (any msgspec Struct of settings) from the environment (our variable names,
+    and the reference's: `_reference_names`), and explicit overrides, which win."""
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     for name in cls.__struct_fields__:
         key = name.upper()
         if key in env:
             raw[name] = env[key]
+    _reference_names(cls, env, raw)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return msgspec.convert(raw, cls, strict=False, dec_hook=_dec_hook)

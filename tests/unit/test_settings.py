@@ -157,3 +157,80 @@ def test_a_placeholder_password_in_a_url_is_refused() -> None:
     assert not placeholder_password("redis://:x9Vq3k2LmTz8@redis:6379/0")
     with pytest.raises(SettingsError, match="REDIS_URL has a placeholder"):
         load_settings(CoreSettings, {"REDIS_URL": "redis://:REPLACE_ME@redis:6379/0"})
+
+
+# --------------------------------------------------------------------------- the reference's names
+
+
+def test_admin_api_token_is_the_reference_s_name_for_admin_token() -> None:
+    token = secrets.token_urlsafe(32)
+    s = load_settings(AdminSettings, {"ADMIN_API_TOKEN": token})
+    assert s.admin_token.reveal() == token
+    both = load_settings(AdminSettings, {"ADMIN_API_TOKEN": token, "ADMIN_TOKEN": token})
+    assert both.admin_token.reveal() == token
+    with pytest.raises(SettingsError, match="ADMIN_TOKEN and ADMIN_API_TOKEN are both set"):
+        load_settings(AdminSettings, {"ADMIN_API_TOKEN": token, "ADMIN_TOKEN": token + "x"})
+    # The weak-token check holds whichever name carried it.
+    with pytest.raises(SettingsError, match="ADMIN_TOKEN is a placeholder"):
+        check_admin_settings(load_settings(AdminSettings, {"ADMIN_API_TOKEN": "REPLACE_ME"}))
+
+
+def test_redis_password_goes_into_the_redis_url() -> None:
+    """The reference gives REDIS_PASSWORD apart from REDIS_URL; redis-py then sends it."""
+    import redis.asyncio as aioredis
+
+    password = "p@ss:w/rd#1"
+    s = load_settings(CoreSettings, {"REDIS_URL": "redis://redis:6379/0",
+                                     "REDIS_PASSWORD": password})
+    client = aioredis.from_url(s.redis_url.reveal())
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["password"], kwargs["host"], kwargs["port"], kwargs["db"]) == (
+        password, "redis", 6379, 0)
+    assert password not in repr(s)
+    # Into the default URL when REDIS_URL is not set; a URL with that very password is fine.
+    default = load_settings(CoreSettings, {"REDIS_PASSWORD": "x9Vq3k2LmTz8"})
+    assert default.redis_url.reveal() == "redis://:x9Vq3k2LmTz8@127.0.0.1:6379/0"
+    same = load_settings(CoreSettings, {"REDIS_URL": "redis://:x9Vq3k2LmTz8@redis:6379/0",
+                                        "REDIS_PASSWORD": "x9Vq3k2LmTz8"})
+    assert same.redis_url.reveal() == "redis://:x9Vq3k2LmTz8@redis:6379/0"
+    with pytest.raises(SettingsError, match="REDIS_URL has a password and REDIS_PASSWORD"):
+        load_settings(CoreSettings, {"REDIS_URL": "redis://:other@redis:6379/0",
+                                     "REDIS_PASSWORD": "x9Vq3k2LmTz8"})
+    with pytest.raises(SettingsError, match="REDIS_URL has a placeholder"):
+        load_settings(CoreSettings, {"REDIS_PASSWORD": "REPLACE_ME"})
+    # Empty is unset (a compose file's `REDIS_PASSWORD=`).
+    assert load_settings(CoreSettings, {"REDIS_PASSWORD": ""}).redis_url == \
+        CoreSettings().redis_url
+
+
+@pytest.mark.parametrize(("env", "own_port"), [
+    ({}, True), ({}, False),
+    ({"PROMETHEUS_ENABLED": "false"}, True), ({"PROMETHEUS_ENABLED": "false"}, False)])
+async def test_prometheus_enabled_false_serves_no_metrics(env: dict[str, str],
+                                                          own_port: bool) -> None:
+    """The reference's PROMETHEUS_ENABLED: false, no /metrics on the service's port nor on
+    METRICS_PORT (nothing listens there)."""
+    import aiohttp
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from services.core.devstack import free_port
+    from services.core.http import Needs, create_app
+
+    enabled = not env
+    port = 0 if own_port else free_port()
+    settings = load_settings(CoreSettings, env, metrics_port=port)
+    async with TestClient(TestServer(create_app(settings, needs=Needs(
+            postgres=False, redis=False, nats=False)), host="127.0.0.1")) as client:
+        assert (await client.get("/health")).status == 200
+        assert (await client.get("/metrics")).status == (200 if enabled and own_port else 404)
+        if own_port:
+            return
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/metrics"
+            if enabled:
+                async with session.get(url) as r:
+                    assert r.status == 200
+            else:
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with session.get(url):
+                        pass
