@@ -1,12 +1,14 @@
 """The billing ledger: projection `billing_events` of the billing.* events, how commands record
 them, and the reads the admin API and billing service share.
 
-The projection keeps three tables (migration 0009): `billing_events` (the per-tenant feed),
+The projection keeps three tables (migration 0009): `billing_events` (the per-tenant feed,
+each with its `stripe_id`: `stripe_id_of`),
 `billing_accounts` (Stripe customer, subscription and payment standing) and `meter_exports`
 (each meter event planned for Stripe and its outcome). The admin API (linking a customer) and
 the billing service (the Stripe pusher, webhooks) append their events and apply them inline in
 one transaction (`record_billing_events`), so a read right after sees them; the runner applies
 them again later, which changes nothing: every row keeps the stream version it last applied.
+A customer link also goes to the tenants projection (`tenants.stripe_customer_id`), inline.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from schemas.events import (
     UsageExportSkipped,
     payload_of,
 )
+from services.core.catalog.projections import TenantsProjection
 from services.core.db import Connection
 from services.core.eventlog import ANY, EventLog, RecordedEvent
 from services.core.projections import Projection
@@ -45,6 +48,17 @@ ENDED_SUBSCRIPTION = frozenset({"canceled", "incomplete_expired"})
 """Subscription statuses Stripe never leaves: such a subscription bills nothing more."""
 
 
+def stripe_id_of(e: Event) -> str | None:
+    """What Stripe knows a billing event by (`billing_events.stripe_id`, as the reference's
+    table has it): a webhook's event id (`evt_…`), the linked customer (`cus_…`), or a meter
+    event's identifier (what Stripe deduplicates it by, and an operator looks it up by)."""
+    for field in ("stripe_event_id", "identifier", "customer_id"):
+        value = getattr(e, field, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 class BillingProjection(Projection):
     name = "billing_events"
     tables = ("billing_events", "billing_accounts", "meter_exports")
@@ -52,13 +66,15 @@ class BillingProjection(Projection):
 
     async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
         feed = [(r.event_id, getattr(r.event, "tenant_id", None), r.stream, r.type,
-                 _json.encode(payload_of(r.event)).decode(), r.occurred_at) for r in events]
+                 _json.encode(payload_of(r.event)).decode(), r.occurred_at,
+                 stripe_id_of(r.event)) for r in events]
         if feed:
             # The feed first: a tenant's payment standing is read back from it.
             await conn.executemany(
                 """INSERT INTO billing_events (event_id, tenant_id, stream, type, data,
-                                               occurred_at)
-                   VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT (event_id) DO NOTHING""",
+                                               occurred_at, stripe_id)
+                   VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)
+                   ON CONFLICT (event_id) DO NOTHING""",
                 feed)
         for r in events:
             await _apply_one(conn, r, r.event)
@@ -197,6 +213,11 @@ async def record_billing_events(conn: Connection, events: Sequence[Event], *,
     recorded.sort(key=lambda r: r.position)
     if recorded:
         await BillingProjection().apply(conn, recorded)
+        # The tenants projection keeps the customer too (`tenants.stripe_customer_id`); like
+        # every catalog projection it is applied by whoever writes its events.
+        linked = [r for r in recorded if isinstance(r.event, StripeCustomerLinked)]
+        if linked:
+            await TenantsProjection().apply(conn, linked)
     return recorded
 
 

@@ -26,8 +26,10 @@ from schemas.events import (
 from services.billing.hours import floor_hour, identifier
 from services.core.billing_ledger import record_billing_events
 from services.core.catalog import Catalog
+from services.core.catalog.projections import TenantsProjection
 from services.core.eventlog import EventLog
 from services.core.natsauth.identities import Role
+from services.core.projections import ProjectionRunner
 from tests.conftest import Servers
 from tests.doubles.stripe_server import StripeServer, running_stripe
 from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin
@@ -84,6 +86,19 @@ async def test_link_creates_customer_and_subscription_once(admin: Admin,
     assert shown["totals"] == {"exported": 0, "planned": 0, "failed": 0, "skipped": 0,
                                "held": 0}
     assert [e["type"] for e in shown["events"]] == ["billing.customer_linked"]
+
+    # The reference's columns: the tenant's Stripe customer, and each billing event's Stripe id.
+    assert (await admin.ok("GET", f"/tenants/{tenant}"))["stripe_customer_id"] == \
+        first["customer_id"]
+    assert await pool.fetchval("SELECT stripe_id FROM billing_events WHERE tenant_id = $1",
+                               uuid.UUID(tenant)) == first["customer_id"]
+    # Rebuilt from the log, the tenants projection still has it.
+    await ProjectionRunner(EventLog(pool), TenantsProjection()).rebuild()
+    assert await pool.fetchval("SELECT stripe_customer_id FROM tenants WHERE id = $1",
+                               uuid.UUID(tenant)) == first["customer_id"]
+    assert (await admin.ok("GET", "/tenants/" + str(
+        (await admin.ok("POST", "/tenants", {"name": "Unlinked"}, status=201))["id"])
+    ))["stripe_customer_id"] is None
 
 
 async def test_concurrent_links_and_a_customer_left_by_a_crash(admin: Admin,

@@ -267,6 +267,10 @@ async def test_closed_hours_are_pushed_once_late_usage_is_corrected(rig: Billing
         "SELECT count(*) FROM meter_exports WHERE status <> 'exported'") == 0
     assert len(accepted_identifiers(rig.stripe)) == len(set(accepted_identifiers(rig.stripe)))
     assert state.concurrency_refusals == 0
+    # Every meter event in the feed goes by the identifier Stripe holds it under.
+    exported = await rig.pool.fetch("SELECT stripe_id FROM billing_events "
+                                    "WHERE type = 'billing.usage_exported'")
+    assert exported and {r["stripe_id"] for r in exported} <= set(state.meter_events)
 
 
 async def test_hours_pushed_late_are_stamped_with_the_time_of_sending(rig: BillingRig) -> None:

@@ -105,6 +105,12 @@ async def test_a_duplicate_delivery_has_one_effect(hook: Hook) -> None:
     assert [f["invoice_id"] for f in failed] == ["in_9", "in_10"]
     assert await hook.rig.pool.fetchval(
         "SELECT count(*) FROM events WHERE type = 'billing.payment_failed'") == 2
+    # The feed keeps what Stripe knows each event by, as the reference's table has it.
+    rows = await hook.rig.pool.fetch(
+        "SELECT type, stripe_id FROM billing_events WHERE tenant_id = $1", tenant)
+    assert sorted((r["type"], r["stripe_id"]) for r in rows) == [
+        ("billing.customer_linked", customer), ("billing.payment_failed", "evt_dup"),
+        ("billing.payment_failed", "evt_twice")]
 
 
 async def test_payment_failed_flags_paid_clears_and_tenant_stays_active(hook: Hook) -> None:

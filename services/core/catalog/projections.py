@@ -19,6 +19,7 @@ from schemas.events import (
     EnvironmentUpdated,
     ModelCreated,
     ModelUpdated,
+    StripeCustomerLinked,
     TenantCreated,
     TenantReactivated,
     TenantSuspended,
@@ -32,7 +33,7 @@ from services.core.projections import Projection
 class TenantsProjection(Projection):
     name = "tenants"
     tables = ("tenants",)
-    event_types = ("tenant.*",)
+    event_types = ("tenant.*", "billing.customer_linked")
 
     async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
         for r in events:
@@ -50,6 +51,12 @@ class TenantsProjection(Projection):
                            updated_at = $4, version = $5
                        WHERE id = $1 AND version < $5""",
                     e.tenant_id, e.name, e.email, e.occurred_at, r.stream_version)
+            elif isinstance(e, StripeCustomerLinked):
+                # The billing stream's event: its version is not the tenant's, so it leaves
+                # `version` alone; the log's order makes the latest link win.
+                await conn.execute(
+                    "UPDATE tenants SET stripe_customer_id = $2 WHERE id = $1",
+                    e.tenant_id, e.customer_id)
             elif isinstance(e, TenantSuspended | TenantReactivated):
                 status = "suspended" if isinstance(e, TenantSuspended) else "active"
                 await conn.execute(

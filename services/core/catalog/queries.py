@@ -46,6 +46,8 @@ class TenantRecord(msgspec.Struct, kw_only=True, frozen=True):
     email: str
     status: str
     status_reason: str
+    stripe_customer_id: str | None = None
+    """The Stripe customer the tenant is billed through (linked with `billing link`)."""
     created_at: Time
     updated_at: Time
 
@@ -119,7 +121,8 @@ def plain_decimal(value: Decimal) -> Decimal:
 
 def _tenant(r: asyncpg.Record) -> TenantRecord:
     return TenantRecord(id=r["id"], name=r["name"], email=r["email"], status=r["status"],
-                        status_reason=r["status_reason"], created_at=r["created_at"],
+                        status_reason=r["status_reason"],
+                        stripe_customer_id=r["stripe_customer_id"], created_at=r["created_at"],
                         updated_at=r["updated_at"])
 
 
@@ -161,7 +164,8 @@ def _deployment(r: asyncpg.Record) -> DeploymentRecord:
 
 
 # Explicit columns: `SELECT *` on api_keys would fetch key_hash, which no record may hold.
-_TENANT = "id, name, email, status, status_reason, created_at, updated_at"
+_TENANT = ("id, name, email, status, status_reason, stripe_customer_id, created_at, "
+           "updated_at")
 _ENVIRONMENT = ("id, tenant_id, name, region, status, requests_per_minute, tokens_per_minute, "
                 "tokens_per_day, created_at, updated_at")
 _API_KEY = ("id, tenant_id, environment_id, name, last_four, role, status, requests_per_minute, "
