@@ -117,10 +117,11 @@ async def seed(admin: Admin, name: str = "Acme") -> tuple[dict[str, Any], dict[s
 async def test_tenants(admin: Admin, pool: asyncpg.Pool) -> None:
     created = await admin.ok("POST", "/tenants", {"name": "Acme", "email": "ops@acme.test"},
                              201)
-    assert set(created) == {"id", "name", "email", "status", "status_reason", "created_at",
-                            "updated_at"}
+    assert set(created) == {"id", "name", "email", "status", "status_reason",
+                            "stripe_customer_id", "created_at", "updated_at"}
     assert (created["name"], created["email"], created["status"]) == \
         ("Acme", "ops@acme.test", "active")
+    assert created["stripe_customer_id"] is None  # until `billing link`
     assert created["created_at"].endswith("Z")
     # Read-your-writes: the command updated the projection in its own transaction.
     assert await admin.ok("GET", f"/tenants/{created['id']}") == created
