@@ -8,48 +8,40 @@ and `limits` an explicit ``null`` clears that one limit.
 
 from __future__ import annotations
 
-from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from services.core.catalog.bodies import (
+    INT32_MAX,
+    AwareTime,
+    Body,
+    Concurrency,
+    Name,
+    OptionalName,
+    Region,
+    Requests,
+    Role,
+    Tokens,
+)
 from services.core.catalog.queries import (
-    ApiKeyRecord,
     DeploymentRecord,
-    EnvironmentRecord,
     ModelRecord,
     TenantRecord,
 )
 
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
-
-Name = Annotated[str, Meta(min_length=1, max_length=200)]
-OptionalName = Annotated[str, Meta(max_length=200)]
 Email = Annotated[str, Meta(max_length=320, pattern=r"^$|^[^@\s]+@[^@\s]+$",
                             description="empty, or an e-mail address")]
-Reason = Annotated[str, Meta(max_length=1000)]
-Region = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                             examples=["us-east-1"])]
 Regions = Annotated[list[Region], Meta(min_length=1, max_length=64)]
 GpuType = Annotated[str, Meta(min_length=1, max_length=64, examples=["A10G"])]
-Requests = Annotated[int, Meta(ge=0, le=INT32_MAX)]
-Tokens = Annotated[int, Meta(ge=0, le=INT64_MAX)]
-Concurrency = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 NodeCount = Annotated[int, Meta(ge=0, le=10_000)]
 Price = Annotated[Decimal, Meta(
     description="USD per million tokens: a decimal string (\"0.15\") or a JSON number, at "
                 "least 0, at most 6 decimal places; returned as a string")]
-AwareTime = Annotated[datetime, Meta(tz=True, description="ISO-8601 with a time zone")]
-Role = Literal["admin", "developer", "readonly"]
 EnvironmentStatus = Literal["active", "suspended"]
 ModelStatus = Literal["active", "suspended", "deleted"]
-
-
-class Body(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Base of every request body."""
 
 
 # --------------------------------------------------------------------------- tenants
@@ -65,33 +57,13 @@ class TenantPatch(Body, frozen=True, kw_only=True):
     email: Email | UnsetType = UNSET
 
 
-class StatusChange(Body, frozen=True, kw_only=True):
-    """Suspend, reactivate, revoke: why, for the event log."""
-
-    reason: Reason = ""
-
-
 # --------------------------------------------------------------------------- environments
-
-
-class QuotaCreate(Body, frozen=True, kw_only=True):
-    """null (or absent): the platform's default at the environment level."""
-
-    requests_per_minute: Requests | None = None
-    tokens_per_minute: Tokens | None = None
-    tokens_per_day: Tokens | None = None
 
 
 class QuotaPatch(Body, frozen=True, kw_only=True):
     requests_per_minute: Requests | UnsetType | None = UNSET
     tokens_per_minute: Tokens | UnsetType | None = UNSET
     tokens_per_day: Tokens | UnsetType | None = UNSET
-
-
-class EnvironmentCreate(Body, frozen=True, kw_only=True):
-    name: Name
-    region: Region
-    quota: QuotaCreate = msgspec.field(default_factory=QuotaCreate)
 
 
 class EnvironmentPatch(Body, frozen=True, kw_only=True):
@@ -104,27 +76,11 @@ class EnvironmentPatch(Body, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- API keys
 
 
-class LimitsCreate(Body, frozen=True, kw_only=True):
-    """null (or absent): no limit at the key's own level."""
-
-    requests_per_minute: Requests | None = None
-    tokens_per_minute: Tokens | None = None
-    tokens_per_day: Tokens | None = None
-    concurrency: Concurrency | None = None
-
-
 class LimitsPatch(Body, frozen=True, kw_only=True):
     requests_per_minute: Requests | UnsetType | None = UNSET
     tokens_per_minute: Tokens | UnsetType | None = UNSET
     tokens_per_day: Tokens | UnsetType | None = UNSET
     concurrency: Concurrency | UnsetType | None = UNSET
-
-
-class KeyCreate(Body, frozen=True, kw_only=True):
-    name: OptionalName = ""
-    role: Role = "developer"
-    limits: LimitsCreate = msgspec.field(default_factory=LimitsCreate)
-    expires_at: AwareTime | None = None
 
 
 class KeyPatch(Body, frozen=True, kw_only=True):
@@ -135,23 +91,6 @@ class KeyPatch(Body, frozen=True, kw_only=True):
     role: Role | UnsetType = UNSET
     limits: LimitsPatch | UnsetType = UNSET
     expires_at: AwareTime | UnsetType = UNSET
-
-
-class KeyRotate(Body, frozen=True, kw_only=True):
-    """`expires_at` is the successor's expiry: a time to set one, null for none; left out,
-    the old key's (which must not have passed)."""
-
-    reason: Reason = ""
-    expires_at: AwareTime | UnsetType | None = UNSET
-
-
-class KeyWithSecret(ApiKeyRecord, frozen=True, kw_only=True):
-    """A key just made: the record plus the plaintext `key`, shown this once."""
-
-    key: str
-
-    def __repr__(self) -> str:
-        return f"KeyWithSecret(id={self.id}, last_four={self.last_four!r})"
 
 
 # --------------------------------------------------------------------------- models
@@ -221,16 +160,6 @@ class TenantList(msgspec.Struct, kw_only=True, frozen=True):
     data: list[TenantRecord]
     next_cursor: str | None = None
     """Pass as `cursor` for the next page; null on the last one."""
-
-
-class EnvironmentList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[EnvironmentRecord]
-    next_cursor: str | None = None
-
-
-class ApiKeyList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[ApiKeyRecord]
-    next_cursor: str | None = None
 
 
 class ModelList(msgspec.Struct, kw_only=True, frozen=True):

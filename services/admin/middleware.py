@@ -18,10 +18,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from services.admin.context import API_PREFIX, TOKEN_HEADER
-from services.admin.validation import FieldError
 from services.core.catalog import CatalogError, Conflict, Invalid, NotFound
 from services.core.errors import ApiError, api_error_for_http, error_response
 from services.core.http import REQUEST_ID
+from services.core.request_checks import FieldError
 from services.core.settings import Secret
 
 log = structlog.get_logger("admin")

@@ -1,6 +1,7 @@
-"""Pure checks of what callers send: decoding errors named by field, the checks a JSON Schema
-cannot say (price precision, times in the future, unique regions), paging cursors and query
-strings. No I/O: handlers call these and turn `FieldError` into a 400."""
+"""Pure checks of what callers send (the admin API, and the public API's tenant self-service
+routes): decoding errors named by field, the checks a JSON Schema cannot say (price precision,
+times in the future, unique regions), paging cursors and query strings. No I/O: handlers call
+these and turn `FieldError` into a 400."""
 
 from __future__ import annotations
 

@@ -15,14 +15,20 @@ import pytest
 from schemas.events import Quota
 from services.admin.bodies import (
     DeploymentCreate,
-    EnvironmentCreate,
     EnvironmentPatch,
+    TenantCreate,
+)
+from services.core.catalog import Invalid, merge_quota
+from services.core.catalog.bodies import (
+    EnvironmentCreate,
     KeyCreate,
     KeyWithSecret,
     StatusChange,
-    TenantCreate,
 )
-from services.admin.validation import (
+from services.core.catalog.commands import check_node_bounds
+from services.core.catalog.queries import KeyLimits, plain_decimal
+from services.core.eventlog import START, LogPosition
+from services.core.request_checks import (
     FieldError,
     check_future,
     check_price,
@@ -36,10 +42,6 @@ from services.admin.validation import (
     parse_event_query,
     parse_page_query,
 )
-from services.core.catalog import Invalid, merge_quota
-from services.core.catalog.commands import check_node_bounds
-from services.core.catalog.queries import KeyLimits, plain_decimal
-from services.core.eventlog import START, LogPosition
 
 
 @pytest.mark.parametrize(("error", "message", "param"), [

@@ -31,7 +31,6 @@ from schemas.events import UsageExported, UsageExportFailed
 from services.admin.bodies import ExportSettle
 from services.admin.context import ADMIN_SETTINGS
 from services.admin.routing import QueryParam, Route, add
-from services.admin.validation import FieldError, parse_limit
 from services.admin.web_io import (
     ACTOR,
     db,
@@ -56,6 +55,7 @@ from services.core.catalog import queries as q
 from services.core.db import Connection
 from services.core.errors import ApiError
 from services.core.http import REQUEST_ID
+from services.core.request_checks import FieldError, parse_limit
 from services.core.stripe_billing import (
     Failure,
     MeterSend,

@@ -6,7 +6,6 @@ from aiohttp import web
 
 from services.admin.bodies import DeploymentCreate, DeploymentList, DeploymentPatch
 from services.admin.routing import PAGE_QUERY, Route, add
-from services.admin.validation import check_unique, next_cursor
 from services.admin.web_io import (
     catalog,
     db,
@@ -23,6 +22,7 @@ from services.core.catalog import NotFound
 from services.core.catalog import queries as q
 from services.core.catalog.queries import DeploymentRecord
 from services.core.errors import ApiError
+from services.core.request_checks import check_unique, next_cursor
 
 
 async def create_deployment(request: web.Request) -> web.Response:

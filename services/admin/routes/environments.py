@@ -5,9 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from schemas.events import EntityStatus, Quota
-from services.admin.bodies import EnvironmentCreate, EnvironmentList, EnvironmentPatch
+from services.admin.bodies import (
+    EnvironmentPatch,
+)
 from services.admin.routing import PAGE_QUERY, Route, add
-from services.admin.validation import next_cursor
 from services.admin.web_io import (
     catalog,
     changes,
@@ -21,7 +22,12 @@ from services.admin.web_io import (
     require,
 )
 from services.core.catalog import queries as q
+from services.core.catalog.bodies import (
+    EnvironmentCreate,
+    EnvironmentList,
+)
 from services.core.catalog.queries import EnvironmentRecord
+from services.core.request_checks import next_cursor
 
 
 async def create_environment(request: web.Request) -> web.Response:

@@ -12,7 +12,6 @@ from aiohttp import web
 from services.admin.bodies import EventList, EventStats, EventTypeStat
 from services.admin.context import ADMIN_SETTINGS, EVENT_STREAMS
 from services.admin.routing import QueryParam, Route, add
-from services.admin.validation import decode_position, encode_position, parse_event_query
 from services.admin.web_io import db, json_response, no_query
 from services.core.errors import ApiError, sse_error_event
 from services.core.event_json import record_json
@@ -20,6 +19,7 @@ from services.core.event_stats import EventTypeStats
 from services.core.eventlog import EventLog, RecordedEvent
 from services.core.http import REQUEST_ID, WAKER
 from services.core.projections import ProjectionRunner
+from services.core.request_checks import decode_position, encode_position, parse_event_query
 
 log = structlog.get_logger("admin.events")
 

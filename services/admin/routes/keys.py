@@ -10,15 +10,9 @@ from aiohttp import web
 
 from schemas.events import Quota
 from services.admin.bodies import (
-    ApiKeyList,
-    KeyCreate,
     KeyPatch,
-    KeyRotate,
-    KeyWithSecret,
-    StatusChange,
 )
 from services.admin.routing import PAGE_QUERY, Route, add
-from services.admin.validation import check_future, next_cursor
 from services.admin.web_io import (
     catalog,
     changes,
@@ -33,14 +27,21 @@ from services.admin.web_io import (
 )
 from services.core.catalog import KEEP, NewApiKey
 from services.core.catalog import queries as q
+from services.core.catalog.bodies import (
+    ApiKeyList,
+    KeyCreate,
+    KeyRotate,
+    KeyWithSecret,
+    StatusChange,
+)
 from services.core.catalog.commands import Keep
 from services.core.catalog.queries import ApiKeyRecord
+from services.core.request_checks import check_future, next_cursor
 
 
 async def _with_secret(request: web.Request, new: NewApiKey) -> web.Response:
     record = require(await q.get_api_key(db(request), new.key_id), "api key", new.key_id)
-    fields = {f: getattr(record, f) for f in record.__struct_fields__}
-    return json_response(KeyWithSecret(**fields, key=new.plaintext), 201)
+    return json_response(KeyWithSecret.of(record, new.plaintext), 201)
 
 
 async def create_key(request: web.Request) -> web.Response:

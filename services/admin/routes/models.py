@@ -7,7 +7,6 @@ from aiohttp import web
 from schemas.events import EntityStatus
 from services.admin.bodies import ModelCreate, ModelList, ModelPatch
 from services.admin.routing import PAGE_QUERY, Route, add
-from services.admin.validation import check_price, next_cursor
 from services.admin.web_io import (
     catalog,
     db,
@@ -21,6 +20,7 @@ from services.admin.web_io import (
 )
 from services.core.catalog import queries as q
 from services.core.catalog.queries import ModelRecord
+from services.core.request_checks import check_price, next_cursor
 
 
 async def create_model(request: web.Request) -> web.Response:

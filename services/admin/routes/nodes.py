@@ -20,14 +20,17 @@ from msgspec import Meta
 from schemas.commands import CommandKind, CommandReply, NodeCommand
 from schemas.events import NodeHeartbeat, NodeStatus
 from schemas.subjects import node_command_subject
-from services.admin.bodies import Body, Reason
 from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
-from services.admin.validation import FieldError, next_cursor
 from services.admin.web_io import db, json_response, no_query, page_query, path_id, read_body
 from services.core.catalog import NotFound
+from services.core.catalog.bodies import (
+    Body,
+    Reason,
+)
 from services.core.errors import ApiError
 from services.core.fleet import Fleet, UnknownNode
 from services.core.http import BUS, EVENTLOG, REDIS
+from services.core.request_checks import FieldError, next_cursor
 
 log = structlog.get_logger("admin.nodes")
 

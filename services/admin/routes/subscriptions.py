@@ -11,9 +11,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from services.admin.bodies import Body
 from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
-from services.admin.validation import FieldError, next_cursor, parse_id
 from services.admin.web_io import (
     db,
     json_response,
@@ -25,6 +23,9 @@ from services.admin.web_io import (
     require,
 )
 from services.core.catalog import NotFound
+from services.core.catalog.bodies import (
+    Body,
+)
 from services.core.errors import ApiError
 from services.core.http import EVENTLOG, REQUEST_ID
 from services.core.notifications import Notifications
@@ -35,6 +36,7 @@ from services.core.notifications.queries import (
     NotificationDeliveryRecord,
     NotificationSubscriptionRecord,
 )
+from services.core.request_checks import FieldError, next_cursor, parse_id
 
 Pattern = Annotated[str, Meta(min_length=1, max_length=100, examples=["node.*"],
                               description="a glob on the event type: `*` and `?` wildcards")]

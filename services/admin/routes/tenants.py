@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.admin.bodies import StatusChange, TenantCreate, TenantList, TenantPatch
+from services.admin.bodies import (
+    TenantCreate,
+    TenantList,
+    TenantPatch,
+)
 from services.admin.routing import PAGE_QUERY, Route, add
-from services.admin.validation import next_cursor
 from services.admin.web_io import (
     catalog,
     db,
@@ -19,7 +22,11 @@ from services.admin.web_io import (
     require,
 )
 from services.core.catalog import queries as q
+from services.core.catalog.bodies import (
+    StatusChange,
+)
 from services.core.catalog.queries import TenantRecord
+from services.core.request_checks import next_cursor
 
 
 async def create_tenant(request: web.Request) -> web.Response:

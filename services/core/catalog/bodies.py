@@ -1,0 +1,105 @@
+"""Request and response bodies of the catalog's keys and environments, shared by the admin API
+and the public API's tenant self-service routes (services/gateway/self_service.py): one
+definition of what a key or an environment may be made with, so the two cannot drift.
+
+Request bodies forbid unknown fields (a typo is a 400, not a silently ignored change).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from services.core.catalog.queries import ApiKeyRecord, EnvironmentRecord
+
+__all__ = ["INT32_MAX", "INT64_MAX", "ApiKeyList", "AwareTime", "Body", "Concurrency",
+           "EnvironmentCreate", "EnvironmentList", "KeyCreate", "KeyRotate", "KeyWithSecret",
+           "LimitsCreate", "Name", "OptionalName", "QuotaCreate", "Reason", "Region", "Requests",
+           "Role", "StatusChange", "Tokens"]
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+OptionalName = Annotated[str, Meta(max_length=200)]
+Reason = Annotated[str, Meta(max_length=1000)]
+Region = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                             examples=["us-east-1"])]
+Requests = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+Tokens = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Concurrency = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+AwareTime = Annotated[datetime, Meta(tz=True, description="ISO-8601 with a time zone")]
+Role = Literal["admin", "developer", "readonly"]
+
+
+class Body(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Base of every request body."""
+
+
+class StatusChange(Body, frozen=True, kw_only=True):
+    """Suspend, reactivate, revoke: why, for the event log."""
+
+    reason: Reason = ""
+
+
+class QuotaCreate(Body, frozen=True, kw_only=True):
+    """null (or absent): the platform's default at the environment level."""
+
+    requests_per_minute: Requests | None = None
+    tokens_per_minute: Tokens | None = None
+    tokens_per_day: Tokens | None = None
+
+
+class EnvironmentCreate(Body, frozen=True, kw_only=True):
+    name: Name
+    region: Region
+    quota: QuotaCreate = msgspec.field(default_factory=QuotaCreate)
+
+
+class LimitsCreate(Body, frozen=True, kw_only=True):
+    """null (or absent): no limit at the key's own level."""
+
+    requests_per_minute: Requests | None = None
+    tokens_per_minute: Tokens | None = None
+    tokens_per_day: Tokens | None = None
+    concurrency: Concurrency | None = None
+
+
+class KeyCreate(Body, frozen=True, kw_only=True):
+    name: OptionalName = ""
+    role: Role = "developer"
+    limits: LimitsCreate = msgspec.field(default_factory=LimitsCreate)
+    expires_at: AwareTime | None = None
+
+
+class KeyRotate(Body, frozen=True, kw_only=True):
+    """`expires_at` is the successor's expiry: a time to set one, null for none; left out,
+    the old key's (which must not have passed)."""
+
+    reason: Reason = ""
+    expires_at: AwareTime | UnsetType | None = UNSET
+
+
+class KeyWithSecret(ApiKeyRecord, frozen=True, kw_only=True):
+    """A key just made: the record plus the plaintext `key`, shown this once."""
+
+    key: str
+
+    @classmethod
+    def of(cls, record: ApiKeyRecord, plaintext: str) -> KeyWithSecret:
+        return cls(**{f: getattr(record, f) for f in record.__struct_fields__}, key=plaintext)
+
+    def __repr__(self) -> str:
+        return f"KeyWithSecret(id={self.id}, last_four={self.last_four!r})"
+
+
+class EnvironmentList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[EnvironmentRecord]
+    next_cursor: str | None = None
+
+
+class ApiKeyList(msgspec.Struct, kw_only=True, frozen=True):
+    data: list[ApiKeyRecord]
+    next_cursor: str | None = None
