@@ -8,6 +8,7 @@ from services.core.http import Needs, create_app
 from services.gateway.gateway import GATEWAY_SETTINGS, gateway_ctx
 from services.gateway.middleware import MiddlewareConfig, install_middleware
 from services.gateway.routes import add_routes
+from services.gateway.self_service import add_routes as add_self_service_routes
 from services.gateway.settings import GatewaySettings
 
 
@@ -35,4 +36,5 @@ def create_gateway_app(settings: GatewaySettings) -> web.Application:
     app[GATEWAY_SETTINGS] = settings
     app.cleanup_ctx.append(gateway_ctx)
     add_routes(app)
+    add_self_service_routes(app)
     return app

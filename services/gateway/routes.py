@@ -31,6 +31,8 @@ from services.gateway.protocol import BadRequest, InferenceRequest
 from services.gateway.proxy import Progress, UpstreamFailure
 from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
 from services.gateway.ratelimit.in_flight import InFlight
+from services.gateway.roles import Action, allowed
+from services.gateway.roles import refusal as refusal_message
 from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("gateway")
@@ -56,7 +58,9 @@ def limits_for(p: Principal, s: GatewaySettings) -> Limits:
         key_concurrency=p.key_concurrency)
 
 
-async def authenticate(request: web.Request) -> Principal:
+async def authenticate(request: web.Request, action: Action) -> Principal:
+    """The caller's principal, if its key's role may do `action` (roles.py); 403 if not,
+    before anything is spent or read."""
     gw = request.app[GATEWAY]
     try:
         principal = await gw.auth.authenticate(request.headers.get("Authorization"),
@@ -71,6 +75,9 @@ async def authenticate(request: web.Request) -> Principal:
     structlog.contextvars.bind_contextvars(tenant_id=principal.tenant_id,
                                            environment_id=principal.environment_id,
                                            key_id=principal.key_id)
+    if not allowed(principal.role, action):
+        raise ApiError.permission(refusal_message(principal.role, action),
+                                  code="insufficient_permissions")
     return principal
 
 
@@ -85,14 +92,14 @@ def refusal(decision: Decision) -> ApiError:
 
 
 async def models(request: web.Request) -> web.Response:
-    await authenticate(request)
+    await authenticate(request, Action.READ)
     body = request.app[GATEWAY].models.list_body
     return web.Response(body=body, content_type="application/json")
 
 
 async def usage(request: web.Request) -> web.Response:
     """The caller's own tenant's usage: totals per hour or day (see usage_queries)."""
-    principal = await authenticate(request)
+    principal = await authenticate(request, Action.READ)
     gw = request.app[GATEWAY]
     # Its own budget, before the query: each report is a PostgreSQL aggregate.
     decision = await gw.limiter.acquire_usage(
@@ -150,7 +157,7 @@ def inference(endpoint: str) -> Callable[[web.Request], Awaitable[web.StreamResp
 async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     started = time.monotonic()
-    principal = await authenticate(request)
+    principal = await authenticate(request, Action.INFER)
     try:
         req = gw.parse_request(await request.read(), endpoint, principal.tenant_id)
     except BadRequest as exc:
