@@ -1,10 +1,11 @@
 """What an API key's role lets it do on the public API, and how far a tenant admin may go.
 Pure: no I/O.
 
-- `readonly` reads: `GET /v1/models`, `GET /v1/usage`, and its tenant's keys and
-  environments (`GET /v1/api_keys`, `GET /v1/environments`). It cannot spend.
+- `readonly` reads: `GET /v1/models`, `GET /v1/usage`. It cannot spend.
 - `developer` also runs inference (chat, completions, embeddings).
-- `admin` also manages its own tenant's keys and environments (create, revoke, rotate).
+- `admin` also manages its own tenant's keys and environments (list, create, revoke,
+  rotate: services/gateway/self_service.py); listing keys is management too, as what a
+  tenant's keys are and can do is for its admins to see.
 
 A role the platform does not know (a row written by an older or newer version) can do nothing:
 the safe side of a misunderstanding.
