@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from services.cli.admin_commands import register_admin_commands
@@ -123,12 +124,16 @@ async def _run_projections(database_url: str, names: Sequence[str], *, rebuild: 
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
+    from datetime import UTC
 
     from services.cli.backup import BackupError, backup
+    from services.cli.offsite import backup_name
 
-    out = Path(args.out or f"crosslogic-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.dump")
+    now = datetime.now(UTC)
     try:
+        if args.to is not None:
+            return _backup_offsite(args, now)
+        out = Path(args.out or backup_name(now))
         size = backup(_database_url(args), out)
     except BackupError as exc:
         raise SystemExit(f"crosslogic backup: {exc}") from None
@@ -136,8 +141,38 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup_offsite(args: argparse.Namespace, now: datetime) -> int:
+    """Dump to a temporary file, upload it under the prefix, then prune what has expired:
+    only after the new one is safely there."""
+    import tempfile
+
+    from services.cli.backup import BackupError, backup
+    from services.cli.offsite import OffsiteStore, backup_name, expired, parse_s3_url
+
+    if not args.to.strip():
+        raise BackupError("--to is empty: set BACKUP_S3_URL (s3://bucket/prefix/) in the "
+                          "backup's environment")
+    prefix = parse_s3_url(args.to)
+    if not prefix.is_prefix:
+        raise BackupError(f"--to takes a prefix ending in '/': {args.to}")
+    if args.out:
+        raise BackupError("give --out or --to, not both")
+    store = OffsiteStore(os.environ, _endpoint(args))
+    where = prefix.child(backup_name(now))
+    with tempfile.TemporaryDirectory(prefix="crosslogic-backup-") as tmp:
+        dump = Path(tmp) / "backup.dump"
+        backup(_database_url(args), dump)
+        size = store.upload(dump, where)
+    print(f"wrote {where.url} ({size:,} bytes)")
+    old = expired(store.keys(prefix), now, args.keep_days)
+    if old:
+        store.delete(prefix.bucket, old)
+    print(f"pruned {len(old)} backup(s) older than {args.keep_days:g} days")
+    return 0
+
+
 def _cmd_restore(args: argparse.Namespace) -> int:
-    from services.cli.backup import BackupError, restore
+    from services.cli.backup import BackupError
     from services.cli.registry import all_projections
 
     if not args.yes:
@@ -145,14 +180,50 @@ def _cmd_restore(args: argparse.Namespace) -> int:
                          "services, then run it again with --yes")
     database_url = _database_url(args)
     try:
-        restore(database_url, Path(args.file))
+        restored = _restore_from(args, database_url)
     except BackupError as exc:
         raise SystemExit(f"crosslogic restore: {exc}") from None
-    print(f"restored {args.file}")
+    print(f"restored {restored}")
     if not args.no_rebuild:
         # The log is the truth: every read model is rebuilt from it, whatever the dump held.
         asyncio.run(_run_projections(database_url, all_projections().names(), rebuild=True))
     return 0
+
+
+def _endpoint(args: argparse.Namespace) -> str | None:
+    """--endpoint-url, else BACKUP_S3_ENDPOINT_URL (empty: none, boto3's own then)."""
+    return args.endpoint_url or os.environ.get("BACKUP_S3_ENDPOINT_URL") or None
+
+
+def _restore_from(args: argparse.Namespace, database_url: str) -> str:
+    """Restore a local file, or an s3:// dump (or the newest under an s3:// prefix with
+    --latest) downloaded first; what was restored."""
+    import tempfile
+
+    from services.cli.backup import BackupError, restore
+    from services.cli.offsite import OffsiteStore, is_s3_url, latest, parse_s3_url
+
+    if not is_s3_url(args.file):
+        if args.latest:
+            raise BackupError("--latest takes an s3:// prefix")
+        restore(database_url, Path(args.file))
+        return str(args.file)
+    where = parse_s3_url(args.file)
+    store = OffsiteStore(os.environ, _endpoint(args))
+    if where.is_prefix:
+        if not args.latest:
+            raise BackupError(f"{args.file} is a prefix: name a dump, or add --latest")
+        newest = latest(store.keys(where))
+        if newest is None:
+            raise BackupError(f"no crosslogic-*.dump under {where.url}")
+        where = type(where)(where.bucket, newest)
+    elif args.latest:
+        raise BackupError("--latest takes a prefix ending in '/'")
+    with tempfile.TemporaryDirectory(prefix="crosslogic-restore-") as tmp:
+        dump = Path(tmp) / "restore.dump"
+        store.download(where, dump)
+        restore(database_url, dump)
+    return where.url
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -230,10 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backup", help="the whole database to one file (pg_dump, custom format)")
     p.add_argument("-o", "--out", metavar="FILE",
                    help="default: crosslogic-<UTC time>.dump here")
+    p.add_argument("--to", metavar="s3://BUCKET/PREFIX/",
+                   help="upload it to S3-compatible storage instead (AWS_* or R2_* "
+                   "credentials), then delete dumps there older than --keep-days")
+    p.add_argument("--keep-days", type=float, default=30.0,
+                   help="with --to: days of dumps kept (default 30; 0 keeps all)")
+    p.add_argument("--endpoint-url", help="the storage's S3 endpoint (default: "
+                   "BACKUP_S3_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, R2's from R2_ACCOUNT_ID, "
+                   "or AWS)")
     p.set_defaults(func=_cmd_backup)
     p = sub.add_parser("restore", help="replace the database with a backup, then rebuild "
                        "every projection from the restored log")
-    p.add_argument("file")
+    p.add_argument("file", help="a dump file, or s3://BUCKET/KEY.dump, or s3://BUCKET/PREFIX/ "
+                   "with --latest")
+    p.add_argument("--latest", action="store_true",
+                   help="restore the newest crosslogic-*.dump under the s3:// prefix")
+    p.add_argument("--endpoint-url", help="the storage's S3 endpoint, as for backup")
     p.add_argument("--yes", action="store_true", help="yes, replace what the database holds")
     p.add_argument("--no-rebuild", action="store_true", help="keep the projections as dumped")
     p.set_defaults(func=_cmd_restore)

@@ -32,6 +32,13 @@ CLI_ENV = frozenset({"DATABASE_URL", "CROSSLOGIC_ADMIN_URL", "CROSSLOGIC_ADMIN_T
                      "CROSSLOGIC_STATE_DIR", "NATS_URL", "NATS_CREDS", "NATS_STREAM_REPLICAS",
                      "NATS_AUTH_DIR"})
 
+# `crosslogic backup --to` / `restore s3://…`: the storage's endpoint and R2 credentials (read
+# by services/cli/offsite.py), and what boto3 itself reads.
+BACKUP_ENV = frozenset({"BACKUP_S3_ENDPOINT_URL", "R2_ACCOUNT_ID", "R2_ACCESS_KEY_ID",
+                        "R2_SECRET_ACCESS_KEY"})
+BOTO3_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                       "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3"})
+
 SIMULATOR_MAIN = ROOT / "agent" / "simulator" / "__main__.py"
 ENTRYPOINT = ROOT / "infra" / "docker" / "entrypoint.sh"
 
@@ -103,6 +110,8 @@ def program_of(argv: Sequence[str]) -> Program:
                            service_settings(args.service), CLI_ENV)
         if args.command == "relay":
             return Program("crosslogic relay", RelaySettings, CLI_ENV)
+        if args.command in ("backup", "restore"):
+            return Program(f"crosslogic {args.command}", None, CLI_ENV | BACKUP_ENV | BOTO3_ENV)
         return Program(f"crosslogic {args.command}", None, CLI_ENV)
     if argv[:2] == ["python", "-m"] and len(argv) > 2:
         module = argv[2]
@@ -127,7 +136,7 @@ def program_of(argv: Sequence[str]) -> Program:
 
 def test_cli_variables_are_read_by_the_cli() -> None:
     source = "".join(p.read_text() for p in (ROOT / "services" / "cli").glob("*.py"))
-    for name in CLI_ENV:
+    for name in CLI_ENV | BACKUP_ENV:
         assert f'"{name}"' in source, name
 
 
