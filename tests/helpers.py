@@ -28,6 +28,8 @@ from schemas.ids import uuid7
 from services.core.catalog import catalog_projections, generate_api_key, hash_api_key
 from services.core.eventlog import NO_STREAM, EventLog
 from services.core.fleet import Fleet
+from services.core.natsauth.authority import NodeIssuer
+from services.core.node_states import Signal
 
 T = TypeVar("T")
 
@@ -149,3 +151,35 @@ async def usage_owner(pool: asyncpg.Pool, tenant_id: uuid.UUID | None = None, *,
                 if any(fnmatch.fnmatchcase(event.type, t) for t in projection.event_types):
                     await projection.apply(conn, result.events)
     return UsageOwner(tenant_id, environment_id, api_key_id)
+
+
+async def ended_node(pool: asyncpg.Pool, issuer: NodeIssuer) -> str:
+    """A node launched with its own credential, then gone: its key is one to revoke."""
+    from services.orchestrator.credentials import node_credentials
+
+    node_id = uuid7()
+    now = datetime.now(UTC)
+    creds, expires = node_credentials(issuer, node_id, 3600, now)
+    fleet = Fleet(EventLog(pool), actor="orchestrator")
+    await fleet.launching(NodeLaunching(
+        node_id=node_id, deployment_id=None, cluster_name=f"c-{node_id.hex[:8]}",
+        model_name="m", provider="local", region="local", gpu_type="none", spot=False,
+        deadline=now + timedelta(minutes=15), credential_key=creds.public_key,
+        credential_expires_at=expires))
+    await fleet.signal(node_id, Signal.GONE, reason="scaled down")
+    return creds.public_key
+
+
+async def served_account(nats_url: str, issuer: NodeIssuer) -> str:
+    """The node account's JWT as the NATS servers hold it now (asked as the system user)."""
+    import nats
+    from nats.aio.client import RawCredentials
+
+    from services.core.natsauth.revocations import AccountResolver
+
+    nc = await nats.connect(nats_url, user_credentials=RawCredentials(
+        issuer.system_creds.text()))
+    try:
+        return await AccountResolver(nc, issuer.account).lookup()
+    finally:
+        await nc.close()

@@ -7,7 +7,6 @@ import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 from prometheus_client import CollectorRegistry
 
-from schemas.events import NodeLaunching
-from schemas.ids import uuid7
 from schemas.subjects import STREAMS
 from services.cli.nats_commands import revoke_keys
 from services.core.bus import Bus
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
 from services.core.natsauth.authority import NodeIssuer
 from services.core.natsauth.creds import Credentials
 from services.core.natsauth.identities import Role
 from services.core.natsauth.revocations import AccountResolver, revocations_of
-from services.core.node_states import Signal
-from services.orchestrator.credentials import CredentialKeeper, node_credentials
+from services.orchestrator.credentials import CredentialKeeper
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import ended_node, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,20 +143,6 @@ class RacingKeeper(CredentialKeeper):
 
     def resolver(self, nc: NATS) -> AccountResolver:
         return self.gated(nc)
-
-
-async def ended_node(pool: asyncpg.Pool, issuer: NodeIssuer) -> str:
-    node_id = uuid7()
-    now = datetime.now(UTC)
-    creds, expires = node_credentials(issuer, node_id, 3600, now)
-    fleet = Fleet(EventLog(pool), actor="orchestrator")
-    await fleet.launching(NodeLaunching(
-        node_id=node_id, deployment_id=None, cluster_name=f"c-{node_id.hex[:8]}",
-        model_name="m", provider="local", region="local", gpu_type="none", spot=False,
-        deadline=now + timedelta(minutes=15), credential_key=creds.public_key,
-        credential_expires_at=expires))
-    await fleet.signal(node_id, Signal.GONE, reason="scaled down")
-    return creds.public_key
 
 
 @pytest.mark.parametrize("stale", ["keeper", "operator"])

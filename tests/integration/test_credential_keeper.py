@@ -5,47 +5,24 @@ out once NATS answers. And the account JWT's size is watched."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import nats
 import pytest
-from nats.aio.client import RawCredentials
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from schemas.events import NodeLaunching
-from schemas.ids import uuid7
 from services.core.aio import stop_task
 from services.core.devstack import free_port
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
 from services.core.natsauth.authority import Authority, NodeIssuer
-from services.core.natsauth.revocations import AccountResolver, revocations_of
-from services.core.node_states import Signal
-from services.orchestrator.credentials import CredentialKeeper, node_credentials
+from services.core.natsauth.revocations import revocations_of
+from services.orchestrator.credentials import CredentialKeeper
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import ended_node, eventually, served_account
 from tests.integration.fleet_fixtures import Rig, rig  # noqa: F401  (fixture)
 
 PROMPTLY = 2.0
 """A sync that does not talk to NATS takes a few database queries."""
-
-
-async def ended_node(pool: asyncpg.Pool, issuer: NodeIssuer) -> str:
-    """A node launched with its own credential, then gone: its key is one to revoke."""
-    node_id = uuid7()
-    now = datetime.now(UTC)
-    creds, expires = node_credentials(issuer, node_id, 3600, now)
-    fleet = Fleet(EventLog(pool), actor="orchestrator")
-    await fleet.launching(NodeLaunching(
-        node_id=node_id, deployment_id=None, cluster_name=f"c-{node_id.hex[:8]}",
-        model_name="m", provider="local", region="local", gpu_type="none", spot=False,
-        deadline=now + timedelta(minutes=15), credential_key=creds.public_key,
-        credential_expires_at=expires))
-    await fleet.signal(node_id, Signal.GONE, reason="scaled down")
-    return creds.public_key
 
 
 def unreachable(servers: Servers) -> tuple[NodeIssuer, str]:
@@ -126,12 +103,6 @@ async def test_revocations_go_out_once_nats_answers_and_a_large_account_is_repor
         assert size is not None and size > 1000
         warned = [e for e in logs if e["event"].startswith("the account JWT is large")]
         assert warned and warned[0]["bytes"] == size and warned[0]["max_payload"] == 1024 * 1024
-        nc = await nats.connect(nats_url, user_credentials=RawCredentials(
-            issuer.system_creds.text()))
-        try:
-            account = await AccountResolver(nc, issuer.account).lookup()
-        finally:
-            await nc.close()
-        assert key in revocations_of(account)
+        assert key in revocations_of(await served_account(nats_url, issuer))
     finally:
         await keeper.close()

@@ -29,7 +29,7 @@ from services.core.node_states import Signal
 from services.core.settings import Secret
 from services.orchestrator.credentials import CredentialKeeper, node_credentials
 from tests.conftest import Servers
-from tests.helpers import eventually
+from tests.helpers import eventually, served_account
 from tests.integration.test_monitor_basics import serve
 
 CUT_OFF_WITHIN = 5.0
@@ -176,12 +176,7 @@ async def test_a_revocation_is_made_at_the_credentials_expiry_and_never_pushed_a
         assert await keeper.sync()
         pushes = registry.get_sample_value("orchestrator_account_pushes_total",
                                            {"outcome": "ok"})
-        nc = await nats.connect(nats_url, user_credentials=RawCredentials(
-            issuer.system_creds.text()))
-        try:
-            account = await AccountResolver(nc, issuer.account).lookup()
-        finally:
-            await nc.close()
+        account = await served_account(nats_url, issuer)
         assert revocations_of(account)[key] == int(expires.timestamp())
         assert registry.get_sample_value("orchestrator_account_jwt_bytes") == len(account)
         # Verifications later (a minute, an hour: any `now`), by this leader or the next:
