@@ -97,16 +97,24 @@ async def models(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def usage(request: web.Request) -> web.Response:
-    """The caller's own tenant's usage: totals per hour or day (see usage_queries)."""
-    principal = await authenticate(request, Action.READ)
+async def off_hot_path_budget(request: web.Request, principal: Principal) -> Decision:
+    """Spend one of the key's calls that are PostgreSQL work off the hot path (usage reports,
+    tenant self-service: USAGE_REQUESTS_PER_MINUTE); 429 past it."""
     gw = request.app[GATEWAY]
-    # Its own budget, before the query: each report is a PostgreSQL aggregate.
     decision = await gw.limiter.acquire_usage(
         LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
         gw.settings.usage_requests_per_minute or None)
     if not decision.allowed:
         raise refusal(decision)
+    return decision
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's own tenant's usage: totals per hour or day (see usage_queries)."""
+    principal = await authenticate(request, Action.READ)
+    gw = request.app[GATEWAY]
+    # Its own budget, before the query: each report is a PostgreSQL aggregate.
+    decision = await off_hot_path_budget(request, principal)
     if "tenant_id" in request.query:
         raise ApiError.invalid_request("'tenant_id' is implied by your API key; leave it out.",
                                        param="tenant_id")

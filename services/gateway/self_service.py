@@ -30,7 +30,7 @@ import msgspec
 from aiohttp import web
 
 from schemas.events import Quota
-from services.core.catalog import KEEP, Catalog
+from services.core.catalog import Catalog
 from services.core.catalog import queries as q
 from services.core.catalog.bodies import (
     ApiKeyList,
@@ -40,12 +40,11 @@ from services.core.catalog.bodies import (
     KeyRotate,
     KeyWithSecret,
 )
-from services.core.catalog.commands import CatalogError, Conflict, Invalid, Keep, NotFound
+from services.core.catalog.commands import CatalogError, Conflict, Invalid, NotFound
 from services.core.errors import ApiError
 from services.core.http import DB, EVENTLOG, REQUEST_ID
 from services.core.request_checks import (
     FieldError,
-    check_future,
     decode_body,
     next_cursor,
     parse_id,
@@ -53,9 +52,8 @@ from services.core.request_checks import (
 )
 from services.gateway.auth import Principal
 from services.gateway.gateway import GATEWAY
-from services.gateway.ratelimit import LimitSubject
 from services.gateway.roles import Action, quota_above, within
-from services.gateway.routes import authenticate, refusal
+from services.gateway.routes import authenticate, off_hot_path_budget
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -75,12 +73,7 @@ def _json(value: msgspec.Struct, status: int = 200) -> web.Response:
 async def _admin(request: web.Request) -> Principal:
     """The caller, if its key may manage its tenant, within its budget for such calls."""
     principal = await authenticate(request, Action.MANAGE)
-    gw = request.app[GATEWAY]
-    decision = await gw.limiter.acquire_usage(
-        LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
-        gw.settings.usage_requests_per_minute or None)
-    if not decision.allowed:
-        raise refusal(decision)
+    await off_hot_path_budget(request, principal)
     return principal
 
 
@@ -180,13 +173,9 @@ async def create_key(request: web.Request, principal: Principal) -> web.Response
     body = await _body(request, KeyCreateHere)
     environment_id = body.environment_id or uuid.UUID(principal.environment_id)
     environment = await _own_environment(request, principal, environment_id, "environment_id")
-    limits = Quota(requests_per_minute=body.limits.requests_per_minute,
-                   tokens_per_minute=body.limits.tokens_per_minute,
-                   tokens_per_day=body.limits.tokens_per_day,
-                   concurrency=body.limits.concurrency)
+    limits = body.limits.quota()
     _refuse_above(limits, _quota(environment), "limits", f"environment '{environment.name}'")
-    expires_at = None if body.expires_at is None else \
-        check_future(body.expires_at, "expires_at", datetime.now(UTC))
+    expires_at = body.expiry(datetime.now(UTC))
     new = await _catalog(request, principal).create_api_key(
         environment_id, name=body.name, role=body.role, limits=limits, expires_at=expires_at)
     return await _with_secret(request, new.key_id, new.plaintext)
@@ -223,12 +212,9 @@ async def rotate_key(request: web.Request, principal: Principal) -> web.Response
     record = await _own_key(request, principal)
     body = await _body(request, KeyRotate)
     now = datetime.now(UTC)
-    expires_at: datetime | Keep | None = KEEP
-    if not isinstance(body.expires_at, msgspec.UnsetType):
-        expires_at = None if body.expires_at is None else \
-            check_future(body.expires_at, "expires_at", now)
     new = await _catalog(request, principal).rotate_api_key(
-        record.id, body.reason or "rotated by a tenant admin", expires_at=expires_at, now=now)
+        record.id, body.reason or "rotated by a tenant admin", expires_at=body.expiry(now),
+        now=now)
     # This process stops taking the old key now; the others on the revocation event.
     await request.app[GATEWAY].auth.invalidate([await _hash_of(request, record.id)])
     return await _with_secret(request, new.key_id, new.plaintext)
@@ -252,9 +238,7 @@ async def create_environment(request: web.Request, principal: Principal) -> web.
     body = await _body(request, EnvironmentCreate)
     own = await _own_environment(request, principal, uuid.UUID(principal.environment_id),
                                  "environment_id")
-    asked = Quota(requests_per_minute=body.quota.requests_per_minute,
-                  tokens_per_minute=body.quota.tokens_per_minute,
-                  tokens_per_day=body.quota.tokens_per_day)
+    asked = body.quota.quota()
     ceiling = _quota(own)
     _refuse_above(asked, ceiling, "quota", f"your key's environment '{own.name}'")
     environment_id = await _catalog(request, principal).create_environment(

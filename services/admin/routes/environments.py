@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from schemas.events import EntityStatus, Quota
+from schemas.events import EntityStatus
 from services.admin.bodies import (
     EnvironmentPatch,
 )
@@ -34,10 +34,8 @@ async def create_environment(request: web.Request) -> web.Response:
     no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     body = await read_body(request, EnvironmentCreate)
-    quota = Quota(requests_per_minute=body.quota.requests_per_minute,
-                  tokens_per_minute=body.quota.tokens_per_minute,
-                  tokens_per_day=body.quota.tokens_per_day)
-    env_id = await catalog(request).create_environment(tenant_id, body.name, body.region, quota)
+    env_id = await catalog(request).create_environment(tenant_id, body.name, body.region,
+                                                       body.quota.quota())
     return json_response(require(await q.get_environment(db(request), env_id), "environment",
                                  env_id), 201)
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-import msgspec
 from aiohttp import web
 
-from schemas.events import Quota
 from services.admin.bodies import (
     KeyPatch,
 )
@@ -25,7 +23,7 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.catalog import KEEP, NewApiKey
+from services.core.catalog import NewApiKey
 from services.core.catalog import queries as q
 from services.core.catalog.bodies import (
     ApiKeyList,
@@ -34,7 +32,6 @@ from services.core.catalog.bodies import (
     KeyWithSecret,
     StatusChange,
 )
-from services.core.catalog.commands import Keep
 from services.core.catalog.queries import ApiKeyRecord
 from services.core.request_checks import check_future, next_cursor
 
@@ -48,14 +45,10 @@ async def create_key(request: web.Request) -> web.Response:
     no_query(request)
     env_id = path_id(request, "environment_id", "environment")
     body = await read_body(request, KeyCreate)
-    expires_at = None if body.expires_at is None else \
-        check_future(body.expires_at, "expires_at", datetime.now(UTC))
-    limits = Quota(requests_per_minute=body.limits.requests_per_minute,
-                   tokens_per_minute=body.limits.tokens_per_minute,
-                   tokens_per_day=body.limits.tokens_per_day,
-                   concurrency=body.limits.concurrency)
+    expires_at = body.expiry(datetime.now(UTC))
     new = await catalog(request).create_api_key(env_id, name=body.name, role=body.role,
-                                                limits=limits, expires_at=expires_at)
+                                                limits=body.limits.quota(),
+                                                expires_at=expires_at)
     return await _with_secret(request, new)
 
 
@@ -112,12 +105,8 @@ async def rotate_key(request: web.Request) -> web.Response:
     key_id = path_id(request, "key_id", "api key")
     body = await read_body(request, KeyRotate)
     now = datetime.now(UTC)
-    expires_at: datetime | Keep | None = KEEP
-    if not isinstance(body.expires_at, msgspec.UnsetType):
-        expires_at = None if body.expires_at is None else \
-            check_future(body.expires_at, "expires_at", now)
     new = await catalog(request).rotate_api_key(key_id, body.reason or "rotated",
-                                                expires_at=expires_at, now=now)
+                                                expires_at=body.expiry(now), now=now)
     return await _with_secret(request, new)
 
 

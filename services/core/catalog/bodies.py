@@ -13,7 +13,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from schemas.events import Quota
+from services.core.catalog.commands import KEEP, Keep
 from services.core.catalog.queries import ApiKeyRecord, EnvironmentRecord
+from services.core.request_checks import check_future
 
 __all__ = ["INT32_MAX", "INT64_MAX", "ApiKeyList", "AwareTime", "Body", "Concurrency",
            "EnvironmentCreate", "EnvironmentList", "KeyCreate", "KeyRotate", "KeyWithSecret",
@@ -51,6 +54,11 @@ class QuotaCreate(Body, frozen=True, kw_only=True):
     tokens_per_minute: Tokens | None = None
     tokens_per_day: Tokens | None = None
 
+    def quota(self) -> Quota:
+        return Quota(requests_per_minute=self.requests_per_minute,
+                     tokens_per_minute=self.tokens_per_minute,
+                     tokens_per_day=self.tokens_per_day)
+
 
 class EnvironmentCreate(Body, frozen=True, kw_only=True):
     name: Name
@@ -66,12 +74,22 @@ class LimitsCreate(Body, frozen=True, kw_only=True):
     tokens_per_day: Tokens | None = None
     concurrency: Concurrency | None = None
 
+    def quota(self) -> Quota:
+        return Quota(requests_per_minute=self.requests_per_minute,
+                     tokens_per_minute=self.tokens_per_minute,
+                     tokens_per_day=self.tokens_per_day, concurrency=self.concurrency)
+
 
 class KeyCreate(Body, frozen=True, kw_only=True):
     name: OptionalName = ""
     role: Role = "developer"
     limits: LimitsCreate = msgspec.field(default_factory=LimitsCreate)
     expires_at: AwareTime | None = None
+
+    def expiry(self, now: datetime) -> datetime | None:
+        """`expires_at`, which must be after `now` (FieldError)."""
+        return None if self.expires_at is None else \
+            check_future(self.expires_at, "expires_at", now)
 
 
 class KeyRotate(Body, frozen=True, kw_only=True):
@@ -80,6 +98,13 @@ class KeyRotate(Body, frozen=True, kw_only=True):
 
     reason: Reason = ""
     expires_at: AwareTime | UnsetType | None = UNSET
+
+    def expiry(self, now: datetime) -> datetime | Keep | None:
+        """The successor's expiry for `Catalog.rotate_api_key`: KEEP when left out."""
+        if isinstance(self.expires_at, UnsetType):
+            return KEEP
+        return None if self.expires_at is None else \
+            check_future(self.expires_at, "expires_at", now)
 
 
 class KeyWithSecret(ApiKeyRecord, frozen=True, kw_only=True):
