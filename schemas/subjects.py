@@ -28,6 +28,7 @@ __all__ = [
     "node_ack_subject",
     "node_command_subject",
     "stream_for_subject",
+    "subject_matches",
 ]
 
 
@@ -121,7 +122,8 @@ def dlq_subject(consumer: str, original_subject: str) -> str:
     return f"{DLQ_PREFIX}.{consumer}.{original_subject}"
 
 
-def _matches(pattern: str, subject: str) -> bool:
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS's wildcard match: `*` one token, `>` the rest."""
     p, s = pattern.split("."), subject.split(".")
     for i, token in enumerate(p):
         if token == ">":
@@ -133,6 +135,6 @@ def _matches(pattern: str, subject: str) -> bool:
 
 def stream_for_subject(subject: str) -> StreamSpec | None:
     for spec in STREAMS:
-        if any(_matches(p, subject) for p in spec.subjects):
+        if any(subject_matches(p, subject) for p in spec.subjects):
             return spec
     return None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from schemas.events import EVENT_TYPES
-from schemas.subjects import STREAMS, stream_for_subject
+from schemas.subjects import STREAMS, stream_for_subject, subject_matches
 from services.core.natsauth import identities
 from services.core.natsauth.authority import Authority, NodeIssuer
 from services.core.natsauth.creds import Credentials, CredentialsError
@@ -33,19 +33,8 @@ from services.orchestrator.credentials import (
 )
 
 
-def covers(pattern: str, subject: str) -> bool:
-    """NATS's wildcard match: `*` one token, `>` the rest."""
-    p, s = pattern.split("."), subject.split(".")
-    for i, token in enumerate(p):
-        if token == ">":
-            return len(s) > i
-        if i >= len(s) or (token != "*" and token != s[i]):
-            return False
-    return len(p) == len(s)
-
-
 def may(allowed: tuple[str, ...], subject: str) -> bool:
-    return any(covers(a, subject) for a in allowed)
+    return any(subject_matches(a, subject) for a in allowed)
 
 
 # --------------------------------------------------------------------------- keys and JWTs
