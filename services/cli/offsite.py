@@ -115,11 +115,12 @@ class OffsiteStore:
         self._client = boto3.client("s3", **client_settings(env, endpoint_url))
 
     def _call(self, what: str, action: Any, **kwargs: Any) -> Any:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return action(**kwargs)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, Boto3Error) as exc:  # Boto3Error: upload_file's
             raise BackupError(f"{what}: {exc}") from None
 
     def upload(self, path: Path, where: S3Location) -> int:

@@ -135,6 +135,8 @@ async def test_failures_name_what_failed_and_change_nothing(
     # No such bucket: the backup fails, saying so.
     done = cli(env, "backup", "--to", "s3://no-such-bucket/x/", database_url=own_database)
     assert done.returncode != 0 and "no-such-bucket" in done.stderr
+    assert done.stderr.startswith("crosslogic backup: uploading to s3://no-such-bucket/x/")
+    assert "Traceback" not in done.stderr
     # Nothing under the prefix to restore: refused before the database is touched.
     boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="testing",
                  aws_secret_access_key="testing",
@@ -149,6 +151,7 @@ async def test_failures_name_what_failed_and_change_nothing(
         done = cli(env, "restore", f"s3://{BUCKET}/empty/crosslogic-20260101T000000Z.dump",
                    "--yes", database_url=own_database)
         assert done.returncode != 0 and "downloading" in done.stderr
+        assert "Traceback" not in done.stderr
         assert await pool.fetchval("SELECT count(*) FROM tenants") == tenants
     finally:
         await pool.close()
