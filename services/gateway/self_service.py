@@ -40,7 +40,13 @@ from services.core.catalog.bodies import (
     KeyRotate,
     KeyWithSecret,
 )
-from services.core.catalog.commands import CatalogError, Conflict, Invalid, NotFound
+from services.core.catalog.commands import (
+    CatalogError,
+    Conflict,
+    Invalid,
+    LimitReached,
+    NotFound,
+)
 from services.core.errors import ApiError
 from services.core.http import DB, EVENTLOG, REQUEST_ID
 from services.core.request_checks import (
@@ -95,6 +101,9 @@ def _checked(handler: Callable[[web.Request, Principal], Awaitable[web.Response]
             raise ApiError.invalid_request(str(exc), exc.field) from None
         except Conflict as exc:
             raise ApiError.conflict(str(exc)) from None
+        except LimitReached as exc:
+            raise ApiError.permission(f"{exc}; revoke some first or ask the platform's "
+                                      "operators.", code="tenant_limit_reached") from None
         except NotFound as exc:
             raise ApiError.not_found(str(exc)) from None
         except CatalogError as exc:
@@ -177,7 +186,8 @@ async def create_key(request: web.Request, principal: Principal) -> web.Response
     _refuse_above(limits, _quota(environment), "limits", f"environment '{environment.name}'")
     expires_at = body.expiry(datetime.now(UTC))
     new = await _catalog(request, principal).create_api_key(
-        environment_id, name=body.name, role=body.role, limits=limits, expires_at=expires_at)
+        environment_id, name=body.name, role=body.role, limits=limits, expires_at=expires_at,
+        tenant_limit=request.app[GATEWAY].settings.self_service_max_keys)
     return await _with_secret(request, new.key_id, new.plaintext)
 
 
@@ -242,7 +252,8 @@ async def create_environment(request: web.Request, principal: Principal) -> web.
     ceiling = _quota(own)
     _refuse_above(asked, ceiling, "quota", f"your key's environment '{own.name}'")
     environment_id = await _catalog(request, principal).create_environment(
-        uuid.UUID(principal.tenant_id), body.name, body.region, within(asked, ceiling))
+        uuid.UUID(principal.tenant_id), body.name, body.region, within(asked, ceiling),
+        tenant_limit=request.app[GATEWAY].settings.self_service_max_environments)
     record = await q.get_environment(request.app[DB], environment_id)
     if record is None:  # written in this request's transaction: only a bug gets here
         raise ApiError.not_found(f"No environment with id '{environment_id}'.")

@@ -48,6 +48,11 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     usage_statement_timeout_ms: int = 10_000
     """A usage report's own statement_timeout (SET LOCAL), shorter than the pool's
     DB_STATEMENT_TIMEOUT_MS (0: the pool's)."""
+    self_service_max_keys: int = 1000
+    """Active API keys a tenant may hold for its admin keys to make another (each key made
+    has its own budget of calls, so without a ceiling keys could multiply keys)."""
+    self_service_max_environments: int = 100
+    """Environments a tenant may hold for its admin keys to make another."""
     default_reserved_tokens: int = 1024
     """Tokens reserved per output (prompts * n) of a request that gives no max_tokens, at most
     the model's context length (settled with the real usage)."""

@@ -221,3 +221,30 @@ async def test_nothing_above_the_environment_s_quota(platform: Platform) -> None
     assert status == 201
     assert env["quota"] == {"requests_per_minute": 10, "tokens_per_minute": None,
                             "tokens_per_day": 50_000}
+
+
+async def test_admin_keys_cannot_multiply_keys_without_end(platform: Platform) -> None:  # noqa: F811
+    """Each key made has its own budget of calls: a ceiling per tenant keeps admin keys from
+    making admin keys for ever (SELF_SERVICE_MAX_KEYS, _ENVIRONMENTS)."""
+    p = platform
+    made = await keys(p)  # with the platform's own key: 4 active
+    await p.start_gateway(self_service_max_keys=5, self_service_max_environments=2)
+    admin = Caller(p, made["admin"].plaintext)
+    status, fifth = await admin.call("POST", "/v1/api_keys", {"name": "fifth"})
+    assert status == 201
+    status, answer = await admin.call("POST", "/v1/api_keys", {"name": "sixth"})
+    assert status == 403 and answer["error"]["code"] == "tenant_limit_reached"
+    assert "5 active API keys" in answer["error"]["message"]
+    assert await p.pool.fetchval("SELECT count(*) FROM api_keys WHERE name = 'sixth'") == 0
+    # At the ceiling a rotation still works (one revoked, one made), and a revocation makes
+    # room.
+    status, rotated = await admin.call("POST", f"/v1/api_keys/{fifth['id']}/rotate", {})
+    assert status == 201
+    assert (await admin.call("DELETE", f"/v1/api_keys/{rotated['id']}"))[0] == 200
+    assert (await admin.call("POST", "/v1/api_keys", {"name": "sixth"}))[0] == 201
+    # Environments likewise.
+    assert (await admin.call("POST", "/v1/environments",
+                             {"name": "second", "region": "us-east-1"}))[0] == 201
+    status, answer = await admin.call("POST", "/v1/environments",
+                                      {"name": "third", "region": "us-east-1"})
+    assert status == 403 and answer["error"]["code"] == "tenant_limit_reached"

@@ -90,6 +90,10 @@ class Invalid(CatalogError):
         self.field = field
 
 
+class LimitReached(CatalogError):
+    """The tenant has as many of these as it may have (a limit the caller set)."""
+
+
 QuotaChanges = Mapping[str, int | None]
 """A partial change of a Quota: the fields present are set (None clears a limit), the others
 are kept."""
@@ -240,13 +244,20 @@ class Catalog:
                            f"({taken})")
 
     async def create_environment(self, tenant_id: uuid.UUID, name: str, region: str,
-                                 quota: Quota | None = None) -> uuid.UUID:
+                                 quota: Quota | None = None,
+                                 tenant_limit: int | None = None) -> uuid.UUID:
         """Conflict when the tenant has an environment of that name (names are how people
-        tell production from staging)."""
+        tell production from staging); LimitReached when it has `tenant_limit` already."""
         event = EnvironmentCreated(environment_id=uuid7(), tenant_id=tenant_id, name=name,
                                    region=region, quota=quota or Quota())
         async with self.log.pool.acquire() as conn, conn.transaction():
             await self._lock_tenant(conn, tenant_id)
+            if tenant_limit is not None:
+                held = await conn.fetchval(
+                    "SELECT count(*) FROM environments WHERE tenant_id = $1", tenant_id)
+                if held >= tenant_limit:
+                    raise LimitReached(f"tenant {tenant_id} has {held} environments, the most "
+                                       f"it may have ({tenant_limit})")
             await self._check_environment_name(conn, tenant_id, name)
             await self._write(conn, event.stream, [event], NO_STREAM)
         return event.environment_id
@@ -276,13 +287,24 @@ class Catalog:
 
     async def create_api_key(self, environment_id: uuid.UUID, *, name: str = "",
                              role: str = "developer", limits: Quota | None = None,
-                             expires_at: datetime | None = None) -> NewApiKey:
+                             expires_at: datetime | None = None,
+                             tenant_limit: int | None = None) -> NewApiKey:
+        """LimitReached when the environment's tenant has `tenant_limit` active keys."""
         plaintext = generate_api_key()
         async with self.log.pool.acquire() as conn, conn.transaction():
             tenant_id = await conn.fetchval("SELECT tenant_id FROM environments WHERE id = $1",
                                             environment_id)
             if tenant_id is None:
                 raise NotFound(f"environment {environment_id} not found")
+            if tenant_limit is not None:
+                # Counted under the tenant's lock: concurrent creations take turns.
+                await self._lock_tenant(conn, tenant_id)
+                held = await conn.fetchval(
+                    "SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND status = 'active'",
+                    tenant_id)
+                if held >= tenant_limit:
+                    raise LimitReached(f"tenant {tenant_id} has {held} active API keys, the "
+                                       f"most it may have ({tenant_limit})")
             event = ApiKeyCreated(key_id=uuid7(), tenant_id=tenant_id,
                                   environment_id=environment_id, key_hash=hash_api_key(plaintext),
                                   last_four=plaintext[-4:], name=name, role=role,
