@@ -33,6 +33,7 @@ from services.gateway.nodes import NodeTable, NodeView, RoutingRules
 from services.gateway.protocol import InferenceRequest, parse_request
 from services.gateway.proxy import Proxy, ProxySettings
 from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
+from services.gateway.response_owners import ResponseOwners
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import UpstreamPool
 from services.gateway.usage import UsagePublisher
@@ -80,6 +81,7 @@ class Gateway:
     metrics: GatewayMetrics
     bus: Bus
     leases: LeaseKeeper
+    owners: ResponseOwners
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _uuids: dict[str, uuid.UUID] = field(default_factory=dict)
 
@@ -167,7 +169,8 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         usage=UsagePublisher(bus, Path(s.usage_spool_dir), buffer_size=s.usage_buffer_size,
                              registry=registry),
         models=models, metrics=metrics, bus=bus, leases=LeaseKeeper(
-            limiter, s.concurrency_lease_seconds / 3))
+            limiter, s.concurrency_lease_seconds / 3),
+        owners=ResponseOwners(redis, s.response_owner_ttl_seconds))
     app[GATEWAY] = gw
     await gw.limiter.load_scripts()
     await seed_nodes(app[DB], table)

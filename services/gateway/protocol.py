@@ -25,13 +25,23 @@ from typing import Any
 import msgspec
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-             "embeddings": "/v1/embeddings"}
+             "embeddings": "/v1/embeddings", "responses": "/v1/responses",
+             "rerank": "/v1/rerank", "score": "/v1/score", "tokenize": "/tokenize",
+             "detokenize": "/detokenize"}
+"""Each endpoint the gateway forwards, and its path on a vLLM node (vLLM serves tokenize and
+detokenize outside /v1; the gateway keeps its paths)."""
 
-SALTED = frozenset(ENDPOINTS)
-"""Endpoints whose vLLM requests take `cache_salt`: chat and completions, and (current vLLM)
-the pooling requests behind embeddings."""
+SALTED = frozenset({"chat", "completions", "embeddings", "responses"})
+"""Endpoints whose vLLM requests take `cache_salt`: chat, completions and responses, and
+(current vLLM) the pooling requests behind embeddings. Rerank, score and tokenization touch
+no prefix cache a tenant could probe."""
 GENERATING = frozenset({"chat", "completions"})
-"""Endpoints that produce output tokens (and take `n`)."""
+"""Endpoints that produce output tokens and take `n`."""
+STREAMABLE = frozenset({"chat", "completions", "responses"})
+CONTINUOUS_USAGE = frozenset({"chat", "completions"})
+"""Streams vLLM can report usage on every chunk of (`stream_options`); a responses stream
+reports it once, in `response.completed`."""
+MAX_RESPONSE_ID = 128
 DEFAULT_MAX_N = 8
 DEFAULT_MAX_BATCH_SEQUENCES = 64
 DEFAULT_MAX_INPUTS = 2048
@@ -72,6 +82,10 @@ class InferenceRequest:
     reserved_tokens: int
     cache_salt: str | None = None
     """What the node's prefix cache is salted with (the tenant's id); None: left as sent."""
+    previous_response_id: str | None = None
+    """Responses: the stored response this one continues (it lives on one node only)."""
+    store: bool = False
+    """Responses: the node keeps this response (`store`, true unless the client says not)."""
 
 
 def _positive_int(body: dict[str, Any], name: str) -> int | None:
@@ -106,11 +120,13 @@ def _quote_int(value: int) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
-def _output_budget(body: dict[str, Any], context_length: int | None) -> int | None:
-    """The output tokens asked for (max_completion_tokens, else max_tokens), each bounded by
-    the model's context length when it is known."""
+def _output_budget(body: dict[str, Any], context_length: int | None,
+                   names: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+                   ) -> int | None:
+    """The output tokens asked for (the last of `names` given: max_completion_tokens, else
+    max_tokens), each bounded by the model's context length when it is known."""
     budget = None
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in names:
         value = _positive_int(body, name)
         if value is None:
             continue
@@ -142,11 +158,11 @@ def _bound_sequences(prompts: int, n: int, limit: int) -> None:
                          "instead.", "prompt", "array_above_max_length")
 
 
-def _bound_inputs(inputs: int, limit: int) -> None:
+def _bound_inputs(inputs: int, limit: int, param: str = "input") -> None:
     if inputs > limit:
-        raise BadRequest(f"Invalid 'input': array too long. Expected an array with maximum "
+        raise BadRequest(f"Invalid '{param}': array too long. Expected an array with maximum "
                          f"length {limit}, but got an array with length {inputs} instead.",
-                         "input", "array_above_max_length")
+                         param, "array_above_max_length")
 
 
 _CONTAINERS = frozenset({list, dict})
@@ -177,7 +193,8 @@ def nests_deeper_than(body: Any, raw: bytes, limit: int) -> bool:
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """A cheap over-estimate (~4 bytes a token) of the prompt, for the token reservation."""
     size = 0
-    for name in ("messages", "prompt", "input"):
+    for name in ("messages", "prompt", "input", "instructions", "query", "documents",
+                 "text_1", "text_2"):
         value = body.get(name)
         if isinstance(value, str):
             size += len(value)
@@ -214,8 +231,8 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", "stream")
-    if endpoint == "embeddings" and stream:
-        raise BadRequest("Embeddings cannot be streamed.", "stream")
+    if stream and endpoint not in STREAMABLE:
+        raise BadRequest(f"{ENDPOINTS[endpoint]} answers cannot be streamed.", "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
@@ -231,21 +248,50 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         if budget is None:  # vLLM then generates up to the rest of the context
             budget = default_reserved if limit is None else min(default_reserved, limit)
         completion = prompts * n * budget
+    elif endpoint == "responses":
+        limit = context_length(model) if context_length is not None else None
+        budget = _output_budget(body, limit, ("max_output_tokens",))
+        if budget is None:
+            budget = default_reserved if limit is None else min(default_reserved, limit)
+        completion = budget
     elif endpoint == "embeddings":
         _bound_inputs(_batch_size(body.get("input")), max_inputs)
+    elif endpoint == "rerank":
+        _bound_inputs(_batch_size(body.get("documents")), max_inputs, "documents")
+    elif endpoint == "score":
+        for name in ("text_1", "text_2"):
+            _bound_inputs(_batch_size(body.get(name)), max_inputs, name)
+    previous, store = None, False
+    if endpoint == "responses":
+        previous = response_id_param(body.get("previous_response_id"), "previous_response_id")
+        store = body.get("store", True) is not False
     return InferenceRequest(
         endpoint=endpoint, model=model, stream=stream, body=body, raw=raw,
         wants_usage=bool(options.get("include_usage")),
         wants_continuous_usage=bool(options.get("continuous_usage_stats")),
         reserved_tokens=estimate_prompt_tokens(body) + completion,
-        cache_salt=cache_salt if endpoint in SALTED else None)
+        cache_salt=cache_salt if endpoint in SALTED else None,
+        previous_response_id=previous, store=store)
+
+
+def response_id_param(value: Any, param: str) -> str | None:
+    """A response id the client gave (None: none given); BadRequest when it cannot be one.
+    vLLM's ids are "resp_" and hex; anything within these bounds is looked up, and unknown."""
+    if value is None:
+        return None
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_RESPONSE_ID
+            or not all(c.isascii() and (c.isalnum() or c in "_-") for c in value)):
+        raise BadRequest(f"Invalid '{param}': expected a response id (letters, digits, '_' "
+                         f"and '-', at most {MAX_RESPONSE_ID}).", param, "invalid_value")
+    return value
 
 
 def upstream_body(req: InferenceRequest) -> bytes:
     """The body for vLLM: the client's, except that `cache_salt` is the request's (the
     tenant's) and a stream always reports usage."""
     salt = req.cache_salt
-    if not req.stream or (req.wants_usage and req.wants_continuous_usage):
+    if (not req.stream or req.endpoint not in CONTINUOUS_USAGE
+            or (req.wants_usage and req.wants_continuous_usage)):
         if salt is None:
             return req.raw
         if "cache_salt" not in req.body:
@@ -263,12 +309,26 @@ def upstream_body(req: InferenceRequest) -> bytes:
 
 
 class _UsageOnly(msgspec.Struct):
+    """Usage as each vLLM answer says it: chat, completions, embeddings and score in prompt
+    and completion tokens; responses in input and output tokens; rerank in total tokens."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        completion = self.completion_tokens or self.output_tokens
+        prompt = (self.prompt_tokens or self.input_tokens
+                  or max(0, self.total_tokens - completion))
+        return max(0, prompt), max(0, completion)
 
 
 class _WithUsage(msgspec.Struct):
     usage: _UsageOnly | None = None
+    id: str | None = None
 
 
 _usage_decoder = msgspec.json.Decoder(_UsageOnly | None)
@@ -276,11 +336,17 @@ _usage_decoder = msgspec.json.Decoder(_UsageOnly | None)
 
 def usage_of(body: bytes) -> tuple[int, int]:
     """(prompt, completion) tokens of a whole (non-streamed) answer; (0, 0) when absent."""
+    return answer_of(body)[0]
+
+
+def answer_of(body: bytes) -> tuple[tuple[int, int], str | None]:
+    """The (prompt, completion) tokens of a whole answer, and its id ((0, 0) and None when
+    the answer does not say)."""
     try:
-        usage = msgspec.json.decode(body, type=_WithUsage).usage
-    except _NOT_JSON:
-        return 0, 0
-    return (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        answer = msgspec.json.decode(body, type=_WithUsage)
+    except _NOT_JSON:  # ValidationError (a wrong shape) is a DecodeError
+        return (0, 0), None
+    return (answer.usage.counts if answer.usage else (0, 0)), answer.id
 
 
 @dataclass
@@ -349,7 +415,7 @@ class StreamMeter:
         if usage is None:
             self.chunks += 1
             return line
-        counts = (usage.prompt_tokens, usage.completion_tokens)
+        counts = usage.counts
         if b'"choices":[]' in payload[:at]:
             self._final_usage = counts
             self.prompt_tokens, self.completion_tokens = counts

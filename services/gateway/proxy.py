@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,11 @@ from services.gateway.protocol import (
     ENDPOINTS,
     InferenceRequest,
     StreamMeter,
+    answer_of,
     openai_error_body,
     upstream_body,
-    usage_of,
 )
+from services.gateway.responses import ResponsesStreamMeter
 from services.gateway.upstream import (
     ConnectFailed,
     Dropped,
@@ -90,6 +92,10 @@ class Progress:
         return self.node.node_id if self.node else None
 
 
+Stored = Callable[[str, str], Awaitable[None]]
+"""Called with (response id, node id) when a node has stored a response (Responses API)."""
+
+
 class NodeRefused(Exception):
     """The node refused the gateway's key (401/403): a secret out of step with the node's,
     or something else listening at its address. Nothing was done with the request."""
@@ -121,8 +127,12 @@ class Proxy:
         return any(allow(n.node_id, now) for n in self.table.candidates(model, now, self.rules))
 
     async def forward(self, request: web.Request, req: InferenceRequest, request_id: str,
-                      headers: dict[str, str], progress: Progress) -> ProxyResult:
-        """Send `req` to a node and the answer to the client (with `headers` added)."""
+                      headers: dict[str, str], progress: Progress, *,
+                      pinned: NodeView | None = None,
+                      on_stored: Stored | None = None) -> ProxyResult:
+        """Send `req` to a node and the answer to the client (with `headers` added). A
+        `pinned` node is the only one tried (it holds the conversation `req` continues);
+        `on_stored` hears of a response the node stored."""
         body = upstream_body(req)
         upstream_headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
                              "Authorization": ""}
@@ -130,11 +140,11 @@ class Proxy:
         started = time.monotonic()
         tried: set[str] = set()
         last_error = ""
-        for attempt in range(2):
+        for attempt in range(1 if pinned is not None else 2):
             now = time.monotonic()
-            node = self.balancer.choose(req.model, self.table.candidates(req.model, now,
-                                                                         self.rules),
-                                        now, frozenset(tried))
+            node = pinned if pinned is not None else self.balancer.choose(
+                req.model, self.table.candidates(req.model, now, self.rules), now,
+                frozenset(tried))
             if node is None:
                 if attempt == 0:
                     self.metrics.no_node.labels(req.model).inc()
@@ -151,7 +161,7 @@ class Proxy:
             upstream_headers["Authorization"] = self.node_keys.authorization(node.node_id)
             try:
                 return await self._attempt(request, req, progress, path, body,
-                                           upstream_headers, headers, started)
+                                           upstream_headers, headers, started, on_stored)
             except ConnectFailed as exc:
                 # No byte of an answer came back: safe to send it to another node.
                 last_error = str(exc)
@@ -170,11 +180,16 @@ class Proxy:
                     progress.in_flight = False
                     self.balancer.abandoned(node.node_id)
                 raise
-        raise AssertionError("unreachable")
+        if pinned is not None:
+            raise UpstreamFailure(502, "The node holding the previous response could not be "
+                                       f"reached ({last_error}). Retry shortly.",
+                                  node_id=pinned.node_id)
+        raise UpstreamFailure(502, f"The nodes serving '{req.model}' failed ({last_error}).")
 
     async def _attempt(self, request: web.Request, req: InferenceRequest, progress: Progress,
                        path: str, body: bytes, upstream_headers: dict[str, str],
-                       headers: dict[str, str], started: float) -> ProxyResult:
+                       headers: dict[str, str], started: float,
+                       on_stored: Stored | None) -> ProxyResult:
         node = progress.node
         assert node is not None
         s = self.settings
@@ -195,10 +210,48 @@ class Proxy:
                                   node_id=node.node_id) from None
         try:
             if req.stream and upstream.status == 200:
-                return await self._stream(request, req, progress, upstream, headers, started)
-            return await self._whole(request, req, progress, upstream, headers, started)
+                return await self._stream(request, req, progress, upstream, headers, started,
+                                          on_stored)
+            return await self._whole(request, req, progress, upstream, headers, started,
+                                     on_stored)
         finally:
             upstream.release()
+
+    async def fetch(self, node: NodeView, method: str, path: str,
+                    request_id: str) -> tuple[int, bytes]:
+        """A bodiless `method` on `path` of `node` (a stored response): its status and body,
+        an error body in OpenAI's shape. UpstreamFailure when the node cannot answer."""
+        headers = {"X-Request-Id": request_id,
+                   "Authorization": self.node_keys.authorization(node.node_id)}
+        try:
+            upstream = await self.pool.request(method, node.endpoint_url, path, b"", headers,
+                                               self.settings.request_timeout)
+        except ConnectFailed as exc:
+            raise UpstreamFailure(502, f"The node holding this response could not be reached "
+                                       f"({exc}). Retry shortly.",
+                                  node_id=node.node_id) from None
+        except ReadTimeout:
+            raise UpstreamFailure(504, "The node holding this response took too long to "
+                                       "answer.", node_id=node.node_id) from None
+        except UpstreamError:
+            raise UpstreamFailure(502, "The node dropped the connection.",
+                                  node_id=node.node_id) from None
+        try:
+            body = await upstream.read()
+        except ReadTimeout:
+            raise UpstreamFailure(504, "The node holding this response took too long to "
+                                       "answer.", node_id=node.node_id) from None
+        except UpstreamError:
+            raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
+                                  node_id=node.node_id) from None
+        finally:
+            upstream.release()
+        if upstream.status >= 500 or upstream.status in (401, 403):
+            raise UpstreamFailure(502, f"The node holding this response failed "
+                                       f"({upstream.status}).", node_id=node.node_id)
+        if upstream.status != 200:
+            body = openai_error_body(upstream.status, body)
+        return upstream.status, body
 
     def _failed(self, progress: Progress, model: str, reason: str) -> None:
         assert progress.node is not None
@@ -219,7 +272,7 @@ class Proxy:
 
     async def _whole(self, request: web.Request, req: InferenceRequest, progress: Progress,
                      upstream: UpstreamResponse, headers: dict[str, str],
-                     started: float) -> ProxyResult:
+                     started: float, on_stored: Stored | None) -> ProxyResult:
         node = progress.node
         assert node is not None
         try:
@@ -244,8 +297,11 @@ class Proxy:
         latency = self._succeeded(progress, req.model, started)
         content_type = upstream.headers.get("content-type", "application/json")
         if upstream.status == 200:
-            progress.prompt_tokens, progress.completion_tokens = usage_of(body)
+            (progress.prompt_tokens, progress.completion_tokens), answer_id = answer_of(body)
             progress.time_to_first_token = latency
+            if on_stored is not None and req.store and answer_id:
+                # Before the answer leaves: a follow-up may come as soon as it arrives.
+                await on_stored(answer_id, node.node_id)
         else:
             body, content_type = openai_error_body(upstream.status, body), "application/json"
         response = web.Response(body=body, status=upstream.status, headers={
@@ -254,10 +310,18 @@ class Proxy:
 
     async def _stream(self, request: web.Request, req: InferenceRequest, progress: Progress,
                       upstream: UpstreamResponse, headers: dict[str, str],
-                      started: float) -> ProxyResult:
+                      started: float, on_stored: Stored | None) -> ProxyResult:
         node = progress.node
         assert node is not None
-        meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
+        meter: StreamMeter | ResponsesStreamMeter
+        if req.endpoint == "responses":
+            meter = ResponsesStreamMeter()
+            # Its usage comes only at the end: a client that leaves is billed from there.
+            drains = True
+        else:
+            meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
+            drains = False
+        announced = on_stored is None or not req.store
         response = _HeldHeadersResponse(status=200, headers={**headers, **SSE_HEADERS})
         failure: str | None = None
         client_gone = False
@@ -285,6 +349,10 @@ class Proxy:
             lines = (partial + data).split(b"\n")
             partial = lines.pop()  # an incomplete last line waits for the next read
             out = b"".join(meter.feed(line + b"\n") for line in lines)
+            if not announced and isinstance(meter, ResponsesStreamMeter) and meter.response_id:
+                announced = True
+                assert on_stored is not None
+                await on_stored(meter.response_id, node.node_id)
             if not out or finished:
                 continue  # (after [DONE], the read goes on to the end: the connection is reused)
             try:
@@ -296,14 +364,20 @@ class Proxy:
                     await response.write(out)
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 client_gone = True
+                if drains:
+                    failure = await self._drain(upstream, meter, partial)
                 break
             # Billed: what the client has been sent (all of it once the stream is done).
             progress.prompt_tokens = meter.prompt_tokens
             progress.completion_tokens = meter.completion_tokens
-        if meter.done and not client_gone:
+        if meter.done and (drains or not client_gone):
             progress.prompt_tokens = meter.prompt_tokens
             progress.completion_tokens = meter.completion_tokens
-        if client_gone:
+        if client_gone and failure is not None:
+            upstream.close()
+            self.metrics.disconnects.inc()
+            self._failed(progress, req.model, failure)
+        elif client_gone:
             upstream.close()  # vLLM sees the disconnect and stops generating
             self.metrics.disconnects.inc()
             self._succeeded(progress, req.model, started)
@@ -317,6 +391,26 @@ class Proxy:
         # The status line said 200 long ago; the record says how the stream really ended.
         status = 200 if failure is None else 504 if failure == "chunk_timeout" else 502
         return ProxyResult(response, status, node.node_id, client_gone=client_gone)
+
+    @staticmethod
+    async def _drain(upstream: UpstreamResponse, meter: ResponsesStreamMeter | StreamMeter,
+                     partial: bytes) -> str | None:
+        """Read the rest of a stream whose client has gone, for the usage at its end; the
+        failure that cut it short, if one did (each read is bounded by the chunk timeout)."""
+        while not meter.done:
+            try:
+                data = await upstream.next_chunk()
+            except ReadTimeout:
+                return "chunk_timeout"
+            except UpstreamError:
+                return "dropped"
+            if not data:
+                return "dropped"
+            lines = (partial + data).split(b"\n")
+            partial = lines.pop()
+            for line in lines:
+                meter.feed(line + b"\n")
+        return None
 
     @staticmethod
     async def _end_with_error(response: web.StreamResponse, failure: str) -> None:

@@ -27,10 +27,12 @@ from services.core.usage_queries import (
 from services.gateway.auth import AuthError, AuthThrottled, Principal
 from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
-from services.gateway.protocol import BadRequest, InferenceRequest
-from services.gateway.proxy import Progress, UpstreamFailure
+from services.gateway.nodes import FINAL_STATUSES, NodeView
+from services.gateway.protocol import BadRequest, InferenceRequest, response_id_param
+from services.gateway.proxy import Progress, Stored, UpstreamFailure
 from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
 from services.gateway.ratelimit.in_flight import InFlight
+from services.gateway.response_owners import Owner, OwnersUnavailable
 from services.gateway.roles import Action, allowed
 from services.gateway.roles import refusal as refusal_message
 from services.gateway.settings import GatewaySettings
@@ -173,7 +175,16 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     if gw.models.get(req.model) is None:
         raise ApiError.not_found(f"The model `{req.model}` does not exist or you do not have "
                                  "access to it.", param="model", code="model_not_found")
-    if not gw.proxy.has_nodes(req.model):
+    pinned: NodeView | None = None
+    if req.previous_response_id is not None:
+        pinned = await holder(gw, req.previous_response_id, principal.tenant_id,
+                              param="previous_response_id")
+        if pinned.model != req.model:
+            raise ApiError.invalid_request(
+                f"The previous response was made by the model `{pinned.model}`; continue it "
+                "with the same model.", param="model", code="model_mismatch")
+    on_stored = stored_by(gw, principal.tenant_id) if req.endpoint == "responses" else None
+    if pinned is None and not gw.proxy.has_nodes(req.model):
         # Before the limiter: a request nobody can serve must not spend the tenant's quota.
         gw.metrics.no_node.labels(req.model).inc()
         raise ApiError.unavailable(f"No node is serving the model '{req.model}' right now. "
@@ -189,15 +200,12 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     lease = gw.leases.hold(decision.reservation) if decision.reservation is not None else None
     progress = Progress()
     try:
-        result = await gw.proxy.forward(request, req, request_id, decision.headers, progress)
+        result = await gw.proxy.forward(request, req, request_id, decision.headers, progress,
+                                        pinned=pinned, on_stored=on_stored)
     except UpstreamFailure as failure:
         _finish(gw, decision.reservation, req, principal, request_id, started, progress,
                 failure.status)
-        if failure.status == 504:
-            raise ApiError.timeout(failure.message) from None
-        if failure.status == 503:
-            raise ApiError.unavailable(failure.message, headers={"Retry-After": "1"}) from None
-        raise ApiError.bad_gateway(failure.message) from None
+        raise _upstream_error(failure) from None
     except asyncio.CancelledError:
         # Cut off by the deadline (the middleware answers 504) or by the client hanging up:
         # the quota and its concurrency slot are settled, what was delivered is billed.
@@ -215,6 +223,89 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     _finish(gw, decision.reservation, req, principal, request_id, started, progress,
             CLIENT_CLOSED_REQUEST if result.client_gone else result.status)
     return result.response
+
+
+def stored_by(gw: Gateway, tenant_id: str) -> Stored:
+    async def remember(response_id: str, node_id: str) -> None:
+        await gw.owners.remember(response_id, Owner(tenant_id, node_id))
+    return remember
+
+
+async def holder(gw: Gateway, response_id: str, tenant_id: str, *,
+                 param: str | None) -> NodeView:
+    """The node holding the caller's stored response `response_id`; 404 when the gateway
+    knows of no such response of this tenant, or when its node has left."""
+    try:
+        owner = await gw.owners.owner(response_id, tenant_id)
+    except OwnersUnavailable:
+        raise ApiError.unavailable("Stored responses cannot be looked up right now. Retry "
+                                   "shortly.", headers={"Retry-After": "1"}) from None
+    if owner is None:
+        raise ApiError.not_found(f"Response with id '{response_id}' not found.", param=param,
+                                 code="response_not_found")
+    node = gw.table.nodes.get(owner.node_id)
+    if node is None or node.status in FINAL_STATUSES:
+        raise ApiError.not_found(
+            f"Response with id '{response_id}' is no longer available: the node that stored "
+            "it has left the platform, and its stored responses with it. Start again without "
+            "it.", param=param, code="response_gone")
+    return node
+
+
+async def stored_response(request: web.Request) -> web.Response:
+    """GET /v1/responses/{id} (reading: any role) and DELETE (inference roles): the caller's
+    own stored response, from the node that holds it."""
+    deleting = request.method == "DELETE"
+    principal = await authenticate(request, Action.INFER if deleting else Action.READ)
+    gw = request.app[GATEWAY]
+    try:
+        response_id = response_id_param(request.match_info["response_id"], "response_id")
+    except BadRequest as exc:
+        raise ApiError.invalid_request(exc.message, exc.param, exc.code) from None
+    assert response_id is not None
+    # A request like any other for the rate limits (it spends no tokens).
+    decision = await gw.limiter.acquire(
+        LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
+        limits_for(principal, gw.settings), 0)
+    if not decision.allowed:
+        raise refusal(decision)
+    try:
+        node = await holder(gw, response_id, principal.tenant_id, param=None)
+        if deleting:
+            return await _delete_stored(request, gw, node, response_id, decision.headers)
+        try:
+            status, body = await gw.proxy.fetch(node, "GET", f"/v1/responses/{response_id}",
+                                                request[REQUEST_ID])
+        except UpstreamFailure as failure:
+            raise _upstream_error(failure) from None
+    finally:
+        if decision.reservation is not None:
+            gw.limiter.settle_nowait(decision.reservation, 0)
+    return web.Response(body=body, status=status, content_type="application/json",
+                        headers=decision.headers)
+
+
+async def _delete_stored(request: web.Request, gw: Gateway, node: NodeView,
+                         response_id: str, headers: dict[str, str]) -> web.Response:
+    """vLLM has no route to delete a stored response: the gateway forgets where it is, which
+    puts it out of everyone's reach (nobody else could reach it anyway), and the node's
+    memory lets it go when the node ends."""
+    del request, node
+    try:
+        await gw.owners.forget(response_id)
+    except OwnersUnavailable:
+        raise ApiError.unavailable("Stored responses cannot be deleted right now. Retry "
+                                   "shortly.", headers={"Retry-After": "1"}) from None
+    body = msgspec.json.encode({"id": response_id, "object": "response", "deleted": True})
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _upstream_error(failure: UpstreamFailure) -> ApiError:
+    if failure.status == 504:
+        return ApiError.timeout(failure.message)
+    if failure.status == 503:
+        return ApiError.unavailable(failure.message, headers={"Retry-After": "1"})
+    return ApiError.bad_gateway(failure.message)
 
 
 def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
@@ -248,6 +339,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", inference("chat"))
     app.router.add_post("/v1/completions", inference("completions"))
     app.router.add_post("/v1/embeddings", inference("embeddings"))
+    app.router.add_post("/v1/responses", inference("responses"))
+    app.router.add_get("/v1/responses/{response_id}", stored_response)
+    app.router.add_delete("/v1/responses/{response_id}", stored_response)
+    app.router.add_post("/v1/rerank", inference("rerank"))
+    app.router.add_post("/v1/score", inference("score"))
+    app.router.add_post("/tokenize", inference("tokenize"))
+    app.router.add_post("/detokenize", inference("detokenize"))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/usage", usage)
 

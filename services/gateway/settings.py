@@ -83,6 +83,10 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     upstream_connect_timeout: float = 5.0
     request_timeout: float = 60.0
     stream_chunk_timeout: float = 60.0
+    response_owner_ttl_seconds: int = 7 * 86400
+    """How long the gateway remembers which node stored a response (Responses API `store`):
+    a follow-up or retrieval after that gets 404. vLLM keeps stored responses in a node's
+    memory, so a node's life bounds them anyway."""
     max_body_bytes: int = 10 * 1024 * 1024
     cors_origins: str = "*"
     """Comma-separated origins, or *."""

@@ -251,9 +251,13 @@ class UpstreamPool:
 
     async def post(self, base_url: str, path: str, body: bytes,
                    headers: dict[str, str], read_timeout: float) -> UpstreamResponse:
+        return await self.request("POST", base_url, path, body, headers, read_timeout)
+
+    async def request(self, method: str, base_url: str, path: str, body: bytes,
+                      headers: dict[str, str], read_timeout: float) -> UpstreamResponse:
         target = self._target(base_url)
         key = (target.host, target.port)
-        head = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", target.host_header,
+        head = [method.encode(), b" ", path.encode(), b" HTTP/1.1\r\nHost: ", target.host_header,
                 b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers.items():
             head += [name.encode(), b": ", value.encode(), b"\r\n"]
