@@ -371,6 +371,9 @@ class ModelCreated(_ModelEvent, tag="model.created"):
     input_price_per_million: Decimal
     output_price_per_million: Decimal
     context_length: int
+    weights_source: str | None = None
+    """Where the weights come from (hf://, r2://, file://: services/core/catalog/weights.py);
+    None: the Hugging Face Hub repo of the model's name."""
 
 
 class ModelUpdated(_ModelEvent, tag="model.updated"):
@@ -380,6 +383,8 @@ class ModelUpdated(_ModelEvent, tag="model.updated"):
     output_price_per_million: Decimal | None = None
     context_length: int | None = None
     status: EntityStatus | None = None
+    weights_source: str | None = None
+    """A new source; None: unchanged."""
 
 
 class _DeploymentEvent(Event, kw_only=True):

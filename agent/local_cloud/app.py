@@ -1,6 +1,7 @@
 """The local cloud's HTTP API (what the local launcher calls, and tests and operators too):
 
-    POST   /clusters                  launch {name, provider, region, spot, model_name, env}
+    POST   /clusters                  launch {name, provider, region, spot, model_name, env,
+                                      weights_source?}
     GET    /clusters                  the machines that are up
     DELETE /clusters/{name}           tear one down (404: no such cluster)
     POST   /clusters/{name}/preempt   spot notice now, machine gone in {notice_seconds}
@@ -31,6 +32,7 @@ class LaunchBody(msgspec.Struct, forbid_unknown_fields=True):
     spot: bool
     model_name: str
     env: dict[str, str] = {}
+    weights_source: str | None = None
 
 
 class PreemptBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -61,7 +63,8 @@ async def launch(request: web.Request) -> web.Response:
         body = await _body(request, LaunchBody)
         metadata_url = f"{request.scheme}://{request.host}/clusters/{body.name}/metadata"
         machine = await cloud.launch(MachineRequest(body.name, body.provider, body.region,
-                                                    body.spot, body.model_name, body.env),
+                                                    body.spot, body.model_name, body.env,
+                                                    body.weights_source),
                                      metadata_url)
     except CloudError as exc:
         return _error(exc)

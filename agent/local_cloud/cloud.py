@@ -7,6 +7,10 @@ It behaves like a cloud where it matters to the control plane:
 - a spot preemption posts the provider's notice on the machine's metadata service and takes
   the machine away at the deadline, whatever is running;
 - `terminate` (sky down) stops both processes: draining is the caller's business;
+- a launch names the model's weights source as the orchestrator has it: a `file://` directory
+  must exist on this host (the machine "loads" it: a missing one fails the launch, as a
+  SkyPilot machine whose copy failed never starts), `hf://` and `r2://` are recorded only
+  (the simulator needs no weights); either way the simulator serves the catalog's name;
 - the machine's vLLM takes the launch's VLLM_API_KEY, as `vllm serve` on a SkyPilot machine
   does (the environment, not the command line, so the process list does not show it); the
   agent, which reads only `/health` and `/metrics`, does not get it.
@@ -32,6 +36,7 @@ import structlog
 
 from agent.local_cloud.metadata import MetadataState
 from services.core.aio import within
+from services.core.catalog.weights import FileWeights, InvalidWeightsSource, parse_weights_source
 from services.core.devstack import die_with_parent
 
 log = structlog.get_logger("local_cloud")
@@ -68,6 +73,19 @@ class MachineRequest:
     spot: bool
     model_name: str
     env: dict[str, str] = field(repr=False)
+    weights_source: str | None = None
+
+
+def weights_dir(source: str | None) -> Path | None:
+    """The directory a `file://` source names (None for other sources). Raises CloudError for
+    a source the catalog would not have taken."""
+    if source is None:
+        return None
+    try:
+        weights = parse_weights_source(source)
+    except InvalidWeightsSource as exc:
+        raise CloudError(f"weights_source {exc}") from None
+    return Path(weights.path) if isinstance(weights, FileWeights) else None
 
 
 @dataclass
@@ -85,7 +103,8 @@ class Machine:
     def describe(self) -> dict[str, object]:
         r = self.request
         return {"name": r.name, "status": "up", "provider": r.provider, "region": r.region,
-                "spot": r.spot, "model_name": r.model_name, "endpoint": self.endpoint,
+                "spot": r.spot, "model_name": r.model_name,
+                "weights_source": r.weights_source, "endpoint": self.endpoint,
                 "agent_running": self.agent.returncode is None,
                 "launched_at": self.launched_at.isoformat(),
                 "reclaim_at": self.reclaim_at.isoformat() if self.reclaim_at else None}
@@ -132,6 +151,10 @@ class LocalCloud:
             kind = "spot" if req.spot else "on-demand"
             raise CloudError(f"no {kind} capacity in {req.region}", kind="capacity",
                              status=503)
+        weights = weights_dir(req.weights_source)
+        if weights is not None and not weights.is_dir():
+            raise CloudError(f"the machine cannot load its weights: {weights} is not a "
+                             "directory on this host", kind="launch_failed", status=422)
         # Only the launch's key: one the cloud itself was started with is no machine's.
         simulator_env = {k: v for k, v in os.environ.items() if k != API_KEY}
         if req.env.get(API_KEY):
@@ -165,7 +188,7 @@ class LocalCloud:
         machine.tasks.append(asyncio.create_task(self._drain_stdout(simulator)))
         machine.tasks.append(asyncio.create_task(self._watch(machine)))
         log.info("machine launched", cluster=req.name, region=req.region, spot=req.spot,
-                 endpoint=endpoint)
+                 endpoint=endpoint, weights_source=req.weights_source)
         return machine
 
     async def _drain_stdout(self, proc: asyncio.subprocess.Process) -> None:

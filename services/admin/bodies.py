@@ -31,6 +31,7 @@ from services.core.catalog.queries import (
     ModelRecord,
     TenantRecord,
 )
+from services.core.catalog.weights import MAX_LENGTH
 
 Email = Annotated[str, Meta(max_length=320, pattern=r"^$|^[^@\s]+@[^@\s]+$",
                             description="empty, or an e-mail address")]
@@ -40,6 +41,14 @@ NodeCount = Annotated[int, Meta(ge=0, le=10_000)]
 Price = Annotated[Decimal, Meta(
     description="USD per million tokens: a decimal string (\"0.15\") or a JSON number, at "
                 "least 0, at most 6 decimal places; returned as a string")]
+WeightsSource = Annotated[str, Meta(
+    min_length=1, max_length=MAX_LENGTH, pattern=r"^(hf|r2|file)://",
+    examples=["r2://crosslogic-models/llama-3.1-8b-instruct"],
+    description="Where the node loads the weights from: hf://<org>/<repo> (Hugging Face Hub), "
+                "r2://<bucket>/<prefix> (Cloudflare R2, copied onto the node) or "
+                "file:///<absolute path> (a directory on the machine: the local cloud only; "
+                "the SkyPilot launcher refuses it). vLLM serves them under the model's name. "
+                "No '..'; see docs/orchestrator.md")]
 EnvironmentStatus = Literal["active", "suspended"]
 ModelStatus = Literal["active", "suspended", "deleted"]
 
@@ -103,6 +112,8 @@ class ModelCreate(Body, frozen=True, kw_only=True):
     input_price_per_million: Price
     output_price_per_million: Price
     context_length: Annotated[int, Meta(ge=1, le=INT32_MAX)]
+    weights_source: WeightsSource | None = None
+    """null: the Hugging Face Hub repo of the model's name."""
 
 
 class ModelPatch(Body, frozen=True, kw_only=True):
@@ -112,6 +123,9 @@ class ModelPatch(Body, frozen=True, kw_only=True):
     output_price_per_million: Price | UnsetType = UNSET
     context_length: Annotated[int, Meta(ge=1, le=INT32_MAX)] | UnsetType = UNSET
     status: ModelStatus | UnsetType = UNSET
+    weights_source: WeightsSource | UnsetType = UNSET
+    """Changed, not removed: set hf://<org>/<repo> to go back to the Hub. Nodes already up
+    keep what they loaded; the next launch uses the new source."""
 
 
 # --------------------------------------------------------------------------- deployments

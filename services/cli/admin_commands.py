@@ -181,12 +181,16 @@ def _keys_rotate(c: AdminClient, a: argparse.Namespace) -> Any:
 
 # --------------------------------------------------------------------------- models
 
+WEIGHTS_HELP = ("where nodes load the weights from: hf://ORG/REPO, r2://BUCKET/PREFIX, or "
+                "file:///PATH (local cloud only); default: the Hub repo of the model's name")
+
 
 def _models_create(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.post("/models", {"name": a.name, "family": a.family, "vram_gb": a.vram_gb,
                               "input_price_per_million": a.input_price,
                               "output_price_per_million": a.output_price,
-                              "context_length": a.context_length})
+                              "context_length": a.context_length,
+                              "weights_source": a.weights_source})
 
 
 def _models_list(c: AdminClient, a: argparse.Namespace) -> Any:
@@ -198,7 +202,7 @@ def _models_get(c: AdminClient, a: argparse.Namespace) -> Any:
 
 
 def _models_update(c: AdminClient, a: argparse.Namespace) -> Any:
-    body = _given(a, "family", "vram_gb", "context_length", "status")
+    body = _given(a, "family", "vram_gb", "context_length", "status", "weights_source")
     if a.input_price is not None:
         body["input_price_per_million"] = a.input_price
     if a.output_price is not None:
@@ -504,6 +508,7 @@ def register_admin_commands(sub: Any) -> None:
                    help="per million input tokens, e.g. 0.15")
     p.add_argument("--output-price", required=True, metavar="USD")
     p.add_argument("--context-length", type=int, required=True)
+    p.add_argument("--weights-source", metavar="URI", help=WEIGHTS_HELP)
     leaf(g, "list", "list models", _models_list, MODEL_COLUMNS)
     leaf(g, "get", "show a model", _models_get).add_argument("id")
     p = leaf(g, "update", "change a model", _models_update)
@@ -514,6 +519,7 @@ def register_admin_commands(sub: Any) -> None:
     p.add_argument("--output-price", metavar="USD")
     p.add_argument("--context-length", type=int)
     p.add_argument("--status", choices=("active", "suspended", "deleted"))
+    p.add_argument("--weights-source", metavar="URI", help=WEIGHTS_HELP)
 
     g = group("deployments", "model deployments (admin API)")
     p = leaf(g, "create", "deploy a model", _deployments_create)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import urllib.parse
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -24,6 +25,11 @@ from services.orchestrator.credentials import CredentialKeeper
 from services.orchestrator.launcher import Launcher
 from services.orchestrator.local_launcher import LocalLauncher
 from services.orchestrator.orchestrator import Orchestrator
+from services.orchestrator.r2_credentials import (
+    R2SettingsError,
+    r2_credential_files,
+    write_r2_credentials,
+)
 from services.orchestrator.settings import OrchestratorSettings
 from services.orchestrator.skypilot_launcher import SkyPilotLauncher
 from services.orchestrator.skypilot_task import TaskOptions
@@ -48,10 +54,30 @@ class LauncherError(ValueError):
 LAUNCHERS = ("local", "skypilot")
 
 
+def r2_files(s: OrchestratorSettings) -> dict[str, str] | None:
+    """SkyPilot's R2 credential files from the settings; None when there are none to write
+    (the local cloud never reaches R2). Raises LauncherError."""
+    if s.launcher != "skypilot":
+        return None
+    try:
+        return r2_credential_files(s.r2_account_id, s.r2_access_key_id.reveal(),
+                                   s.r2_secret_access_key.reveal())
+    except R2SettingsError as exc:
+        raise LauncherError(str(exc)) from None
+
+
 def make_launcher(s: OrchestratorSettings) -> Launcher:
     if s.launcher == "local":
         return LocalLauncher(s.local_cloud_url, prefix=s.cluster_prefix)
     if s.launcher == "skypilot":
+        files = r2_files(s)
+        if files is not None:
+            try:
+                write_r2_credentials(Path.home(), files)
+            except OSError as exc:  # the path and the reason; the content never
+                raise LauncherError(f"could not write SkyPilot's R2 credentials: {exc}") \
+                    from None
+            log.info("R2 credentials written for SkyPilot", files=sorted(files))
         return SkyPilotLauncher(prefix=s.cluster_prefix, max_concurrent=s.max_concurrent_launches,
                                 options=TaskOptions(agent_install=s.skypilot_agent_install,
                                                     vllm_version=s.skypilot_vllm_version,
@@ -123,6 +149,7 @@ def create_orchestrator_app(settings: OrchestratorSettings) -> web.Application:
     # Fail at start too: without it no launched node could connect, or be revoked.
     NodeIssuer.from_json(settings.nats_node_issuer.reveal())
     check_secret(settings.node_api_key_secret.reveal())  # nor be served by the gateways
+    r2_files(settings)  # half an R2 configuration fails now, not at the first r2:// launch
     app = create_app(settings)
     app[ORCHESTRATOR_SETTINGS] = settings
     app.cleanup_ctx.append(_orchestrator_ctx)

@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.core.catalog.weights import WeightsSource
+
 
 class ClusterState(enum.StrEnum):
     UP = "up"
@@ -43,6 +45,9 @@ class LaunchSpec:
     """The agent's environment (node_env)."""
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
     """Environment that must not show in the cloud's listings (NATS credentials)."""
+    weights: WeightsSource | None = None
+    """The model's weights source; None: the Hugging Face Hub repo of `model_name`. Whatever
+    the source, vLLM serves the weights as `model_name`."""
 
 
 class Launcher(Protocol):

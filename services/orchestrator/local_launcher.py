@@ -20,6 +20,8 @@ class LocalLauncher:
         body = {"name": spec.cluster_name, "provider": spec.provider, "region": spec.region,
                 "spot": spec.spot, "model_name": spec.model_name,
                 "env": {**spec.env, **spec.secrets}}
+        if spec.weights is not None:
+            body["weights_source"] = str(spec.weights)
         try:
             async with self._session.post(f"{self.cloud_url}/clusters", json=body) as resp:
                 if resp.status < 300:

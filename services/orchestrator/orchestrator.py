@@ -53,6 +53,7 @@ from schemas.events import (
 from schemas.ids import uuid7
 from schemas.subjects import node_command_subject
 from services.core.aio import stop_tasks, wait_event
+from services.core.catalog.weights import InvalidWeightsSource, parse_weights_source
 from services.core.eventlog import ANY, EventLog, LogWaker
 from services.core.fleet import Fleet, NodeView
 from services.core.natsauth.authority import NodeIssuer
@@ -297,12 +298,12 @@ class Orchestrator:
 
     async def _deployments(self) -> list[DeploymentSpec]:
         rows = await self.eventlog.pool.fetch(
-            """SELECT id, model_name, regions, gpu_type, spot, min_nodes, max_nodes,
-                      allow_on_demand_fallback, status
-               FROM deployments
-               WHERE status <> 'deleted'
-                  OR id IN (SELECT deployment_id FROM nodes
-                            WHERE status NOT IN ('terminated', 'failed'))""")
+            """SELECT d.id, d.model_name, d.regions, d.gpu_type, d.spot, d.min_nodes,
+                      d.max_nodes, d.allow_on_demand_fallback, d.status, m.weights_source
+               FROM deployments d LEFT JOIN models m ON m.id = d.model_id
+               WHERE d.status <> 'deleted'
+                  OR d.id IN (SELECT deployment_id FROM nodes
+                              WHERE status NOT IN ('terminated', 'failed'))""")
         specs = []
         for r in rows:
             serving = r["status"] == "active"
@@ -311,7 +312,8 @@ class Orchestrator:
                 gpu_type=r["gpu_type"], spot=r["spot"],
                 min_nodes=r["min_nodes"] if serving else 0,
                 max_nodes=r["max_nodes"] if serving else 0,
-                allow_on_demand_fallback=r["allow_on_demand_fallback"]))
+                allow_on_demand_fallback=r["allow_on_demand_fallback"],
+                weights_source=r["weights_source"]))
         return specs
 
     async def _reconcile(self, dep: DeploymentSpec, nodes: list[NodeView],
@@ -364,6 +366,15 @@ class Orchestrator:
 
     async def _launch(self, dep: DeploymentSpec, launch: Launch) -> None:
         s = self.settings
+        try:
+            weights = (None if dep.weights_source is None
+                       else parse_weights_source(dep.weights_source))
+        except InvalidWeightsSource as exc:
+            # The catalog stores only sources it parsed: this is a row written around it.
+            log.error("the model's weights source is not one the catalog accepts; not "
+                      "launching", deployment_id=str(dep.id), model=dep.model_name,
+                      error=str(exc))
+            return
         node_id = uuid7()
         provider, region = split_region(launch.region, s.default_provider)
         cluster = cluster_name(s.cluster_prefix, dep.model_name, region, node_id)
@@ -398,7 +409,7 @@ class Orchestrator:
                  replaces=str(launch.replaces) if launch.replaces else None)
         spec = LaunchSpec(node_id=node_id, cluster_name=cluster, model_name=dep.model_name,
                           provider=provider, region=region, gpu_type=dep.gpu_type,
-                          spot=launch.spot, env=env, secrets=secrets)
+                          spot=launch.spot, env=env, secrets=secrets, weights=weights)
         self.metrics.launches.labels(launch.region, str(launch.spot).lower()).inc()
         self._launching_clusters.add(cluster)
         self.launches[node_id] = asyncio.create_task(

@@ -45,6 +45,8 @@ class DeploymentSpec:
     min_nodes: int
     max_nodes: int
     allow_on_demand_fallback: bool = True
+    weights_source: str | None = None
+    """The model's, as the catalog holds it (canonical); None: the Hub repo of its name."""
 
 
 @dataclass(frozen=True)

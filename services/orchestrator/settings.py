@@ -65,3 +65,10 @@ class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):
     skypilot_disk_size_gb: int = 256
     hf_token: Secret = Secret("")
     """Handed to nodes as a secret, for gated models."""
+    r2_account_id: str = ""
+    r2_access_key_id: Secret = Secret("")
+    r2_secret_access_key: Secret = Secret("")
+    """The reference's R2_*: with LAUNCHER=skypilot, all three set make the orchestrator write
+    SkyPilot's R2 credential files (~/.cloudflare/) at start, so SkyPilot can copy models'
+    r2:// weights onto nodes (services/orchestrator/r2_credentials.py). None set: SkyPilot
+    uses the files the machine has, if any."""

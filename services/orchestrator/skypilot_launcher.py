@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from services.orchestrator.launcher import ClusterState, LaunchError, LaunchSpec, owns_cluster
-from services.orchestrator.skypilot_task import TaskOptions, task_config
+from services.orchestrator.skypilot_task import TaskOptions, UnservableWeights, task_config
 
 log = structlog.get_logger("skypilot")
 
@@ -105,7 +105,11 @@ class SkyPilotLauncher:
 
     async def launch(self, spec: LaunchSpec) -> None:
         try:
-            await self._run(_launch, task_config(spec, self.options), spec.cluster_name)
+            config = task_config(spec, self.options)
+        except UnservableWeights as exc:
+            raise LaunchError(str(exc)) from exc
+        try:
+            await self._run(_launch, config, spec.cluster_name)
         except LaunchError:
             raise
         except Exception as exc:

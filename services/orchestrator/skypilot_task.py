@@ -7,6 +7,12 @@ knows: its instance type (from the cloud's metadata service) and its GPUs' memor
 driver). The node's NATS credential, its vLLM API key (VLLM_API_KEY) and the Hugging Face
 token go in `secrets`, which SkyPilot keeps out of its listings and logs.
 
+The weights: a model without a source is served by its name, which vLLM fetches from the
+Hugging Face Hub; an hf:// source is fetched the same way; an r2:// source is copied by
+SkyPilot itself (`file_mounts`, COPY mode, with the R2 credentials of the SkyPilot that
+launches) to WEIGHTS_DIR before the run starts. Either way vLLM serves the weights under the
+catalog's name (`--served-model-name`), which is what clients and the gateways ask for.
+
 vLLM serves only who presents the node's own key (the gateways derive it: see
 services/core/node_keys.py). It reads the key from VLLM_API_KEY, as `vllm serve` does, rather
 than from `--api-key`: vLLM logs its non-default arguments at start, and a command line is
@@ -23,9 +29,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.catalog.weights import FileWeights, HubWeights, R2Weights
 from services.orchestrator.launcher import LaunchSpec
 
 VLLM_PORT = 8000
+WEIGHTS_DIR = "/crosslogic/weights"
+"""Where an R2 source is copied on the machine (SkyPilot's COPY mode: onto the node's disk
+before `setup`, so vLLM reads local files, not a FUSE mount)."""
+
+
+class UnservableWeights(ValueError):
+    """A weights source a SkyPilot machine cannot reach (file://: a path on another host)."""
+
 
 _SETUP = """\
 set -euo pipefail
@@ -74,10 +89,18 @@ fi
 export VLLM_API_KEY
 """
 
-_RUN = """\
+# The source and the names come from the environment, not the script's text: a value is then
+# one argument whatever it holds.
+SERVE_BY_NAME = 'vllm serve "${MODEL_NAME}"'
+"""The Hub repo of the model's name (a model without a weights source)."""
+SERVE_WEIGHTS = 'vllm serve "${MODEL_WEIGHTS}" --served-model-name "${MODEL_NAME}"'
+"""A repo or a directory of the weights; clients still ask for the catalog's name."""
+
+
+def _run(serve: str) -> str:
+    return """\
 set -uo pipefail
-""" + API_KEY_GUARD + NODE_FACTS + """\
-vllm serve "${MODEL_NAME}" --host 0.0.0.0 --port "${VLLM_PORT}" &
+""" + API_KEY_GUARD + NODE_FACTS + serve + """ --host 0.0.0.0 --port "${VLLM_PORT}" &
 VLLM_PID=$!
 trap 'kill -TERM ${VLLM_PID} 2>/dev/null' EXIT
 python3 -m agent
@@ -97,8 +120,31 @@ def accelerators(gpu_type: str) -> str:
     return gpu_type if ":" in gpu_type else f"{gpu_type}:1"
 
 
+def weights_plan(spec: LaunchSpec) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """(how vLLM is started, the environment that adds, the task's file_mounts) for the
+    spec's weights source. Raises UnservableWeights."""
+    match spec.weights:
+        case None:
+            return SERVE_BY_NAME, {}, {}
+        case HubWeights(repo=repo):
+            return SERVE_WEIGHTS, {"MODEL_WEIGHTS": repo}, {}
+        case R2Weights():
+            # SkyPilot copies the prefix with the R2 credentials it holds (docs/orchestrator.md).
+            # COPY, not MOUNT: SkyPilot mounts only whole buckets, and vLLM reads every shard
+            # once at start, which a local disk serves far faster than a FUSE mount.
+            mounts = {WEIGHTS_DIR: {"source": str(spec.weights), "mode": "COPY"}}
+            return SERVE_WEIGHTS, {"MODEL_WEIGHTS": WEIGHTS_DIR}, mounts
+        case FileWeights():
+            raise UnservableWeights(
+                f"weights source {spec.weights} is a path on this host: only the local cloud "
+                "(LAUNCHER=local) serves file:// sources; give the model an hf:// or r2:// "
+                "source")
+
+
 def task_config(spec: LaunchSpec, options: TaskOptions) -> dict[str, Any]:
-    return {
+    """Raises UnservableWeights for a source no SkyPilot machine can reach."""
+    serve, weights_env, file_mounts = weights_plan(spec)
+    config: dict[str, Any] = {
         "name": spec.cluster_name,
         "resources": {
             "infra": f"{spec.provider}/{spec.region}",
@@ -107,10 +153,13 @@ def task_config(spec: LaunchSpec, options: TaskOptions) -> dict[str, Any]:
             "disk_size": options.disk_size_gb,
             "labels": {"crosslogic-node-id": str(spec.node_id)},
         },
-        "envs": {**spec.env, "VLLM_PORT": str(VLLM_PORT),
+        "envs": {**spec.env, **weights_env, "VLLM_PORT": str(VLLM_PORT),
                  "VLLM_VERSION": options.vllm_version,
                  "AGENT_INSTALL": options.agent_install},
         "secrets": dict(spec.secrets),
         "setup": _SETUP,
-        "run": _RUN,
+        "run": _run(serve),
     }
+    if file_mounts:
+        config["file_mounts"] = file_mounts
+    return config

@@ -320,6 +320,45 @@ async def test_models(admin: Admin) -> None:
     assert_error(answer, "invalid_request_error", "name")
 
 
+async def test_model_weights_source(admin: Admin) -> None:
+    body = {"name": "acme/llama-8b", "family": "llama", "vram_gb": 16,
+            "input_price_per_million": "0.1", "output_price_per_million": "0.2",
+            "context_length": 8192}
+    plain = await admin.ok("POST", "/models", body, 201)
+    assert plain["weights_source"] is None  # the Hub repo of its name, as before
+    model = await admin.ok("POST", "/models", {
+        **body, "name": "acme/llama-r2", "weights_source": "r2://crosslogic-models/llama/v1/"},
+        201)
+    assert model["weights_source"] == "r2://crosslogic-models/llama/v1"  # canonical
+    assert await admin.ok("GET", f"/models/{model['id']}") == model
+
+    patched = await admin.ok("PATCH", f"/models/{model['id']}",
+                             {"weights_source": "hf://meta-llama/Llama-3.1-8B-Instruct"})
+    assert patched["weights_source"] == "hf://meta-llama/Llama-3.1-8B-Instruct"
+    patched = await admin.ok("PATCH", f"/models/{model['id']}", {"vram_gb": 24})
+    assert patched["weights_source"] == "hf://meta-llama/Llama-3.1-8B-Instruct"  # kept
+    local = await admin.ok("PATCH", f"/models/{plain['id']}",
+                           {"weights_source": "file:///srv/models/llama"})
+    assert local["weights_source"] == "file:///srv/models/llama"
+
+    for source in ("s3://bucket/x", "r2://Bad_Bucket/x", "r2://ab", "file:///srv/../etc",
+                   "file://host/srv", "hf://gpt2", "r2://models/a b", "", "r2://models/"
+                   + "a" * 1100, 42, ["hf://a/b"]):
+        for method, path, sent in (("POST", "/models", {**body, "name": "m3",
+                                                        "weights_source": source}),
+                                   ("PATCH", f"/models/{model['id']}",
+                                    {"weights_source": source})):
+            status, answer = await admin.call(method, path, sent)
+            assert status == 400, (method, source, answer)
+            assert_error(answer, "invalid_request_error", "weights_source")
+    status, answer = await admin.call("PATCH", f"/models/{model['id']}",
+                                      {"weights_source": None})
+    assert status == 400  # changed, not removed: hf://<org>/<repo> goes back to the Hub
+    assert_error(answer, "invalid_request_error", "weights_source")
+    assert (await admin.ok("GET", f"/models/{model['id']}"))["weights_source"] == \
+        "hf://meta-llama/Llama-3.1-8B-Instruct"
+
+
 # --------------------------------------------------------------------------- deployments
 
 

@@ -43,6 +43,10 @@ async def build_everything(catalog: Catalog) -> None:
                                        output_price_per_million=Decimal("0.2"),
                                        context_length=10)
     await catalog.update_model(model, output_price_per_million=Decimal("0.3"))
+    await catalog.update_model(model, weights_source="r2://models-bucket/m/")
+    await catalog.create_model("n", family="f", vram_gb=1, input_price_per_million=Decimal(1),
+                               output_price_per_million=Decimal(1), context_length=1,
+                               weights_source="file:///srv/n")
     kept = await catalog.create_deployment("m", regions=["r1"], gpu_type="g", spot=True,
                                            min_nodes=0, max_nodes=2)
     await catalog.update_deployment(kept, regions=["r1", "r2"], max_nodes=5)
@@ -89,9 +93,11 @@ async def test_updates_merge_and_rotation_keeps_everything(catalog: Catalog,
     assert [(d.regions, d.max_nodes, d.status) for d in deployments] == \
         [(["r1", "r2"], 5, "active"), (["r1"], 1, "deleted")]
     assert [d.status for d in await q.list_deployments(pool)] == ["active"]
-    model = (await q.list_models(pool))[0]
+    model, other = sorted(await q.list_models(pool), key=lambda m: m.name)
     assert (str(model.input_price_per_million), str(model.output_price_per_million)) == \
         ("0.1", "0.3")
+    assert (model.weights_source, other.weights_source) == ("r2://models-bucket/m",
+                                                            "file:///srv/n")
 
 
 async def test_refusals(catalog: Catalog) -> None:
@@ -115,6 +121,15 @@ async def test_refusals(catalog: Catalog) -> None:
     model = await catalog.create_model("m", family="f", vram_gb=1,
                                        input_price_per_million=Decimal(1),
                                        output_price_per_million=Decimal(1), context_length=1)
+    for source in ("s3://b/x", "r2://models/../x", "file://relative"):
+        with pytest.raises(Invalid) as err:
+            await catalog.update_model(model, weights_source=source)
+        assert err.value.field == "weights_source"
+        with pytest.raises(Invalid):
+            await catalog.create_model("m2", family="f", vram_gb=1,
+                                       input_price_per_million=Decimal(1),
+                                       output_price_per_million=Decimal(1), context_length=1,
+                                       weights_source=source)
     await catalog.update_model(model, status=EntityStatus.DELETED)
     with pytest.raises(Conflict, match="deleted"):
         await catalog.create_deployment("m", regions=["r"], gpu_type="g", spot=False,

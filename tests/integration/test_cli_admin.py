@@ -104,7 +104,14 @@ async def test_models_and_deployments(cli: Cli) -> None:
                            "16", "--input-price", "0.15", "--output-price", "0.60",
                            "--context-length", "8192")
     assert model["input_price_per_million"] == "0.15"
+    assert model["weights_source"] is None
     assert "llama-8b" in await cli.ok("models", "list")
+    moved = await cli.json("models", "update", model["id"], "--weights-source",
+                           "r2://crosslogic-models/llama-8b")
+    assert moved["weights_source"] == "r2://crosslogic-models/llama-8b"
+    code, _, err = await cli.run("models", "update", model["id"], "--weights-source",
+                                 "r2://models/../x")
+    assert code == 1 and "weights_source" in err
     deployment = await cli.json("deployments", "create", "--model", "llama-8b", "--region",
                                 "us-east-1", "--region", "us-west-2", "--gpu-type", "A10G",
                                 "--spot", "--min", "1", "--max", "3")

@@ -16,6 +16,7 @@ import sky
 import sky.exceptions
 
 from agent.settings import AgentSettings
+from services.core.catalog.weights import parse_weights_source
 from services.orchestrator.launcher import (
     LaunchSpec,
     cluster_name,
@@ -27,7 +28,9 @@ from services.orchestrator.launcher import (
 from services.orchestrator.skypilot_task import (
     NODE_FACTS,
     VLLM_PORT,
+    WEIGHTS_DIR,
     TaskOptions,
+    UnservableWeights,
     accelerators,
     task_config,
 )
@@ -39,8 +42,9 @@ PREFIX = "crosslogic"
 
 
 def spec_for(infra: str, gpu_type: str, *, spot: bool, node_id: uuid.UUID = NODE_ID,
-             extra_secrets: dict[str, str] | None = None) -> LaunchSpec:
-    """A spec built the way the orchestrator builds one."""
+             extra_secrets: dict[str, str] | None = None,
+             weights: str | None = None) -> LaunchSpec:
+    """A spec built the way the orchestrator builds one; `weights`: the model's source."""
     provider, region = split_region(infra, "aws")
     cluster = cluster_name(PREFIX, MODEL, region, node_id)
     env, secrets = node_env(node_id, cluster=cluster, model_name=MODEL, provider=provider,
@@ -49,7 +53,8 @@ def spec_for(infra: str, gpu_type: str, *, spot: bool, node_id: uuid.UUID = NODE
     secrets.update(extra_secrets or {})
     return LaunchSpec(node_id=node_id, cluster_name=cluster, model_name=MODEL,
                       provider=provider, region=region, gpu_type=gpu_type, spot=spot,
-                      env=env, secrets=secrets)
+                      env=env, secrets=secrets,
+                      weights=None if weights is None else parse_weights_source(weights))
 
 
 def to_task(config: dict[str, Any]) -> sky.Task:
@@ -186,17 +191,21 @@ echo "agent ran" >> "$OUT.agent"
 """
 
 
-def run_script(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """The task's whole run script on a stand-in machine (vLLM and the agent are stubs)."""
+def run_script(tmp_path: Path, env: dict[str, str],
+               weights: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The task's whole run script on a stand-in machine (vLLM and the agent are stubs), with
+    the task's own environment."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, body in (("nvidia-smi", _FAKE_NVIDIA_SMI), ("hostname", _FAKE_HOSTNAME),
                        ("curl", _FAKE_CURL), ("vllm", _FAKE_VLLM), ("python3", _FAKE_PYTHON)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
-    run = task_config(spec_for("aws/us-east-1", "A10G", spot=True), TaskOptions())["run"]
-    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PROVIDER": "aws", "GPUS_MIB": "23028",
-            "VLLM_PORT": str(VLLM_PORT), "MODEL_NAME": MODEL, "OUT": str(tmp_path / "vllm")}
+    config = task_config(spec_for("aws/us-east-1", "A10G", spot=True, weights=weights),
+                         TaskOptions())
+    base = {**config["envs"], "PATH": f"{bin_dir}:/usr/bin:/bin", "GPUS_MIB": "23028",
+            "OUT": str(tmp_path / "vllm")}
+    run = config["run"]
     return subprocess.run(["bash", "-c", run], env={**base, **env}, capture_output=True,
                           text=True, timeout=30)
 
@@ -211,6 +220,28 @@ def test_vllm_serves_with_the_nodes_key_from_the_environment(tmp_path: Path) -> 
     assert "clnk_the-node-key" not in seen["args"]
     assert seen["args"] == f"serve {MODEL} --host 0.0.0.0 --port {VLLM_PORT}"
     assert (tmp_path / "vllm.agent").exists()
+
+
+def served(tmp_path: Path, weights: str | None) -> str:
+    done = run_script(tmp_path, {"VLLM_API_KEY": "clnk_the-node-key"}, weights)
+    assert done.returncode == 0, done.stderr
+    seen = dict(line.split("=", 1) for line in (tmp_path / "vllm").read_text().splitlines())
+    return seen["args"]
+
+
+@pytest.mark.parametrize(("weights", "args"), [
+    # No source: as before, vLLM fetches the Hub repo of the model's name.
+    (None, f"serve {MODEL} --host 0.0.0.0 --port {VLLM_PORT}"),
+    # Another repo, served under the catalog's name.
+    ("hf://acme/llama-tuned", f"serve acme/llama-tuned --served-model-name {MODEL} "
+                              f"--host 0.0.0.0 --port {VLLM_PORT}"),
+    # The copy SkyPilot made of the bucket's prefix, served under the catalog's name.
+    ("r2://crosslogic-models/llama/v1", f"serve {WEIGHTS_DIR} --served-model-name {MODEL} "
+                                        f"--host 0.0.0.0 --port {VLLM_PORT}"),
+])
+def test_vllm_serves_the_weights_under_the_catalog_name(tmp_path: Path, weights: str | None,
+                                                        args: str) -> None:
+    assert served(tmp_path, weights) == args
 
 
 @pytest.mark.parametrize("key", [None, ""])
@@ -277,6 +308,63 @@ def test_task_config_does_not_share_the_specs_dicts() -> None:
     config["secrets"]["NATS_URL"] = "changed"
     assert spec.env["NODE_ID"] == str(NODE_ID)
     assert spec.secrets["NATS_URL"] == NATS_URL
+
+
+# ----------------------------------------------------------------- where the weights come from
+
+
+@pytest.mark.parametrize("spot", [True, False])
+def test_r2_weights_are_copied_by_skypilot(spot: bool) -> None:
+    spec = spec_for("aws/us-east-1", "A10G", spot=spot,
+                    weights="r2://crosslogic-models/meta/llama-3.1-8b/")
+    config = task_config(spec, TaskOptions())
+    assert config["file_mounts"] == {
+        WEIGHTS_DIR: {"source": "r2://crosslogic-models/meta/llama-3.1-8b", "mode": "COPY"}}
+    task = to_task(config)
+
+    # SkyPilot's own reading: a storage mount of the bucket's prefix, copied (not a FUSE
+    # mount: SkyPilot mounts whole buckets only), from R2.
+    (path, storage), = task.storage_mounts.items()
+    assert path == WEIGHTS_DIR
+    assert storage.source == "r2://crosslogic-models/meta/llama-3.1-8b"
+    assert storage.mode.name == "COPY"
+    assert not only_resources(task).requires_fuse
+    assert task.envs["MODEL_WEIGHTS"] == WEIGHTS_DIR
+    assert task.envs["MODEL_NAME"] == MODEL  # what vLLM serves it as
+    assert task.run is not None and '--served-model-name "${MODEL_NAME}"' in task.run
+    # The R2 credentials are SkyPilot's (its ~/.cloudflare/ files), never the task's.
+    assert set(task.secrets) == {"NATS_URL"}
+
+
+def test_hub_weights_need_no_mount() -> None:
+    config = task_config(spec_for("gcp/us-central1", "L4", spot=False,
+                                  weights="hf://acme/llama-tuned"), TaskOptions())
+    assert "file_mounts" not in config
+    task = to_task(config)
+    assert task.envs["MODEL_WEIGHTS"] == "acme/llama-tuned"
+    assert not task.storage_mounts and not task.file_mounts
+
+
+def test_a_model_without_a_source_is_served_by_its_name_as_before() -> None:
+    config = task_config(spec_for("aws/us-east-1", "A10G", spot=True), TaskOptions())
+    assert "file_mounts" not in config
+    assert "MODEL_WEIGHTS" not in config["envs"]
+    assert 'vllm serve "${MODEL_NAME}" --host' in config["run"]
+    assert "--served-model-name" not in config["run"]
+
+
+def test_a_path_on_this_host_is_refused_for_skypilot() -> None:
+    spec = spec_for("aws/us-east-1", "A10G", spot=True, weights="file:///srv/models/llama")
+    with pytest.raises(UnservableWeights, match=r"file:///srv/models/llama.*local cloud"):
+        task_config(spec, TaskOptions())
+
+
+def test_the_weights_mount_is_checked_by_skypilot() -> None:
+    config = task_config(spec_for("aws/us-east-1", "A10G", spot=True,
+                                  weights="r2://crosslogic-models/llama"), TaskOptions())
+    config["file_mounts"][WEIGHTS_DIR]["mode"] = "SOMETIMES"
+    with pytest.raises(sky.exceptions.InvalidSkyPilotConfigError, match="SOMETIMES"):
+        to_task(config)
 
 
 # ----------------------------------------------------------------- the validation has teeth

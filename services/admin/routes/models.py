@@ -32,7 +32,7 @@ async def create_model(request: web.Request) -> web.Response:
                                             "input_price_per_million"),
         output_price_per_million=check_price(body.output_price_per_million,
                                              "output_price_per_million"),
-        context_length=body.context_length)
+        context_length=body.context_length, weights_source=body.weights_source)
     return json_response(require(await q.get_model(db(request), model_id), "model", model_id),
                          201)
 
@@ -64,7 +64,8 @@ async def update_model(request: web.Request) -> web.Response:
         output_price_per_million=None if output_price is None
         else check_price(output_price, "output_price_per_million"),
         context_length=given(body.context_length),
-        status=None if status is None else EntityStatus(status))
+        status=None if status is None else EntityStatus(status),
+        weights_source=given(body.weights_source))
     return await get_model(request)
 
 
@@ -76,7 +77,7 @@ ROUTES = (
           query=PAGE_QUERY),
     Route("GET", "/models/{model_id}", get_model, "Read a model", TAG, response=ModelRecord),
     Route("PATCH", "/models/{model_id}", update_model,
-          "Change a model's family, VRAM, prices, context length or status", TAG,
+          "Change a model's family, VRAM, prices, context length, status or weights source", TAG,
           body=ModelPatch, response=ModelRecord, errors=(409,)),
 )
 

@@ -43,6 +43,7 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from services.core.catalog.projections import catalog_projections
+from services.core.catalog.weights import InvalidWeightsSource, parse_weights_source
 from services.core.db import Connection
 from services.core.eventlog import NO_STREAM, ConcurrencyError, EventLog
 
@@ -386,11 +387,15 @@ class Catalog:
 
     async def create_model(self, name: str, *, family: str, vram_gb: int,
                            input_price_per_million: Decimal, output_price_per_million: Decimal,
-                           context_length: int) -> uuid.UUID:
+                           context_length: int,
+                           weights_source: str | None = None) -> uuid.UUID:
+        """`weights_source`: see services/core/catalog/weights.py; stored in its canonical
+        form. None: the Hugging Face Hub repo of `name`."""
         event = ModelCreated(model_id=uuid7(), name=name, family=family, vram_gb=vram_gb,
                              input_price_per_million=input_price_per_million,
                              output_price_per_million=output_price_per_million,
-                             context_length=context_length)
+                             context_length=context_length,
+                             weights_source=_weights_source(weights_source))
         async with self.log.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval("SELECT 1 FROM models WHERE name = $1", name):
                 raise Conflict(f"model {name!r} already exists")
@@ -402,13 +407,19 @@ class Catalog:
                            input_price_per_million: Decimal | None = None,
                            output_price_per_million: Decimal | None = None,
                            context_length: int | None = None,
-                           status: EntityStatus | None = None) -> None:
+                           status: EntityStatus | None = None,
+                           weights_source: str | None = None) -> None:
+        """None leaves a field as it is. A model's source can be changed, not removed: set
+        hf://<org>/<repo> to go back to the Hub. Nodes already up keep the weights they
+        loaded; the next launch uses the new source."""
+        source = _weights_source(weights_source)
         async with self.log.pool.acquire() as conn, conn.transaction():
             version = await self._version(conn, "models", model_id)
             event = ModelUpdated(model_id=model_id, family=family, vram_gb=vram_gb,
                                  input_price_per_million=input_price_per_million,
                                  output_price_per_million=output_price_per_million,
-                                 context_length=context_length, status=status)
+                                 context_length=context_length, status=status,
+                                 weights_source=source)
             if all(getattr(event, f) is None for f in _MODEL_CHANGES):
                 return
             await self._write(conn, event.stream, [event], version)
@@ -477,9 +488,19 @@ class Catalog:
 
 
 _MODEL_CHANGES = ("family", "vram_gb", "input_price_per_million", "output_price_per_million",
-                  "context_length", "status")
+                  "context_length", "status", "weights_source")
 _DEPLOYMENT_CHANGES = ("regions", "gpu_type", "spot", "min_nodes", "max_nodes",
                        "allow_on_demand_fallback")
+
+
+def _weights_source(text: str | None) -> str | None:
+    """The canonical form of a source, so that one source is one string in the log."""
+    if text is None:
+        return None
+    try:
+        return str(parse_weights_source(text))
+    except InvalidWeightsSource as exc:
+        raise Invalid(f"weights_source {exc}", "weights_source") from None
 
 
 async def _find_model(conn: Connection, model: str | uuid.UUID) -> asyncpg.Record | None:

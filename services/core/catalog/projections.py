@@ -159,12 +159,12 @@ class ModelsProjection(Projection):
                 await conn.execute(
                     """INSERT INTO models (id, name, family, vram_gb, input_price_per_million,
                            output_price_per_million, context_length, status, created_at,
-                           updated_at, version)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9)
+                           updated_at, version, weights_source)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9, $10)
                        ON CONFLICT (id) DO NOTHING""",
                     e.model_id, e.name, e.family, e.vram_gb, e.input_price_per_million,
                     e.output_price_per_million, e.context_length, e.occurred_at,
-                    r.stream_version)
+                    r.stream_version, e.weights_source)
             elif isinstance(e, ModelUpdated):
                 await conn.execute(
                     """UPDATE models SET family = coalesce($2, family),
@@ -172,11 +172,14 @@ class ModelsProjection(Projection):
                            input_price_per_million = coalesce($4, input_price_per_million),
                            output_price_per_million = coalesce($5, output_price_per_million),
                            context_length = coalesce($6, context_length),
-                           status = coalesce($7, status), updated_at = $8, version = $9
+                           status = coalesce($7, status),
+                           weights_source = coalesce($10, weights_source), updated_at = $8,
+                           version = $9
                        WHERE id = $1 AND version < $9""",
                     e.model_id, e.family, e.vram_gb, e.input_price_per_million,
                     e.output_price_per_million, e.context_length,
-                    e.status.value if e.status else None, e.occurred_at, r.stream_version)
+                    e.status.value if e.status else None, e.occurred_at, r.stream_version,
+                    e.weights_source)
 
 
 class DeploymentsProjection(Projection):

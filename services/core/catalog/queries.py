@@ -88,6 +88,9 @@ class ModelRecord(msgspec.Struct, kw_only=True, frozen=True):
     output_price_per_million: Decimal
     context_length: int
     status: str
+    weights_source: str | None
+    """hf://<org>/<repo>, r2://<bucket>/<prefix> or file:///<path>; null: the Hugging Face
+    Hub repo of the model's name."""
     created_at: Time
     updated_at: Time
 
@@ -151,7 +154,8 @@ def _model(r: asyncpg.Record) -> ModelRecord:
                        input_price_per_million=plain_decimal(r["input_price_per_million"]),
                        output_price_per_million=plain_decimal(r["output_price_per_million"]),
                        context_length=r["context_length"], status=r["status"],
-                       created_at=r["created_at"], updated_at=r["updated_at"])
+                       weights_source=r["weights_source"], created_at=r["created_at"],
+                       updated_at=r["updated_at"])
 
 
 def _deployment(r: asyncpg.Record) -> DeploymentRecord:
@@ -171,7 +175,7 @@ _ENVIRONMENT = ("id, tenant_id, name, region, status, requests_per_minute, token
 _API_KEY = ("id, tenant_id, environment_id, name, last_four, role, status, requests_per_minute, "
             "tokens_per_minute, tokens_per_day, concurrency, expires_at, created_at, revoked_at")
 _MODEL = ("id, name, family, vram_gb, input_price_per_million, output_price_per_million, "
-          "context_length, status, created_at, updated_at")
+          "context_length, status, weights_source, created_at, updated_at")
 _DEPLOYMENT = ("id, model_id, model_name, regions, gpu_type, spot, min_nodes, max_nodes, "
                "allow_on_demand_fallback, status, created_at, updated_at, deleted_at")
 
