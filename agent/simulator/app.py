@@ -31,8 +31,22 @@ from agent.simulator.protocol import (
     check_stream_options,
     decode_chat,
     decode_completion,
+    decode_detokenize,
     decode_embedding,
+    decode_rerank,
+    decode_responses,
+    decode_score,
+    decode_tokenize,
     error_body,
+)
+from agent.simulator.responses import rerank as rerank_body
+from agent.simulator.responses import scores as scores_body
+from agent.simulator.responses_api import (
+    ResponseStore,
+    StoredResponse,
+    cannot_cancel,
+    response_not_found,
+    stored,
 )
 from agent.simulator.scheduler import Scheduler
 from agent.simulator.serving import JSON_HEADERS, Serving, error_response, json_response
@@ -59,6 +73,7 @@ class Simulator:
         self.faults = FaultState(config.faults, config.seed)
         self.prepare = Prepare(config)
         self.serving = Serving(config, self.engine, self.faults)
+        self.response_store = ResponseStore()
         created = int(time.time())
         self.models_body = msgspec.json.encode({"object": "list", "data": [{
             "id": config.model, "object": "model", "created": created, "owned_by": "vllm",
@@ -71,11 +86,23 @@ class Simulator:
                 "is_blocking": False}],
         }]})
 
-    def query_prefix_cache(self, salt: str | None, prompts: list[str]) -> None:
+    def query_prefix_cache(self, salt: str | None, prompts: list[str]) -> int:
+        """Tokens found cached, over all `prompts`."""
+        hits = 0
         for prompt in prompts:
             queried, hit = self.prefix_cache.query(salt, prompt)
             self.metrics.prefix_cache_queries.inc(queried)
             self.metrics.prefix_cache_hits.inc(hit)
+            hits += hit
+        return hits
+
+    def previous_response(self, response_id: str | None) -> StoredResponse | None:
+        if response_id is None:
+            return None
+        found = self.response_store.get(response_id)
+        if found is None:
+            raise response_not_found(response_id)
+        return found
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
@@ -136,6 +163,97 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await sim.serving.embeddings(request, req, request_id(request, "embd-",
                                                                  req.request_id),
                                         vectors, prompt_tokens, arrival)
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    arrival = sim.engine.now()
+    try:
+        req = decode_responses(await request.read())
+        sim.prepare.check_model(req.model)
+        previous = sim.previous_response(req.previous_response_id)
+        gen = sim.prepare.responses(req, previous, req.request_id or f"resp_{uuid.uuid4().hex}",
+                                    f"msg_{uuid.uuid4().hex}")
+    except ApiError as exc:
+        return error_response(exc)
+    assert gen.responses is not None
+    gen.cached_tokens = sim.query_prefix_cache(req.cache_salt,
+                                               [chat_text(gen.responses.messages)])
+    resp = await sim.serving.generation(request, gen, arrival)
+    # Here only when the answer went out whole (a failed, hung or cut one never arrives).
+    if resp.status == 200 and req.store:
+        sim.response_store.put(gen.id, stored(gen))
+    return resp
+
+
+async def retrieve_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    found = request.app[SIMULATOR].response_store.get(response_id)
+    if found is None:
+        return error_response(response_not_found(response_id))
+    return json_response(found.body)
+
+
+async def cancel_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    found = request.app[SIMULATOR].response_store.get(response_id)
+    return error_response(response_not_found(response_id) if found is None
+                          else cannot_cancel())
+
+
+async def score(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    arrival = sim.engine.now()
+    try:
+        req = decode_score(await request.read())
+        sim.prepare.check_model(req.model)
+        values, prompt_tokens = sim.prepare.scores(req.text_1, req.text_2)
+    except ApiError as exc:
+        return error_response(exc)
+    request_id = request_id_of(request, "score-")
+    return await sim.serving.pooling(
+        request, len(values), prompt_tokens, arrival,
+        lambda: scores_body(request_id, int(time.time()), sim.config.model, values,
+                            prompt_tokens))
+
+
+async def rerank(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIMULATOR]
+    arrival = sim.engine.now()
+    try:
+        req = decode_rerank(await request.read())
+        sim.prepare.check_model(req.model)
+        values, prompt_tokens = sim.prepare.scores(req.query, req.documents)
+    except ApiError as exc:
+        return error_response(exc)
+    request_id = request_id_of(request, "rerank-")
+    return await sim.serving.pooling(
+        request, len(values), prompt_tokens, arrival,
+        lambda: rerank_body(request_id, sim.config.model, req.documents, values, req.top_n,
+                            prompt_tokens))
+
+
+def request_id_of(request: web.Request, prefix: str) -> str:
+    # vLLM's `_base_request_id`: the X-Request-Id header, else a random id.
+    return prefix + (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    sim = request.app[SIMULATOR]
+    try:
+        body = sim.prepare.tokenize(decode_tokenize(await request.read()))
+    except ApiError as exc:
+        return error_response(exc)
+    return json_response(msgspec.json.encode(body))
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    sim = request.app[SIMULATOR]
+    try:
+        body = sim.prepare.detokenize(decode_detokenize(await request.read()))
+    except ApiError as exc:
+        return error_response(exc)
+    return json_response(msgspec.json.encode(body))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -240,6 +358,15 @@ def create_app(config: SimulatorConfig, *, api_keys: Iterable[str] = ()) -> web.
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", create_response)
+    app.router.add_get("/v1/responses/{response_id}", retrieve_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)
+    for path in ("/score", "/v1/score"):
+        app.router.add_post(path, score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, rerank)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)

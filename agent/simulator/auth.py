@@ -3,7 +3,11 @@ to those that lack it, as vLLM's AuthenticationMiddleware gives them
 (vllm/entrypoints/serve/utils/server_utils.py).
 
 - Guarded: every path under vLLM's fail-closed prefixes (``/v1``, ``/v2``, ``/inference``,
-  ``/cohere``), whether or not a route serves it (``/v1/nothing`` is 401 before it is 404).
+  ``/cohere``), whether or not a route serves it (``/v1/nothing`` is 401 before it is 404),
+  and under the static prefix of every other route it serves that is not public
+  (``build_guarded_prefixes``: ``/tokenize``, ``/detokenize``, ``/score``, ``/rerank``).
+  vLLM 0.11 guarded ``/v1`` only, so those four and ``/v2/rerank`` were open there; nodes run
+  a current release, which guards them.
 - Open: ``/health``, ``/ping``, ``/load``, ``/version``, ``/metrics`` (probes and scrapers: the
   agent reads ``/health`` and ``/metrics``, the monitor probes ``/health``), and any OPTIONS.
 - The header is ``Bearer`` (any case) then one space then the key, compared in constant time
@@ -28,8 +32,9 @@ from agent.simulator.serving import JSON_HEADERS
 
 __all__ = ["GUARDED_PREFIXES", "UNAUTHORIZED_BODY", "ApiKeys", "auth_middleware", "guarded"]
 
-GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
-"""vLLM's MIN_GUARDED_PREFIXES: every route the simulator serves behind a key is under /v1."""
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere", "/tokenize", "/detokenize",
+                    "/score", "/rerank")
+"""vLLM's MIN_GUARDED_PREFIXES plus the prefixes it derives from the simulator's routes."""
 UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 
 

@@ -30,8 +30,10 @@ So a ``max_tokens`` below NATURAL_MIN always gives exactly ``max_tokens`` tokens
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -54,10 +56,14 @@ WORDS = (
     "reply", "story", "world",
 )
 _WORD_BITS = 7  # draws an index below 128
+_WORD = re.compile(r"\w+")
 assert len(WORDS) >= 1 << _WORD_BITS
 
 _MASK = (1 << 64) - 1
-_GREEDY, _SEEDED, _SAMPLED, _EMBED = 1, 2, 3, 4
+_GREEDY, _SEEDED, _SAMPLED, _EMBED, _LOGPROB, _SCORE = 1, 2, 3, 4, 5, 6
+
+EOS_TOKEN = "<|eot_id|>"
+"""How the EOS token reads in logprobs (Llama 3's end of turn)."""
 
 
 def mix(*parts: int) -> int:
@@ -124,6 +130,11 @@ class ChoiceOutput:
     per token, so ``len(deltas) == num_tokens``; some may be empty (EOS, held back text)."""
     finish_reason: str
     stop_reason: str | None = None
+    tokens: tuple[str, ...] = ()
+    """Each generated token as text (EOS_TOKEN for the EOS), for logprobs: unlike `deltas`,
+    never held back nor cut by a stop string."""
+    key: int = 0
+    """The choice's key: its logprobs are drawn from it."""
 
     @property
     def num_tokens(self) -> int:
@@ -182,6 +193,14 @@ class TextModel:
         return pieces[:count] if len(pieces) > count else pieces
 
     def generate(self, key: int, sampling: Sampling) -> ChoiceOutput:
+        out = self._generate(key, sampling)
+        n = out.num_tokens
+        eos = out.finish_reason == "stop" and out.stop_reason is None
+        pieces = self.pieces(key, n - 1 if eos else n)
+        tokens = (*pieces, EOS_TOKEN) if eos else tuple(pieces)
+        return dataclasses.replace(out, tokens=tokens, key=key)
+
+    def _generate(self, key: int, sampling: Sampling) -> ChoiceOutput:
         eos_step: int | None = None
         if not sampling.ignore_eos:
             eos_step = max(self.natural_length(key) - 1, sampling.min_tokens)
@@ -225,3 +244,51 @@ def _with_stop_strings(pieces: list[str], stops: tuple[str, ...], sampling: Samp
         sent = upto
     deltas.append(text[sent:])
     return ChoiceOutput(text, tuple(deltas), "length")
+
+
+# --------------------------------------------------------------------------- logprobs, scores
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+    """The `top_logprobs` asked for, most likely first: the sampled token leads (the stand-in
+    model always samples its most likely token), then alternatives less likely."""
+
+
+def token_logprob(key: int, step: int, token: str, top: int) -> TokenLogprob:
+    """The logprob of the token generated at `step` by the choice keyed `key`, with `top`
+    alternatives (0: none). Deterministic; values in [-2.0, -0.001]."""
+    h = mix(key, _LOGPROB, step)
+    logprob = -round(0.001 + (h % 2000) / 1000, 3)
+    if top <= 0:
+        return TokenLogprob(token, logprob, ())
+    space = " " if token.startswith(" ") or token == EOS_TOKEN else ""
+    alternatives: list[tuple[str, float]] = [(token, logprob)]
+    seen = {token}
+    draw = 0
+    value = logprob
+    while len(alternatives) < top:
+        draw += 1
+        r = mix(h, draw)
+        word = space + WORDS[r & ((1 << _WORD_BITS) - 1)]
+        if word in seen:
+            if draw < 8 * top:
+                continue
+            word = f"{word}{draw}"  # the word list ran short: any distinct token will do
+        seen.add(word)
+        value = round(value - 0.25 - ((r >> 8) % 500) / 1000, 3)
+        alternatives.append((word, value))
+    return TokenLogprob(token, logprob, tuple(alternatives))
+
+
+def relevance_score(server_seed: int, query: str, document: str) -> float:
+    """A cross-encoder's score in (0, 1): mostly how many of the query's words the document
+    has, plus a little noise from both texts, so that reranking orders sensibly."""
+    words = {w.lower() for w in _WORD.findall(query)}
+    have = {w.lower() for w in _WORD.findall(document)}
+    overlap = len(words & have) / len(words) if words else 0.0
+    noise = (mix(server_seed, _SCORE, text_key(query), text_key(document)) % 10_000) / 10_000
+    return round(0.02 + 0.76 * overlap + 0.2 * noise, 6)

@@ -16,18 +16,32 @@ from agent.simulator.generation import (
     choice_key,
     embedding_key,
     embedding_vector,
+    relevance_score,
 )
 from agent.simulator.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    ResponsesRequest,
+    TokenizeRequest,
     bad_request,
+    check_chat_logprobs,
+    check_completion_logprobs,
+    check_logprobs_limit,
     model_not_found,
     validation_error_of,
 )
 from agent.simulator.responses import Generation
-from agent.simulator.tokenizer import chat_prompt_tokens, text_prompt_tokens
+from agent.simulator.responses_api import Messages, ResponsesMeta, StoredResponse
+from agent.simulator.tokenizer import (
+    Vocabulary,
+    chat_prompt_tokens,
+    count_tokens,
+    text_prompt_tokens,
+    token_strs,
+)
 
 EMBEDDING_CACHE = 4096
 
@@ -36,6 +50,7 @@ class Prepare:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.text = TextModel()
+        self.vocab = Vocabulary()
         self._embeddings: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ checks
@@ -95,12 +110,16 @@ class Prepare:
             max_tokens = self.check_context(prompt_tokens, req.max_tokens, "max_tokens")
         n = 1 if req.n is None else req.n
         self.check_sampling(n, max_tokens, req.temperature, req.min_tokens)
+        logprobs = check_chat_logprobs(req)
         choices = self._choices(chat_text(messages), n, max_tokens, req)
-        return self._generation(True, req, request_id, choices, [prompt_tokens] * n,
-                                prompt_tokens, None)
+        gen = self._generation(True, req, request_id, choices, [prompt_tokens] * n,
+                               prompt_tokens, None)
+        gen.logprobs = logprobs
+        return gen
 
     def completion(self, req: CompletionRequest, request_id: str) -> Generation:
         self.check_model(req.model)
+        logprobs = check_completion_logprobs(req)
         n = 1 if req.n is None else req.n
         choices: list[ChoiceOutput] = []
         per_choice: list[int] = []
@@ -113,8 +132,45 @@ class Prepare:
             per_choice.extend([prompt_tokens] * n)
             echo.extend([text] * n)
             total += prompt_tokens
-        return self._generation(False, req, request_id, choices, per_choice, total,
-                                echo if req.echo else None)
+        gen = self._generation(False, req, request_id, choices, per_choice, total,
+                               echo if req.echo else None)
+        gen.logprobs = logprobs
+        return gen
+
+    def responses(self, req: ResponsesRequest, previous: StoredResponse | None,
+                  response_id: str, message_id: str) -> Generation:
+        """A Responses API request as vLLM prepares it (after the model check and the
+        previous_response_id lookup): a chat over the instructions, the previous turn and
+        the input."""
+        if req.tools:
+            # vLLM's NotImplementedError, answered with its __cause__ appended.
+            raise ApiError(400, "Tool use is not supported in Responses API without Harmony "
+                           "None", "BadRequestError")
+        messages = response_messages(req, previous)
+        prompt_tokens = chat_prompt_tokens(c for _, c in messages)
+        limit = self.config.max_model_len
+        if prompt_tokens >= limit:
+            raise ApiError(400, f"The engine prompt length {prompt_tokens} exceeds the "
+                           f"max_model_len {limit}. Please reduce prompt.",
+                           "invalid_request_error")
+        # Clamped to the context, not refused: vLLM's ResponsesRequest.to_sampling_params.
+        rest = limit - prompt_tokens
+        max_tokens = rest if req.max_output_tokens is None else min(req.max_output_tokens,
+                                                                   rest)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        self.check_sampling(1, max_tokens, temperature, 0)
+        top = check_logprobs_limit(req.top_logprobs or 0) if req.include_logprobs() else None
+        key, _ = base_key(server_seed=self.config.seed, prompt=chat_text(messages), seed=None,
+                          temperature=req.temperature)
+        choice = self.text.generate(key, Sampling(max_tokens))
+        meta = ResponsesMeta(request=req, message_id=message_id, max_output_tokens=max_tokens,
+                             temperature=temperature,
+                             top_p=1.0 if req.top_p is None else req.top_p, top_logprobs=top,
+                             messages=messages)
+        return Generation(chat=True, id=response_id, created=int(time.time()),
+                          model=self.config.model, choices=[choice],
+                          prompt_tokens=[prompt_tokens], total_prompt_tokens=prompt_tokens,
+                          stream=bool(req.stream), logprobs=top, responses=meta)
 
     def _choices(self, prompt: str, n: int, max_tokens: int,
                  req: ChatCompletionRequest | CompletionRequest) -> list[ChoiceOutput]:
@@ -155,6 +211,52 @@ class Prepare:
             self.check_context(tokens, None, "max_tokens")
         return [self._vector(key) for key, _, _ in inputs], sum(t for _, t, _ in inputs)
 
+    # ------------------------------------------------------------------ score, rerank
+
+    def scores(self, text_1: str | list[str], text_2: str | list[str]
+               ) -> tuple[list[float], int]:
+        """A cross-encoder's score per pair, 1:1, 1:N or N:N as vLLM pairs them, and the
+        prompt tokens of all pairs (each BOS + query + separator + document + end)."""
+        first = [text_1] if isinstance(text_1, str) else list(text_1)
+        second = [text_2] if isinstance(text_2, str) else list(text_2)
+        if len(first) > 1 and len(first) != len(second):
+            raise ApiError(400, "Input lengths must be either 1:1, 1:N or N:N",
+                           "BadRequestError")
+        if not first:
+            raise ApiError(400, "At least one text element must be given", "BadRequestError")
+        if not second:
+            raise ApiError(400, "At least one text_pair element must be given",
+                           "BadRequestError")
+        if len(first) == 1:
+            first = first * len(second)
+        scores = []
+        total = 0
+        for query, document in zip(first, second, strict=True):
+            tokens = text_prompt_tokens(query) + count_tokens(document) + 2
+            self.check_context(tokens, None, "max_tokens")
+            total += tokens
+            scores.append(relevance_score(self.config.seed, query, document))
+        return scores, total
+
+    # ------------------------------------------------------------------ tokenizer
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, object]:
+        self.check_model(req.model)
+        if req.messages is not None:
+            tokens = self.vocab.chat_prompt(((m.role, m.text()) for m in req.messages),
+                                            add_generation_prompt=req.add_generation_prompt)
+        elif req.add_special_tokens is False:
+            tokens = self.vocab.encode(req.prompt or "")
+        else:
+            tokens = self.vocab.text_prompt(req.prompt or "")
+        return {"count": len(tokens), "max_model_len": self.config.max_model_len,
+                "tokens": [i for i, _ in tokens],
+                "token_strs": token_strs(tokens) if req.return_token_strs else None}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, object]:
+        self.check_model(req.model)
+        return {"prompt": self.vocab.decode(req.tokens)}
+
     def _vector(self, text: str) -> list[float]:
         cached = self._embeddings.get(text)
         if cached is None:
@@ -164,6 +266,23 @@ class Prepare:
                                       self.config.embedding_dimensions)
             self._embeddings[text] = cached
         return cached
+
+
+def response_messages(req: ResponsesRequest, previous: StoredResponse | None) -> Messages:
+    """vLLM's `_construct_input_messages`: the new instructions, the previous response's
+    messages and output, then the input. Input items without a role (tool outputs and the
+    like) give the stand-in model nothing to read."""
+    messages: list[tuple[str, str]] = []
+    if req.instructions:
+        messages.append(("system", req.instructions))
+    if previous is not None:
+        messages.extend(previous.messages)
+        messages.append(("assistant", previous.output_text))
+    if isinstance(req.input, str):
+        messages.append(("user", req.input))
+    else:
+        messages.extend((item.role, item.text()) for item in req.input if item.role)
+    return tuple(messages)
 
 
 def completion_prompts(prompt: str | list[Any] | None) -> list[tuple[str, int, str]]:

@@ -113,12 +113,98 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
+    logprobs: bool | None = False
+    top_logprobs: int | None = 0
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[Any] | None = None
     max_tokens: int | None = 16
     echo: bool | None = False
+    logprobs: int | None = None
+
+
+class InputPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+class InputItem(msgspec.Struct, kw_only=True):
+    """A Responses API input item. Messages (``{"role", "content"}``, with or without
+    ``"type": "message"``) are what the stand-in model reads; other items have no role."""
+
+    type: str | None = None
+    role: str | None = None
+    content: str | list[InputPart] | None = None
+
+    def text(self) -> str:
+        content = self.content
+        if content is None or isinstance(content, str):
+            return content or ""
+        return "\n".join(p.text for p in content
+                         if p.type in ("input_text", "output_text", "text") and p.text)
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """vLLM's ResponsesRequest: the fields it reads, with its defaults."""
+
+    input: str | list[InputItem]
+    model: str | None = None
+    background: bool | None = False
+    include: list[str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    max_tool_calls: int | None = None
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = True
+    previous_response_id: str | None = None
+    prompt: Any = None
+    reasoning: Any = None
+    service_tier: str = "auto"
+    store: bool | None = True
+    stream: bool | None = False
+    temperature: float | None = None
+    text: Any = None
+    tool_choice: Any = "auto"
+    tools: list[Any] = msgspec.field(default_factory=list)
+    top_logprobs: int | None = 0
+    top_p: float | None = None
+    truncation: str | None = "disabled"
+    user: str | None = None
+    request_id: str | None = None
+    cache_salt: Any = None
+
+    def include_logprobs(self) -> bool:
+        return bool(self.include) and "message.output_text.logprobs" in (self.include or ())
+
+
+class RerankRequest(msgspec.Struct, kw_only=True):
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int = 0
+
+
+class ScoreRequest(msgspec.Struct, kw_only=True):
+    text_1: str | list[str]
+    text_2: str | list[str]
+    model: str | None = None
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """vLLM's TokenizeCompletionRequest or TokenizeChatRequest, told apart by their field."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    tokens: list[int]
+    model: str | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
@@ -133,6 +219,11 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
 _CHAT = msgspec.json.Decoder(ChatCompletionRequest)
 _COMPLETION = msgspec.json.Decoder(CompletionRequest)
 _EMBEDDING = msgspec.json.Decoder(EmbeddingRequest)
+_RESPONSES = msgspec.json.Decoder(ResponsesRequest)
+_RERANK = msgspec.json.Decoder(RerankRequest)
+_SCORE = msgspec.json.Decoder(ScoreRequest)
+_TOKENIZE = msgspec.json.Decoder(TokenizeRequest)
+_DETOKENIZE = msgspec.json.Decoder(DetokenizeRequest)
 
 
 def decode_chat(body: bytes) -> ChatCompletionRequest:
@@ -145,6 +236,38 @@ def decode_completion(body: bytes) -> CompletionRequest:
 
 def decode_embedding(body: bytes) -> EmbeddingRequest:
     return _decode(_EMBEDDING, body)
+
+
+def decode_responses(body: bytes) -> ResponsesRequest:
+    req = _decode(_RESPONSES, body)
+    # vLLM's "before" validators, in its order.
+    if req.background and req.store is False:
+        raise model_validation_error("background can only be used when `store` is true",
+                                     None)
+    if req.prompt is not None:
+        raise model_validation_error("prompt template is not supported", None)
+    check_cache_salt(req.cache_salt)
+    return req
+
+
+def decode_rerank(body: bytes) -> RerankRequest:
+    return _decode(_RERANK, body)
+
+
+def decode_score(body: bytes) -> ScoreRequest:
+    return _decode(_SCORE, body)
+
+
+def decode_tokenize(body: bytes) -> TokenizeRequest:
+    req = _decode(_TOKENIZE, body)
+    if (req.prompt is None) == (req.messages is None):
+        # Neither or both: pydantic matches no member of the union.
+        raise validation_error_of("missing", ("body", "prompt"), "Field required")
+    return req
+
+
+def decode_detokenize(body: bytes) -> DetokenizeRequest:
+    return _decode(_DETOKENIZE, body)
 
 
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
@@ -187,12 +310,13 @@ def validation_error_of(kind: str, loc: tuple[str | int, ...], msg: str,
     return ApiError(400, f"1 validation error:\n  {error}", "Bad Request", dotted)
 
 
-def model_validation_error(message: str, param: str) -> ApiError:
+def model_validation_error(message: str, param: str | None) -> ApiError:
     """A VLLMValidationError raised by one of a request model's "before" validators, as
-    vLLM's validation handler reports it: with its parameter, ``loc`` the whole body."""
-    error = {"type": "value_error", "loc": "body",
-             "msg": f"Value error, {message} (parameter={param})"}
-    return ApiError(400, f"1 validation error:\n  {error}", "Bad Request", param)
+    vLLM's validation handler reports it: with its parameter, ``loc`` the whole body (a
+    plain ValueError has no parameter)."""
+    suffix = f" (parameter={param})" if param else ""
+    error = {"type": "value_error", "loc": "body", "msg": f"Value error, {message}{suffix}"}
+    return ApiError(400, f"1 validation error:\n  {error}", "Bad Request", param or "body")
 
 
 def check_stream_options(req: _Sampling) -> None:
@@ -217,3 +341,40 @@ def check_cache_salt(salt: object) -> None:
         raise model_validation_error(
             "Parameter 'cache_salt' must be at most 128 characters and must not contain "
             "'@', '/', '\\\\', or NUL.", "cache_salt")
+
+
+MAX_LOGPROBS = 20
+"""vLLM's default `--max-logprobs`."""
+VOCAB_SIZE = 128256
+"""What a logprobs count of -1 means: the whole vocabulary (Llama 3's)."""
+
+
+def check_chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    """vLLM's `check_logprobs` validator, then the engine's limit; the number of top
+    logprobs per token, or None when no logprobs are asked for."""
+    top = req.top_logprobs
+    if top is not None:
+        if top < 0 and top != -1:
+            raise model_validation_error("`top_logprobs` must be a positive value or -1.",
+                                         "top_logprobs")
+        if (top == -1 or top > 0) and not req.logprobs:
+            raise model_validation_error(
+                "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    if not req.logprobs:
+        return None
+    return check_logprobs_limit(top or 0)
+
+
+def check_completion_logprobs(req: CompletionRequest) -> int | None:
+    if req.logprobs is not None and req.logprobs < 0 and req.logprobs != -1:
+        raise model_validation_error("`logprobs` must be a positive value.", "logprobs")
+    return None if req.logprobs is None else check_logprobs_limit(req.logprobs)
+
+
+def check_logprobs_limit(count: int) -> int:
+    """The engine's check (SamplingParams against --max-logprobs)."""
+    wanted = VOCAB_SIZE if count == -1 else count
+    if wanted > MAX_LOGPROBS:
+        raise bad_request(f"Requested sample logprobs of {wanted}, which is greater than max "
+                          f"allowed: {MAX_LOGPROBS}", "logprobs", wanted)
+    return wanted

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
-from agent.simulator import responses
+from agent.simulator import responses, responses_api
 from agent.simulator.config import SimulatorConfig
 from agent.simulator.engine import ClientGone, Engine, Ticket
 from agent.simulator.faults import FaultState
 from agent.simulator.protocol import ENGINE_FAILURE, ApiError, EmbeddingRequest
 from agent.simulator.responses import Generation, StreamEncoder
+from agent.simulator.responses_api import ResponsesStreamEncoder
 
 # vLLM runs under uvicorn; a gateway that looks at Server sees the same.
 JSON_HEADERS = {"Content-Type": "application/json", "Server": "uvicorn"}
@@ -36,8 +38,14 @@ def cut_connection(request: web.Request) -> None:
 
 
 def _whole(gen: Generation) -> web.Response:
+    if gen.responses is not None:
+        return json_response(responses_api.whole(gen))
     return json_response(responses.chat_completion(gen) if gen.chat
                          else responses.text_completion(gen))
+
+
+def _encoder(gen: Generation) -> StreamEncoder | ResponsesStreamEncoder:
+    return ResponsesStreamEncoder(gen) if gen.responses is not None else StreamEncoder(gen)
 
 
 class Serving:
@@ -57,11 +65,15 @@ class Serving:
         engine = self.engine
         resp: web.StreamResponse | None = None
         ticket: Ticket | None = None
+        encoder = _encoder(gen)
         try:
             if gen.stream:
-                # As vLLM: the headers go out at once; tokens follow when the engine runs it.
+                # As vLLM: the headers go out at once (with the Responses API's created and
+                # in_progress events); tokens follow when the engine runs it.
                 resp = web.StreamResponse(headers=SSE_HEADERS)
                 await resp.prepare(request)
+                if opening := encoder.opening():
+                    await resp.write(opening)
             ticket = await engine.admit(request, len(gen.choices), gen.total_prompt_tokens,
                                         arrival)
             delay = faults.slow_seconds + self.config.time_to_first_token
@@ -73,14 +85,16 @@ class Serving:
                 if resp is None:
                     ticket.reasons = [c.finish_reason for c in gen.choices]
                     return _whole(gen)
-                await resp.write(StreamEncoder(gen).whole())
+                await resp.write(encoder.first() + b"".join(
+                    encoder.step(s) for s in range(gen.steps)) + encoder.closing())
                 ticket.reasons = [c.finish_reason for c in gen.choices]
                 await resp.write_eof()
                 return resp
             first_at = ticket.admitted + delay
             if resp is None:
                 return await self._unary(request, gen, ticket, first_at, itl, cut, drop)
-            return await self._stream(request, resp, gen, ticket, first_at, itl, cut, drop)
+            return await self._stream(request, resp, gen, encoder, ticket, first_at, itl, cut,
+                                      drop)
         except (ClientGone, ConnectionError):
             # Nothing more can be sent: end the handler as aiohttp ends one whose client left
             # (a CancelledError is what it expects then, and logs nothing).
@@ -113,10 +127,10 @@ class Serving:
         return _whole(gen)
 
     async def _stream(self, request: web.Request, resp: web.StreamResponse, gen: Generation,
-                      ticket: Ticket, first_at: float, itl: float, cut: int | None,
+                      encoder: StreamEncoder | ResponsesStreamEncoder, ticket: Ticket,
+                      first_at: float, itl: float, cut: int | None,
                       drop: bool) -> web.StreamResponse:
         engine = self.engine
-        encoder = StreamEncoder(gen)
         pending: list[bytes] = []
         for step in range(gen.steps if cut is None else cut):
             due = first_at + step * itl  # absolute deadlines: sleeps do not add up drift
@@ -128,8 +142,7 @@ class Serving:
                 await engine.sleep_until(request, due)
             if step == 0:
                 engine.first_token(ticket, engine.now())
-                if gen.chat:
-                    pending.append(encoder.role_chunks())
+                pending.append(encoder.first())
             pending.append(encoder.step(step))
             ticket.generated += sum(1 for c in gen.choices if c.num_tokens > step)
             engine.grow(ticket, step + 1)
@@ -149,12 +162,20 @@ class Serving:
     async def embeddings(self, request: web.Request, req: EmbeddingRequest, request_id: str,
                          vectors: list[list[float]], prompt_tokens: int,
                          arrival: float) -> web.Response:
-        """Hang and drop faults do not apply: embeddings have no output tokens."""
+        return await self.pooling(request, max(1, len(vectors)), prompt_tokens, arrival,
+                                  lambda: responses.embeddings(
+                                      request_id, int(time.time()), self.config.model, vectors,
+                                      prompt_tokens, req.encoding_format == "base64"))
+
+    async def pooling(self, request: web.Request, seqs: int, prompt_tokens: int,
+                      arrival: float, body: Callable[[], bytes]) -> web.Response:
+        """A pooling request (embeddings, score, rerank) through the engine: one sequence
+        per input, no output tokens. Hang and drop faults do not apply: there is no token to
+        stop after."""
         faults = self.faults.current
         if self.faults.fails(faults):
             return error_response(ENGINE_FAILURE)
         engine = self.engine
-        seqs = max(1, len(vectors))
         ticket: Ticket | None = None
         try:
             ticket = await engine.admit(request, seqs, prompt_tokens, arrival)
@@ -162,9 +183,7 @@ class Serving:
             if delay:
                 await engine.sleep_until(request, ticket.admitted + delay)
             ticket.reasons = ["stop"] * seqs
-            return json_response(responses.embeddings(
-                request_id, int(time.time()), self.config.model, vectors,
-                prompt_tokens, req.encoding_format == "base64"))
+            return json_response(body())
         except (ClientGone, ConnectionError):
             raise asyncio.CancelledError from None
         finally:

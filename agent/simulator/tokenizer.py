@@ -16,6 +16,7 @@ Prompt token counts, as a Llama 3 style template and tokenizer would give them:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 
@@ -44,3 +45,87 @@ def chat_prompt_tokens(contents: Iterable[str], *, add_generation_prompt: bool =
     for content in contents:
         total += MESSAGE_OVERHEAD + count_tokens(content)
     return total + (GENERATION_PROMPT if add_generation_prompt else 0)
+
+
+# --------------------------------------------------------------------------- token ids
+
+VOCAB_SIZE = 128256
+BOS_ID, START_HEADER_ID, END_HEADER_ID, EOT_ID = 128000, 128006, 128007, 128009
+BLANK_LINE_ID = 271
+SPECIAL_TOKENS = {BOS_ID: "<|begin_of_text|>", START_HEADER_ID: "<|start_header_id|>",
+                  END_HEADER_ID: "<|end_header_id|>", EOT_ID: "<|eot_id|>",
+                  BLANK_LINE_ID: "\n\n"}
+_FIRST_ID, _LAST_ID = 1000, 127999  # ordinary tokens; below and above: Llama 3's specials
+_PIECE = re.compile(r"(\s?)(\w+|[^\w\s])")
+_BPE_SPACE = {" ": "\u0120", "\n": "\u010a", "\t": "\u0109"}  # byte-level BPE's Ġ, Ċ, ĉ
+KNOWN_PIECES = 65536
+
+
+def pieces(text: str) -> list[str]:
+    """The text's tokens with the whitespace right before each (at most one character, as a
+    byte-level BPE keeps it): joined they give the text back, less runs of whitespace."""
+    return [space + body for space, body in _PIECE.findall(text)]
+
+
+def piece_id(piece: str) -> int:
+    digest = hashlib.blake2b(piece.encode(), digest_size=8).digest()
+    return _FIRST_ID + int.from_bytes(digest, "little") % (_LAST_ID - _FIRST_ID + 1)
+
+
+def token_str(piece: str) -> str:
+    """What `convert_ids_to_tokens` shows: a leading space as the byte-level BPE's Ġ."""
+    if piece and piece[0] in _BPE_SPACE:
+        return _BPE_SPACE[piece[0]] + piece[1:]
+    return piece
+
+
+class Vocabulary:
+    """Token ids for /tokenize and /detokenize: an id is a hash of its piece, so every
+    process agrees; decoding knows the pieces it has encoded (a bounded table) and reads any
+    other id in range as nothing."""
+
+    def __init__(self, capacity: int = KNOWN_PIECES) -> None:
+        self._pieces: dict[int, str] = {}
+        self._capacity = capacity
+
+    def encode(self, text: str) -> list[tuple[int, str]]:
+        out = []
+        for piece in pieces(text):
+            token = piece_id(piece)
+            if token not in self._pieces:
+                if len(self._pieces) >= self._capacity:
+                    self._pieces.clear()  # cheaper than LRU bookkeeping; ids stay stable
+                self._pieces[token] = piece
+            out.append((token, piece))
+        return out
+
+    def text_prompt(self, text: str) -> list[tuple[int, str]]:
+        """A completion prompt: BOS, then the text's tokens (as `text_prompt_tokens` counts)."""
+        return [(BOS_ID, SPECIAL_TOKENS[BOS_ID]), *self.encode(text)]
+
+    def chat_prompt(self, messages: Iterable[tuple[str, str]], *,
+                    add_generation_prompt: bool = True) -> list[tuple[int, str]]:
+        """The Llama 3 template, token for token as `chat_prompt_tokens` counts it."""
+        out = [(BOS_ID, SPECIAL_TOKENS[BOS_ID])]
+        for role, content in messages:
+            out.extend(self._header(role))
+            out.extend(self.encode(content))
+            out.append((EOT_ID, SPECIAL_TOKENS[EOT_ID]))
+        if add_generation_prompt:
+            out.extend(self._header("assistant"))
+        return out
+
+    def _header(self, role: str) -> list[tuple[int, str]]:
+        role_id = self.encode(role)[0][0] if _PIECE.fullmatch(role) else piece_id(role)
+        self._pieces.setdefault(role_id, role)
+        return [(START_HEADER_ID, SPECIAL_TOKENS[START_HEADER_ID]), (role_id, role),
+                (END_HEADER_ID, SPECIAL_TOKENS[END_HEADER_ID]),
+                (BLANK_LINE_ID, SPECIAL_TOKENS[BLANK_LINE_ID])]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(SPECIAL_TOKENS.get(i) or self._pieces.get(i, "") for i in ids)
+
+
+def token_strs(tokens: Iterable[tuple[int, str]]) -> list[str]:
+    """`convert_ids_to_tokens` of a prompt: specials by name, the blank line as ĊĊ."""
+    return ["\u010a\u010a" if i == BLANK_LINE_ID else token_str(piece) for i, piece in tokens]

@@ -14,6 +14,9 @@ from agent.simulator.auth import ApiKeys, guarded
     ("POST", "/v1/embeddings", True), ("GET", "/v1/models", True),
     ("GET", "/v1/nothing-here", True), ("GET", "/v1", True), ("POST", "/v2/x", True),
     ("POST", "/inference/v1/generate", True), ("POST", "/cohere/v2/embed", True),
+    # Not under /v1, guarded as current vLLM derives prefixes from its routes (0.11: open).
+    ("POST", "/tokenize", True), ("POST", "/detokenize", True), ("POST", "/score", True),
+    ("POST", "/rerank", True), ("POST", "/v2/rerank", True),
     ("GET", "/health", False), ("GET", "/metrics", False), ("GET", "/version", False),
     ("GET", "/ping", False), ("GET", "/load", False),
     ("OPTIONS", "/v1/chat/completions", False),  # CORS preflight: never authenticated
