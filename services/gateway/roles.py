@@ -1,7 +1,8 @@
 """What an API key's role lets it do on the public API, and how far a tenant admin may go.
 Pure: no I/O.
 
-- `readonly` reads: `GET /v1/models`, `GET /v1/usage`. It cannot spend.
+- `readonly` reads: `GET /v1/models`, `GET /v1/usage`, `GET /v1/responses/{id}`. It cannot
+  spend.
 - `developer` also runs inference (chat, completions, embeddings).
 - `admin` also manages its own tenant's keys and environments (list, create, revoke,
   rotate: services/gateway/self_service.py); listing keys is management too, as what a
