@@ -37,13 +37,21 @@ async def keys(p: Platform) -> dict[str, NewApiKey]:
 
 
 # (method, path, body, what it needs): every route of the public API. `{key}` is a key of the
-# caller's own tenant, made afresh for each call (revoking or rotating spends it).
+# caller's own tenant, made afresh for each call (revoking or rotating spends it); likewise
+# `{response}`, a stored response of the caller's tenant.
 ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/models", None, "read"),
     ("GET", "/v1/usage", None, "read"),
     ("POST", "/v1/chat/completions", CHAT, "infer"),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}, "infer"),
     ("POST", "/v1/embeddings", {"model": MODEL, "input": "hi"}, "infer"),
+    ("POST", "/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 2}, "infer"),
+    ("GET", "/v1/responses/{response}", None, "read"),
+    ("DELETE", "/v1/responses/{response}", None, "infer"),
+    ("POST", "/v1/rerank", {"model": MODEL, "query": "hi", "documents": ["a", "b"]}, "infer"),
+    ("POST", "/v1/score", {"model": MODEL, "text_1": "hi", "text_2": "ho"}, "infer"),
+    ("POST", "/tokenize", {"model": MODEL, "prompt": "hi"}, "infer"),
+    ("POST", "/detokenize", {"model": MODEL, "tokens": [1, 2]}, "infer"),
     ("GET", "/v1/api_keys", None, "manage"),
     ("POST", "/v1/api_keys", {"name": "made"}, "manage"),
     ("GET", "/v1/api_keys/{key}", None, "manage"),
@@ -52,6 +60,11 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/environments", None, "manage"),
     ("POST", "/v1/environments", {"name": "env-{n}", "region": "us-east-1"}, "manage"),
 ]
+NODE_ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+               ("POST", "/v1/embeddings"), ("POST", "/v1/responses"),
+               ("GET", "/v1/responses/{response}"), ("POST", "/v1/rerank"),
+               ("POST", "/v1/score")}
+"""The routes a node's vLLM serves under /v1 (its `http_requests_total` counts them)."""
 MAY = {"readonly": {"read"}, "developer": {"read", "infer"},
        "admin": {"read", "infer", "manage"}}
 
@@ -62,16 +75,24 @@ async def test_every_role_against_every_route(platform: Platform) -> None:  # no
     await p.add_node()
     await p.routable(1)
     made = await keys(p)
+    reached = 0  # what the nodes should have taken in
     for n, (role, key) in enumerate(made.items()):
         caller = Caller(p, key.plaintext)
         for method, path, body, needs in ROUTES:
             target = await p.catalog.create_api_key(p.environment_id, name="target")
             url = path.replace("{key}", str(target.key_id))
+            if "{response}" in url:
+                _, stored = await Caller(p, p.key.plaintext).call(
+                    "POST", "/v1/responses", {"model": MODEL, "input": "x",
+                                              "max_output_tokens": 1})
+                url = url.replace("{response}", stored["id"])
+                reached += 1
             if isinstance(body, dict) and "name" in body:
                 body = {**body, "name": body["name"].replace("{n}", str(n))}
             status, answer = await caller.call(method, url, body)
             if needs in MAY[role]:
                 assert status in (200, 201), (role, method, path, status, answer)
+                reached += (method, path) in NODE_ROUTES
             else:
                 assert status == 403, (role, method, path, status, answer)
                 assert answer["error"]["type"] == "permission_error"
@@ -81,9 +102,10 @@ async def test_every_role_against_every_route(platform: Platform) -> None:  # no
     # The SDK sees a refusal as what it is.
     with pytest.raises(openai.PermissionDeniedError):
         await p.client(made["readonly"].plaintext).chat.completions.create(**CHAT)
-    # A refused request never reached the node: only the developer's and the admin's
-    # inference did (three routes each), and the readonly key's SDK call did not.
-    assert await inference_served(p) == 6
+    # A refused request never reached the node: only the allowed ones did, and the readonly
+    # key's SDK call did not.
+    assert reached == 2 * 6 + 3 + 3 * 2
+    assert await inference_served(p) == reached
 
 
 async def inference_served(p: Platform) -> float:
