@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import aiohttp
+from openai import AsyncOpenAI
 
 from services.core.devstack import die_with_parent, free_port
 from services.core.natsauth.identities import Role
@@ -148,21 +149,26 @@ async def test_load_scales_the_deployment_up_and_quiet_scales_it_back_down(
     stop = asyncio.Event()
 
     async def pressure() -> None:
-        async with fleet.client() as client:
+        # Six requests in flight all the time, so five always wait: pressure that lasts. (In
+        # batches of six the queue emptied at the end of each, and a heartbeat seen then
+        # restarted the scale-up delay: on a slow machine, every time.)
+        async def one_after_another(client: AsyncOpenAI) -> None:
             while not stop.is_set():
-                await asyncio.gather(*(client.chat.completions.create(
+                await client.chat.completions.create(
                     model=MODEL, max_tokens=60, messages=[{"role": "user", "content": "go"}])
-                    for _ in range(6)))
+
+        async with fleet.client() as client:
+            await asyncio.gather(*(one_after_another(client) for _ in range(6)))
 
     load = asyncio.create_task(pressure())
     try:
-        active = await fleet.wait_nodes("active", 2, timeout=30)
+        active = await fleet.wait_nodes("active", 2, timeout=60)
     finally:
         stop.set()
         await load
     second = next(r for r in active if r["id"] != first["id"])
     # Quiet: after the scale-down delay the newest node goes, drained; the first stays.
-    await fleet.wait_nodes("terminated", 1, timeout=30)
+    await fleet.wait_nodes("terminated", 1, timeout=60)
     remaining = await fleet.wait_nodes("active", 1)
     assert remaining[0]["id"] == first["id"]
     asked = await fleet.events("node.terminate_requested", second["id"])
