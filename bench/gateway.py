@@ -48,6 +48,12 @@ from services.core.node_keys import node_api_key
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say something nice."}],
         "max_tokens": 16}
+ENDPOINTS = {
+    "chat": ("/v1/chat/completions", BODY),
+    # Stored (the default): the gateway notes each response's node in Redis, as in production.
+    "responses": ("/v1/responses", {"model": MODEL, "input": "Say something nice.",
+                                    "max_output_tokens": 16}),
+}
 
 
 # --------------------------------------------------------------------------- (b) bare proxy
@@ -95,11 +101,11 @@ ERRORS: collections.Counter[tuple[int, str]] = collections.Counter()
 """(status, start of the body) of every failed request, printed after the run."""
 
 
-async def load(url: str, key: str, concurrency: int, seconds: float, stream: bool
-               ) -> tuple[float, list[float], int]:
+async def load(url: str, key: str, concurrency: int, seconds: float, stream: bool,
+               request: dict[str, object]) -> tuple[float, list[float], int]:
     latencies: list[float] = []
     errors = 0
-    body = {**BODY, "stream": stream}
+    body = {**request, "stream": stream}
     headers = {"Authorization": f"Bearer {key}"}
     deadline = time.perf_counter() + seconds
 
@@ -177,7 +183,7 @@ async def wait_routed(url: str, key: str, timeout: float = 60) -> None:
             await asyncio.sleep(0.2)
 
 
-async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
+async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoint: str,
               concurrencies: list[int]) -> None:
     stack = DevStack(tmp / "servers")
     stack.start()
@@ -249,10 +255,11 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
         await wait_ready(f"http://127.0.0.1:{gw_port}", "/ready")
         await wait_routed(f"http://127.0.0.1:{gw_port}", key.plaintext)
 
-        targets = {"simulator": f"{sim}/v1/chat/completions",
-                   "bare proxy": f"http://127.0.0.1:{bare_port}/v1/chat/completions",
-                   "gateway": f"http://127.0.0.1:{gw_port}/v1/chat/completions"}
-        print(f"gateway benchmark: chat completions, max_tokens={BODY['max_tokens']}, "
+        path, request = ENDPOINTS[endpoint]
+        targets = {"simulator": f"{sim}{path}",
+                   "bare proxy": f"http://127.0.0.1:{bare_port}{path}",
+                   "gateway": f"http://127.0.0.1:{gw_port}{path}"}
+        print(f"gateway benchmark: {path}, 16 output tokens, "
               f"{seconds:.0f}s per row, one process each, 2 cores shared with the load")
         print(f"{'target':<11} {'mode':<7} {'conc':>4} {'req/s':>8} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'errors':>6}")
@@ -267,7 +274,7 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str],
                     # The simulator is called as the gateway calls it, with the node's key.
                     rps, lat, errors = await load(
                         url, node_key if name == "simulator" else key.plaintext,
-                        concurrency, seconds, stream)
+                        concurrency, seconds, stream, request)
                     results[(name, stream, concurrency)] = rps
                     print(f"{name:<11} {'stream' if stream else 'whole':<7} {concurrency:>4} "
                           f"{rps:>8,.0f} {pct(lat, 50):>8.2f} {pct(lat, 99):>8.2f} "
@@ -298,6 +305,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma list: simulator,bare,gateway")
     parser.add_argument("--modes", default="whole,stream")
     parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat")
     parser.add_argument("--bare-proxy", metavar="UPSTREAM")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
@@ -306,7 +314,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(args.seconds, Path(tmp), set(filter(None, args.only.split(","))),
-                        set(args.modes.split(",")),
+                        set(args.modes.split(",")), args.endpoint,
                         [int(c) for c in args.concurrency.split(",")]))
 
 
