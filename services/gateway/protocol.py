@@ -42,6 +42,14 @@ CONTINUOUS_USAGE = frozenset({"chat", "completions"})
 """Streams vLLM can report usage on every chunk of (`stream_options`); a responses stream
 reports it once, in `response.completed`."""
 MAX_RESPONSE_ID = 128
+MAX_LOGPROBS = 20
+"""vLLM's default --max-logprobs, and OpenAI's own bound on top_logprobs."""
+INT64 = (-(2**63), 2**63 - 1)
+MAX_LIST_ITEMS = {"stop": 16, "logit_bias": 1024, "tools": 128, "allowed_token_ids": 1024,
+                  "bad_words": 1024, "stop_token_ids": 1024, "include": 16}
+"""Lists a node walks for every token it makes (stop strings, biases, banned words) or
+renders into every prompt (tools): bounded, so one request cannot slow a shared node for
+everyone. Generous beside OpenAI's own (4 stop sequences, 128 tools)."""
 DEFAULT_MAX_N = 8
 DEFAULT_MAX_BATCH_SEQUENCES = 64
 DEFAULT_MAX_INPUTS = 2048
@@ -115,6 +123,53 @@ def _choices(body: dict[str, Any], max_n: int) -> int:
     return n
 
 
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    """`name` as an integer from `low` to `high` (absent or null: None), in OpenAI's words
+    when it is not one."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"Invalid '{name}': expected an integer.", name, "invalid_type")
+    if value < low:
+        raise BadRequest(f"Invalid '{name}': integer below minimum value. Expected a value >= "
+                         f"{low}, but got {_quote_int(value)} instead.", name,
+                         "integer_below_min_value")
+    if value > high:
+        raise BadRequest(f"Invalid '{name}': integer above maximum value. Expected a value <= "
+                         f"{high}, but got {_quote_int(value)} instead.", name,
+                         "integer_above_max_value")
+    return value
+
+
+def _bound_fields(body: dict[str, Any], endpoint: str, n: int, max_n: int,
+                  context_length: int | None) -> None:
+    """The integer knobs vLLM takes beside `n` and the output budget, and the lists it walks
+    per token: bounded before a node sees them (vLLM bounds some itself, after the request
+    has taken a slot; a seed past 64 bits it does not)."""
+    context = context_length if context_length is not None else INT64[1]
+    _integer(body, "seed", *INT64)
+    if endpoint == "responses":
+        _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+        _integer(body, "max_tool_calls", 0, MAX_LIST_ITEMS["tools"])
+    if endpoint in GENERATING:
+        if endpoint == "chat":
+            _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+        else:
+            _integer(body, "logprobs", 0, MAX_LOGPROBS)
+        _integer(body, "prompt_logprobs", 0, MAX_LOGPROBS)
+        _integer(body, "top_k", -1, 2**31 - 1)
+        _integer(body, "min_tokens", 0, context)
+    if endpoint in GENERATING or endpoint in ("embeddings", "rerank", "score"):
+        _integer(body, "truncate_prompt_tokens", -1, context)
+    for name, limit in MAX_LIST_ITEMS.items():
+        value = body.get(name)
+        if isinstance(value, (list, dict)) and len(value) > limit:
+            raise BadRequest(f"Invalid '{name}': array too long. Expected an array with "
+                             f"maximum length {limit}, but got an array with length "
+                             f"{len(value)} instead.", name, "array_above_max_length")
+
+
 def _quote_int(value: int) -> str:
     text = str(value) if value.bit_length() < 200 else "a larger number"
     return text if len(text) <= 24 else text[:21] + "..."
@@ -154,8 +209,8 @@ def _bound_sequences(prompts: int, n: int, limit: int) -> None:
     already bounded by `_choices`)."""
     if prompts * n > limit:
         raise BadRequest(f"Invalid 'prompt': too many sequences. Expected at most {limit} "
-                         f"(prompts x n) per request, but got {prompts} prompts x n={n} "
-                         "instead.", "prompt", "array_above_max_length")
+                         f"(prompts x n, or x best_of when larger) per request, but got "
+                         f"{prompts} prompts x {n} instead.", "prompt", "array_above_max_length")
 
 
 def _bound_inputs(inputs: int, limit: int, param: str = "input") -> None:
@@ -238,16 +293,20 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         raise BadRequest("'stream_options' must be an object", "stream_options")
     options = options or {}
     completion = 0
+    n = 1
     if endpoint in GENERATING:
         # No request runs more than max_batch_sequences sequences, a single prompt's n too.
         n = _choices(body, min(max_n, max_batch_sequences))
+        # best_of sequences run for the n returned: as bounded as n, at least n, and what
+        # the node runs (and the reservation counts).
+        runs = _integer(body, "best_of", n, min(max_n, max_batch_sequences)) or n
         prompts = _batch_size(body.get("prompt")) if endpoint == "completions" else 1
-        _bound_sequences(prompts, n, max_batch_sequences)
+        _bound_sequences(prompts, runs, max_batch_sequences)
         limit = context_length(model) if context_length is not None else None
         budget = _output_budget(body, limit)
         if budget is None:  # vLLM then generates up to the rest of the context
             budget = default_reserved if limit is None else min(default_reserved, limit)
-        completion = prompts * n * budget
+        completion = prompts * runs * budget
     elif endpoint == "responses":
         limit = context_length(model) if context_length is not None else None
         budget = _output_budget(body, limit, ("max_output_tokens",))
@@ -261,6 +320,8 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
     elif endpoint == "score":
         for name in ("text_1", "text_2"):
             _bound_inputs(_batch_size(body.get(name)), max_inputs, name)
+    _bound_fields(body, endpoint, n, min(max_n, max_batch_sequences),
+                  context_length(model) if context_length is not None else None)
     previous, store = None, False
     if endpoint == "responses":
         previous = response_id_param(body.get("previous_response_id"), "previous_response_id")

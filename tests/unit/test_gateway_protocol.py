@@ -358,3 +358,66 @@ def test_node_answers_nested_too_deep_are_not_json_to_us() -> None:
 
     error = msgspec.json.decode(openai_error_body(500, deep))["error"]
     assert error["message"].startswith("The model server refused the request (500)")
+
+
+# --------------------------------------------------------------------------- knobs and lists
+
+
+@pytest.mark.parametrize(("endpoint", "field", "value", "code"), [
+    ("chat", "seed", 2**63, "integer_above_max_value"),
+    ("chat", "seed", -(2**63) - 1, "integer_below_min_value"),
+    ("completions", "seed", 10**400, "integer_above_max_value"),
+    ("chat", "top_logprobs", 21, "integer_above_max_value"),
+    ("chat", "top_logprobs", -1, "integer_below_min_value"),
+    ("completions", "logprobs", 21, "integer_above_max_value"),
+    ("responses", "top_logprobs", 21, "integer_above_max_value"),
+    ("chat", "prompt_logprobs", 2**64, "integer_above_max_value"),
+    ("chat", "best_of", 9, "integer_above_max_value"),
+    ("completions", "best_of", 2**63, "integer_above_max_value"),
+    ("chat", "top_k", 2**31, "integer_above_max_value"),
+    ("chat", "min_tokens", 8193, "integer_above_max_value"),
+    ("embeddings", "truncate_prompt_tokens", 8193, "integer_above_max_value"),
+    ("chat", "seed", "1", "invalid_type"),
+    ("chat", "top_logprobs", 1.0, "invalid_type"),
+    ("chat", "best_of", True, "invalid_type"),
+])
+def test_integer_knobs_are_bounded_before_a_node_sees_them(endpoint: str, field: str,
+                                                          value: object, code: str) -> None:
+    body: dict[str, object] = {"model": "m", "prompt": "p", "messages": [], "input": "i",
+                               field: value}
+    with pytest.raises(BadRequest) as err:
+        parse_request(msgspec.json.encode(body), endpoint, default_reserved=16,
+                      context_length=lambda m: 8192)
+    assert (err.value.param, err.value.code) == (field, code)
+    assert len(err.value.message) < 300  # a huge number is not echoed whole
+
+
+def test_best_of_is_at_least_n_and_reserved_as_what_runs() -> None:
+    def parse(**fields: object) -> object:
+        return parse_request(msgspec.json.encode({"model": "m", "prompt": "p", **fields}),
+                             "completions", default_reserved=16)
+    with pytest.raises(BadRequest) as err:
+        parse(n=3, best_of=2)
+    assert err.value.code == "integer_below_min_value"
+    assert parse(n=2, best_of=4, max_tokens=10).reserved_tokens == \
+        parse(n=4, max_tokens=10).reserved_tokens  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("stop", ["s"] * 17), ("logit_bias", {str(i): 1 for i in range(1025)}),
+    ("tools", [{"type": "function"}] * 129), ("bad_words", ["w"] * 1025),
+])
+def test_lists_a_node_walks_per_token_are_bounded(field: str, value: object) -> None:
+    with pytest.raises(BadRequest) as err:
+        parse_request(msgspec.json.encode({"model": "m", "messages": [], field: value}),
+                      "chat", default_reserved=16)
+    assert (err.value.param, err.value.code) == (field, "array_above_max_length")
+
+
+def test_knobs_within_bounds_pass_untouched() -> None:
+    body = {"model": "m", "messages": [], "seed": 2**63 - 1, "top_logprobs": 20,
+            "logprobs": True, "best_of": 8, "n": 8, "top_k": -1, "min_tokens": 5,
+            "stop": ["a"] * 16}
+    raw = msgspec.json.encode(body)
+    req = parse_request(raw, "chat", default_reserved=16)
+    assert req.body == body
