@@ -125,14 +125,14 @@ async def test_concurrency_lease_of_a_killed_gateway_is_reclaimed(platform: Plat
             await eventually(lambda: _routes(s, url, p.key.plaintext), timeout=15,
                              what="gateway routes")
             # A long stream holds the key's only slot on the doomed gateway...
-            holder = asyncio.create_task(chat(s, url, single.plaintext, max_tokens=200,
+            holder = asyncio.create_task(chat(s, url, single.plaintext, max_tokens=1000,
                                               stream=True))
 
             async def slot_taken() -> bool:
                 status, _ = await chat(s, p.gateway_url, single.plaintext)
                 return status == 429
 
-            await eventually(slot_taken, what="the slot is held")
+            await eventually(slot_taken, timeout=30, what="the slot is held")
             proc.send_signal(signal.SIGKILL)  # ...which dies without releasing it
             await proc.wait()
             await asyncio.gather(holder, return_exceptions=True)
@@ -141,7 +141,7 @@ async def test_concurrency_lease_of_a_killed_gateway_is_reclaimed(platform: Plat
                 status, _ = await chat(s, p.gateway_url, single.plaintext)
                 return status == 200
 
-            await eventually(slot_free, timeout=10, what="the lease expires")
+            await eventually(slot_free, timeout=30, what="the lease expires")
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -209,7 +209,12 @@ async def test_a_standby_monitor_takes_over_the_sweep(start_monitor: Any, start_
     declared = watcher.transitions
     node.task.cancel()
     await asyncio.gather(node.task, return_exceptions=True)
-    await wait_status(pool, node, "stale", timeout=5)
+    await wait_status(pool, node, "stale", timeout=15)
+
+    async def counted() -> bool:  # the counter moves after the row is written
+        return watcher.transitions > declared
+
+    await eventually(counted, what="the standby counting the transition")
     assert watcher.transitions == declared + 1
 
 

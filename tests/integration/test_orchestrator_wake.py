@@ -52,7 +52,11 @@ async def test_a_spot_notice_is_replaced_at_once_whatever_the_interval(
 
         replacement = await eventually(replaced, timeout=5, what="the replacement launched")
         assert time.monotonic() - started < 5
-        assert [str(s.node_id) for s in rig.cloud.launches] == [replacement]
+
+        async def asked() -> list[str]:  # recorded first, then the cloud is asked
+            return [str(s.node_id) for s in rig.cloud.launches]
+
+        assert await eventually(asked, what="the cloud asked") == [replacement]
         assert o.ticks <= ticks + 5  # woken by the notice and by the log, not by polling
     finally:
         await stop_task(lead)
