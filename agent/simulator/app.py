@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -201,36 +202,45 @@ async def cancel_response(request: web.Request) -> web.Response:
                           else cannot_cancel())
 
 
-async def score(request: web.Request) -> web.StreamResponse:
+async def _scoring(request: web.Request, prefix: str,
+                   read: Callable[[bytes], tuple[str | None, Any, Any, Callable[..., bytes]]]
+                   ) -> web.StreamResponse:
+    """Score and rerank: a pair of texts (or lists of them) scored as one pooling request;
+    `read` gives the model, the two sides and how the answer is written."""
     sim = request.app[SIMULATOR]
     arrival = sim.engine.now()
     try:
-        req = decode_score(await request.read())
-        sim.prepare.check_model(req.model)
-        values, prompt_tokens = sim.prepare.scores(req.text_1, req.text_2)
+        model, left, right, answer = read(await request.read())
+        sim.prepare.check_model(model)
+        values, prompt_tokens = sim.prepare.scores(left, right)
     except ApiError as exc:
         return error_response(exc)
-    request_id = request_id_of(request, "score-")
+    request_id = request_id_of(request, prefix)
     return await sim.serving.pooling(
         request, len(values), prompt_tokens, arrival,
-        lambda: scores_body(request_id, int(time.time()), sim.config.model, values,
-                            prompt_tokens))
+        lambda: answer(request_id, values, prompt_tokens))
+
+
+async def score(request: web.Request) -> web.StreamResponse:
+    model = request.app[SIMULATOR].config.model
+
+    def read(raw: bytes) -> tuple[str | None, Any, Any, Callable[..., bytes]]:
+        req = decode_score(raw)
+        return req.model, req.text_1, req.text_2, lambda rid, values, tokens: scores_body(
+            rid, int(time.time()), model, values, tokens)
+
+    return await _scoring(request, "score-", read)
 
 
 async def rerank(request: web.Request) -> web.StreamResponse:
-    sim = request.app[SIMULATOR]
-    arrival = sim.engine.now()
-    try:
-        req = decode_rerank(await request.read())
-        sim.prepare.check_model(req.model)
-        values, prompt_tokens = sim.prepare.scores(req.query, req.documents)
-    except ApiError as exc:
-        return error_response(exc)
-    request_id = request_id_of(request, "rerank-")
-    return await sim.serving.pooling(
-        request, len(values), prompt_tokens, arrival,
-        lambda: rerank_body(request_id, sim.config.model, req.documents, values, req.top_n,
-                            prompt_tokens))
+    model = request.app[SIMULATOR].config.model
+
+    def read(raw: bytes) -> tuple[str | None, Any, Any, Callable[..., bytes]]:
+        req = decode_rerank(raw)
+        return req.model, req.query, req.documents, lambda rid, values, tokens: rerank_body(
+            rid, model, req.documents, values, req.top_n, tokens)
+
+    return await _scoring(request, "rerank-", read)
 
 
 def request_id_of(request: web.Request, prefix: str) -> str:

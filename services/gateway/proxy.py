@@ -226,6 +226,10 @@ class Proxy:
         try:
             upstream = await self.pool.request(method, node.endpoint_url, path, b"", headers,
                                                self.settings.request_timeout)
+            try:
+                body = await upstream.read()
+            finally:
+                upstream.release()
         except ConnectFailed as exc:
             raise UpstreamFailure(502, f"The node holding this response could not be reached "
                                        f"({exc}). Retry shortly.",
@@ -236,16 +240,6 @@ class Proxy:
         except UpstreamError:
             raise UpstreamFailure(502, "The node dropped the connection.",
                                   node_id=node.node_id) from None
-        try:
-            body = await upstream.read()
-        except ReadTimeout:
-            raise UpstreamFailure(504, "The node holding this response took too long to "
-                                       "answer.", node_id=node.node_id) from None
-        except UpstreamError:
-            raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
-                                  node_id=node.node_id) from None
-        finally:
-            upstream.release()
         if upstream.status >= 500 or upstream.status in (401, 403):
             raise UpstreamFailure(502, f"The node holding this response failed "
                                        f"({upstream.status}).", node_id=node.node_id)

@@ -29,7 +29,7 @@ from agent.node_agent import NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
 from schemas.commands import RegistrationAck
-from schemas.events import NodeRegistered, decode_event, encode_event
+from schemas.events import NodeRegistered, UsageRecorded, decode_event, encode_event
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject
 from services.core.bus import Bus
@@ -218,3 +218,25 @@ async def platform(servers: Servers, pool: asyncpg.Pool, redis_url: str, bus: Bu
         await node.stop()
     await nc.close()
     await relay_bus.close()
+
+
+@pytest.fixture
+async def ready(platform: Platform) -> Platform:
+    """The platform with its gateway and one routable node."""
+    await platform.start_gateway()
+    await platform.add_node()
+    await platform.routable(1)
+    return platform
+
+
+async def usage_events(p: Platform, count: int, *, timeout: float = 30.0
+                       ) -> list[UsageRecorded]:
+    """The USAGE stream's events, once it holds at least `count`."""
+    async def enough() -> list[UsageRecorded] | None:
+        info = await p.bus.js.stream_info("USAGE")
+        if info.state.messages < count:
+            return None
+        return [decode_event((await p.bus.js.get_msg("USAGE", seq)).data or b"")  # type: ignore[misc]
+                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+
+    return await eventually(enough, timeout=timeout, what=f"{count} usage events")

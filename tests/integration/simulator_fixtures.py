@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.simulator import SimulatorConfig, create_app
@@ -141,3 +142,17 @@ async def sim_process() -> AsyncIterator[Callable[..., Awaitable[SimProcess]]]:
         if p.proc.returncode is None:
             p.proc.kill()
             await p.proc.wait()
+
+
+@pytest.fixture
+async def sim(start_sim: StartSim) -> Sim:
+    """A simulator with the default configuration."""
+    return await start_sim()
+
+
+@pytest.fixture
+async def client(sim: Sim) -> AsyncIterator[AsyncOpenAI]:
+    """The openai SDK pointed at `sim` (no key: start one with keys for that)."""
+    c = AsyncOpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
+    yield c
+    await c.close()

@@ -13,30 +13,23 @@ import openai
 import pytest
 from openai import OpenAI
 
-from schemas.events import UsageRecorded, decode_event
 from tests.helpers import eventually
-from tests.integration.gateway_fixtures import MODEL, Node, Platform, platform  # noqa: F401
+from tests.integration import gateway_fixtures
+from tests.integration.gateway_fixtures import (  # noqa: F401 - fixtures
+    MODEL,
+    Node,
+    Platform,
+    platform,
+    usage_events,
+)
+
+ready = gateway_fixtures.ready
 
 HELLO = [{"role": "user", "content": "Hello there, how are you today?"}]
 
 
-@pytest.fixture
-async def ready(platform: Platform) -> Platform:  # noqa: F811
-    await platform.start_gateway()
-    await platform.add_node()
-    await platform.routable(1)
-    return platform
 
 
-async def usage_events(p: Platform, count: int) -> list[UsageRecorded]:
-    async def enough() -> list[UsageRecorded] | None:
-        info = await p.bus.js.stream_info("USAGE")
-        if info.state.messages < count:
-            return None
-        return [decode_event((await p.bus.js.get_msg("USAGE", seq)).data or b"")  # type: ignore[misc]
-                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-
-    return await eventually(enough, what=f"{count} usage events")
 
 
 async def direct(p: Platform, body: dict[str, Any]) -> dict[str, Any]:

@@ -14,31 +14,24 @@ import msgspec
 import openai
 import pytest
 
-from schemas.events import NodeTerminated, UsageRecorded, decode_event
+from schemas.events import NodeTerminated
 from tests.helpers import eventually
-from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
+from tests.integration import gateway_fixtures
+from tests.integration.gateway_fixtures import (  # noqa: F401 - fixtures
+    MODEL,
+    Platform,
+    platform,
+    usage_events,
+)
 from tests.redteam.test_gateway_and_nodes import node_metrics
+
+ready = gateway_fixtures.ready
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
 
-@pytest.fixture
-async def ready(platform: Platform) -> Platform:  # noqa: F811
-    await platform.start_gateway()
-    await platform.add_node()
-    await platform.routable(1)
-    return platform
 
 
-async def usage_events(p: Platform, count: int) -> list[UsageRecorded]:
-    async def enough() -> list[UsageRecorded] | None:
-        info = await p.bus.js.stream_info("USAGE")
-        if info.state.messages < count:
-            return None
-        return [decode_event((await p.bus.js.get_msg("USAGE", seq)).data or b"")  # type: ignore[misc]
-                for seq in range(info.state.first_seq, info.state.last_seq + 1)]
-
-    return await eventually(enough, timeout=30, what=f"{count} usage events")
 
 
 async def call(p: Platform, method: str, path: str, body: Any = None,

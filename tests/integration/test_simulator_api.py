@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,9 +24,11 @@ from agent.simulator.generation import (
 )
 from agent.simulator.tokenizer import chat_prompt_tokens, text_prompt_tokens
 from tests.integration import simulator_fixtures
-from tests.integration.simulator_fixtures import MODEL, Sim, StartSim
+from tests.integration.simulator_fixtures import MODEL, Sim
 
 start_sim = simulator_fixtures.start_sim
+sim = simulator_fixtures.sim
+client = simulator_fixtures.client
 
 HELLO: Any = [{"role": "system", "content": "Be brief."},
               {"role": "user", "content": "Hello, world!"}]
@@ -47,16 +48,6 @@ def chat_prompt(messages: Any) -> str:
     return chat_text([(m["role"], m["content"]) for m in messages])
 
 
-@pytest.fixture
-async def sim(start_sim: StartSim) -> Sim:
-    return await start_sim()
-
-
-@pytest.fixture
-async def client(sim: Sim) -> AsyncIterator[AsyncOpenAI]:
-    c = AsyncOpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
-    yield c
-    await c.close()
 
 
 # --------------------------------------------------------------------------- chat

@@ -3,7 +3,6 @@ HTTP, in vLLM's shapes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,22 +14,14 @@ from tests.integration import simulator_fixtures
 from tests.integration.simulator_fixtures import MODEL, Sim, StartSim
 
 start_sim = simulator_fixtures.start_sim
+sim = simulator_fixtures.sim
+client = simulator_fixtures.client
 
 KEY = "clnk_extras-key-0123456789abcdefghijklmn"
 HI: Any = [{"role": "user", "content": "Hello, world!"}]
 DOCS = ["the GPU cache holds keys", "a story about the world", "nothing relevant here"]
 
 
-@pytest.fixture
-async def sim(start_sim: StartSim) -> Sim:
-    return await start_sim()
-
-
-@pytest.fixture
-async def client(sim: Sim) -> AsyncIterator[AsyncOpenAI]:
-    c = AsyncOpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
-    yield c
-    await c.close()
 
 
 async def post(url: str, body: Any, headers: dict[str, str] | None = None

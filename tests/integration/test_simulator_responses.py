@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,6 +18,8 @@ from tests.integration import simulator_fixtures
 from tests.integration.simulator_fixtures import MODEL, Sim, StartSim
 
 start_sim = simulator_fixtures.start_sim
+sim = simulator_fixtures.sim
+client = simulator_fixtures.client
 
 HELLO_TOKENS = 1 + (5 + 1) + 4  # BOS, the user message "Hello", the assistant header
 
@@ -28,16 +29,6 @@ def expected_text(messages: list[tuple[str, str]], max_tokens: int) -> str:
     return TextModel().generate(key, Sampling(max_tokens)).text
 
 
-@pytest.fixture
-async def sim(start_sim: StartSim) -> Sim:
-    return await start_sim()
-
-
-@pytest.fixture
-async def client(sim: Sim) -> AsyncIterator[AsyncOpenAI]:
-    c = AsyncOpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
-    yield c
-    await c.close()
 
 
 async def raw_post(sim: Sim, path: str, body: Any) -> tuple[int, str, bytes]:
