@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.admin.context import ADMIN_SETTINGS, EVENT_STREAMS, OPENAPI_DOCUMENT, EventStreams
-from services.admin.middleware import answer_errors, require_token
+from services.admin.middleware import answer_errors, check_request, require_token
 from services.admin.openapi import render
 from services.admin.routes import add_routes
 from services.admin.settings import AdminSettings, check_settings
@@ -22,7 +22,8 @@ def create_admin_app(settings: AdminSettings) -> web.Application:
     check_settings(settings)
     # Redis for nodes' latest heartbeats.
     app = create_app(settings, needs=Needs(postgres=True, redis=True, nats=True),
-                     middlewares=(answer_errors, require_token(settings.admin_token)),
+                     middlewares=(answer_errors, require_token(settings.admin_token),
+                                  check_request),
                      client_max_size=settings.max_body_bytes)
     app[ADMIN_SETTINGS] = settings
     app[OPENAPI_DOCUMENT] = render().encode()

@@ -19,6 +19,7 @@ from services.core.catalog.bodies import (
     AwareTime,
     Body,
     Concurrency,
+    FutureTime,
     Name,
     OptionalName,
     Region,
@@ -32,17 +33,27 @@ from services.core.catalog.queries import (
     TenantRecord,
 )
 from services.core.catalog.weights import MAX_LENGTH
+from services.core.request_checks import NO_NUL, PRICE_LIMIT, PRICE_PLACES
 
-Email = Annotated[str, Meta(max_length=320, pattern=r"^$|^[^@\s]+@[^@\s]+$",
+Email = Annotated[str, Meta(max_length=320, pattern=r"^$|^[^@\s\x00]+@[^@\s\x00]+$",
                             description="empty, or an e-mail address")]
-Regions = Annotated[list[Region], Meta(min_length=1, max_length=64)]
-GpuType = Annotated[str, Meta(min_length=1, max_length=64, examples=["A10G"])]
+Regions = Annotated[list[Region], Meta(min_length=1, max_length=64,
+                                       extra_json_schema={"uniqueItems": True})]
+GpuType = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL, examples=["A10G"])]
 NodeCount = Annotated[int, Meta(ge=0, le=10_000)]
+PRICE_PATTERN = rf"^(0|[1-9][0-9]{{0,13}})(\.[0-9]{{1,{PRICE_PLACES}}})?$"
 Price = Annotated[Decimal, Meta(
     description="USD per million tokens: a decimal string (\"0.15\") or a JSON number, at "
-                "least 0, at most 6 decimal places; returned as a string")]
+                f"least 0, below {PRICE_LIMIT:,}, at most {PRICE_PLACES} decimal places; "
+                "returned as a string",
+    # What check_price takes. A JSON number must be a multiple of 0.000001 as written
+    # (1.5, not 1.0000001): the API reads the digits sent, never a binary float.
+    # `x-type` replaces msgspec's `type` (services/admin/openapi.py): string or number.
+    extra_json_schema={"x-type": ["string", "number"], "pattern": PRICE_PATTERN,
+                       "minimum": 0, "exclusiveMaximum": int(PRICE_LIMIT),
+                       "multipleOf": float(Decimal(1).scaleb(-PRICE_PLACES))})]
 WeightsSource = Annotated[str, Meta(
-    min_length=1, max_length=MAX_LENGTH, pattern=r"^(hf|r2|file)://",
+    min_length=1, max_length=MAX_LENGTH, pattern=r"^(hf|r2|file)://[^\x00]*$",
     examples=["r2://crosslogic-models/llama-3.1-8b-instruct"],
     description="Where the node loads the weights from: hf://<org>/<repo> (Hugging Face Hub), "
                 "r2://<bucket>/<prefix> (Cloudflare R2, copied onto the node) or "
@@ -99,7 +110,7 @@ class KeyPatch(Body, frozen=True, kw_only=True):
     name: OptionalName | UnsetType = UNSET
     role: Role | UnsetType = UNSET
     limits: LimitsPatch | UnsetType = UNSET
-    expires_at: AwareTime | UnsetType = UNSET
+    expires_at: FutureTime | UnsetType = UNSET
 
 
 # --------------------------------------------------------------------------- models
@@ -132,7 +143,7 @@ class ModelPatch(Body, frozen=True, kw_only=True):
 
 
 class DeploymentCreate(Body, frozen=True, kw_only=True):
-    model: Annotated[str, Meta(min_length=1, max_length=200,
+    model: Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL,
                                description="the model's name or id; it must be in the catalog")]
     regions: Regions
     gpu_type: GpuType
@@ -154,7 +165,7 @@ class DeploymentPatch(Body, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- billing
 
 ExportIdentifier = Annotated[str, Meta(
-    min_length=1, max_length=100,
+    min_length=1, max_length=100, pattern=NO_NUL,
     description="a meter export's `identifier`: the Stripe meter event identifier, "
                 "`<tenant>:<meter>:<YYYY-MM-DDTHH>[:<sequence>]`")]
 

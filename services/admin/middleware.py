@@ -1,10 +1,15 @@
-"""The admin API's two middlewares, inside the shell's request-id and metrics ones:
+"""The admin API's three middlewares, inside the shell's request-id and metrics ones:
 
 1. ``answer_errors``: whatever a handler raises becomes OpenAI's error shape with the right
    status (catalog errors included), and every request gets one log line — method, path,
-   status, time; never a header, so never the token.
+   status, time; never a header, so never the token. A body the client sent broken (a
+   ``Content-Encoding`` it is not in) is a 400 and the client's error, logged as such.
 2. ``require_token``: every route under ``/admin/v1/`` but the OpenAPI document needs
    ``X-Admin-Token``, compared in constant time.
+3. ``check_request``: the route table's word on the query string (each parameter declared,
+   once, not empty, its value within its bounds: `request_checks.check_query`) and on the
+   body (present when the route requires one), before any handler runs. The OpenAPI
+   document is generated from the same declarations.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from services.admin.context import API_PREFIX, TOKEN_HEADER
+from services.admin.routing import route_of
 from services.core.catalog import CatalogError, Conflict, Invalid, NotFound
 from services.core.errors import ApiError, api_error_for_http, error_response
 from services.core.http import REQUEST_ID
-from services.core.request_checks import FieldError
+from services.core.request_checks import FieldError, check_query
 from services.core.settings import Secret
 
 log = structlog.get_logger("admin")
@@ -63,6 +69,17 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
+    except web.RequestPayloadError as exc:
+        # The body could not be read as sent (a Content-Encoding it is not in, a cut chunk):
+        # the client's error. Closing the connection keeps aiohttp from reading the rest of
+        # the broken body after the answer (and logging that as an unhandled exception).
+        log.info("unreadable request body", error=str(exc).replace("\n", " ").strip())
+        err = ApiError.invalid_request(f"The request body could not be read: "
+                                       f"{str(exc).splitlines()[-1].strip()}.")
+        status = err.status
+        response = error_response(err)
+        response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             status = exc.status
@@ -106,3 +123,15 @@ def require_token(token: Secret) -> Middleware:
         return await handler(request)
 
     return check_token
+
+
+@web.middleware
+async def check_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what the route's declaration does not allow, before its handler runs."""
+    route = route_of(request)
+    if route is not None:
+        check_query(list(request.query.items()), route.query)
+        if route.body is not None and route.body_required \
+                and not (await request.read()).strip():
+            raise FieldError("This route needs a JSON body (`{}` when no field is given).")
+    return await handler(request)

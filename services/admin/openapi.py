@@ -36,7 +36,10 @@ ERROR_DESCRIPTIONS = {
          "allow it",
     413: "Body too large",
     415: "The body is not application/json",
-    502: "A component behind the API (a node's agent) answered with something unreadable",
+    502: "A component behind the API answered badly: a node's agent with something "
+         "unreadable (`bad_agent_reply`), Stripe with a refusal (`stripe_refused`)",
+    503: "A component behind the API is missing or did not answer: Stripe is not configured "
+         "on the admin service (`stripe_not_configured`) or unreachable (`stripe_unavailable`)",
 }
 
 DESCRIPTION = f"""\
@@ -45,6 +48,20 @@ event log. Every route but this document needs the `{TOKEN_HEADER}` header. Ever
 event in the log, applied to the catalog in the same transaction: a read that follows a write
 sees it. Errors use OpenAI's shape, `{{"error": {{"message", "type", "param", "code"}}}}`.
 Generated from services/admin (`python -m services.admin.openapi --write`): do not edit."""
+
+
+def _types_overridden(node: Any) -> Any:
+    """msgspec writes its own `type` over `extra_json_schema`'s: a schema that needs another
+    (a price is a string or a number) says so in `x-type`, applied here."""
+    if isinstance(node, list):
+        return [_types_overridden(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    found = {k: _types_overridden(v) for k, v in node.items()}
+    if "x-type" in found:
+        found["type"] = found.pop("x-type")
+        found.pop("format", None)
+    return found
 
 
 def _schema_of(tp: Any, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
@@ -56,12 +73,15 @@ def _response_name(status: int) -> str:
 
 
 def error_statuses(route: Route) -> list[int]:
-    """What a route may answer besides success: by its kind, plus its own `errors`."""
+    """What a route may answer besides success: by its kind, plus its own `errors`. Every
+    route checks its query string (400 for a parameter it does not take); every write is
+    an event appended with an expected stream version, so two at once make one a 409."""
     statuses = set(route.errors)
+    statuses.add(400)
     if not route.public:
         statuses.add(401)
-    if route.body is not None or route.query or _PATH_PARAM.search(route.path):
-        statuses.add(400)
+    if route.method != "GET":
+        statuses.add(409)
     if route.body is not None:
         statuses.update((413, 415))
     if _PATH_PARAM.search(route.path):
@@ -111,6 +131,7 @@ def build_document(routes: Sequence[Route] | None = None) -> dict[str, Any]:
             if tp is not None and tp not in types:
                 types.append(tp)
     schemas, components = schema_components(types, ref_template="#/components/schemas/{name}")
+    components = _types_overridden(components)
     refs = dict(zip(types, schemas, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:

@@ -12,7 +12,7 @@ from aiohttp import web
 from services.core.catalog import Catalog, NotFound
 from services.core.errors import ApiError
 from services.core.http import DB, EVENTLOG, REQUEST_ID
-from services.core.request_checks import FieldError, PageQuery, decode_body, parse_id
+from services.core.request_checks import PageQuery, decode_body, parse_id
 from services.core.request_checks import parse_page_query as _parse_page_query
 
 T = TypeVar("T")
@@ -43,12 +43,6 @@ def path_id(request: web.Request, name: str, what: str) -> uuid.UUID:
 
 def page_query(request: web.Request, extra: tuple[str, ...] = ()) -> PageQuery:
     return _parse_page_query(list(request.query.items()), extra)
-
-
-def no_query(request: web.Request) -> None:
-    if request.query:
-        name = next(iter(request.query))
-        raise FieldError(f"Unknown query parameter '{name}' (this route takes none).", name)
 
 
 def db(request: web.Request) -> asyncpg.Pool[asyncpg.Record]:

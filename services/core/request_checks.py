@@ -1,7 +1,14 @@
 """Pure checks of what callers send (the admin API, and the public API's tenant self-service
 routes): decoding errors named by field, the checks a JSON Schema cannot say (price precision,
 times in the future, unique regions), paging cursors and query strings. No I/O: handlers call
-these and turn `FieldError` into a 400."""
+these and turn `FieldError` into a 400.
+
+Every value is bounded where it enters: text without NUL (PostgreSQL's text cannot hold
+U+0000) and with a length limit, integers within their column (int or bigint), durations and
+times the clock can hold, and no empty query value (an empty filter is a mistake, not "no
+filter"). Query parameters are declared as `QueryParam`s whose `QueryValue` gives both the
+JSON Schema the OpenAPI document states and the check the server makes, so the two cannot
+disagree."""
 
 from __future__ import annotations
 
@@ -13,12 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
 from services.core.eventlog import START, EventFilter, LogPosition
-from services.core.timeparse import parse_since
+from services.core.timeparse import DURATION_PATTERN, parse_since
 
 T = TypeVar("T")
 
@@ -31,6 +38,172 @@ class FieldError(ValueError):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+# --------------------------------------------------------------------------- bounded values
+
+INT32_MAX = 2**31 - 1
+"""PostgreSQL's integer."""
+INT64_MAX = 2**63 - 1
+"""PostgreSQL's bigint."""
+NO_NUL = r"^[^\x00]*$"
+"""The pattern of every free-text value: PostgreSQL's text cannot hold U+0000."""
+_INTEGER = re.compile(r"^-?[0-9]{1,20}$")
+
+
+def parse_int(value: str, param: str, *, minimum: int, maximum: int) -> int:
+    """A query string's integer: digits (a leading minus allowed), within the bounds."""
+    if not _INTEGER.match(value):
+        raise FieldError(f"'{param}' must be an integer, not {value[:40]!r}.", param)
+    number = int(value)
+    if not minimum <= number <= maximum:
+        raise FieldError(f"'{param}' must be between {minimum} and {maximum}.", param)
+    return number
+
+
+def check_text(value: str, param: str, *, max_length: int, pattern: str = NO_NUL) -> str:
+    """A query string's text: not empty, at most `max_length` characters, matching
+    `pattern` (which keeps NUL out)."""
+    if "\x00" in value:
+        raise FieldError(f"'{param}' contains a NUL character (U+0000).", param)
+    if not value:
+        raise FieldError(f"'{param}' is empty: give a value, or leave it out.", param)
+    if len(value) > max_length:
+        raise FieldError(f"'{param}' is longer than {max_length} characters.", param)
+    if not re.search(pattern, value):
+        raise FieldError(f"'{param}' {value[:80]!r} does not match {pattern}.", param)
+    return value
+
+
+# --------------------------------------------------------------------------- query values
+
+
+class QueryValue(Protocol):
+    """What a query parameter's value may be: the JSON Schema the document states, and the
+    check that enforces exactly that (FieldError)."""
+
+    def schema(self) -> dict[str, Any]: ...
+
+    def check(self, value: str, param: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Text:
+    max_length: int = 200
+    pattern: str = NO_NUL
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "minLength": 1, "maxLength": self.max_length,
+                "pattern": self.pattern}
+
+    def check(self, value: str, param: str) -> None:
+        check_text(value, param, max_length=self.max_length, pattern=self.pattern)
+
+
+@dataclass(frozen=True)
+class Integer:
+    minimum: int
+    maximum: int
+    default: int | None = None
+
+    def schema(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"type": "integer", "minimum": self.minimum,
+                                 "maximum": self.maximum}
+        if self.default is not None:
+            found["default"] = self.default
+        return found
+
+    def check(self, value: str, param: str) -> None:
+        parse_int(value, param, minimum=self.minimum, maximum=self.maximum)
+
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple[str, ...]
+    default: str | None = None
+
+    def schema(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"type": "string", "enum": list(self.values)}
+        if self.default is not None:
+            found["default"] = self.default
+        return found
+
+    def check(self, value: str, param: str) -> None:
+        if value not in self.values:
+            raise FieldError(f"'{param}' must be one of {', '.join(self.values)}, not "
+                             f"{value[:40]!r}.", param)
+
+
+@dataclass(frozen=True)
+class Uuid:
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "format": "uuid"}
+
+    def check(self, value: str, param: str) -> None:
+        parse_id(value, param.removesuffix("_id").replace("_", " "), param)
+
+
+TIME_MAX_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class TimeOrAgo:
+    """An ISO-8601 time, or a duration ago (timeparse's bounds)."""
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "minLength": 1, "maxLength": TIME_MAX_LENGTH,
+                "anyOf": [{"pattern": DURATION_PATTERN}, {"format": "date-time"}]}
+
+    def check(self, value: str, param: str) -> None:
+        parse_time(value, param)
+
+
+def parse_time(value: str, param: str, now: datetime | None = None) -> datetime:
+    """`TimeOrAgo`'s value as a time."""
+    if len(value) > TIME_MAX_LENGTH or "\x00" in value or value != value.strip():
+        raise FieldError(_TIME_WANTED.format(param=param), param)
+    try:
+        return parse_since(value, now)
+    except ValueError:
+        raise FieldError(_TIME_WANTED.format(param=param), param) from None
+
+
+_TIME_WANTED = ("'{param}' wants an ISO-8601 time (years 1 to 9999) or a duration ago: "
+                "at most 9 digits of seconds (s), 7 of minutes (m), 6 of hours (h) or 5 of "
+                "days (d), like 30s, 10m, 2h, 7d.")
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    """A query parameter of a route: the router checks it, the document states it."""
+
+    name: str
+    description: str
+    value: QueryValue
+    repeatable: bool = False
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        return self.value.schema()
+
+
+def check_query(pairs: Sequence[tuple[str, str]], params: Sequence[QueryParam]) -> None:
+    """Each parameter known, given once unless repeatable, not empty, and its value as its
+    `QueryValue` says (FieldError naming it)."""
+    declared = {p.name: p for p in params}
+    seen: set[str] = set()
+    for name, value in pairs:
+        param = declared.get(name)
+        if param is None:
+            known = ", ".join(sorted(declared)) or "none"
+            raise FieldError(f"Unknown query parameter '{name}' (known: {known}).", name)
+        if name in seen and not param.repeatable:
+            raise FieldError(f"Query parameter '{name}' is given more than once.", name)
+        seen.add(name)
+        if not value:
+            raise FieldError(f"Query parameter '{name}' is empty: give a value, or leave it "
+                             "out.", name)
+        param.value.check(value, name)
 
 
 # --------------------------------------------------------------------------- body decoding
@@ -56,6 +229,7 @@ def describe_validation_error(error: str) -> tuple[str, str | None]:
         if named.group("what") == "contains unknown":
             return f"Unknown field '{param}'.", param
         return f"Missing required field '{param}'.", param
+    text = text.replace(f"matching regex {NO_NUL!r}", "without NUL characters (U+0000)")
     if not path:
         return f"Invalid request body: {text}.", None
     return f"Invalid '{path}': {text[0].lower()}{text[1:]}.", path
@@ -111,9 +285,15 @@ def check_price(value: Decimal, param: str) -> Decimal:
 
 
 def check_future(when: datetime, param: str, now: datetime) -> datetime:
-    if when <= now:
+    """`when` in UTC, after `now` (and representable in UTC: year 9999 at most)."""
+    try:
+        utc = when.astimezone(UTC)
+    except OverflowError:
+        raise FieldError(f"'{param}' is out of range (years 1 to 9999 in UTC).", param) \
+            from None
+    if utc <= now:
         raise FieldError(f"'{param}' must be in the future.", param)
-    return when.astimezone(UTC)
+    return utc
 
 
 def check_unique(values: Sequence[str], param: str) -> None:
@@ -142,7 +322,13 @@ def encode_cursor(last_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(last_id.bytes).decode().rstrip("=")
 
 
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{22}$"
+"""A page cursor as `encode_cursor` makes it: a UUID's 16 bytes, base64url, unpadded."""
+
+
 def decode_cursor(cursor: str) -> uuid.UUID:
+    if not re.match(CURSOR_PATTERN, cursor):
+        raise FieldError("'cursor' is not a cursor this API gave out.", "cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         return uuid.UUID(bytes=raw)
@@ -151,13 +337,7 @@ def decode_cursor(cursor: str) -> uuid.UUID:
 
 
 def parse_limit(value: str, *, maximum: int, param: str = "limit") -> int:
-    try:
-        limit = int(value)
-    except ValueError:
-        raise FieldError(f"'{param}' must be an integer, not {value[:40]!r}.", param) from None
-    if not 1 <= limit <= maximum:
-        raise FieldError(f"'{param}' must be between 1 and {maximum}.", param)
-    return limit
+    return parse_int(value, param, minimum=1, maximum=maximum)
 
 
 @dataclass(frozen=True)
@@ -179,6 +359,9 @@ def _single(pairs: Sequence[tuple[str, str]], allowed: Iterable[str],
         found.setdefault(name, []).append(value)
         if len(found[name]) > 1 and name not in repeat_set:
             raise FieldError(f"Query parameter '{name}' is given more than once.", name)
+        if not value:
+            raise FieldError(f"Query parameter '{name}' is empty: give a value, or leave it "
+                             "out.", name)
     return found
 
 
@@ -201,7 +384,10 @@ def next_cursor(ids: Sequence[uuid.UUID], limit: int) -> str | None:
 
 DEFAULT_EVENT_LIMIT = 100
 MAX_EVENT_LIMIT = 1000
-_GLOB = re.compile(r"^[A-Za-z0-9_.*?:\-]{1,200}$")
+GLOB_PATTERN = r"^[A-Za-z0-9_.*?:-]{1,200}$"
+_GLOB = re.compile(GLOB_PATTERN)
+POSITION_PATTERN = r"^[0-9]{1,18}:[0-9]{1,18}$"
+"""A place in the log as `encode_position` writes it: transaction id and position."""
 
 
 @dataclass(frozen=True)
@@ -216,16 +402,10 @@ def encode_position(position: LogPosition) -> str:
 
 
 def decode_position(value: str, param: str = "cursor") -> LogPosition:
-    tx, sep, pos = value.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        found = LogPosition(int(tx), int(pos))
-    except ValueError:
-        raise FieldError(f"'{param}' is not a position this API gave out.", param) from None
-    if found.transaction_id < 0 or found.position < 0:
+    if not re.match(POSITION_PATTERN, value):
         raise FieldError(f"'{param}' is not a position this API gave out.", param)
-    return found
+    tx, _, pos = value.partition(":")
+    return LogPosition(int(tx), int(pos))
 
 
 def parse_event_query(pairs: Sequence[tuple[str, str]], *, now: datetime | None = None,
@@ -241,21 +421,9 @@ def parse_event_query(pairs: Sequence[tuple[str, str]], *, now: datetime | None 
     stream = found["stream"][0] if "stream" in found else None
     if stream is not None and not _GLOB.match(stream):
         raise FieldError(f"'stream' {stream[:80]!r} is not a stream name or glob.", "stream")
-    since = None
-    if "since" in found:
-        try:
-            since = parse_since(found["since"][0], now)
-        except ValueError:
-            raise FieldError("'since' wants a duration like 10m, 2h, 7d or an ISO time.",
-                             "since") from None
-    min_position = None
-    if "from" in found:
-        try:
-            min_position = int(found["from"][0])
-        except ValueError:
-            raise FieldError("'from' must be a log position (an integer).", "from") from None
-        if min_position < 0:
-            raise FieldError("'from' must be 0 or more.", "from")
+    since = parse_time(found["since"][0], "since", now) if "since" in found else None
+    min_position = parse_int(found["from"][0], "from", minimum=0, maximum=INT64_MAX) \
+        if "from" in found else None
     after = decode_position(found["cursor"][0]) if "cursor" in found else START
     limit = parse_limit(found["limit"][0], maximum=MAX_EVENT_LIMIT) if "limit" in found \
         else DEFAULT_EVENT_LIMIT

@@ -26,6 +26,10 @@ Granularity = Literal["hour", "day"]
 Dimension = Literal["tenant", "environment", "key", "model"]
 DIMENSIONS: Final[tuple[Dimension, ...]] = ("tenant", "environment", "key", "model")
 MAX_SPAN = timedelta(days=366)
+MAX_VALUE_LENGTH = 200
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+"""Times a period may start or end at: days and hours stay within what the clock holds."""
 PARAMS: Final = ("start", "end", "granularity", "group_by", "tenant_id", "environment_id",
                  "api_key_id", "model")
 """The query parameters there are; a caller that may not filter by one (the gateway's
@@ -61,15 +65,19 @@ class UsageQuery:
 
 def _time(value: str, param: str, now: datetime) -> datetime:
     try:
-        return parse_since(value, now)
+        when = parse_since(value, now)
     except ValueError:
         raise UsageQueryError(f"'{param}' must be an ISO-8601 time or a duration like 24h or "
-                              f"7d (ago), not {value!r}", param) from None
+                              f"7d (ago), not {value[:80]!r}", param) from None
+    if not EARLIEST <= when <= LATEST:
+        raise UsageQueryError(f"'{param}' must be between {EARLIEST:%Y-%m-%d} and "
+                              f"{LATEST:%Y-%m-%d}", param)
+    return when
 
 
 def _uuid(params: Mapping[str, str], name: str) -> uuid.UUID | None:
     value = params.get(name)
-    if not value:
+    if value is None:
         return None
     try:
         return uuid.UUID(value)
@@ -99,6 +107,13 @@ def _single(params: Mapping[str, str] | Iterable[tuple[str, str]],
                                   f"{', '.join(allowed)})", name)
         if name in found:
             raise UsageQueryError(f"Query parameter '{name}' is given more than once", name)
+        if not value:
+            # An empty filter is a mistake, not "no filter": it must not widen the answer.
+            raise UsageQueryError(f"Query parameter '{name}' is empty: give a value, or leave "
+                                  "it out", name)
+        if "\x00" in value or len(value) > MAX_VALUE_LENGTH:
+            raise UsageQueryError(f"'{name}' must be at most {MAX_VALUE_LENGTH} characters, "
+                                  "without NUL", name)
         found[name] = value
     return found
 
@@ -114,9 +129,9 @@ def parse_usage_query(params: Mapping[str, str] | Iterable[tuple[str, str]], *,
     granularity = found.get("granularity", "day")
     if granularity not in ("hour", "day"):
         raise UsageQueryError("'granularity' must be 'hour' or 'day'", "granularity")
-    start = _time(found["start"], "start", now) if found.get("start") else \
+    start = _time(found["start"], "start", now) if "start" in found else \
         now - timedelta(days=7)
-    end = _time(found["end"], "end", now) if found.get("end") else now
+    end = _time(found["end"], "end", now) if "end" in found else now
     if end <= start:
         raise UsageQueryError("'end' must be after 'start'", "end")
     if end - start > MAX_SPAN:
@@ -125,7 +140,7 @@ def parse_usage_query(params: Mapping[str, str] | Iterable[tuple[str, str]], *,
     return UsageQuery(start=start, end=end, granularity=granularity,  # type: ignore[arg-type]
                       tenant_id=_uuid(found, "tenant_id"),
                       environment_id=_uuid(found, "environment_id"),
-                      api_key_id=_uuid(found, "api_key_id"), model=found.get("model") or None,
+                      api_key_id=_uuid(found, "api_key_id"), model=found.get("model"),
                       group_by=group_by)
 
 

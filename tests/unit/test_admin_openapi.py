@@ -78,9 +78,14 @@ def test_every_route_is_documented_with_its_schemas(doc: dict[str, Any]) -> None
         success = op["responses"][str(route.status)]
         if route.body is not None:
             schema = op["requestBody"]["content"]["application/json"]["schema"]
-            body = resolve(doc, schema["$ref"])
-            assert body["title"] == route.body.__name__
-            assert body["additionalProperties"] is False  # unknown fields are refused
+            if "$ref" in schema:
+                body = resolve(doc, schema["$ref"])
+                assert body["title"] == route.body.__name__
+                assert body["additionalProperties"] is False  # unknown fields are refused
+            else:  # a union tagged by a field (a subscription by `kind`)
+                assert schema["discriminator"]["propertyName"]
+                for one in schema["anyOf"]:
+                    assert resolve(doc, one["$ref"])["additionalProperties"] is False
         else:
             assert "requestBody" not in op
         if route.response is None:

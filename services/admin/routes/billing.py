@@ -35,7 +35,6 @@ from services.admin.web_io import (
     ACTOR,
     db,
     json_response,
-    no_query,
     path_id,
     read_body,
     require,
@@ -55,7 +54,7 @@ from services.core.catalog import queries as q
 from services.core.db import Connection
 from services.core.errors import ApiError
 from services.core.http import REQUEST_ID
-from services.core.request_checks import FieldError, parse_limit
+from services.core.request_checks import Choice, FieldError, Integer, parse_limit
 from services.core.stripe_billing import (
     Failure,
     MeterSend,
@@ -107,7 +106,6 @@ class TenantBilling(msgspec.Struct, kw_only=True, frozen=True):
 
 
 async def link_customer(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     require(await q.get_tenant(db(request), tenant_id), "tenant", tenant_id)
     stripe_billing = request.app.get(ADMIN_STRIPE)
@@ -134,7 +132,6 @@ async def link_customer(request: web.Request) -> web.Response:
 
 
 async def get_billing(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     pool = db(request)
     require(await q.get_tenant(pool, tenant_id), "tenant", tenant_id)
@@ -186,11 +183,7 @@ async def _export(conn: asyncpg.Pool[asyncpg.Record] | Connection, tenant_id: uu
 
 
 async def list_exports(request: web.Request) -> web.Response:
-    for name in request.query:
-        if name not in ("status", "limit") or len(request.query.getall(name)) > 1:
-            raise FieldError(f"Unknown or repeated query parameter '{name}' (known: limit, "
-                             "status).", name)
-    status = request.query.get("status", "held")
+    status = request.query.get("status", "held")  # checked by the route's QueryParams
     if status not in _LISTED:
         raise FieldError(f"'status' must be one of {', '.join(_LISTED)}, not "
                          f"{status[:40]!r}.", "status")
@@ -211,7 +204,6 @@ def _settle_lock_key(identifier: str) -> int:
 
 
 async def settle_export(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     body = await read_body(request, ExportSettle)
     pool = db(request)
@@ -317,7 +309,7 @@ TAG = "billing"
 ROUTES = (
     Route("POST", "/tenants/{tenant_id}/billing/customer", link_customer,
           "Link a tenant to a Stripe customer (and metered subscription), once", TAG,
-          response=BillingLink,
+          response=BillingLink, errors=(502, 503),
           description="Idempotent: a tenant already linked gets its customer back, "
                       "`created: false`. The customer carries `metadata.tenant_id`; the "
                       "subscription (when prices are configured) covers the input- and "
@@ -330,16 +322,15 @@ ROUTES = (
           "Meter exports of every tenant that need an operator's eye, by status", TAG,
           response=ExportList,
           query=(QueryParam("status", "held (the default), failed or planned",
-                            {"type": "string", "enum": list(_LISTED), "default": "held"}),
+                            Choice(_LISTED, "held")),
                  QueryParam("limit", "rows at most",
-                            {"type": "integer", "minimum": 1, "maximum": _MAX_LIST_LIMIT,
-                             "default": _DEFAULT_LIST_LIMIT})),
+                            Integer(1, _MAX_LIST_LIMIT, _DEFAULT_LIST_LIMIT))),
           description="Held exports are not sent again by the pusher (an earlier attempt may "
                       "have reached Stripe too long ago to resend safely): look each "
                       "identifier up in Stripe, then settle it."),
     Route("POST", "/tenants/{tenant_id}/billing/exports/settle", settle_export,
           "Settle a held meter export after checking Stripe: resend it, or mark it exported",
-          TAG, body=ExportSettle, response=ExportSettlement, errors=(409, 502),
+          TAG, body=ExportSettle, response=ExportSettlement, errors=(502, 503),
           description="Only a held export (`billing.export_held`) is settled; any other "
                       "status is a 409 `export_not_held`, an identifier that is not this "
                       "tenant's a 404. `mark_exported` records `billing.usage_exported` "

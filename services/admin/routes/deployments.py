@@ -12,7 +12,6 @@ from services.admin.web_io import (
     given,
     json_response,
     no_content,
-    no_query,
     page_query,
     path_id,
     read_body,
@@ -26,7 +25,6 @@ from services.core.request_checks import check_unique, next_cursor
 
 
 async def create_deployment(request: web.Request) -> web.Response:
-    no_query(request)
     body = await read_body(request, DeploymentCreate)
     check_unique(body.regions, "regions")
     try:
@@ -49,14 +47,12 @@ async def list_deployments(request: web.Request) -> web.Response:
 
 
 async def get_deployment(request: web.Request) -> web.Response:
-    no_query(request)
     deployment_id = path_id(request, "deployment_id", "deployment")
     return json_response(require(await q.get_deployment(db(request), deployment_id),
                                  "deployment", deployment_id))
 
 
 async def update_deployment(request: web.Request) -> web.Response:
-    no_query(request)
     deployment_id = path_id(request, "deployment_id", "deployment")
     body = await read_body(request, DeploymentPatch)
     regions = given(body.regions)
@@ -70,7 +66,6 @@ async def update_deployment(request: web.Request) -> web.Response:
 
 
 async def delete_deployment(request: web.Request) -> web.Response:
-    no_query(request)
     deployment_id = path_id(request, "deployment_id", "deployment")
     await catalog(request).delete_deployment(deployment_id)
     return no_content()
@@ -79,7 +74,9 @@ async def delete_deployment(request: web.Request) -> web.Response:
 TAG = "deployments"
 ROUTES = (
     Route("POST", "/deployments", create_deployment, "Deploy a model of the catalog", TAG,
-          body=DeploymentCreate, response=DeploymentRecord, status=201, errors=(409,)),
+          body=DeploymentCreate, response=DeploymentRecord, status=201, errors=(404,),
+          description="404 `model_not_found` when `model` names no model of the catalog; "
+                      "409 when it is deleted."),
     Route("GET", "/deployments", list_deployments,
           "List deployments (deleted ones are left out)", TAG, response=DeploymentList,
           query=PAGE_QUERY),

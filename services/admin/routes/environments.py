@@ -15,7 +15,6 @@ from services.admin.web_io import (
     db,
     given,
     json_response,
-    no_query,
     page_query,
     path_id,
     read_body,
@@ -31,7 +30,6 @@ from services.core.request_checks import next_cursor
 
 
 async def create_environment(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     body = await read_body(request, EnvironmentCreate)
     env_id = await catalog(request).create_environment(tenant_id, body.name, body.region,
@@ -51,14 +49,12 @@ async def list_environments(request: web.Request) -> web.Response:
 
 
 async def get_environment(request: web.Request) -> web.Response:
-    no_query(request)
     env_id = path_id(request, "environment_id", "environment")
     return json_response(require(await q.get_environment(db(request), env_id), "environment",
                                  env_id))
 
 
 async def update_environment(request: web.Request) -> web.Response:
-    no_query(request)
     env_id = path_id(request, "environment_id", "environment")
     body = await read_body(request, EnvironmentPatch)
     status = given(body.status)

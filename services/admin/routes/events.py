@@ -12,14 +12,26 @@ from aiohttp import web
 from services.admin.bodies import EventList, EventStats, EventTypeStat
 from services.admin.context import ADMIN_SETTINGS, EVENT_STREAMS
 from services.admin.routing import QueryParam, Route, add
-from services.admin.web_io import db, json_response, no_query
+from services.admin.web_io import db, json_response
 from services.core.errors import ApiError, sse_error_event
 from services.core.event_json import record_json
 from services.core.event_stats import EventTypeStats
 from services.core.eventlog import EventLog, RecordedEvent
 from services.core.http import REQUEST_ID, WAKER
 from services.core.projections import ProjectionRunner
-from services.core.request_checks import decode_position, encode_position, parse_event_query
+from services.core.request_checks import (
+    DEFAULT_EVENT_LIMIT,
+    GLOB_PATTERN,
+    INT64_MAX,
+    MAX_EVENT_LIMIT,
+    POSITION_PATTERN,
+    Integer,
+    Text,
+    TimeOrAgo,
+    decode_position,
+    encode_position,
+    parse_event_query,
+)
 
 log = structlog.get_logger("admin.events")
 
@@ -102,7 +114,6 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
 
 async def event_stats(request: web.Request) -> web.Response:
-    no_query(request)
     pool = db(request)
     # Bring the projection up to the end of the log first, so the figures are current.
     await ProjectionRunner(EventLog(pool), EventTypeStats()).catch_up()
@@ -115,16 +126,17 @@ async def event_stats(request: web.Request) -> web.Response:
 
 FILTERS = (
     QueryParam("type", "event type or glob (`node.*`); repeat for several",
-               {"type": "string"}, repeatable=True),
-    QueryParam("stream", "stream name or glob (`tenant:*`)", {"type": "string"}),
+               Text(max_length=200, pattern=GLOB_PATTERN), repeatable=True),
+    QueryParam("stream", "stream name or glob (`tenant:*`)",
+               Text(max_length=200, pattern=GLOB_PATTERN)),
     QueryParam("since", "recorded since: `30s`, `10m`, `2h`, `7d` ago, or an ISO-8601 time",
-               {"type": "string"}),
-    QueryParam("from", "from this log position on", {"type": "integer", "minimum": 0}),
+               TimeOrAgo()),
+    QueryParam("from", "from this log position on", Integer(0, INT64_MAX)),
     QueryParam("cursor", "resume after this place (`next_cursor`, or an SSE `id`)",
-               {"type": "string"}),
+               Text(max_length=37, pattern=POSITION_PATTERN)),
 )
-LIMIT = QueryParam("limit", "events per page", {"type": "integer", "minimum": 1,
-                                                "maximum": 1000, "default": 100})
+LIMIT = QueryParam("limit", "events per page",
+                   Integer(1, MAX_EVENT_LIMIT, DEFAULT_EVENT_LIMIT))
 
 TAG = "events"
 ROUTES = (

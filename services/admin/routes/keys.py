@@ -17,7 +17,6 @@ from services.admin.web_io import (
     db,
     given,
     json_response,
-    no_query,
     page_query,
     path_id,
     read_body,
@@ -42,7 +41,6 @@ async def _with_secret(request: web.Request, new: NewApiKey) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    no_query(request)
     env_id = path_id(request, "environment_id", "environment")
     body = await read_body(request, KeyCreate)
     expires_at = body.expiry(datetime.now(UTC))
@@ -75,13 +73,11 @@ async def list_environment_keys(request: web.Request) -> web.Response:
 
 
 async def get_key(request: web.Request) -> web.Response:
-    no_query(request)
     key_id = path_id(request, "key_id", "api key")
     return json_response(require(await q.get_api_key(db(request), key_id), "api key", key_id))
 
 
 async def update_key(request: web.Request) -> web.Response:
-    no_query(request)
     key_id = path_id(request, "key_id", "api key")
     body = await read_body(request, KeyPatch)
     expires_at = given(body.expires_at)
@@ -93,7 +89,6 @@ async def update_key(request: web.Request) -> web.Response:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    no_query(request)
     key_id = path_id(request, "key_id", "api key")
     body = await read_body(request, StatusChange)
     await catalog(request).revoke_api_key(key_id, body.reason)
@@ -101,7 +96,6 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 async def rotate_key(request: web.Request) -> web.Response:
-    no_query(request)
     key_id = path_id(request, "key_id", "api key")
     body = await read_body(request, KeyRotate)
     now = datetime.now(UTC)

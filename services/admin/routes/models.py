@@ -12,7 +12,6 @@ from services.admin.web_io import (
     db,
     given,
     json_response,
-    no_query,
     page_query,
     path_id,
     read_body,
@@ -24,7 +23,6 @@ from services.core.request_checks import check_price, next_cursor
 
 
 async def create_model(request: web.Request) -> web.Response:
-    no_query(request)
     body = await read_body(request, ModelCreate)
     model_id = await catalog(request).create_model(
         body.name, family=body.family, vram_gb=body.vram_gb,
@@ -45,13 +43,11 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    no_query(request)
     model_id = path_id(request, "model_id", "model")
     return json_response(require(await q.get_model(db(request), model_id), "model", model_id))
 
 
 async def update_model(request: web.Request) -> web.Response:
-    no_query(request)
     model_id = path_id(request, "model_id", "model")
     body = await read_body(request, ModelPatch)
     input_price = given(body.input_price_per_million)

@@ -21,7 +21,7 @@ from schemas.commands import CommandKind, CommandReply, NodeCommand
 from schemas.events import NodeHeartbeat, NodeStatus
 from schemas.subjects import node_command_subject
 from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
-from services.admin.web_io import db, json_response, no_query, page_query, path_id, read_body
+from services.admin.web_io import db, json_response, page_query, path_id, read_body
 from services.core.catalog import NotFound
 from services.core.catalog.bodies import (
     Body,
@@ -30,7 +30,7 @@ from services.core.catalog.bodies import (
 from services.core.errors import ApiError
 from services.core.fleet import Fleet, UnknownNode
 from services.core.http import BUS, EVENTLOG, REDIS
-from services.core.request_checks import FieldError, next_cursor
+from services.core.request_checks import Choice, FieldError, Text, next_cursor
 
 log = structlog.get_logger("admin.nodes")
 
@@ -158,7 +158,6 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 
 async def get_node(request: web.Request) -> web.Response:
-    no_query(request)
     node_id = path_id(request, "node_id", "node")
     row = await db(request).fetchrow(f"SELECT {_COLUMNS} FROM nodes WHERE id = $1", node_id)
     if row is None:
@@ -168,7 +167,6 @@ async def get_node(request: web.Request) -> web.Response:
 
 
 async def drain_node(request: web.Request) -> web.Response:
-    no_query(request)
     node_id = path_id(request, "node_id", "node")
     body = await read_body(request, DrainRequest)
     if not await db(request).fetchval("SELECT 1 FROM nodes WHERE id = $1", node_id):
@@ -194,7 +192,6 @@ async def drain_node(request: web.Request) -> web.Response:
 
 
 async def terminate_node(request: web.Request) -> web.Response:
-    no_query(request)
     node_id = path_id(request, "node_id", "node")
     body = await read_body(request, TerminateRequest)
     fleet = Fleet(request.app[EVENTLOG], actor="admin-api")
@@ -213,10 +210,9 @@ ROUTES = (
     Route("GET", "/nodes", list_nodes, "List GPU nodes with their latest heartbeat", TAG,
           response=NodeList, query=(*PAGE_QUERY,
                                     QueryParam("status", "only nodes in this status",
-                                               {"type": "string",
-                                                "enum": [s.value for s in NodeStatus]}),
+                                               Choice(_STATUSES)),
                                     QueryParam("model", "only nodes serving this model",
-                                               {"type": "string"}))),
+                                               Text(max_length=200)))),
     Route("GET", "/nodes/{node_id}", get_node, "Read a node", TAG, response=NodeRecord),
     Route("POST", "/nodes/{node_id}/drain", drain_node,
           "Ask a node's agent to drain: finish in-flight requests, deregister, exit", TAG,

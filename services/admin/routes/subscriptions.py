@@ -5,7 +5,7 @@ are made, read, deleted, and where a failed delivery is replayed."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
@@ -16,7 +16,6 @@ from services.admin.web_io import (
     db,
     json_response,
     no_content,
-    no_query,
     page_query,
     path_id,
     read_body,
@@ -36,28 +35,85 @@ from services.core.notifications.queries import (
     NotificationDeliveryRecord,
     NotificationSubscriptionRecord,
 )
-from services.core.request_checks import FieldError, next_cursor, parse_id
+from services.core.notifications.targets import MAX_URL_LENGTH
+from services.core.request_checks import (
+    GLOB_PATTERN,
+    NO_NUL,
+    Choice,
+    FieldError,
+    Uuid,
+    next_cursor,
+    parse_id,
+)
 
-Pattern = Annotated[str, Meta(min_length=1, max_length=100, examples=["node.*"],
+Pattern = Annotated[str, Meta(min_length=1, max_length=100, pattern=GLOB_PATTERN,
+                              examples=["node.*"],
                               description="a glob on the event type: `*` and `?` wildcards")]
+EventTypes = Annotated[list[Pattern], Meta(
+    min_length=1, max_length=20, extra_json_schema={"uniqueItems": True},
+    description="event type patterns, e.g. node.*, billing.payment_failed, "
+                "notification.alert; heartbeats and usage are not deliverable")]
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+_HOST = rf"https?://[A-Za-z0-9.-]+(:{_PORT})?"
+_TOKEN = r"[A-Za-z0-9_-]+"
 
 
-class NotificationSubscriptionCreate(Body, frozen=True, kw_only=True):
-    kind: Literal["discord", "slack", "email", "generic"]
-    target: Annotated[str, Meta(
-        min_length=1, max_length=2048,
-        description="the webhook URL (discord, slack, generic) or the e-mail address; "
-                    "shown masked from then on")]
-    event_types: Annotated[list[Pattern], Meta(
-        min_length=1, max_length=20,
-        description="event type patterns, e.g. node.*, billing.payment_failed, "
-                    "notification.alert; heartbeats and usage are not deliverable")]
+class _SubscriptionCreate(Body, frozen=True, kw_only=True, tag_field="kind"):
+    event_types: EventTypes
     tenant_id: uuid.UUID | None = None
     """A tenant's subscription hears only that tenant's events; absent: a platform one."""
+    description: Annotated[str, Meta(max_length=500, pattern=NO_NUL)] = ""
+
+    @property
+    def kind(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+def _target(pattern: str) -> dict[str, str]:
+    """A target's rule as the document states it. services/core/notifications/targets.py
+    checks it (with messages that say what a target of the kind looks like)."""
+    return {"pattern": pattern}
+
+
+class EmailSubscriptionCreate(_SubscriptionCreate, frozen=True, kw_only=True, tag="email"):
+    target: Annotated[str, Meta(
+        max_length=254, extra_json_schema=_target(
+            r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$"),
+        description="the e-mail address; shown masked from then on")]
+
+
+class DiscordSubscriptionCreate(_SubscriptionCreate, frozen=True, kw_only=True,
+                                tag="discord"):
+    target: Annotated[str, Meta(
+        max_length=MAX_URL_LENGTH,
+        extra_json_schema=_target(f"^{_HOST}/api(/v[0-9]+)?/webhooks/[0-9]+/{_TOKEN}/?$"),
+        description="the webhook URL, https://discord.com/api/webhooks/<id>/<token>; shown "
+                    "masked from then on")]
+
+
+class SlackSubscriptionCreate(_SubscriptionCreate, frozen=True, kw_only=True, tag="slack"):
+    target: Annotated[str, Meta(
+        max_length=MAX_URL_LENGTH,
+        extra_json_schema=_target(f"^{_HOST}/services/{_TOKEN}/{_TOKEN}/{_TOKEN}/?$"),
+        description="the incoming webhook URL, https://hooks.slack.com/services/<T…>/<B…>/"
+                    "<token>; shown masked from then on")]
+
+
+class GenericSubscriptionCreate(_SubscriptionCreate, frozen=True, kw_only=True,
+                                tag="generic"):
+    target: Annotated[str, Meta(
+        max_length=MAX_URL_LENGTH,
+        extra_json_schema=_target(f"^{_HOST}(/[^\\s#\\x00]*)?(\\?[^\\s#\\x00]*)?$"),
+        description="the endpoint's http(s) URL (no #fragment); shown masked from then on")]
     secret: Annotated[str, Meta(
-        max_length=200, description="generic only: a Standard Webhooks secret (whsec_…); "
-                                    "one is made when absent")] | None = None
-    description: Annotated[str, Meta(max_length=500)] = ""
+        max_length=200, extra_json_schema=_target(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$"),
+        description="a Standard Webhooks secret: whsec_ and 24 to 64 bytes in base64; one "
+                    "is made when absent")] | None = None
+
+
+NotificationSubscriptionCreate = (EmailSubscriptionCreate | DiscordSubscriptionCreate
+                                  | SlackSubscriptionCreate | GenericSubscriptionCreate)
+"""By `kind`: what its `target` must be (checked again by services/core/notifications)."""
 
 
 class NotificationSubscriptionWithSecret(NotificationSubscriptionRecord, frozen=True,
@@ -101,12 +157,13 @@ async def _subscription(request: web.Request) -> uuid.UUID:
 
 
 async def create_notification_subscription(request: web.Request) -> web.Response:
-    no_query(request)
-    body = await read_body(request, NotificationSubscriptionCreate)
+    body: NotificationSubscriptionCreate = await read_body(
+        request, NotificationSubscriptionCreate)  # type: ignore[arg-type]
     try:
         new = await _notifications(request).create_subscription(
             kind=body.kind, target=body.target, event_types=body.event_types,
-            tenant_id=body.tenant_id, signing_secret=body.secret,
+            tenant_id=body.tenant_id,
+            signing_secret=body.secret if isinstance(body, GenericSubscriptionCreate) else None,
             description=body.description)
     except NotFound:
         raise ApiError.not_found(f"Tenant {body.tenant_id} not found.", param="tenant_id",
@@ -137,14 +194,12 @@ async def list_notification_subscriptions(request: web.Request) -> web.Response:
 
 
 async def get_notification_subscription(request: web.Request) -> web.Response:
-    no_query(request)
     subscription_id = path_id(request, "subscription_id", "subscription")
     return json_response(require(await q.get_subscription(db(request), subscription_id),
                                  "subscription", subscription_id))
 
 
 async def delete_notification_subscription(request: web.Request) -> web.Response:
-    no_query(request)
     subscription_id = path_id(request, "subscription_id", "subscription")
     await _notifications(request).delete_subscription(subscription_id)
     return no_content()
@@ -163,7 +218,6 @@ async def list_notification_deliveries(request: web.Request) -> web.Response:
 
 
 async def get_notification_delivery(request: web.Request) -> web.Response:
-    no_query(request)
     subscription_id = await _subscription(request)
     delivery_id = path_id(request, "delivery_id", "delivery")
     return json_response(require(await q.get_delivery(db(request), subscription_id,
@@ -171,7 +225,6 @@ async def get_notification_delivery(request: web.Request) -> web.Response:
 
 
 async def replay_notification_delivery(request: web.Request) -> web.Response:
-    no_query(request)
     subscription_id = path_id(request, "subscription_id", "subscription")
     delivery_id = path_id(request, "delivery_id", "delivery")
     await _notifications(request).replay_delivery(subscription_id, delivery_id)
@@ -196,17 +249,17 @@ ROUTES = (
     Route("POST", "/subscriptions", create_notification_subscription,
           "Subscribe a Discord, Slack, e-mail or generic endpoint to events (platform-wide, "
           "or one tenant's)", TAG, body=NotificationSubscriptionCreate,
-          response=NotificationSubscriptionWithSecret, status=201,
+          response=NotificationSubscriptionWithSecret, status=201, errors=(404,),
           description="A generic endpoint's signing secret is in this answer only. Patterns "
-                      "that only heartbeats or usage could match are refused (400)."),
+                      "that only heartbeats or usage could match are refused (400). A "
+                      "`tenant_id` that names no tenant: 404 `tenant_not_found`."),
     Route("GET", "/subscriptions", list_notification_subscriptions,
           "List subscriptions (deleted ones are left out)", TAG,
           response=NotificationSubscriptionList,
           query=(*PAGE_QUERY,
-                 QueryParam("tenant_id", "only this tenant's", {"type": "string",
-                                                                "format": "uuid"}),
+                 QueryParam("tenant_id", "only this tenant's", Uuid()),
                  QueryParam("scope", "only platform or only tenant subscriptions",
-                            {"type": "string", "enum": ["platform", "tenant"]}))),
+                            Choice(("platform", "tenant"))))),
     Route("GET", _PATH, get_notification_subscription,
           "Read a subscription (its target masked)", TAG,
           response=NotificationSubscriptionRecord),
@@ -218,7 +271,7 @@ ROUTES = (
           response=NotificationDeliveryList,
           query=(*PAGE_QUERY,
                  QueryParam("status", "only deliveries in this status",
-                            {"type": "string", "enum": list(DELIVERY_STATUSES)}))),
+                            Choice(DELIVERY_STATUSES)))),
     Route("GET", _PATH + "/deliveries/{delivery_id}", get_notification_delivery,
           "Read a delivery: the event sent and every attempt", TAG,
           response=NotificationDeliveryDetail),

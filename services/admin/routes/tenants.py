@@ -15,7 +15,6 @@ from services.admin.web_io import (
     db,
     given,
     json_response,
-    no_query,
     page_query,
     path_id,
     read_body,
@@ -30,7 +29,6 @@ from services.core.request_checks import next_cursor
 
 
 async def create_tenant(request: web.Request) -> web.Response:
-    no_query(request)
     body = await read_body(request, TenantCreate)
     tenant_id = await catalog(request).create_tenant(body.name, body.email)
     return json_response(require(await q.get_tenant(db(request), tenant_id), "tenant",
@@ -45,14 +43,12 @@ async def list_tenants(request: web.Request) -> web.Response:
 
 
 async def get_tenant(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     return json_response(require(await q.get_tenant(db(request), tenant_id), "tenant",
                                  tenant_id))
 
 
 async def update_tenant(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     body = await read_body(request, TenantPatch)
     await catalog(request).update_tenant(tenant_id, name=given(body.name),
@@ -61,7 +57,6 @@ async def update_tenant(request: web.Request) -> web.Response:
 
 
 async def suspend_tenant(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     body = await read_body(request, StatusChange)
     await catalog(request).suspend_tenant(tenant_id, body.reason)
@@ -69,7 +64,6 @@ async def suspend_tenant(request: web.Request) -> web.Response:
 
 
 async def reactivate_tenant(request: web.Request) -> web.Response:
-    no_query(request)
     tenant_id = path_id(request, "tenant_id", "tenant")
     body = await read_body(request, StatusChange)
     await catalog(request).reactivate_tenant(tenant_id, body.reason)

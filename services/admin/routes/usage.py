@@ -8,7 +8,10 @@ from aiohttp import web
 from services.admin.routing import QueryParam, Route, add
 from services.admin.web_io import db, json_response
 from services.core.errors import ApiError
+from services.core.request_checks import Choice, Text, TimeOrAgo, Uuid
 from services.core.usage_queries import (
+    DIMENSIONS,
+    MAX_VALUE_LENGTH,
     UsageQueryError,
     UsageReport,
     parse_usage_query,
@@ -24,26 +27,27 @@ async def get_usage(request: web.Request) -> web.Response:
     return json_response(await usage_report(db(request), query))
 
 
+_DIMENSION = "(" + "|".join(DIMENSIONS) + ")"
+GROUP_BY_PATTERN = f"^{_DIMENSION}(,{_DIMENSION})*$"
+
 TAG = "usage"
 ROUTES = (
     Route("GET", "/usage", get_usage, "Usage totals per hour or day, grouped as asked", TAG,
           response=UsageReport, query=(
-              QueryParam("start", "ISO-8601 time, or a duration ago (24h, 7d); default 7d ago",
-                         {"type": "string"}),
-              QueryParam("end", "ISO-8601 time, or a duration ago; default now",
-                         {"type": "string"}),
-              QueryParam("granularity", "hour or day", {"type": "string",
-                                                        "enum": ["hour", "day"]}),
+              QueryParam("start", "ISO-8601 time, or a duration ago (24h, 7d); default 7d "
+                         "ago. Between 0001-01-02 and 9999-12-30, at most 366 days before "
+                         "`end`", TimeOrAgo()),
+              QueryParam("end", "ISO-8601 time, or a duration ago; default now; after "
+                         "`start`", TimeOrAgo()),
+              QueryParam("granularity", "hour or day", Choice(("hour", "day"), "day")),
               QueryParam("group_by", "what a row is per, besides its period: a comma-"
                          "separated list of tenant, environment, key, model (default: all "
                          "four); fields not grouped by are left out of the rows",
-                         {"type": "string", "default": "tenant,environment,key,model"}),
-              QueryParam("tenant_id", "only this tenant", {"type": "string",
-                                                           "format": "uuid"}),
-              QueryParam("environment_id", "only this environment",
-                         {"type": "string", "format": "uuid"}),
-              QueryParam("api_key_id", "only this key", {"type": "string", "format": "uuid"}),
-              QueryParam("model", "only this model", {"type": "string"}))),
+                         Text(max_length=200, pattern=GROUP_BY_PATTERN)),
+              QueryParam("tenant_id", "only this tenant", Uuid()),
+              QueryParam("environment_id", "only this environment", Uuid()),
+              QueryParam("api_key_id", "only this key", Uuid()),
+              QueryParam("model", "only this model", Text(max_length=MAX_VALUE_LENGTH)))),
 )
 
 

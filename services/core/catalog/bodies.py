@@ -16,24 +16,25 @@ from msgspec import UNSET, Meta, UnsetType
 from schemas.events import Quota
 from services.core.catalog.commands import KEEP, Keep
 from services.core.catalog.queries import ApiKeyRecord, EnvironmentRecord
-from services.core.request_checks import check_future
+from services.core.request_checks import INT32_MAX, INT64_MAX, NO_NUL, check_future
 
 __all__ = ["INT32_MAX", "INT64_MAX", "ApiKeyList", "AwareTime", "Body", "Concurrency",
-           "EnvironmentCreate", "EnvironmentList", "KeyCreate", "KeyRotate", "KeyWithSecret",
-           "LimitsCreate", "Name", "OptionalName", "QuotaCreate", "Reason", "Region", "Requests",
-           "Role", "StatusChange", "Tokens"]
+           "EnvironmentCreate", "EnvironmentList", "FutureTime", "KeyCreate", "KeyRotate",
+           "KeyWithSecret", "LimitsCreate", "Name", "OptionalName", "QuotaCreate", "Reason",
+           "Region", "Requests", "Role", "StatusChange", "Tokens"]
 
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
-Name = Annotated[str, Meta(min_length=1, max_length=200)]
-OptionalName = Annotated[str, Meta(max_length=200)]
-Reason = Annotated[str, Meta(max_length=1000)]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+OptionalName = Annotated[str, Meta(max_length=200, pattern=NO_NUL)]
+Reason = Annotated[str, Meta(max_length=1000, pattern=NO_NUL)]
 Region = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                              examples=["us-east-1"])]
 Requests = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 Tokens = Annotated[int, Meta(ge=0, le=INT64_MAX)]
 Concurrency = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 AwareTime = Annotated[datetime, Meta(tz=True, description="ISO-8601 with a time zone")]
+FutureTime = Annotated[datetime, Meta(
+    tz=True, description="ISO-8601 with a time zone; it must be in the future when sent "
+                         "(400 otherwise) and at most year 9999 in UTC")]
 Role = Literal["admin", "developer", "readonly"]
 
 
@@ -84,7 +85,7 @@ class KeyCreate(Body, frozen=True, kw_only=True):
     name: OptionalName = ""
     role: Role = "developer"
     limits: LimitsCreate = msgspec.field(default_factory=LimitsCreate)
-    expires_at: AwareTime | None = None
+    expires_at: FutureTime | None = None
 
     def expiry(self, now: datetime) -> datetime | None:
         """`expires_at`, which must be after `now` (FieldError)."""
@@ -97,7 +98,7 @@ class KeyRotate(Body, frozen=True, kw_only=True):
     the old key's (which must not have passed)."""
 
     reason: Reason = ""
-    expires_at: AwareTime | UnsetType | None = UNSET
+    expires_at: FutureTime | UnsetType | None = UNSET
 
     def expiry(self, now: datetime) -> datetime | Keep | None:
         """The successor's expiry for `Catalog.rotate_api_key`: KEEP when left out."""

@@ -63,6 +63,8 @@ def _url(target: str) -> urllib.parse.SplitResult:
 def check_target(kind: Kind, target: str) -> str:
     """`target` as stored, or TargetError saying what is wrong for this kind."""
     target = target.strip()
+    if "\x00" in target:
+        raise TargetError("the target contains a NUL character (U+0000)")
     if kind is Kind.EMAIL:
         if len(target) > 254 or not _EMAIL.match(target):
             raise TargetError("the target must be an e-mail address (name@example.com)")
