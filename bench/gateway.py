@@ -84,7 +84,8 @@ def bare_proxy(upstream: str, port: int, upstream_key: str) -> None:
 
     app = web.Application()
     app.cleanup_ctx.append(ctx)  # type: ignore[arg-type]
-    app.router.add_post("/v1/chat/completions", forward)
+    for path, _ in ENDPOINTS.values():
+        app.router.add_post(path, forward)
     try:
         import uvloop
 
