@@ -16,6 +16,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from services.core.catalog.bodies import (
     INT32_MAX,
+    WHOLE_NUMBER,
     AwareTime,
     Body,
     Concurrency,
@@ -32,15 +33,24 @@ from services.core.catalog.queries import (
     ModelRecord,
     TenantRecord,
 )
+from services.core.catalog.weights import JSON_SCHEMA as WEIGHTS_SCHEMA
 from services.core.catalog.weights import MAX_LENGTH
-from services.core.request_checks import NO_NUL, PRICE_LIMIT, PRICE_PLACES
+from services.core.request_checks import NO_NUL, PRICE_LIMIT, PRICE_PLACES, WHITE_SPACE_CLASS
 
-Email = Annotated[str, Meta(max_length=320, pattern=r"^$|^[^@\s\x00]+@[^@\s\x00]+$",
+# No white space as Python's `re` counts it: the document's pattern names the characters,
+# since JSON Schema's `\s` is another set.
+_ADDRESS_PART = rf"[^@\x00{WHITE_SPACE_CLASS}]+"
+Email = Annotated[str, Meta(max_length=320, pattern=f"^$|^{_ADDRESS_PART}@{_ADDRESS_PART}$",
                             description="empty, or an e-mail address")]
 Regions = Annotated[list[Region], Meta(min_length=1, max_length=64,
                                        extra_json_schema={"uniqueItems": True})]
 GpuType = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL, examples=["A10G"])]
-NodeCount = Annotated[int, Meta(ge=0, le=10_000)]
+MinNodes = Annotated[int, Meta(
+    ge=0, le=10_000, description=f"at most max_nodes (400 otherwise); {WHOLE_NUMBER}")]
+MaxNodes = Annotated[int, Meta(
+    ge=0, le=10_000, description=f"at least min_nodes (400 otherwise); {WHOLE_NUMBER}")]
+VramGb = Annotated[int, Meta(ge=1, le=100_000, description=WHOLE_NUMBER)]
+ContextLength = Annotated[int, Meta(ge=1, le=INT32_MAX, description=WHOLE_NUMBER)]
 PRICE_PATTERN = rf"^(0|[1-9][0-9]{{0,13}})(\.[0-9]{{1,{PRICE_PLACES}}})?$"
 Price = Annotated[Decimal, Meta(
     description="USD per million tokens: a decimal string (\"0.15\") or a JSON number, at "
@@ -53,13 +63,20 @@ Price = Annotated[Decimal, Meta(
                        "minimum": 0, "exclusiveMaximum": int(PRICE_LIMIT),
                        "multipleOf": float(Decimal(1).scaleb(-PRICE_PLACES))})]
 WeightsSource = Annotated[str, Meta(
-    min_length=1, max_length=MAX_LENGTH, pattern=r"^(hf|r2|file)://[^\x00]*$",
+    # services/core/catalog/weights.py judges a source, and its JSON_SCHEMA (the document's
+    # `pattern` and `not`) states exactly that rule. Not msgspec's `pattern=`: it would
+    # replace the document's.
+    min_length=1, max_length=MAX_LENGTH, extra_json_schema=WEIGHTS_SCHEMA,
     examples=["r2://crosslogic-models/llama-3.1-8b-instruct"],
     description="Where the node loads the weights from: hf://<org>/<repo> (Hugging Face Hub), "
                 "r2://<bucket>/<prefix> (Cloudflare R2, copied onto the node) or "
                 "file:///<absolute path> (a directory on the machine: the local cloud only; "
                 "the SkyPilot launcher refuses it). vLLM serves them under the model's name. "
-                "No '..'; see docs/orchestrator.md")]
+                "A Hub repo id's parts are 1 to 96 letters, digits, '_', '.' or '-', "
+                "starting and ending with a letter, digit or '_', without '--'; an R2 bucket "
+                "is 3 to 63 lowercase letters, digits or '-' (not xn--…, sthree-…, "
+                "…-s3alias, …--ol-s3); a prefix or path is '/'-separated names of letters, "
+                "digits, '_', '.' and '-' (not '.' alone). No '..'; see docs/orchestrator.md")]
 EnvironmentStatus = Literal["active", "suspended"]
 ModelStatus = Literal["active", "suspended", "deleted"]
 
@@ -119,20 +136,20 @@ class KeyPatch(Body, frozen=True, kw_only=True):
 class ModelCreate(Body, frozen=True, kw_only=True):
     name: Name
     family: Name
-    vram_gb: Annotated[int, Meta(ge=1, le=100_000)]
+    vram_gb: VramGb
     input_price_per_million: Price
     output_price_per_million: Price
-    context_length: Annotated[int, Meta(ge=1, le=INT32_MAX)]
+    context_length: ContextLength
     weights_source: WeightsSource | None = None
     """null: the Hugging Face Hub repo of the model's name."""
 
 
 class ModelPatch(Body, frozen=True, kw_only=True):
     family: Name | UnsetType = UNSET
-    vram_gb: Annotated[int, Meta(ge=1, le=100_000)] | UnsetType = UNSET
+    vram_gb: VramGb | UnsetType = UNSET
     input_price_per_million: Price | UnsetType = UNSET
     output_price_per_million: Price | UnsetType = UNSET
-    context_length: Annotated[int, Meta(ge=1, le=INT32_MAX)] | UnsetType = UNSET
+    context_length: ContextLength | UnsetType = UNSET
     status: ModelStatus | UnsetType = UNSET
     weights_source: WeightsSource | UnsetType = UNSET
     """Changed, not removed: set hf://<org>/<repo> to go back to the Hub. Nodes already up
@@ -148,8 +165,8 @@ class DeploymentCreate(Body, frozen=True, kw_only=True):
     regions: Regions
     gpu_type: GpuType
     spot: bool
-    min_nodes: NodeCount
-    max_nodes: Annotated[int, Meta(ge=0, le=10_000, description="at least min_nodes")]
+    min_nodes: MinNodes
+    max_nodes: MaxNodes
     allow_on_demand_fallback: bool = True
 
 
@@ -157,8 +174,9 @@ class DeploymentPatch(Body, frozen=True, kw_only=True):
     regions: Regions | UnsetType = UNSET
     gpu_type: GpuType | UnsetType = UNSET
     spot: bool | UnsetType = UNSET
-    min_nodes: NodeCount | UnsetType = UNSET
-    max_nodes: NodeCount | UnsetType = UNSET
+    min_nodes: MinNodes | UnsetType = UNSET
+    """With the one sent, or the deployment's: min_nodes ≤ max_nodes."""
+    max_nodes: MaxNodes | UnsetType = UNSET
     allow_on_demand_fallback: bool | UnsetType = UNSET
 
 

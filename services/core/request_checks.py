@@ -48,6 +48,15 @@ INT64_MAX = 2**63 - 1
 """PostgreSQL's bigint."""
 NO_NUL = r"^[^\x00]*$"
 """The pattern of every free-text value: PostgreSQL's text cannot hold U+0000."""
+WHITE_SPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003"
+               "\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+"""What Python counts as white space (`str.isspace`, and `\\s` in a `re` pattern): the
+characters a server check that uses either refuses."""
+WHITE_SPACE_CLASS = (r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f"
+                     r"\u205f\u3000")
+"""WHITE_SPACE for a regex character class, in the OpenAPI document's patterns: JSON Schema's
+`\\s` (ECMA-262's) is another set (it lacks U+001C..U+001F and U+0085, it has U+FEFF), so a
+pattern that must refuse what the server refuses names the characters."""
 _INTEGER = re.compile(r"^-?[0-9]{1,20}$")
 
 

@@ -106,6 +106,11 @@ async def test_subscriptions_are_made_read_listed_and_deleted(
      "Unknown field 'secret'"),
     ({"kind": "generic", "target": "https://example.test/hook", "event_types": ["node.*"],
       "secret": "plain"}, "secret", "whsec_"),
+    # Absent or null makes a secret; an empty one is not a secret.
+    ({"kind": "generic", "target": "https://example.test/hook", "event_types": ["node.*"],
+      "secret": ""}, "secret", "whsec_"),
+    ({"kind": "generic", "target": "https://example.test/ho\x1fok", "event_types": ["node.*"]},
+     "target", "white space"),
     ({"kind": "pager", "target": "https://example.test/hook", "event_types": ["node.*"]},
      "kind", None),
     ({"kind": "generic", "target": "https://example.test/hook", "event_types": []},

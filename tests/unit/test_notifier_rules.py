@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import random
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -10,6 +12,7 @@ import pytest
 
 from services.core.notifications.rules import (
     MAX_PATTERNS,
+    PATTERN_REGEX,
     EventFacts,
     PatternError,
     SubscriptionRule,
@@ -23,6 +26,7 @@ from services.core.notifications.rules import (
     wants,
 )
 from services.core.notifications.targets import (
+    SECRET_PATTERN,
     Kind,
     TargetError,
     check_signing_secret,
@@ -205,6 +209,39 @@ def test_signing_secrets() -> None:
         with pytest.raises(TargetError, match=says) as caught:
             check_signing_secret(bad)
         assert caught.value.param == "secret"
+
+
+def test_the_secret_pattern_is_the_secret_check() -> None:
+    """SECRET_PATTERN (the OpenAPI document's) takes what check_signing_secret takes: base64
+    of 24 to 64 bytes after whsec_, padded or not."""
+    pattern = re.compile(SECRET_PATTERN.replace("$", r"\Z"))  # ECMA's `$`
+
+    def accepted(secret: str) -> bool:
+        try:
+            check_signing_secret(secret)
+        except TargetError:
+            return False
+        return True
+
+    rng = random.Random(7)
+    for size in range(80):
+        encoded = base64.b64encode(rng.randbytes(size)).decode()
+        for secret in ("whsec_" + encoded, "whsec_" + encoded.rstrip("=")):
+            assert accepted(secret) == (24 <= size <= 64) == bool(pattern.search(secret))
+    for _ in range(20_000):
+        secret = "whsec_" + "".join(rng.choice("AB+/=z9-_ ") for _ in range(rng.randrange(100)))
+        assert accepted(secret) == bool(pattern.search(secret)), secret
+        if accepted(secret):
+            body = secret[6:]
+            assert 24 <= len(base64.b64decode(body + "=" * (-len(body) % 4))) <= 64
+    assert not accepted("") and not accepted("whsec_")
+
+
+def test_the_pattern_syntax_is_the_documents() -> None:
+    assert PATTERN_REGEX == "^[a-z0-9_.*?]{1,100}$"
+    for refused in ("Node.*", "node:*", "node-x", "node.*\n", "a" * 101, "\x00"):
+        with pytest.raises(PatternError):
+            check_patterns([refused])
 
 
 def test_scrub() -> None:

@@ -5,6 +5,7 @@ query value kind's check agreeing with the JSON Schema the OpenAPI document stat
 from __future__ import annotations
 
 import re
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -24,6 +25,8 @@ from services.core.request_checks import (
     INT64_MAX,
     NO_NUL,
     POSITION_PATTERN,
+    WHITE_SPACE,
+    WHITE_SPACE_CLASS,
     Choice,
     FieldError,
     Integer,
@@ -261,3 +264,19 @@ def test_subscriptions_are_typed_by_kind() -> None:
         NotificationSubscriptionCreate), "secret")  # type: ignore[arg-type]
     schema = msgspec.json.schema(EmailSubscriptionCreate)["$defs"]["EmailSubscriptionCreate"]
     assert not re.search(schema["properties"]["target"]["pattern"], "0")
+
+
+def test_white_space_is_pythons_in_the_documents_patterns() -> None:
+    """The server's checks refuse white space as Python counts it (`str.isspace`, `\\s` in a
+    `re` pattern); WHITE_SPACE_CLASS, which the document's patterns use in its place (JSON
+    Schema's `\\s` is another set), names exactly those characters."""
+    every = [chr(c) for c in range(sys.maxunicode + 1)]
+    assert "".join(c for c in every if c.isspace()) == WHITE_SPACE
+    assert "".join(c for c in every if re.fullmatch(r"\s", c)) == WHITE_SPACE
+    assert "".join(c for c in every if re.fullmatch(f"[{WHITE_SPACE_CLASS}]", c)) == WHITE_SPACE
+    # The document's pattern of a generic target (check_target refuses white space).
+    schema = msgspec.json.schema(GenericSubscriptionCreate)["$defs"]
+    pattern = re.compile(schema["GenericSubscriptionCreate"]["properties"]["target"]["pattern"])
+    assert pattern.search("https://example.test/hook?x=1")
+    for space in WHITE_SPACE:
+        assert not pattern.search(f"https://example.test/ho{space}ok"), repr(space)

@@ -3,9 +3,15 @@ refuses (services/core/catalog/weights.py)."""
 
 from __future__ import annotations
 
+import random
+import re
+
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from services.core.catalog.weights import (
+    JSON_SCHEMA,
     MAX_LENGTH,
     FileWeights,
     HubWeights,
@@ -100,7 +106,7 @@ def test_accepted(text: str, parsed: WeightsSource, canonical: str | None) -> No
     ("file:///srv/./models", "file:// path"),
     ("file:///srv/my models", "file:// path"),
     ("file:///srv/~user", "file:// path"),
-    ("file:///srv/models\x00", "file:// path"),
+    ("file:///srv/models\x00", "NUL character"),
     ("file:///srv/models\n", "file:// path"),
     # `..`, anywhere
     ("file:///srv/../etc", "'..'"),
@@ -120,3 +126,53 @@ def test_length_is_bounded() -> None:
         parse_weights_source(at_limit + "a")
     with pytest.raises(InvalidWeightsSource, match="at most"):
         parse_weights_source("hf://" + "x" * 1_000_000)
+
+
+# --------------------------------------------------------------------------- the document's rule
+
+
+def _ecma(pattern: str) -> re.Pattern[str]:
+    """A JSON Schema pattern as ECMA-262 reads it: `$` is the end (Python's `$` also takes a
+    trailing newline)."""
+    return re.compile(pattern.replace("$", r"\Z"))
+
+
+_SHAPE = _ecma(JSON_SCHEMA["pattern"])
+_REFUSED = [_ecma(p["pattern"]) for p in JSON_SCHEMA["not"]["anyOf"]]
+
+
+def _documented(text: str) -> bool:
+    return len(text) <= MAX_LENGTH and bool(_SHAPE.search(text)) \
+        and not any(p.search(text) for p in _REFUSED)
+
+
+def _accepted(text: str) -> bool:
+    try:
+        parse_weights_source(text)
+    except InvalidWeightsSource:
+        return False
+    return True
+
+
+def test_the_documents_rule_is_the_parsers_on_near_misses() -> None:
+    """The OpenAPI document's `pattern` and `not` (JSON_SCHEMA) take exactly what
+    parse_weights_source takes: checked on strings made of the pieces sources are made of."""
+    rng = random.Random(20_240_611)
+    starts = ["hf://", "r2://", "file://", "file:///", "r2://xn--", "r2://sthree-", "hf://a/",
+              "HF://", ""]
+    pieces = [*"hfr2ile:/._-aZ09x", "-s3alias", "--ol-s3", "//", "..", ".-", "-."]
+    for _ in range(50_000):
+        text = rng.choice(starts) + "".join(rng.choice(pieces)
+                                            for _ in range(rng.randrange(12)))
+        assert _documented(text) == _accepted(text), text
+    for text in ("hf://" + "a" * 96 + "/b", "hf://" + "a" * 97 + "/b", "hf://b/" + "a" * 96,
+                 "hf://b/" + "a" * 97, "r2://" + "a" * 63, "r2://" + "a" * 64, "r2://ab",
+                 "r2://abc//", "r2://abc/a//", "file:///a\n", "hf://a/b\x00"):
+        assert _documented(text) == _accepted(text), text
+
+
+@hypothesis.settings(max_examples=500, derandomize=True, database=None, deadline=None)
+@hypothesis.given(st.from_regex(_SHAPE))
+def test_what_the_documents_pattern_generates_is_taken_unless_its_not_refuses_it(
+        text: str) -> None:
+    assert _documented(text) == _accepted(text), text

@@ -35,10 +35,11 @@ from services.core.notifications.queries import (
     NotificationDeliveryRecord,
     NotificationSubscriptionRecord,
 )
-from services.core.notifications.targets import MAX_URL_LENGTH
+from services.core.notifications.rules import MAX_PATTERN_LENGTH, MAX_PATTERNS, PATTERN_REGEX
+from services.core.notifications.targets import MAX_URL_LENGTH, SECRET_PATTERN
 from services.core.request_checks import (
-    GLOB_PATTERN,
     NO_NUL,
+    WHITE_SPACE_CLASS,
     Choice,
     FieldError,
     Uuid,
@@ -46,16 +47,23 @@ from services.core.request_checks import (
     parse_id,
 )
 
-Pattern = Annotated[str, Meta(min_length=1, max_length=100, pattern=GLOB_PATTERN,
-                              examples=["node.*"],
-                              description="a glob on the event type: `*` and `?` wildcards")]
+Pattern = Annotated[str, Meta(
+    min_length=1, max_length=MAX_PATTERN_LENGTH, examples=["node.*"],
+    # The document states check_patterns' syntax (PATTERN_REGEX), which checks it (a 400
+    # that says what a pattern may hold). Not msgspec's `pattern=`: it would replace this one.
+    extra_json_schema={"pattern": PATTERN_REGEX},
+    description="a glob on the event type: lower-case letters, digits, '_', '.', and the "
+                "wildcards `*` and `?`")]
 EventTypes = Annotated[list[Pattern], Meta(
-    min_length=1, max_length=20, extra_json_schema={"uniqueItems": True},
+    min_length=1, max_length=MAX_PATTERNS, extra_json_schema={"uniqueItems": True},
     description="event type patterns, e.g. node.*, billing.payment_failed, "
-                "notification.alert; heartbeats and usage are not deliverable")]
+                "notification.alert; heartbeats and usage are not deliverable: a pattern "
+                "that only heartbeats or usage events match (usage.*, node.heartbeat) is a "
+                "400")]
 _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 _HOST = rf"https?://[A-Za-z0-9.-]+(:{_PORT})?"
 _TOKEN = r"[A-Za-z0-9_-]+"
+_URL_REST = f"[^#\\x00{WHITE_SPACE_CLASS}]*"
 
 
 class _SubscriptionCreate(Body, frozen=True, kw_only=True, tag_field="kind"):
@@ -103,12 +111,15 @@ class GenericSubscriptionCreate(_SubscriptionCreate, frozen=True, kw_only=True,
                                 tag="generic"):
     target: Annotated[str, Meta(
         max_length=MAX_URL_LENGTH,
-        extra_json_schema=_target(f"^{_HOST}(/[^\\s#\\x00]*)?(\\?[^\\s#\\x00]*)?$"),
-        description="the endpoint's http(s) URL (no #fragment); shown masked from then on")]
+        # No white space as Python counts it (check_target's rule), not JSON Schema's `\\s`.
+        extra_json_schema=_target(f"^{_HOST}(/{_URL_REST})?(\\?{_URL_REST})?$"),
+        description="the endpoint's http(s) URL (no #fragment, no white space); shown masked "
+                    "from then on")]
     secret: Annotated[str, Meta(
-        max_length=200, extra_json_schema=_target(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$"),
-        description="a Standard Webhooks secret: whsec_ and 24 to 64 bytes in base64; one "
-                    "is made when absent")] | None = None
+        max_length=200, extra_json_schema=_target(SECRET_PATTERN),
+        description="a Standard Webhooks secret: whsec_ and 24 to 64 bytes in base64 (`=` "
+                    "padding optional); absent or null: one is made and shown once in the "
+                    "answer. An empty string is not a secret (400)")] | None = None
 
 
 NotificationSubscriptionCreate = (EmailSubscriptionCreate | DiscordSubscriptionCreate

@@ -18,19 +18,24 @@ from services.core.catalog.commands import KEEP, Keep
 from services.core.catalog.queries import ApiKeyRecord, EnvironmentRecord
 from services.core.request_checks import INT32_MAX, INT64_MAX, NO_NUL, check_future
 
-__all__ = ["INT32_MAX", "INT64_MAX", "ApiKeyList", "AwareTime", "Body", "Concurrency",
-           "EnvironmentCreate", "EnvironmentList", "FutureTime", "KeyCreate", "KeyRotate",
-           "KeyWithSecret", "LimitsCreate", "Name", "OptionalName", "QuotaCreate", "Reason",
-           "Region", "Requests", "Role", "StatusChange", "Tokens"]
+__all__ = ["INT32_MAX", "INT64_MAX", "WHOLE_NUMBER", "ApiKeyList", "AwareTime", "Body",
+           "Concurrency", "EnvironmentCreate", "EnvironmentList", "FutureTime", "KeyCreate",
+           "KeyRotate", "KeyWithSecret", "LimitsCreate", "Name", "OptionalName", "QuotaCreate",
+           "Reason", "Region", "Requests", "Role", "StatusChange", "Tokens"]
 
 Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 OptionalName = Annotated[str, Meta(max_length=200, pattern=NO_NUL)]
 Reason = Annotated[str, Meta(max_length=1000, pattern=NO_NUL)]
 Region = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                              examples=["us-east-1"])]
-Requests = Annotated[int, Meta(ge=0, le=INT32_MAX)]
-Tokens = Annotated[int, Meta(ge=0, le=INT64_MAX)]
-Concurrency = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+WHOLE_NUMBER = ("a JSON integer as written: 16, not 16.0 nor 1.6e1 (a number with a fraction "
+                "or an exponent is a 400, as in OpenAI's API)")
+"""The description of every integer field: JSON Schema counts 16.0 as an integer, this API
+does not (docs/admin-api.md, "Bounded input")."""
+Requests = Annotated[int, Meta(ge=0, le=INT32_MAX, description=f"per minute; {WHOLE_NUMBER}")]
+Tokens = Annotated[int, Meta(ge=0, le=INT64_MAX, description=WHOLE_NUMBER)]
+Concurrency = Annotated[int, Meta(ge=0, le=INT32_MAX,
+                                  description=f"requests at once; {WHOLE_NUMBER}")]
 AwareTime = Annotated[datetime, Meta(tz=True, description="ISO-8601 with a time zone")]
 FutureTime = Annotated[datetime, Meta(
     tz=True, description="ISO-8601 with a time zone; it must be in the future when sent "

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["MAX_LENGTH", "SCHEMES", "FileWeights", "HubWeights", "InvalidWeightsSource",
-           "R2Weights", "WeightsSource", "parse_weights_source"]
+__all__ = ["JSON_SCHEMA", "MAX_LENGTH", "SCHEMES", "FileWeights", "HubWeights",
+           "InvalidWeightsSource", "R2Weights", "WeightsSource", "parse_weights_source"]
 
 MAX_LENGTH = 1024
 """S3 and R2 keys stop at 1024 bytes; no source needs more."""
@@ -26,14 +27,44 @@ SCHEMES = ("hf", "r2", "file")
 
 # The Hub's own rule for repo ids (huggingface_hub.validate_repo_id): each part at most 96
 # characters, starting and ending with a letter, digit or underscore; no "--".
-_HUB_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
+HUB_PART_MAX = 96
+_HUB_END = "[A-Za-z0-9_]"
+_HUB_PART = re.compile(rf"^{_HUB_END}(?:[A-Za-z0-9_.-]{{0,{HUB_PART_MAX - 2}}}{_HUB_END})?$")
 # R2's bucket names (lowercase letters, digits, hyphens; 3 to 63; no hyphen at either end),
 # which are also valid S3 names; S3's reserved prefixes and suffixes are refused too, so a
 # name means the same bucket on either store.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+BUCKET_MIN, BUCKET_MAX = 3, 63
+_BUCKET_REGEX = rf"[a-z0-9][a-z0-9-]{{{BUCKET_MIN - 2},{BUCKET_MAX - 2}}}[a-z0-9]"
+_BUCKET = re.compile(rf"^{_BUCKET_REGEX}$")
 _RESERVED_PREFIXES = ("xn--", "sthree-")
 _RESERVED_SUFFIXES = ("-s3alias", "--ol-s3")
+_NAME_CHAR = "[A-Za-z0-9_-]"
+"""A path segment's characters besides '.'."""
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _source_schema() -> dict[str, Any]:
+    """`parse_weights_source`'s rule as JSON Schema, for the OpenAPI document: a `pattern`
+    for the shape (no lookaround, so any JSON Schema tool can both check and generate it)
+    and a `not` for the two rules a pattern without lookaround cannot add to it (a Hub part
+    longer than HUB_PART_MAX, a reserved bucket name). No '..' anywhere: no part of the
+    pattern can hold two dots in a row. tests/unit/test_weights_source.py holds the two
+    equal."""
+    dots = r"(?:\.(?:-\.)*-?|-(?:\.-)*\.?)"  # a run of '.' and '-' with no '..' nor '--'
+    hub_part = f"{_HUB_END}(?:{dots}?{_HUB_END})*"
+    segment = rf"\.?{_NAME_CHAR}+(?:\.{_NAME_CHAR}+)*\.?"  # not '.', no '..'
+    segments = f"{segment}(?:/{segment})*"
+    shape = (f"^(?:hf://{hub_part}/{hub_part}"
+             f"|r2://{_BUCKET_REGEX}(?:/(?:/|{segments}/?)?)?"
+             f"|file:///{segments}/?)$")
+    refused = [rf"^hf://(?:[^/]*/)?[^/]{{{HUB_PART_MAX + 1}}}",
+               "^r2://(?:" + "|".join(_RESERVED_PREFIXES) + ")",
+               "^r2://[^/]*(?:" + "|".join(_RESERVED_SUFFIXES) + ")(?:/|$)"]
+    return {"pattern": shape, "not": {"anyOf": [{"pattern": r} for r in refused]}}
+
+
+JSON_SCHEMA = _source_schema()
+"""The extra JSON Schema of a `weights_source` (services/admin/bodies.py)."""
 
 
 class InvalidWeightsSource(ValueError):
@@ -76,6 +107,8 @@ def parse_weights_source(text: str) -> WeightsSource:
     slash). Raises InvalidWeightsSource."""
     if len(text) > MAX_LENGTH:
         raise InvalidWeightsSource(f"is {len(text)} characters long; at most {MAX_LENGTH}")
+    if "\x00" in text:
+        raise InvalidWeightsSource("contains a NUL character (U+0000)")
     if ".." in text:
         raise InvalidWeightsSource("must not contain '..'")
     scheme, sep, rest = text.partition("://")

@@ -70,8 +70,9 @@ class Notifications:
                                   tenant_id: uuid.UUID | None = None,
                                   signing_secret: str | None = None,
                                   description: str = "") -> NewSubscription:
-        """A generic endpoint gets a signing secret (the one given, or a new one); the others
-        take none. Invalid names the field at fault; NotFound for an unknown tenant."""
+        """A generic endpoint gets a signing secret (the one given, or a new one when it is
+        None; an empty one is refused); the others take none. Invalid names the field at
+        fault; NotFound for an unknown tenant."""
         try:
             found_kind = Kind(kind)
         except ValueError:
@@ -80,9 +81,10 @@ class Notifications:
         try:
             stored_target = check_target(found_kind, target)
             if found_kind is Kind.GENERIC:
-                secret = (check_signing_secret(signing_secret) if signing_secret
+                # None asks for a new one; any string given, "" too, must be a secret.
+                secret = (check_signing_secret(signing_secret) if signing_secret is not None
                           else generate_signing_secret())
-            elif signing_secret:
+            elif signing_secret is not None:
                 raise TargetError(f"a {found_kind.value} endpoint takes no signing secret",
                                   "secret")
             else:

@@ -26,7 +26,11 @@ from schemas.events import EVENT_TYPES
 from schemas.subjects import CONTROL, NODES, stream_for_subject
 
 MAX_PATTERNS = 20
-PATTERN = re.compile(r"^[a-z0-9_.*?]{1,100}$")
+MAX_PATTERN_LENGTH = 100
+PATTERN_REGEX = rf"^[a-z0-9_.*?]{{1,{MAX_PATTERN_LENGTH}}}$"
+"""An event type pattern's syntax: what `check_patterns` takes and the OpenAPI document
+states."""
+PATTERN = re.compile(PATTERN_REGEX)
 HIGH_VOLUME_NAMESPACES = frozenset({"usage"})
 """First segments the notifier never hears (the USAGE stream holds ``usage.>``)."""
 
@@ -58,7 +62,9 @@ def check_patterns(patterns: Sequence[str]) -> list[str]:
     heard, unheard = heard_types(), unheard_types()
     seen: set[str] = set()
     for i, pattern in enumerate(patterns):
-        if not PATTERN.match(pattern):
+        if "\x00" in pattern:
+            raise PatternError("an event type pattern contains a NUL character (U+0000)", i)
+        if not PATTERN.fullmatch(pattern):  # (match would take a trailing newline)
             raise PatternError(
                 f"{pattern[:80]!r} is not an event type pattern (lower-case letters, digits, "
                 "'_', '.', and the wildcards '*' and '?')", i)
