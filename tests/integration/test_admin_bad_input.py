@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,9 +19,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from services.admin.openapi import build_document
-from services.core.natsauth.identities import Role
-from tests.conftest import Servers
-from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin, seed
+from tests.integration import test_admin_api
+from tests.integration.test_admin_api import TOKEN, Admin, assert_error, seed
 
 NUL = "a\u0000b"
 MODEL = {"name": "m", "family": "f", "vram_gb": 1, "input_price_per_million": "1",
@@ -32,12 +30,7 @@ DEPLOYMENT = {"model": "m", "regions": ["r"], "gpu_type": "g", "spot": False, "m
 DOCUMENT = build_document()
 
 
-@pytest.fixture
-async def admin(servers: Servers, database_url: str, nats_url: str,
-                redis_url: str) -> AsyncIterator[Admin]:
-    async with running_admin(database_url, nats_url, redis_url,
-                             creds=servers.creds(Role.ADMIN_API)) as running:
-        yield running
+admin = test_admin_api.admin  # the real admin service, as test_admin_api runs it
 
 
 async def _world(admin: Admin) -> dict[str, str]:
