@@ -155,7 +155,10 @@ def task_config(spec: LaunchSpec, options: TaskOptions) -> dict[str, Any]:
         },
         "envs": {**spec.env, **weights_env, "VLLM_PORT": str(VLLM_PORT),
                  "VLLM_VERSION": options.vllm_version,
-                 "AGENT_INSTALL": options.agent_install},
+                 "AGENT_INSTALL": options.agent_install,
+                 # Without it vLLM ignores the Responses API's `store` (the default), and a
+                 # follow-up or retrieval the gateway routes here would find nothing.
+                 "VLLM_ENABLE_RESPONSES_API_STORE": "1"},
         "secrets": dict(spec.secrets),
         "setup": _SETUP,
         "run": _run(serve),

@@ -271,6 +271,7 @@ def test_options_reach_the_task() -> None:
     task = to_task(task_config(spec_for("aws/us-east-1", "A10G", spot=True), options))
     assert task.envs["AGENT_INSTALL"] == "crosslogic==1.2.3"
     assert task.envs["VLLM_VERSION"] == "0.10.2"
+    assert task.envs["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"  # stored responses are served
     assert only_resources(task).disk_size == 512
 
 
