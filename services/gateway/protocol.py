@@ -142,8 +142,7 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None
     return value
 
 
-def _bound_fields(body: dict[str, Any], endpoint: str, n: int, max_n: int,
-                  context_length: int | None) -> None:
+def _bound_fields(body: dict[str, Any], endpoint: str, context_length: int | None) -> None:
     """The integer knobs vLLM takes beside `n` and the output budget, and the lists it walks
     per token: bounded before a node sees them (vLLM bounds some itself, after the request
     has taken a slot; a seed past 64 bits it does not)."""
@@ -191,6 +190,16 @@ def _output_budget(body: dict[str, Any], context_length: int | None,
                              name, "integer_above_max_value")
         budget = value  # max_completion_tokens, checked last, wins (as in vLLM)
     return budget
+
+
+def _reserved_output(body: dict[str, Any], context_length: int | None, default: int,
+                     names: tuple[str, ...] = ("max_tokens", "max_completion_tokens")) -> int:
+    """The output budget to reserve per sequence: what the request asks for, else (vLLM then
+    generates up to the rest of the context) `default`, at most the context."""
+    budget = _output_budget(body, context_length, names)
+    if budget is not None:
+        return budget
+    return default if context_length is None else min(default, context_length)
 
 
 def _batch_size(value: Any) -> int:
@@ -293,7 +302,7 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         raise BadRequest("'stream_options' must be an object", "stream_options")
     options = options or {}
     completion = 0
-    n = 1
+    limit = context_length(model) if context_length is not None else None
     if endpoint in GENERATING:
         # No request runs more than max_batch_sequences sequences, a single prompt's n too.
         n = _choices(body, min(max_n, max_batch_sequences))
@@ -302,17 +311,9 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         runs = _integer(body, "best_of", n, min(max_n, max_batch_sequences)) or n
         prompts = _batch_size(body.get("prompt")) if endpoint == "completions" else 1
         _bound_sequences(prompts, runs, max_batch_sequences)
-        limit = context_length(model) if context_length is not None else None
-        budget = _output_budget(body, limit)
-        if budget is None:  # vLLM then generates up to the rest of the context
-            budget = default_reserved if limit is None else min(default_reserved, limit)
-        completion = prompts * runs * budget
+        completion = prompts * runs * _reserved_output(body, limit, default_reserved)
     elif endpoint == "responses":
-        limit = context_length(model) if context_length is not None else None
-        budget = _output_budget(body, limit, ("max_output_tokens",))
-        if budget is None:
-            budget = default_reserved if limit is None else min(default_reserved, limit)
-        completion = budget
+        completion = _reserved_output(body, limit, default_reserved, ("max_output_tokens",))
     elif endpoint == "embeddings":
         _bound_inputs(_batch_size(body.get("input")), max_inputs)
     elif endpoint == "rerank":
@@ -320,8 +321,7 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
     elif endpoint == "score":
         for name in ("text_1", "text_2"):
             _bound_inputs(_batch_size(body.get(name)), max_inputs, name)
-    _bound_fields(body, endpoint, n, min(max_n, max_batch_sequences),
-                  context_length(model) if context_length is not None else None)
+    _bound_fields(body, endpoint, limit)
     previous, store = None, False
     if endpoint == "responses":
         previous = response_id_param(body.get("previous_response_id"), "previous_response_id")
@@ -393,11 +393,6 @@ class _WithUsage(msgspec.Struct):
 
 
 _usage_decoder = msgspec.json.Decoder(_UsageOnly | None)
-
-
-def usage_of(body: bytes) -> tuple[int, int]:
-    """(prompt, completion) tokens of a whole (non-streamed) answer; (0, 0) when absent."""
-    return answer_of(body)[0]
 
 
 def answer_of(body: bytes) -> tuple[tuple[int, int], str | None]:

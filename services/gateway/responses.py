@@ -51,7 +51,6 @@ class ResponsesStreamMeter:
     response_id: str | None = None
     done: bool = False
     """The final event has been seen."""
-    chunks: int = 0
 
     def feed(self, line: bytes) -> bytes:
         if not line.startswith(b"data:"):
@@ -62,7 +61,6 @@ class ResponsesStreamMeter:
             # nothing after it.
             self.done = True
             return line
-        self.chunks += 1
         if not any(marker in payload for marker in _WATCHED):
             return line
         try:

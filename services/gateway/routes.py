@@ -83,6 +83,17 @@ async def authenticate(request: web.Request, action: Action) -> Principal:
     return principal
 
 
+async def admit(gw: Gateway, principal: Principal, tokens: int) -> Decision:
+    """Every limit of the key, its environment, tenant and the platform, `tokens` reserved:
+    the decision, or the 429 (or 503) that refuses the request."""
+    decision = await gw.limiter.acquire(
+        LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
+        limits_for(principal, gw.settings), tokens)
+    if not decision.allowed:
+        raise refusal(decision)
+    return decision
+
+
 def refusal(decision: Decision) -> ApiError:
     if decision.layer is Layer.UNAVAILABLE:
         return ApiError.unavailable("Rate limiting is unavailable; retry shortly.",
@@ -189,11 +200,7 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
         gw.metrics.no_node.labels(req.model).inc()
         raise ApiError.unavailable(f"No node is serving the model '{req.model}' right now. "
                                    "Retry shortly.", headers={"Retry-After": "1"})
-    subject = LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id)
-    decision = await gw.limiter.acquire(subject, limits_for(principal, gw.settings),
-                                        req.reserved_tokens)
-    if not decision.allowed:
-        raise refusal(decision)
+    decision = await admit(gw, principal, req.reserved_tokens)
     request_id = request[REQUEST_ID]
     # Kept alive while the request runs, streamed or not: a whole answer may take longer than
     # a lease (REQUEST_TIMEOUT above CONCURRENCY_LEASE_SECONDS).
@@ -264,15 +271,11 @@ async def stored_response(request: web.Request) -> web.Response:
         raise ApiError.invalid_request(exc.message, exc.param, exc.code) from None
     assert response_id is not None
     # A request like any other for the rate limits (it spends no tokens).
-    decision = await gw.limiter.acquire(
-        LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
-        limits_for(principal, gw.settings), 0)
-    if not decision.allowed:
-        raise refusal(decision)
+    decision = await admit(gw, principal, 0)
     try:
         node = await holder(gw, response_id, principal.tenant_id, param=None)
         if deleting:
-            return await _delete_stored(request, gw, node, response_id, decision.headers)
+            return await _delete_stored(gw, response_id, decision.headers)
         try:
             status, body = await gw.proxy.fetch(node, "GET", f"/v1/responses/{response_id}",
                                                 request[REQUEST_ID])
@@ -285,12 +288,12 @@ async def stored_response(request: web.Request) -> web.Response:
                         headers=decision.headers)
 
 
-async def _delete_stored(request: web.Request, gw: Gateway, node: NodeView,
-                         response_id: str, headers: dict[str, str]) -> web.Response:
+async def _delete_stored(gw: Gateway, response_id: str,
+                         headers: dict[str, str]) -> web.Response:
     """vLLM has no route to delete a stored response: the gateway forgets where it is, which
     puts it out of everyone's reach (nobody else could reach it anyway), and the node's
-    memory lets it go when the node ends."""
-    del request, node
+    memory lets it go when the node ends. (The caller found its node first: another
+    tenant's id, or one whose node has gone, is a 404 like any other.)"""
     try:
         await gw.owners.forget(response_id)
     except OwnersUnavailable:

@@ -11,11 +11,11 @@ from services.gateway.protocol import (
     MAX_JSON_DEPTH,
     BadRequest,
     StreamMeter,
+    answer_of,
     estimate_prompt_tokens,
     nests_deeper_than,
     parse_request,
     upstream_body,
-    usage_of,
 )
 
 
@@ -103,9 +103,9 @@ def test_embeddings_cannot_stream() -> None:
 
 
 def test_usage_of_whole_answers() -> None:
-    assert usage_of(b'{"usage": {"prompt_tokens": 4, "completion_tokens": 6}}') == (4, 6)
-    assert usage_of(b'{"choices": []}') == (0, 0)
-    assert usage_of(b"not json") == (0, 0)
+    assert answer_of(b'{"usage": {"prompt_tokens": 4, "completion_tokens": 6}}')[0] == (4, 6)
+    assert answer_of(b'{"choices": []}')[0] == (0, 0)
+    assert answer_of(b"not json")[0] == (0, 0)
 
 
 def test_node_errors_reach_clients_in_openai_shape() -> None:
@@ -351,7 +351,7 @@ def test_nesting_is_measured_in_every_branch_without_recursion() -> None:
 def test_node_answers_nested_too_deep_are_not_json_to_us() -> None:
     """A rogue node's answer must not raise out of the gateway either."""
     deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b', "usage": {"prompt_tokens": 1}}'
-    assert usage_of(deep) == (0, 0)
+    assert answer_of(deep)[0] == (0, 0)
     line = b"data: " + deep + b"\n"
     assert StreamMeter(wants_usage=False, wants_continuous_usage=False).feed(line) == line
     from services.gateway.protocol import openai_error_body
