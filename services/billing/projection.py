@@ -1,5 +1,5 @@
 """Projection `usage_records`: one row per request, with the cost billing recorded, and the
-same usage per tenant, environment, model and UTC hour (`usage_hourly`).
+same usage per tenant, environment, model, region and UTC hour (`usage_hourly`).
 
 Both tables change in one statement: usage_hourly adds up only the rows usage_records actually
 inserted, so the event id stays the identity of a request's usage everywhere — a redelivery,
@@ -34,20 +34,20 @@ WITH fresh AS (
         $13::numeric[], $14::float8[], $15::float8[], $16::int[], $17::bool[],
         $18::timestamptz[])
     ON CONFLICT (event_id) DO NOTHING
-    RETURNING event_id, tenant_id, environment_id, model, occurred_at, prompt_tokens,
+    RETURNING event_id, tenant_id, environment_id, model, region, occurred_at, prompt_tokens,
               completion_tokens, cost
 ), hourly AS (
-    INSERT INTO usage_hourly AS h (tenant_id, environment_id, model, hour, requests,
+    INSERT INTO usage_hourly AS h (tenant_id, environment_id, model, region, hour, requests,
         prompt_tokens, completion_tokens, cost, updated_at, last_position)
-    SELECT f.tenant_id, f.environment_id, f.model, date_trunc('hour', f.occurred_at, 'UTC'),
-           count(*), sum(f.prompt_tokens), sum(f.completion_tokens), sum(f.cost),
-           max(f.occurred_at), max(e.position)
+    SELECT f.tenant_id, f.environment_id, f.model, f.region,
+           date_trunc('hour', f.occurred_at, 'UTC'), count(*), sum(f.prompt_tokens),
+           sum(f.completion_tokens), sum(f.cost), max(f.occurred_at), max(e.position)
     FROM fresh f JOIN unnest($2::uuid[], $19::bigint[]) AS e (event_id, position)
          USING (event_id)
-    GROUP BY 1, 2, 3, 4
+    GROUP BY 1, 2, 3, 4, 5
     -- updated_at is the hour's latest usage and last_position its latest event, from the
     -- events (not the clock), so a rebuild from the log gives back the same table.
-    ON CONFLICT (tenant_id, hour, environment_id, model) DO UPDATE SET
+    ON CONFLICT (tenant_id, hour, environment_id, model, region) DO UPDATE SET
         requests = h.requests + EXCLUDED.requests,
         prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens,
         completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens,

@@ -133,14 +133,16 @@ class Platform:
         self.gateway_url = f"http://127.0.0.1:{port}"
 
     async def add_node(self, *, model: str = MODEL, advertise: str = "", launch: bool = True,
-                       api_key: str | None = None, **sim: Any) -> Node:
+                       api_key: str | None = None, region: str = "us-east-1",
+                       **sim: Any) -> Node:
         """A simulator and a real agent for it; `advertise` makes the agent announce another
         address than the one it watches (a node unreachable from the gateway); `launch`: record
         its launch first, as the orchestrator does (False: a node nobody launched); `api_key`
-        replaces the vLLM key derived for the node (one the gateway does not know)."""
+        replaces the vLLM key derived for the node (one the gateway does not know); `region`:
+        where the node says it is (the gateway records the usage it serves there)."""
         node_id = uuid7()
         if launch:
-            await launched(self.pool, node_id, model=model)
+            await launched(self.pool, node_id, model=model, region=region)
         if api_key is None:
             api_key = node_api_key(self.node_key_secret, node_id)
         sim_app = create_app(SimulatorConfig(model=model, **sim), api_keys=[api_key])
@@ -153,7 +155,7 @@ class Platform:
                                  nats_creds=Secret(self.servers.node_creds(node_id)),
                                  model_name=model, vllm_url=url, endpoint_url=advertise,
                                  heartbeat_interval=0.2,
-                                 region="us-east-1", log_json=False)
+                                 region=region, log_json=False)
         agent = NodeAgent(settings)
         node = Node(str(settings.node_id), url, sim_app, runner, agent,
                     asyncio.create_task(agent.run()), api_key)

@@ -138,7 +138,7 @@ async def test_unknown_nodes(admin: Admin) -> None:
 async def add_usage(pool: asyncpg.Pool, tenant: uuid.UUID, when: datetime, *, model: str = "m",
                     prompt: int = 10, completion: int = 5, cost: str = "0.001",
                     environment: uuid.UUID | None = None,
-                    key: uuid.UUID | None = None) -> None:
+                    key: uuid.UUID | None = None, region: str = "r") -> None:
     """Usage as billing records it: the event in the log, then the real projection (both
     usage_records and usage_hourly)."""
     log = EventLog(pool)
@@ -147,7 +147,7 @@ async def add_usage(pool: asyncpg.Pool, tenant: uuid.UUID, when: datetime, *, mo
                        cost=Decimal(cost))
     await log.record([UsageRecorded(
         request_id=uuid.uuid4().hex, tenant_id=tenant, environment_id=environment or tenant,
-        api_key_id=key or tenant, model=model, endpoint="chat", region="r", node_id=None,
+        api_key_id=key or tenant, model=model, endpoint="chat", region=region, node_id=None,
         prompt_tokens=prompt, completion_tokens=completion, latency_ms=1.0, price=price,
         occurred_at=when)])
     await ProjectionRunner(log, UsageRecordsProjection()).catch_up()
@@ -175,10 +175,11 @@ async def test_usage_per_hour_and_day(admin: Admin, pool: asyncpg.Pool) -> None:
 async def _brute_force(pool: asyncpg.Pool, params: dict[str, str]) -> list[dict[str, Any]]:
     """The same totals added up from usage_records alone, in Python."""
     q = parse_usage_query(params)
-    rows = await pool.fetch("SELECT * FROM usage_records WHERE occurred_at >= $1 "
-                            "AND occurred_at < $2", q.start, q.end)
+    rows = [r for r in await pool.fetch("SELECT * FROM usage_records WHERE occurred_at >= $1 "
+                                        "AND occurred_at < $2", q.start, q.end)
+            if q.region is None or r["region"] == q.region]
     columns = {"tenant": "tenant_id", "environment": "environment_id", "key": "api_key_id",
-               "model": "model"}
+               "model": "model", "region": "region"}
     totals: dict[tuple[Any, ...], list[Any]] = {}
     for r in rows:
         at = r["occurred_at"].astimezone(UTC)
@@ -206,10 +207,12 @@ async def test_usage_grouped_and_from_whole_hours_equals_adding_up_requests(
     tenants, envs, keys = [uuid.uuid4(), uuid.uuid4()], [uuid.uuid4(), uuid.uuid4()], \
         [uuid.uuid4(), uuid.uuid4(), uuid.uuid4()]
     base = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=30)
-    for i in range(40):  # spread over 30 hours, ragged minutes, two tenants, three keys
+    # Spread over 30 hours, ragged minutes, two tenants, three keys, two regions.
+    for i in range(40):
         await add_usage(pool, tenants[i % 2], base + timedelta(minutes=47 * i + 13),
                         model=("m", "n")[i % 3 == 0], prompt=i, completion=2 * i,
-                        cost=f"0.00{i % 7 + 1}", environment=envs[i % 2], key=keys[i % 3])
+                        cost=f"0.00{i % 7 + 1}", environment=envs[i % 2], key=keys[i % 3],
+                        region=("us-east-1", "eu-west-1")[i % 5 < 2])
     assert await pool.fetchval("SELECT count(*) FROM usage_hourly") > 10
     start = (base + timedelta(minutes=95)).isoformat()  # mid-hour: ragged edges
     end = (base + timedelta(hours=27, minutes=20)).isoformat()
@@ -220,6 +223,11 @@ async def test_usage_grouped_and_from_whole_hours_equals_adding_up_requests(
                    {"start": start, "end": end, "group_by": "key,model"},
                    {"start": start, "end": end, "granularity": "hour", "group_by": "tenant",
                     "tenant_id": str(tenants[0])},
+                   {"start": start, "end": end, "group_by": "model,region"},
+                   {"start": start, "end": end, "granularity": "hour", "group_by": "region",
+                    "region": "eu-west-1"},
+                   {"start": start, "end": end, "group_by": "tenant,model",
+                    "region": "us-east-1"},
                    {"start": (base + timedelta(minutes=200)).isoformat(),
                     "end": (base + timedelta(minutes=230)).isoformat(), "group_by": "model"}):
         answer = await admin.ok("GET", "/usage", params=params)
@@ -228,7 +236,12 @@ async def test_usage_grouped_and_from_whole_hours_equals_adding_up_requests(
             expected = [r for r in expected if r["tenant_id"] == params["tenant_id"]]
         assert answer["data"] == expected, params
         assert answer["group_by"] == params.get(
-            "group_by", "tenant,environment,key,model").split(",")
+            "group_by", "tenant,environment,key,model,region").split(",")
+        total = answer["total"]
+        assert answer["currency"] == "usd"
+        for field in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
+            assert total[field] == sum(r[field] for r in expected), (params, field)
+        assert Decimal(total["cost"]) == sum(Decimal(r["cost"]) for r in expected), params
 
 
 async def test_usage_reads_whole_hours_from_usage_hourly(admin: Admin,

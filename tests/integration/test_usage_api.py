@@ -61,16 +61,21 @@ async def test_tenants_read_their_own_usage_only(billed: Platform) -> None:
     prompt = sum(r.usage.prompt_tokens for r in results)  # type: ignore[union-attr]
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (3, prompt, 12)
     assert row["tenant_id"] == str(p.tenant_id) and row["model"] == MODEL
+    assert row["region"] == "us-east-1"  # the node's
     expected = sum(cost(r.usage.prompt_tokens, r.usage.completion_tokens,  # type: ignore[union-attr]
                         Decimal("0.10"), Decimal("0.20")) for r in results)
     assert Decimal(row["cost"]) == expected
+    # The period's total: the one row's figures, in dollars.
+    assert body["currency"] == "usd"
+    assert body["total"] == {k: row[k] for k in ("requests", "prompt_tokens",
+                                                  "completion_tokens", "total_tokens", "cost")}
 
     # Another tenant's key sees none of it, and cannot ask for it.
     other = await p.catalog.create_tenant("Other")
     other_env = await p.catalog.create_environment(other, "prod", "us-east-1")
     other_key = await p.catalog.create_api_key(other_env)
     status, body = await get_usage(p, other_key.plaintext)
-    assert status == 200 and body["data"] == []
+    assert status == 200 and body["data"] == [] and body["total"]["requests"] == 0
     status, body = await get_usage(p, other_key.plaintext, tenant_id=str(p.tenant_id))
     assert status == 400 and body["error"]["param"] == "tenant_id"
 

@@ -1,5 +1,6 @@
-"""Usage of any tenant, environment, key or model, per hour or day, grouped as asked (whole
-hours from usage_hourly, the rest from usage_records: see services/core/usage_queries.py)."""
+"""Usage of any tenant, environment, key, model or region, per hour or day, grouped as asked,
+with the period's total (whole hours from usage_hourly, the rest from usage_records: see
+services/core/usage_queries.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ GROUP_BY_PATTERN = f"^{_DIMENSION}(,{_DIMENSION})*$"
 
 TAG = "usage"
 ROUTES = (
-    Route("GET", "/usage", get_usage, "Usage totals per hour or day, grouped as asked", TAG,
+    Route("GET", "/usage", get_usage, "Usage totals per hour or day, grouped as asked, and "
+          "the period's total (the sum of the rows)", TAG,
           response=UsageReport, query=(
               QueryParam("start", "ISO-8601 time, or a duration ago (24h, 7d); default 7d "
                          "ago. Between 0001-01-02 and 9999-12-30, at most 366 days before "
@@ -41,13 +43,15 @@ ROUTES = (
                          "`start`", TimeOrAgo()),
               QueryParam("granularity", "hour or day", Choice(("hour", "day"), "day")),
               QueryParam("group_by", "what a row is per, besides its period: a comma-"
-                         "separated list of tenant, environment, key, model (default: all "
-                         "four); fields not grouped by are left out of the rows",
+                         f"separated list of {', '.join(DIMENSIONS)} (default: all of "
+                         "them); fields not grouped by are left out of the rows",
                          Text(max_length=200, pattern=GROUP_BY_PATTERN)),
               QueryParam("tenant_id", "only this tenant", Uuid()),
               QueryParam("environment_id", "only this environment", Uuid()),
               QueryParam("api_key_id", "only this key", Uuid()),
-              QueryParam("model", "only this model", Text(max_length=MAX_VALUE_LENGTH)))),
+              QueryParam("model", "only this model", Text(max_length=MAX_VALUE_LENGTH)),
+              QueryParam("region", "only usage served in this region (the node's region)",
+                         Text(max_length=MAX_VALUE_LENGTH)))),
 )
 
 
