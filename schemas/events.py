@@ -441,10 +441,23 @@ class _BillingEvent(Event, kw_only=True):
 
 
 class StripeCustomerLinked(_BillingEvent, tag="billing.customer_linked"):
-    """The tenant is billed through this Stripe customer (and metered subscription)."""
+    """The tenant is billed through this Stripe customer (and metered subscription).
+    `cost_from`: the subscription is to the cost price, which bills the tenant's hours from
+    this one on (earlier ones, if any, stay on the token prices)."""
 
     customer_id: str
     subscription_id: str | None = None
+    cost_from: datetime | None = None
+
+
+class PricingSwitched(_BillingEvent, tag="billing.pricing_switched"):
+    """The tenant's subscription has the cost price now (`subscription_item_id`): its hours
+    from `cost_from` on are billed by cost, earlier ones stay on the token prices."""
+
+    cost_from: datetime
+    price_id: str
+    subscription_id: str
+    subscription_item_id: str
 
 
 class UsageExportPlanned(_BillingEvent, tag="billing.export_planned"):
@@ -678,6 +691,7 @@ AnyEvent = (
     | DeploymentDeleted
     | DeploymentNoActiveNodes
     | StripeCustomerLinked
+    | PricingSwitched
     | UsageExportPlanned
     | UsageExported
     | UsageExportFailed

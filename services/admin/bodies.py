@@ -8,6 +8,7 @@ and `limits` an explicit ``null`` clears that one limit.
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -194,6 +195,20 @@ class ExportSettle(Body, frozen=True, kw_only=True):
         description="`resend`: Stripe does not have the identifier, so send the meter event "
                     "now (stamped with the time of sending); `mark_exported`: Stripe has it, "
                     "so record it as exported without sending")]
+
+
+class BillingSetup(Body, frozen=True, kw_only=True):
+    switch: Annotated[bool, Meta(
+        description="Move the linked tenants still on the token prices to the cost price "
+                    "(the default); false: only make or check the meter and price")] = True
+    tenant_id: Annotated[uuid.UUID | None, Meta(
+        description="Move only this tenant")] = None
+    switch_at: Annotated[AwareTime | None, Meta(
+        description="When to bill by cost from (the start of the tenants' next billing "
+                    "period, say): the whole UTC hour at or after it, and for each tenant not "
+                    "before the earliest allowed, which is also the default: the next hour, "
+                    "and after the last hour already billed on the token meters. Each "
+                    "tenant's answer says the hour it got")] = None
 
 
 # --------------------------------------------------------------------------- lists

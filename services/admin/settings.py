@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
+from services.core.cost_meter import DEFAULT_UNIT, parse_unit
 from services.core.settings import CoreSettings, Secret, SettingsError, require_strong_token
 
 
@@ -25,7 +28,18 @@ class AdminSettings(CoreSettings, kw_only=True, frozen=True):
     """Metered price (on the input-tokens meter) a linked tenant is subscribed to."""
     stripe_price_output_tokens: str = ""
     """Metered price (on the output-tokens meter); with neither price no subscription is
-    made, only the customer."""
+    made, only the customer. Both are the old way: once `crosslogic billing setup` has made
+    the cost price, new links subscribe to it instead."""
+    stripe_meter_cost_event: str = "crosslogic_cost"
+    """`event_name` of the cost meter (billing's setting of the same name)."""
+    billing_cost_unit: str = str(DEFAULT_UNIT)
+    """The cost meter's unit (billing's setting of the same name): its price is one unit."""
+    billing_currency: str = "usd"
+    """Currency of the cost price: the catalog's prices are in it."""
+
+    @property
+    def cost_unit(self) -> Decimal:
+        return parse_unit(self.billing_cost_unit)
 
 
 def check_settings(settings: AdminSettings) -> None:
@@ -36,3 +50,11 @@ def check_settings(settings: AdminSettings) -> None:
         raise SettingsError("MAX_BODY_BYTES must be positive")
     if settings.event_stream_keepalive <= 0:
         raise SettingsError("EVENT_STREAM_KEEPALIVE must be positive")
+    try:
+        parse_unit(settings.billing_cost_unit)
+    except ValueError as exc:
+        raise SettingsError(f"BILLING_COST_UNIT {exc}") from None
+    if not settings.billing_currency.isalpha() or len(settings.billing_currency) != 3:
+        raise SettingsError("BILLING_CURRENCY must be a three-letter ISO currency code")
+    if not 0 < len(settings.stripe_meter_cost_event) <= 100:
+        raise SettingsError("STRIPE_METER_COST_EVENT must be 1 to 100 characters")

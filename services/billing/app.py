@@ -98,7 +98,8 @@ async def _stripe(app: web.Application, clock: Clock) -> AsyncIterator[None]:
         app[PUSHER] = pusher
         task = asyncio.create_task(pusher.run(), name="stripe-pusher")
         log.info("pushing usage to Stripe", api_base=s.stripe_api_base or "api.stripe.com",
-                 meters=s.meter_events, hour_grace_seconds=s.billing_hour_grace)
+                 meters=s.meter_events, cost_unit=f"{s.cost_unit:f}",
+                 hour_grace_seconds=s.billing_hour_grace)
     else:
         log.warning("STRIPE_SECRET_KEY is not set: usage is recorded but not pushed to Stripe")
     if not s.stripe_webhook_secret:

@@ -2,8 +2,11 @@
 
 - An hour is the UTC hour ``[H, H+1h)`` of a request's `occurred_at`. It is *closed* once
   ``H + 1h + grace <= now``: usage arriving later than the grace is late usage.
-- Each closed hour of each tenant is one Stripe meter event per meter (input tokens, output
-  tokens), whose value is what the hour holds minus what was already planned for it. The first
+- Each closed hour of each tenant is one Stripe meter event per meter, whose value is what
+  the hour holds minus what was already planned for it. The meters are the hour's cost, in
+  whole units of `BILLING_COST_UNIT` (services/core/cost_meter.py), for tenants on the cost
+  price from their switch on; the input and output tokens before it (and for tenants never
+  switched). Never both for one hour. The first
   carries the identifier ``<tenant>:<meter>:<YYYY-MM-DDTHH>``; late usage of an hour already
   exported goes out as a correction, ``<tenant>:<meter>:<YYYY-MM-DDTHH>:<n>`` (n = 1, 2, …),
   for the difference only. Identifiers are deterministic: a resend after a crash carries the
@@ -24,7 +27,9 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from decimal import Decimal
+
+from services.core.cost_meter import Meter, fits_stripe, to_units
 
 HOUR = timedelta(hours=1)
 STRIPE_MAX_AGE = timedelta(days=35)
@@ -37,8 +42,7 @@ BACKDATE_WINDOW = timedelta(minutes=45)
 """How long after an hour ends its usage is still stamped with the hour's start: under
 Stripe's default invoice finalization grace (1 h after a period ends)."""
 
-Meter = Literal["input_tokens", "output_tokens"]
-METERS: tuple[Meter, ...] = ("input_tokens", "output_tokens")
+METERS: tuple[Meter, ...] = ("input_tokens", "output_tokens", "cost")
 
 
 def floor_hour(t: datetime) -> datetime:
@@ -86,9 +90,9 @@ class HourDue:
     hour: datetime
     meter: Meter
     total: int
-    """Tokens the hour holds now."""
+    """What the hour holds now: tokens, or whole cost units (`meter_total`)."""
     planned: int
-    """Tokens already planned, exported or given up for this hour and meter."""
+    """What is already planned, exported or given up for this hour and meter."""
     last_sequence: int | None
     """The highest sequence planned so far; None when nothing was."""
     skipped: bool
@@ -120,12 +124,21 @@ class Skip:
 
 
 NO_CUSTOMER = "tenant has no Stripe customer"
+TOO_LARGE = "more than the 15 significant digits Stripe takes in a meter event value"
+
+
+def meter_total(meter: Meter, raw: Decimal, cost_unit: Decimal) -> int:
+    """What an hour holds on a meter, from the database's sum: tokens as they are, cost (in
+    the currency) as whole units."""
+    return to_units(raw, cost_unit) if meter == "cost" else int(raw)
 
 
 def decide(due: Iterable[HourDue], event_names: Mapping[str, str]) -> list[Plan | Skip]:
     """What to do about each meter-hour whose usage is not all planned yet: plan the
-    difference (a whole number of tokens, never zero or negative), or report once that the
-    tenant has no Stripe customer. Meters without an event name are not exported."""
+    difference (a whole number of tokens or cost units, never zero or negative), or report
+    once that the tenant has no Stripe customer. Meters without an event name are not
+    exported. A difference Stripe would refuse (over 15 digits) is reported as skipped, for an
+    operator, rather than sent to be refused every pass."""
     out: list[Plan | Skip] = []
     for d in due:
         value = d.total - d.planned
@@ -134,10 +147,10 @@ def decide(due: Iterable[HourDue], event_names: Mapping[str, str]) -> list[Plan 
             continue
         sequence = 0 if d.last_sequence is None else d.last_sequence + 1
         ident = identifier(d.tenant_id, d.meter, d.hour, sequence)
-        if not d.customer_id:
+        if not d.customer_id or not fits_stripe(value):
             if not d.skipped:
                 out.append(Skip(d.tenant_id, floor_hour(d.hour), d.meter, value, ident,
-                                sequence, NO_CUSTOMER))
+                                sequence, NO_CUSTOMER if not d.customer_id else TOO_LARGE))
             continue
         out.append(Plan(d.tenant_id, floor_hour(d.hour), d.meter, event_name, value, ident,
                         sequence, d.customer_id))

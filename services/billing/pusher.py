@@ -5,8 +5,11 @@ pusher's own connection (as the outbox relay's), released when that connection d
 retry every `BILLING_LEADER_RETRY` seconds. Each pass:
 
 1. **Plan** (one short transaction, under a transaction advisory lock so that even two
-   leaders could not plan twice): for every closed hour in the look-back window, per tenant and
-   meter, what the hour holds minus what is already planned is appended as
+   leaders could not plan twice, and a tenant's switch to the cost price is never in
+   between): for every closed hour in the look-back window, per tenant and meter of the
+   hour's pricing (its cost in whole units on the cost meter, or its tokens on the token
+   meters before the tenant's switch), what the hour holds minus what is already planned is
+   appended as
    `billing.export_planned` with its deterministic identifier (hours.py); tenants without a
    Stripe customer get `billing.export_skipped`, once.
 2. **Send** every planned export (this pass's, and any a crashed leader left): one call at a
@@ -52,13 +55,14 @@ from services.billing.hours import (
     decide,
     floor_hour,
     meter_timestamp,
+    meter_total,
     must_hold,
     send_groups,
 )
 from services.billing.settings import BillingSettings
 from services.core.aio import wait_event
 from services.core.backoff import Backoff
-from services.core.billing_ledger import record_billing_events
+from services.core.billing_ledger import PLAN_LOCK_KEY, record_billing_events
 from services.core.db import Connection, connect
 from services.core.stripe_billing import (
     Failure,
@@ -72,7 +76,6 @@ from services.core.stripe_billing import (
 log = structlog.get_logger("billing.pusher")
 
 PUSHER_LOCK_KEY = 0x62696C6C_70757368  # "billpush": leadership (session lock)
-PLAN_LOCK_KEY = 0x62696C6C_706C616E  # "billplan": one planner at a time (transaction lock)
 ACTOR = "billing-pusher"
 
 Clock = Callable[[], datetime]
@@ -103,18 +106,24 @@ class PusherMetrics:
 
 
 # Per tenant, hour and meter: what the closed hours hold, against what was planned for them.
-# `{keys}` limits the tenant hours looked at.
+# `{keys}` limits the tenant hours looked at. Each hour is on the meters of its pricing
+# (services/core/cost_meter.py `meters_for`): the cost meter from the tenant's `cost_from` on,
+# the token meters before it; the cost is the hour's sum in the currency, made whole units in
+# Python (hours.meter_total), so the filter here only leaves out what is surely planned.
 _DUE = """
 WITH keys AS (
     {keys}
 ), usage AS (
-    SELECT h.tenant_id, h.hour, sum(h.prompt_tokens)::bigint AS input_tokens,
-           sum(h.completion_tokens)::bigint AS output_tokens
+    SELECT h.tenant_id, h.hour, sum(h.prompt_tokens)::numeric AS input_tokens,
+           sum(h.completion_tokens)::numeric AS output_tokens, sum(h.cost) AS cost
     FROM usage_hourly h JOIN keys USING (tenant_id, hour) GROUP BY 1, 2
 ), per_meter AS (
-    SELECT tenant_id, hour, 'input_tokens' AS meter, input_tokens AS total FROM usage
-    UNION ALL
-    SELECT tenant_id, hour, 'output_tokens', output_tokens FROM usage
+    SELECT u.tenant_id, u.hour, x.meter, x.total
+    FROM usage u LEFT JOIN billing_accounts a USING (tenant_id)
+    CROSS JOIN LATERAL (VALUES ('input_tokens', u.input_tokens, 1::numeric),
+                               ('output_tokens', u.output_tokens, 1::numeric),
+                               ('cost', u.cost, $unit::numeric)) AS x (meter, total, unit)
+    WHERE (x.meter = 'cost') = (a.cost_from IS NOT NULL AND u.hour >= a.cost_from)
 ), planned AS (
     SELECT m.tenant_id, m.hour, m.meter,
            coalesce(sum(m.value) FILTER (WHERE m.status <> 'skipped'), 0) AS planned,
@@ -127,7 +136,8 @@ SELECT m.tenant_id, m.hour, m.meter, m.total, coalesce(p.planned, 0) AS planned,
 FROM per_meter m
 LEFT JOIN planned p USING (tenant_id, hour, meter)
 LEFT JOIN billing_accounts a USING (tenant_id)
-WHERE m.total > coalesce(p.planned, 0)
+WHERE m.total > coalesce(p.planned, 0) * (CASE WHEN m.meter = 'cost' THEN $unit::numeric
+                                               ELSE 1 END)
 ORDER BY m.hour, m.tenant_id, m.meter
 """
 
@@ -146,6 +156,12 @@ _CHANGED_KEYS = """
     UNION
     SELECT s.tenant_id, s.hour FROM meter_exports s JOIN billing_accounts a USING (tenant_id)
     WHERE s.status = 'skipped' AND a.customer_id IS NOT NULL AND s.hour >= $1 AND s.hour < $2
+      -- a token hour skipped before the tenant was linked to the cost price: due on the cost
+      -- meter until that is planned
+      AND (a.cost_from IS NULL OR s.hour < a.cost_from OR s.meter = 'cost'
+           OR NOT EXISTS (SELECT 1 FROM meter_exports c
+                          WHERE c.tenant_id = s.tenant_id AND c.hour = s.hour
+                            AND c.meter = 'cost'))
 """
 _DUE_CHANGED = _DUE.format(keys=_CHANGED_KEYS)
 _HOURS_CHANGED = f"SELECT count(*) FROM ({_CHANGED_KEYS}) k"
@@ -200,6 +216,12 @@ class Pusher:
         """Planned identifiers this process has had in hand since it took the lead: any other
         was left by another sender, which may have sent it."""
         self._wake = asyncio.Event()
+        self.cost_unit = settings.cost_unit
+        # A Decimal from a checked setting (a power of ten), not anyone's input: written into
+        # the statements once, where both queries can use it.
+        unit = f"'{self.cost_unit:f}'"
+        self._due_all = _DUE_ALL.replace("$unit", unit)
+        self._due_changed = _DUE_CHANGED.replace("$unit", unit)
 
     def wake(self) -> None:
         """Run a pass now (a tenant was linked, tests)."""
@@ -272,13 +294,15 @@ class Pusher:
             mark = int(await conn.fetchval(
                 "SELECT coalesce(max(last_position), 0) FROM usage_hourly"))
             if full:
-                rows = await conn.fetch(_DUE_ALL, since, upto)
+                rows = await conn.fetch(self._due_all, since, upto)
                 self.hours_checked = None
             else:
                 args = (since, upto, self._mark, max(self._closed_upto, since))
                 self.hours_checked = int(await conn.fetchval(_HOURS_CHANGED, *args))
-                rows = await conn.fetch(_DUE_CHANGED, *args) if self.hours_checked else []
-            due = [HourDue(r["tenant_id"], r["hour"], r["meter"], int(r["total"]),
+                rows = await conn.fetch(self._due_changed, *args) \
+                    if self.hours_checked else []
+            due = [HourDue(r["tenant_id"], r["hour"], r["meter"],
+                           meter_total(r["meter"], r["total"], self.cost_unit),
                            int(r["planned"]), r["last_sequence"], r["skipped"],
                            r["customer_id"]) for r in rows]
             decisions = decide(due, self.settings.meter_events)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 from typing import Literal
 
+from services.core.cost_meter import DEFAULT_UNIT, parse_unit
 from services.core.settings import CoreSettings, Secret, SettingsError
 from services.core.stripe_billing import StripeConfig
 
@@ -33,6 +35,13 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     """`event_name` of the Stripe meter for prompt tokens (empty: not exported)."""
     stripe_meter_output_event: str = "crosslogic_output_tokens"
     """`event_name` of the Stripe meter for completion tokens (empty: not exported)."""
+    stripe_meter_cost_event: str = "crosslogic_cost"
+    """`event_name` of the Stripe meter for the cost of tenants on the cost price (empty: not
+    exported)."""
+    billing_cost_unit: str = str(DEFAULT_UNIT)
+    """What one unit of the cost meter is worth, in the currency: a power of ten from
+    0.000000001 (the default, the precision of every record's cost: nothing is rounded before
+    Stripe's invoice) to 0.01. The admin service must have the same (its price is one unit)."""
     stripe_webhook_tolerance: int = 300
     """Seconds a webhook's signed timestamp may be old."""
 
@@ -87,7 +96,12 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     @property
     def meter_events(self) -> dict[str, str]:
         return {"input_tokens": self.stripe_meter_input_event.strip(),
-                "output_tokens": self.stripe_meter_output_event.strip()}
+                "output_tokens": self.stripe_meter_output_event.strip(),
+                "cost": self.stripe_meter_cost_event.strip()}
+
+    @property
+    def cost_unit(self) -> Decimal:
+        return parse_unit(self.billing_cost_unit)
 
 
 def check_settings(s: BillingSettings) -> None:
@@ -114,6 +128,11 @@ def check_settings(s: BillingSettings) -> None:
     if s.billing_retry_max < s.billing_retry_initial:
         raise SettingsError("BILLING_RETRY_MAX must be at least BILLING_RETRY_INITIAL")
     for variable, event_name in (("STRIPE_METER_INPUT_EVENT", s.stripe_meter_input_event),
-                                 ("STRIPE_METER_OUTPUT_EVENT", s.stripe_meter_output_event)):
+                                 ("STRIPE_METER_OUTPUT_EVENT", s.stripe_meter_output_event),
+                                 ("STRIPE_METER_COST_EVENT", s.stripe_meter_cost_event)):
         if len(event_name) > 100:
             raise SettingsError(f"{variable} is longer than Stripe's 100 characters")
+    try:
+        parse_unit(s.billing_cost_unit)
+    except ValueError as exc:
+        raise SettingsError(f"BILLING_COST_UNIT {exc}") from None

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -272,16 +273,41 @@ def _nodes_terminate(c: AdminClient, a: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------------- billing
 
 _EXPORT_COLUMNS: tuple[Column, ...] = (
-    ("HOUR", "hour"), ("METER", "meter"), ("SEQ", "sequence"), ("TOKENS", "value"),
+    ("HOUR", "hour"), ("METER", "meter"), ("SEQ", "sequence"), ("VALUE", "value"),
     ("STATUS", "status"), ("DUPLICATE", "duplicate"), ("ERROR", "error"))
 _HELD_COLUMNS: tuple[Column, ...] = (
-    ("TENANT", "tenant_id"), ("IDENTIFIER", "identifier"), ("TOKENS", "value"),
+    ("TENANT", "tenant_id"), ("IDENTIFIER", "identifier"), ("VALUE", "value"),
     ("CUSTOMER", "customer_id"), ("PLANNED", "planned_at"), ("STATUS", "status"),
     ("ERROR", "error"))
 
 
 def _billing_link(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.post(f"/tenants/{a.tenant_id}/billing/customer", {})
+
+
+_SETUP_COLUMNS: tuple[Column, ...] = (
+    ("TENANT", "tenant_id"), ("OUTCOME", "outcome"), ("COST FROM", "cost_from"),
+    ("ITEM", "subscription_item_id"))
+
+
+def _billing_setup(c: AdminClient, a: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"switch": not a.no_switch}
+    if a.tenant:
+        body["tenant_id"] = a.tenant
+    if a.at:
+        body["switch_at"] = a.at
+    answer = c.post("/billing/setup", body)
+    if a.json:
+        return answer
+    made = ", ".join(answer["created"]) or "nothing (all was there)"
+    print(format_object({
+        "meter": f"{answer['meter_id']} (event name {answer['event_name']})",
+        "price": f"{answer['price_id']}: {answer['unit_amount_decimal']} "
+                 f"{answer['currency']} minor units per {answer['unit']} {answer['currency']}",
+        "created": made}))
+    if answer["tenants"]:
+        print()
+    return answer["tenants"]
 
 
 def _billing_show(c: AdminClient, a: argparse.Namespace) -> Any:
@@ -298,7 +324,10 @@ def _billing_show(c: AdminClient, a: argparse.Namespace) -> Any:
         "flagged at": account.get("payment_flagged_at"),
         "tokens exported": totals["exported"], "tokens planned": totals["planned"],
         "tokens failed": totals["failed"], "tokens skipped": totals["skipped"],
-        "tokens held": totals["held"]}))
+        "tokens held": totals["held"], "billed by cost from": account.get("cost_from"),
+        **{f"cost {status}": _money(answer["cost_totals"][status], answer["cost_unit"])
+           for status in ("exported", "planned", "failed", "skipped", "held")
+           if answer["cost_totals"][status]}}))
     if answer["exports"]:
         print()
         print(format_table(answer["exports"], _EXPORT_COLUMNS))
@@ -306,6 +335,10 @@ def _billing_show(c: AdminClient, a: argparse.Namespace) -> Any:
         print(f"\n{totals['held']} tokens are held: `crosslogic billing exports` lists them, "
               "`crosslogic billing settle` settles one after checking Stripe.")
     return None
+
+
+def _money(units: int, unit: str) -> str:
+    return f"{Decimal(units) * Decimal(unit):f} ({units} units)"
 
 
 def _billing_exports(c: AdminClient, a: argparse.Namespace) -> Any:
@@ -560,6 +593,14 @@ def register_admin_commands(sub: Any) -> None:
          _billing_link).add_argument("tenant_id")
     leaf(g, "show", "a tenant's Stripe link, payment standing and meter exports",
          _billing_show).add_argument("tenant_id")
+    p = leaf(g, "setup", "make or check the cost meter and price in Stripe, and move the "
+             "linked tenants onto it", _billing_setup, _SETUP_COLUMNS)
+    p.add_argument("--no-switch", action="store_true",
+                   help="only make or check the meter and price; move no tenant")
+    p.add_argument("--tenant", metavar="ID", help="move only this tenant")
+    p.add_argument("--at", metavar="TIME", help="first hour billed by cost, a whole UTC hour "
+                   "(ISO-8601, e.g. the start of the next billing period); default: the "
+                   "next hour")
     p = leaf(g, "exports", "every tenant's meter exports that are held (or failed, or "
              "planned)", _billing_exports, _HELD_COLUMNS)
     p.add_argument("--status", choices=("held", "failed", "planned"), default="held")

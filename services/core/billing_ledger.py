@@ -28,6 +28,7 @@ from schemas.events import (
     InvoicePaid,
     MeterErrorReported,
     PaymentFailed,
+    PricingSwitched,
     StripeCustomerLinked,
     SubscriptionChanged,
     UsageExported,
@@ -43,6 +44,10 @@ from services.core.eventlog import ANY, EventLog, RecordedEvent
 from services.core.projections import Projection
 
 _json = msgspec.json.Encoder()
+
+PLAN_LOCK_KEY = 0x62696C6C_706C616E  # "billplan"
+"""Transaction advisory lock of the pusher's plan: one planner at a time, and a tenant's switch
+to the cost price never between a plan's read of the account and its commit."""
 
 ENDED_SUBSCRIPTION = frozenset({"canceled", "incomplete_expired"})
 """Subscription statuses Stripe never leaves: such a subscription bills nothing more."""
@@ -86,18 +91,27 @@ async def _apply_one(conn: Connection, r: RecordedEvent, e: Event) -> None:
     if isinstance(e, StripeCustomerLinked):
         await conn.execute(
             """INSERT INTO billing_accounts (tenant_id, customer_id, subscription_id,
-                   subscription_status, linked_at, updated_at, version)
+                   subscription_status, linked_at, updated_at, version, cost_from)
                VALUES ($1, $2, $3, CASE WHEN $3::text IS NULL THEN NULL ELSE 'active' END,
-                       $4, $4, $5)
+                       $4, $4, $5, $6)
                ON CONFLICT (tenant_id) DO UPDATE SET customer_id = EXCLUDED.customer_id,
                    subscription_id = coalesce(EXCLUDED.subscription_id,
                                               billing_accounts.subscription_id),
                    subscription_status = coalesce(EXCLUDED.subscription_status,
                                                   billing_accounts.subscription_status),
                    linked_at = EXCLUDED.linked_at, updated_at = EXCLUDED.updated_at,
-                   version = EXCLUDED.version
+                   version = EXCLUDED.version,
+                   cost_from = coalesce(billing_accounts.cost_from, EXCLUDED.cost_from)
                WHERE billing_accounts.version < EXCLUDED.version""",
-            e.tenant_id, e.customer_id, e.subscription_id, at, v)
+            e.tenant_id, e.customer_id, e.subscription_id, at, v, e.cost_from)
+    elif isinstance(e, PricingSwitched):
+        # The first switch counts: hours from then on may already be planned on the cost
+        # meter, so a later one must not move them back to the token meters.
+        await conn.execute(
+            """UPDATE billing_accounts SET cost_from = coalesce(cost_from, $2),
+                   updated_at = $3, version = $4
+               WHERE tenant_id = $1 AND version < $4""",
+            e.tenant_id, e.cost_from, at, v)
     elif isinstance(e, InvoicePaid | PaymentFailed):
         await conn.execute(_STANDING, e.tenant_id, at, v)
     elif isinstance(e, SubscriptionChanged):
@@ -234,6 +248,8 @@ class BillingAccount(msgspec.Struct, kw_only=True, frozen=True):
     last_invoice_id: str | None
     linked_at: datetime | None
     updated_at: datetime
+    cost_from: datetime | None = None
+    """Hours from this one on are billed on the cost meter; None: on the token meters."""
 
 
 class MeterExport(msgspec.Struct, kw_only=True, frozen=True):
@@ -261,7 +277,8 @@ class BillingEventRecord(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _ACCOUNT_COLUMNS = ("tenant_id, customer_id, subscription_id, subscription_status, "
-                    "payment_status, payment_flagged_at, last_invoice_id, linked_at, updated_at")
+                    "payment_status, payment_flagged_at, last_invoice_id, linked_at, updated_at, "
+                    "cost_from")
 _EXPORT_COLUMNS = ("identifier, meter, event_name, hour, sequence, value, customer_id, status, "
                    "duplicate, error, stripe_error, planned_at, exported_at")
 
@@ -303,6 +320,16 @@ async def recent_billing_events(db: asyncpg.Pool[asyncpg.Record] | Connection,
     return [_to(r, BillingEventRecord) for r in rows]
 
 
+async def last_token_hour(db: asyncpg.Pool[asyncpg.Record] | Connection,
+                          tenant_id: uuid.UUID) -> datetime | None:
+    """The latest hour of the tenant planned on a token meter (skipped hours were not)."""
+    value = await db.fetchval(
+        """SELECT max(hour) FROM meter_exports WHERE tenant_id = $1
+             AND meter IN ('input_tokens', 'output_tokens') AND status <> 'skipped'""",
+        tenant_id)
+    return value if isinstance(value, datetime) else None
+
+
 @dataclass(frozen=True)
 class ExportTotals:
     """What a tenant's meter exports add up to, by status."""
@@ -315,14 +342,19 @@ class ExportTotals:
 
 
 async def export_totals(db: asyncpg.Pool[asyncpg.Record] | Connection,
-                        tenant_id: uuid.UUID) -> ExportTotals:
+                        tenant_id: uuid.UUID,
+                        meters: Sequence[str] = ("input_tokens", "output_tokens"),
+                        ) -> ExportTotals:
+    """Tokens (the token meters, the default) or cost units (`("cost",)`): never added up
+    together."""
     row = await db.fetchrow(
         """SELECT coalesce(sum(value) FILTER (WHERE status = 'exported'), 0) AS exported,
                   coalesce(sum(value) FILTER (WHERE status = 'planned'), 0) AS planned,
                   coalesce(sum(value) FILTER (WHERE status = 'failed'), 0) AS failed,
                   coalesce(sum(value) FILTER (WHERE status = 'skipped'), 0) AS skipped,
                   coalesce(sum(value) FILTER (WHERE status = 'held'), 0) AS held
-           FROM meter_exports WHERE tenant_id = $1""", tenant_id)
+           FROM meter_exports WHERE tenant_id = $1 AND meter = ANY($2::text[])""",
+        tenant_id, list(meters))
     assert row is not None
     return ExportTotals(int(row["exported"]), int(row["planned"]), int(row["failed"]),
                         int(row["skipped"]), int(row["held"]))

@@ -16,6 +16,7 @@ import enum
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -26,11 +27,14 @@ import structlog
 from schemas.events import StripeCustomerLinked
 from services.core.billing_ledger import (
     ENDED_SUBSCRIPTION,
+    PLAN_LOCK_KEY,
     BillingAccount,
     get_account,
+    last_token_hour,
     record_billing_events,
 )
 from services.core.catalog import NotFound
+from services.core.cost_meter import switch_hour
 from services.core.settings import Secret
 
 log = structlog.get_logger("stripe")
@@ -218,23 +222,27 @@ class LinkResult:
     """False when the tenant was linked already: nothing was changed."""
 
 
-def _lock_key(tenant_id: uuid.UUID) -> int:
+def tenant_lock_key(tenant_id: uuid.UUID) -> int:
     # A signed 64-bit advisory lock key per tenant; collisions only serialize two links.
     return int.from_bytes(tenant_id.bytes[:8], "big", signed=True) ^ 0x6C696E6B  # "link"
 
 
 async def link_tenant(pool: asyncpg.Pool[asyncpg.Record], stripe_billing: StripeBilling,
                       tenant_id: uuid.UUID, *, prices: Sequence[str] = (),
+                      cost_price: str | None = None, now: datetime | None = None,
                       actor: str = "system", correlation_id: str | None = None) -> LinkResult:
     """Give the tenant a Stripe customer (and, when `prices` are set, a subscription to those
-    metered prices), once: a second call returns what the first made. Safe against crashes
+    metered prices), once: a second call returns what the first made. `cost_price`: the
+    subscription is to the cost price instead (`prices` are then not used), and the link
+    records from which hour it bills (services/core/cost_meter.py `switch_hour`: every hour,
+    unless the tenant had hours on the token meters before). Safe against crashes
     (Stripe idempotency keys plus a search by the tenant id in the customer's metadata) and
     concurrent calls (a per-tenant session advisory lock: no transaction is held open while
     Stripe answers, so the log's readers are never held back).
 
     NotFound for an unknown tenant; StripeUnavailable / StripeRejected when Stripe fails."""
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", _lock_key(tenant_id))
+        await conn.execute("SELECT pg_advisory_lock($1)", tenant_lock_key(tenant_id))
         try:
             tenant = await conn.fetchrow("SELECT name, email FROM tenants WHERE id = $1",
                                          tenant_id)
@@ -249,6 +257,8 @@ async def link_tenant(pool: asyncpg.Pool[asyncpg.Record], stripe_billing: Stripe
                 account.subscription_status in ENDED_SUBSCRIPTION else None
             if ended:
                 subscription_id = None
+            if cost_price:
+                prices = [cost_price]
             if customer_id and (subscription_id or not prices):
                 assert account is not None
                 return LinkResult(account, created=False)
@@ -269,9 +279,16 @@ async def link_tenant(pool: asyncpg.Pool[asyncpg.Record], stripe_billing: Stripe
                     raise StripeUnavailable(f"Stripe is unavailable: {describe(exc)}") from None
                 raise StripeRejected(f"Stripe refused: {describe(exc)}") from None
             async with conn.transaction():
+                cost_from = None
+                if cost_price and subscription_id:
+                    # Under the pusher's planning lock, as a switch (stripe_pricing.py).
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", PLAN_LOCK_KEY)
+                    cost_from = switch_hour(now or datetime.now(UTC),
+                                            await last_token_hour(conn, tenant_id))
                 await record_billing_events(
                     conn, [StripeCustomerLinked(tenant_id=tenant_id, customer_id=customer_id,
-                                                subscription_id=subscription_id)],
+                                                subscription_id=subscription_id,
+                                                cost_from=cost_from)],
                     actor=actor, correlation_id=correlation_id)
             linked = await get_account(conn, tenant_id)
             assert linked is not None
@@ -279,4 +296,4 @@ async def link_tenant(pool: asyncpg.Pool[asyncpg.Record], stripe_billing: Stripe
                      customer_id=customer_id, subscription_id=subscription_id)
             return LinkResult(linked, created=True)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _lock_key(tenant_id))
+            await conn.execute("SELECT pg_advisory_unlock($1)", tenant_lock_key(tenant_id))

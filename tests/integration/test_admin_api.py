@@ -473,6 +473,8 @@ BODIES = {
     "settle_export": ({"identifier": "t:input_tokens:2026-12-01T10", "action": "mark_exported"},
                       ({"identifier": "x", "action": 5}, "action"),
                       ({"identifier": "", "action": "resend"}, "identifier")),
+    "setup_billing": ({}, ({"switch": "yes"}, "switch"),
+                      ({"switch_at": "2030-01-01T00:30:00"}, "switch_at")),
     "create_notification_subscription": (
         {"kind": "email", "target": "ops@acme.test", "event_types": ["node.*"]},
         ({"kind": "email", "target": 5, "event_types": ["node.*"]}, "target"),

@@ -75,7 +75,8 @@ the document calls for."""
 STATEFUL_SCENARIOS = 30
 STATEFUL_STEPS = 8
 EVENT_STREAM = "GET /admin/v1/events/stream"
-STRIPE_ROUTES = r"^/admin/v1/tenants/\{tenant_id\}/billing/(customer|exports/settle)$"
+STRIPE_ROUTES = (r"^/admin/v1/(tenants/\{tenant_id\}/billing/(customer|exports/settle)"
+                 r"|billing/setup)$")
 SETTLE = "POST /admin/v1/tenants/{tenant_id}/billing/exports/settle"
 USAGE = "GET /admin/v1/usage"
 

@@ -59,6 +59,8 @@ class BillingRig:
     runners: list[web.AppRunner] = field(default_factory=list)
     apps: list[web.Application] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Settings every billing of the rig gets (region multipliers, say)."""
 
     def settings(self, **overrides: Any) -> BillingSettings:
         base: dict[str, Any] = dict(
@@ -72,6 +74,7 @@ class BillingRig:
             # Hours keep their start as timestamp, whatever the minute the test runs at; the
             # window's own test sets it.
             billing_backdate_window=3 * 86400)
+        base.update(self.extra)
         base.update(overrides)
         return BillingSettings(**base)
 
@@ -97,15 +100,22 @@ class BillingRig:
             await self.link(tenant_id)
         return tenant_id
 
-    async def link(self, tenant_id: uuid.UUID) -> str:
-        client = StripeBilling(StripeConfig(Secret(self.stripe.api_key), self.stripe.url, 2.0))
-        try:
-            result = await link_tenant(self.pool, client, tenant_id, prices=("price_in",
-                                                                              "price_out"))
-        finally:
-            await client.close()
+    async def link(self, tenant_id: uuid.UUID, *, prices: tuple[str, ...] = (
+            "price_in", "price_out"), cost_price: str | None = None) -> str:
+        """Link to the token prices, or to the cost price (`cost_price`)."""
+        async with self.stripe_client() as client:
+            result = await link_tenant(self.pool, client, tenant_id, prices=prices,
+                                       cost_price=cost_price)
         assert result.account.customer_id
         return result.account.customer_id
+
+    @contextlib.asynccontextmanager
+    async def stripe_client(self) -> AsyncIterator[StripeBilling]:
+        client = StripeBilling(StripeConfig(Secret(self.stripe.api_key), self.stripe.url, 2.0))
+        try:
+            yield client
+        finally:
+            await client.close()
 
     async def publish(self, events: list[UsageRecorded]) -> None:
         for i in range(0, len(events), 200):
@@ -143,21 +153,31 @@ class BillingRig:
                     pusher.wake()
             planned = await self.pool.fetchval(
                 "SELECT count(*) FROM meter_exports WHERE status = 'planned'")
+            # Each tenant hour on the meters of its pricing: tokens before the tenant's
+            # cost_from, whole cost units (the settings' unit) from it on.
             missing = await self.pool.fetchval(
-                """SELECT count(*) FROM (
+                """WITH u AS (
                        SELECT h.tenant_id, h.hour, sum(h.prompt_tokens) AS p,
-                              sum(h.completion_tokens) AS c
+                              sum(h.completion_tokens) AS c, sum(h.cost) AS cost,
+                              coalesce(h.hour >= a.cost_from, false) AS by_cost
                        FROM usage_hourly h JOIN billing_accounts a USING (tenant_id)
                        WHERE h.hour < $1
-                       GROUP BY 1, 2) u
-                   WHERE u.p > coalesce((SELECT sum(value) FROM meter_exports m
-                                         WHERE m.tenant_id = u.tenant_id AND m.hour = u.hour
-                                           AND m.meter = 'input_tokens'
-                                           AND m.status = 'exported'), 0)
-                      OR u.c > coalesce((SELECT sum(value) FROM meter_exports m
-                                         WHERE m.tenant_id = u.tenant_id AND m.hour = u.hour
-                                           AND m.meter = 'output_tokens'
-                                           AND m.status = 'exported'), 0)""", until)
+                       GROUP BY 1, 2, a.cost_from
+                   ), sent AS (
+                       SELECT tenant_id, hour, meter, sum(value) AS value FROM meter_exports
+                       WHERE status = 'exported' GROUP BY 1, 2, 3
+                   )
+                   SELECT count(*) FROM u
+                   LEFT JOIN sent i ON (i.tenant_id, i.hour, i.meter)
+                                       = (u.tenant_id, u.hour, 'input_tokens')
+                   LEFT JOIN sent o ON (o.tenant_id, o.hour, o.meter)
+                                       = (u.tenant_id, u.hour, 'output_tokens')
+                   LEFT JOIN sent c ON (c.tenant_id, c.hour, c.meter)
+                                       = (u.tenant_id, u.hour, 'cost')
+                   WHERE CASE WHEN u.by_cost
+                              THEN round(u.cost / $2) > coalesce(c.value, 0)
+                              ELSE u.p > coalesce(i.value, 0) OR u.c > coalesce(o.value, 0)
+                         END""", until, self.settings().cost_unit)
             return planned == 0 and missing == 0
 
         await eventually(done, timeout=timeout, interval=0.05, what="every closed hour exported")

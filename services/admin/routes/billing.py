@@ -14,11 +14,13 @@ applied to the ledger in one transaction, caused by the hold.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
-from datetime import datetime
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from typing import Literal
 
 import asyncpg
@@ -28,7 +30,7 @@ import structlog
 from aiohttp import web
 
 from schemas.events import UsageExported, UsageExportFailed
-from services.admin.bodies import ExportSettle
+from services.admin.bodies import BillingSetup, ExportSettle
 from services.admin.context import ADMIN_SETTINGS
 from services.admin.routing import QueryParam, Route, add
 from services.admin.web_io import (
@@ -67,6 +69,14 @@ from services.core.stripe_billing import (
     link_tenant,
     may_have_reached,
 )
+from services.core.stripe_pricing import (
+    CostPriceSpec,
+    SetupConflict,
+    SwitchOutcome,
+    ensure_cost_price,
+    find_cost_price,
+    switch_tenant,
+)
 
 log = structlog.get_logger("admin.billing")
 
@@ -80,10 +90,12 @@ class BillingLink(msgspec.Struct, kw_only=True, frozen=True):
     created: bool
     """False when the tenant was linked already (nothing changed)."""
     linked_at: datetime | None
+    cost_from: datetime | None = None
+    """Subscribed to the cost price: the first hour it bills (null: the token prices)."""
 
 
 class ExportTotalsBody(msgspec.Struct, kw_only=True, frozen=True):
-    """Tokens in meter events, by what became of them."""
+    """Tokens (or cost units) in meter events, by what became of them."""
 
     exported: int
     planned: int
@@ -99,6 +111,11 @@ class TenantBilling(msgspec.Struct, kw_only=True, frozen=True):
     account: BillingAccount | None
     """None until the tenant is linked (or Stripe wrote about it)."""
     totals: ExportTotalsBody
+    """Tokens, on the token meters (the hours before the tenant's switch to the cost price)."""
+    cost_totals: ExportTotalsBody
+    """Cost units, on the cost meter (from `account.cost_from` on)."""
+    cost_unit: str
+    """What one cost unit is worth, in the currency (BILLING_COST_UNIT)."""
     exports: list[MeterExport]
     """The latest meter exports, newest hour first."""
     events: list[BillingEventRecord]
@@ -117,30 +134,110 @@ async def link_customer(request: web.Request) -> web.Response:
     s = request.app[ADMIN_SETTINGS]
     prices = [p.strip() for p in (s.stripe_price_input_tokens, s.stripe_price_output_tokens)
               if p.strip()]
-    try:
+    with _stripe_errors():
+        # The cost price, once `billing setup` made it; the token prices before that.
+        cost_price = await find_cost_price(stripe_billing, _cost_spec(request))
         result = await link_tenant(db(request), stripe_billing, tenant_id, prices=prices,
-                                   actor=ACTOR, correlation_id=request[REQUEST_ID])
-    except StripeUnavailable as exc:
-        raise ApiError.unavailable(str(exc), code="stripe_unavailable") from None
-    except StripeRejected as exc:
-        raise ApiError.bad_gateway(str(exc), code="stripe_refused") from None
+                                   cost_price=cost_price, actor=ACTOR,
+                                   correlation_id=request[REQUEST_ID])
     account = result.account
     assert account.customer_id is not None
     return json_response(BillingLink(tenant_id=tenant_id, customer_id=account.customer_id,
                                      subscription_id=account.subscription_id,
-                                     created=result.created, linked_at=account.linked_at))
+                                     created=result.created, linked_at=account.linked_at,
+                                     cost_from=account.cost_from))
+
+
+@contextlib.contextmanager
+def _stripe_errors() -> Iterator[None]:
+    try:
+        yield
+    except StripeUnavailable as exc:
+        raise ApiError.unavailable(str(exc), code="stripe_unavailable") from None
+    except StripeRejected as exc:
+        raise ApiError.bad_gateway(str(exc), code="stripe_refused") from None
+    except SetupConflict as exc:
+        raise ApiError.conflict(str(exc), code="stripe_setup_conflict") from None
+
+
+def _cost_spec(request: web.Request) -> CostPriceSpec:
+    s = request.app[ADMIN_SETTINGS]
+    return CostPriceSpec(s.stripe_meter_cost_event, s.cost_unit, s.billing_currency)
+
+
+class SwitchResult(msgspec.Struct, kw_only=True, frozen=True):
+    tenant_id: uuid.UUID
+    outcome: SwitchOutcome
+    """`switched` now, `already` on the cost price, `not_linked` (no Stripe customer: its
+    link will subscribe it to the cost price), `no_subscription` (none, or an ended one:
+    `billing link` gives it one on the cost price)."""
+    cost_from: datetime | None
+    """The first hour billed by cost; earlier hours stay on the token prices."""
+    subscription_item_id: str | None
+
+
+class BillingSetupResult(msgspec.Struct, kw_only=True, frozen=True):
+    meter_id: str
+    price_id: str
+    product_id: str
+    created: list[str]
+    """What this call made in Stripe (`meter`, `product`, `price`); empty: all was there."""
+    event_name: str
+    currency: str
+    unit: str
+    """What one unit of the meter is worth, in the currency."""
+    unit_amount_decimal: str
+    """The price of one unit, in the currency's minor unit (cents)."""
+    tenants: list[SwitchResult]
+
+
+async def setup_billing(request: web.Request) -> web.Response:
+    body = await read_body(request, BillingSetup)
+    now = datetime.now(UTC)
+    stripe_billing = request.app.get(ADMIN_STRIPE)
+    if stripe_billing is None:
+        raise ApiError.unavailable("Stripe is not configured on the admin service: set "
+                                   "STRIPE_SECRET_KEY.", code="stripe_not_configured")
+    pool = db(request)
+    if body.tenant_id is not None:
+        require(await q.get_tenant(pool, body.tenant_id), "tenant", body.tenant_id)
+    spec = _cost_spec(request)
+    switched: list[SwitchResult] = []
+    with _stripe_errors():
+        price = await ensure_cost_price(stripe_billing, spec)
+        if body.switch:
+            tenants = [body.tenant_id] if body.tenant_id else [
+                r["tenant_id"] for r in await pool.fetch(
+                    "SELECT tenant_id FROM billing_accounts WHERE customer_id IS NOT NULL "
+                    "AND cost_from IS NULL ORDER BY tenant_id")]
+            for tenant_id in tenants:
+                done = await switch_tenant(pool, stripe_billing, tenant_id, price.price_id,
+                                           now=now, at=body.switch_at, actor=ACTOR,
+                                           correlation_id=request[REQUEST_ID])
+                switched.append(SwitchResult(
+                    tenant_id=tenant_id, outcome=done.outcome, cost_from=done.cost_from,
+                    subscription_item_id=done.subscription_item_id))
+    log.info("billing setup", price_id=price.price_id, created=price.created,
+             switched=sum(t.outcome == "switched" for t in switched),
+             request_id=request[REQUEST_ID])
+    return json_response(BillingSetupResult(
+        meter_id=price.meter_id, price_id=price.price_id, product_id=price.product_id,
+        created=list(price.created), event_name=spec.event_name, currency=spec.currency,
+        unit=f"{spec.unit:f}", unit_amount_decimal=spec.unit_amount_decimal,
+        tenants=switched))
 
 
 async def get_billing(request: web.Request) -> web.Response:
     tenant_id = path_id(request, "tenant_id", "tenant")
     pool = db(request)
     require(await q.get_tenant(pool, tenant_id), "tenant", tenant_id)
-    totals = await export_totals(pool, tenant_id)
+    tokens = await export_totals(pool, tenant_id)
+    cost = await export_totals(pool, tenant_id, ("cost",))
     return json_response(TenantBilling(
         tenant_id=tenant_id, account=await get_account(pool, tenant_id),
-        totals=ExportTotalsBody(exported=totals.exported, planned=totals.planned,
-                                failed=totals.failed, skipped=totals.skipped,
-                                held=totals.held),
+        totals=ExportTotalsBody(**dataclasses.asdict(tokens)),
+        cost_totals=ExportTotalsBody(**dataclasses.asdict(cost)),
+        cost_unit=f"{request.app[ADMIN_SETTINGS].cost_unit:f}",
         exports=await recent_exports(pool, tenant_id),
         events=await recent_billing_events(pool, tenant_id)))
 
@@ -309,12 +406,28 @@ TAG = "billing"
 ROUTES = (
     Route("POST", "/tenants/{tenant_id}/billing/customer", link_customer,
           "Link a tenant to a Stripe customer (and metered subscription), once", TAG,
-          response=BillingLink, errors=(502, 503),
+          response=BillingLink, errors=(409, 502, 503),
           description="Idempotent: a tenant already linked gets its customer back, "
                       "`created: false`. The customer carries `metadata.tenant_id`; the "
-                      "subscription (when prices are configured) covers the input- and "
-                      "output-token meters. 503 when Stripe is not configured here or "
+                      "subscription is to the cost price once `billing setup` made it "
+                      "(`cost_from`: the first hour it bills), else to the token prices when "
+                      "configured. 409 `stripe_setup_conflict` when the cost price in Stripe "
+                      "does not match the settings. 503 when Stripe is not configured here or "
                       "unreachable, 502 when Stripe refuses."),
+    Route("POST", "/billing/setup", setup_billing,
+          "Make or check the cost meter and price in Stripe; move tenants onto it", TAG,
+          body=BillingSetup, response=BillingSetupResult, errors=(409, 502, 503),
+          description="One command for an operator (`crosslogic billing setup`). Finds the "
+                      "meter (by STRIPE_METER_COST_EVENT) and the price (lookup key "
+                      "`crosslogic_cost`) or makes them: the price is one BILLING_COST_UNIT "
+                      "of BILLING_CURRENCY. A meter or price that differs from the settings "
+                      "is a 409 `stripe_setup_conflict` (nothing is switched). Then each "
+                      "linked tenant on the token prices gets the cost price on its "
+                      "subscription and `billing.pricing_switched`: its hours from "
+                      "`cost_from` on are billed by cost, earlier ones (late usage included) "
+                      "stay on the token prices, so no hour is billed twice or lost. Safe to "
+                      "run again: what exists is reused, tenants already switched are left "
+                      "alone. New links subscribe to the cost price once it exists."),
     Route("GET", "/tenants/{tenant_id}/billing", get_billing,
           "A tenant's Stripe link, payment standing and latest meter exports", TAG,
           response=TenantBilling),
