@@ -543,12 +543,23 @@ def _refuse_item_price(state: StripeState, items: list[dict[str, Any]], price_id
     return None
 
 
-async def get_subscription(request: web.Request) -> web.Response:
-    sid = request.match_info["id"]
-    found = request.app[STATE].subscriptions.get(sid)
-    if found is None:
-        return _no_such("subscription", sid, "id", 404)
-    return _json(found)
+
+async def _form(request: web.Request, shape: Shape) -> dict[str, Any] | web.Response:
+    """The request's form, or Stripe's refusal of a parameter `shape` does not know."""
+    form = decode_form(await request.text())
+    refused = _unknown_param(form, shape)
+    return form if refused is None else refused
+
+
+def _active_and_metadata(form: Mapping[str, Any]) -> tuple[bool, dict[str, Any]] | web.Response:
+    """A product's or price's `active` (default true) and `metadata`, or Stripe's refusal."""
+    active = _bool(form.get("active", "true"))
+    if active is None:
+        return _invalid(f"Invalid boolean: {form['active']}", "active")
+    metadata = form.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        return _invalid("Invalid object: metadata must be an object.", "metadata")
+    return active, metadata
 
 
 _SUBSCRIPTION_ITEM: Shape = {
@@ -558,10 +569,9 @@ _SUBSCRIPTION_ITEM: Shape = {
 
 async def create_subscription_item(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    form = decode_form(await request.text())
-    refused = _unknown_param(form, _SUBSCRIPTION_ITEM)
-    if refused is not None:
-        return refused
+    form = await _form(request, _SUBSCRIPTION_ITEM)
+    if isinstance(form, web.Response):
+        return form
     sid = str(form.get("subscription", ""))
     price_id = str(form.get("price", ""))
     if not sid:
@@ -728,10 +738,9 @@ _METER: Shape = {
 
 async def create_meter(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    form = decode_form(await request.text())
-    refused = _unknown_param(form, _METER)
-    if refused is not None:
-        return refused
+    form = await _form(request, _METER)
+    if isinstance(form, web.Response):
+        return form
     for required in ("display_name", "event_name"):
         if not form.get(required):
             return _missing(required)
@@ -795,12 +804,6 @@ async def list_meters(request: web.Request) -> web.Response:
     return _page("/v1/billing/meters", meters, query)
 
 
-async def get_meter(request: web.Request) -> web.Response:
-    found = request.app[STATE].meters.get(request.match_info["id"])
-    if found is None:
-        return _no_such("billing.meter", request.match_info["id"], "id", 404)
-    return _json(found)
-
 
 async def set_meter_status(request: web.Request) -> web.Response:
     """POST /v1/billing/meters/{id}/deactivate and …/reactivate."""
@@ -829,22 +832,19 @@ _PRODUCT: Shape = {"id": None, "name": None, "metadata": None, "description": No
 
 async def create_product(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    form = decode_form(await request.text())
-    refused = _unknown_param(form, _PRODUCT)
-    if refused is not None:
-        return refused
+    form = await _form(request, _PRODUCT)
+    if isinstance(form, web.Response):
+        return form
     if not form.get("name"):
         return _missing("name")
     pid = str(form.get("id") or state.new_id("prod"))
     if pid in state.products:
         return _error(400, "Product already exists.", code="resource_already_exists",
                       param="id")
-    active = _bool(form.get("active", "true"))
-    if active is None:
-        return _invalid(f"Invalid boolean: {form['active']}", "active")
-    metadata = form.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        return _invalid("Invalid object: metadata must be an object.", "metadata")
+    flags = _active_and_metadata(form)
+    if isinstance(flags, web.Response):
+        return flags
+    active, metadata = flags
     now = int(time.time())
     state.products[pid] = {
         "id": pid, "object": "product", "active": active, "created": now, "updated": now,
@@ -852,12 +852,6 @@ async def create_product(request: web.Request) -> web.Response:
         "livemode": False, "metadata": metadata, "name": form["name"]}
     return _json(state.products[pid])
 
-
-async def get_product(request: web.Request) -> web.Response:
-    found = request.app[STATE].products.get(request.match_info["id"])
-    if found is None:
-        return _no_such("product", request.match_info["id"], "id", 404)
-    return _json(found)
 
 
 _PRICE: Shape = {
@@ -968,10 +962,9 @@ def _move_lookup_key(state: StripeState, key: str | None, price_id: str) -> None
 
 async def create_price(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    form = decode_form(await request.text())
-    refused = _unknown_param(form, _PRICE)
-    if refused is not None:
-        return refused
+    form = await _form(request, _PRICE)
+    if isinstance(form, web.Response):
+        return form
     currency = str(form.get("currency", "")).lower()
     if not currency:
         return _missing("currency")
@@ -992,12 +985,10 @@ async def create_price(request: web.Request) -> web.Response:
     recurring = _recurring(state, form)
     if isinstance(recurring, web.Response):
         return recurring
-    active = _bool(form.get("active", "true"))
-    if active is None:
-        return _invalid(f"Invalid boolean: {form['active']}", "active")
-    metadata = form.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        return _invalid("Invalid object: metadata must be an object.", "metadata")
+    flags = _active_and_metadata(form)
+    if isinstance(flags, web.Response):
+        return flags
+    active, metadata = flags
     pid = state.new_id("price")
     refused = _take_lookup_key(state, form, pid)
     if refused is not None:
@@ -1082,11 +1073,16 @@ async def list_prices(request: web.Request) -> web.Response:
     return _page("/v1/prices", prices, query)
 
 
-async def get_price(request: web.Request) -> web.Response:
-    found = request.app[STATE].prices.get(request.match_info["id"])
-    if found is None:
-        return _no_such("price", request.match_info["id"], "id", 404)
-    return _json(found)
+
+def _get_one(collection: str, object_name: str) -> Any:
+    """GET /v1/<things>/{id}: the stored object, or Stripe's 404."""
+    async def handler(request: web.Request) -> web.Response:
+        found = getattr(request.app[STATE], collection).get(request.match_info["id"])
+        if found is None:
+            return _no_such(object_name, request.match_info["id"], "id", 404)
+        return _json(found)
+
+    return handler
 
 
 def create_stripe_app(api_key: str) -> web.Application:
@@ -1097,21 +1093,21 @@ def create_stripe_app(api_key: str) -> web.Application:
     app.router.add_get("/v1/customers/{id}", get_customer)
     app.router.add_post("/v1/subscriptions", create_subscription)
     app.router.add_get("/v1/subscriptions", list_subscriptions)
-    app.router.add_get("/v1/subscriptions/{id}", get_subscription)
+    app.router.add_get("/v1/subscriptions/{id}", _get_one("subscriptions", "subscription"))
     app.router.add_delete("/v1/subscriptions/{id}", cancel_subscription)
     app.router.add_post("/v1/subscription_items", create_subscription_item)
     app.router.add_get("/v1/subscription_items", list_subscription_items)
     app.router.add_post(METER_EVENTS, create_meter_event)
     app.router.add_post("/v1/billing/meters", create_meter)
     app.router.add_get("/v1/billing/meters", list_meters)
-    app.router.add_get("/v1/billing/meters/{id}", get_meter)
+    app.router.add_get("/v1/billing/meters/{id}", _get_one("meters", "billing.meter"))
     app.router.add_post("/v1/billing/meters/{id}/{action:deactivate|reactivate}",
                         set_meter_status)
     app.router.add_post("/v1/products", create_product)
-    app.router.add_get("/v1/products/{id}", get_product)
+    app.router.add_get("/v1/products/{id}", _get_one("products", "product"))
     app.router.add_post("/v1/prices", create_price)
     app.router.add_get("/v1/prices", list_prices)
-    app.router.add_get("/v1/prices/{id}", get_price)
+    app.router.add_get("/v1/prices/{id}", _get_one("prices", "price"))
     app.router.add_post("/v1/prices/{id}", update_price)
     app.router.add_get("/v2/core/events/{id}", get_v2_event)
     return app
