@@ -18,7 +18,7 @@ from aiohttp import web
 from schemas.subjects import USAGE
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
-from services.billing.pricing import parse_multipliers
+from services.core.pricing import parse_multipliers
 from services.billing.projection import UsageMetrics, UsageRecordsProjection
 from services.billing.pusher import Clock, Pusher, utcnow
 from services.billing.settings import BillingSettings, check_settings

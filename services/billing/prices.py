@@ -21,7 +21,7 @@ import asyncpg
 import msgspec
 
 from schemas.events import UsagePrice, UsageRecorded
-from services.billing.pricing import cost
+from services.core.pricing import cost
 from services.core.db import Connection
 
 __all__ = ["PriceBook", "UnknownModel", "to_look_up"]

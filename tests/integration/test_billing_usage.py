@@ -17,7 +17,7 @@ from schemas.events import UsageRecorded
 from services.billing.app import create_billing_app
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
-from services.billing.pricing import cost
+from services.core.pricing import cost
 from services.billing.projection import UsageRecordsProjection
 from services.billing.settings import BillingSettings
 from services.core.bus import Bus

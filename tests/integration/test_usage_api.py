@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from services.billing.app import create_billing_app
-from services.billing.pricing import cost
+from services.core.pricing import cost
 from services.billing.settings import BillingSettings
 from services.core.devstack import free_port
 from services.core.natsauth.identities import Role

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from schemas.events import UsagePrice, UsageRecorded
 from services.billing.app import create_billing_app
-from services.billing.pricing import cost
+from services.core.pricing import cost
 from services.billing.projection import UsageRecordsProjection
 from services.billing.settings import BillingSettings
 from services.core.db import create_pool

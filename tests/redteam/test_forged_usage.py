@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from schemas.events import UsagePrice
-from services.billing.pricing import cost
+from services.core.pricing import cost
 from services.core.bus import Bus
 from services.core.natsauth.identities import Role
 from tests.conftest import Servers

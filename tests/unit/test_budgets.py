@@ -1,0 +1,64 @@
+"""Spend budgets' pure rules: periods, the worst case a request may cost, amounts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from services.core.budgets import (
+    MAX_AMOUNT,
+    Budget,
+    Period,
+    nano,
+    period_bounds,
+    worst_case_cost,
+)
+from services.core.pricing import cost
+
+
+def at(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def test_a_day_resets_at_utc_midnight_and_a_month_on_the_first() -> None:
+    assert period_bounds(Period("day"), at(2026, 3, 10, 23, 59)) == (at(2026, 3, 10),
+                                                                    at(2026, 3, 11))
+    assert period_bounds(Period("month"), at(2026, 2, 14, 5)) == (at(2026, 2, 1), at(2026, 3, 1))
+    assert period_bounds(Period("month"), at(2024, 2, 29, 23)) == (at(2024, 2, 1),
+                                                                  at(2024, 3, 1))
+    assert period_bounds(Period("month"), at(2026, 12, 31, 23)) == (at(2026, 12, 1),
+                                                                   at(2027, 1, 1))
+
+
+def test_custom_periods_repeat_from_their_anchor_both_ways() -> None:
+    weekly = Period("days", every_days=7, anchor=at(2026, 3, 2, 9))
+    assert period_bounds(weekly, at(2026, 3, 2, 9)) == (at(2026, 3, 2, 9), at(2026, 3, 9, 9))
+    assert period_bounds(weekly, at(2026, 3, 20)) == (at(2026, 3, 16, 9), at(2026, 3, 23, 9))
+    assert period_bounds(weekly, at(2026, 3, 1)) == (at(2026, 2, 23, 9), at(2026, 3, 2, 9))
+    start, end = period_bounds(weekly, at(2026, 3, 9, 8, 59, 59))
+    assert end - start == timedelta(days=7) and start <= at(2026, 3, 9, 8, 59, 59) < end
+    with pytest.raises(ValueError, match="anchor"):
+        Period("days", every_days=7)
+    with pytest.raises(ValueError, match="every_days"):
+        Period("days", every_days=0, anchor=at(2026, 1, 1))
+
+
+def test_the_worst_case_is_every_choice_at_its_output_budget_in_the_dearest_region() -> None:
+    worst = worst_case_cost(1000, 200, 3, Decimal("3"), Decimal("15"), Decimal("1.25"))
+    assert worst == cost(1000, 600, Decimal("3"), Decimal("15"), Decimal("1.25"))
+    assert worst == Decimal("0.015"), worst  # (1000 x 3 + 600 x 15) / 1M x 1.25
+    # Whatever the request really costs, it is not more than that.
+    for prompt, completion, mult in ((1000, 600, "1.25"), (1000, 0, "1"), (999, 599, "1.1")):
+        assert cost(prompt, completion, Decimal("3"), Decimal("15"), Decimal(mult)) <= worst
+
+
+def test_amounts_are_dollars_on_the_nano_dollar_grid_and_bounded() -> None:
+    assert nano(Decimal("12.5")) == 12_500_000_000
+    assert nano(MAX_AMOUNT) < 2**53  # exact in Redis's Lua
+    Budget("tenant", "t", Decimal("0"), Period("month"))
+    with pytest.raises(ValueError, match="0 to"):
+        Budget("tenant", "t", MAX_AMOUNT + 1, Period("month"))
+    with pytest.raises(ValueError, match="9 decimal places"):
+        Budget("key", "k", Decimal("0.0000000001"), Period("day"))
