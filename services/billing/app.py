@@ -18,7 +18,6 @@ from aiohttp import web
 from schemas.subjects import USAGE
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
-from services.core.pricing import parse_multipliers
 from services.billing.projection import UsageMetrics, UsageRecordsProjection
 from services.billing.pusher import Clock, Pusher, utcnow
 from services.billing.settings import BillingSettings, check_settings
@@ -36,6 +35,7 @@ from services.core.http import (
     Needs,
     create_app,
 )
+from services.core.pricing import parse_multipliers
 from services.core.projections import ProjectionRunner
 from services.core.recorder import Recorder
 from services.core.stripe_billing import StripeBilling

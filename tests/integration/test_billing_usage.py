@@ -17,7 +17,6 @@ from schemas.events import UsageRecorded
 from services.billing.app import create_billing_app
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
-from services.core.pricing import cost
 from services.billing.projection import UsageRecordsProjection
 from services.billing.settings import BillingSettings
 from services.core.bus import Bus
@@ -27,6 +26,7 @@ from services.core.devstack import free_port
 from services.core.eventlog import EventLog
 from services.core.http import REGISTRY
 from services.core.natsauth.identities import Role
+from services.core.pricing import cost
 from services.core.projections import ProjectionRunner
 from services.core.recorder import Refusal
 from services.core.settings import Secret

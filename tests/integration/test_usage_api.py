@@ -10,10 +10,10 @@ import pytest
 from aiohttp import web
 
 from services.billing.app import create_billing_app
-from services.core.pricing import cost
 from services.billing.settings import BillingSettings
 from services.core.devstack import free_port
 from services.core.natsauth.identities import Role
+from services.core.pricing import cost
 from services.core.settings import Secret
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401

@@ -17,7 +17,6 @@ from aiohttp import web
 
 from schemas.events import UsagePrice, UsageRecorded
 from services.billing.app import create_billing_app
-from services.core.pricing import cost
 from services.billing.projection import UsageRecordsProjection
 from services.billing.settings import BillingSettings
 from services.core.db import create_pool
@@ -25,6 +24,7 @@ from services.core.devstack import free_port
 from services.core.eventlog import EventLog
 from services.core.migrate import MIGRATIONS_DIR, migrate
 from services.core.natsauth.identities import Role
+from services.core.pricing import cost
 from services.core.projections import ProjectionRunner
 from services.core.settings import Secret
 from tests.helpers import eventually

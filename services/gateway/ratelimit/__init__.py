@@ -15,8 +15,9 @@ Public API::
     @runtime_checkable
 class RateLimiter(Protocol):
         async def acquire(self, subject: LimitSubject, limits: Limits,
-                          estimated_tokens: int) -> Decision
-        async def settle(self, reservation: Reservation, actual_tokens: int) -> None
+                          estimated_tokens: int, estimated_cost: int = 0) -> Decision
+        async def settle(self, reservation: Reservation, actual_tokens: int,
+                         actual_cost: int = 0) -> None
         async def release(self, reservation: Reservation) -> None
         async def renew(self, reservation: Reservation) -> bool
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from services.gateway.ratelimit.limits import (
+    BudgetCap,
     Decision,
     Layer,
     Limits,
@@ -62,10 +64,11 @@ from services.gateway.ratelimit.redis_limiter import (
 
 @runtime_checkable
 class RateLimiter(Protocol):
-    async def acquire(self, subject: LimitSubject, limits: Limits,
-                      estimated_tokens: int) -> Decision: ...
+    async def acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+                      estimated_cost: int = 0) -> Decision: ...
 
-    async def settle(self, reservation: Reservation, actual_tokens: int) -> None: ...
+    async def settle(self, reservation: Reservation, actual_tokens: int,
+                     actual_cost: int = 0) -> None: ...
 
     async def release(self, reservation: Reservation) -> None: ...
 
@@ -73,6 +76,7 @@ class RateLimiter(Protocol):
 
 
 __all__ = [
+    "BudgetCap",
     "Decision",
     "Layer",
     "LimitSubject",

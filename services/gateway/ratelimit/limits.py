@@ -41,6 +41,10 @@ class Layer(StrEnum):
     ENVIRONMENT_TOKENS_MINUTE = "environment_tokens_minute"
     ENVIRONMENT_TOKENS_DAY = "environment_tokens_day"
     KEY_CONCURRENCY = "key_concurrency"
+    KEY_BUDGET = "key_budget"
+    ENVIRONMENT_BUDGET = "environment_budget"
+    TENANT_BUDGET = "tenant_budget"
+    """Spend budgets in money (services/core/budgets.py): nano-dollars per period."""
     KEY_USAGE_REQUESTS = "key_usage_requests"
     """GET /v1/usage per key per minute: counted apart from inference (`usage_plan`)."""
     USAGE_REPORTS_IN_FLIGHT = "usage_reports_in_flight"
@@ -54,6 +58,9 @@ class Kind(StrEnum):
     REQUESTS = "r"
     TOKENS = "t"
     CONCURRENCY = "c"
+    MONEY = "m"
+    """A budget: nano-dollars in a period the gateway names (its end, in ms), not a window
+    Redis's clock derives: months are not a fixed length."""
 
 
 class Origin(StrEnum):
@@ -75,6 +82,16 @@ class LimitSubject:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetCap:
+    """A spend budget over a request: at most `limit` nano-dollars in the period ending at
+    `period_end_ms` (Unix ms; the gateway computes it, services/core/budgets.py)."""
+
+    layer: Layer
+    limit: int
+    period_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """The limits of one request's subject. None means no limit at that layer."""
 
@@ -87,12 +104,15 @@ class Limits:
     environment_tokens_per_minute: int | None = None
     environment_tokens_per_day: int | None = None
     key_concurrency: int | None = None
+    budgets: tuple[BudgetCap, ...] = ()
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if isinstance(value, int) and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, not {value}")
+        if any(b.limit < 0 for b in self.budgets):
+            raise ValueError("a budget cannot be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +127,7 @@ class Check:
     """None only for the lease of a key without a concurrency limit: the lease is then kept
     just as the record that makes settling idempotent, and never refuses."""
     window_ms: int
-    """0 for concurrency."""
+    """0 for concurrency; for money, the period's end (Unix ms), which names the period."""
     amount: int
 
 
@@ -130,6 +150,10 @@ class Reservation:
     token_windows: tuple[TokenWindow, ...]
     tokens: int
     """The estimate reserved at every token layer."""
+    money_windows: tuple[TokenWindow, ...] = ()
+    """The budget counters the reservation added to (`start_ms`: the period's end)."""
+    money: int = 0
+    """Nano-dollars reserved at every budget layer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +215,12 @@ def redis_key(layer: Layer, subject: LimitSubject) -> str:
             return f"ratelimit:key:{s.key_id}:concurrency"
         case Layer.KEY_USAGE_REQUESTS:
             return f"ratelimit:usage:key:{s.key_id}:minute"
+        case Layer.KEY_BUDGET:
+            return f"budget:key:{s.key_id}"
+        case Layer.ENVIRONMENT_BUDGET:
+            return f"budget:env:{s.environment_id}"
+        case Layer.TENANT_BUDGET:
+            return f"budget:tenant:{s.tenant_id}"
     raise ValueError(f"{layer} has no Redis key")
 
 
@@ -198,9 +228,11 @@ def _effective(limit: int | None) -> int | None:
     return None if limit is None or limit >= UNREACHABLE else limit
 
 
-def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int) -> tuple[Check, ...]:
-    """The checks one request goes through, in a fixed order (requests, tokens, concurrency;
-    key before environment before tenant before global) that also breaks ties."""
+def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int,
+         estimated_cost: int = 0) -> tuple[Check, ...]:
+    """The checks one request goes through, in a fixed order (requests, tokens, budgets,
+    concurrency; key before environment before tenant before global) that also breaks ties.
+    `estimated_cost`: nano-dollars, the most the request can cost (reserved at each budget)."""
     tokens = max(0, estimated_tokens)
     layered: list[tuple[Layer, Kind, int | None, int, int]] = [
         (Layer.KEY_REQUESTS, Kind.REQUESTS, limits.key_requests_per_minute, MINUTE_MS, 1),
@@ -218,8 +250,11 @@ def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int) -> tuple[
     checks = [Check(layer, kind, redis_key(layer, subject), limit, window, amount)
               for layer, kind, raw, window, amount in layered
               if (limit := _effective(raw)) is not None]
+    money = max(0, estimated_cost)
+    checks += [Check(b.layer, Kind.MONEY, redis_key(b.layer, subject), b.limit,
+                     b.period_end_ms, money) for b in limits.budgets]
     concurrency = _effective(limits.key_concurrency)
-    has_tokens = any(c.kind is Kind.TOKENS for c in checks)
+    has_tokens = any(c.kind in (Kind.TOKENS, Kind.MONEY) for c in checks)
     if concurrency is not None or has_tokens:
         checks.append(Check(Layer.KEY_CONCURRENCY, Kind.CONCURRENCY,
                             redis_key(Layer.KEY_CONCURRENCY, subject), concurrency, 0, 1))
@@ -260,22 +295,23 @@ class PlanCache:
 
     def __init__(self, capacity: int = 50_000) -> None:
         self.capacity = capacity
-        self._plans: dict[tuple[LimitSubject, Limits, int], PreparedChecks] = {}
+        self._plans: dict[tuple[LimitSubject, Limits, int, int], PreparedChecks] = {}
 
-    def prepared(self, subject: LimitSubject, limits: Limits,
-                 estimated_tokens: int) -> PreparedChecks:
+    def prepared(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+                 estimated_cost: int = 0) -> PreparedChecks:
         tokens = max(0, estimated_tokens)
-        key = (subject, limits, tokens)
+        cost = max(0, estimated_cost) if limits.budgets else 0
+        key = (subject, limits, tokens, cost)
         found = self._plans.get(key)
         if found is None:
             if len(self._plans) >= self.capacity:
                 self._plans.clear()  # rare; cheaper than bookkeeping an LRU per request
-            found = self._plans[key] = prepare(plan(subject, limits, tokens))
+            found = self._plans[key] = prepare(plan(subject, limits, tokens, cost))
         return found
 
-    def plan(self, subject: LimitSubject, limits: Limits,
-             estimated_tokens: int) -> tuple[Check, ...]:
-        return self.prepared(subject, limits, estimated_tokens).checks
+    def plan(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+             estimated_cost: int = 0) -> tuple[Check, ...]:
+        return self.prepared(subject, limits, estimated_tokens, estimated_cost).checks
 
 
 def needs_lease(checks: Sequence[Check]) -> bool:
@@ -288,8 +324,16 @@ def reservation_for(checks: Sequence[Check], now_ms: int, lease_id: str,
     windows = tuple(TokenWindow(c.key, window_start(now_ms, c.window_ms))
                     for c in checks if c.kind is Kind.TOKENS)
     tokens = next((c.amount for c in checks if c.kind is Kind.TOKENS), 0)
+    budgets = tuple(TokenWindow(c.key, c.window_ms) for c in checks if c.kind is Kind.MONEY)
+    money = next((c.amount for c in checks if c.kind is Kind.MONEY), 0)
     return Reservation(lease_id=lease_id if lease_key else "", origin=origin,
-                       lease_key=lease_key, token_windows=windows, tokens=tokens)
+                       lease_key=lease_key, token_windows=windows, tokens=tokens,
+                       money_windows=budgets, money=money)
+
+
+def window_id(check: Check, now_ms: int) -> int:
+    """What names the window a counter is in: its start (the period's end for money)."""
+    return check.window_ms if check.kind is Kind.MONEY else window_start(now_ms, check.window_ms)
 
 
 # --------------------------------------------------------------------------- windows
@@ -343,6 +387,8 @@ def retry_after_header(seconds: float) -> str:
 def retry_after_of(check: Check, now_ms: int) -> float:
     if check.kind is Kind.CONCURRENCY:
         return CONCURRENCY_RETRY_AFTER
+    if check.kind is Kind.MONEY:
+        return max(0, check.window_ms - now_ms) / 1000
     return window_reset_ms(now_ms, check.window_ms) / 1000
 
 
@@ -387,7 +433,7 @@ def rate_limit_headers(checks: Sequence[Check], used: Sequence[int], now_ms: int
     best: dict[Kind, tuple[tuple[int, int, int], Check, int, int]] = {}
     for i, c in enumerate(checks):
         limit = c.limit
-        if limit is None or c.kind is Kind.CONCURRENCY:
+        if limit is None or c.kind is Kind.CONCURRENCY or c.kind is Kind.MONEY:
             continue
         remaining = limit - (used[i] + c.amount if committed else used[i])
         if remaining < 0:

@@ -26,6 +26,7 @@ from services.gateway.ratelimit.limits import (
     plan,
     reservation_for,
     verdict,
+    window_id,
     window_start,
 )
 
@@ -59,9 +60,9 @@ class LocalRateLimiter:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    def _used(self, key: str, window_ms: int, now_ms: int) -> int:
-        counter = self._counters.get(key)
-        if counter is None or counter.start_ms != window_start(now_ms, window_ms):
+    def _used(self, check: Check, now_ms: int) -> int:
+        counter = self._counters.get(check.key)
+        if counter is None or counter.start_ms != window_id(check, now_ms):
             return 0
         return counter.count
 
@@ -71,16 +72,17 @@ class LocalRateLimiter:
             return 0
         return sum(1 for expiry in leases.expiry_ms.values() if expiry > now_ms)
 
-    def decide(self, subject: LimitSubject, limits: Limits, estimated_tokens: int) -> Decision:
+    def decide(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+               estimated_cost: int = 0) -> Decision:
         """`acquire` without the coroutine: the local limiter never waits."""
-        return self.decide_checks(plan(subject, limits, estimated_tokens))
+        return self.decide_checks(plan(subject, limits, estimated_tokens, estimated_cost))
 
     def decide_checks(self, checks: tuple[Check, ...]) -> Decision:
         """Judge and, when allowed, count any planned checks (`plan`, `usage_plan`)."""
         now = self._now_ms()
         self._maybe_sweep(now)
         used = [self._active(c.key, now) if c.kind is Kind.CONCURRENCY
-                else self._used(c.key, c.window_ms, now) for c in checks]
+                else self._used(c, now) for c in checks]
         result = verdict(checks, used, now)
         reservation: Reservation | None = None
         if result.allowed:
@@ -90,6 +92,8 @@ class LocalRateLimiter:
                     leases = self._leases.setdefault(check.key, _Leases())
                     leases.expiry_ms = {k: v for k, v in leases.expiry_ms.items() if v > now}
                     leases.expiry_ms[lease_id] = now + self._lease_ttl_ms
+                elif check.kind is Kind.MONEY:  # named by its end: it lives until then
+                    self._counters[check.key] = _Counter(check.window_ms, 0, u + check.amount)
                 else:
                     self._counters[check.key] = _Counter(window_start(now, check.window_ms),
                                                          check.window_ms, u + check.amount)
@@ -98,7 +102,8 @@ class LocalRateLimiter:
                         retry_after=result.retry_after, headers=result.headers,
                         reservation=reservation, degraded=True)
 
-    def settle_now(self, reservation: Reservation, actual_tokens: int) -> None:
+    def settle_now(self, reservation: Reservation, actual_tokens: int,
+                   actual_cost: int = 0) -> None:
         if reservation.origin is not Origin.LOCAL or reservation.lease_key is None:
             return
         now = self._now_ms()
@@ -106,13 +111,16 @@ class LocalRateLimiter:
         expiry = leases.expiry_ms.pop(reservation.lease_id, None) if leases else None
         if expiry is None or expiry <= now:
             return
-        delta = max(0, actual_tokens) - reservation.tokens
-        if delta == 0:
-            return
-        for window in reservation.token_windows:
-            counter = self._counters.get(window.key)
-            if counter is not None and counter.start_ms == window.start_ms:
-                counter.count = max(0, counter.count + delta)
+        for windows, delta in ((reservation.token_windows,
+                                max(0, actual_tokens) - reservation.tokens),
+                               (reservation.money_windows,
+                                max(0, actual_cost) - reservation.money)):
+            if delta == 0:
+                continue
+            for window in windows:
+                counter = self._counters.get(window.key)
+                if counter is not None and counter.start_ms == window.start_ms:
+                    counter.count = max(0, counter.count + delta)
 
     def renew_now(self, reservation: Reservation) -> bool:
         if reservation.origin is not Origin.LOCAL or reservation.lease_key is None:
@@ -125,12 +133,13 @@ class LocalRateLimiter:
         leases.expiry_ms[reservation.lease_id] = now + self._lease_ttl_ms
         return True
 
-    async def acquire(self, subject: LimitSubject, limits: Limits,
-                      estimated_tokens: int) -> Decision:
-        return self.decide(subject, limits, estimated_tokens)
+    async def acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+                      estimated_cost: int = 0) -> Decision:
+        return self.decide(subject, limits, estimated_tokens, estimated_cost)
 
-    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
-        self.settle_now(reservation, actual_tokens)
+    async def settle(self, reservation: Reservation, actual_tokens: int,
+                     actual_cost: int = 0) -> None:
+        self.settle_now(reservation, actual_tokens, actual_cost)
 
     async def renew(self, reservation: Reservation) -> bool:
         return self.renew_now(reservation)

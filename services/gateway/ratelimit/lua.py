@@ -30,7 +30,9 @@ ACQUIRE = _script("""
 -- KEYS: one per check, in plan order.
 -- ARGV: lease id, lease ttl (ms), window grace (ms), and the checks as one string,
 --       "kind limit window amount" per check, space-separated: kind 'r' requests, 't' tokens,
---       'c' concurrency; limit -1 for none; window in ms (0 for concurrency).
+--       'c' concurrency, 'm' money (a budget); limit -1 for none; window in ms (0 for
+--       concurrency; for money the period's end, Unix ms, which names the period: the
+--       gateway computes it, since months are not a fixed length).
 --       One string rather than 4 arguments a check: encoding arguments is most of the
 --       client's cost per call.
 -- Reply: {allowed (1/0), now (ms), usage of each check before this request}.
@@ -51,7 +53,11 @@ for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (
     u = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf')
   else
     local cur = redis.call('HMGET', KEYS[i], 'w', 'n')
-    if cur[1] and tonumber(cur[1]) == now - (now % windows[i]) then
+    local wid = windows[i]
+    if kind ~= 'm' then
+      wid = now - (now % windows[i])
+    end
+    if cur[1] and tonumber(cur[1]) == wid then
       u = tonumber(cur[2]) or 0
       fresh[i] = true
     end
@@ -77,6 +83,9 @@ if allowed == 1 then
       end
     elseif fresh[j] then
       redis.call('HINCRBY', key, 'n', amounts[j])
+    elseif kinds[j] == 'm' then
+      redis.call('HSET', key, 'w', windows[j], 'n', amounts[j])
+      redis.call('PEXPIREAT', key, windows[j] + grace)
     else
       local start = now - (now % windows[j])
       redis.call('HSET', key, 'w', start, 'n', amounts[j])
@@ -93,9 +102,11 @@ return reply
 
 
 SETTLE = _script("""
--- KEYS[1]: the key's lease set; KEYS[2..]: token counters the reservation added to.
--- ARGV[1]: lease id, ARGV[2]: tokens to add (negative gives back), ARGV[3..]: the window
--- start each counter was reserved in.
+-- KEYS[1]: the key's lease set; KEYS[2..]: the counters the reservation added to, its token
+-- counters first, then its budget counters.
+-- ARGV[1]: lease id, ARGV[2]: tokens to add (negative gives back), ARGV[3]: nano-dollars to
+-- add, ARGV[4]: how many of the counters are token counters, ARGV[5..]: the window each
+-- counter was reserved in (its start; a budget's period end).
 -- Reply: 1 settled, 0 nothing to settle (already settled), -1 the lease had expired.
 -- The lease is the reservation's record: removing it is what makes a second settle a no-op.
 local t = redis.call('TIME')
@@ -108,11 +119,16 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 if tonumber(expiry) <= now then
   return -1
 end
-if tonumber(ARGV[2]) ~= 0 then
-  for i = 2, #KEYS do
+local ntokens = tonumber(ARGV[4])
+for i = 2, #KEYS do
+  local delta = ARGV[3]
+  if i - 1 <= ntokens then
+    delta = ARGV[2]
+  end
+  if tonumber(delta) ~= 0 then
     local w = redis.call('HGET', KEYS[i], 'w')
-    if w and tonumber(w) == tonumber(ARGV[i + 1]) then
-      if redis.call('HINCRBY', KEYS[i], 'n', ARGV[2]) < 0 then
+    if w and tonumber(w) == tonumber(ARGV[i + 3]) then
+      if redis.call('HINCRBY', KEYS[i], 'n', delta) < 0 then
         redis.call('HSET', KEYS[i], 'n', 0)
       end
     end
@@ -125,23 +141,29 @@ return 1
 SETTLE_MANY = _script("""
 -- SETTLE for several reservations in one call: the gateway gathers the settles of requests
 -- that finish in the same turn of its event loop (one script run, one reply, instead of one
--- each). KEYS: for each reservation its lease set, then its token counters.
+-- each). KEYS: for each reservation its lease set, then its counters (tokens, then budgets).
 -- ARGV[1]: the number of reservations; then for each: the number of its keys, lease id,
--- tokens to add, and the window start of each of its counters.
+-- tokens to add, nano-dollars to add, how many counters are token counters, and the window
+-- of each of its counters.
 -- Reply: the number of reservations settled now (not already settled, lease not expired).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local k, a, settled = 1, 2, 0
 for _ = 1, tonumber(ARGV[1]) do
-  local nkeys, lease, delta = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
-  a = a + 3
+  local nkeys, lease = tonumber(ARGV[a]), ARGV[a + 1]
+  local tokens, money, ntokens = ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  a = a + 5
   local expiry = redis.call('ZSCORE', KEYS[k], lease)
   if expiry then
     redis.call('ZREM', KEYS[k], lease)
     if tonumber(expiry) > now then
       settled = settled + 1
-      if delta ~= 0 then
-        for i = 1, nkeys - 1 do
+      for i = 1, nkeys - 1 do
+        local delta = money
+        if i <= ntokens then
+          delta = tokens
+        end
+        if tonumber(delta) ~= 0 then
           local w = redis.call('HGET', KEYS[k + i], 'w')
           if w and tonumber(w) == tonumber(ARGV[a + i - 1]) then
             if redis.call('HINCRBY', KEYS[k + i], 'n', delta) < 0 then

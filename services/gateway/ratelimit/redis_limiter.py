@@ -118,7 +118,7 @@ class RedisRateLimiter:
         self._probing = False
         self._fallbacks = 0
         self._settling: set[asyncio.Future[None]] = set()
-        self._to_settle: list[tuple[Reservation, int]] = []
+        self._to_settle: list[tuple[Reservation, int, int]] = []
         self._plans = PlanCache()
         self._usage_plans: dict[tuple[str, int | None], PreparedChecks] = {}
         # Lease ids only need to be unique, not secret: no getrandom syscall per request.
@@ -138,11 +138,12 @@ class RedisRateLimiter:
 
     # ------------------------------------------------------------------- the API
 
-    async def acquire(self, subject: LimitSubject, limits: Limits,
-                      estimated_tokens: int) -> Decision:
+    async def acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+                      estimated_cost: int = 0) -> Decision:
         """Check every layer and, only if all pass, count the request, reserve
-        `estimated_tokens` and take a lease: one EVALSHA."""
-        prepared = self._plans.prepared(subject, limits, estimated_tokens)
+        `estimated_tokens` (and `estimated_cost` nano-dollars at each budget) and take a
+        lease: one EVALSHA."""
+        prepared = self._plans.prepared(subject, limits, estimated_tokens, estimated_cost)
         checks = prepared.checks
         if not checks:
             return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
@@ -151,6 +152,10 @@ class RedisRateLimiter:
         args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, prepared.spec]
         done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
         if not done:
+            if limits.budgets:
+                # A budget is a promise across every gateway: per-process counting (or none)
+                # could overshoot it N times, so without Redis a request under one waits.
+                return self._fallback(None)
             return self._fallback(lambda: self._local.decide(subject, limits, estimated_tokens))
         return self._judged(checks, lease_id, reply)
 
@@ -200,32 +205,37 @@ class RedisRateLimiter:
             self.metrics.remaining_tokens.observe(
                 int(headers["x-ratelimit-remaining-tokens"]) / max(1, int(limit)))
 
-    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+    async def settle(self, reservation: Reservation, actual_tokens: int,
+                     actual_cost: int = 0) -> None:
         """Correct the reserved tokens to `actual_tokens` in the windows they were reserved in
         (dropped if a window has ended) and release the lease. Idempotent; one EVALSHA. When
         Redis is down the settlement is dropped: the estimate stands and the lease expires."""
         if reservation.origin is Origin.LOCAL:
-            self._local.settle_now(reservation, actual_tokens)
+            self._local.settle_now(reservation, actual_tokens, actual_cost)
             return
         if reservation.origin is not Origin.REDIS or reservation.lease_key is None:
             return
-        keys = [reservation.lease_key, *(w.key for w in reservation.token_windows)]
-        delta = max(0, actual_tokens) - reservation.tokens
-        args: list[str | int] = [reservation.lease_id, delta,
-                                 *(w.start_ms for w in reservation.token_windows)]
+        counters = (*reservation.token_windows, *reservation.money_windows)
+        keys = [reservation.lease_key, *(w.key for w in counters)]
+        args: list[str | int] = [reservation.lease_id,
+                                 max(0, actual_tokens) - reservation.tokens,
+                                 max(0, actual_cost) - reservation.money,
+                                 len(reservation.token_windows),
+                                 *(w.start_ms for w in counters)]
         await self._run(lua.SETTLE, keys, args)
 
-    def settle_nowait(self, reservation: Reservation, actual_tokens: int) -> None:
+    def settle_nowait(self, reservation: Reservation, actual_tokens: int,
+                      actual_cost: int = 0) -> None:
         """`settle` without waiting for Redis's answer, for when the response has already
         gone. With PipelinedRedis, the settles of every request that ends in this turn of the
         event loop go as one EVALSHA (SETTLE_MANY) on the next write, with no task at all."""
         if (reservation.origin is Origin.REDIS and reservation.lease_key is not None
                 and isinstance(self._redis, PipelinedRedis) and self._down_since is None):
-            self._to_settle.append((reservation, actual_tokens))
+            self._to_settle.append((reservation, actual_tokens, actual_cost))
             if len(self._to_settle) == 1:
                 asyncio.get_running_loop().call_soon(self._send_settles)
             return
-        self._background(self.settle(reservation, actual_tokens))
+        self._background(self.settle(reservation, actual_tokens, actual_cost))
 
     def _send_settles(self) -> None:
         batch, self._to_settle = self._to_settle, []
@@ -234,13 +244,15 @@ class RedisRateLimiter:
         assert isinstance(self._redis, PipelinedRedis)
         keys: list[str] = []
         args: list[str | int] = [len(batch)]
-        for reservation, actual in batch:
+        for reservation, actual, cost in batch:
             assert reservation.lease_key is not None
+            counters = (*reservation.token_windows, *reservation.money_windows)
             keys.append(reservation.lease_key)
-            keys += [w.key for w in reservation.token_windows]
-            args += [1 + len(reservation.token_windows), reservation.lease_id,
-                     max(0, actual) - reservation.tokens]
-            args += [w.start_ms for w in reservation.token_windows]
+            keys += [w.key for w in counters]
+            args += [1 + len(counters), reservation.lease_id,
+                     max(0, actual) - reservation.tokens, max(0, cost) - reservation.money,
+                     len(reservation.token_windows)]
+            args += [w.start_ms for w in counters]
         sent = self._redis.execute_nowait("EVALSHA", lua.SETTLE_MANY.sha, len(keys), *keys,
                                           *args)
 
@@ -250,8 +262,8 @@ class RedisRateLimiter:
             # Settling is idempotent, so a retry is safe.
             if done is None or (not done.cancelled()
                                 and isinstance(done.exception(), NoScriptError)):
-                for reservation, actual in batch:
-                    self._background(self.settle(reservation, actual))
+                for reservation, actual, cost in batch:
+                    self._background(self.settle(reservation, actual, cost))
 
         if sent is None:
             settle_slowly()
@@ -345,13 +357,15 @@ class RedisRateLimiter:
                  decided_without_redis=self._fallbacks)
         self._down_since = None
 
-    def _fallback(self, decide_locally: Callable[[], Decision]) -> Decision:
+    def _fallback(self, decide_locally: Callable[[], Decision] | None) -> Decision:
+        """What the policy says without Redis; `decide_locally` None: deny whatever the
+        policy (a request under a budget)."""
         self._fallbacks += 1
         self.metrics.fallback.labels(self.policy).inc()
-        if self.policy == "allow":
+        if self.policy == "allow" and decide_locally is not None:
             return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
                             reservation=_NOTHING, degraded=True)
-        if self.policy == "deny":
+        if self.policy == "deny" or decide_locally is None:
             result = unavailable(max(self._cooldown, 1.0))
             return Decision(allowed=False, layer=result.layer, retry_after=result.retry_after,
                             headers=result.headers, reservation=None, degraded=True)

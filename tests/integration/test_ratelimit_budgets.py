@@ -1,0 +1,139 @@
+"""Spend budgets in the Redis limiter (issue 21, work in progress): nano-dollars reserved at
+admission in the same script as the rate limits, settled to the real cost, exact however
+many requests race, per period the gateway names, and refused without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from services.core.pipelined_redis import PipelinedRedis
+from services.gateway.ratelimit import (
+    BudgetCap,
+    Layer,
+    LimitSubject,
+    RedisRateLimiter,
+    connect_redis,
+)
+from services.gateway.ratelimit.limits import Reservation
+from tests.helpers import eventually
+from tests.integration.test_ratelimit_redis import NONE, only
+
+KEY = LimitSubject(key_id="k1", environment_id="e1", tenant_id="t1")
+SIBLING = LimitSubject(key_id="k2", environment_id="e1", tenant_id="t1")
+
+
+def period_end(hours: float = 1.0) -> int:
+    return int((time.time() + hours * 3600) * 1000)
+
+
+@pytest.fixture
+async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect_redis(redis_url, timeout=5)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def limiter(r: aioredis.Redis) -> RedisRateLimiter:
+    return RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5)
+
+
+def held(reservation: Reservation | None) -> Reservation:
+    assert reservation is not None
+    return reservation
+
+
+async def spent(r: aioredis.Redis, key: str) -> int:
+    return int(await r.hget(key, "n") or 0)
+
+
+async def test_a_budget_admits_what_fits_and_names_itself_when_full(
+        limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
+    end = period_end()
+    limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, end),))
+    for _ in range(3):
+        assert (await limiter.acquire(KEY, limits, 10, 300)).allowed
+    refused = await limiter.acquire(KEY, limits, 10, 300)
+    assert not refused.allowed and refused.status == 429
+    assert refused.layer is Layer.KEY_BUDGET
+    assert refused.headers["x-ratelimit-scope"] == "key_budget"
+    assert 3500 < refused.retry_after <= 3600  # until the period ends
+    assert await spent(r, "budget:key:k1") == 900
+    assert int(await r.hget("budget:key:k1", "w") or 0) == end
+
+
+async def test_settling_charges_the_real_cost_and_gives_the_rest_back(
+        limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
+    limits = only(key_tokens_per_day=10**9,
+                  budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),
+                           BudgetCap(Layer.TENANT_BUDGET, 5000, period_end(24))))
+    first = held((await limiter.acquire(KEY, limits, 50, 600)).reservation)
+    assert await spent(r, "budget:key:k1") == 600 == await spent(r, "budget:tenant:t1")
+    assert not (await limiter.acquire(KEY, limits, 50, 600)).allowed
+    await limiter.settle(first, 20, 150)
+    assert await spent(r, "budget:key:k1") == 150 == await spent(r, "budget:tenant:t1")
+    assert int(await r.hget("tokens:key:k1:day", "n") or 0) == 20  # tokens apart from money
+    await limiter.settle(first, 20, 999)  # settled once: nothing more
+    assert await spent(r, "budget:key:k1") == 150
+    assert (await limiter.acquire(KEY, limits, 50, 600)).allowed
+
+
+async def test_racing_requests_never_overshoot_a_shared_budget(
+        limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
+    """Sixty requests at once under a tenant budget of ten of them, from two keys."""
+    limits = only(budgets=(BudgetCap(Layer.TENANT_BUDGET, 10 * 77, period_end()),))
+    decisions = await asyncio.gather(*(
+        limiter.acquire(KEY if i % 2 else SIBLING, limits, 1, 77) for i in range(60)))
+    assert sum(d.allowed for d in decisions) == 10
+    assert {d.layer for d in decisions if not d.allowed} == {Layer.TENANT_BUDGET}
+    assert await spent(r, "budget:tenant:t1") == 770
+
+
+async def test_a_new_period_starts_from_nothing_and_old_settles_stay_out_of_it(
+        limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
+    old = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 100, period_end(0.5)),))
+    reservation = held((await limiter.acquire(KEY, old, 1, 100)).reservation)
+    assert not (await limiter.acquire(KEY, old, 1, 1)).allowed
+    new = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 100, period_end(1.5)),))
+    assert (await limiter.acquire(KEY, new, 1, 40)).allowed
+    await limiter.settle(reservation, 1, 0)  # the old period's refund: not the new one's
+    assert await spent(r, "budget:key:k1") == 40
+
+
+async def test_batched_settles_charge_money_and_tokens_apart(
+        r: aioredis.Redis, redis_url: str) -> None:
+    pipelined = PipelinedRedis(redis_url, timeout=5)
+    limiter = RedisRateLimiter(pipelined, registry=CollectorRegistry(), timeout=5)
+    await limiter.load_scripts()
+    limits = only(key_tokens_per_day=10**9,
+                  budgets=(BudgetCap(Layer.ENVIRONMENT_BUDGET, 10**6, period_end()),))
+    mine = [held((await limiter.acquire(KEY, limits, 100, 1000)).reservation)
+            for _ in range(3)]
+    for reservation, cost in zip(mine, (10, 500, 1000), strict=True):
+        limiter.settle_nowait(reservation, 7, cost)
+
+    async def released() -> bool:
+        return await r.zcard("ratelimit:key:k1:concurrency") == 0
+
+    await eventually(released, what="the leases released")
+    assert await spent(r, "budget:env:e1") == 1510
+    assert int(await r.hget("tokens:key:k1:day", "n") or 0) == 21
+    await pipelined.aclose()
+
+
+async def test_without_redis_a_budgeted_request_is_refused_whatever_the_policy() -> None:
+    dead = connect_redis("redis://127.0.0.1:1", timeout=0.2)
+    for policy in ("local", "allow"):
+        limiter = RedisRateLimiter(dead, policy=policy, registry=CollectorRegistry(),
+                                   timeout=0.2, cooldown=0)
+        budgeted = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 10**9, period_end()),))
+        refused = await limiter.acquire(KEY, budgeted, 1, 1)
+        assert not refused.allowed and refused.status == 503, policy
+        assert (await limiter.acquire(KEY, NONE, 1)).allowed, policy  # the others: as before
+    await dead.aclose()
