@@ -315,6 +315,34 @@ class EnvironmentUpdated(_EnvironmentEvent, tag="environment.updated"):
     status: EntityStatus | None = None
 
 
+# --------------------------------------------------------------------------- budgets
+
+
+class _BudgetEvent(Event, kw_only=True):
+    aggregate: ClassVar[str] = "budget"
+    stream_field: ClassVar[str] = "scope_id"
+    subject_field: ClassVar[str | None] = "tenant_id"
+
+    scope: str
+    """`tenant`, `environment` or `key`: what `scope_id` names."""
+    scope_id: uuid.UUID
+    tenant_id: uuid.UUID
+
+
+class BudgetSet(_BudgetEvent, tag="budget.set"):
+    """At most `amount` (dollars) spent per period by the scope: `day` (UTC), `month` (from
+    the 1st, UTC) or `days` (every `every_days` days from `anchor`)."""
+
+    amount: Decimal
+    period: str
+    every_days: int = 1
+    anchor: datetime | None = None
+
+
+class BudgetCleared(_BudgetEvent, tag="budget.cleared"):
+    """The scope has no budget any more."""
+
+
 # --------------------------------------------------------------------------- API keys
 
 
@@ -690,6 +718,8 @@ AnyEvent = (
     | DeploymentUpdated
     | DeploymentDeleted
     | DeploymentNoActiveNodes
+    | BudgetSet
+    | BudgetCleared
     | StripeCustomerLinked
     | PricingSwitched
     | UsageExportPlanned

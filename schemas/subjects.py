@@ -75,8 +75,8 @@ USAGE = StreamSpec(
 
 CONTROL = StreamSpec(
     name="CONTROL",
-    subjects=("tenant.>", "environment.>", "apikey.>", "model.>", "deployment.>", "billing.>",
-              "notification.>"),
+    subjects=("tenant.>", "environment.>", "apikey.>", "budget.>", "model.>", "deployment.>",
+              "billing.>", "notification.>"),
     max_age_seconds=30 * 86400,
     description="Control-plane events published from the log by the outbox relay.",
 )

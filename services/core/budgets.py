@@ -26,8 +26,11 @@ PeriodKind = Literal["day", "month", "days"]
 `every_days` days from `anchor`."""
 
 NANO: Final = DEFAULT_UNIT
-MAX_AMOUNT: Final = Decimal("9000000")
-"""Dollars: a budget's nano-dollars must stay exact in Redis's Lua (below 2**53)."""
+MAX_AMOUNT: Final = Decimal("999999.999999999")
+"""Dollars: a budget's nano-dollars must stay exact in Redis's Lua (below 2**53), with room
+for the reservations on top of it."""
+AMOUNT_PATTERN: Final = r"^(0|[1-9][0-9]{0,5})(\.[0-9]{1,9})?$"
+"""A budget as the API takes it: a decimal string, 0 to MAX_AMOUNT, at most 9 places."""
 MAX_EVERY_DAYS: Final = 366
 
 

@@ -19,6 +19,7 @@ from services.core.devstack import die_with_parent
 from services.core.http import serve
 from services.core.logging import configure_logging
 from services.core.node_keys import check_secret
+from services.core.pricing import parse_multipliers
 from services.core.settings import SettingsError, load_settings
 from services.core.tls import TlsError, server_context
 from services.gateway.app import create_gateway_app
@@ -63,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(GatewaySettings, workers=args.workers, http_port=args.port,
                                  tls_cert_file=args.tls_cert, tls_key_file=args.tls_key)
         check_secret(settings.node_api_key_secret.reveal())  # no secret, no node served
+        try:
+            parse_multipliers(settings.region_multipliers)
+        except ValueError as exc:
+            raise SettingsError(f"REGION_MULTIPLIERS: {exc}") from None
         # Checked before any worker starts: a bad certificate is one clear error, at once.
         tls = server_context(settings.tls_cert_file, settings.tls_key_file) \
             if settings.tls_cert_file or settings.tls_key_file else None

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -33,12 +36,15 @@ from schemas.events import (
     ApiKeyCreated,
     ApiKeyRevoked,
     ApiKeyUpdated,
+    BudgetCleared,
+    BudgetSet,
     EnvironmentUpdated,
     Event,
     TenantReactivated,
     TenantSuspended,
     TenantUpdated,
 )
+from services.core.budgets import nano
 from services.core.catalog import hash_api_key, looks_like_api_key
 from services.gateway.ratelimit import lua
 from services.gateway.ratelimit.auth_failures import (
@@ -75,6 +81,17 @@ def _cached_as(entry: bytes | str | None) -> Cached:
     return Cached.PRINCIPAL
 
 
+class PrincipalBudget(msgspec.Struct, frozen=True, array_like=True):
+    """A spend budget over the key (its own, its environment's or its tenant's)."""
+
+    scope: str
+    amount_nano: int
+    period: str
+    every_days: int
+    anchor: float | None
+    """Unix seconds, for a period of `days`."""
+
+
 class Principal(msgspec.Struct, frozen=True, array_like=True):
     """Who a key authenticates as, with what it needs for limits; cached in Redis."""
 
@@ -94,6 +111,7 @@ class Principal(msgspec.Struct, frozen=True, array_like=True):
     environment_requests_per_minute: int | None
     environment_tokens_per_minute: int | None
     environment_tokens_per_day: int | None
+    budgets: tuple[PrincipalBudget, ...] = ()
 
 
 class AuthError(Exception):
@@ -153,7 +171,12 @@ SELECT k.id, k.tenant_id, k.environment_id, k.role, e.region, k.status AS key_st
        t.status AS tenant_status, e.status AS environment_status, k.expires_at,
        k.requests_per_minute, k.tokens_per_minute, k.tokens_per_day, k.concurrency,
        e.requests_per_minute AS env_rpm, e.tokens_per_minute AS env_tpm,
-       e.tokens_per_day AS env_tpd
+       e.tokens_per_day AS env_tpd,
+       (SELECT json_agg(json_build_array(b.scope, b.amount::text, b.period, b.every_days,
+                                         extract(epoch FROM b.anchor)::float8))
+        FROM budgets b
+        WHERE b.scope_id IN (k.id, k.environment_id, k.tenant_id) AND b.amount IS NOT NULL)
+       AS budgets
 FROM api_keys k
 JOIN environments e ON e.id = k.environment_id
 JOIN tenants t ON t.id = k.tenant_id
@@ -168,7 +191,14 @@ def _principal(r: asyncpg.Record) -> Principal:
         r["key_status"], r["tenant_status"], r["environment_status"],
         expires.timestamp() if expires else None, r["requests_per_minute"],
         r["tokens_per_minute"], r["tokens_per_day"], r["concurrency"], r["env_rpm"],
-        r["env_tpm"], r["env_tpd"])
+        r["env_tpm"], r["env_tpd"], _budgets(r["budgets"]))
+
+
+def _budgets(raw: list[list[Any]] | str | None) -> tuple[PrincipalBudget, ...]:
+    """The lookup's budgets column (json: the pools decode it; a bare connection may not)."""
+    rows = json.loads(raw) if isinstance(raw, str) else raw or []
+    return tuple(PrincipalBudget(scope, nano(Decimal(amount)), period, every_days, anchor)
+                 for scope, amount, period, every_days, anchor in rows)
 
 
 @dataclass(frozen=True)
@@ -439,12 +469,17 @@ class Authenticator:
             case EnvironmentUpdated():
                 await self.invalidate(await self._hashes("environment_id",
                                                          str(event.environment_id)))
+            case BudgetSet() | BudgetCleared():
+                column = {"tenant": "tenant_id", "environment": "environment_id",
+                          "key": "id"}[event.scope]
+                await self.invalidate(await self._hashes(column, str(event.scope_id)))
 
     async def _hashes(self, column: str, value: str) -> list[str]:
-        # Off the hot path: only when a tenant or an environment changes.
+        # Off the hot path: only when a tenant, an environment or a budget changes.
         rows = await self.db.fetch(f"SELECT key_hash FROM api_keys WHERE {column} = $1::uuid",
                                    value)
+        attribute = "key_id" if column == "id" else column
         local = [h for h, (p, _) in self._local.items()
-                 if p is not None and getattr(p, column) == value]
+                 if p is not None and getattr(p, attribute) == value]
         return sorted({r["key_hash"] for r in rows} | set(local))
 

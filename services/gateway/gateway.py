@@ -24,6 +24,7 @@ from services.core.bus import Bus
 from services.core.http import BUS, DB, REDIS, REGISTRY
 from services.core.node_keys import NodeKeys
 from services.core.pipelined_redis import PipelinedRedis
+from services.core.pricing import parse_multipliers
 from services.gateway.auth import Authenticator, auth_settings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
 from services.gateway.metrics import GatewayMetrics
@@ -35,12 +36,13 @@ from services.gateway.proxy import Proxy, ProxySettings
 from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
 from services.gateway.response_owners import ResponseOwners
 from services.gateway.settings import GatewaySettings
+from services.gateway.spend import Pricer
 from services.gateway.upstream import UpstreamPool
 from services.gateway.usage import UsagePublisher
 
 log = structlog.get_logger("gateway")
 
-CONTROL_SUBJECTS = ("apikey.>", "tenant.>", "environment.>", "model.>")
+CONTROL_SUBJECTS = ("apikey.>", "tenant.>", "environment.>", "budget.>", "model.>")
 
 
 class LeaseKeeper:
@@ -82,6 +84,7 @@ class Gateway:
     bus: Bus
     leases: LeaseKeeper
     owners: ResponseOwners
+    pricer: Pricer
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _uuids: dict[str, uuid.UUID] = field(default_factory=dict)
 
@@ -168,6 +171,7 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
             chunk_timeout=s.stream_chunk_timeout)),
         usage=UsagePublisher(bus, Path(s.usage_spool_dir), buffer_size=s.usage_buffer_size,
                              registry=registry),
+        pricer=Pricer(parse_multipliers(s.region_multipliers)),
         models=models, metrics=metrics, bus=bus, leases=LeaseKeeper(
             limiter, s.concurrency_lease_seconds / 3),
         owners=ResponseOwners(redis, s.response_owner_ttl_seconds))

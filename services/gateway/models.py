@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 
 import asyncpg
 import msgspec
@@ -22,6 +23,9 @@ class ModelInfo:
     name: str
     context_length: int
     created: int
+    input_price: Decimal = Decimal(0)
+    """Dollars per million prompt tokens (the catalog's, as billing prices)."""
+    output_price: Decimal = Decimal(0)
 
 
 class ModelCatalog:
@@ -46,10 +50,12 @@ class ModelCatalog:
 
     async def refresh(self) -> None:
         rows = await self.db.fetch(
-            "SELECT name, context_length, created_at FROM models WHERE status = 'active' "
-            "ORDER BY name")
+            "SELECT name, context_length, created_at, input_price_per_million, "
+            "output_price_per_million FROM models WHERE status = 'active' ORDER BY name")
         self.models = {r["name"]: ModelInfo(r["name"], r["context_length"],
-                                            int(r["created_at"].timestamp())) for r in rows}
+                                            int(r["created_at"].timestamp()),
+                                            r["input_price_per_million"],
+                                            r["output_price_per_million"]) for r in rows}
         # OpenAI's list shape, encoded once per change rather than per request.
         self.list_body = msgspec.json.encode({"object": "list", "data": [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "crosslogic"}

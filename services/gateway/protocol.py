@@ -88,6 +88,10 @@ class InferenceRequest:
     """The client asked for the final usage chunk (stream_options.include_usage)."""
     wants_continuous_usage: bool
     reserved_tokens: int
+    output_bound: int = 0
+    """The most output tokens the request can make: what it asks for, else (vLLM generates to
+    the end of the context) the model's context, per sequence. A spend budget reserves this:
+    unlike `reserved_tokens`, it is never below what the node can generate."""
     cache_salt: str | None = None
     """What the node's prefix cache is salted with (the tenant's id); None: left as sent."""
     previous_response_id: str | None = None
@@ -193,13 +197,16 @@ def _output_budget(body: dict[str, Any], context_length: int | None,
 
 
 def _reserved_output(body: dict[str, Any], context_length: int | None, default: int,
-                     names: tuple[str, ...] = ("max_tokens", "max_completion_tokens")) -> int:
-    """The output budget to reserve per sequence: what the request asks for, else (vLLM then
-    generates up to the rest of the context) `default`, at most the context."""
+                     names: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+                     ) -> tuple[int, int]:
+    """The output budget per sequence: to reserve against token limits (what the request
+    asks for, else `default`, at most the context), and at most (what it asks for, else the
+    context: vLLM then generates up to the rest of it)."""
     budget = _output_budget(body, context_length, names)
     if budget is not None:
-        return budget
-    return default if context_length is None else min(default, context_length)
+        return budget, budget
+    reserved = default if context_length is None else min(default, context_length)
+    return reserved, reserved if context_length is None else context_length
 
 
 def _batch_size(value: Any) -> int:
@@ -301,7 +308,7 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
     if options is not None and not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     options = options or {}
-    completion = 0
+    completion = bound = 0
     limit = context_length(model) if context_length is not None else None
     if endpoint in GENERATING:
         # No request runs more than max_batch_sequences sequences, a single prompt's n too.
@@ -311,9 +318,11 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         runs = _integer(body, "best_of", n, min(max_n, max_batch_sequences)) or n
         prompts = _batch_size(body.get("prompt")) if endpoint == "completions" else 1
         _bound_sequences(prompts, runs, max_batch_sequences)
-        completion = prompts * runs * _reserved_output(body, limit, default_reserved)
+        reserved, most = _reserved_output(body, limit, default_reserved)
+        completion, bound = prompts * runs * reserved, prompts * runs * most
     elif endpoint == "responses":
-        completion = _reserved_output(body, limit, default_reserved, ("max_output_tokens",))
+        completion, bound = _reserved_output(body, limit, default_reserved,
+                                             ("max_output_tokens",))
     elif endpoint == "embeddings":
         _bound_inputs(_batch_size(body.get("input")), max_inputs)
     elif endpoint == "rerank":
@@ -330,7 +339,7 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         endpoint=endpoint, model=model, stream=stream, body=body, raw=raw,
         wants_usage=bool(options.get("include_usage")),
         wants_continuous_usage=bool(options.get("continuous_usage_stats")),
-        reserved_tokens=estimate_prompt_tokens(body) + completion,
+        reserved_tokens=estimate_prompt_tokens(body) + completion, output_bound=bound,
         cache_salt=cache_salt if endpoint in SALTED else None,
         previous_response_id=previous, store=store)
 

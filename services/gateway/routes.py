@@ -7,6 +7,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import cast
 
 import asyncpg
@@ -24,13 +25,21 @@ from services.core.usage_queries import (
     parse_usage_query,
     usage_report,
 )
+from services.gateway import spend
 from services.gateway.auth import AuthError, AuthThrottled, Principal
 from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
 from services.gateway.nodes import FINAL_STATUSES, NodeView
 from services.gateway.protocol import BadRequest, InferenceRequest, response_id_param
 from services.gateway.proxy import Progress, Stored, UpstreamFailure
-from services.gateway.ratelimit import Decision, Layer, Limits, LimitSubject, Reservation
+from services.gateway.ratelimit import (
+    BudgetCap,
+    Decision,
+    Layer,
+    Limits,
+    LimitSubject,
+    Reservation,
+)
 from services.gateway.ratelimit.in_flight import InFlight
 from services.gateway.response_owners import Owner, OwnersUnavailable
 from services.gateway.roles import Action, allowed
@@ -43,8 +52,10 @@ USAGE_REPORTS = web.AppKey("usage_reports", InFlight)
 """The usage reports this process is computing (USAGE_MAX_CONCURRENT at most)."""
 
 
-def limits_for(p: Principal, s: GatewaySettings) -> Limits:
-    """A key's own limits, its environment's (or the default), the platform's."""
+def limits_for(p: Principal, s: GatewaySettings,
+               budgets: tuple[BudgetCap, ...] = ()) -> Limits:
+    """A key's own limits, its environment's (or the default), the platform's, and the spend
+    budgets over it (`spend.caps`)."""
     return Limits(
         key_requests_per_minute=p.key_requests_per_minute,
         # An environment's own 0 pauses it; only "not set" (None) takes the default.
@@ -57,7 +68,7 @@ def limits_for(p: Principal, s: GatewaySettings) -> Limits:
         key_tokens_per_day=p.key_tokens_per_day,
         environment_tokens_per_minute=p.environment_tokens_per_minute,
         environment_tokens_per_day=p.environment_tokens_per_day,
-        key_concurrency=p.key_concurrency)
+        key_concurrency=p.key_concurrency, budgets=budgets)
 
 
 async def authenticate(request: web.Request, action: Action) -> Principal:
@@ -83,18 +94,28 @@ async def authenticate(request: web.Request, action: Action) -> Principal:
     return principal
 
 
-async def admit(gw: Gateway, principal: Principal, tokens: int) -> Decision:
-    """Every limit of the key, its environment, tenant and the platform, `tokens` reserved:
-    the decision, or the 429 (or 503) that refuses the request."""
+async def admit(gw: Gateway, principal: Principal, tokens: int,
+                worst_case: Callable[[], int] | None = None) -> Decision:
+    """Every limit of the key, its environment, tenant and the platform, `tokens` reserved,
+    and (when budgets are over the key) `worst_case()` nano-dollars at each: the decision, or
+    the 429 (or 503) that refuses the request."""
+    caps = spend.caps(principal.budgets, datetime.now(UTC)) if principal.budgets else ()
     decision = await gw.limiter.acquire(
         LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
-        limits_for(principal, gw.settings), tokens)
+        limits_for(principal, gw.settings, caps), tokens,
+        worst_case() if caps and worst_case is not None else 0)
     if not decision.allowed:
-        raise refusal(decision)
+        raise refusal(decision, principal)
     return decision
 
 
-def refusal(decision: Decision) -> ApiError:
+def refusal(decision: Decision, principal: Principal | None = None) -> ApiError:
+    if decision.layer in spend.BUDGET_LAYERS and principal is not None:
+        assert decision.layer is not None
+        return ApiError(429, spend.refusal_message(decision.layer, principal.budgets,
+                                                   decision.retry_after, datetime.now(UTC)),
+                        type="insufficient_quota", code="insufficient_quota",
+                        headers=decision.headers)
     if decision.layer is Layer.UNAVAILABLE:
         return ApiError.unavailable("Rate limiting is unavailable; retry shortly.",
                                     headers=decision.headers)
@@ -200,7 +221,10 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
         gw.metrics.no_node.labels(req.model).inc()
         raise ApiError.unavailable(f"No node is serving the model '{req.model}' right now. "
                                    "Retry shortly.", headers={"Retry-After": "1"})
-    decision = await admit(gw, principal, req.reserved_tokens)
+    model = gw.models.get(req.model)
+    assert model is not None
+    decision = await admit(gw, principal, req.reserved_tokens,
+                           lambda: gw.pricer.worst_case(model, len(req.raw), req.output_bound))
     request_id = request[REQUEST_ID]
     # Kept alive while the request runs, streamed or not: a whole answer may take longer than
     # a lease (REQUEST_TIMEOUT above CONCURRENCY_LEASE_SECONDS).
@@ -317,17 +341,21 @@ def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
     """Settle the reservation and meter the request, both off the response's path."""
     prompt, completion = progress.prompt_tokens, progress.completion_tokens
     node_id = progress.node_id
+    node = gw.table.nodes.get(node_id) if node_id else None
+    region = node.region if node else principal.region
     if reservation is not None:
-        gw.limiter.settle_nowait(reservation, prompt + completion)
+        spent = 0
+        if reservation.money_windows and (model := gw.models.get(req.model)) is not None:
+            spent = gw.pricer.actual(model, prompt, completion, region)
+        gw.limiter.settle_nowait(reservation, prompt + completion, spent)
     if prompt or completion:
         gw.metrics.child(gw.metrics.tokens, req.model, principal.tenant_id).inc(
             prompt + completion)
-    node = gw.table.nodes.get(node_id) if node_id else None
     gw.usage.submit(UsageRecorded(
         request_id=request_id, tenant_id=gw.uuid_of(principal.tenant_id),
         environment_id=gw.uuid_of(principal.environment_id),
         api_key_id=gw.uuid_of(principal.key_id), model=req.model, endpoint=req.endpoint,
-        region=node.region if node else principal.region,
+        region=region,
         node_id=gw.uuid_of(node_id) if node_id else None, prompt_tokens=prompt,
         completion_tokens=completion, latency_ms=round((time.monotonic() - started) * 1000, 3),
         time_to_first_token_ms=(round(progress.time_to_first_token * 1000, 3)

@@ -17,6 +17,9 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     without a load balancer terminating TLS in front of it)."""
     tls_key_file: str = ""
     region: str = "local"
+    region_multipliers: str = ""
+    """Billing's REGION_MULTIPLIERS (`eu-west-1=1.10,…`): spend budgets price a request as
+    billing will, so the two must be set alike."""
     node_api_key_secret: Secret = Secret("")
     """What each node's vLLM API key is derived from (HMAC-SHA256 with the node's id): the
     orchestrator's NODE_API_KEY_SECRET. Required: the gateway refuses to start without it

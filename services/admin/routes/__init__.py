@@ -10,6 +10,7 @@ from aiohttp import web
 
 from services.admin.routes import (
     billing,
+    budgets,
     deployments,
     docs,
     environments,
@@ -23,8 +24,8 @@ from services.admin.routes import (
 )
 from services.admin.routing import Route
 
-MODULES: tuple[ModuleType, ...] = (tenants, environments, keys, models, deployments, nodes,
-                                   usage, billing, subscriptions, events, docs)
+MODULES: tuple[ModuleType, ...] = (tenants, environments, keys, budgets, models, deployments,
+                                   nodes, usage, billing, subscriptions, events, docs)
 
 
 def all_routes() -> list[Route]:

@@ -25,6 +25,8 @@ from schemas.events import (
     ApiKeyCreated,
     ApiKeyRevoked,
     ApiKeyUpdated,
+    BudgetCleared,
+    BudgetSet,
     DeploymentCreated,
     DeploymentDeleted,
     DeploymentUpdated,
@@ -42,6 +44,7 @@ from schemas.events import (
     TenantUpdated,
 )
 from schemas.ids import uuid7
+from services.core.budgets import Budget, Period, Scope
 from services.core.catalog.projections import catalog_projections
 from services.core.catalog.weights import InvalidWeightsSource, parse_weights_source
 from services.core.db import Connection
@@ -283,6 +286,45 @@ class Catalog:
                                        tenant_id=row["tenant_id"], name=name, region=region,
                                        quota=merged, status=status)
             await self._write(conn, event.stream, [event], row["version"])
+
+    # ------------------------------------------------------------------ budgets
+
+    async def set_budget(self, scope: Scope, scope_id: uuid.UUID, amount: Decimal,
+                         period: Period) -> None:
+        """At most `amount` dollars per `period` for this tenant, environment or key
+        (NotFound when it does not exist). Setting it again replaces it."""
+        budget = Budget(scope, str(scope_id), amount, period)  # ValueError: out of bounds
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            tenant_id, version = await self._budget_owner(conn, scope, scope_id)
+            event = BudgetSet(scope=scope, scope_id=scope_id, tenant_id=tenant_id,
+                              amount=budget.amount, period=period.kind,
+                              every_days=period.every_days, anchor=period.anchor)
+            await self._write(conn, event.stream, [event], version)
+
+    async def clear_budget(self, scope: Scope, scope_id: uuid.UUID) -> bool:
+        """False when the scope had no budget (nothing recorded)."""
+        async with self.log.pool.acquire() as conn, conn.transaction():
+            tenant_id, version = await self._budget_owner(conn, scope, scope_id)
+            current = await conn.fetchval("SELECT amount FROM budgets WHERE scope_id = $1",
+                                          scope_id)
+            if current is None:
+                return False
+            event = BudgetCleared(scope=scope, scope_id=scope_id, tenant_id=tenant_id)
+            await self._write(conn, event.stream, [event], version)
+            return True
+
+    async def _budget_owner(self, conn: Connection, scope: Scope,
+                            scope_id: uuid.UUID) -> tuple[uuid.UUID, int]:
+        """The tenant the scope belongs to, and the budget stream's version."""
+        table = {"tenant": "tenants", "environment": "environments", "key": "api_keys"}[scope]
+        column = "id" if scope == "tenant" else "tenant_id"
+        tenant_id = await conn.fetchval(f"SELECT {column} FROM {table} WHERE id = $1",
+                                        scope_id)
+        if tenant_id is None:
+            raise NotFound(f"{scope} {scope_id} not found")
+        version = await conn.fetchval("SELECT version FROM budgets WHERE scope_id = $1",
+                                      scope_id)
+        return tenant_id, NO_STREAM if version is None else int(version)
 
     # ------------------------------------------------------------------ API keys
 

@@ -1,4 +1,4 @@
-"""Projections of the catalog: tenants, environments, api_keys, models, deployments.
+"""Projections of the catalog: tenants, environments, api_keys, budgets, models, deployments.
 
 Each applies its events idempotently (the row's `version` guards against applying an event
 twice), because a command applies its own event inline and the runner may apply it again.
@@ -12,6 +12,8 @@ from schemas.events import (
     ApiKeyCreated,
     ApiKeyRevoked,
     ApiKeyUpdated,
+    BudgetCleared,
+    BudgetSet,
     DeploymentCreated,
     DeploymentDeleted,
     DeploymentUpdated,
@@ -147,6 +149,33 @@ class ApiKeysProjection(Projection):
                     e.key_id, e.occurred_at, r.stream_version)
 
 
+class BudgetsProjection(Projection):
+    name = "budgets"
+    tables = ("budgets",)
+    event_types = ("budget.*",)
+
+    async def apply(self, conn: Connection, events: Sequence[RecordedEvent]) -> None:
+        for r in events:
+            e = r.event
+            if isinstance(e, BudgetSet):
+                await conn.execute(
+                    """INSERT INTO budgets (scope_id, scope, tenant_id, amount, period,
+                           every_days, anchor, updated_at, version)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                       ON CONFLICT (scope_id) DO UPDATE SET amount = EXCLUDED.amount,
+                           period = EXCLUDED.period, every_days = EXCLUDED.every_days,
+                           anchor = EXCLUDED.anchor, updated_at = EXCLUDED.updated_at,
+                           version = EXCLUDED.version
+                       WHERE budgets.version < EXCLUDED.version""",
+                    e.scope_id, e.scope, e.tenant_id, e.amount, e.period, e.every_days,
+                    e.anchor, e.occurred_at, r.stream_version)
+            elif isinstance(e, BudgetCleared):
+                await conn.execute(
+                    """UPDATE budgets SET amount = NULL, updated_at = $2, version = $3
+                       WHERE scope_id = $1 AND version < $3""",
+                    e.scope_id, e.occurred_at, r.stream_version)
+
+
 class ModelsProjection(Projection):
     name = "models"
     tables = ("models",)
@@ -221,4 +250,4 @@ class DeploymentsProjection(Projection):
 
 def catalog_projections() -> list[Projection]:
     return [TenantsProjection(), EnvironmentsProjection(), ApiKeysProjection(),
-            ModelsProjection(), DeploymentsProjection()]
+            BudgetsProjection(), ModelsProjection(), DeploymentsProjection()]

@@ -1,0 +1,67 @@
+"""Spend budgets at the gateway (issue 21): what a request may cost before it runs, what it
+cost when it ends, the caps over it now, and how a refusal reads. Pure.
+
+The worst case must be an upper bound, or a budget could be overshot: the prompt is counted
+as at most one token per byte of the request body (every token of a byte-level tokenizer
+covers at least one byte of text, and the body's JSON around the text outweighs a chat
+template's markers) and never more than the model's context; the output as what the request
+allows (the context when it sets no limit), for every sequence it runs; the region as the
+dearest one it could be served in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from services.core.budgets import Period, nano, period_bounds, worst_case_cost
+from services.core.pricing import cost
+from services.gateway.auth import PrincipalBudget
+from services.gateway.models import ModelInfo
+from services.gateway.ratelimit import BudgetCap, Layer
+
+LAYERS = {"key": Layer.KEY_BUDGET, "environment": Layer.ENVIRONMENT_BUDGET,
+          "tenant": Layer.TENANT_BUDGET}
+BUDGET_LAYERS = frozenset(LAYERS.values())
+
+
+class Pricer:
+    def __init__(self, multipliers: Mapping[str, Decimal]) -> None:
+        self.multipliers = dict(multipliers)
+        self.dearest = max([Decimal(1), *self.multipliers.values()])
+
+    def worst_case(self, model: ModelInfo, body_bytes: int, output_bound: int) -> int:
+        """Nano-dollars the request can cost at most."""
+        prompt = min(body_bytes, model.context_length)
+        return nano(worst_case_cost(prompt, output_bound, 1, model.input_price,
+                                    model.output_price, self.dearest))
+
+    def actual(self, model: ModelInfo, prompt: int, completion: int, region: str) -> int:
+        """Nano-dollars billing will charge (services/core/pricing.py)."""
+        return nano(cost(prompt, completion, model.input_price, model.output_price,
+                         self.multipliers.get(region, Decimal(1))))
+
+
+def caps(budgets: Sequence[PrincipalBudget], now: datetime) -> tuple[BudgetCap, ...]:
+    """The budgets over a key now: each with the end of its current period."""
+    out = []
+    for b in budgets:
+        anchor = datetime.fromtimestamp(b.anchor, UTC) if b.anchor is not None else None
+        period = Period(b.period, b.every_days, anchor)  # type: ignore[arg-type]
+        _, end = period_bounds(period, now)
+        out.append(BudgetCap(LAYERS[b.scope], b.amount_nano, int(end.timestamp() * 1000)))
+    return tuple(out)
+
+
+def refusal_message(layer: Layer, budgets: Sequence[PrincipalBudget], retry_after: float,
+                    now: datetime) -> str:
+    scope = next(s for s, found in LAYERS.items() if found is layer)
+    budget = next((b for b in budgets if b.scope == scope), None)
+    amount = f"${Decimal(budget.amount_nano).scaleb(-9).normalize():f} " if budget else ""
+    resets = datetime.fromtimestamp(now.timestamp() + retry_after, UTC)
+    what = {"key": "this API key's", "environment": "this environment's",
+            "tenant": "your account's"}[scope]
+    return (f"This request could take {what} spend budget ({amount}per "
+            f"{budget.period if budget else 'period'}) past its limit. It resets at "
+            f"{resets:%Y-%m-%dT%H:%M:%SZ}; ask with a lower max_tokens, or raise the budget.")
