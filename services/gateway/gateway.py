@@ -27,6 +27,7 @@ from services.core.pipelined_redis import PipelinedRedis
 from services.core.pricing import parse_multipliers
 from services.gateway.auth import Authenticator, auth_settings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
+from services.gateway.budget_spend import budget_spender
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelCatalog
 from services.gateway.node_feed import NodeFeed
@@ -158,7 +159,8 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream = UpstreamPool(connect_timeout=s.upstream_connect_timeout)
     limiter = RedisRateLimiter(limiter_redis, policy=s.ratelimit_policy,
                                lease_ttl=s.concurrency_lease_seconds, registry=registry,
-                               timeout=s.ratelimit_redis_timeout)
+                               timeout=s.ratelimit_redis_timeout,
+                               budget_spent=budget_spender(app[DB]))
     models = ModelCatalog(app[DB])
     await models.refresh()
     gw = Gateway(

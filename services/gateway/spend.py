@@ -49,8 +49,9 @@ def caps(budgets: Sequence[PrincipalBudget], now: datetime) -> tuple[BudgetCap, 
     for b in budgets:
         anchor = datetime.fromtimestamp(b.anchor, UTC) if b.anchor is not None else None
         period = Period(b.period, b.every_days, anchor)  # type: ignore[arg-type]
-        _, end = period_bounds(period, now)
-        out.append(BudgetCap(LAYERS[b.scope], b.amount_nano, int(end.timestamp() * 1000)))
+        start, end = period_bounds(period, now)
+        out.append(BudgetCap(LAYERS[b.scope], b.amount_nano, int(end.timestamp() * 1000),
+                             int(start.timestamp() * 1000)))
     return tuple(out)
 
 

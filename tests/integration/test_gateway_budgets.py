@@ -22,6 +22,8 @@ from services.gateway.app import create_gateway_app
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, usage_events
 from tests.integration.gateway_fixtures import platform as platform
+from tests.integration.test_billing_stripe import BillingRig
+from tests.integration.test_billing_stripe import rig as rig
 
 PRICE_IN, PRICE_OUT = Decimal("0.10"), Decimal("0.20")  # the platform fixture's model
 
@@ -112,3 +114,32 @@ async def test_a_refusal_names_the_budget_and_its_reset(platform: Platform) -> N
     assert refused.value.response.headers["x-ratelimit-scope"] == "tenant_budget"
     # Nothing was served, nothing is owed.
     assert await p.usage_in_stream() == 0
+
+
+async def test_after_redis_loses_the_counters_billing_records_bring_them_back(
+        platform: Platform, rig: BillingRig, redis_url: str) -> None:
+    """Spend most of a budget, let billing record it, lose Redis: the next request under the
+    budget is seeded from usage_records, so what is left is what billing says is left."""
+    p = platform
+    budget = Decimal("0.00005")
+    await p.catalog.set_budget("environment", p.environment_id, budget, Period("day"))
+    await p.start_gateway()
+    await p.add_node()
+    await p.routable(1)
+    client = p.client()
+    served = 0
+    while await ask(client, 3 * served + 1) == "ok":  # one at a time, until refused
+        served += 1
+    assert served >= 2
+    await rig.record([], total=served)  # billing records what the gateway published
+    r = aioredis.from_url(redis_url)
+    try:
+        await r.flushdb()  # Redis lost every counter
+    finally:
+        await r.aclose()
+    # The same request is refused again: its budget came back from billing's records.
+    assert await ask(client, 3 * served + 1) == "insufficient_quota"
+    events = await usage_events(p, served)
+    spent = sum((cost(e.prompt_tokens, e.completion_tokens, PRICE_IN, PRICE_OUT)
+                 for e in events), Decimal(0))
+    assert len(events) == served and spent <= budget

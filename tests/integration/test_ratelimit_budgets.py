@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,7 +20,7 @@ from services.gateway.ratelimit import (
     RedisRateLimiter,
     connect_redis,
 )
-from services.gateway.ratelimit.limits import Reservation
+from services.gateway.ratelimit.limits import Check, Reservation, plan
 from tests.helpers import eventually
 from tests.integration.test_ratelimit_redis import NONE, only
 
@@ -39,9 +39,19 @@ async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
+RECORDED: dict[str, int] = {}
+"""Billing's records, as far as these tests go: nano-dollars spent per budget key (the
+gateway's real reader, of usage_records, is tested through the gateway)."""
+
+
+async def recorded(subject: LimitSubject, checks: Sequence[Check]) -> list[int]:
+    return [RECORDED.get(c.key, 0) for c in checks]
+
+
 @pytest.fixture
 def limiter(r: aioredis.Redis) -> RedisRateLimiter:
-    return RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5)
+    RECORDED.clear()
+    return RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, budget_spent=recorded)
 
 
 def held(reservation: Reservation | None) -> Reservation:
@@ -109,7 +119,8 @@ async def test_a_new_period_starts_from_nothing_and_old_settles_stay_out_of_it(
 async def test_batched_settles_charge_money_and_tokens_apart(
         r: aioredis.Redis, redis_url: str) -> None:
     pipelined = PipelinedRedis(redis_url, timeout=5)
-    limiter = RedisRateLimiter(pipelined, registry=CollectorRegistry(), timeout=5)
+    limiter = RedisRateLimiter(pipelined, registry=CollectorRegistry(), timeout=5,
+                               budget_spent=recorded)
     await limiter.load_scripts()
     limits = only(key_tokens_per_day=10**9,
                   budgets=(BudgetCap(Layer.ENVIRONMENT_BUDGET, 10**6, period_end()),))
@@ -137,3 +148,40 @@ async def test_without_redis_a_budgeted_request_is_refused_whatever_the_policy()
         assert not refused.allowed and refused.status == 503, policy
         assert (await limiter.acquire(KEY, NONE, 1)).allowed, policy  # the others: as before
     await dead.aclose()
+
+
+async def test_a_budget_starts_from_what_billing_recorded_and_again_after_redis_lost_it(
+        limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
+    limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),))
+    RECORDED["budget:key:k1"] = 700  # spent earlier this period
+    assert (await limiter.acquire(KEY, limits, 1, 300)).allowed
+    assert not (await limiter.acquire(KEY, limits, 1, 1)).allowed
+    assert await spent(r, "budget:key:k1") == 1000
+    await r.flushdb()  # Redis lost everything; billing recorded 900 by now
+    RECORDED["budget:key:k1"] = 900
+    assert not (await limiter.acquire(KEY, limits, 1, 101)).allowed
+    assert (await limiter.acquire(KEY, limits, 1, 100)).allowed
+    assert await spent(r, "budget:key:k1") == 1000
+
+
+async def test_reconciling_raises_a_counter_to_billing_and_never_lowers_it(
+        limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
+    end = period_end()
+    limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, end),))
+    held((await limiter.acquire(KEY, limits, 1, 400)).reservation)  # in flight
+    [check] = [c for c in plan(KEY, limits, 1, 400) if c.layer is Layer.KEY_BUDGET]
+    assert await limiter.reconcile(KEY, [check], [100]) == 0  # billing is behind: kept
+    assert await spent(r, "budget:key:k1") == 400
+    assert await limiter.reconcile(KEY, [check], [650]) == 250  # drift: raised
+    assert await spent(r, "budget:key:k1") == 650
+
+
+async def test_without_billing_records_a_budgeted_request_waits(r: aioredis.Redis) -> None:
+    async def unreachable(subject: LimitSubject, checks: Sequence[Check]) -> list[int]:
+        raise OSError("no database")
+
+    limiter = RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5,
+                               budget_spent=unreachable)
+    limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),))
+    refused = await limiter.acquire(KEY, limits, 1, 1)
+    assert not refused.allowed and refused.status == 503

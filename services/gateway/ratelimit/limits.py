@@ -89,6 +89,7 @@ class BudgetCap:
     layer: Layer
     limit: int
     period_end_ms: int
+    period_start_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,8 @@ class Check:
     window_ms: int
     """0 for concurrency; for money, the period's end (Unix ms), which names the period."""
     amount: int
+    starts_ms: int = 0
+    """For money: the period's start (what billing's records are summed from)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +255,7 @@ def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int,
               if (limit := _effective(raw)) is not None]
     money = max(0, estimated_cost)
     checks += [Check(b.layer, Kind.MONEY, redis_key(b.layer, subject), b.limit,
-                     b.period_end_ms, money) for b in limits.budgets]
+                     b.period_end_ms, money, b.period_start_ms) for b in limits.budgets]
     concurrency = _effective(limits.key_concurrency)
     has_tokens = any(c.kind in (Kind.TOKENS, Kind.MONEY) for c in checks)
     if concurrency is not None or has_tokens:

@@ -35,7 +35,9 @@ ACQUIRE = _script("""
 --       gateway computes it, since months are not a fixed length).
 --       One string rather than 4 arguments a check: encoding arguments is most of the
 --       client's cost per call.
--- Reply: {allowed (1/0), now (ms), usage of each check before this request}.
+-- Reply: {allowed (1/0), now (ms), usage of each check before this request}; allowed is -1
+-- when a budget's counter does not hold its period yet (its first request of the period, or
+-- Redis lost it): the caller seeds it from billing's records (SEED) and asks again.
 -- All or nothing: nothing is written unless every check passes.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -43,6 +45,7 @@ local n = #KEYS
 local kinds, windows, amounts = {}, {}, {}
 local used, fresh = {}, {}
 local allowed = 1
+local unseeded = false
 local i = 0
 for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (%d+)') do
   i = i + 1
@@ -60,6 +63,8 @@ for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (
     if cur[1] and tonumber(cur[1]) == wid then
       u = tonumber(cur[2]) or 0
       fresh[i] = true
+    elseif kind == 'm' then
+      unseeded = true
     end
   end
   used[i] = u
@@ -69,6 +74,9 @@ for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (
 end
 if i ~= n then
   return redis.error_reply('ratelimit: ' .. n .. ' keys but ' .. i .. ' checks')
+end
+if unseeded then
+  allowed = -1
 end
 if allowed == 1 then
   local ttl = tonumber(ARGV[2])
@@ -178,6 +186,33 @@ for _ = 1, tonumber(ARGV[1]) do
   k = k + nkeys
 end
 return settled
+""")
+
+
+SEED = _script("""
+-- Budget counters from billing's records: KEYS: the counters; ARGV[1]: window grace (ms),
+-- then per counter its period's end (ms) and the nano-dollars billing recorded in the period.
+-- A counter of that period is raised to the recorded spend, never lowered (it also holds the
+-- reservations of requests in flight, which billing has not seen); any other is replaced.
+-- Reply: the nano-dollars added (the drift found).
+local grace = tonumber(ARGV[1])
+local added = 0
+for i = 1, #KEYS do
+  local wid, spent = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local cur = redis.call('HMGET', KEYS[i], 'w', 'n')
+  if cur[1] and tonumber(cur[1]) == wid then
+    local n = tonumber(cur[2]) or 0
+    if spent > n then
+      redis.call('HSET', KEYS[i], 'n', spent)
+      added = added + spent - n
+    end
+  else
+    redis.call('HSET', KEYS[i], 'w', wid, 'n', spent)
+    redis.call('PEXPIREAT', KEYS[i], wid + grace)
+    added = added + spent
+  end
+end
+return added
 """)
 
 

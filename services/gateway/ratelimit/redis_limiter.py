@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from services.gateway.ratelimit.limits import (
     WINDOW_GRACE_MS,
     Check,
     Decision,
+    Kind,
     Layer,
     Limits,
     LimitSubject,
@@ -45,6 +46,10 @@ log = structlog.get_logger("ratelimit")
 
 Policy = Literal["local", "allow", "deny"]
 POLICIES: tuple[Policy, ...] = ("local", "allow", "deny")
+
+BudgetSpent = Callable[[LimitSubject, Sequence[Check]], Awaitable[Sequence[int]]]
+"""What billing recorded against each budget check's scope in its period, in nano-dollars
+(the gateway reads usage_records: services/gateway/budget_spend.py)."""
 
 # OSError: a refused or reset socket can surface raw; TimeoutError: our own deadline.
 _UNREACHABLE = (RedisError, OSError, TimeoutError)
@@ -87,6 +92,11 @@ class RateLimitMetrics:
                 self.exceeded.labels(str(layer))
         for policy in POLICIES:
             self.fallback.labels(policy)
+        self.budget_seeded = Counter(
+            "budget_drift_nano_dollars_total",
+            "Nano-dollars budget counters were raised by to match billing's records (a "
+            "counter's first request of a period, a Redis that lost it, drift)",
+            registry=registry)
 
 
 class RedisRateLimiter:
@@ -100,12 +110,14 @@ class RedisRateLimiter:
                  lease_ttl: float = 120.0, registry: CollectorRegistry | None = None,
                  cooldown: float = 1.0, timeout: float = 0.25,
                  local: LocalRateLimiter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 budget_spent: BudgetSpent | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         if lease_ttl <= 0 or cooldown < 0 or timeout <= 0:
             raise ValueError("lease_ttl and timeout must be > 0, cooldown >= 0")
         self._redis = redis
+        self._budget_spent = budget_spent
         self.policy: Policy = policy
         self._lease_ttl_ms = max(1, round(lease_ttl * 1000))
         self._cooldown = cooldown
@@ -140,6 +152,20 @@ class RedisRateLimiter:
 
     async def acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
                       estimated_cost: int = 0) -> Decision:
+        decision = await self._acquire(subject, limits, estimated_tokens, estimated_cost)
+        if decision is not None:
+            return decision
+        # A budget's counter does not hold its period: seed it from billing's records, then
+        # ask once more (a period that ends in between: refused for now, retried by the
+        # client).
+        if not await self._seed(subject, limits, estimated_tokens, estimated_cost):
+            return self._unseeded()
+        return await self._acquire(subject, limits, estimated_tokens, estimated_cost) \
+            or self._unseeded()
+
+    async def _acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+                       estimated_cost: int) -> Decision | None:
+        """The decision; None when a budget counter must be seeded first."""
         """Check every layer and, only if all pass, count the request, reserve
         `estimated_tokens` (and `estimated_cost` nano-dollars at each budget) and take a
         lease: one EVALSHA."""
@@ -157,7 +183,44 @@ class RedisRateLimiter:
                 # could overshoot it N times, so without Redis a request under one waits.
                 return self._fallback(None)
             return self._fallback(lambda: self._local.decide(subject, limits, estimated_tokens))
+        if int(reply[0]) == -1:
+            return None
         return self._judged(checks, lease_id, reply)
+
+    async def _seed(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
+                    estimated_cost: int) -> bool:
+        money = [c for c in self._plans.plan(subject, limits, estimated_tokens, estimated_cost)
+                 if c.kind is Kind.MONEY]
+        if self._budget_spent is None or not money:
+            return False
+        try:
+            spent = await self._budget_spent(subject, money)
+        except Exception as exc:  # the records are out of reach: the budget cannot be known
+            log.warning("budget spend could not be read from billing's records",
+                        error=str(exc)[:200])
+            return False
+        args: list[str | int] = [WINDOW_GRACE_MS]
+        for check, nano in zip(money, spent, strict=True):
+            args += [check.window_ms, nano]
+        done, added = await self._run(lua.SEED, [c.key for c in money], args)
+        if done and int(added):
+            self.metrics.budget_seeded.inc(int(added))
+        return done
+
+    def _unseeded(self) -> Decision:
+        result = unavailable(1.0)
+        return Decision(allowed=False, layer=result.layer, retry_after=result.retry_after,
+                        headers=result.headers, reservation=None, degraded=True)
+
+    async def reconcile(self, subject: LimitSubject, checks: Sequence[Check],
+                        spent: Sequence[int]) -> int:
+        """Raise budget counters to what billing recorded (never lower them: they also hold
+        reservations in flight). Returns the nano-dollars added: the drift found."""
+        args: list[str | int] = [WINDOW_GRACE_MS]
+        for check, nano in zip(checks, spent, strict=True):
+            args += [check.window_ms, nano]
+        done, added = await self._run(lua.SEED, [c.key for c in checks], args)
+        return int(added) if done else 0
 
     async def acquire_usage(self, subject: LimitSubject, per_minute: int | None) -> Decision:
         """GET /v1/usage's own per-key limit (`usage_plan`), counted apart from inference:
@@ -279,7 +342,7 @@ class RedisRateLimiter:
         """Load every script now (at start-up) so fire-and-forget settles never meet
         NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
         try:
-            for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW):
+            for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:
             return False
