@@ -343,6 +343,32 @@ class BudgetCleared(_BudgetEvent, tag="budget.cleared"):
     """The scope has no budget any more."""
 
 
+class _BudgetAlert(_BudgetEvent, kw_only=True):
+    """What billing's records say a budget's period has spent (services/billing/
+    budget_watch.py); one stream per budget and period, so each is said once."""
+
+    aggregate: ClassVar[str] = "budget_alert"
+    stream_field: ClassVar[str] = "alert_key"
+
+    alert_key: str
+    """`<scope id>:<period start>`: names the period's stream."""
+    amount: Decimal
+    spent: Decimal
+    period_start: datetime
+    period_end: datetime
+
+
+class BudgetThresholdReached(_BudgetAlert, tag="budget.threshold_reached"):
+    """The period has spent `threshold` percent (50 or 80) of the budget."""
+
+    threshold: int
+
+
+class BudgetExhausted(_BudgetAlert, tag="budget.exhausted"):
+    """The period has spent the whole budget: requests under it are refused until
+    `period_end`."""
+
+
 # --------------------------------------------------------------------------- API keys
 
 
@@ -720,6 +746,8 @@ AnyEvent = (
     | DeploymentNoActiveNodes
     | BudgetSet
     | BudgetCleared
+    | BudgetThresholdReached
+    | BudgetExhausted
     | StripeCustomerLinked
     | PricingSwitched
     | UsageExportPlanned

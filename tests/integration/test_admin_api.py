@@ -475,6 +475,10 @@ BODIES = {
                       ({"identifier": "", "action": "resend"}, "identifier")),
     "setup_billing": ({}, ({"switch": "yes"}, "switch"),
                       ({"switch_at": "2030-01-01T00:30:00"}, "switch_at")),
+    **{f"set_{scope}_budget": ({"amount": "12.5", "period": "month"},
+                               ({"amount": 12.5, "period": "month"}, "amount"),
+                               ({"amount": "1000000", "period": "day"}, "amount"))
+       for scope in ("tenant", "environment", "key")},
     "create_notification_subscription": (
         {"kind": "email", "target": "ops@acme.test", "event_types": ["node.*"]},
         ({"kind": "email", "target": 5, "event_types": ["node.*"]}, "target"),

@@ -15,11 +15,11 @@ from aiohttp import web
 from msgspec import Meta
 
 from services.admin.routing import Handler, Route, add
-from services.admin.web_io import catalog, db, json_response, path_id, read_body
-from services.core.budgets import AMOUNT_PATTERN, MAX_EVERY_DAYS, Period, Scope, period_bounds
+from services.admin.web_io import catalog, db, json_response, path_id, read_body, require
+from services.core.budgets import AMOUNT_PATTERN, Period, Scope, period_bounds
 from services.core.catalog import NotFound
-from services.core.catalog.bodies import AwareTime, Body
-from services.core.request_checks import FieldError
+from services.core.catalog import queries as q
+from services.core.catalog.bodies import Body
 
 Amount = Annotated[str, Meta(
     pattern=AMOUNT_PATTERN,
@@ -28,22 +28,12 @@ Amount = Annotated[str, Meta(
 
 class BudgetBody(Body, frozen=True, kw_only=True):
     amount: Amount
-    period: Annotated[Literal["day", "month", "days"], Meta(
-        description="`day`: resets at 00:00 UTC; `month`: on the 1st, 00:00 UTC; `days`: "
-                    "every `every_days` days from `anchor`")]
-    every_days: Annotated[int, Meta(ge=1, le=MAX_EVERY_DAYS,
-                                    description="for `days` only")] = 1
-    anchor: Annotated[AwareTime | None, Meta(
-        description="for `days` (required then): when its first period starts")] = None
+    period: Annotated[Literal["day", "month"], Meta(
+        description="`day`: resets at 00:00 UTC; `month`: on the 1st, 00:00 UTC")]
+    # Custom resets (every N days from an anchor: services/core/budgets.py) are not offered
+    # here yet.
 
     def to_period(self) -> Period:
-        if self.period == "days":
-            if self.anchor is None:
-                raise FieldError("'anchor' is required for a period of 'days'", "anchor")
-            return Period("days", self.every_days, self.anchor)
-        if self.anchor is not None or self.every_days != 1:
-            param = "anchor" if self.anchor is not None else "every_days"
-            raise FieldError(f"'{param}' is only for a period of 'days'", param)
         return Period(self.period)
 
 
@@ -54,8 +44,6 @@ class BudgetRecord(msgspec.Struct, kw_only=True, frozen=True):
     amount: str
     """Dollars per period, 9 places."""
     period: str
-    every_days: int
-    anchor: datetime | None
     period_start: datetime
     period_end: datetime
     """The current period: the budget resets at its end."""
@@ -74,9 +62,8 @@ def _record(r: asyncpg.Record, now: datetime) -> BudgetRecord:
     start, end = period_bounds(period, now)
     amount: Decimal = r["amount"]
     return BudgetRecord(scope=r["scope"], scope_id=r["scope_id"], tenant_id=r["tenant_id"],
-                        amount=f"{amount:f}", period=r["period"], every_days=r["every_days"],
-                        anchor=r["anchor"], period_start=start, period_end=end,
-                        updated_at=r["updated_at"])
+                        amount=f"{amount:f}", period=r["period"], period_start=start,
+                        period_end=end, updated_at=r["updated_at"])
 
 
 def _scoped(scope: Scope, param: str) -> tuple[Handler, Handler, Handler]:
@@ -91,17 +78,18 @@ def _scoped(scope: Scope, param: str) -> tuple[Handler, Handler, Handler]:
 
     async def get(request: web.Request) -> web.Response:
         scope_id = path_id(request, param, what)
+        await catalog(request).budget_owner(scope, scope_id)  # 404 names a missing scope
         row = await db(request).fetchrow(
             f"SELECT {_COLUMNS} FROM budgets WHERE scope_id = $1 AND scope = $2 "
             "AND amount IS NOT NULL", scope_id, scope)
         if row is None:
-            raise NotFound(f"{what} {scope_id} has no budget")
+            raise NotFound(f"budget of {what} {scope_id} not found")
         return json_response(_record(row, datetime.now(UTC)))
 
     async def delete(request: web.Request) -> web.Response:
         scope_id = path_id(request, param, what)
         if not await catalog(request).clear_budget(scope, scope_id):
-            raise NotFound(f"{what} {scope_id} has no budget")
+            raise NotFound(f"budget of {what} {scope_id} not found")
         return web.Response(status=204)
 
     # The operation ids (OpenAPI, the request checks) are the handlers' names.
@@ -112,6 +100,7 @@ def _scoped(scope: Scope, param: str) -> tuple[Handler, Handler, Handler]:
 
 async def list_budgets(request: web.Request) -> web.Response:
     tenant_id = path_id(request, "tenant_id", "tenant")
+    require(await q.get_tenant(db(request), tenant_id), "tenant", tenant_id)
     rows = await db(request).fetch(
         f"SELECT {_COLUMNS} FROM budgets WHERE tenant_id = $1 AND amount IS NOT NULL "
         "ORDER BY scope, scope_id", tenant_id)

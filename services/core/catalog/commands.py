@@ -313,6 +313,12 @@ class Catalog:
             await self._write(conn, event.stream, [event], version)
             return True
 
+    async def budget_owner(self, scope: Scope, scope_id: uuid.UUID) -> uuid.UUID:
+        """The tenant a scope belongs to; NotFound when there is no such scope."""
+        async with self.log.pool.acquire() as conn:
+            tenant_id, _ = await self._budget_owner(conn, scope, scope_id)
+        return tenant_id
+
     async def _budget_owner(self, conn: Connection, scope: Scope,
                             scope_id: uuid.UUID) -> tuple[uuid.UUID, int]:
         """The tenant the scope belongs to, and the budget stream's version."""
