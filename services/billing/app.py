@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from schemas.subjects import USAGE
+from services.billing.budget_watch import BudgetWatch
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
 from services.billing.projection import UsageMetrics, UsageRecordsProjection
@@ -74,7 +75,9 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [*(asyncio.create_task(_fetch(app, recorder), name=f"usage-recorder-{i}")
                for i in range(s.usage_recorder_workers)),
              asyncio.create_task(usage.run(), name="usage-records"),
-             asyncio.create_task(ledger.run(), name="billing-events")]
+             asyncio.create_task(ledger.run(), name="billing-events"),
+             asyncio.create_task(BudgetWatch(app[DB], interval=s.budget_watch_seconds).run(),
+                                 name="budget-watch")]
     yield
     await stop_tasks(tasks)
 

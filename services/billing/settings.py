@@ -45,6 +45,8 @@ class BillingSettings(CoreSettings, kw_only=True, frozen=True):
     stripe_webhook_tolerance: int = 300
     """Seconds a webhook's signed timestamp may be old."""
 
+    budget_watch_seconds: float = 30.0
+    """Seconds between looks at every spend budget's period, for its 50/80/100% alerts."""
     billing_hour_grace: float = 300.0
     """Seconds after an hour ends before it is closed and pushed; later usage is a
     correction."""
@@ -115,6 +117,7 @@ def check_settings(s: BillingSettings) -> None:
                 "BILLING_PUSH_ATTEMPTS": s.billing_push_attempts,
                 "BILLING_RETRY_INITIAL": s.billing_retry_initial,
                 "BILLING_LEADER_RETRY": s.billing_leader_retry,
+                "BUDGET_WATCH_SECONDS": s.budget_watch_seconds,
                 "BILLING_RESEND_HORIZON": s.billing_resend_horizon,
                 "STRIPE_TIMEOUT": s.stripe_timeout,
                 "STRIPE_WEBHOOK_TOLERANCE": s.stripe_webhook_tolerance}

@@ -270,6 +270,32 @@ def _nodes_terminate(c: AdminClient, a: argparse.Namespace) -> Any:
     return c.post(f"/nodes/{a.id}/terminate", {"reason": a.reason})
 
 
+# --------------------------------------------------------------------------- budgets
+
+_BUDGET_PATHS = {"tenant": "tenants", "environment": "environments", "key": "keys"}
+_BUDGET_COLUMNS: tuple[Column, ...] = (
+    ("SCOPE", "scope"), ("ID", "scope_id"), ("AMOUNT", "amount"), ("PERIOD", "period"),
+    ("RESETS", "period_end"))
+
+
+def _budgets_set(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.put(f"/{_BUDGET_PATHS[a.scope]}/{a.id}/budget",
+                 {"amount": a.amount, "period": a.period})
+
+
+def _budgets_show(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/{_BUDGET_PATHS[a.scope]}/{a.id}/budget")
+
+
+def _budgets_clear(c: AdminClient, a: argparse.Namespace) -> Any:
+    c.delete(f"/{_BUDGET_PATHS[a.scope]}/{a.id}/budget")
+    return {"cleared": f"{a.scope} {a.id}"}
+
+
+def _budgets_list(c: AdminClient, a: argparse.Namespace) -> Any:
+    return c.get(f"/tenants/{a.tenant_id}/budgets")["data"]
+
+
 # --------------------------------------------------------------------------- billing
 
 _EXPORT_COLUMNS: tuple[Column, ...] = (
@@ -587,6 +613,22 @@ def register_admin_commands(sub: Any) -> None:
              _nodes_terminate)
     p.add_argument("id")
     p.add_argument("--reason", default="terminated by an operator")
+
+    g = group("budgets", "spend budgets in money of a tenant, environment or key (admin API)")
+    p = leaf(g, "set", "at most AMOUNT dollars per day or month; replaces one set before",
+             _budgets_set)
+    p.add_argument("scope", choices=_BUDGET_PATHS)
+    p.add_argument("id")
+    p.add_argument("amount", help="US dollars, e.g. 250 or 0.5")
+    p.add_argument("--period", choices=("day", "month"), default="month")
+    p = leaf(g, "show", "a budget and its current period", _budgets_show)
+    p.add_argument("scope", choices=_BUDGET_PATHS)
+    p.add_argument("id")
+    p = leaf(g, "clear", "remove a budget", _budgets_clear)
+    p.add_argument("scope", choices=_BUDGET_PATHS)
+    p.add_argument("id")
+    leaf(g, "list", "every budget of a tenant, its environments and keys", _budgets_list,
+         _BUDGET_COLUMNS).add_argument("tenant_id")
 
     g = group("billing", "a tenant's Stripe billing (admin API)")
     leaf(g, "link", "give a tenant a Stripe customer and metered subscription (once)",
