@@ -223,8 +223,11 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
                                    "Retry shortly.", headers={"Retry-After": "1"})
     model = gw.models.get(req.model)
     assert model is not None
+    # A continued response's prompt holds the stored conversation, which is not in the body:
+    # up to the whole context.
+    prompt_bytes = model.context_length if req.previous_response_id else len(req.raw)
     decision = await admit(gw, principal, req.reserved_tokens,
-                           lambda: gw.pricer.worst_case(model, len(req.raw), req.output_bound))
+                           lambda: gw.pricer.worst_case(model, prompt_bytes, req.output_bound))
     request_id = request[REQUEST_ID]
     # Kept alive while the request runs, streamed or not: a whole answer may take longer than
     # a lease (REQUEST_TIMEOUT above CONCURRENCY_LEASE_SECONDS).

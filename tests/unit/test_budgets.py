@@ -62,3 +62,31 @@ def test_amounts_are_dollars_on_the_nano_dollar_grid_and_bounded() -> None:
         Budget("tenant", "t", MAX_AMOUNT + 1, Period("month"))
     with pytest.raises(ValueError, match="9 decimal places"):
         Budget("key", "k", Decimal("0.0000000001"), Period("day"))
+
+
+def test_the_gateway_prices_the_worst_case_at_the_dearest_region_and_bounds_the_prompt() -> None:
+    from services.gateway.auth import PrincipalBudget
+    from services.gateway.models import ModelInfo
+    from services.gateway.ratelimit import Layer
+    from services.gateway.spend import Pricer, caps, refusal_message
+
+    model = ModelInfo("m", 1000, 0, Decimal("3"), Decimal("15"))
+    pricer = Pricer({"eu-west-1": Decimal("1.10"), "cheap": Decimal("0.5")})
+    assert pricer.dearest == Decimal("1.10")
+    # The prompt is the body's bytes, never more than the context.
+    assert pricer.worst_case(model, 400, 100) == nano(cost(400, 100, Decimal(3), Decimal(15),
+                                                            Decimal("1.10")))
+    assert pricer.worst_case(model, 10**6, 100) == pricer.worst_case(model, 1000, 100)
+    assert pricer.actual(model, 10, 5, "cheap") == nano(cost(10, 5, Decimal(3), Decimal(15),
+                                                             Decimal("0.5")))
+    assert pricer.actual(model, 10, 5, "nowhere") == nano(cost(10, 5, Decimal(3), Decimal(15)))
+    budgets = (PrincipalBudget("key", 500_000_000, "day", 1, None),
+               PrincipalBudget("tenant", 10**10, "month", 1, None))
+    now = at(2026, 3, 10, 12)
+    [key, tenant] = caps(budgets, now)
+    assert (key.layer, key.limit, key.period_end_ms) == (
+        Layer.KEY_BUDGET, 500_000_000, int(at(2026, 3, 11).timestamp() * 1000))
+    assert tenant.period_start_ms == int(at(2026, 3, 1).timestamp() * 1000)
+    message = refusal_message(Layer.KEY_BUDGET, budgets, 12 * 3600, now)
+    assert "this API key's spend budget ($0.5 per day)" in message
+    assert "resets at 2026-03-11T00:00:00Z" in message
