@@ -32,6 +32,11 @@ class GatewayMetrics:
                                registry=registry)
         self.disconnects = Counter("gateway_client_disconnects_total",
                                    "Clients that went away mid-stream", registry=registry)
+        self.budget_limited = Counter(
+            "budget_limited_requests_total",
+            "Requests admitted with what was left of a spend budget, their output limit "
+            "lowered to what it pays for (the node ends them there)", ["endpoint"],
+            registry=registry)
         self._children: dict[tuple[str, ...], Any] = {}
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:

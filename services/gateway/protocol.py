@@ -1,12 +1,14 @@
 """The OpenAI-compatible request and response shapes as the gateway needs them. Pure.
 
 The gateway parses a request body only to route, bound, limit and meter it; everything it
-does not know passes through to vLLM unchanged, with two exceptions:
+does not know passes through to vLLM unchanged, with three exceptions:
 - vLLM's `cache_salt` is always the tenant's id (whatever the client sent), so the prefix
   cache of a node is never shared between tenants;
 - for streams it always asks vLLM for usage on every chunk (`stream_options.include_usage` +
   vLLM's `continuous_usage_stats`), so that a client who hangs up mid-stream is billed exactly
-  what it was sent, then gives each client only what it asked for.
+  what it was sent, then gives each client only what it asked for;
+- a request admitted with less than its worst case under a spend budget has its output limit
+  lowered to what the budget pays for (`limit_output`).
 
 Bounds, checked before anything leaves: the body nests at most MAX_JSON_DEPTH levels; `n`
 from 1 to `max_n`; prompts * `n` (the sequences one completions request makes a node run) at
@@ -18,9 +20,10 @@ the default).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -92,6 +95,9 @@ class InferenceRequest:
     """The most output tokens the request can make: what it asks for, else (vLLM generates to
     the end of the context) the model's context, per sequence. A spend budget reserves this:
     unlike `reserved_tokens`, it is never below what the node can generate."""
+    sequences: int = 1
+    """How many sequences `output_bound` is shared by (prompts x `n`, or x `best_of`): each
+    may generate `output_bound // sequences`."""
     cache_salt: str | None = None
     """What the node's prefix cache is salted with (the tenant's id); None: left as sent."""
     previous_response_id: str | None = None
@@ -309,6 +315,7 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         raise BadRequest("'stream_options' must be an object", "stream_options")
     options = options or {}
     completion = bound = 0
+    sequences = 1
     limit = context_length(model) if context_length is not None else None
     if endpoint in GENERATING:
         # No request runs more than max_batch_sequences sequences, a single prompt's n too.
@@ -319,7 +326,8 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         prompts = _batch_size(body.get("prompt")) if endpoint == "completions" else 1
         _bound_sequences(prompts, runs, max_batch_sequences)
         reserved, most = _reserved_output(body, limit, default_reserved)
-        completion, bound = prompts * runs * reserved, prompts * runs * most
+        sequences = prompts * runs
+        completion, bound = sequences * reserved, sequences * most
     elif endpoint == "responses":
         completion, bound = _reserved_output(body, limit, default_reserved,
                                              ("max_output_tokens",))
@@ -340,6 +348,7 @@ def parse_request(raw: bytes, endpoint: str, *, default_reserved: int,
         wants_usage=bool(options.get("include_usage")),
         wants_continuous_usage=bool(options.get("continuous_usage_stats")),
         reserved_tokens=estimate_prompt_tokens(body) + completion, output_bound=bound,
+        sequences=sequences,
         cache_salt=cache_salt if endpoint in SALTED else None,
         previous_response_id=previous, store=store)
 
@@ -354,6 +363,33 @@ def response_id_param(value: Any, param: str) -> str | None:
         raise BadRequest(f"Invalid '{param}': expected a response id (letters, digits, '_' "
                          f"and '-', at most {MAX_RESPONSE_ID}).", param, "invalid_value")
     return value
+
+
+OUTPUT_LIMITS: Final = {"chat": ("max_tokens", "max_completion_tokens"),
+                        "completions": ("max_tokens",), "responses": ("max_output_tokens",)}
+"""Where each generating endpoint takes its output limit: the first is always set by
+`limit_output`, the others where the client gave them (vLLM's chat takes
+max_completion_tokens over max_tokens)."""
+
+
+def limit_output(req: InferenceRequest, per_sequence: int) -> InferenceRequest:
+    """`req` generating at most `per_sequence` tokens a sequence (a spend budget pays for no
+    more): the node then ends it itself, as any request reaching its limit (finish_reason
+    `length`, usage, and in a stream `[DONE]`). A `min_tokens` above it comes down with it
+    (vLLM refuses a min_tokens above max_tokens)."""
+    if per_sequence < 1:
+        raise ValueError("a request generates at least one token a sequence")
+    body = dict(req.body)
+    first, *others = OUTPUT_LIMITS[req.endpoint]
+    body[first] = per_sequence
+    for name in others:
+        if body.get(name) is not None:
+            body[name] = per_sequence
+    least = body.get("min_tokens")
+    if isinstance(least, int) and least > per_sequence:
+        body["min_tokens"] = per_sequence
+    return dataclasses.replace(req, body=body, raw=_encode(body),
+                               output_bound=per_sequence * req.sequences)
 
 
 def upstream_body(req: InferenceRequest) -> bytes:

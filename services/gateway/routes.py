@@ -29,8 +29,14 @@ from services.gateway import spend
 from services.gateway.auth import AuthError, AuthThrottled, Principal
 from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
+from services.gateway.models import ModelInfo
 from services.gateway.nodes import FINAL_STATUSES, NodeView
-from services.gateway.protocol import BadRequest, InferenceRequest, response_id_param
+from services.gateway.protocol import (
+    BadRequest,
+    InferenceRequest,
+    limit_output,
+    response_id_param,
+)
 from services.gateway.proxy import Progress, Stored, UpstreamFailure
 from services.gateway.ratelimit import (
     BudgetCap,
@@ -47,6 +53,10 @@ from services.gateway.roles import refusal as refusal_message
 from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("gateway")
+
+BUDGET_MAX_TOKENS_HEADER = "x-budget-max-tokens"
+"""On an answer whose output limit a spend budget lowered: the output tokens a sequence it
+ran with."""
 
 USAGE_REPORTS = web.AppKey("usage_reports", InFlight)
 """The usage reports this process is computing (USAGE_MAX_CONCURRENT at most)."""
@@ -95,15 +105,15 @@ async def authenticate(request: web.Request, action: Action) -> Principal:
 
 
 async def admit(gw: Gateway, principal: Principal, tokens: int,
-                worst_case: Callable[[], int] | None = None) -> Decision:
+                cost: tuple[int, int] = (0, 0)) -> Decision:
     """Every limit of the key, its environment, tenant and the platform, `tokens` reserved,
-    and (when budgets are over the key) `worst_case()` nano-dollars at each: the decision, or
-    the 429 (or 503) that refuses the request."""
+    and (when budgets are over the key) the request's `cost` (the most it can cost, the
+    least it can run with; nano-dollars) at each: the decision, or the 429 (or 503) that
+    refuses the request."""
     caps = spend.caps(principal.budgets, datetime.now(UTC)) if principal.budgets else ()
     decision = await gw.limiter.acquire(
         LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
-        limits_for(principal, gw.settings, caps), tokens,
-        worst_case() if caps and worst_case is not None else 0)
+        limits_for(principal, gw.settings, caps), tokens, *cost)
     if not decision.allowed:
         raise refusal(decision, principal)
     return decision
@@ -226,15 +236,19 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     # A continued response's prompt holds the stored conversation, which is not in the body:
     # up to the whole context.
     prompt_bytes = model.context_length if req.previous_response_id else len(req.raw)
-    decision = await admit(gw, principal, req.reserved_tokens,
-                           lambda: gw.pricer.worst_case(model, prompt_bytes, req.output_bound))
+    cost = (gw.pricer.bounds(model, prompt_bytes, req.output_bound, req.sequences)
+            if principal.budgets else (0, 0))
+    decision = await admit(gw, principal, req.reserved_tokens, cost)
+    headers = decision.headers
+    if decision.reservation is not None and decision.reservation.money < cost[0]:
+        req, headers = _within_budget(gw, req, model, prompt_bytes, decision)
     request_id = request[REQUEST_ID]
     # Kept alive while the request runs, streamed or not: a whole answer may take longer than
     # a lease (REQUEST_TIMEOUT above CONCURRENCY_LEASE_SECONDS).
     lease = gw.leases.hold(decision.reservation) if decision.reservation is not None else None
     progress = Progress()
     try:
-        result = await gw.proxy.forward(request, req, request_id, decision.headers, progress,
+        result = await gw.proxy.forward(request, req, request_id, headers, progress,
                                         pinned=pinned, on_stored=on_stored)
     except UpstreamFailure as failure:
         _finish(gw, decision.reservation, req, principal, request_id, started, progress,
@@ -257,6 +271,21 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     _finish(gw, decision.reservation, req, principal, request_id, started, progress,
             CLIENT_CLOSED_REQUEST if result.client_gone else result.status)
     return result.response
+
+
+def _within_budget(gw: Gateway, req: InferenceRequest, model: ModelInfo, prompt_bytes: int,
+                   decision: Decision) -> tuple[InferenceRequest, dict[str, str]]:
+    """A request admitted with what was left of a budget, less than its worst case: its
+    output limit comes down to what that pays for, so the node stops it at the budget (the
+    answer ends as any that reaches its limit: finish_reason `length`, usage, `[DONE]`).
+    The client is told the limit it ran with."""
+    assert decision.reservation is not None
+    per_sequence = gw.pricer.output_limit(model, prompt_bytes, req.sequences,
+                                          decision.reservation.money,
+                                          req.output_bound // req.sequences)
+    gw.metrics.budget_limited.labels(req.endpoint).inc()
+    return (limit_output(req, per_sequence),
+            {**decision.headers, BUDGET_MAX_TOKENS_HEADER: str(per_sequence)})
 
 
 def stored_by(gw: Gateway, tenant_id: str) -> Stored:

@@ -37,6 +37,30 @@ class Pricer:
         return nano(worst_case_cost(prompt, output_bound, 1, model.input_price,
                                     model.output_price, self.dearest))
 
+    def bounds(self, model: ModelInfo, body_bytes: int, output_bound: int,
+               sequences: int) -> tuple[int, int]:
+        """(the most the request can cost, the least it can run with): its prompt and one
+        output token a sequence, when it generates (else all or nothing)."""
+        worst = self.worst_case(model, body_bytes, output_bound)
+        if output_bound <= sequences:
+            return worst, worst
+        return worst, self.worst_case(model, body_bytes, sequences)
+
+    def output_limit(self, model: ModelInfo, body_bytes: int, sequences: int, granted: int,
+                     per_sequence: int) -> int:
+        """The most output tokens a sequence (1 to `per_sequence`) whose worst case is paid
+        for by `granted` nano-dollars. The cost grows with the tokens, so a bisection finds
+        it: ~17 prices at most, and only for a request admitted with less than its worst
+        case (the last ones of a budget's period)."""
+        low, high = 1, max(1, per_sequence)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.worst_case(model, body_bytes, mid * sequences) <= granted:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
     def actual(self, model: ModelInfo, prompt: int, completion: int, region: str) -> int:
         """Nano-dollars billing will charge (services/core/pricing.py)."""
         return nano(cost(prompt, completion, model.input_price, model.output_price,
@@ -63,6 +87,7 @@ def refusal_message(layer: Layer, budgets: Sequence[PrincipalBudget], retry_afte
     resets = datetime.fromtimestamp(now.timestamp() + retry_after, UTC)
     what = {"key": "this API key's", "environment": "this environment's",
             "tenant": "your account's"}[scope]
-    return (f"This request could take {what} spend budget ({amount}per "
-            f"{budget.period if budget else 'period'}) past its limit. It resets at "
-            f"{resets:%Y-%m-%dT%H:%M:%SZ}; ask with a lower max_tokens, or raise the budget.")
+    return (f"What is left of {what} spend budget ({amount}per "
+            f"{budget.period if budget else 'period'}) does not cover this request (its "
+            f"prompt and at least one output token). It resets at "
+            f"{resets:%Y-%m-%dT%H:%M:%SZ}; send a shorter request, or raise the budget.")

@@ -6,16 +6,21 @@ against a small budget. What was spent never passes it; a refusal is OpenAI's
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from services.core.budgets import NANO, Period, period_bounds
+from schemas.events import UsageRecorded
+from services.core.budgets import Period, nano, period_bounds
 from services.core.devstack import free_port
 from services.core.pricing import cost
 from services.gateway.app import create_gateway_app
@@ -24,6 +29,12 @@ from tests.integration.gateway_fixtures import MODEL, Platform, usage_events
 from tests.integration.gateway_fixtures import platform as platform
 from tests.integration.test_billing_stripe import BillingRig
 from tests.integration.test_billing_stripe import rig as rig
+from tests.integration.test_gateway_resilience import (
+    _all,
+    _both_route,
+    serving,
+    start_gateway_process,
+)
 
 PRICE_IN, PRICE_OUT = Decimal("0.10"), Decimal("0.20")  # the platform fixture's model
 
@@ -57,44 +68,159 @@ async def ask(client: openai.AsyncOpenAI, i: int) -> str:
     return "ok"
 
 
-async def test_a_key_budget_holds_across_two_gateways(platform: Platform,
-                                                      redis_url: str) -> None:
+def body_of(i: int) -> dict[str, Any]:
+    """Request `i` of a mix: streamed or whole, with a small max_tokens or none (vLLM then
+    generates up to the context: the worst case is the whole context)."""
+    body: dict[str, Any] = {"model": MODEL,
+                            "messages": [{"role": "user", "content": f"Spend {i} on me."}]}
+    if i % 3:
+        body["max_tokens"] = 6 + i % 5
+    if i % 2:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+@dataclass
+class Answer:
+    status: int
+    raw: bytes
+    """The request body as sent: its bytes bound its prompt."""
+    headers: dict[str, str]
+    text: bytes
+
+
+async def send(s: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any]) -> Answer:
+    raw = json.dumps(body).encode()
+    async with s.post(f"{url}/v1/chat/completions", data=raw, headers={
+            "Authorization": f"Bearer {key}", "Content-Type": "application/json"}) as r:
+        return Answer(r.status, raw, dict(r.headers), await r.read())
+
+
+def least_cost(raw: bytes) -> int:
+    """The least a request can run with, in nano-dollars: its prompt bound (a token a byte)
+    and one output token."""
+    return nano(cost(len(raw), 1, PRICE_IN, PRICE_OUT))
+
+
+def well_formed(answer: Answer) -> None:
+    """A stream ends with usage and [DONE]; a budget-limited answer stops at its limit."""
+    limit = answer.headers.get("x-budget-max-tokens")
+    if answer.raw.find(b'"stream": true') < 0:
+        done = json.loads(answer.text)
+        assert limit is None or done["usage"]["completion_tokens"] <= int(limit)
+        return
+    events = [line[6:] for line in answer.text.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]", answer.text[-200:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert reasons[-1] in ("stop", "length")
+    usage = chunks[-1]["usage"]
+    if limit is not None:
+        assert usage["completion_tokens"] <= int(limit)
+        if usage["completion_tokens"] == int(limit):
+            assert reasons[-1] == "length"
+
+
+async def test_a_key_budget_holds_across_two_gateway_processes(platform: Platform,
+                                                               redis_url: str) -> None:
+    """Demand well above a key's budget, from two gateway processes at once, then one at a
+    time until the budget refuses with nothing in flight: what was billed never passes the
+    budget, and ends within the refused request's least cost of it."""
     p = platform
     budget = Decimal("0.0002")
+    budgeted = await p.catalog.create_api_key(p.environment_id)
+    await p.catalog.set_budget("key", budgeted.key_id, budget, Period("day"))
+    await p.add_node()
+    ports = [free_port(), free_port()]
+    procs = [await start_gateway_process(p, port) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    r = aioredis.from_url(redis_url)
+    try:
+        async with aiohttp.ClientSession() as s:
+            await eventually(lambda: _all(serving(s, u) for u in urls), timeout=30,
+                             what="both gateways ready")
+            await eventually(lambda: _both_route(s, urls, p.key.plaintext), timeout=30,
+                             what="both gateways route")
+            answers = list(await asyncio.gather(*(
+                send(s, urls[i % 2], budgeted.plaintext, body_of(i)) for i in range(60))))
+            assert {a.status for a in answers} == {200, 429}  # demand was above the budget
+            i = 60
+            while True:  # one at a time until refused with nothing in flight
+                answer = await send(s, urls[i % 2], budgeted.plaintext, body_of(i))
+                answers.append(answer)
+                i += 1
+                if answer.status == 200:
+                    continue
+                served = [a for a in answers if a.status == 200]
+                spent = await billed(p, budgeted.key_id, len(served))
+
+                async def settled(spent: Decimal = spent) -> bool:
+                    key = f"budget:key:{budgeted.key_id}"
+                    return int(await r.hget(key, "n") or 0) == nano(spent)
+
+                await eventually(settled, timeout=30, what="every request settled")
+                again = await send(s, urls[i % 2], budgeted.plaintext, body_of(i - 1))
+                if again.status != 200:
+                    break
+                answers.append(again)
+    finally:
+        await r.aclose()
+        for proc in procs:
+            proc.terminate()
+            await proc.wait()
+    refusal = json.loads(answer.text)["error"]
+    assert refusal["type"] == "insufficient_quota", refusal
+    served = [a for a in answers if a.status == 200]
+    for a in served:
+        well_formed(a)
+    limited = [a for a in served if "x-budget-max-tokens" in a.headers]
+    assert limited  # a request without max_tokens never fits this budget whole
+    assert {a.status for a in answers} == {200, 429}
+    assert spent <= budget, (spent, budget)
+    assert nano(budget - spent) < least_cost(answer.raw), (spent, budget)
+
+
+async def billed(p: Platform, key_id: uuid.UUID, served: int) -> Decimal:
+    """What billing will charge the key's `served` answers (their usage events)."""
+    async def recorded() -> list[UsageRecorded] | None:
+        mine = [e for e in await usage_events(p, served) if e.api_key_id == key_id]
+        return mine if len(mine) >= served else None
+
+    events = await eventually(recorded, timeout=30, what=f"{served} usage events of the key")
+    assert len(events) == served
+    return sum((cost(e.prompt_tokens, e.completion_tokens, PRICE_IN, PRICE_OUT)
+                for e in events), Decimal(0))
+
+
+async def test_a_stream_stops_at_the_budget_well_formed_and_billed_what_was_sent(
+        platform: Platform) -> None:
+    """A budget that pays for the prompt and three tokens: a stream asking for no limit runs
+    with three, ends as any stream at its limit, and is billed exactly what it was sent."""
+    p = platform
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me everything."}],
+            "stream": True, "stream_options": {"include_usage": True}}
+    raw = json.dumps(body).encode()
+    budget = cost(len(raw), 3, PRICE_IN, PRICE_OUT)
     await p.catalog.set_budget("key", p.key.key_id, budget, Period("day"))
     await p.start_gateway()
     await p.add_node()
     await p.routable(1)
-    other_url, other = await second_gateway(p)
-    try:
-        clients = [p.client(), openai.AsyncOpenAI(base_url=f"{other_url}/v1",
-                                                  api_key=p.key.plaintext, max_retries=0)]
-        outcomes = await asyncio.gather(*(ask(clients[i % 2], i) for i in range(60)))
-    finally:
-        await other.cleanup()
-    served = outcomes.count("ok")
-    assert served >= 1
-    assert set(outcomes) <= {"ok", "insufficient_quota"}, outcomes
-    assert "insufficient_quota" in outcomes  # demand was above the budget
-
-    events = await usage_events(p, served)
-    spent = sum((cost(e.prompt_tokens, e.completion_tokens, PRICE_IN, PRICE_OUT)
-                 for e in events), Decimal(0))
-    assert spent <= budget, (spent, budget)
-
-    # What Redis holds for the budget settles to what was spent.
-    r = aioredis.from_url(redis_url)
-    try:
-        async def settled() -> bool:
-            return int(await r.hget(f"budget:key:{p.key.key_id}", "n") or 0) == \
-                int(spent / NANO)
-
-        await eventually(settled, timeout=30, what="the budget settled to what was spent")
-        _, end = period_bounds(Period("day"), datetime.now(UTC))
-        assert int(await r.hget(f"budget:key:{p.key.key_id}", "w") or 0) == \
-            int(end.timestamp() * 1000)
-    finally:
-        await r.aclose()
+    async with aiohttp.ClientSession() as s:
+        answer = await send(s, p.gateway_url, p.key.plaintext, body)
+        assert answer.status == 200
+        assert answer.headers["x-budget-max-tokens"] == "3"
+        well_formed(answer)
+        events = [json.loads(line[6:]) for line in answer.text.split(b"\n")
+                  if line.startswith(b"data: {")]
+        assert events[-1]["usage"]["completion_tokens"] == 3
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+        refused = await send(s, p.gateway_url, p.key.plaintext, body)
+        assert refused.status == 429
+    [event] = await usage_events(p, 1)
+    assert (event.prompt_tokens, event.completion_tokens) == \
+        (events[-1]["usage"]["prompt_tokens"], 3)
+    assert cost(event.prompt_tokens, 3, PRICE_IN, PRICE_OUT) <= budget
+    assert p.gw.metrics.budget_limited.labels("chat")._value.get() == 1
 
 
 async def test_a_refusal_names_the_budget_and_its_reset(platform: Platform) -> None:

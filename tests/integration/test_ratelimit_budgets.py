@@ -105,6 +105,31 @@ async def test_racing_requests_never_overshoot_a_shared_budget(
     assert await spent(r, "budget:tenant:t1") == 770
 
 
+async def test_the_last_requests_of_a_period_run_with_what_is_left(
+        limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
+    """A request whose worst case (800) does not fit is granted what is left of the tightest
+    budget, if that pays for the least it can run with (100); racing requests share what is
+    left without passing it, and below the least the budget refuses."""
+    limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),
+                           BudgetCap(Layer.TENANT_BUDGET, 1_500, period_end(24))))
+    first = held((await limiter.acquire(KEY, limits, 1, 800, 100)).reservation)
+    assert first.money == 800
+    racing = await asyncio.gather(*(limiter.acquire(KEY, limits, 1, 800, 100)
+                                     for _ in range(5)))
+    granted = [d.reservation.money for d in racing if d.reservation is not None]
+    assert granted == [200]  # all that was left at the key, to one of them
+    assert {d.layer for d in racing if not d.allowed} == {Layer.KEY_BUDGET}
+    assert await spent(r, "budget:key:k1") == 1000
+    await limiter.settle(first, 1, 300)  # 500 back at the key; the tenant has 1500 - 500
+    sibling = held((await limiter.acquire(SIBLING, limits, 1, 800, 100)).reservation)
+    assert sibling.money == 800  # its own key is empty; the tenant had 1000 left
+    tail = held((await limiter.acquire(KEY, limits, 1, 800, 100)).reservation)
+    assert tail.money == 200  # the tenant's 200 left binds now, not the key's 500
+    assert await spent(r, "budget:tenant:t1") == 1_500
+    refused = await limiter.acquire(KEY, limits, 1, 800, 100)
+    assert not refused.allowed and refused.layer is Layer.TENANT_BUDGET
+
+
 async def test_a_new_period_starts_from_nothing_and_old_settles_stay_out_of_it(
         limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
     old = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 100, period_end(0.5)),))

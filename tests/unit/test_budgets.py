@@ -90,3 +90,69 @@ def test_the_gateway_prices_the_worst_case_at_the_dearest_region_and_bounds_the_
     message = refusal_message(Layer.KEY_BUDGET, budgets, 12 * 3600, now)
     assert "this API key's spend budget ($0.5 per day)" in message
     assert "resets at 2026-03-11T00:00:00Z" in message
+
+
+def test_a_request_runs_with_what_is_left_when_that_pays_for_its_prompt_and_a_token() -> None:
+    """The last requests of a period: what is left of the tightest budget is granted when it
+    pays for the request's least (prompt and one output token a sequence); below that, the
+    budget refuses, and the verdict names it."""
+    from services.gateway.ratelimit import BudgetCap, Layer, Limits, LimitSubject
+    from services.gateway.ratelimit.limits import Kind, fits, money_grant, plan, verdict
+
+    subject = LimitSubject("k", "e", "t")
+    limits = Limits(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, 10**13),
+                             BudgetCap(Layer.TENANT_BUDGET, 5000, 10**13)))
+    checks = plan(subject, limits, 0, 800, 100)
+    money = [c for c in checks if c.kind is Kind.MONEY]
+    assert [(c.amount, c.least) for c in money] == [(800, 100), (800, 100)]
+    used = [0] * len(checks)
+    assert money_grant(checks, used) == 800  # the worst case fits: all of it
+    key_at = checks.index(money[0])
+    used[key_at] = 850  # 150 left at the key, plenty at the tenant
+    assert fits(money[0], 850) and money_grant(checks, used) == 150
+    assert verdict(checks, used, 0).allowed
+    used[key_at] = 950  # 50 left: below the least
+    assert not fits(money[0], 950)
+    refused = verdict(checks, used, 0)
+    assert not refused.allowed and refused.layer is Layer.KEY_BUDGET
+    # Without a least (an embedding: nothing to shorten), all or nothing as before.
+    whole = plan(subject, limits, 0, 800)
+    assert not fits(next(c for c in whole if c.kind is Kind.MONEY), 850)
+
+
+def test_the_local_limiter_grants_and_settles_what_is_left_alike() -> None:
+    from services.gateway.ratelimit import BudgetCap, Layer, Limits, LimitSubject
+    from services.gateway.ratelimit.local_limiter import LocalRateLimiter
+
+    local = LocalRateLimiter(clock=lambda: 1000.0)
+    subject = LimitSubject("k", "e", "t")
+    limits = Limits(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, 10**13),))
+    first = local.decide(subject, limits, 0, 800, 100)
+    second = local.decide(subject, limits, 0, 800, 100)
+    assert first.reservation is not None and first.reservation.money == 800
+    assert second.reservation is not None and second.reservation.money == 200
+    assert not local.decide(subject, limits, 0, 800, 100).allowed
+    local.settle_now(second.reservation, 0, 120)  # it cost 120: 80 back, still below 100
+    assert not local.decide(subject, limits, 0, 800, 100).allowed
+    local.settle_now(first.reservation, 0, 500)  # 300 back
+    granted = local.decide(subject, limits, 0, 800, 100)
+    assert granted.reservation is not None and granted.reservation.money == 380
+
+
+def test_a_grant_below_the_worst_case_buys_the_most_tokens_it_pays_for() -> None:
+    from services.gateway.models import ModelInfo
+    from services.gateway.spend import Pricer
+
+    model = ModelInfo("m", 4096, 0, Decimal("3"), Decimal("15"))
+    pricer = Pricer({"eu-west-1": Decimal("1.10")})
+    worst, least = pricer.bounds(model, 300, 4096 * 2, 2)
+    assert worst == pricer.worst_case(model, 300, 8192)
+    assert least == pricer.worst_case(model, 300, 2)  # the prompt and a token a sequence
+    # Nothing to shorten (an embedding, or one token asked for): all or nothing.
+    assert pricer.bounds(model, 300, 0, 1) == (pricer.worst_case(model, 300, 0),) * 2
+    for granted in (least, least + 1, (least + worst) // 3, worst - 1):
+        per_sequence = pricer.output_limit(model, 300, 2, granted, 4096)
+        assert pricer.worst_case(model, 300, 2 * per_sequence) <= granted
+        if per_sequence < 4096:  # one more token a sequence would not be paid for
+            assert pricer.worst_case(model, 300, 2 * (per_sequence + 1)) > granted
+    assert pricer.output_limit(model, 300, 2, least, 4096) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import pytest
 
@@ -421,3 +423,30 @@ def test_knobs_within_bounds_pass_untouched() -> None:
     raw = msgspec.json.encode(body)
     req = parse_request(raw, "chat", default_reserved=16)
     assert req.body == body
+
+
+def test_a_budget_lowers_the_output_limit_where_each_endpoint_takes_it() -> None:
+    """The node must stop at what a budget pays for: every field vLLM reads the limit from
+    comes down, and a min_tokens above it too (vLLM refuses min_tokens > max_tokens)."""
+    from services.gateway.protocol import limit_output
+
+    chat = parse_request(json.dumps({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2,
+        "max_completion_tokens": 500, "min_tokens": 40}).encode(), "chat",
+        default_reserved=256, context_length=lambda _: 4096)
+    assert (chat.sequences, chat.output_bound) == (2, 1000)
+    limited = limit_output(chat, 30)
+    body = json.loads(upstream_body(limited))
+    assert (body["max_tokens"], body["max_completion_tokens"], body["min_tokens"]) == (30, 30, 30)
+    assert limited.output_bound == 60 and body["messages"] == chat.body["messages"]
+    batch = parse_request(json.dumps({"model": "m", "prompt": ["a", "b", "c"], "best_of": 2,
+                                      "n": 1}).encode(), "completions",
+                          default_reserved=256, context_length=lambda _: 4096)
+    assert (batch.sequences, batch.output_bound) == (6, 6 * 4096)  # no limit: the context
+    body = json.loads(upstream_body(limit_output(batch, 7)))
+    assert body["max_tokens"] == 7 and "max_completion_tokens" not in body
+    responses = parse_request(b'{"model": "m", "input": "hi"}', "responses",
+                              default_reserved=256, context_length=lambda _: 4096)
+    assert json.loads(upstream_body(limit_output(responses, 9)))["max_output_tokens"] == 9
+    with pytest.raises(ValueError, match="at least one token"):
+        limit_output(responses, 0)

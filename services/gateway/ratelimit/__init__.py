@@ -15,7 +15,8 @@ Public API::
     @runtime_checkable
 class RateLimiter(Protocol):
         async def acquire(self, subject: LimitSubject, limits: Limits,
-                          estimated_tokens: int, estimated_cost: int = 0) -> Decision
+                          estimated_tokens: int, estimated_cost: int = 0,
+                          least_cost: int = 0) -> Decision
         async def settle(self, reservation: Reservation, actual_tokens: int,
                          actual_cost: int = 0) -> None
         async def release(self, reservation: Reservation) -> None
@@ -65,7 +66,7 @@ from services.gateway.ratelimit.redis_limiter import (
 @runtime_checkable
 class RateLimiter(Protocol):
     async def acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-                      estimated_cost: int = 0) -> Decision: ...
+                      estimated_cost: int = 0, least_cost: int = 0) -> Decision: ...
 
     async def settle(self, reservation: Reservation, actual_tokens: int,
                      actual_cost: int = 0) -> None: ...

@@ -132,6 +132,11 @@ class Check:
     amount: int
     starts_ms: int = 0
     """For money: the period's start (what billing's records are summed from)."""
+    least: int = 0
+    """For money: the least the request can run with (its prompt and one output token a
+    sequence). When `amount` does not fit but this does, what is left of the tightest budget
+    is granted instead, and the gateway lowers the request's output limit to what the grant
+    pays for. 0: all or nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,10 +237,11 @@ def _effective(limit: int | None) -> int | None:
 
 
 def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int,
-         estimated_cost: int = 0) -> tuple[Check, ...]:
+         estimated_cost: int = 0, least_cost: int = 0) -> tuple[Check, ...]:
     """The checks one request goes through, in a fixed order (requests, tokens, budgets,
     concurrency; key before environment before tenant before global) that also breaks ties.
-    `estimated_cost`: nano-dollars, the most the request can cost (reserved at each budget)."""
+    `estimated_cost`: nano-dollars, the most the request can cost (reserved at each budget);
+    `least_cost`: the least it can run with (`Check.least`)."""
     tokens = max(0, estimated_tokens)
     layered: list[tuple[Layer, Kind, int | None, int, int]] = [
         (Layer.KEY_REQUESTS, Kind.REQUESTS, limits.key_requests_per_minute, MINUTE_MS, 1),
@@ -254,8 +260,10 @@ def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int,
               for layer, kind, raw, window, amount in layered
               if (limit := _effective(raw)) is not None]
     money = max(0, estimated_cost)
+    least = min(money, max(0, least_cost))
     checks += [Check(b.layer, Kind.MONEY, redis_key(b.layer, subject), b.limit,
-                     b.period_end_ms, money, b.period_start_ms) for b in limits.budgets]
+                     b.period_end_ms, money, b.period_start_ms, least)
+               for b in limits.budgets]
     concurrency = _effective(limits.key_concurrency)
     has_tokens = any(c.kind in (Kind.TOKENS, Kind.MONEY) for c in checks)
     if concurrency is not None or has_tokens:
@@ -283,12 +291,16 @@ class PreparedChecks:
     spec: str
     """The ACQUIRE script's check list: ``kind limit window amount`` per check."""
     lease: bool
+    least: int = 0
+    """The budgets' `Check.least` (one for all of them: ACQUIRE's last argument)."""
 
 
 def prepare(checks: tuple[Check, ...]) -> PreparedChecks:
     spec = " ".join(f"{c.kind.value} {-1 if c.limit is None else c.limit} "
                     f"{c.window_ms} {c.amount}" for c in checks)
-    return PreparedChecks(checks, tuple(c.key for c in checks), spec, needs_lease(checks))
+    least = next((c.least for c in checks if c.kind is Kind.MONEY), 0)
+    return PreparedChecks(checks, tuple(c.key for c in checks), spec, needs_lease(checks),
+                          least)
 
 
 class PlanCache:
@@ -298,23 +310,24 @@ class PlanCache:
 
     def __init__(self, capacity: int = 50_000) -> None:
         self.capacity = capacity
-        self._plans: dict[tuple[LimitSubject, Limits, int, int], PreparedChecks] = {}
+        self._plans: dict[tuple[LimitSubject, Limits, int, int, int], PreparedChecks] = {}
 
     def prepared(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-                 estimated_cost: int = 0) -> PreparedChecks:
+                 estimated_cost: int = 0, least_cost: int = 0) -> PreparedChecks:
         tokens = max(0, estimated_tokens)
-        cost = max(0, estimated_cost) if limits.budgets else 0
-        key = (subject, limits, tokens, cost)
+        cost, least = (max(0, estimated_cost), max(0, least_cost)) if limits.budgets else (0, 0)
+        key = (subject, limits, tokens, cost, least)
         found = self._plans.get(key)
         if found is None:
             if len(self._plans) >= self.capacity:
                 self._plans.clear()  # rare; cheaper than bookkeeping an LRU per request
-            found = self._plans[key] = prepare(plan(subject, limits, tokens, cost))
+            found = self._plans[key] = prepare(plan(subject, limits, tokens, cost, least))
         return found
 
     def plan(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-             estimated_cost: int = 0) -> tuple[Check, ...]:
-        return self.prepared(subject, limits, estimated_tokens, estimated_cost).checks
+             estimated_cost: int = 0, least_cost: int = 0) -> tuple[Check, ...]:
+        return self.prepared(subject, limits, estimated_tokens, estimated_cost,
+                             least_cost).checks
 
 
 def needs_lease(checks: Sequence[Check]) -> bool:
@@ -322,13 +335,16 @@ def needs_lease(checks: Sequence[Check]) -> bool:
 
 
 def reservation_for(checks: Sequence[Check], now_ms: int, lease_id: str,
-                    origin: Origin) -> Reservation:
+                    origin: Origin, money: int | None = None) -> Reservation:
+    """What an allowed request holds; `money`: the nano-dollars granted at every budget
+    (`money_grant`), its worst case when not given."""
     lease_key = next((c.key for c in checks if c.kind is Kind.CONCURRENCY), None)
     windows = tuple(TokenWindow(c.key, window_start(now_ms, c.window_ms))
                     for c in checks if c.kind is Kind.TOKENS)
     tokens = next((c.amount for c in checks if c.kind is Kind.TOKENS), 0)
     budgets = tuple(TokenWindow(c.key, c.window_ms) for c in checks if c.kind is Kind.MONEY)
-    money = next((c.amount for c in checks if c.kind is Kind.MONEY), 0)
+    if money is None:
+        money = next((c.amount for c in checks if c.kind is Kind.MONEY), 0)
     return Reservation(lease_id=lease_id if lease_key else "", origin=origin,
                        lease_key=lease_key, token_windows=windows, tokens=tokens,
                        money_windows=budgets, money=money)
@@ -357,8 +373,26 @@ def window_reset_ms(now_ms: int, window_ms: int) -> int:
 def fits(check: Check, used: int) -> bool:
     """Whether one more request fits. A request adds at least 1 to the comparison so that a
     zero-token estimate is still refused once the budget is spent (and a limit of 0 refuses
-    everything)."""
-    return check.limit is None or used + max(check.amount, 1) <= check.limit
+    everything). A budget fits when the least the request can run with does (`Check.least`)."""
+    if check.limit is None:
+        return True
+    need = check.least if check.kind is Kind.MONEY and check.least else check.amount
+    return used + max(need, 1) <= check.limit
+
+
+def money_grant(checks: Sequence[Check], used: Sequence[int]) -> int:
+    """The nano-dollars an admitted request holds at every budget: its worst case, or what is
+    left of the tightest budget when that is less (never below `Check.least`: the request
+    would not have fitted). What the ACQUIRE script computes, for the local limiter."""
+    grant: int | None = None
+    for check, u in zip(checks, used, strict=True):
+        if check.kind is not Kind.MONEY:
+            continue
+        if grant is None:
+            grant = check.amount
+        if check.limit is not None:
+            grant = min(grant, max(0, check.limit - u))
+    return grant or 0
 
 
 # --------------------------------------------------------------------------- verdict

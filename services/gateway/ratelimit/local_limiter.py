@@ -22,6 +22,7 @@ from services.gateway.ratelimit.limits import (
     LimitSubject,
     Origin,
     Reservation,
+    money_grant,
     needs_lease,
     plan,
     reservation_for,
@@ -73,9 +74,10 @@ class LocalRateLimiter:
         return sum(1 for expiry in leases.expiry_ms.values() if expiry > now_ms)
 
     def decide(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-               estimated_cost: int = 0) -> Decision:
+               estimated_cost: int = 0, least_cost: int = 0) -> Decision:
         """`acquire` without the coroutine: the local limiter never waits."""
-        return self.decide_checks(plan(subject, limits, estimated_tokens, estimated_cost))
+        return self.decide_checks(plan(subject, limits, estimated_tokens, estimated_cost,
+                                       least_cost))
 
     def decide_checks(self, checks: tuple[Check, ...]) -> Decision:
         """Judge and, when allowed, count any planned checks (`plan`, `usage_plan`)."""
@@ -86,6 +88,7 @@ class LocalRateLimiter:
         result = verdict(checks, used, now)
         reservation: Reservation | None = None
         if result.allowed:
+            grant = money_grant(checks, used)
             lease_id = uuid.uuid4().hex if needs_lease(checks) else ""
             for check, u in zip(checks, used, strict=True):
                 if check.kind is Kind.CONCURRENCY:
@@ -93,11 +96,11 @@ class LocalRateLimiter:
                     leases.expiry_ms = {k: v for k, v in leases.expiry_ms.items() if v > now}
                     leases.expiry_ms[lease_id] = now + self._lease_ttl_ms
                 elif check.kind is Kind.MONEY:  # named by its end: it lives until then
-                    self._counters[check.key] = _Counter(check.window_ms, 0, u + check.amount)
+                    self._counters[check.key] = _Counter(check.window_ms, 0, u + grant)
                 else:
                     self._counters[check.key] = _Counter(window_start(now, check.window_ms),
                                                          check.window_ms, u + check.amount)
-            reservation = reservation_for(checks, now, lease_id, Origin.LOCAL)
+            reservation = reservation_for(checks, now, lease_id, Origin.LOCAL, grant)
         return Decision(allowed=result.allowed, layer=result.layer,
                         retry_after=result.retry_after, headers=result.headers,
                         reservation=reservation, degraded=True)
@@ -134,8 +137,8 @@ class LocalRateLimiter:
         return True
 
     async def acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-                      estimated_cost: int = 0) -> Decision:
-        return self.decide(subject, limits, estimated_tokens, estimated_cost)
+                      estimated_cost: int = 0, least_cost: int = 0) -> Decision:
+        return self.decide(subject, limits, estimated_tokens, estimated_cost, least_cost)
 
     async def settle(self, reservation: Reservation, actual_tokens: int,
                      actual_cost: int = 0) -> None:

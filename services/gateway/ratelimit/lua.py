@@ -35,9 +35,14 @@ ACQUIRE = _script("""
 --       gateway computes it, since months are not a fixed length).
 --       One string rather than 4 arguments a check: encoding arguments is most of the
 --       client's cost per call.
--- Reply: {allowed (1/0), now (ms), usage of each check before this request}; allowed is -1
--- when a budget's counter does not hold its period yet (its first request of the period, or
--- Redis lost it): the caller seeds it from billing's records (SEED) and asks again.
+--       ARGV[5] (optional): the least nano-dollars the request can run with. The budgets
+--       share one amount (the worst case); when it does not fit but this does, what is left
+--       of the tightest budget is granted instead (the gateway lowers the request's output
+--       limit to it), so the last requests of a period still run.
+-- Reply: {allowed (1/0), now (ms), nano-dollars granted at every budget, usage of each check
+-- before this request}; allowed is -1 when a budget's counter does not hold its period yet
+-- (its first request of the period, or Redis lost it): the caller seeds it from billing's
+-- records (SEED) and asks again.
 -- All or nothing: nothing is written unless every check passes.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -46,6 +51,8 @@ local kinds, windows, amounts = {}, {}, {}
 local used, fresh = {}, {}
 local allowed = 1
 local unseeded = false
+local least = tonumber(ARGV[5] or '0')
+local want, room = nil, nil
 local i = 0
 for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (%d+)') do
   i = i + 1
@@ -68,8 +75,24 @@ for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (
     end
   end
   used[i] = u
-  if limit >= 0 and u + math.max(tonumber(amount), 1) > limit then
+  if kind == 'm' then
+    want = tonumber(amount)
+    if limit >= 0 and (room == nil or limit - u < room) then
+      room = limit - u
+    end
+  elseif limit >= 0 and u + math.max(tonumber(amount), 1) > limit then
     allowed = 0
+  end
+end
+local grant = 0
+if want ~= nil then
+  grant = want
+  if room ~= nil and room < math.max(want, 1) then
+    if least > 0 and room >= least then
+      grant = room
+    else
+      allowed = 0
+    end
   end
 end
 if i ~= n then
@@ -89,11 +112,15 @@ if allowed == 1 then
       if redis.call('PTTL', key) < ttl then
         redis.call('PEXPIRE', key, ttl)
       end
+    elseif kinds[j] == 'm' then
+      if fresh[j] then
+        redis.call('HINCRBY', key, 'n', grant)
+      else
+        redis.call('HSET', key, 'w', windows[j], 'n', grant)
+        redis.call('PEXPIREAT', key, windows[j] + grace)
+      end
     elseif fresh[j] then
       redis.call('HINCRBY', key, 'n', amounts[j])
-    elseif kinds[j] == 'm' then
-      redis.call('HSET', key, 'w', windows[j], 'n', amounts[j])
-      redis.call('PEXPIREAT', key, windows[j] + grace)
     else
       local start = now - (now % windows[j])
       redis.call('HSET', key, 'w', start, 'n', amounts[j])
@@ -101,9 +128,9 @@ if allowed == 1 then
     end
   end
 end
-local reply = {allowed, now}
+local reply = {allowed, now, grant}
 for j = 1, n do
-  reply[j + 2] = used[j]
+  reply[j + 3] = used[j]
 end
 return reply
 """)

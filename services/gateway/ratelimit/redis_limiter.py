@@ -151,31 +151,34 @@ class RedisRateLimiter:
     # ------------------------------------------------------------------- the API
 
     async def acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-                      estimated_cost: int = 0) -> Decision:
-        decision = await self._acquire(subject, limits, estimated_tokens, estimated_cost)
+                      estimated_cost: int = 0, least_cost: int = 0) -> Decision:
+        """Check every layer and, only if all pass, count the request, reserve
+        `estimated_tokens` (and at each budget `estimated_cost` nano-dollars, or what is left
+        when that is less and at least `least_cost`: `Reservation.money`) and take a lease:
+        one EVALSHA (two more, seeding, on a budget's first request of a period)."""
+        prepared = self._plans.prepared(subject, limits, estimated_tokens, estimated_cost,
+                                        least_cost)
+        if not prepared.checks:
+            return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
+                            reservation=_NOTHING, degraded=False)
+        decision = await self._acquire(prepared, limits, subject, estimated_tokens)
         if decision is not None:
             return decision
         # A budget's counter does not hold its period: seed it from billing's records, then
         # ask once more (a period that ends in between: refused for now, retried by the
         # client).
-        if not await self._seed(subject, limits, estimated_tokens, estimated_cost):
+        if not await self._seed(subject, prepared):
             return self._unseeded()
-        return await self._acquire(subject, limits, estimated_tokens, estimated_cost) \
+        return await self._acquire(prepared, limits, subject, estimated_tokens) \
             or self._unseeded()
 
-    async def _acquire(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-                       estimated_cost: int) -> Decision | None:
+    async def _acquire(self, prepared: PreparedChecks, limits: Limits, subject: LimitSubject,
+                       estimated_tokens: int) -> Decision | None:
         """The decision; None when a budget counter must be seeded first."""
-        """Check every layer and, only if all pass, count the request, reserve
-        `estimated_tokens` (and `estimated_cost` nano-dollars at each budget) and take a
-        lease: one EVALSHA."""
-        prepared = self._plans.prepared(subject, limits, estimated_tokens, estimated_cost)
-        checks = prepared.checks
-        if not checks:
-            return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
-                            reservation=_NOTHING, degraded=False)
         lease_id = f"{self._ids.getrandbits(128):032x}" if prepared.lease else ""
         args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, prepared.spec]
+        if prepared.least:
+            args.append(prepared.least)
         done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
         if not done:
             if limits.budgets:
@@ -185,12 +188,10 @@ class RedisRateLimiter:
             return self._fallback(lambda: self._local.decide(subject, limits, estimated_tokens))
         if int(reply[0]) == -1:
             return None
-        return self._judged(checks, lease_id, reply)
+        return self._judged(prepared.checks, lease_id, reply)
 
-    async def _seed(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
-                    estimated_cost: int) -> bool:
-        money = [c for c in self._plans.plan(subject, limits, estimated_tokens, estimated_cost)
-                 if c.kind is Kind.MONEY]
+    async def _seed(self, subject: LimitSubject, prepared: PreparedChecks) -> bool:
+        money = [c for c in prepared.checks if c.kind is Kind.MONEY]
         if self._budget_spent is None or not money:
             return False
         try:
@@ -245,7 +246,7 @@ class RedisRateLimiter:
         return found
 
     def _judged(self, checks: tuple[Check, ...], lease_id: str, reply: Any) -> Decision:
-        allowed, now_ms, *used = (int(x) for x in reply)
+        allowed, now_ms, grant, *used = (int(x) for x in reply)
         result = verdict(checks, used, now_ms, committed=allowed == 1)
         if not result.allowed and result.layer is not None:
             self.metrics.exceeded.labels(str(result.layer)).inc()
@@ -254,7 +255,7 @@ class RedisRateLimiter:
         return Decision(
             allowed=result.allowed, layer=result.layer, retry_after=result.retry_after,
             headers=result.headers,
-            reservation=reservation_for(checks, now_ms, lease_id, Origin.REDIS)
+            reservation=reservation_for(checks, now_ms, lease_id, Origin.REDIS, grant)
             if result.allowed else None,
             degraded=False)
 
