@@ -27,6 +27,7 @@ from services.core.pipelined_redis import PipelinedRedis
 from services.core.pricing import parse_multipliers
 from services.gateway.auth import Authenticator, auth_settings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
+from services.gateway.budget_reconciler import BudgetReconciler
 from services.gateway.budget_spend import budget_spender
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelCatalog
@@ -130,6 +131,7 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+BUDGET_RECONCILER = web.AppKey("budget_reconciler", BudgetReconciler)
 GATEWAY_SETTINGS = web.AppKey("gateway_settings", GatewaySettings)
 
 
@@ -157,10 +159,12 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
 
     table = NodeTable(on_removed=node_left)
     upstream = UpstreamPool(connect_timeout=s.upstream_connect_timeout)
+    spent = budget_spender(app[DB])
     limiter = RedisRateLimiter(limiter_redis, policy=s.ratelimit_policy,
                                lease_ttl=s.concurrency_lease_seconds, registry=registry,
-                               timeout=s.ratelimit_redis_timeout,
-                               budget_spent=budget_spender(app[DB]))
+                               timeout=s.ratelimit_redis_timeout, budget_spent=spent)
+    reconciler = app[BUDGET_RECONCILER] = BudgetReconciler(
+        app[DB], redis, limiter, spent, interval=s.budget_reconcile_seconds)
     models = ModelCatalog(app[DB])
     await models.refresh()
     gw = Gateway(
@@ -192,12 +196,15 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     usage_task = asyncio.create_task(gw.usage.run(), name="usage-publisher")
     refresher = asyncio.create_task(_refresh_models(models), name="models-refresh")
     renewer = asyncio.create_task(gw.leases.run(), name="lease-keeper")
+    tasks = [usage_task, refresher, renewer]
+    if s.budget_reconcile_seconds > 0:
+        tasks.append(asyncio.create_task(reconciler.run(), name="budget-reconciler"))
     yield
     for sub in subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     await feed.stop()
-    await stop_tasks([usage_task, refresher, renewer])
+    await stop_tasks(tasks)
     await gw.usage.close()
     if gw._tasks:
         await asyncio.gather(*gw._tasks, return_exceptions=True)

@@ -20,6 +20,9 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     region_multipliers: str = ""
     """Billing's REGION_MULTIPLIERS (`eu-west-1=1.10,…`): spend budgets price a request as
     billing will, so the two must be set alike."""
+    budget_reconcile_seconds: float = 60.0
+    """How often one gateway compares the budget counters with billing's records and raises
+    those found below them (0: never; services/gateway/budget_reconciler.py)."""
     node_api_key_secret: Secret = Secret("")
     """What each node's vLLM API key is derived from (HMAC-SHA256 with the node's id): the
     orchestrator's NODE_API_KEY_SECRET. Required: the gateway refuses to start without it

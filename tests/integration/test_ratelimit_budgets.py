@@ -5,6 +5,7 @@ many requests race, per period the gateway names, and refused without Redis."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -195,10 +196,15 @@ async def test_reconciling_raises_a_counter_to_billing_and_never_lowers_it(
     limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, end),))
     held((await limiter.acquire(KEY, limits, 1, 400)).reservation)  # in flight
     [check] = [c for c in plan(KEY, limits, 1, 400) if c.layer is Layer.KEY_BUDGET]
-    assert await limiter.reconcile(KEY, [check], [100]) == 0  # billing is behind: kept
+    assert await limiter.reconcile([check], [100]) == [0]  # billing is behind: kept
     assert await spent(r, "budget:key:k1") == 400
-    assert await limiter.reconcile(KEY, [check], [650]) == 250  # drift: raised
+    assert await limiter.reconcile([check], [650]) == [250]  # drift: raised
     assert await spent(r, "budget:key:k1") == 650
+    # A counter of another period (or none) is left for its next request to seed.
+    stale = dataclasses.replace(check, window_ms=end + 3_600_000)
+    assert await limiter.reconcile([stale], [900]) == [0]
+    assert await spent(r, "budget:key:k1") == 650
+    assert limiter.metrics.budget_drift.labels("reconcile")._value.get() == 250
 
 
 async def test_without_billing_records_a_budgeted_request_waits(r: aioredis.Redis) -> None:

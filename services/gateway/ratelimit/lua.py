@@ -243,6 +243,31 @@ return added
 """)
 
 
+RECONCILE = _script("""
+-- Budget counters against billing's records, for the periodic reconciler: KEYS: the
+-- counters; ARGV: per counter its period's end (ms) and the nano-dollars billing recorded in
+-- the period. A counter of that period below the records is raised to them (never lowered:
+-- it also holds the reservations of requests in flight); a counter of another period, or
+-- none, is left for its next request to seed (SEED).
+-- Reply: per counter the nano-dollars added (the drift found).
+local out = {}
+for i = 1, #KEYS do
+  local wid, spent = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local cur = redis.call('HMGET', KEYS[i], 'w', 'n')
+  local added = 0
+  if cur[1] and tonumber(cur[1]) == wid then
+    local n = tonumber(cur[2]) or 0
+    if spent > n then
+      redis.call('HSET', KEYS[i], 'n', spent)
+      added = spent - n
+    end
+  end
+  out[i] = added
+end
+return out
+""")
+
+
 RENEW = _script("""
 -- KEYS[1]: the key's lease set. ARGV[1]: lease id, ARGV[2]: ttl (ms).
 -- Reply: 1 renewed, 0 the lease is gone or expired (a lapsed lease is never revived: its slot

@@ -92,11 +92,14 @@ class RateLimitMetrics:
                 self.exceeded.labels(str(layer))
         for policy in POLICIES:
             self.fallback.labels(policy)
-        self.budget_seeded = Counter(
+        self.budget_drift = Counter(
             "budget_drift_nano_dollars_total",
-            "Nano-dollars budget counters were raised by to match billing's records (a "
-            "counter's first request of a period, a Redis that lost it, drift)",
+            "Nano-dollars budget counters were raised by to match billing's records: `seed` "
+            "when a counter did not hold its period (its first request of it, a Redis that "
+            "lost it), `reconcile` when one held less than billing recorded", ["source"],
             registry=registry)
+        for source in ("seed", "reconcile"):
+            self.budget_drift.labels(source)
 
 
 class RedisRateLimiter:
@@ -205,7 +208,7 @@ class RedisRateLimiter:
             args += [check.window_ms, nano]
         done, added = await self._run(lua.SEED, [c.key for c in money], args)
         if done and int(added):
-            self.metrics.budget_seeded.inc(int(added))
+            self.metrics.budget_drift.labels("seed").inc(int(added))
         return done
 
     def _unseeded(self) -> Decision:
@@ -213,15 +216,21 @@ class RedisRateLimiter:
         return Decision(allowed=False, layer=result.layer, retry_after=result.retry_after,
                         headers=result.headers, reservation=None, degraded=True)
 
-    async def reconcile(self, subject: LimitSubject, checks: Sequence[Check],
-                        spent: Sequence[int]) -> int:
-        """Raise budget counters to what billing recorded (never lower them: they also hold
-        reservations in flight). Returns the nano-dollars added: the drift found."""
-        args: list[str | int] = [WINDOW_GRACE_MS]
+    async def reconcile(self, checks: Sequence[Check], spent: Sequence[int]) -> list[int]:
+        """Raise budget counters of their current period to what billing recorded (never
+        lower them: they also hold reservations in flight; a counter not holding the period
+        is left to its next request's seed). Returns the nano-dollars added to each: the
+        drift found (counted in `budget_drift_nano_dollars_total{source="reconcile"}`).
+        RedisError (or OSError, TimeoutError) when Redis cannot answer: nothing to decide."""
+        args: list[str | int] = []
         for check, nano in zip(checks, spent, strict=True):
             args += [check.window_ms, nano]
-        done, added = await self._run(lua.SEED, [c.key for c in checks], args)
-        return int(added) if done else 0
+        async with asyncio.timeout(self._timeout * 4):
+            reply = await self._evalsha(lua.RECONCILE, [c.key for c in checks], args)
+        added = [int(x) for x in reply]
+        if sum(added):
+            self.metrics.budget_drift.labels("reconcile").inc(sum(added))
+        return added
 
     async def acquire_usage(self, subject: LimitSubject, per_minute: int | None) -> Decision:
         """GET /v1/usage's own per-key limit (`usage_plan`), counted apart from inference:
@@ -343,7 +352,8 @@ class RedisRateLimiter:
         """Load every script now (at start-up) so fire-and-forget settles never meet
         NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
         try:
-            for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED):
+            for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED,
+                           lua.RECONCILE):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:
             return False

@@ -1,0 +1,108 @@
+"""The budget reconciler (issue 21): Redis holds the budgets' fast counters, billing's
+`usage_records` are the truth. Every BUDGET_RECONCILE_SECONDS one gateway (whichever takes
+the turn in Redis first) compares each budget's counter of its current period with what
+billing recorded for it, and raises a counter found below the records: Redis lost writes (a
+failover to a replica that was behind, a restore from a snapshot), a request admitted in one
+period and billed in the next, or REGION_MULTIPLIERS set differently on the gateways and on
+billing. The drift found is `budget_drift_nano_dollars_total{source="reconcile"}`, which
+alerts (infra/prometheus/alerts.yml).
+
+A counter is never lowered: it also holds the reservations of requests in flight, which
+billing has not seen. One without a count of the period (nobody asked this period, or Redis
+lost it) is left to its next request, which seeds it (redis_limiter `SEED`). Off the hot
+path: one query a budget, one script run a batch of budgets, in one gateway per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Final
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from services.core.budgets import Period, nano, period_bounds
+from services.gateway.ratelimit import Layer, LimitSubject, RedisRateLimiter
+from services.gateway.ratelimit.limits import Check, Kind, redis_key
+from services.gateway.ratelimit.redis_limiter import BudgetSpent
+
+log = structlog.get_logger("budgets.reconcile")
+
+TURN_KEY: Final = "budget:reconcile:turn"
+BATCH: Final = 100
+"""Budgets per script run: a run holds Redis for its length."""
+_LAYERS: Final = {"key": Layer.KEY_BUDGET, "environment": Layer.ENVIRONMENT_BUDGET,
+                  "tenant": Layer.TENANT_BUDGET}
+
+
+def budget_check(row: asyncpg.Record, now: datetime) -> tuple[LimitSubject, Check]:
+    """A budget row (the `budgets` projection) as the limiter's check of its period now."""
+    period = Period(row["period"], row["every_days"], row["anchor"])
+    start, end = period_bounds(period, now)
+    scope, scope_id, tenant = row["scope"], str(row["scope_id"]), str(row["tenant_id"])
+    subject = LimitSubject(key_id=scope_id if scope == "key" else "",
+                           environment_id=scope_id if scope == "environment" else "",
+                           tenant_id=tenant)
+    layer = _LAYERS[scope]
+    return subject, Check(layer, Kind.MONEY, redis_key(layer, subject), nano(row["amount"]),
+                          int(end.timestamp() * 1000), 0, int(start.timestamp() * 1000))
+
+
+class BudgetReconciler:
+    def __init__(self, db: asyncpg.Pool[asyncpg.Record], redis: aioredis.Redis,
+                 limiter: RedisRateLimiter, spent: BudgetSpent, *, interval: float) -> None:
+        self.db = db
+        self.redis = redis
+        self.limiter = limiter
+        self.spent = spent
+        self.interval = interval
+        self._token = secrets.token_hex(8)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                if await self.take_turn():
+                    await self.reconcile_once(datetime.now(UTC))
+            except (OSError, TimeoutError, RedisError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                log.warning("budgets not reconciled", error=str(exc)[:200])
+
+    async def take_turn(self) -> bool:
+        """This gateway's turn, if no other took it this interval (the turn lapses a little
+        before the next, so a gateway that stopped does not hold it)."""
+        ttl_ms = max(1, int(self.interval * 900))
+        return bool(await self.redis.set(TURN_KEY, self._token, nx=True, px=ttl_ms))
+
+    async def reconcile_once(self, now: datetime) -> int:
+        """Reconcile every budget's counter of the period holding `now`; the drift found."""
+        rows = await self.db.fetch(
+            "SELECT scope, scope_id, tenant_id, amount, period, every_days, anchor "
+            "FROM budgets WHERE amount IS NOT NULL ORDER BY scope_id")
+        drift = 0
+        for first in range(0, len(rows), BATCH):
+            drift += await self._batch(rows[first:first + BATCH], now)
+        return drift
+
+    async def _batch(self, rows: Sequence[asyncpg.Record], now: datetime) -> int:
+        checks: list[Check] = []
+        recorded: list[int] = []
+        for row in rows:
+            subject, check = budget_check(row, now)
+            [spent] = await self.spent(subject, [check])
+            checks.append(check)
+            recorded.append(spent)
+        added = await self.limiter.reconcile(checks, recorded)
+        for row, check, more in zip(rows, checks, added, strict=True):
+            if more:
+                log.warning("budget counter below billing's records; raised to them",
+                            scope=row["scope"], scope_id=str(row["scope_id"]),
+                            tenant_id=str(row["tenant_id"]), drift_nano_dollars=more,
+                            period_end_ms=check.window_ms)
+        return sum(added)
+
