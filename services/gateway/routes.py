@@ -27,6 +27,7 @@ from services.core.usage_queries import (
 )
 from services.gateway import spend
 from services.gateway.auth import AuthError, AuthThrottled, Principal
+from services.gateway.budget_spend import budget_spender
 from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
 from services.gateway.models import ModelInfo
@@ -47,6 +48,7 @@ from services.gateway.ratelimit import (
     Reservation,
 )
 from services.gateway.ratelimit.in_flight import InFlight
+from services.gateway.ratelimit.limits import Kind, plan
 from services.gateway.response_owners import Owner, OwnersUnavailable
 from services.gateway.roles import Action, allowed
 from services.gateway.roles import refusal as refusal_message
@@ -183,6 +185,27 @@ async def usage(request: web.Request) -> web.Response:
         reports.leave()
     return web.Response(body=msgspec.json.encode(report), content_type="application/json",
                         headers=decision.headers)
+
+
+async def budgets(request: web.Request) -> web.Response:
+    """GET /v1/budgets: the spend budgets over the caller's key (its own, its environment's,
+    its tenant's), each with its current period and what billing recorded in it."""
+    principal = await authenticate(request, Action.READ)
+    gw = request.app[GATEWAY]
+    decision = await off_hot_path_budget(request, principal)  # a query per budget
+    caps = spend.caps(principal.budgets, datetime.now(UTC))
+    subject = LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id)
+    checks = [c for c in plan(subject, Limits(budgets=caps), 0) if c.kind is Kind.MONEY]
+    reports = request.app[USAGE_REPORTS]
+    if not reports.enter():
+        gw.limiter.metrics.exceeded.labels(str(reports.layer)).inc()
+        raise refusal(reports.refusal())
+    try:
+        spent = await budget_spender(request.app[DB])(subject, checks)
+    finally:
+        reports.leave()
+    return web.Response(body=msgspec.json.encode(spend.budget_views(principal, caps, spent)),
+                        content_type="application/json", headers=decision.headers)
 
 
 async def _usage_report(db: asyncpg.Pool[asyncpg.Record], query: UsageQuery,
@@ -411,4 +434,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/detokenize", inference("detokenize"))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/usage", usage)
+    app.router.add_get("/v1/budgets", budgets)
 

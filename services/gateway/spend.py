@@ -15,9 +15,12 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import msgspec
+
 from services.core.budgets import Period, nano, period_bounds, worst_case_cost
 from services.core.pricing import cost
-from services.gateway.auth import PrincipalBudget
+from services.core.usage_queries import money
+from services.gateway.auth import Principal, PrincipalBudget
 from services.gateway.models import ModelInfo
 from services.gateway.ratelimit import BudgetCap, Layer
 
@@ -91,3 +94,50 @@ def refusal_message(layer: Layer, budgets: Sequence[PrincipalBudget], retry_afte
             f"{budget.period if budget else 'period'}) does not cover this request (its "
             f"prompt and at least one output token). It resets at "
             f"{resets:%Y-%m-%dT%H:%M:%SZ}; send a shorter request, or raise the budget.")
+
+
+class BudgetView(msgspec.Struct, kw_only=True):
+    """A budget over the caller's key as the tenant reads it (GET /v1/budgets)."""
+
+    object: str = "budget"
+    scope: str
+    """`key` (the caller's own), `environment` (its environment's) or `tenant` (the
+    account's)."""
+    scope_id: str
+    amount: str
+    """Dollars per period, 9 places."""
+    currency: str = "usd"
+    period: str
+    every_days: int | None = None
+    anchor: datetime | None = None
+    period_start: datetime
+    period_end: datetime
+    spent: str
+    """What billing recorded in the period (a few seconds behind the requests)."""
+    remaining: str
+
+
+class BudgetList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[BudgetView]
+
+
+def budget_views(principal: Principal, caps_now: Sequence[BudgetCap],
+                 spent: Sequence[int]) -> BudgetList:
+    """The budgets over `principal`'s key with their current periods (`caps`, in the same
+    order) and what was spent in each (nano-dollars). Pure."""
+    ids = {"key": principal.key_id, "environment": principal.environment_id,
+           "tenant": principal.tenant_id}
+    views = []
+    for budget, cap, nanos in zip(principal.budgets, caps_now, spent, strict=True):
+        amount, used = Decimal(budget.amount_nano).scaleb(-9), Decimal(nanos).scaleb(-9)
+        custom = budget.period == "days"
+        views.append(BudgetView(
+            scope=budget.scope, scope_id=ids[budget.scope], amount=money(amount),
+            period=budget.period, every_days=budget.every_days if custom else None,
+            anchor=datetime.fromtimestamp(budget.anchor, UTC)
+            if custom and budget.anchor is not None else None,
+            period_start=datetime.fromtimestamp(cap.period_start_ms / 1000, UTC),
+            period_end=datetime.fromtimestamp(cap.period_end_ms / 1000, UTC),
+            spent=money(used), remaining=money(max(Decimal(0), amount - used))))
+    return BudgetList(data=views)

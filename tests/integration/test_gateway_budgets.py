@@ -295,3 +295,45 @@ async def test_the_reconciler_raises_a_counter_below_billing_and_counts_the_drif
         assert int(await r.hget(key, "n") or 0) == nano(spent) + 5000
     finally:
         await r.aclose()
+
+
+async def test_a_tenant_reads_the_budgets_over_its_key_and_what_each_has_spent(
+        platform: Platform, rig: BillingRig) -> None:
+    """GET /v1/budgets: the key's own budget, its environment's and its tenant's, each with
+    its current period and what billing recorded in it; another key of the tenant sees the
+    environment's and tenant's only."""
+    p = platform
+    await p.catalog.set_budget("key", p.key.key_id, Decimal("0.5"), Period("day"))
+    anchor = datetime(2026, 11, 2, 6, tzinfo=UTC)
+    await p.catalog.set_budget("environment", p.environment_id, Decimal("3"),
+                               Period("days", 7, anchor))
+    await p.catalog.set_budget("tenant", p.tenant_id, Decimal("100"), Period("month"))
+    sibling = await p.catalog.create_api_key(p.environment_id)
+    await p.start_gateway()
+    await p.add_node()
+    await p.routable(1)
+    assert await ask(p.client(), 1) == "ok"
+    await rig.record([], total=1)
+    spent = await billed(p, p.key.key_id, 1)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{p.gateway_url}/v1/budgets",
+                         headers={"Authorization": f"Bearer {p.key.plaintext}"}) as r:
+            assert r.status == 200
+            body = await r.json()
+        async with s.get(f"{p.gateway_url}/v1/budgets",
+                         headers={"Authorization": f"Bearer {sibling.plaintext}"}) as r:
+            theirs = await r.json()
+    assert body["object"] == "list"
+    views = {v["scope"]: v for v in body["data"]}
+    assert set(views) == {"key", "environment", "tenant"}
+    key, env, tenant = views["key"], views["environment"], views["tenant"]
+    assert (key["scope_id"], key["amount"], key["period"]) == \
+        (str(p.key.key_id), "0.500000000", "day")
+    assert key["spent"] == f"{spent:.9f}" == env["spent"] == tenant["spent"]
+    assert Decimal(key["remaining"]) == Decimal("0.5") - spent
+    start, end = period_bounds(Period("days", 7, anchor), datetime.now(UTC))
+    assert (env["every_days"], env["anchor"]) == (7, "2026-11-02T06:00:00Z")
+    assert (env["period_start"], env["period_end"]) == (
+        f"{start:%Y-%m-%dT%H:%M:%SZ}", f"{end:%Y-%m-%dT%H:%M:%SZ}")
+    assert tenant["currency"] == "usd" and tenant["every_days"] is None
+    assert {v["scope"] for v in theirs["data"]} == {"environment", "tenant"}

@@ -42,6 +42,7 @@ async def keys(p: Platform) -> dict[str, NewApiKey]:
 ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/models", None, "read"),
     ("GET", "/v1/usage", None, "read"),
+    ("GET", "/v1/budgets", None, "read"),
     ("POST", "/v1/chat/completions", CHAT, "infer"),
     ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}, "infer"),
     ("POST", "/v1/embeddings", {"model": MODEL, "input": "hi"}, "infer"),
