@@ -279,8 +279,13 @@ _BUDGET_COLUMNS: tuple[Column, ...] = (
 
 
 def _budgets_set(c: AdminClient, a: argparse.Namespace) -> Any:
-    return c.put(f"/{_BUDGET_PATHS[a.scope]}/{a.id}/budget",
-                 {"amount": a.amount, "period": a.period})
+    body: dict[str, Any] = {"amount": a.amount, "period": a.period}
+    # Sent as given: the API says which a period needs (days) or refuses (day, month).
+    if a.every_days is not None:
+        body["every_days"] = a.every_days
+    if a.anchor is not None:
+        body["anchor"] = a.anchor
+    return c.put(f"/{_BUDGET_PATHS[a.scope]}/{a.id}/budget", body)
 
 
 def _budgets_show(c: AdminClient, a: argparse.Namespace) -> Any:
@@ -615,12 +620,19 @@ def register_admin_commands(sub: Any) -> None:
     p.add_argument("--reason", default="terminated by an operator")
 
     g = group("budgets", "spend budgets in money of a tenant, environment or key (admin API)")
-    p = leaf(g, "set", "at most AMOUNT dollars per day or month; replaces one set before",
-             _budgets_set)
+    p = leaf(g, "set", "at most AMOUNT dollars per day, month or N days; replaces one set "
+             "before", _budgets_set)
     p.add_argument("scope", choices=_BUDGET_PATHS)
     p.add_argument("id")
     p.add_argument("amount", help="US dollars, e.g. 250 or 0.5")
-    p.add_argument("--period", choices=("day", "month"), default="month")
+    p.add_argument("--period", choices=("day", "month", "days"), default="month",
+                   help="day: resets 00:00 UTC; month: the 1st, 00:00 UTC; days: every "
+                        "--every-days days from --anchor")
+    p.add_argument("--every-days", type=int, metavar="N",
+                   help="with --period days: the period's length, 1 to 366 days")
+    p.add_argument("--anchor", metavar="TIME",
+                   help="with --period days: when a period starts, RFC 3339 with its offset "
+                        "(2026-12-01T00:00:00Z)")
     p = leaf(g, "show", "a budget and its current period", _budgets_show)
     p.add_argument("scope", choices=_BUDGET_PATHS)
     p.add_argument("id")

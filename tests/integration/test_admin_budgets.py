@@ -60,6 +60,84 @@ async def test_budgets_are_set_read_listed_and_cleared(admin: Admin,
     assert_error(answer, "invalid_request_error", "amount")
 
 
+async def test_a_budget_resets_every_n_days_from_its_anchor(admin: Admin,
+                                                             pool: asyncpg.Pool) -> None:
+    tenant, env, key = await seed(admin)
+    path = f"/environments/{env['id']}/budget"
+    # Any offset: kept in UTC; the anchor may be past or future (periods count both ways).
+    body = {"amount": "40", "period": "days", "every_days": 7,
+            "anchor": "2030-12-01T09:30:00+02:00"}
+    set_ = await admin.ok("PUT", path, body)
+    anchor = datetime(2030, 12, 1, 7, 30, tzinfo=UTC)
+    start, end = period_bounds(Period("days", 7, anchor), datetime.now(UTC))
+    assert (set_["period"], set_["every_days"]) == ("days", 7)
+    assert datetime.fromisoformat(set_["anchor"]) == anchor
+    assert datetime.fromisoformat(set_["period_start"]) == start
+    assert datetime.fromisoformat(set_["period_end"]) == end
+    assert end - start == timedelta(days=7)
+    assert await admin.ok("GET", path) == set_
+    [event] = await pool.fetch("SELECT data FROM events WHERE type = 'budget.set'")
+    data = event["data"]
+    assert (data["period"], data["every_days"]) == ("days", 7)
+    assert datetime.fromisoformat(data["anchor"]) == anchor
+    # day and month show neither; setting one replaces the custom period.
+    month = await admin.ok("PUT", path, {"amount": "40", "period": "month"})
+    assert (month["every_days"], month["anchor"]) == (None, None)
+    # A one-day period from an anchor in the past, listed with the others.
+    await admin.ok("PUT", f"/keys/{key['id']}/budget",
+                   {"amount": "1", "period": "days", "every_days": 1,
+                    "anchor": "2020-02-29T12:00:00Z"})
+    listed = await admin.ok("GET", f"/tenants/{tenant['id']}/budgets")
+    by_scope = {b["scope"]: b for b in listed["data"]}
+    assert by_scope["key"]["every_days"] == 1 and by_scope["environment"]["anchor"] is None
+    start, end = period_bounds(Period("days", 1, datetime(2020, 2, 29, 12, tzinfo=UTC)),
+                               datetime.now(UTC))
+    assert datetime.fromisoformat(by_scope["key"]["period_start"]) == start
+    assert start.hour == 12 and end - start == timedelta(days=1)
+
+
+async def test_an_anchor_utc_cannot_hold_moves_by_one_period(admin: Admin) -> None:
+    """0001-01-01T00:00:00+05:00 is in year 0 in UTC: the same resets, one period on."""
+    _, env, _ = await seed(admin)
+    set_ = await admin.ok("PUT", f"/environments/{env['id']}/budget",
+                          {"amount": "1", "period": "days", "every_days": 3,
+                           "anchor": "0001-01-01T00:00:00+05:00"})
+    assert datetime.fromisoformat(set_["anchor"]) == datetime(1, 1, 3, 19, tzinfo=UTC)
+    set_ = await admin.ok("PUT", f"/environments/{env['id']}/budget",
+                          {"amount": "1", "period": "days", "every_days": 3,
+                           "anchor": "9999-12-31T23:00:00-05:00"})
+    assert datetime.fromisoformat(set_["anchor"]) == datetime(9999, 12, 29, 4, tzinfo=UTC)
+
+
+async def test_a_period_of_days_needs_its_fields_and_only_it(admin: Admin,
+                                                             pool: asyncpg.Pool) -> None:
+    tenant, _, _ = await seed(admin)
+    path = f"/tenants/{tenant['id']}/budget"
+    anchor = "2026-12-01T00:00:00Z"
+    cases = [
+        ({"amount": "1", "period": "days", "every_days": 7}, "anchor", "needs"),
+        ({"amount": "1", "period": "days", "anchor": anchor}, "every_days", "needs"),
+        ({"amount": "1", "period": "month", "anchor": anchor}, "anchor", "only for"),
+        ({"amount": "1", "period": "day", "every_days": 7}, "every_days", "only for"),
+        ({"amount": "1", "period": "days", "every_days": 0, "anchor": anchor}, "every_days",
+         ">= 1"),
+        ({"amount": "1", "period": "days", "every_days": 367, "anchor": anchor},
+         "every_days", "<= 366"),
+        ({"amount": "1", "period": "days", "every_days": 7.0, "anchor": anchor},
+         "every_days", "int"),
+        ({"amount": "1", "period": "days", "every_days": 7,
+          "anchor": "2026-12-01T00:00:00"}, "anchor", "timezone"),
+        ({"amount": "1", "period": "days", "every_days": 7, "anchor": "2026-12-01"},
+         "anchor", "datetime"),
+        ({"amount": "1", "period": "week"}, "period", "week"),
+    ]
+    for body, param, said in cases:
+        status, answer = await admin.call("PUT", path, body)
+        assert status == 400, (body, answer)
+        assert said in assert_error(answer, "invalid_request_error", param), (body, answer)
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE type = 'budget.set'") == 0
+
+
 def test_thresholds_are_announced_in_order_each_once() -> None:
     budget = Decimal("10")
     assert due_thresholds(budget, Decimal("4.99"), 0) == []
@@ -110,3 +188,17 @@ async def test_cli_budgets(admin: Admin, tmp_path: Path) -> None:
     await cli.ok("budgets", "clear", "environment", env["id"])
     code, _, err = await cli.run("budgets", "show", "environment", env["id"])
     assert code != 0 and "not found" in err
+    shown = json.loads(await cli.ok("budgets", "set", "tenant", tenant["id"], "100",
+                                    "--period", "days", "--every-days", "14",
+                                    "--anchor", "2026-12-01T00:00:00Z", "--json"))
+    anchor = datetime(2026, 12, 1, tzinfo=UTC)
+    start, _ = period_bounds(Period("days", 14, anchor), datetime.now(UTC))
+    assert (shown["period"], shown["every_days"]) == ("days", 14)
+    assert datetime.fromisoformat(shown["anchor"]) == anchor
+    assert datetime.fromisoformat(shown["period_start"]) == start
+    code, _, err = await cli.run("budgets", "set", "tenant", tenant["id"], "100",
+                                 "--period", "days", "--every-days", "14")
+    assert code != 0 and "anchor" in err
+    code, _, err = await cli.run("budgets", "set", "tenant", tenant["id"], "100",
+                                 "--anchor", "2026-12-01T00:00:00Z")  # month by default
+    assert code != 0 and "anchor" in err
