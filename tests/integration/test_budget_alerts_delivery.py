@@ -14,12 +14,13 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 
-from services.billing.budget_watch import BudgetWatch, alert_stream
+from schemas.events import BudgetExhausted, BudgetThresholdReached, UsageRecorded
+from services.billing.budget_watch import BudgetWatch, alert_stream, due_thresholds
 from services.core.budgets import Period, period_bounds
 from services.core.bus import Bus
 from services.core.eventlog import EventLog, LogWaker
@@ -30,7 +31,7 @@ from services.core.relay import OutboxRelay
 from tests.conftest import Servers
 from tests.doubles.webhook_receivers import Endpoint, WebhookReceivers
 from tests.helpers import eventually
-from tests.integration.test_billing_stripe import BillingRig, usage
+from tests.integration.test_billing_stripe import MODEL, BillingRig, usage
 from tests.integration.test_billing_stripe import rig as rig
 from tests.integration.test_notifier_delivery import drained, running_notifier
 from tests.integration.test_notifier_delivery import receivers as receivers
@@ -169,3 +170,96 @@ async def test_budget_alerts_reach_the_tenant_s_webhook_once_per_period(
         "SELECT count(*) FROM events WHERE type IN ('budget.threshold_reached', "
         "'budget.exhausted')")
     assert logged == 6
+
+
+# --------------------------------------------------------------------------- many budgets
+
+
+class CountingPool:
+    """A pool that counts the queries made on it directly (not through acquire())."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.queries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.pool, name)
+        if name in ("fetch", "fetchval", "fetchrow", "execute", "executemany"):
+            self.queries += 1
+        return found
+
+
+async def recorded(pool: asyncpg.Pool, scope: str, scope_id: uuid.UUID,
+                   period: Period, now: datetime) -> Decimal:
+    """The spend of a scope in the period holding `now`, added up from usage_records alone
+    (one query per scope: the slow, obvious way)."""
+    column = {"tenant": "tenant_id", "environment": "environment_id", "key": "api_key_id"}
+    start, end = period_bounds(period, now)
+    total = await pool.fetchval(
+        f"SELECT coalesce(sum(cost), 0) FROM usage_records WHERE {column[scope]} = $1 "
+        "AND occurred_at >= $2 AND occurred_at < $3", scope_id, start, end)
+    return Decimal(total)
+
+
+async def test_fifty_budgets_are_each_judged_on_their_own_spend(rig: BillingRig) -> None:
+    pool, catalog = rig.pool, rig.catalog
+    now = datetime.now(UTC).replace(microsecond=0)
+    # Periods of two days with ragged edges: one started at 37 minutes past an hour, one
+    # ends a second from now (its last, partial hour is this one).
+    periods = [Period("day"), Period("days", 2, now - timedelta(hours=30, minutes=37)),
+               Period("month"), Period("days", 2, now + timedelta(seconds=1, days=-2))]
+    scopes: list[tuple[str, uuid.UUID, Period]] = []
+    records: list[UsageRecorded] = []
+    n = 0
+    for t in range(5):
+        tenant = await catalog.create_tenant(f"tenant-{t}")
+        scopes.append(("tenant", tenant, periods[t % 4]))
+        for e in range(3):
+            env = await catalog.create_environment(tenant, f"env-{e}", "us-east-1")
+            scopes.append(("environment", env, periods[(t + e + 1) % 4]))
+            for k in range(2):
+                key = (await catalog.create_api_key(env, name=f"key-{k}")).key_id
+                scopes.append(("key", key, periods[(t + e + k + 2) % 4]))
+                # Usage seconds ago (this partial hour), then every 47 minutes or so over
+                # the last 36 hours, some of it before each period started; and some stamped
+                # two hours ahead (a gateway's clock), after one period's end. Tenant 4's
+                # second keys spend nothing.
+                for j in range(0 if t == 4 and k == 1 else 7):
+                    n += 1
+                    minutes = 0 if j == 0 else -120 if j == 6 else 47 * ((n * 7 + j) % 46)
+                    at = now - timedelta(minutes=minutes, seconds=1 + n % 5)
+                    records.append(UsageRecorded(
+                        request_id=f"req-{n}", tenant_id=tenant, environment_id=env,
+                        api_key_id=key, model=MODEL, endpoint="chat", region="us-east-1",
+                        node_id=None, prompt_tokens=1000 + 37 * n,
+                        completion_tokens=200 + 11 * n, latency_ms=10.0, occurred_at=at))
+    assert len(scopes) == 50
+    await rig.record(records)
+    # Each budget a multiple of its own spend: far past it, exactly it, 67%, 83%, 33%.
+    factors = [Decimal("0.4"), Decimal(1), Decimal("1.5"), Decimal("1.2"), Decimal(3)]
+    for i, (scope, scope_id, period) in enumerate(scopes):
+        spent = await recorded(pool, scope, scope_id, period, now)
+        amount = (spent * factors[i % len(factors)]).quantize(Decimal("0.000000001"))
+        await catalog.set_budget(scope, scope_id, amount, period)  # type: ignore[arg-type]
+
+    expected: dict[uuid.UUID, tuple[list[int], Decimal]] = {}
+    for b in await pool.fetch("SELECT * FROM budgets"):
+        spent = await recorded(pool, b["scope"], b["scope_id"],
+                               Period(b["period"], b["every_days"], b["anchor"]), now)
+        expected[b["scope_id"]] = (due_thresholds(b["amount"], spent, 0), spent)
+    assert len({tuple(due) for due, _ in expected.values()}) == 4  # [], [50], [50, 80], all
+
+    events = await BudgetWatch(pool, interval=3600).check_once(now)
+    got: dict[uuid.UUID, tuple[list[int], Decimal]] = {s: ([], Decimal(-1)) for s in expected}
+    for event in events:
+        alert = cast(BudgetThresholdReached | BudgetExhausted, event)
+        got[alert.scope_id][0].append(getattr(alert, "threshold", 100))
+        got[alert.scope_id] = (got[alert.scope_id][0], alert.spent)
+    for scope_id, (due, spent) in expected.items():
+        assert got[scope_id][0] == due, scope_id
+        if due:
+            assert got[scope_id][1] == spent, scope_id
+    # A look that finds nothing due reads every budget's spend in a handful of queries.
+    counting = CountingPool(pool)
+    assert await BudgetWatch(cast(asyncpg.Pool, counting), interval=3600).check_once(now) == []
+    assert counting.queries <= 4
