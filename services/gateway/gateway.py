@@ -38,7 +38,7 @@ from services.gateway.proxy import Proxy, ProxySettings
 from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
 from services.gateway.response_owners import ResponseOwners
 from services.gateway.settings import GatewaySettings
-from services.gateway.spend import Pricer
+from services.gateway.spend import CapsCache, Pricer
 from services.gateway.upstream import UpstreamPool
 from services.gateway.usage import UsagePublisher
 
@@ -87,6 +87,7 @@ class Gateway:
     leases: LeaseKeeper
     owners: ResponseOwners
     pricer: Pricer
+    caps: CapsCache = field(default_factory=CapsCache)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _uuids: dict[str, uuid.UUID] = field(default_factory=dict)
 

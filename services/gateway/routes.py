@@ -112,7 +112,7 @@ async def admit(gw: Gateway, principal: Principal, tokens: int,
     and (when budgets are over the key) the request's `cost` (the most it can cost, the
     least it can run with; nano-dollars) at each: the decision, or the 429 (or 503) that
     refuses the request."""
-    caps = spend.caps(principal.budgets, datetime.now(UTC)) if principal.budgets else ()
+    caps = gw.caps.caps(principal.budgets, time.time()) if principal.budgets else ()
     decision = await gw.limiter.acquire(
         LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id),
         limits_for(principal, gw.settings, caps), tokens, *cost)

@@ -82,6 +82,30 @@ def caps(budgets: Sequence[PrincipalBudget], now: datetime) -> tuple[BudgetCap, 
     return tuple(out)
 
 
+class CapsCache:
+    """`caps` for the hot path: the periods of a key's budgets change only when one ends, so
+    each set of budgets is worked out once per period rather than on every request."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._found: dict[tuple[PrincipalBudget, ...],
+                          tuple[tuple[BudgetCap, ...], int, int]] = {}
+
+    def caps(self, budgets: tuple[PrincipalBudget, ...], now: float) -> tuple[BudgetCap, ...]:
+        """`caps(budgets)` at `now` (Unix seconds)."""
+        now_ms = int(now * 1000)
+        found = self._found.get(budgets)
+        if found is not None and found[1] <= now_ms < found[2]:
+            return found[0]
+        computed = caps(budgets, datetime.fromtimestamp(now, UTC))
+        if len(self._found) >= self.capacity:
+            self._found.clear()  # rare; cheaper than an LRU's bookkeeping per request
+        # Good from the latest start to the earliest end: a clock stepped back recomputes.
+        self._found[budgets] = (computed, max(c.period_start_ms for c in computed),
+                                min(c.period_end_ms for c in computed))
+        return computed
+
+
 def refusal_message(layer: Layer, budgets: Sequence[PrincipalBudget], retry_after: float,
                     now: datetime) -> str:
     scope = next(s for s, found in LAYERS.items() if found is layer)

@@ -156,3 +156,19 @@ def test_a_grant_below_the_worst_case_buys_the_most_tokens_it_pays_for() -> None
         if per_sequence < 4096:  # one more token a sequence would not be paid for
             assert pricer.worst_case(model, 300, 2 * (per_sequence + 1)) > granted
     assert pricer.output_limit(model, 300, 2, least, 4096) == 1
+
+
+def test_caps_are_worked_out_once_a_period() -> None:
+    from services.gateway.auth import PrincipalBudget
+    from services.gateway.spend import CapsCache, caps
+
+    budgets = (PrincipalBudget("key", 10**9, "day", 1, None),
+               PrincipalBudget("tenant", 10**10, "month", 1, None))
+    cache = CapsCache()
+    noon = at(2026, 3, 10, 12).timestamp()
+    first = cache.caps(budgets, noon)
+    assert first == caps(budgets, at(2026, 3, 10, 12))
+    assert cache.caps(budgets, noon + 3600) is first  # the same periods: not recomputed
+    tomorrow = cache.caps(budgets, at(2026, 3, 11, 0).timestamp())  # the day's ended
+    assert tomorrow == caps(budgets, at(2026, 3, 11)) and tomorrow != first
+    assert cache.caps(budgets, noon) == first  # a clock stepped back: worked out again
