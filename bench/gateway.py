@@ -2,11 +2,16 @@
   (a) the vLLM simulator directly,
   (b) a bare aiohttp pass-through proxy (written here, as the baseline),
   (c) the gateway with auth, every rate-limit layer, load balancing and usage publishing,
+  (d) the gateway again, for a key under spend budgets at its key, environment and tenant
+      (each request reserves its worst cost at three budget counters in the same script),
 one worker process each, in one run; concurrency 1 and 16, whole answers and streams.
-Prints requests/s and p50/p99 latency, and (c) as a ratio of (b).
+Prints requests/s, p50/p99 latency and Redis's CPU per request (`INFO cpu`, for the gateway
+rows), (c) as a ratio of (b), and (d) as a ratio of (c).
 
-`python bench/gateway.py [--seconds 5]`. Run by hand: the figures depend on the machine, and
-the load generator shares it with the servers, so compare the ratios, not the absolute numbers.
+`python bench/gateway.py [--seconds 5] [--load wrk|python]`. Run by hand: the figures depend on
+the machine, and the load generator shares it with the servers, so compare the ratios, not the
+absolute numbers. The load comes from `wrk` (Debian's package) when it is installed: a Python
+load generator takes the CPU the servers need and flatters the ratios.
 
 As in production: NATS with authentication (the gateway, the node agent, the monitor and the
 outbox relay each connect as their own identity); the node launched (`node.launching` in the
@@ -20,8 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
+import logging
 import os
+import re
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,10 +40,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from schemas.events import NodeLaunching, Quota
 from schemas.ids import uuid7
+from services.core.budgets import Period
 from services.core.bus import Bus
 from services.core.catalog import Catalog
 from services.core.db import create_pool
@@ -82,6 +93,8 @@ def bare_proxy(upstream: str, port: int, upstream_key: str) -> None:
             await response.write_eof()
             return response
 
+    # wrk closes its connections mid-answer when its time is up: not worth a traceback each.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     app = web.Application()
     app.cleanup_ctx.append(ctx)  # type: ignore[arg-type]
     for path, _ in ENDPOINTS.values():
@@ -134,7 +147,48 @@ async def load(url: str, key: str, concurrency: int, seconds: float, stream: boo
     return len(latencies) / elapsed, latencies, errors
 
 
-def pct(values: list[float], q: float) -> float:
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = {authorization}
+"""
+
+
+async def load_wrk(url: str, key: str, concurrency: int, seconds: float, stream: bool,
+                   request: dict[str, object], tmp: Path) -> tuple[float, float, float, int]:
+    """wrk's requests/s, p50 and p99 (ms) and non-2xx answers, one wrk thread."""
+    script = tmp / "bench.lua"
+    script.write_text(WRK_SCRIPT.format(body=_lua_string(json.dumps({**request,
+                                                                     "stream": stream})),
+                                        authorization=_lua_string(f"Bearer {key}")))
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
+        "-s", str(script), url, stdout=asyncio.subprocess.PIPE)
+    out = (await proc.communicate())[0].decode()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return (rps, _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), int(errors[1]) if errors else 0)
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _wrk_ms(out: str, label: str) -> float:
+    found = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+    if not found:
+        return float("nan")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[found[2]]
+    return float(found[1]) * scale
+
+
+async def redis_cpu_seconds(redis: aioredis.Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def pct(values: list[float], q: int) -> float:
     if not values:
         return float("nan")
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else \
@@ -185,7 +239,7 @@ async def wait_routed(url: str, key: str, timeout: float = 60) -> None:
 
 
 async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoint: str,
-              concurrencies: list[int]) -> None:
+              concurrencies: list[int], load_with: str) -> None:
     stack = DevStack(tmp / "servers")
     stack.start()
     assert stack.nats is not None
@@ -206,6 +260,20 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
         key = await catalog.create_api_key(env, limits=Quota(
             requests_per_minute=10**9, tokens_per_minute=huge, tokens_per_day=huge,
             concurrency=10_000))
+        # The same key again under spend budgets at all three scopes (of their own tenant:
+        # a tenant's budget is over every key of it).
+        budgeted_tenant = await catalog.create_tenant("bench-budgets")
+        budgeted_env = await catalog.create_environment(
+            budgeted_tenant, "bench", "local", Quota(requests_per_minute=10**9,
+                                                     tokens_per_minute=huge,
+                                                     tokens_per_day=huge))
+        budgeted = await catalog.create_api_key(budgeted_env, limits=Quota(
+            requests_per_minute=10**9, tokens_per_minute=huge, tokens_per_day=huge,
+            concurrency=10_000))
+        plenty = Decimal("999999")
+        await catalog.set_budget("tenant", budgeted_tenant, plenty, Period("month"))
+        await catalog.set_budget("environment", budgeted_env, plenty, Period("day"))
+        await catalog.set_budget("key", budgeted.key_id, plenty, Period("day"))
         await catalog.create_model(MODEL, family="llama", vram_gb=16,
                                    input_price_per_million=Decimal("0.1"),
                                    output_price_per_million=Decimal("0.2"),
@@ -256,42 +324,61 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
         await wait_ready(f"http://127.0.0.1:{gw_port}", "/ready")
         await wait_routed(f"http://127.0.0.1:{gw_port}", key.plaintext)
 
+        await wait_routed(f"http://127.0.0.1:{gw_port}", budgeted.plaintext)
+
         path, request = ENDPOINTS[endpoint]
-        targets = {"simulator": f"{sim}{path}",
-                   "bare proxy": f"http://127.0.0.1:{bare_port}{path}",
-                   "gateway": f"http://127.0.0.1:{gw_port}{path}"}
-        print(f"gateway benchmark: {path}, 16 output tokens, "
-              f"{seconds:.0f}s per row, one process each, 2 cores shared with the load")
+        gateway_url = f"http://127.0.0.1:{gw_port}{path}"
+        targets = {"simulator": (f"{sim}{path}", node_key),
+                   "bare proxy": (f"http://127.0.0.1:{bare_port}{path}", key.plaintext),
+                   "gateway": (gateway_url, key.plaintext),
+                   "budgets": (gateway_url, budgeted.plaintext)}
+        use_wrk = load_with == "wrk"
+        print(f"gateway benchmark: {path}, 16 output tokens, {seconds:.0f}s per row, one "
+              f"process each, 2 cores shared with the load ({load_with}); `budgets`: the "
+              "gateway, a key under budgets at key, environment and tenant")
         print(f"{'target':<11} {'mode':<7} {'conc':>4} {'req/s':>8} {'p50 ms':>8} "
-              f"{'p99 ms':>8} {'errors':>6}")
+              f"{'p99 ms':>8} {'errors':>6} {'redis us/req':>12}")
         results: dict[tuple[str, bool, int], float] = {}
+        redis = aioredis.from_url(urls.redis_url)
         for stream in (False, True):
             if ("stream" if stream else "whole") not in modes:
                 continue
             for concurrency in concurrencies:
-                for name, url in targets.items():
+                for name, (url, caller) in targets.items():
                     if only and name.split()[0] not in only:
                         continue
+                    cpu = await redis_cpu_seconds(redis)
                     # The simulator is called as the gateway calls it, with the node's key.
-                    rps, lat, errors = await load(
-                        url, node_key if name == "simulator" else key.plaintext,
-                        concurrency, seconds, stream, request)
+                    if use_wrk:
+                        rps, p50, p99, errors = await load_wrk(
+                            url, caller, concurrency, seconds, stream, request, tmp)
+                        took = float(max(1, round(seconds)))
+                    else:
+                        rps, lat, errors = await load(url, caller, concurrency, seconds,
+                                                      stream, request)
+                        p50, p99, took = pct(lat, 50), pct(lat, 99), seconds
+                    per_request = (await redis_cpu_seconds(redis) - cpu) / max(1, rps * took)
                     results[(name, stream, concurrency)] = rps
+                    redis_us = f"{per_request * 1e6:>12.1f}" if name in ("gateway",
+                                                                          "budgets") else ""
                     print(f"{name:<11} {'stream' if stream else 'whole':<7} {concurrency:>4} "
-                          f"{rps:>8,.0f} {pct(lat, 50):>8.2f} {pct(lat, 99):>8.2f} "
-                          f"{errors:>6}", flush=True)
+                          f"{rps:>8,.0f} {p50:>8.2f} {p99:>8.2f} {errors:>6} {redis_us}",
+                          flush=True)
+        await redis.aclose()
         for (status, body), count in ERRORS.most_common(5):
             print(f"errors: {count} x {status} {body}")
-        print("\ngateway / bare proxy (goal: at least 0.60)")
-        for stream in (False, True):
-            for concurrency in concurrencies:
-                gateway = results.get(("gateway", stream, concurrency))
-                bare = results.get(("bare proxy", stream, concurrency))
-                if not gateway or not bare:
-                    continue
-                ratio = gateway / bare
-                print(f"  {'stream' if stream else 'whole':<7} concurrency {concurrency:>2}: "
-                      f"{ratio:.2f}")
+        for title, over, under in (("gateway / bare proxy (goal: at least 0.60)", "gateway",
+                                    "bare proxy"),
+                                   ("gateway with budgets / gateway (goal: no drop)", "budgets",
+                                    "gateway")):
+            print(f"\n{title}")
+            for stream in (False, True):
+                for concurrency in concurrencies:
+                    a = results.get((over, stream, concurrency))
+                    b = results.get((under, stream, concurrency))
+                    if a and b:
+                        print(f"  {'stream' if stream else 'whole':<7} concurrency "
+                              f"{concurrency:>2}: {a / b:.2f}")
     finally:
         for p in procs:
             if p.returncode is None:
@@ -303,7 +390,10 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--only", default="", help="comma list: simulator,bare,gateway")
+    parser.add_argument("--only", default="",
+                        help="comma list: simulator,bare,gateway,budgets")
+    parser.add_argument("--load", choices=("wrk", "python"),
+                        default="wrk" if shutil.which("wrk") else "python")
     parser.add_argument("--modes", default="whole,stream")
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat")
@@ -316,7 +406,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(args.seconds, Path(tmp), set(filter(None, args.only.split(","))),
                         set(args.modes.split(",")), args.endpoint,
-                        [int(c) for c in args.concurrency.split(",")]))
+                        [int(c) for c in args.concurrency.split(",")], args.load))
 
 
 if __name__ == "__main__":
