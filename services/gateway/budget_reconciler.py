@@ -5,7 +5,8 @@ billing recorded for it, and raises a counter found below the records: Redis los
 failover to a replica that was behind, a restore from a snapshot), a request admitted in one
 period and billed in the next, or REGION_MULTIPLIERS set differently on the gateways and on
 billing. The drift found is `budget_drift_nano_dollars_total{source="reconcile"}`, which
-alerts (infra/prometheus/alerts.yml).
+alerts (infra/prometheus/alerts.yml). Before that, it gives back what reservations of
+gateways that died mid-request still hold (`sweep_once`).
 
 A counter is never lowered: it also holds the reservations of requests in flight, which
 billing has not seen. One without a count of the period (nobody asked this period, or Redis
@@ -34,6 +35,8 @@ from services.gateway.ratelimit.redis_limiter import BudgetSpent
 log = structlog.get_logger("budgets.reconcile")
 
 TURN_KEY: Final = "budget:reconcile:turn"
+LEASES: Final = redis_key(Layer.KEY_CONCURRENCY, LimitSubject("*", "", ""))
+"""Every key's lease set, as a SCAN pattern."""
 BATCH: Final = 100
 """Budgets per script run: a run holds Redis for its length."""
 _LAYERS: Final = {"key": Layer.KEY_BUDGET, "environment": Layer.ENVIRONMENT_BUDGET,
@@ -68,6 +71,7 @@ class BudgetReconciler:
             await asyncio.sleep(self.interval)
             try:
                 if await self.take_turn():
+                    await self.sweep_once()
                     await self.reconcile_once(datetime.now(UTC))
             except (OSError, TimeoutError, RedisError, asyncpg.PostgresError,
                     asyncpg.InterfaceError) as exc:
@@ -78,6 +82,25 @@ class BudgetReconciler:
         before the next, so a gateway that stopped does not hold it)."""
         ttl_ms = max(1, int(self.interval * 900))
         return bool(await self.redis.set(TURN_KEY, self._token, nx=True, px=ttl_ms))
+
+    async def sweep_once(self) -> int:
+        """Give back what budgeted leases that expired unsettled held (a gateway died
+        mid-request): a key that sends requests does it itself when it is admitted, but a
+        key that does not may hold its environment's and tenant's budgets. Returns the
+        nano-dollars given back."""
+        back = 0
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        async for raw in self.redis.scan_iter(match=LEASES, count=500):
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            expired = [m.decode() if isinstance(m, bytes) else str(m) for m in
+                       await self.redis.zrangebyscore(key, "-inf", now_ms)]
+            held = [m for m in expired if "|" in m]
+            if held:
+                back += await self.limiter.sweep(key, held)
+        if back:
+            log.warning("budget reservations of leases that expired unsettled given back",
+                        nano_dollars=back)
+        return back
 
     async def reconcile_once(self, now: datetime) -> int:
         """Reconcile every budget's counter of the period holding `now`; the drift found."""

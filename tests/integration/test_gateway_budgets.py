@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -337,3 +338,48 @@ async def test_a_tenant_reads_the_budgets_over_its_key_and_what_each_has_spent(
         f"{start:%Y-%m-%dT%H:%M:%SZ}", f"{end:%Y-%m-%dT%H:%M:%SZ}")
     assert tenant["currency"] == "usd" and tenant["every_days"] is None
     assert {v["scope"] for v in theirs["data"]} == {"environment", "tenant"}
+
+
+async def test_a_killed_gateways_reservation_comes_back_to_the_budget(
+        platform: Platform) -> None:
+    """A stream without max_tokens takes all that is left of a key's budget on a gateway
+    that is then killed (SIGKILL: nothing settles). Once its lease expires, the key's next
+    request on another gateway gives the money back and is admitted again."""
+    p = platform
+    budgeted = await p.catalog.create_api_key(p.environment_id)
+    await p.catalog.set_budget("key", budgeted.key_id, Decimal("0.001"), Period("day"))
+    await p.add_node(inter_token_latency=0.05)
+    port = free_port()
+    proc = await start_gateway_process(p, port, CONCURRENCY_LEASE_SECONDS="2")
+    url = f"http://127.0.0.1:{port}"
+    # A second gateway, in-process, sharing Redis; its reconciler off: the key's own next
+    # request is what gives the money back here (the reconciler's sweep: test_ratelimit_budgets).
+    await p.start_gateway(budget_reconcile_seconds=0)
+    await p.routable(1)
+    whole = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession() as s:
+            await eventually(lambda: serving(s, url), timeout=30, what="gateway ready")
+            await eventually(lambda: _both_route(s, [url], p.key.plaintext), timeout=30,
+                             what="gateway routes")
+            doomed = asyncio.create_task(send(s, url, budgeted.plaintext, {
+                **whole, "stream": True, "max_tokens": 8000}))
+
+            async def budget_taken() -> bool:
+                return (await send(s, p.gateway_url, budgeted.plaintext,
+                                   {**whole, "max_tokens": 4})).status == 429
+
+            await eventually(budget_taken, timeout=30, what="the budget is held")
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            await asyncio.gather(doomed, return_exceptions=True)
+
+            async def budget_back() -> bool:
+                return (await send(s, p.gateway_url, budgeted.plaintext,
+                                   {**whole, "max_tokens": 4})).status == 200
+
+            await eventually(budget_back, timeout=60, what="the dead reservation given back")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

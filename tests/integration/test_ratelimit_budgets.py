@@ -216,3 +216,61 @@ async def test_without_billing_records_a_budgeted_request_waits(r: aioredis.Redi
     limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),))
     refused = await limiter.acquire(KEY, limits, 1, 1)
     assert not refused.allowed and refused.status == 503
+
+
+async def test_a_reservation_whose_gateway_died_is_given_back_when_its_lease_expires(
+        r: aioredis.Redis) -> None:
+    """A gateway that dies mid-request never settles: its lease expires, and the next
+    request of the key gives the money back before it is judged. A lease still renewed
+    keeps its money; a settle that comes after the lease expired changes nothing."""
+    limiter = RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, lease_ttl=0.5,
+                               budget_spent=recorded)
+    RECORDED.clear()
+    limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),))
+    dead = held((await limiter.acquire(KEY, limits, 1, 800, 100)).reservation)
+    alive = held((await limiter.acquire(KEY, limits, 1, 800, 100)).reservation)
+    assert (dead.money, alive.money) == (800, 200)
+    assert "|800|budget:key:k1@" in dead.lease_id  # what the lease holds, for whoever finds it
+
+    async def renewed_until_dead_expires() -> bool:
+        assert await limiter.renew(alive)
+        return not await r.zscore("ratelimit:key:k1:concurrency", dead.lease_id) or \
+            (await r.zscore("ratelimit:key:k1:concurrency", dead.lease_id) or 0) <= \
+            time.time() * 1000
+
+    await eventually(renewed_until_dead_expires, timeout=30, what="the dead lease expired")
+    granted = await eventually(
+        lambda: limiter.acquire(KEY, limits, 1, 800, 100), timeout=30,
+        what="the dead request's money given back")
+    assert held(granted.reservation).money == 800  # 1000 - 200 (alive) held, not - 1000
+    assert await spent(r, "budget:key:k1") == 1000
+    await limiter.settle(dead, 1, 500)  # too late: its money is back already
+    assert await spent(r, "budget:key:k1") == 1000
+    await limiter.settle(alive, 1, 150)
+    assert await spent(r, "budget:key:k1") == 950
+
+
+async def test_the_reconciler_gives_back_what_an_idle_keys_dead_requests_hold(
+        r: aioredis.Redis) -> None:
+    """A key that sends no more requests cannot give back its own dead reservations, which
+    may hold its tenant's budget against every other key: the reconciler's sweep does."""
+    from typing import Any, cast
+
+    from services.gateway.budget_reconciler import BudgetReconciler
+
+    limiter = RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, lease_ttl=0.3,
+                               budget_spent=recorded)
+    RECORDED.clear()
+    limits = only(budgets=(BudgetCap(Layer.TENANT_BUDGET, 1000, period_end()),))
+    dead = held((await limiter.acquire(KEY, limits, 1, 900)).reservation)
+    reconciler = BudgetReconciler(cast(Any, None), r, limiter, recorded, interval=60)
+
+    async def swept() -> int:
+        return await reconciler.sweep_once()
+
+    back = await eventually(swept, timeout=30, what="the dead reservation swept")
+    assert back == 900 and await spent(r, "budget:tenant:t1") == 0
+    assert limiter.metrics.budget_refunds._value.get() == 900
+    assert (await limiter.acquire(SIBLING, limits, 1, 900)).allowed
+    await limiter.settle(dead, 1, 10)
+    assert await spent(r, "budget:tenant:t1") == 900

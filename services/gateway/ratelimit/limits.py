@@ -334,6 +334,30 @@ def needs_lease(checks: Sequence[Check]) -> bool:
     return any(c.kind is Kind.CONCURRENCY for c in checks)
 
 
+def lease_member(lease_id: str, money: int, checks: Sequence[Check]) -> str:
+    """A lease as Redis holds it: a budgeted one names what it holds (`money` at each budget
+    counter, in its period), so that whoever finds it expired unsettled — its gateway died —
+    can give the money back (the ACQUIRE and SWEEP scripts). Pure."""
+    if money <= 0:
+        return lease_id
+    held = "".join(f"{c.key}@{c.window_ms}|" for c in checks if c.kind is Kind.MONEY)
+    return f"{lease_id}|{money}|{held}" if held else lease_id
+
+
+def held_by(member: str) -> tuple[int, dict[str, int]]:
+    """What a lease member holds (`lease_member`): nano-dollars, and the period end of each
+    budget counter it holds them at. Nothing for a lease without money. Pure."""
+    parts = member.split("|")
+    if len(parts) < 4 or not parts[1].isdigit():
+        return 0, {}
+    counters = {}
+    for part in parts[2:-1]:
+        key, _, window = part.rpartition("@")
+        if key and window.isdigit():
+            counters[key] = int(window)
+    return int(parts[1]), counters
+
+
 def reservation_for(checks: Sequence[Check], now_ms: int, lease_id: str,
                     origin: Origin, money: int | None = None) -> Reservation:
     """What an allowed request holds; `money`: the nano-dollars granted at every budget
@@ -345,6 +369,8 @@ def reservation_for(checks: Sequence[Check], now_ms: int, lease_id: str,
     budgets = tuple(TokenWindow(c.key, c.window_ms) for c in checks if c.kind is Kind.MONEY)
     if money is None:
         money = next((c.amount for c in checks if c.kind is Kind.MONEY), 0)
+    if origin is Origin.REDIS and lease_key:
+        lease_id = lease_member(lease_id, money, checks)  # as ACQUIRE wrote it
     return Reservation(lease_id=lease_id if lease_key else "", origin=origin,
                        lease_key=lease_key, token_windows=windows, tokens=tokens,
                        money_windows=budgets, money=money)

@@ -43,21 +43,57 @@ ACQUIRE = _script("""
 -- before this request}; allowed is -1 when a budget's counter does not hold its period yet
 -- (its first request of the period, or Redis lost it): the caller seeds it from billing's
 -- records (SEED) and asks again.
--- All or nothing: nothing is written unless every check passes.
+-- All or nothing: nothing is written unless every check passes, but for one piece of
+-- housekeeping first: a budgeted request's lease that expired unsettled (its gateway died)
+-- gives its money back to the budgets it names that this request checks too.
+-- A budgeted lease's member is "lease id|grant|counter@period end|...|" (see limits.py
+-- `lease_member`): what it holds, so that whoever finds it expired can give it back.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS
-local kinds, windows, amounts = {}, {}, {}
+local kinds, limits, windows, amounts, names = {}, {}, {}, {}, {}
 local used, fresh = {}, {}
 local allowed = 1
 local unseeded = false
 local least = tonumber(ARGV[5] or '0')
 local want, room = nil, nil
+local lease_at, money = nil, false
 local i = 0
 for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (%d+)') do
   i = i + 1
-  kinds[i], windows[i], amounts[i] = kind, tonumber(window), amount
-  limit = tonumber(limit)
+  kinds[i], limits[i], windows[i], amounts[i] = kind, tonumber(limit), tonumber(window), amount
+  -- As text for lease members: Lua writes numbers of 15 digits and more as 1e+15.
+  names[i] = '|' .. KEYS[i] .. '@' .. window .. '|'
+  if kind == 'c' then
+    lease_at = i
+  elseif kind == 'm' then
+    money = true
+  end
+end
+if i ~= n then
+  return redis.error_reply('ratelimit: ' .. n .. ' keys but ' .. i .. ' checks')
+end
+if money and lease_at then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[lease_at], '-inf', now)
+  for _, member in ipairs(expired) do
+    local grant = tonumber(string.match(member, '^[^|]*|(%d+)|'))
+    if grant and grant > 0 then
+      for j = 1, n do
+        if kinds[j] == 'm' and string.find(member, names[j], 1, true)
+            and tonumber(redis.call('HGET', KEYS[j], 'w')) == windows[j] then
+          if redis.call('HINCRBY', KEYS[j], 'n', -grant) < 0 then
+            redis.call('HSET', KEYS[j], 'n', 0)
+          end
+        end
+      end
+    end
+  end
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[lease_at], '-inf', now)
+  end
+end
+for i = 1, n do
+  local kind, limit, amount = kinds[i], limits[i], amounts[i]
   local u = 0
   if kind == 'c' then
     u = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf')
@@ -95,22 +131,35 @@ if want ~= nil then
     end
   end
 end
-if i ~= n then
-  return redis.error_reply('ratelimit: ' .. n .. ' keys but ' .. i .. ' checks')
-end
 if unseeded then
   allowed = -1
 end
 if allowed == 1 then
   local ttl = tonumber(ARGV[2])
   local grace = tonumber(ARGV[3])
+  local member = ARGV[1]
+  if grant > 0 then
+    member = member .. '|' .. string.format('%d', grant)
+    for j = 1, n do
+      if kinds[j] == 'm' then
+        member = member .. names[j]:sub(1, -2)
+      end
+    end
+    member = member .. '|'
+  end
   for j = 1, n do
     local key = KEYS[j]
     if kinds[j] == 'c' then
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      redis.call('ZADD', key, now + ttl, ARGV[1])
-      if redis.call('PTTL', key) < ttl then
-        redis.call('PEXPIRE', key, ttl)
+      redis.call('ZADD', key, now + ttl, member)
+      -- A lease holding money outlives its expiry by 15 minutes, for the reconciler's sweep
+      -- (every BUDGET_RECONCILE_SECONDS) to find it if its gateway died.
+      local keep = ttl
+      if grant > 0 then
+        keep = ttl + 900000
+      end
+      if redis.call('PTTL', key) < keep then
+        redis.call('PEXPIRE', key, keep)
       end
     elseif kinds[j] == 'm' then
       if fresh[j] then
@@ -265,6 +314,39 @@ for i = 1, #KEYS do
   out[i] = added
 end
 return out
+""")
+
+
+SWEEP = _script("""
+-- Give back what budgeted leases that expired unsettled held (their gateway died), for the
+-- periodic reconciler: ACQUIRE does it for the key it admits, this for keys nobody asks with
+-- any more, whose reservations may hold their environment's or tenant's budget.
+-- KEYS[1]: a key's lease set; KEYS[2..]: the budget counters its expired leases name.
+-- ARGV: the expired members found (re-checked here: settled or renewed since, they stay).
+-- Reply: the nano-dollars given back, summed over the counters.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local back = 0
+for _, member in ipairs(ARGV) do
+  local expiry = redis.call('ZSCORE', KEYS[1], member)
+  if expiry and tonumber(expiry) <= now then
+    redis.call('ZREM', KEYS[1], member)
+    local grant = tonumber(string.match(member, '^[^|]*|(%d+)|'))
+    if grant and grant > 0 then
+      for j = 2, #KEYS do
+        local w = redis.call('HGET', KEYS[j], 'w')
+        if w and string.find(member, '|' .. KEYS[j] .. '@' .. w .. '|', 1, true) then
+          local n = redis.call('HINCRBY', KEYS[j], 'n', -grant)
+          if n < 0 then
+            redis.call('HSET', KEYS[j], 'n', 0)
+          end
+          back = back + grant
+        end
+      end
+    end
+  end
+end
+return back
 """)
 
 

@@ -34,6 +34,7 @@ from services.gateway.ratelimit.limits import (
     PlanCache,
     PreparedChecks,
     Reservation,
+    held_by,
     prepare,
     reservation_for,
     unavailable,
@@ -100,6 +101,10 @@ class RateLimitMetrics:
             registry=registry)
         for source in ("seed", "reconcile"):
             self.budget_drift.labels(source)
+        self.budget_refunds = Counter(
+            "budget_expired_refunds_nano_dollars_total",
+            "Nano-dollars given back to budgets by reservations whose lease expired unsettled "
+            "(their gateway died mid-request), as the reconciler found them", registry=registry)
 
 
 class RedisRateLimiter:
@@ -232,6 +237,20 @@ class RedisRateLimiter:
             self.metrics.budget_drift.labels("reconcile").inc(sum(added))
         return added
 
+    async def sweep(self, lease_key: str, members: Sequence[str]) -> int:
+        """Give back what the budgeted leases `members` of `lease_key` held, those that are
+        still there and expired (their gateway died before settling: SWEEP re-checks, so a
+        lease settled or renewed since stays). Returns the nano-dollars given back, counted
+        in `budget_expired_refunds_nano_dollars_total`. Raises when Redis cannot answer."""
+        counters = sorted({key for m in members for key in held_by(m)[1]})
+        if not counters:
+            return 0
+        async with asyncio.timeout(self._timeout * 4):
+            back = int(await self._evalsha(lua.SWEEP, [lease_key, *counters], list(members)))
+        if back:
+            self.metrics.budget_refunds.inc(back)
+        return back
+
     async def acquire_usage(self, subject: LimitSubject, per_minute: int | None) -> Decision:
         """GET /v1/usage's own per-key limit (`usage_plan`), counted apart from inference:
         one EVALSHA, the same verdict, headers and outage policy as `acquire`."""
@@ -353,7 +372,7 @@ class RedisRateLimiter:
         NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
         try:
             for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED,
-                           lua.RECONCILE):
+                           lua.RECONCILE, lua.SWEEP):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:
             return False
