@@ -251,7 +251,8 @@ async def test_after_redis_loses_the_counters_billing_records_bring_them_back(
     await rig.record([], total=served)  # billing records what the gateway published
     r = aioredis.from_url(redis_url)
     try:
-        await r.flushdb()  # Redis lost every counter
+        await r.flushdb()  # Redis lost every counter (a restart without persistence)...
+        await r.script_flush()  # ...and the scripts the gateway had loaded
     finally:
         await r.aclose()
     # The same request is refused again: its budget came back from billing's records.
