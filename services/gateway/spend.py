@@ -111,13 +111,14 @@ def refusal_message(layer: Layer, budgets: Sequence[PrincipalBudget], retry_afte
     scope = next(s for s, found in LAYERS.items() if found is layer)
     budget = next((b for b in budgets if b.scope == scope), None)
     amount = f"${Decimal(budget.amount_nano).scaleb(-9).normalize():f} " if budget else ""
+    per = ("period" if budget is None else f"{budget.every_days} days"
+           if budget.period == "days" else budget.period)
     resets = datetime.fromtimestamp(now.timestamp() + retry_after, UTC)
     what = {"key": "this API key's", "environment": "this environment's",
             "tenant": "your account's"}[scope]
-    return (f"What is left of {what} spend budget ({amount}per "
-            f"{budget.period if budget else 'period'}) does not cover this request (its "
-            f"prompt and at least one output token). It resets at "
-            f"{resets:%Y-%m-%dT%H:%M:%SZ}; send a shorter request, or raise the budget.")
+    return (f"What is left of {what} spend budget ({amount}per {per}) does not cover the "
+            f"least this request can cost. It resets at {resets:%Y-%m-%dT%H:%M:%SZ}; send "
+            f"a shorter request, or raise the budget.")
 
 
 class BudgetView(msgspec.Struct, kw_only=True):

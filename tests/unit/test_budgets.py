@@ -90,6 +90,9 @@ def test_the_gateway_prices_the_worst_case_at_the_dearest_region_and_bounds_the_
     message = refusal_message(Layer.KEY_BUDGET, budgets, 12 * 3600, now)
     assert "this API key's spend budget ($0.5 per day)" in message
     assert "resets at 2026-03-11T00:00:00Z" in message
+    fortnight = (PrincipalBudget("environment", 3 * 10**9, "days", 14, at(2026, 3, 1).timestamp()),)
+    assert "this environment's spend budget ($3 per 14 days)" in refusal_message(
+        Layer.ENVIRONMENT_BUDGET, fortnight, 60, now)
 
 
 def test_a_request_runs_with_what_is_left_when_that_pays_for_its_prompt_and_a_token() -> None:
