@@ -165,7 +165,7 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
                                lease_ttl=s.concurrency_lease_seconds, registry=registry,
                                timeout=s.ratelimit_redis_timeout, budget_spent=spent)
     reconciler = app[BUDGET_RECONCILER] = BudgetReconciler(
-        app[DB], redis, limiter, spent, interval=s.budget_reconcile_seconds)
+        app[DB], redis, limiter, interval=s.budget_reconcile_seconds)
     models = ModelCatalog(app[DB])
     await models.refresh()
     gw = Gateway(

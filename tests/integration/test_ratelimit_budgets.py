@@ -263,7 +263,7 @@ async def test_the_reconciler_gives_back_what_an_idle_keys_dead_requests_hold(
     RECORDED.clear()
     limits = only(budgets=(BudgetCap(Layer.TENANT_BUDGET, 1000, period_end()),))
     dead = held((await limiter.acquire(KEY, limits, 1, 900)).reservation)
-    reconciler = BudgetReconciler(cast(Any, None), r, limiter, recorded, interval=60)
+    reconciler = BudgetReconciler(cast(Any, None), r, limiter, interval=60)
 
     async def swept() -> int:
         return await reconciler.sweep_once()
