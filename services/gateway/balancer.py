@@ -7,6 +7,9 @@ Strategies:
 - least_latency: lowest moving average of this gateway's upstream latency to the node
   (nodes not yet measured go first, so they get measured).
 - least_load: vLLM's own view from heartbeats: fewest waiting, then KV cache, then running.
+- prefix_aware: a conversation back to the node that holds its prefix in its KV cache, by
+  rendezvous hashing with bounded load (services/gateway/prefix_routing.py); a request with
+  nothing to key it by goes by least_load.
 
 Circuit breaker: over a sliding window, a node whose error rate exceeds the threshold with at
 least `min_requests` outcomes is opened (no traffic) for `cooldown` seconds, then half-open:
@@ -20,9 +23,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from services.gateway import prefix_routing
 from services.gateway.nodes import NodeView
 
-STRATEGIES = ("round_robin", "least_connections", "least_latency", "least_load")
+STRATEGIES = ("round_robin", "least_connections", "least_latency", "least_load", "prefix_aware")
 
 
 class CircuitState(enum.StrEnum):
@@ -133,24 +137,32 @@ class Balancer:
 
     LATENCY_SMOOTHING = 0.2
 
-    def __init__(self, strategy: str = "round_robin", breaker: CircuitBreaker | None = None
-                 ) -> None:
+    def __init__(self, strategy: str = "round_robin", breaker: CircuitBreaker | None = None,
+                 *, spill: float = 0.25) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown load-balancing strategy {strategy!r}; "
                              f"one of {', '.join(STRATEGIES)}")
+        if spill < 0:
+            raise ValueError("spill must be >= 0")
         self.strategy = strategy
+        self.spill = spill
+        self.keyed = strategy == "prefix_aware"
+        """Whether `choose` wants a request's routing key (prefix_routing.route_key)."""
         self.breaker = breaker or CircuitBreaker()
         self.in_flight: dict[str, int] = {}
         self.latency: dict[str, float] = {}
         self._turn: dict[str, int] = {}
 
     def choose(self, model: str, candidates: Sequence[NodeView], now: float,
-               exclude: frozenset[str] = frozenset()) -> NodeView | None:
+               exclude: frozenset[str] = frozenset(), key: bytes | None = None
+               ) -> NodeView | None:
         allowed = sorted((n for n in candidates
                           if n.node_id not in exclude and self.breaker.allow(n.node_id, now)),
                          key=lambda n: n.node_id)
         if not allowed:
             return None
+        if self.keyed and key is not None:
+            return prefix_routing.choose(key, allowed, self.in_flight, self.spill)
         turn = self._turn.get(model, 0)
         self._turn[model] = turn + 1
         if self.strategy == "round_robin":

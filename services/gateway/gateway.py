@@ -151,7 +151,8 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
                          heartbeat_timeout=s.node_heartbeat_timeout)
     balancer = Balancer(s.lb_strategy, CircuitBreaker(BreakerRules(
         error_rate=s.circuit_error_rate, min_requests=s.circuit_min_requests,
-        window=s.circuit_window_seconds, cooldown=s.circuit_cooldown_seconds)))
+        window=s.circuit_window_seconds, cooldown=s.circuit_cooldown_seconds)),
+        spill=s.lb_prefix_spill)
     metrics = GatewayMetrics(registry)
 
     def node_left(node_id: str) -> None:

@@ -129,10 +129,12 @@ class Proxy:
     async def forward(self, request: web.Request, req: InferenceRequest, request_id: str,
                       headers: dict[str, str], progress: Progress, *,
                       pinned: NodeView | None = None,
-                      on_stored: Stored | None = None) -> ProxyResult:
+                      on_stored: Stored | None = None,
+                      route_key: bytes | None = None) -> ProxyResult:
         """Send `req` to a node and the answer to the client (with `headers` added). A
         `pinned` node is the only one tried (it holds the conversation `req` continues);
-        `on_stored` hears of a response the node stored."""
+        `on_stored` hears of a response the node stored; `route_key` is what a keyed
+        strategy routes by (prefix_routing.route_key)."""
         body = upstream_body(req)
         upstream_headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
                              "Authorization": ""}
@@ -144,7 +146,7 @@ class Proxy:
             now = time.monotonic()
             node = pinned if pinned is not None else self.balancer.choose(
                 req.model, self.table.candidates(req.model, now, self.rules), now,
-                frozenset(tried))
+                frozenset(tried), route_key)
             if node is None:
                 if attempt == 0:
                     self.metrics.no_node.labels(req.model).inc()

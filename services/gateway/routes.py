@@ -32,6 +32,7 @@ from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
 from services.gateway.models import ModelInfo
 from services.gateway.nodes import FINAL_STATUSES, NodeView
+from services.gateway.prefix_routing import SESSION_HEADER, route_key
 from services.gateway.protocol import (
     BadRequest,
     InferenceRequest,
@@ -271,8 +272,11 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     lease = gw.leases.hold(decision.reservation) if decision.reservation is not None else None
     progress = Progress()
     try:
-        result = await gw.proxy.forward(request, req, request_id, headers, progress,
-                                        pinned=pinned, on_stored=on_stored)
+        result = await gw.proxy.forward(
+            request, req, request_id, headers, progress, pinned=pinned, on_stored=on_stored,
+            route_key=route_key(req.endpoint, req.body, principal.tenant_id,
+                                request.headers.get(SESSION_HEADER))
+            if gw.balancer.keyed and pinned is None else None)
     except UpstreamFailure as failure:
         _finish(gw, decision.reservation, req, principal, request_id, started, progress,
                 failure.status)

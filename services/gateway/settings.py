@@ -75,9 +75,13 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     concurrency_lease_seconds: float = 120.0
 
     # load balancing
-    lb_strategy: Literal["round_robin", "least_connections", "least_latency", "least_load"] = \
-        "round_robin"
-    """round_robin, least_connections, least_latency or least_load (vLLM queue and KV cache)."""
+    lb_strategy: Literal["round_robin", "least_connections", "least_latency", "least_load",
+                         "prefix_aware"] = "round_robin"
+    """round_robin, least_connections, least_latency, least_load (vLLM queue and KV cache) or
+    prefix_aware (a conversation to the node caching its prefix, bounded by load)."""
+    lb_prefix_spill: float = 0.25
+    """prefix_aware: a node takes a conversation while its load is under (1 + this) x the
+    average; past it, the next node in the conversation's order does."""
     health_score_threshold: int = 50
     node_heartbeat_timeout: float = 60.0
     circuit_error_rate: float = 0.5
