@@ -53,6 +53,13 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    help="time to first token, seconds")
     p.add_argument("--itl", type=float, default=default("SIM_ITL", d.inter_token_latency),
                    help="inter-token latency, seconds")
+    p.add_argument("--prefill-tokens-per-second", type=float,
+                   default=default("SIM_PREFILL_TOKENS_PER_SECOND",
+                                   d.prefill_tokens_per_second),
+                   help="prompt tokens not in the prefix cache prefilled a second (0: free)")
+    p.add_argument("--decode-seconds-per-seq", type=float,
+                   default=default("SIM_DECODE_SECONDS_PER_SEQ", d.decode_seconds_per_seq),
+                   help="what each other running sequence adds to a decode step, seconds")
     p.add_argument("--max-num-seqs", type=int,
                    default=default("SIM_MAX_NUM_SEQS", d.max_num_seqs))
     p.add_argument("--kv-cache-tokens", type=int,
@@ -87,6 +94,8 @@ def config_from(argv: Sequence[str], env: Mapping[str, str]
     config = SimulatorConfig(
         model=args.model, max_model_len=args.max_model_len, time_to_first_token=args.ttft,
         inter_token_latency=args.itl, max_num_seqs=args.max_num_seqs,
+        prefill_tokens_per_second=args.prefill_tokens_per_second,
+        decode_seconds_per_seq=args.decode_seconds_per_seq,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
         embedding_dimensions=args.embedding_dimensions, seed=args.seed, faults=faults)
     return args.host, args.port, config, api_keys

@@ -51,6 +51,7 @@ from agent.simulator.responses_api import (
 )
 from agent.simulator.scheduler import Scheduler
 from agent.simulator.serving import JSON_HEADERS, Serving, error_response, json_response
+from agent.simulator.timing import GpuClock
 
 VLLM_VERSION = "0.34.0"
 CRASH_EXIT_CODE = 70
@@ -67,7 +68,9 @@ class Simulator:
         self.scheduler = Scheduler(config.max_num_seqs, config.kv_cache_tokens,
                                    config.block_size)
         self.metrics = EngineMetrics(self.registry, config.model, self.scheduler)
-        self.engine = Engine(self.scheduler, self.metrics)
+        self.engine = Engine(self.scheduler, self.metrics, GpuClock(
+            config.prefill_tokens_per_second, config.inter_token_latency,
+            config.decode_seconds_per_seq))
         self.http_metrics = HttpMetrics(self.registry)
         self.prefix_cache = PrefixCache(config.kv_cache_tokens // config.block_size,
                                         config.block_size)
@@ -133,8 +136,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         gen = sim.prepare.chat(req, request_id(request, "chatcmpl-", req.request_id))
     except ApiError as exc:
         return error_response(exc)
-    sim.query_prefix_cache(req.cache_salt, [chat_text([(m.role, m.text())
-                                                       for m in req.messages])])
+    gen.cached_tokens = sim.query_prefix_cache(req.cache_salt, [chat_text([
+        (m.role, m.text()) for m in req.messages])])
     return await sim.serving.generation(request, gen, arrival)
 
 
@@ -148,7 +151,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         gen = sim.prepare.completion(req, request_id(request, "cmpl-", req.request_id))
     except ApiError as exc:
         return error_response(exc)
-    sim.query_prefix_cache(req.cache_salt, [k for k, _, _ in completion_prompts(req.prompt)])
+    gen.cached_tokens = sim.query_prefix_cache(req.cache_salt,
+                                               [k for k, _, _ in completion_prompts(req.prompt)])
     return await sim.serving.generation(request, gen, arrival)
 
 

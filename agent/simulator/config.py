@@ -37,7 +37,13 @@ class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     time_to_first_token: NonNegative = 0.0
     """Seconds from admission (a free sequence slot) to the first token."""
     inter_token_latency: NonNegative = 0.0
-    """Seconds between two tokens of a sequence."""
+    """Seconds between two tokens of a sequence decoding alone (a decode step at batch 1)."""
+    prefill_tokens_per_second: NonNegative = 0.0
+    """Prompt tokens not found in the prefix cache that the GPU prefills a second, one request
+    after another (0: prefill takes no time; agent/simulator/timing.py)."""
+    decode_seconds_per_seq: NonNegative = 0.0
+    """What each other running sequence adds to a decode step (0: the batch does not slow
+    decoding)."""
     max_num_seqs: Positive = 256
     """Sequences running at once; more wait in a FIFO queue (vLLM's --max-num-seqs)."""
     kv_cache_tokens: Positive = 65536

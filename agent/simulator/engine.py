@@ -1,5 +1,6 @@
 """The simulated engine: admission through the scheduler, the clock of a GPU (time to first
-token, inter-token latency), the client going away, and vLLM's metrics.
+token, prefill of what the prefix cache does not hold, decode steps: timing.py), the client
+going away, and vLLM's metrics.
 
 aiohttp tells a handler that its client left only by cancelling it, and only when the server
 runs with ``handler_cancellation=True`` (``python -m agent.simulator`` and aiohttp's TestServer
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from agent.simulator.metrics import EngineMetrics
 from agent.simulator.scheduler import Scheduler
+from agent.simulator.timing import GpuClock
 from services.core.aio import wait_event
 
 DISCONNECT_POLL = 0.1
@@ -47,9 +49,11 @@ class Ticket:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, metrics: EngineMetrics) -> None:
+    def __init__(self, scheduler: Scheduler, metrics: EngineMetrics,
+                 clock: GpuClock | None = None) -> None:
         self.scheduler = scheduler
         self.metrics = metrics
+        self.clock = clock or GpuClock()
         self.stopping = asyncio.Event()
         """Set when the server shuts down: hung requests end instead of holding it up."""
         self._ids = itertools.count(1)

@@ -76,8 +76,13 @@ class Serving:
                     await resp.write(opening)
             ticket = await engine.admit(request, len(gen.choices), gen.total_prompt_tokens,
                                         arrival)
-            delay = faults.slow_seconds + self.config.time_to_first_token
-            itl = self.config.inter_token_latency
+            # The GPU prefills what the prefix cache does not hold, after the prefills queued
+            # before it; the decode pace is the batch's it joins (timing.py).
+            prefilled = engine.clock.prefill(
+                ticket.admitted, max(0, gen.total_prompt_tokens - gen.cached_tokens))
+            delay = (faults.slow_seconds + self.config.time_to_first_token
+                     + (prefilled - ticket.admitted))
+            itl = engine.clock.step(prefilled, engine.scheduler.num_running, gen.steps)
             if delay == 0 and itl == 0 and cut is None:
                 # Nothing to simulate: no sleep, no await per token, one write.
                 engine.first_token(ticket, engine.now())

@@ -74,6 +74,38 @@ async def test_time_to_first_token_and_inter_token_latency(start_sim: StartSim) 
     assert 0.25 <= m["vllm:time_to_first_token_seconds_sum"] < 1.0
 
 
+async def test_time_to_first_token_is_the_prefill_of_what_the_cache_does_not_hold(
+        start_sim: StartSim) -> None:
+    """A long prompt's first time costs its prefill (tokens / rate); the same prompt again is
+    found in the prefix cache and answers at once; two uncached prompts at once prefill one
+    after the other."""
+    sim = await start_sim(prefill_tokens_per_second=2000, block_size=16)
+    client = client_for(sim)
+    long: Any = [{"role": "user", "content": "the history of the world " * 200}]  # ~1000
+
+    async def ttft(messages: Any) -> float:
+        started = time.monotonic()
+        stream = await client.chat.completions.create(model=MODEL, messages=messages,
+                                                      max_tokens=2, stream=True)
+        first = None
+        async for _ in stream:
+            first = first or time.monotonic() - started
+        assert first is not None
+        return first
+
+    cold = await ttft(long)
+    warm = await ttft(long)
+    m = await sim.metrics()
+    assert m["vllm:prefix_cache_hits_total"] >= 900  # the second time, all but a block
+    assert cold >= 0.45  # ~1000 tokens at 2000 a second
+    assert warm < cold - 0.3
+    # Two different long prompts at once: the second waits for the first's prefill.
+    others: Any = [[{"role": "user", "content": f"{word} " * 1000}] for word in ("ox", "yak")]
+    both = await asyncio.gather(*(ttft(o) for o in others))
+    assert max(both) >= 0.9  # ~2 x 1000 tokens, one after the other
+    await client.close()
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["handler-cancellation", "plain-runner"])
 async def test_a_client_leaving_mid_stream_frees_its_slot(start_sim: StartSim,
                                                           plain: bool) -> None:
