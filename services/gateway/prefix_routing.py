@@ -2,21 +2,20 @@
 already holds its prompt's prefix in its KV cache, without asking the nodes anything and
 without the gateways talking to each other. Pure.
 
-- **What a request is keyed by** (`route_key`): the start of its conversation, salted with
-  the tenant (the node's prefix cache is salted with the tenant too, so a tenant never routes
-  by, or hits, another's cache). For chat, the first two messages: the system prompt and the
-  first user turn, which every later turn of the same conversation repeats; for completions
-  and the Responses API, the prompt's (or instructions' and input's) first `PREFIX_BYTES`. A
-  caller that names its session (`user`, or the `X-Session-Id` header) is keyed by that
-  instead: session affinity.
+- **What a request is keyed by** (`route_key`): the first `PREFIX_BYTES` of its prompt
+  (chat's messages, a completion's prompt, the Responses API's instructions and input),
+  salted with the tenant (the node's prefix cache is salted with the tenant too, so a tenant
+  never routes by, or hits, another's cache). Every later turn of a conversation repeats its
+  start, so it keeps its key. A long shared system prompt fills the whole key: every
+  conversation on it goes where it is cached (spilling by load); a short one leaves room for
+  the first user turn, so conversations spread out. A caller that names its session (`user`,
+  or the `X-Session-Id` header) is keyed by that instead: session affinity.
 - **Where a key goes** (`choose`): rendezvous hashing (highest random weight) over the
   model's routable nodes, so every gateway replica ranks the nodes alike for a key, and a node
   joining or leaving moves only the keys it gains or had. Bounded load: the first node in that
   order whose load is under `(1 + spill) x` the average takes it, so one hot conversation (or a
   tenant's every user on one system prompt) cannot melt a node; a node's load is what this
   gateway has in flight on it plus the requests its last heartbeat said were waiting.
-- Many users of one tenant share its system prompt but differ in their first turn, so they
-  spread over the nodes, each of which caches the system prompt once.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import msgspec
 from services.gateway.nodes import NodeView
 
 PREFIX_BYTES: Final = 4096
-"""How much of a prompt's start keys it (a system prompt's worth)."""
+"""How much of a prompt's start keys it: about a thousand tokens."""
 MAX_SESSION: Final = 256
 """A session id longer than this is keyed by its first MAX_SESSION characters."""
 SESSION_HEADER: Final = "X-Session-Id"
@@ -57,9 +56,13 @@ def route_key(endpoint: str, body: Mapping[str, Any], tenant_id: str,
 def _conversation_start(endpoint: str, body: Mapping[str, Any]) -> bytes:
     if endpoint == "chat":
         messages = body.get("messages")
-        if isinstance(messages, list) and messages:
-            return _encode(messages[:2])
-        return b""
+        start = b""
+        if isinstance(messages, list):
+            for message in messages:  # only as many as the key needs
+                start += _encode(message)
+                if len(start) >= PREFIX_BYTES:
+                    break
+        return start
     if endpoint == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

@@ -34,6 +34,15 @@ def test_a_conversation_keeps_its_key_turn_after_turn_and_users_differ() -> None
     assert other_user != first  # same system prompt, another conversation: spread out
 
 
+def test_a_long_shared_system_prompt_keys_every_conversation_on_it_alike() -> None:
+    """Past PREFIX_BYTES of system prompt, the users of one app share its key: they go where
+    it is cached, and load spreads them when there are too many."""
+    long = {"role": "system", "content": "You are the legal assistant of ACME. " * 200}
+    keys = {route_key("chat", {"messages": [long, {"role": "user", "content": f"q{i}"}]}, "t1")
+            for i in range(5)}
+    assert len(keys) == 1
+
+
 def test_a_tenant_never_shares_a_key_with_another() -> None:
     """The same prompt from two tenants: their nodes' caches are salted apart anyway, and
     routing must not pretend otherwise."""
