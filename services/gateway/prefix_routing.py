@@ -3,10 +3,10 @@ already holds its prompt's prefix in its KV cache, without asking the nodes anyt
 without the gateways talking to each other. Pure.
 
 - **What a request is keyed by** (`route_key`): the first `PREFIX_BYTES` of its prompt
-  (chat's messages, a completion's prompt, the Responses API's instructions and input),
-  salted with the tenant (the node's prefix cache is salted with the tenant too, so a tenant
-  never routes by, or hits, another's cache). Every later turn of a conversation repeats its
-  start, so it keeps its key. A long shared system prompt fills the whole key: every
+  (chat's messages up to the first user turn, a completion's prompt, the Responses API's
+  instructions and input), salted with the tenant (the node's prefix cache is salted with
+  the tenant too, so a tenant never routes by, or hits, another's cache). Every later turn of
+  a conversation repeats its start, so it keeps its key. A long shared system prompt fills the whole key: every
   conversation on it goes where it is cached (spilling by load); a short one leaves room for
   the first user turn, so conversations spread out. A caller that names its session (`user`,
   or the `X-Session-Id` header) is keyed by that instead: session affinity.
@@ -58,9 +58,11 @@ def _conversation_start(endpoint: str, body: Mapping[str, Any]) -> bytes:
         messages = body.get("messages")
         start = b""
         if isinstance(messages, list):
-            for message in messages:  # only as many as the key needs
+            # Up to the first user turn: what every later turn repeats unchanged.
+            for message in messages:
                 start += _encode(message)
-                if len(start) >= PREFIX_BYTES:
+                if len(start) >= PREFIX_BYTES or (
+                        isinstance(message, dict) and message.get("role") == "user"):
                     break
         return start
     if endpoint == "completions":
