@@ -6,10 +6,11 @@ without the gateways talking to each other. Pure.
   (chat's messages up to the first user turn, a completion's prompt, the Responses API's
   instructions and input), salted with the tenant (the node's prefix cache is salted with
   the tenant too, so a tenant never routes by, or hits, another's cache). Every later turn of
-  a conversation repeats its start, so it keeps its key. A long shared system prompt fills the whole key: every
-  conversation on it goes where it is cached (spilling by load); a short one leaves room for
-  the first user turn, so conversations spread out. A caller that names its session (`user`,
-  or the `X-Session-Id` header) is keyed by that instead: session affinity.
+  a conversation repeats its start, so it keeps its key. A long shared system prompt fills
+  the whole key: every conversation on it goes where it is cached (spilling by load); a short
+  one leaves room for the first user turn, so conversations spread out. A caller that names
+  its session (`user`, or the `X-Session-Id` header) is keyed by that instead: session
+  affinity.
 - **Where a key goes** (`choose`): rendezvous hashing (highest random weight) over the
   model's routable nodes, so every gateway replica ranks the nodes alike for a key, and a node
   joining or leaving moves only the keys it gains or had. Bounded load: the first node in that
