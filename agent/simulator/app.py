@@ -291,6 +291,13 @@ async def metrics(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- admin routes
 
 
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """vLLM's (served when VLLM_SERVER_DEV_MODE=1): empty the prefix cache, as benchmarks do
+    between runs."""
+    request.app[SIMULATOR].prefix_cache.reset()
+    return web.Response(status=200)
+
+
 async def get_faults(request: web.Request) -> web.Response:
     return json_response(msgspec.json.encode(request.app[SIMULATOR].faults.current))
 
@@ -385,6 +392,7 @@ def create_app(config: SimulatorConfig, *, api_keys: Iterable[str] = ()) -> web.
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     app.router.add_get("/admin/faults", get_faults)
     app.router.add_post("/admin/faults", post_faults)
     app.router.add_delete("/admin/faults", delete_faults)

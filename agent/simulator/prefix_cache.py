@@ -29,6 +29,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def reset(self) -> None:
+        """Forget every block (vLLM's `POST /reset_prefix_cache`)."""
+        self._blocks.clear()
+
     def query(self, salt: str | None, prompt: str) -> tuple[int, int]:
         """(tokens queried, tokens hit) for a prompt whose text is `prompt`; its blocks are
         cached from now on."""

@@ -29,3 +29,14 @@ def test_the_least_recently_used_blocks_go_first() -> None:
     cache.query("b", WORDS)  # evicts a's two blocks
     assert len(cache) == 2
     assert cache.query("a", WORDS)[1] == 0
+
+
+def test_a_reset_forgets_every_block() -> None:
+    from agent.simulator.prefix_cache import PrefixCache
+
+    cache = PrefixCache(capacity_blocks=100, block_size=4)
+    prompt = "one two three four five six seven eight nine"
+    cache.query("t", prompt)
+    assert cache.query("t", prompt)[1] > 0
+    cache.reset()
+    assert len(cache) == 0 and cache.query("t", prompt)[1] == 0
