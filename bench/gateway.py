@@ -239,7 +239,7 @@ async def wait_routed(url: str, key: str, timeout: float = 60) -> None:
 
 
 async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoint: str,
-              concurrencies: list[int], load_with: str) -> None:
+              concurrencies: list[int], load_with: str, lb_strategy: str) -> None:
     stack = DevStack(tmp / "servers")
     stack.start()
     assert stack.nats is not None
@@ -317,7 +317,7 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
                 "NODE_API_KEY_SECRET": node_secret, "HTTP_PORT": str(gw_port),
                 "TENANT_REQUESTS_PER_MINUTE": str(10**9),
                 # Every layer on, the platform-wide one too: each is a key in the script.
-                "GLOBAL_REQUESTS_PER_MINUTE": str(10**9),
+                "GLOBAL_REQUESTS_PER_MINUTE": str(10**9), "LB_STRATEGY": lb_strategy,
                 "USAGE_SPOOL_DIR": str(tmp / "spool")}))
         await wait_ready(sim)
         await wait_port(bare_port)
@@ -334,8 +334,9 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
                    "budgets": (gateway_url, budgeted.plaintext)}
         use_wrk = load_with == "wrk"
         print(f"gateway benchmark: {path}, 16 output tokens, {seconds:.0f}s per row, one "
-              f"process each, 2 cores shared with the load ({load_with}); `budgets`: the "
-              "gateway, a key under budgets at key, environment and tenant")
+              f"process each, 2 cores shared with the load ({load_with}), LB_STRATEGY="
+              f"{lb_strategy}; `budgets`: the gateway, a key under budgets at key, "
+              "environment and tenant")
         print(f"{'target':<11} {'mode':<7} {'conc':>4} {'req/s':>8} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'errors':>6} {'redis us/req':>12}")
         results: dict[tuple[str, bool, int], float] = {}
@@ -397,6 +398,8 @@ def main() -> None:
     parser.add_argument("--modes", default="whole,stream")
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat")
+    parser.add_argument("--lb-strategy", default="round_robin",
+                        help="the gateway's LB_STRATEGY (prefix_aware hashes each prompt)")
     parser.add_argument("--bare-proxy", metavar="UPSTREAM")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
@@ -406,7 +409,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(args.seconds, Path(tmp), set(filter(None, args.only.split(","))),
                         set(args.modes.split(",")), args.endpoint,
-                        [int(c) for c in args.concurrency.split(",")], args.load))
+                        [int(c) for c in args.concurrency.split(",")], args.load,
+                        args.lb_strategy))
 
 
 if __name__ == "__main__":
