@@ -69,6 +69,7 @@ REAL_IP = web.RequestKey("real_ip", str)
 DEFAULT_CORS_HEADERS: tuple[str, ...] = (
     "Authorization", "Content-Type", "X-Request-ID", "OpenAI-Organization", "OpenAI-Project",
     "OpenAI-Beta",
+    "X-Session-Id",  # session affinity (LB_STRATEGY=prefix_aware)
     # The official JavaScript SDK sends these from browsers; a preflight asks for them.
     "X-Stainless-Arch", "X-Stainless-Lang", "X-Stainless-OS", "X-Stainless-Package-Version",
     "X-Stainless-Retry-Count", "X-Stainless-Runtime", "X-Stainless-Runtime-Version",
@@ -79,6 +80,7 @@ DEFAULT_EXPOSE_HEADERS: tuple[str, ...] = (
     "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
+    "x-ratelimit-scope", "x-budget-max-tokens",
 )
 
 _BODY_METHODS = frozenset({hdrs.METH_POST, hdrs.METH_PUT, hdrs.METH_PATCH})

@@ -446,6 +446,7 @@ async def test_preflight_is_answered_before_auth(server: TestServer,
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
         assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        assert "X-Session-Id" in r.headers["Access-Control-Allow-Headers"]  # affinity
         assert r.headers["Access-Control-Max-Age"] == "600"
     assert server.app[SEEN].auth == []
 
@@ -458,6 +459,8 @@ async def test_cross_origin_errors_are_readable(server: TestServer,
         assert r.headers["Access-Control-Allow-Origin"] == "*"
         exposed = r.headers["Access-Control-Expose-Headers"]
         assert "X-Request-ID" in exposed and "x-ratelimit-remaining-requests" in exposed
+        # A browser client can read why it was refused and what a budget cut its answer to.
+        assert "x-ratelimit-scope" in exposed and "x-budget-max-tokens" in exposed
 
 
 async def test_listed_origins(start: Start, session: aiohttp.ClientSession) -> None:
