@@ -75,7 +75,9 @@ async def hit_rate(p: Platform, url: str, label: str) -> float:
 
 async def test_prefix_aware_keeps_conversations_on_their_cache(platform: Platform) -> None:
     p = platform
-    await p.start_gateway(lb_strategy="prefix_aware")
+    # No spilling here (the bound is unit-tested): on a busy machine more requests overlap,
+    # and a spill would move a turn off its cache.
+    await p.start_gateway(lb_strategy="prefix_aware", lb_prefix_spill=100.0)
     for _ in range(4):
         await p.add_node()
     await p.routable(4)
