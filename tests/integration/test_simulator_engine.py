@@ -78,8 +78,9 @@ async def test_time_to_first_token_is_the_prefill_of_what_the_cache_does_not_hol
         start_sim: StartSim) -> None:
     """A long prompt's first time costs its prefill (tokens / rate); the same prompt again is
     found in the prefix cache and answers at once; two uncached prompts at once prefill one
-    after the other."""
-    sim = await start_sim(prefill_tokens_per_second=2000, block_size=16)
+    after the other. (Sleeps only ever run long: the lower bounds hold on a busy machine, and
+    the upper one leaves a second for it.)"""
+    sim = await start_sim(prefill_tokens_per_second=500, block_size=16)
     client = client_for(sim)
     long: Any = [{"role": "user", "content": "the history of the world " * 200}]  # ~1000
 
@@ -97,12 +98,12 @@ async def test_time_to_first_token_is_the_prefill_of_what_the_cache_does_not_hol
     warm = await ttft(long)
     m = await sim.metrics()
     assert m["vllm:prefix_cache_hits_total"] >= 900  # the second time, all but a block
-    assert cold >= 0.45  # ~1000 tokens at 2000 a second
-    assert warm < cold - 0.3
-    # Two different long prompts at once: the second waits for the first's prefill.
-    others: Any = [[{"role": "user", "content": f"{word} " * 1000}] for word in ("ox", "yak")]
+    assert cold >= 1.9  # ~1000 tokens at 500 a second
+    assert warm < cold - 1.0
+    # Two different prompts at once: the second waits for the first's prefill.
+    others: Any = [[{"role": "user", "content": f"{word} " * 300}] for word in ("ox", "yak")]
     both = await asyncio.gather(*(ttft(o) for o in others))
-    assert max(both) >= 0.9  # ~2 x 1000 tokens, one after the other
+    assert max(both) >= 1.1  # ~2 x 300 tokens, one after the other
     await client.close()
 
 
