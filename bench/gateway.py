@@ -35,11 +35,13 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -238,6 +240,38 @@ async def wait_routed(url: str, key: str, timeout: float = 60) -> None:
             await asyncio.sleep(0.2)
 
 
+async def prepared(stack: DevStack) -> asyncpg.Pool:
+    """The platform's schema and NATS streams on a started DevStack; a pool to its
+    PostgreSQL (the caller closes it)."""
+    assert stack.nats is not None
+    urls = stack.urls
+    await migrate(urls.database_url)
+    bus = await Bus.connect(urls.nats_url, name="bench", creds=stack.nats.creds(Role.PROVISIONER))
+    await bus.ensure_streams()
+    await bus.close()
+    return await create_pool(urls.database_url)
+
+
+async def launched(pool: asyncpg.Pool, node_id: uuid.UUID) -> None:
+    """As the orchestrator does before asking the cloud: the monitor accepts only launched
+    nodes, and the gateway routes only to accepted ones."""
+    await Fleet(EventLog(pool), actor="bench").launching(NodeLaunching(
+        node_id=node_id, deployment_id=None, cluster_name=f"bench-{node_id.hex[:8]}",
+        model_name=MODEL, provider="local", region="local", gpu_type="simulated",
+        spot=False, deadline=datetime.now(UTC) + timedelta(hours=1)))
+
+
+async def start_relay_and_monitor(stack: DevStack, services: dict[str, str]
+                                  ) -> list[asyncio.subprocess.Process]:
+    """The outbox relay and the monitor, each with its own NATS identity."""
+    assert stack.nats is not None
+    return [await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdout=asyncio.subprocess.DEVNULL, env={
+            **services, "NATS_CREDS": stack.nats.creds(role), "HTTP_PORT": str(free_port())})
+        for argv, role in ((["-m", "services.cli", "relay"], Role.RELAY),
+                           (["-m", "services.monitor"], Role.MONITOR))]
+
+
 async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoint: str,
               concurrencies: list[int], load_with: str, lb_strategy: str) -> None:
     stack = DevStack(tmp / "servers")
@@ -246,12 +280,7 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
     procs: list[asyncio.subprocess.Process] = []
     try:
         urls = stack.urls
-        await migrate(urls.database_url)
-        bus = await Bus.connect(urls.nats_url, name="bench",
-                                creds=stack.nats.creds(Role.PROVISIONER))
-        await bus.ensure_streams()
-        await bus.close()
-        pool = await create_pool(urls.database_url)
+        pool = await prepared(stack)
         catalog = Catalog(EventLog(pool))
         tenant = await catalog.create_tenant("bench")
         huge = 10**12
@@ -279,12 +308,7 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
                                    output_price_per_million=Decimal("0.2"),
                                    context_length=8192)
         node_id = uuid7()
-        # As the orchestrator does before asking the cloud: the monitor accepts only launched
-        # nodes, and the gateway routes only to accepted ones.
-        await Fleet(EventLog(pool), actor="bench").launching(NodeLaunching(
-            node_id=node_id, deployment_id=None, cluster_name=f"bench-{node_id.hex[:8]}",
-            model_name=MODEL, provider="local", region="local", gpu_type="simulated",
-            spot=False, deadline=datetime.now(UTC) + timedelta(hours=1)))
+        await launched(pool, node_id)
         await pool.close()
 
         sim_port, bare_port, gw_port = free_port(), free_port(), free_port()
@@ -292,12 +316,7 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
         env_base = {**os.environ, "LOG_LEVEL": "warning"}
         services = {**env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
                     "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1"}
-        for argv, role in ((["-m", "services.cli", "relay"], Role.RELAY),
-                           (["-m", "services.monitor"], Role.MONITOR)):
-            procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, *argv, stdout=asyncio.subprocess.DEVNULL, env={
-                    **services, "NATS_CREDS": stack.nats.creds(role),
-                    "HTTP_PORT": str(free_port())}))
+        procs += await start_relay_and_monitor(stack, services)
         node_secret = secrets.token_urlsafe(48)
         node_key = node_api_key(node_secret, node_id)
         procs.append(await asyncio.create_subprocess_exec(

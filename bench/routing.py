@@ -29,29 +29,30 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.events import NodeLaunching, Quota
+from schemas.events import Quota
 from schemas.ids import uuid7
-from services.core.bus import Bus
 from services.core.catalog import Catalog
-from services.core.db import create_pool
 from services.core.devstack import DevStack, free_port
 from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
-from services.core.migrate import migrate
 from services.core.natsauth.identities import Role
 from services.core.node_keys import node_api_key
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gateway import pct, wait_ready  # (bench/gateway.py)
+from gateway import (  # (bench/gateway.py)
+    MODEL,
+    launched,
+    pct,
+    prepared,
+    start_relay_and_monitor,
+    wait_ready,
+)
 
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 STRATEGIES = ("round_robin", "least_load", "prefix_aware")
 
 # The simulated GPU, scaled to this machine (8 nodes share 2 cores with everything else): an
@@ -219,12 +220,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
     procs: list[asyncio.subprocess.Process] = []
     try:
         urls = stack.urls
-        await migrate(urls.database_url)
-        bus = await Bus.connect(urls.nats_url, name="bench",
-                                creds=stack.nats.creds(Role.PROVISIONER))
-        await bus.ensure_streams()
-        await bus.close()
-        pool = await create_pool(urls.database_url)
+        pool = await prepared(stack)
         catalog = Catalog(EventLog(pool))
         huge = 10**12
         quota = Quota(requests_per_minute=10**9, tokens_per_minute=huge, tokens_per_day=huge,
@@ -241,20 +237,12 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
         env_base = {**os.environ, "LOG_LEVEL": "warning"}
         services = {**env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
                     "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1"}
-        for argv, role in ((["-m", "services.cli", "relay"], Role.RELAY),
-                           (["-m", "services.monitor"], Role.MONITOR)):
-            procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, *argv, stdout=asyncio.subprocess.DEVNULL, env={
-                    **services, "NATS_CREDS": stack.nats.creds(role),
-                    "HTTP_PORT": str(free_port())}))
+        procs += await start_relay_and_monitor(stack, services)
         node_secret = secrets.token_urlsafe(48)
         nodes = []
         for _ in range(args.nodes):
             node_id = uuid7()
-            await Fleet(EventLog(pool), actor="bench").launching(NodeLaunching(
-                node_id=node_id, deployment_id=None, cluster_name=f"bench-{node_id.hex[:8]}",
-                model_name=MODEL, provider="local", region="local", gpu_type="simulated",
-                spot=False, deadline=datetime.now(UTC) + timedelta(hours=1)))
+            await launched(pool, node_id)
             port = free_port()
             sim = f"http://127.0.0.1:{port}"
             procs.append(await asyncio.create_subprocess_exec(
