@@ -33,8 +33,10 @@ async def sim(start_sim: StartSim) -> Sim:
 
 
 def client_for(sim: Sim, timeout: float = 10) -> AsyncOpenAI:
+    # A short timeout is for reads (what a hung stream trips); connecting gets ten seconds,
+    # so a busy machine's slow accept is not mistaken for a hang.
     return AsyncOpenAI(base_url=sim.base_url, api_key="unused", max_retries=0,
-                       timeout=timeout)
+                       timeout=openai.Timeout(timeout, connect=max(timeout, 10.0)))
 
 
 async def test_admin_routes_show_merge_validate_and_reset(sim: Sim) -> None:
