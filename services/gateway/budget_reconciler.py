@@ -26,10 +26,11 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from services.core.budget_spend import BUDGET_COLUMNS, budget_period, spend
-from services.core.budgets import Period, nano, period_bounds
-from services.gateway.ratelimit import Layer, LimitSubject, RedisRateLimiter
-from services.gateway.ratelimit.limits import Check, Kind, redis_key
+from services.core.budget_spend import BUDGET_COLUMNS, BudgetPeriod, budget_period, spend
+from services.core.budgets import nano
+from services.gateway.ratelimit import BudgetCap, Layer, LimitSubject, RedisRateLimiter
+from services.gateway.ratelimit.limits import Check, money_checks, redis_key
+from services.gateway.spend import LAYERS
 
 log = structlog.get_logger("budgets.reconcile")
 
@@ -38,21 +39,17 @@ LEASES: Final = redis_key(Layer.KEY_CONCURRENCY, LimitSubject("*", "", ""))
 """Every key's lease set, as a SCAN pattern."""
 BATCH: Final = 100
 """Budgets per script run: a run holds Redis for its length."""
-_LAYERS: Final = {"key": Layer.KEY_BUDGET, "environment": Layer.ENVIRONMENT_BUDGET,
-                  "tenant": Layer.TENANT_BUDGET}
 
 
-def budget_check(row: asyncpg.Record, now: datetime) -> tuple[LimitSubject, Check]:
-    """A budget row (the `budgets` projection) as the limiter's check of its period now."""
-    period = Period(row["period"], row["every_days"], row["anchor"])
-    start, end = period_bounds(period, now)
-    scope, scope_id, tenant = row["scope"], str(row["scope_id"]), str(row["tenant_id"])
-    subject = LimitSubject(key_id=scope_id if scope == "key" else "",
-                           environment_id=scope_id if scope == "environment" else "",
-                           tenant_id=tenant)
-    layer = _LAYERS[scope]
-    return subject, Check(layer, Kind.MONEY, redis_key(layer, subject), nano(row["amount"]),
-                          int(end.timestamp() * 1000), 0, int(start.timestamp() * 1000))
+def budget_check(b: BudgetPeriod) -> Check:
+    """A budget and its period (services/core/budget_spend.py) as the limiter's check."""
+    subject = LimitSubject(key_id=str(b.scope_id) if b.scope == "key" else "",
+                           environment_id=str(b.scope_id) if b.scope == "environment" else "",
+                           tenant_id=str(b.tenant_id))
+    [check] = money_checks(subject, [BudgetCap(
+        LAYERS[b.scope], nano(b.amount), int(b.end.timestamp() * 1000),
+        int(b.start.timestamp() * 1000))])
+    return check
 
 
 class BudgetReconciler:
@@ -108,18 +105,19 @@ class BudgetReconciler:
             f"SELECT {BUDGET_COLUMNS} FROM budgets WHERE amount IS NOT NULL ORDER BY scope_id")
         if not rows:
             return 0
-        spent = await spend(self.db, [budget_period(row, now) for row in rows])
+        budgets = [budget_period(row, now) for row in rows]
+        spent = await spend(self.db, budgets)
         drift = 0
-        for first in range(0, len(rows), BATCH):
-            batch = rows[first:first + BATCH]
-            checks = [budget_check(row, now)[1] for row in batch]
-            added = await self.limiter.reconcile(
-                checks, [nano(spent[row["scope_id"]]) for row in batch])
-            for row, check, more in zip(batch, checks, added, strict=True):
+        for first in range(0, len(budgets), BATCH):
+            batch = budgets[first:first + BATCH]
+            checks = [budget_check(b) for b in batch]
+            added = await self.limiter.reconcile(checks,
+                                                 [nano(spent[b.scope_id]) for b in batch])
+            for b, check, more in zip(batch, checks, added, strict=True):
                 if more:
                     log.warning("budget counter below billing's records; raised to them",
-                                scope=row["scope"], scope_id=str(row["scope_id"]),
-                                tenant_id=str(row["tenant_id"]), drift_nano_dollars=more,
+                                scope=b.scope, scope_id=str(b.scope_id),
+                                tenant_id=str(b.tenant_id), drift_nano_dollars=more,
                                 period_end_ms=check.window_ms)
             drift += sum(added)
         return drift

@@ -1,6 +1,7 @@
 """What billing recorded against a budget's scope in its period: the truth a budget counter
-is seeded from (its first request of a period, or after Redis lost it) and reconciled with.
-Off the hot path: a query per budget and period per gateway, and after a Redis loss."""
+is seeded from (its first request of a period, or after Redis lost it), reconciled with, and
+shown to the tenant (GET /v1/budgets). Off the hot path. The same grouped query as billing's
+alerts (services/core/budget_spend.py): two queries for a key's budgets, however many."""
 
 from __future__ import annotations
 
@@ -11,30 +12,31 @@ from decimal import Decimal
 
 import asyncpg
 
+from services.core.budget_spend import BudgetPeriod, spend
 from services.core.budgets import nano
-from services.core.usage_queries import UsageQuery, usage_totals
-from services.gateway.ratelimit import Layer, LimitSubject
+from services.gateway.ratelimit import LimitSubject
 from services.gateway.ratelimit.limits import Check
 from services.gateway.ratelimit.redis_limiter import BudgetSpent
+from services.gateway.spend import LAYERS
+
+_SCOPES = {layer: scope for scope, layer in LAYERS.items()}
 
 
-def _query(subject: LimitSubject, check: Check) -> UsageQuery:
-    start = datetime.fromtimestamp(check.starts_ms / 1000, UTC)
-    end = datetime.fromtimestamp(check.window_ms / 1000, UTC)
-    key = uuid.UUID(subject.key_id) if check.layer is Layer.KEY_BUDGET else None
-    env = uuid.UUID(subject.environment_id) if check.layer is Layer.ENVIRONMENT_BUDGET else None
-    # Whole hours from usage_hourly, the edges from usage_records (services/core/usage_queries).
-    return UsageQuery(start=start, end=end, granularity="day", group_by=(),
-                      tenant_id=uuid.UUID(subject.tenant_id), environment_id=env,
-                      api_key_id=key)
+def budget_period(subject: LimitSubject, check: Check) -> BudgetPeriod:
+    """A budget check (`limits.money_checks`) as the period billing's spend is read for."""
+    scope = _SCOPES[check.layer]
+    scope_id = {"key": subject.key_id, "environment": subject.environment_id,
+                "tenant": subject.tenant_id}[scope]
+    return BudgetPeriod(scope, uuid.UUID(scope_id), uuid.UUID(subject.tenant_id),
+                        Decimal(check.limit or 0).scaleb(-9),
+                        datetime.fromtimestamp(check.starts_ms / 1000, UTC),
+                        datetime.fromtimestamp(check.window_ms / 1000, UTC))
 
 
 def budget_spender(db: asyncpg.Pool[asyncpg.Record]) -> BudgetSpent:
     async def spent(subject: LimitSubject, checks: Sequence[Check]) -> list[int]:
-        out = []
-        for check in checks:
-            rows = await usage_totals(db, _query(subject, check))
-            out.append(sum((nano(Decimal(r.cost)) for r in rows), 0))
-        return out
+        periods = [budget_period(subject, check) for check in checks]
+        found = await spend(db, periods) if periods else {}
+        return [nano(found[p.scope_id]) for p in periods]
 
     return spent

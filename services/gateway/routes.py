@@ -49,7 +49,7 @@ from services.gateway.ratelimit import (
     Reservation,
 )
 from services.gateway.ratelimit.in_flight import InFlight
-from services.gateway.ratelimit.limits import Kind, plan
+from services.gateway.ratelimit.limits import money_checks
 from services.gateway.response_owners import Owner, OwnersUnavailable
 from services.gateway.roles import Action, allowed
 from services.gateway.roles import refusal as refusal_message
@@ -193,10 +193,10 @@ async def budgets(request: web.Request) -> web.Response:
     its tenant's), each with its current period and what billing recorded in it."""
     principal = await authenticate(request, Action.READ)
     gw = request.app[GATEWAY]
-    decision = await off_hot_path_budget(request, principal)  # a query per budget
+    decision = await off_hot_path_budget(request, principal)  # PostgreSQL work
     caps = spend.caps(principal.budgets, datetime.now(UTC))
     subject = LimitSubject(principal.key_id, principal.environment_id, principal.tenant_id)
-    checks = [c for c in plan(subject, Limits(budgets=caps), 0) if c.kind is Kind.MONEY]
+    checks = money_checks(subject, caps)
     reports = request.app[USAGE_REPORTS]
     if not reports.enter():
         gw.limiter.metrics.exceeded.labels(str(reports.layer)).inc()

@@ -259,17 +259,23 @@ def plan(subject: LimitSubject, limits: Limits, estimated_tokens: int,
     checks = [Check(layer, kind, redis_key(layer, subject), limit, window, amount)
               for layer, kind, raw, window, amount in layered
               if (limit := _effective(raw)) is not None]
-    money = max(0, estimated_cost)
-    least = min(money, max(0, least_cost))
-    checks += [Check(b.layer, Kind.MONEY, redis_key(b.layer, subject), b.limit,
-                     b.period_end_ms, money, b.period_start_ms, least)
-               for b in limits.budgets]
+    checks += money_checks(subject, limits.budgets, estimated_cost, least_cost)
     concurrency = _effective(limits.key_concurrency)
     has_tokens = any(c.kind in (Kind.TOKENS, Kind.MONEY) for c in checks)
     if concurrency is not None or has_tokens:
         checks.append(Check(Layer.KEY_CONCURRENCY, Kind.CONCURRENCY,
                             redis_key(Layer.KEY_CONCURRENCY, subject), concurrency, 0, 1))
     return tuple(checks)
+
+
+def money_checks(subject: LimitSubject, budgets: Sequence[BudgetCap], amount: int = 0,
+                 least: int = 0) -> list[Check]:
+    """The check of each budget over `subject`: `amount` nano-dollars asked for at each, and
+    `least` the request can run with (`Check.least`)."""
+    amount = max(0, amount)
+    least = min(amount, max(0, least))
+    return [Check(b.layer, Kind.MONEY, redis_key(b.layer, subject), b.limit, b.period_end_ms,
+                  amount, b.period_start_ms, least) for b in budgets]
 
 
 def usage_plan(subject: LimitSubject, per_minute: int | None) -> tuple[Check, ...]:
