@@ -17,8 +17,10 @@ __all__ = [
     "DLQ",
     "DLQ_PREFIX",
     "HEARTBEATS",
+    "KV_SEQ_HEADER",
     "NODES",
     "NODES_VIEW",
+    "NODE_KV_EVENTS",
     "PLATFORM",
     "STREAMS",
     "USAGE",
@@ -27,6 +29,7 @@ __all__ = [
     "event_subject",
     "node_ack_subject",
     "node_command_subject",
+    "node_kv_events_subject",
     "stream_for_subject",
     "subject_matches",
 ]
@@ -115,6 +118,18 @@ def node_ack_subject(node_id: object) -> str:
 def node_command_subject(node_id: object) -> str:
     """Core NATS request/reply: commands to one node's agent (drain)."""
     return f"node.command.{node_id}"
+
+
+NODE_KV_EVENTS = "node.kv_events"
+"""Not an event type: vLLM's KV cache events, relayed by a node's agent."""
+KV_SEQ_HEADER = "Kv-Seq"
+"""vLLM's sequence number of the batch a KV events message carries (or a part of)."""
+
+
+def node_kv_events_subject(node_id: object) -> str:
+    """Core NATS: the node's vLLM KV cache events (schemas.kv_events), relayed by its agent
+    for the gateways' kv_aware routing. Not an event of the log: no stream holds it."""
+    return f"{NODE_KV_EVENTS}.{node_id}"
 
 
 def dlq_subject(consumer: str, original_subject: str) -> str:

@@ -55,7 +55,7 @@ async def test_a_node_credential_publishes_nothing_but_its_own_words(
                             instance_type="i", gpu_type="g", vram_total_gb=1, model_name="m",
                             endpoint_url="http://attacker.example:8000", spot_instance=False)
     await node.publish_refused(f"node.registered.{other}", msgspec.json.encode(hijack))
-    for event_type in NODE_PUBLISHES:
+    for event_type in (*NODE_PUBLISHES, "node.kv_events"):
         await node.publish_refused(f"{event_type}.{other}")
     await node.publish_refused(f"node.command.{other}", b'{"command": "drain"}')
     await node.publish_refused(f"node.ack.{me}")  # acknowledge itself

@@ -159,6 +159,9 @@ def test_a_node_speaks_only_of_itself_and_hears_only_what_is_said_to_it() -> Non
     for t in NODE_PUBLISHES:
         assert may(pub, f"{t}.{NODE}")
         assert not may(pub, f"{t}.0190b5a4-7c1e-7000-8000-000000000002")
+    # Its vLLM's KV cache events, on its own subject only.
+    assert may(pub, f"node.kv_events.{NODE}")
+    assert not may(pub, "node.kv_events.0190b5a4-7c1e-7000-8000-000000000002")
     for subject in ("usage.recorded.t", "node.status_changed." + NODE, "node.accepted." + NODE,
                     "node.ack." + NODE, "apikey.created.t", "$JS.API.STREAM.DELETE.NODES",
                     "$JS.API.INFO", "node.command.other", "_INBOX.gateway.x", ">"):
@@ -195,6 +198,16 @@ def test_the_relay_may_publish_every_control_plane_event_and_nothing_nodes_say()
         assert stream_for_subject(f"{event_type}.x") is not None
 
 
+def test_only_the_gateways_hear_the_nodes_kv_cache_events() -> None:
+    for role in Role:
+        if role in (Role.NODE, Role.ADMIN, Role.LEAF):
+            continue
+        hears = may(permissions(role).sub_allow, f"node.kv_events.{NODE}")
+        # The orchestrator's `node.*.*` covers them; it subscribes only to what wakes it.
+        assert hears == (role in (Role.GATEWAY, Role.ORCHESTRATOR)), role
+        assert not may(permissions(role).pub_allow, f"node.kv_events.{NODE}"), role
+
+
 def test_every_identity_reads_only_its_own_inbox() -> None:
     inboxes = {}
     for role in Role:
@@ -211,7 +224,7 @@ def test_every_identity_reads_only_its_own_inbox() -> None:
 
 def test_a_leaf_link_carries_only_what_nodes_say_and_what_is_said_to_them() -> None:
     p = permissions(Role.LEAF)
-    for t in NODE_PUBLISHES:
+    for t in (*NODE_PUBLISHES, "node.kv_events"):
         assert may(p.pub_allow, f"{t}.{NODE}")
     for subject in ("usage.recorded.t", "node.status_changed.n", "node.accepted.n",
                     "apikey.created.t", "$JS.API.INFO", "node.ack.n", "_INBOX.gateway.x"):

@@ -24,6 +24,7 @@ from schemas.subjects import (
     DLQ_PREFIX,
     HEARTBEATS,
     NODES,
+    NODE_KV_EVENTS,
     NODES_VIEW,
     STREAMS,
     USAGE,
@@ -139,7 +140,8 @@ def permissions(role: Role) -> Permissions:
             return _perms(
                 pub=("usage.recorded.*", *_streams_info(), *_read(NODES_VIEW.name),
                      *_read(HEARTBEATS.name), *_read(CONTROL_VIEW.name)),
-                sub=(inbox, *HEARTBEATS.subjects))
+                # The nodes' KV cache events: what kv_aware routing knows of their caches.
+                sub=(inbox, *HEARTBEATS.subjects, f"{NODE_KV_EVENTS}.*"))
         case Role.MONITOR:
             return _perms(
                 pub=("node.ack.*", *_streams_info(), *_consume(NODES.name, "monitor-nodes"),
@@ -174,7 +176,7 @@ def permissions(role: Role) -> Permissions:
         case Role.LEAF:
             # On a leaf link, "publish" is what the leaf may send in and "subscribe" what
             # may be sent out to it: the nodes' own words in, acks, commands and replies out.
-            return _perms(pub=tuple(f"{t}.*" for t in NODE_PUBLISHES),
+            return _perms(pub=(*(f"{t}.*" for t in NODE_PUBLISHES), f"{NODE_KV_EVENTS}.*"),
                           sub=("node.ack.*", "node.command.*", "_INBOX_NODE.>"))
         case Role.ADMIN:
             return _perms(pub=(">",), sub=(">",))
@@ -186,7 +188,7 @@ NODE_NAME = "{{name()}}"
 """In the node scope's subjects: the node's id (each node user is named by its id)."""
 
 NODE_SCOPE = _perms(
-    pub=tuple(f"{t}.{NODE_NAME}" for t in NODE_PUBLISHES),
+    pub=(*(f"{t}.{NODE_NAME}" for t in NODE_PUBLISHES), f"{NODE_KV_EVENTS}.{NODE_NAME}"),
     sub=(f"node.ack.{NODE_NAME}", f"node.command.{NODE_NAME}",
          f"{inbox_prefix(Role.NODE, NODE_NAME)}.>"),
     # Its answer to a command (drain), within a minute of being asked.
