@@ -16,9 +16,19 @@ Prompt token counts, as a Llama 3 style template and tokenizer would give them:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable
+
+from services.core.standin_tokenizer import (
+    BLANK_LINE_ID,
+    BOS_ID,
+    END_HEADER_ID,
+    EOT_ID,
+    SPECIAL_TOKENS,
+    START_HEADER_ID,
+    piece_id,
+    pieces,
+)
 
 BOS = 1
 MESSAGE_OVERHEAD = 5
@@ -48,28 +58,11 @@ def chat_prompt_tokens(contents: Iterable[str], *, add_generation_prompt: bool =
 
 
 # --------------------------------------------------------------------------- token ids
+# The ids are services.core.standin_tokenizer's (the gateway's kv_aware routing hashes the
+# same); the simulator also remembers pieces, to decode.
 
-VOCAB_SIZE = 128256
-BOS_ID, START_HEADER_ID, END_HEADER_ID, EOT_ID = 128000, 128006, 128007, 128009
-BLANK_LINE_ID = 271
-SPECIAL_TOKENS = {BOS_ID: "<|begin_of_text|>", START_HEADER_ID: "<|start_header_id|>",
-                  END_HEADER_ID: "<|end_header_id|>", EOT_ID: "<|eot_id|>",
-                  BLANK_LINE_ID: "\n\n"}
-_FIRST_ID, _LAST_ID = 1000, 127999  # ordinary tokens; below and above: Llama 3's specials
-_PIECE = re.compile(r"(\s?)(\w+|[^\w\s])")
 _BPE_SPACE = {" ": "\u0120", "\n": "\u010a", "\t": "\u0109"}  # byte-level BPE's Ġ, Ċ, ĉ
 KNOWN_PIECES = 65536
-
-
-def pieces(text: str) -> list[str]:
-    """The text's tokens with the whitespace right before each (at most one character, as a
-    byte-level BPE keeps it): joined they give the text back, less runs of whitespace."""
-    return [space + body for space, body in _PIECE.findall(text)]
-
-
-def piece_id(piece: str) -> int:
-    digest = hashlib.blake2b(piece.encode(), digest_size=8).digest()
-    return _FIRST_ID + int.from_bytes(digest, "little") % (_LAST_ID - _FIRST_ID + 1)
 
 
 def token_str(piece: str) -> str:
@@ -116,7 +109,7 @@ class Vocabulary:
         return out
 
     def _header(self, role: str) -> list[tuple[int, str]]:
-        role_id = self.encode(role)[0][0] if _PIECE.fullmatch(role) else piece_id(role)
+        role_id = piece_id(role)  # TokenIds.header's
         self._pieces.setdefault(role_id, role)
         return [(START_HEADER_ID, SPECIAL_TOKENS[START_HEADER_ID]), (role_id, role),
                 (END_HEADER_ID, SPECIAL_TOKENS[END_HEADER_ID]),
