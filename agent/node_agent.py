@@ -28,6 +28,7 @@ from nats.aio.subscription import Subscription
 
 from agent.gpu import GpuReading, read_gpu
 from agent.health_score import HealthInputs, health_score
+from agent.kv_events import KvEventRelay
 from agent.settings import AGENT_VERSION, AgentSettings
 from agent.spot import SpotNotice, detector_for
 from agent.vllm_metrics import MetricsError, VllmLoad, parse_vllm_metrics, tokens_per_second
@@ -161,7 +162,7 @@ class NodeAgent:
             tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in (
                 ("heartbeats", self._heartbeats), ("register", self._register),
                 ("spot", self._watch_spot), ("announcer", self._announcer),
-                ("credential", self._watch_credential))]
+                ("credential", self._watch_credential), *self._kv_relay())]
             await self.bus.nc.subscribe(node_command_subject(self.node_id), cb=self._on_command)
             try:
                 request = await self._drain
@@ -178,6 +179,20 @@ class NodeAgent:
                 self._remove_signal_handlers(loop)
         log.info("agent stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def _kv_relay(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        endpoint = self.settings.vllm_kv_events_endpoint
+        if not endpoint:
+            return []
+        bus = self.bus
+        assert bus is not None
+
+        async def publish(subject: str, payload: bytes, headers: dict[str, str]) -> None:
+            await bus.nc.publish(subject, payload, headers=headers)
+
+        relay = KvEventRelay(endpoint, self.settings.vllm_kv_events_topic, self.node_id,
+                             publish)
+        return [("kv_events", relay.run)]
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         signalled: list[signal.Signals] = []

@@ -39,6 +39,11 @@ class AgentSettings(msgspec.Struct, kw_only=True, frozen=True):
     model_name: str = "meta-llama/Llama-3.1-8B-Instruct"
     vllm_url: str = "http://127.0.0.1:8000"
     """Where this agent reaches vLLM (health, metrics)."""
+    vllm_kv_events_endpoint: str = ""
+    """Where vLLM publishes its KV cache events (its ``--kv-events-config`` endpoint, e.g.
+    ``tcp://127.0.0.1:5557``): relayed to the gateways for kv_aware routing. Empty: none."""
+    vllm_kv_events_topic: str = ""
+    """The topic vLLM publishes them under (``--kv-events-config``'s ``topic``)."""
     endpoint_url: str = ""
     """What the control plane routes to; defaults to vllm_url."""
     spot_instance: bool = False
