@@ -10,6 +10,9 @@ Strategies:
 - prefix_aware: a conversation back to the node that holds its prefix in its KV cache, by
   rendezvous hashing with bounded load (services/gateway/prefix_routing.py); a request with
   nothing to key it by goes by least_load.
+- kv_aware: the node whose KV cache holds most of the prompt's leading blocks, as the nodes'
+  own KV events tell (kv_index, kv_routing), weighed against load; prefix_aware's choice
+  while no candidate holds the prompt's first block.
 
 Circuit breaker: over a sliding window, a node whose error rate exceeds the threshold with at
 least `min_requests` outcomes is opened (no traffic) for `cooldown` seconds, then half-open:
@@ -20,13 +23,25 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from services.gateway import prefix_routing
+from services.gateway import kv_routing, prefix_routing
+from services.gateway.kv_index import KvIndex
 from services.gateway.nodes import NodeView
 
-STRATEGIES = ("round_robin", "least_connections", "least_latency", "least_load", "prefix_aware")
+STRATEGIES = ("round_robin", "least_connections", "least_latency", "least_load", "prefix_aware",
+              "kv_aware")
+
+
+@dataclass(frozen=True)
+class RouteHint:
+    """What a keyed strategy routes a request by."""
+
+    key: bytes | None = None
+    """prefix_routing.route_key: its session, or the start of its conversation."""
+    blocks: Callable[[int], Iterator[bytes]] | None = None
+    """kv_aware: the keys of its prompt's blocks of a given size (kv_prompt), read lazily."""
 
 
 class CircuitState(enum.StrEnum):
@@ -138,7 +153,7 @@ class Balancer:
     LATENCY_SMOOTHING = 0.2
 
     def __init__(self, strategy: str = "round_robin", breaker: CircuitBreaker | None = None,
-                 *, spill: float = 0.25) -> None:
+                 *, spill: float = 0.25, kv_index: KvIndex | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown load-balancing strategy {strategy!r}; "
                              f"one of {', '.join(STRATEGIES)}")
@@ -146,23 +161,27 @@ class Balancer:
             raise ValueError("spill must be >= 0")
         self.strategy = strategy
         self.spill = spill
-        self.keyed = strategy == "prefix_aware"
-        """Whether `choose` wants a request's routing key (prefix_routing.route_key)."""
+        self.keyed = strategy in ("prefix_aware", "kv_aware")
+        """Whether `choose` wants a request's RouteHint."""
+        self.kv_index = kv_index if strategy == "kv_aware" else None
         self.breaker = breaker or CircuitBreaker()
         self.in_flight: dict[str, int] = {}
         self.latency: dict[str, float] = {}
         self._turn: dict[str, int] = {}
 
     def choose(self, model: str, candidates: Sequence[NodeView], now: float,
-               exclude: frozenset[str] = frozenset(), key: bytes | None = None
+               exclude: frozenset[str] = frozenset(), hint: RouteHint | None = None
                ) -> NodeView | None:
         allowed = sorted((n for n in candidates
                           if n.node_id not in exclude and self.breaker.allow(n.node_id, now)),
                          key=lambda n: n.node_id)
         if not allowed:
             return None
-        if self.keyed and key is not None:
-            return prefix_routing.choose(key, allowed, self.in_flight, self.spill)
+        if self.kv_index is not None and hint is not None:
+            return kv_routing.choose(self._overlap(hint, allowed), hint.key, allowed,
+                                     self.in_flight, self.spill)
+        if self.keyed and hint is not None and hint.key is not None:
+            return prefix_routing.choose(hint.key, allowed, self.in_flight, self.spill)
         turn = self._turn.get(model, 0)
         self._turn[model] = turn + 1
         if self.strategy == "round_robin":
@@ -174,6 +193,20 @@ class Balancer:
         if self.strategy == "least_latency":
             return min(rotated, key=lambda n: self.latency.get(n.node_id, 0.0))
         return min(rotated, key=lambda n: (n.waiting, round(n.kv_cache_usage, 2), n.running))
+
+    def _overlap(self, hint: RouteHint, nodes: Sequence[NodeView]) -> dict[str, int]:
+        index = self.kv_index
+        if index is None or hint.blocks is None:
+            return {}
+        by_size: dict[int, list[str]] = {}
+        for n in nodes:
+            size = index.block_size(n.node_id)
+            if size:
+                by_size.setdefault(size, []).append(n.node_id)
+        overlap: dict[str, int] = {}
+        for size, ids in by_size.items():  # one size, unless the fleet mixes engines
+            overlap.update(index.overlaps(hint.blocks(size), ids))
+        return overlap
 
     def started(self, node_id: str, now: float) -> None:
         self.in_flight[node_id] = self.in_flight.get(node_id, 0) + 1
@@ -201,6 +234,8 @@ class Balancer:
             self.in_flight.pop(node_id, None)
 
     def forget(self, node_id: str) -> None:
+        if self.kv_index is not None:
+            self.kv_index.forget(node_id)
         self.in_flight.pop(node_id, None)
         self.latency.pop(node_id, None)
         self.breaker.forget(node_id)

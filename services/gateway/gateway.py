@@ -29,6 +29,9 @@ from services.gateway.auth import Authenticator, auth_settings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
 from services.gateway.budget_reconciler import BudgetReconciler
 from services.gateway.budget_spend import budget_spender
+from services.gateway.kv_feed import KvFeed
+from services.gateway.kv_index import KvIndex
+from services.gateway.kv_prompt import PromptBlocks
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelCatalog
 from services.gateway.node_feed import NodeFeed
@@ -88,6 +91,8 @@ class Gateway:
     owners: ResponseOwners
     pricer: Pricer
     caps: CapsCache = field(default_factory=CapsCache)
+    prompts: PromptBlocks = field(default_factory=PromptBlocks)
+    """kv_aware: requests' prompts as the nodes' cache blocks."""
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _uuids: dict[str, uuid.UUID] = field(default_factory=dict)
 
@@ -149,17 +154,19 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     limiter_redis = PipelinedRedis(s.redis_url.reveal(), timeout=s.ratelimit_redis_timeout)
     rules = RoutingRules(health_threshold=s.health_score_threshold,
                          heartbeat_timeout=s.node_heartbeat_timeout)
+    kv_index = KvIndex(s.kv_index_blocks_per_node)
     balancer = Balancer(s.lb_strategy, CircuitBreaker(BreakerRules(
         error_rate=s.circuit_error_rate, min_requests=s.circuit_min_requests,
         window=s.circuit_window_seconds, cooldown=s.circuit_cooldown_seconds)),
-        spill=s.lb_prefix_spill)
+        spill=s.lb_prefix_spill, kv_index=kv_index)
     metrics = GatewayMetrics(registry)
+    metrics.kv_index_blocks.set_function(lambda: len(kv_index))
 
     def node_left(node_id: str) -> None:
         balancer.forget(node_id)
         metrics.forget_node(node_id)
 
-    table = NodeTable(on_removed=node_left)
+    table = NodeTable(on_removed=node_left, on_draining=kv_index.forget)
     upstream = UpstreamPool(connect_timeout=s.upstream_connect_timeout)
     spent = budget_spender(app[DB])
     limiter = RedisRateLimiter(limiter_redis, policy=s.ratelimit_policy,
@@ -182,12 +189,16 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         pricer=Pricer(parse_multipliers(s.region_multipliers)),
         models=models, metrics=metrics, bus=bus, leases=LeaseKeeper(
             limiter, s.concurrency_lease_seconds / 3),
-        owners=ResponseOwners(redis, s.response_owner_ttl_seconds))
+        owners=ResponseOwners(redis, s.response_owner_ttl_seconds),
+        prompts=PromptBlocks(max_tokens=s.kv_route_max_tokens))
     app[GATEWAY] = gw
     await gw.limiter.load_scripts()
     await seed_nodes(app[DB], table)
     feed = NodeFeed(bus, table)
     await feed.start()
+    kv_feed = KvFeed(bus, table, kv_index, metrics)
+    if s.lb_strategy == "kv_aware":
+        await kv_feed.start()
     # From the CONTROL stream (its mirror, which readers may replay), not plain NATS: an
     # ordered consumer picks up where it left off after a reconnect, so a revocation published
     # while this gateway was cut off still reaches its caches.
@@ -206,6 +217,7 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     await feed.stop()
+    await kv_feed.stop()
     await stop_tasks(tasks)
     await gw.usage.close()
     if gw._tasks:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -37,6 +37,13 @@ class GatewayMetrics:
             "Requests admitted with what was left of a spend budget, their output limit "
             "lowered to what it pays for (the node ends them there)", ["endpoint"],
             registry=registry)
+        self.kv_events = Counter(
+            "gateway_kv_events_total",
+            "Nodes' KV cache event messages read for kv_aware routing, by outcome "
+            "(applied, unknown_node, undecodable)", ["outcome"], registry=registry)
+        self.kv_index_blocks = Gauge(
+            "gateway_kv_index_blocks", "Distinct prompt blocks the kv_aware index knows a "
+            "holder of", registry=registry)
         self._children: dict[tuple[str, ...], Any] = {}
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:

@@ -77,7 +77,8 @@ NODES stream's lifetime, whose replay is where an old acceptance comes from."""
 
 class NodeTable:
     def __init__(self, on_removed: Callable[[str], None] | None = None, *,
-                 ended_memory: int = ENDED_MEMORY) -> None:
+                 ended_memory: int = ENDED_MEMORY,
+                 on_draining: Callable[[str], None] | None = None) -> None:
         self.nodes: dict[str, NodeView] = {}
         self._ended: dict[str, None] = {}
         """Ids of nodes that ended, oldest first (a dict keeps insertion order)."""
@@ -88,6 +89,8 @@ class NodeTable:
         self._on_removed = on_removed
         """Told the id of each node that leaves the table, so what is kept per node
         elsewhere (circuits, metric series) goes with it."""
+        self._on_draining = on_draining
+        """Told the id of a node when it starts draining (it takes no new request)."""
 
     def seed(self, node: NodeView) -> None:
         """A node known from the `nodes` projection at start: its registration may be older
@@ -124,7 +127,10 @@ class NodeTable:
                     if early is None or early[1] <= now:
                         self._early[str(event.node_id)] = (event, now)
                 elif node.last_heartbeat is None or node.last_heartbeat <= now:
+                    was_draining = node.draining
                     _beat(node, event, now)
+                    if node.draining and not was_draining:
+                        self._drained(node.node_id)
             case NodeAccepted():
                 key = str(event.node_id)
                 if self.ended(key):
@@ -154,8 +160,13 @@ class NodeTable:
                 if node is not None:
                     node.draining = True
                     node.status = NodeStatus.DRAINING
+                    self._drained(node.node_id)
             case NodeDeregistered() | NodeTerminated():
                 self._end(str(event.node_id))
+
+    def _drained(self, node_id: str) -> None:
+        if self._on_draining is not None:
+            self._on_draining(node_id)
 
     def candidates(self, model: str, now: float, rules: RoutingRules) -> list[NodeView]:
         return [n for n in self.nodes.values() if n.model == model and routable(n, now, rules)]

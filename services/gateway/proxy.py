@@ -27,7 +27,7 @@ from aiohttp import web
 
 from services.core.errors import ApiError, sse_error_event
 from services.core.node_keys import NodeKeys
-from services.gateway.balancer import Balancer
+from services.gateway.balancer import Balancer, RouteHint
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
 from services.gateway.protocol import (
@@ -130,11 +130,11 @@ class Proxy:
                       headers: dict[str, str], progress: Progress, *,
                       pinned: NodeView | None = None,
                       on_stored: Stored | None = None,
-                      route_key: bytes | None = None) -> ProxyResult:
+                      route: RouteHint | None = None) -> ProxyResult:
         """Send `req` to a node and the answer to the client (with `headers` added). A
         `pinned` node is the only one tried (it holds the conversation `req` continues);
-        `on_stored` hears of a response the node stored; `route_key` is what a keyed
-        strategy routes by (prefix_routing.route_key)."""
+        `on_stored` hears of a response the node stored; `route` is what a keyed
+        strategy routes by."""
         body = upstream_body(req)
         upstream_headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
                              "Authorization": ""}
@@ -146,7 +146,7 @@ class Proxy:
             now = time.monotonic()
             node = pinned if pinned is not None else self.balancer.choose(
                 req.model, self.table.candidates(req.model, now, self.rules), now,
-                frozenset(tried), route_key)
+                frozenset(tried), route)
             if node is None:
                 if attempt == 0:
                     self.metrics.no_node.labels(req.model).inc()

@@ -27,6 +27,7 @@ from services.core.usage_queries import (
 )
 from services.gateway import spend
 from services.gateway.auth import AuthError, AuthThrottled, Principal
+from services.gateway.balancer import RouteHint
 from services.gateway.budget_spend import budget_spender
 from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
@@ -274,8 +275,7 @@ async def _inference(request: web.Request, endpoint: str) -> web.StreamResponse:
     try:
         result = await gw.proxy.forward(
             request, req, request_id, headers, progress, pinned=pinned, on_stored=on_stored,
-            route_key=route_key(req.endpoint, req.body, principal.tenant_id,
-                                request.headers.get(SESSION_HEADER))
+            route=_route_hint(gw, req, principal.tenant_id, request.headers.get(SESSION_HEADER))
             if gw.balancer.keyed and pinned is None else None)
     except UpstreamFailure as failure:
         _finish(gw, decision.reservation, req, principal, request_id, started, progress,
@@ -440,3 +440,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/budgets", budgets)
 
+
+
+def _route_hint(gw: Gateway, req: InferenceRequest, tenant_id: str,
+                session: str | None) -> RouteHint:
+    """What prefix_aware and kv_aware route `req` by; its prompt's blocks are salted as the
+    node's cache is (req.cache_salt, the tenant), and only read if kv_aware asks."""
+    prompts, endpoint, body, salt = gw.prompts, req.endpoint, req.body, req.cache_salt
+    return RouteHint(route_key(endpoint, body, tenant_id, session),
+                     lambda size: prompts.keys(endpoint, body, salt, size))

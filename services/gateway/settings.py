@@ -76,12 +76,18 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
 
     # load balancing
     lb_strategy: Literal["round_robin", "least_connections", "least_latency", "least_load",
-                         "prefix_aware"] = "round_robin"
-    """round_robin, least_connections, least_latency, least_load (vLLM queue and KV cache) or
-    prefix_aware (a conversation to the node caching its prefix, bounded by load)."""
+                         "prefix_aware", "kv_aware"] = "round_robin"
+    """round_robin, least_connections, least_latency, least_load (vLLM queue and KV cache),
+    prefix_aware (a conversation to the node caching its prefix, bounded by load) or
+    kv_aware (by the blocks each node's KV events say it caches; docs/routing.md)."""
     lb_prefix_spill: float = 0.25
-    """prefix_aware: a node takes a conversation while its load is under (1 + this) x the
-    average; past it, the next node in the conversation's order does."""
+    """prefix_aware and kv_aware: a node takes a conversation while its load is under
+    (1 + this) x the average; past it, the next node in the conversation's order does."""
+    kv_index_blocks_per_node: int = 65536
+    """kv_aware: the most blocks remembered per node (about 200 bytes each; a million tokens
+    at vLLM's block size of 16); the oldest go first."""
+    kv_route_max_tokens: int = 8192
+    """kv_aware: how far into a prompt its blocks are looked up (bounds the routing cost)."""
     health_score_threshold: int = 50
     node_heartbeat_timeout: float = 60.0
     circuit_error_rate: float = 0.5

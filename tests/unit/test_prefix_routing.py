@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from services.gateway.balancer import Balancer
+from services.gateway.balancer import Balancer, RouteHint
 from services.gateway.nodes import NodeView
 from services.gateway.prefix_routing import choose, route_key
 
@@ -75,8 +75,8 @@ def test_a_key_goes_to_the_same_node_from_any_gateway_and_spreads_over_keys() ->
     fleet = nodes(8)
     keys = [route_key("chat", chat(f"user {i}"), "t1") for i in range(400)]
     a, b = Balancer("prefix_aware"), Balancer("prefix_aware")
-    picks = [a.choose("m", fleet, 0.0, key=k) for k in keys]
-    assert picks == [b.choose("m", list(reversed(fleet)), 0.0, key=k) for k in keys]
+    picks = [a.choose("m", fleet, 0.0, hint=RouteHint(k)) for k in keys]
+    assert picks == [b.choose("m", list(reversed(fleet)), 0.0, hint=RouteHint(k)) for k in keys]
     spread = Counter(n.node_id for n in picks if n is not None)
     assert len(spread) == 8 and max(spread.values()) < 3 * min(spread.values())
 
@@ -116,9 +116,10 @@ def test_without_a_key_prefix_aware_goes_by_load_and_respects_the_breaker() -> N
     chosen = balancer.choose("m", fleet, 0.0)
     assert chosen is not None and chosen.node_id == "node-1"  # least_load
     key = route_key("chat", chat("x"), "t1")
-    home = balancer.choose("m", nodes(3), 0.0, key=key)
+    home = balancer.choose("m", nodes(3), 0.0, hint=RouteHint(key))
     assert home is not None
-    others = balancer.choose("m", nodes(3), 0.0, exclude=frozenset({home.node_id}), key=key)
+    others = balancer.choose("m", nodes(3), 0.0, exclude=frozenset({home.node_id}),
+                            hint=RouteHint(key))
     assert others is not None and others.node_id != home.node_id  # a retry goes elsewhere
     with pytest.raises(ValueError, match="spill"):
         Balancer("prefix_aware", spill=-1)
