@@ -51,11 +51,12 @@ class KVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
     """Tagged by class name under ``type``, as vLLM's are."""
 
 
-class BlockStored(KVCacheEvent):
+class BlockStored(KVCacheEvent, omit_defaults=False):
     """Full blocks newly cached, in order: `block_hashes[i]` holds
     `token_ids[i*block_size:(i+1)*block_size]`, and the first follows `parent_block_hash`
     (None: it starts a prompt). `extra_keys[i]` (vLLM 0.11+) are what else went into block
-    i's hash: the request's ``cache_salt`` for a prompt's first block."""
+    i's hash: the request's ``cache_salt`` for a prompt's first block. Every field is
+    encoded, null or not: vLLM's own class requires `lora_id`, `medium` and `lora_name`."""
 
     block_hashes: Annotated[list[BlockHash], msgspec.Meta(max_length=MAX_BLOCKS_PER_EVENT)]
     parent_block_hash: BlockHash | None
@@ -68,7 +69,7 @@ class BlockStored(KVCacheEvent):
                           msgspec.Meta(max_length=MAX_BLOCKS_PER_EVENT)] | None = None
 
 
-class BlockRemoved(KVCacheEvent):
+class BlockRemoved(KVCacheEvent, omit_defaults=False):
     """Blocks evicted (their hashes)."""
 
     block_hashes: Annotated[list[BlockHash], msgspec.Meta(max_length=MAX_BLOCKS_PER_EVENT)]

@@ -8,6 +8,9 @@ the one line printed to stdout says which:
 ``--api-key KEY [KEY ...]``, else the ``VLLM_API_KEY`` environment variable, as ``vllm serve``
 reads them: requests to ``/v1`` then need ``Authorization: Bearer <one of them>``. The
 environment keeps the key out of the process list.
+
+``--kv-events-config JSON`` (``SIM_KV_EVENTS_CONFIG``), as vLLM's: publish KV cache events on
+ZeroMQ (agent/simulator/kv_publisher.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ from typing import Any
 from aiohttp import web
 
 from agent.simulator.app import create_app
-from agent.simulator.config import ConfigError, Faults, SimulatorConfig, validated
+from agent.simulator.config import (
+    ConfigError,
+    Faults,
+    SimulatorConfig,
+    kv_events_settings,
+    validated,
+)
 
 SHUTDOWN_TIMEOUT = 2.0
 
@@ -79,6 +88,11 @@ def parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    default=_env_flag(env, "SIM_HEALTH_503"))
     p.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
                    help="require one of these keys on /v1 (default: $VLLM_API_KEY)")
+    p.add_argument("--kv-events-config", default=default("SIM_KV_EVENTS_CONFIG", None),
+                   metavar="JSON",
+                   help='publish KV cache events as vLLM does, e.g. {"enable_kv_cache_events":'
+                        ' true, "publisher": "zmq", "endpoint": "tcp://*:5557", '
+                        '"topic": "kv-events"}')
     return p
 
 
@@ -91,13 +105,16 @@ def config_from(argv: Sequence[str], env: Mapping[str, str]
     faults = Faults(error_rate=args.error_rate, slow_seconds=args.slow_seconds,
                     hang_after_tokens=args.hang_after_tokens,
                     drop_after_tokens=args.drop_after_tokens, health_503=args.health_503)
+    endpoint, topic = (kv_events_settings(args.kv_events_config) if args.kv_events_config
+                       else (None, ""))
     config = SimulatorConfig(
         model=args.model, max_model_len=args.max_model_len, time_to_first_token=args.ttft,
         inter_token_latency=args.itl, max_num_seqs=args.max_num_seqs,
         prefill_tokens_per_second=args.prefill_tokens_per_second,
         decode_seconds_per_seq=args.decode_seconds_per_seq,
         kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
-        embedding_dimensions=args.embedding_dimensions, seed=args.seed, faults=faults)
+        embedding_dimensions=args.embedding_dimensions, seed=args.seed, faults=faults,
+        kv_events_endpoint=endpoint, kv_events_topic=topic)
     return args.host, args.port, config, api_keys
 
 

@@ -22,10 +22,11 @@ from agent.simulator.auth import ApiKeys, auth_middleware
 from agent.simulator.config import ConfigError, SimulatorConfig, validated
 from agent.simulator.engine import Engine
 from agent.simulator.faults import FaultState
-from agent.simulator.generation import chat_text
+from agent.simulator.kv_cache import KvCache
+from agent.simulator.kv_publisher import KvEventPublisher, publishing
 from agent.simulator.metrics import HTTP_EXCLUDED, EngineMetrics, HttpMetrics
-from agent.simulator.prefix_cache import PrefixCache
-from agent.simulator.prepare import Prepare, completion_prompts
+from agent.simulator.prefix_cache import PrefixCache, none_hash
+from agent.simulator.prepare import Prepare
 from agent.simulator.protocol import (
     ApiError,
     check_cache_salt,
@@ -52,6 +53,7 @@ from agent.simulator.responses_api import (
 from agent.simulator.scheduler import Scheduler
 from agent.simulator.serving import JSON_HEADERS, Serving, error_response, json_response
 from agent.simulator.timing import GpuClock
+from services.core.standin_tokenizer import TokenIds
 
 VLLM_VERSION = "0.34.0"
 CRASH_EXIT_CODE = 70
@@ -72,8 +74,11 @@ class Simulator:
             config.prefill_tokens_per_second, config.inter_token_latency,
             config.decode_seconds_per_seq))
         self.http_metrics = HttpMetrics(self.registry)
-        self.prefix_cache = PrefixCache(config.kv_cache_tokens // config.block_size,
-                                        config.block_size)
+        self.token_ids = TokenIds()
+        self.kv_cache = KvCache(PrefixCache(
+            config.kv_cache_tokens // config.block_size, config.block_size,
+            root_hash=none_hash(os.environ.get("PYTHONHASHSEED")),
+            record_events=config.kv_events_endpoint is not None), self.token_ids, self.metrics)
         self.faults = FaultState(config.faults, config.seed)
         self.prepare = Prepare(config)
         self.serving = Serving(config, self.engine, self.faults)
@@ -90,16 +95,6 @@ class Simulator:
                 "is_blocking": False}],
         }]})
 
-    def query_prefix_cache(self, salt: str | None, prompts: list[str]) -> int:
-        """Tokens found cached, over all `prompts`."""
-        hits = 0
-        for prompt in prompts:
-            queried, hit = self.prefix_cache.query(salt, prompt)
-            self.metrics.prefix_cache_queries.inc(queried)
-            self.metrics.prefix_cache_hits.inc(hit)
-            hits += hit
-        return hits
-
     def previous_response(self, response_id: str | None) -> StoredResponse | None:
         if response_id is None:
             return None
@@ -110,6 +105,8 @@ class Simulator:
 
 
 SIMULATOR = web.AppKey("simulator", Simulator)
+KV_PUBLISHER = web.AppKey("simulator_kv_publisher", KvEventPublisher)
+"""The publisher, set when the app starts with a `kv_events_endpoint`."""
 CRASH: web.AppKey[Callable[[], None]] = web.AppKey("simulator_crash")
 """Called by the `exit` fault; an in-process test may replace it to survive."""
 
@@ -136,8 +133,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         gen = sim.prepare.chat(req, request_id(request, "chatcmpl-", req.request_id))
     except ApiError as exc:
         return error_response(exc)
-    gen.cached_tokens = sim.query_prefix_cache(req.cache_salt, [chat_text([
-        (m.role, m.text()) for m in req.messages])])
+    gen.cached_tokens = sim.kv_cache.chat(req.cache_salt,
+                                          [(m.role, m.text()) for m in req.messages],
+                                          add_generation_prompt=req.add_generation_prompt)
     return await sim.serving.generation(request, gen, arrival)
 
 
@@ -151,8 +149,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         gen = sim.prepare.completion(req, request_id(request, "cmpl-", req.request_id))
     except ApiError as exc:
         return error_response(exc)
-    gen.cached_tokens = sim.query_prefix_cache(req.cache_salt,
-                                               [k for k, _, _ in completion_prompts(req.prompt)])
+    gen.cached_tokens = sim.kv_cache.completion(req.cache_salt, req.prompt)
     return await sim.serving.generation(request, gen, arrival)
 
 
@@ -182,8 +179,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     except ApiError as exc:
         return error_response(exc)
     assert gen.responses is not None
-    gen.cached_tokens = sim.query_prefix_cache(req.cache_salt,
-                                               [chat_text(gen.responses.messages)])
+    gen.cached_tokens = sim.kv_cache.chat(req.cache_salt, gen.responses.messages)
     resp = await sim.serving.generation(request, gen, arrival)
     # Here only when the answer went out whole (a failed, hung or cut one never arrives).
     if resp.status == 200 and req.store:
@@ -294,7 +290,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def reset_prefix_cache(request: web.Request) -> web.Response:
     """vLLM's (served when VLLM_SERVER_DEV_MODE=1): empty the prefix cache, as benchmarks do
     between runs."""
-    request.app[SIMULATOR].prefix_cache.reset()
+    request.app[SIMULATOR].kv_cache.reset()
     return web.Response(status=200)
 
 
@@ -357,6 +353,16 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _kv_events_ctx(app: web.Application) -> AsyncIterator[None]:
+    sim = app[SIMULATOR]
+    if sim.config.kv_events_endpoint is None:
+        yield
+        return
+    with publishing(sim.kv_cache, sim.config.kv_events_endpoint,
+                    sim.config.kv_events_topic) as app[KV_PUBLISHER]:
+        yield
+
+
 async def _on_shutdown(app: web.Application) -> None:
     # Runs before aiohttp waits for handlers: requests hung by a fault end now instead of
     # holding the shutdown for its whole timeout; the others get that timeout to finish.
@@ -376,6 +382,7 @@ def create_app(config: SimulatorConfig, *, api_keys: Iterable[str] = ()) -> web.
     app[CRASH] = _crash
     app.on_shutdown.append(_on_shutdown)
     app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_kv_events_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)

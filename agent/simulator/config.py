@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+
+from schemas.kv_events import MAX_BLOCK_SIZE
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+Endpoint = Annotated[str, msgspec.Meta(pattern=r"^(tcp|ipc|inproc)://\S+$")]
 
 
 class Faults(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -55,6 +58,28 @@ class SimulatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     """Mixed into every generated text and into the fault dice, so two servers with different
     seeds answer differently."""
     faults: Faults = msgspec.field(default_factory=Faults)
+    kv_events_endpoint: Endpoint | None = None
+    """Where KV cache events are published on ZeroMQ, as vLLM's ``--kv-events-config``
+    endpoint (bound when it has ``*`` or ``::`` or is ``ipc://``/``inproc://``, else
+    connected); None: none are published."""
+    kv_events_topic: str = ""
+    """The first frame of every message (vLLM's default: empty)."""
+
+
+class KVEventsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The JSON of vLLM's ``--kv-events-config`` (vllm/config/kv_events.py). Only the ZMQ
+    publisher is simulated, without a replay socket; its buffer and queue sizes are accepted
+    and not used."""
+
+    enable_kv_cache_events: bool = False
+    publisher: Literal["null", "zmq"] | None = None
+    """vLLM's default: ``zmq`` when events are enabled, else ``null``."""
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: Positive = 10_000
+    hwm: Count = 100_000
+    max_queue_size: Positive = 100_000
+    topic: str = ""
 
 
 class ConfigError(ValueError):
@@ -64,9 +89,28 @@ class ConfigError(ValueError):
 def validated(config: SimulatorConfig) -> SimulatorConfig:
     """The same config, after checking the constraints a plain constructor call skips."""
     try:
-        return msgspec.convert(msgspec.to_builtins(config), SimulatorConfig)
+        checked = msgspec.convert(msgspec.to_builtins(config), SimulatorConfig)
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from exc
+    if checked.kv_events_endpoint is not None and checked.block_size > MAX_BLOCK_SIZE:
+        raise ConfigError(f"block_size must be at most {MAX_BLOCK_SIZE} to publish KV cache "
+                          "events")
+    return checked
+
+
+def kv_events_settings(text: str) -> tuple[str | None, str]:
+    """(endpoint or None, topic) from the JSON of ``--kv-events-config``; ConfigError when it
+    is not one vLLM would take, or asks for what is not simulated."""
+    try:
+        flag = msgspec.json.decode(text, type=KVEventsConfig)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"--kv-events-config: {exc}") from exc
+    if flag.replay_endpoint is not None:
+        raise ConfigError("--kv-events-config: replay_endpoint is not simulated")
+    publisher = flag.publisher or ("zmq" if flag.enable_kv_cache_events else "null")
+    if not flag.enable_kv_cache_events or publisher == "null":
+        return None, flag.topic
+    return flag.endpoint, flag.topic
 
 
 def merge_faults(current: Faults, patch: Any) -> Faults:

@@ -232,7 +232,7 @@ async def test_counted_like_chat_and_salted(client: AsyncOpenAI, sim: Sim) -> No
         "vllm:request_success_total{finished_reason=length}", 0) == 2
     assert after["http_requests_total{handler=/v1/responses,method=POST,status=2xx}"] == 2
 
-    long_input = " ".join(["word"] * 40)  # two full blocks of 16
+    long_input = " ".join(["word"] * 40)  # 50 tokens with the chat template: 3 blocks of 16
     body: Any = {"input": long_input, "max_output_tokens": 1, "cache_salt": "tenant-a"}
     first = await client.responses.create(model=MODEL, extra_body=body)
     again = await client.responses.create(model=MODEL, extra_body=body)
@@ -240,7 +240,8 @@ async def test_counted_like_chat_and_salted(client: AsyncOpenAI, sim: Sim) -> No
                                           extra_body={**body, "cache_salt": "tenant-b"})
     assert first.usage is not None and again.usage is not None and other.usage is not None
     assert first.usage.input_tokens_details.cached_tokens == 0
-    assert again.usage.input_tokens_details.cached_tokens == 32
+    assert first.usage.input_tokens == 50
+    assert again.usage.input_tokens_details.cached_tokens == 48
     assert other.usage.input_tokens_details.cached_tokens == 0
 
 
