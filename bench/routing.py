@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import secrets
@@ -53,7 +54,7 @@ from gateway import (  # (bench/gateway.py)
     wait_ready,
 )
 
-STRATEGIES = ("round_robin", "least_load", "prefix_aware")
+STRATEGIES = ("round_robin", "least_load", "prefix_aware", "kv_aware")
 
 # The simulated GPU, scaled to this machine (8 nodes share 2 cores with everything else): an
 # H100 prefills ~20k tokens/s; here 6k, so a miss on a 1,500-token prompt costs ~0.25 s.
@@ -245,13 +246,18 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
             await launched(pool, node_id)
             port = free_port()
             sim = f"http://127.0.0.1:{port}"
+            # KV cache events (kv_aware) on a local socket, as vLLM's --kv-events-config.
+            kv = f"ipc://{tmp}/kv-{len(nodes)}.sock"
             procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent.simulator", "--port", str(port), "--model", MODEL,
-                "--max-model-len", "32768", *SIM, stdout=asyncio.subprocess.DEVNULL,
+                "--max-model-len", "32768", *SIM, "--kv-events-config", json.dumps({
+                    "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv}),
+                stdout=asyncio.subprocess.DEVNULL,
                 env={**env_base, "VLLM_API_KEY": node_api_key(node_secret, node_id)}))
             procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent", env={
                     **env_base, "NATS_URL": urls.nats_url, "VLLM_URL": sim,
+                    "VLLM_KV_EVENTS_ENDPOINT": kv,
                     "MODEL_NAME": MODEL, "NODE_ID": str(node_id), "HEARTBEAT_INTERVAL": "1",
                     "NATS_CREDS": stack.nats.authority.node_credentials(node_id).text()}))
             nodes.append(sim)

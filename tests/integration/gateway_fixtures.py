@@ -134,13 +134,17 @@ class Platform:
 
     async def add_node(self, *, model: str = MODEL, advertise: str = "", launch: bool = True,
                        api_key: str | None = None, region: str = "us-east-1",
-                       **sim: Any) -> Node:
+                       kv_events: bool = False, **sim: Any) -> Node:
         """A simulator and a real agent for it; `advertise` makes the agent announce another
         address than the one it watches (a node unreachable from the gateway); `launch`: record
         its launch first, as the orchestrator does (False: a node nobody launched); `api_key`
         replaces the vLLM key derived for the node (one the gateway does not know); `region`:
-        where the node says it is (the gateway records the usage it serves there)."""
+        where the node says it is (the gateway records the usage it serves there); `kv_events`:
+        its vLLM publishes KV cache events (on a local socket) and its agent relays them."""
         node_id = uuid7()
+        kv_endpoint = f"ipc://{self.tmp}/kv-{node_id}.sock" if kv_events else ""
+        if kv_events:
+            sim["kv_events_endpoint"] = kv_endpoint
         if launch:
             await launched(self.pool, node_id, model=model, region=region)
         if api_key is None:
@@ -154,7 +158,7 @@ class Platform:
         settings = AgentSettings(nats_url=Secret(self.servers.nats_url), node_id=node_id,
                                  nats_creds=Secret(self.servers.node_creds(node_id)),
                                  model_name=model, vllm_url=url, endpoint_url=advertise,
-                                 heartbeat_interval=0.2,
+                                 heartbeat_interval=0.2, vllm_kv_events_endpoint=kv_endpoint,
                                  region=region, log_json=False)
         agent = NodeAgent(settings)
         node = Node(str(settings.node_id), url, sim_app, runner, agent,
