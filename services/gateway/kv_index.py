@@ -138,14 +138,22 @@ class KvIndex:
         lookup (`keys` may be lazy: what is not read is never hashed)."""
         alive = set(nodes)
         found: dict[str, int] = {}
-        for depth, key in enumerate(keys, 1):
-            holders = self._holders.get(key)
+        depth = 0
+        holders_of = self._holders.get
+        for key in keys:
+            holders = holders_of(key)
             if not holders:
                 break
-            still = alive & holders
-            if not still:
-                break
-            for node_id in still:
+            if not alive <= holders:
+                still = alive & holders
+                for node_id in alive - still:
+                    if depth:
+                        found[node_id] = depth
+                alive = still
+                if not alive:
+                    break
+            depth += 1
+        for node_id in alive:
+            if depth:
                 found[node_id] = depth
-            alive = still
         return found

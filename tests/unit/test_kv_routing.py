@@ -23,7 +23,7 @@ from schemas.kv_events import (
 from services.core.standin_tokenizer import TokenIds
 from services.gateway import kv_routing, prefix_routing
 from services.gateway.balancer import Balancer, RouteHint
-from services.gateway.kv_index import KvIndex
+from services.gateway.kv_index import ROOT, KvIndex, block_key
 from services.gateway.kv_prompt import PromptBlocks
 from services.gateway.nodes import NodeTable, NodeView
 
@@ -238,3 +238,24 @@ def test_a_batch_not_in_vllms_shape_is_refused() -> None:
     with pytest.raises(KvEventDecodeError):
         decode_batch(msgspec.msgpack.encode({"ts": 1.0, "events": [{
             "type": "BlockRemoved", "block_hashes": list(range(5000))}]}))
+
+
+def test_a_long_first_message_is_hashed_once_and_named_alike() -> None:
+    """The blocks of a long system prompt are remembered: the keys must be the same as if
+    every block were hashed anew, for any block size and whatever follows."""
+    long = {"role": "system", "content": "You answer for ACME, carefully. " * 100}
+    for turns in ([], [{"role": "user", "content": "hi"}],
+                  [{"role": "user", "content": "x " * 400}]):
+        body = {"messages": [long, *turns]}
+        ids = TokenIds().chat_prompt([(m["role"], m["content"]) for m in body["messages"]])
+        for size in (16, 32):
+            parent, expected = ROOT, []
+            for start in range(0, len(ids) - len(ids) % size, size):
+                parent = block_key(parent, ids[start:start + size],
+                                   ["t1"] if start == 0 else None)
+                expected.append(parent)
+            blocks = PromptBlocks(max_tokens=1 << 20)
+            assert list(blocks.keys("chat", body, "t1", size)) == expected
+            assert list(blocks.keys("chat", body, "t1", size)) == expected  # remembered
+            assert list(PromptBlocks(max_tokens=64).keys("chat", body, "t1", size)) == \
+                expected[:64 // size]
