@@ -30,6 +30,7 @@ from agent.simulator.prepare import Prepare
 from agent.simulator.protocol import (
     ApiError,
     check_cache_salt,
+    check_generation_prompt,
     check_stream_options,
     decode_chat,
     decode_completion,
@@ -40,6 +41,7 @@ from agent.simulator.protocol import (
     decode_score,
     decode_tokenize,
     error_body,
+    generation_prompt,
 )
 from agent.simulator.responses import rerank as rerank_body
 from agent.simulator.responses import scores as scores_body
@@ -130,12 +132,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         req = decode_chat(await request.read())
         check_stream_options(req)
         check_cache_salt(req.cache_salt)
+        check_generation_prompt(req)
         gen = sim.prepare.chat(req, request_id(request, "chatcmpl-", req.request_id))
     except ApiError as exc:
         return error_response(exc)
     gen.cached_tokens = sim.kv_cache.chat(req.cache_salt,
                                           [(m.role, m.text()) for m in req.messages],
-                                          add_generation_prompt=req.add_generation_prompt)
+                                          add_generation_prompt=generation_prompt(req),
+                                          continue_final_message=req.continue_final_message)
     return await sim.serving.generation(request, gen, arrival)
 
 

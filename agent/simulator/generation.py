@@ -89,11 +89,24 @@ def chat_text(messages: Sequence[tuple[str, str]]) -> str:
 def base_key(*, server_seed: int, prompt: str, seed: int | None,
              temperature: float | None) -> tuple[int, bool]:
     """The request's key, and whether all its choices share it (greedy sampling)."""
+    keyed = keyed_on_prompt(seed, temperature)
+    return base_key_of(server_seed=server_seed, prompt_key=text_key(prompt) if keyed else 0,
+                       seed=seed, temperature=temperature)
+
+
+def keyed_on_prompt(seed: int | None, temperature: float | None) -> bool:
+    """Whether the prompt is part of the key (not when a seed alone decides it)."""
+    return temperature == 0 or seed is None
+
+
+def base_key_of(*, server_seed: int, prompt_key: int, seed: int | None,
+                temperature: float | None) -> tuple[int, bool]:
+    """`base_key` from the prompt's `text_key` (unused when a seed decides)."""
     if temperature == 0:
-        return mix(server_seed, _GREEDY, text_key(prompt)), True
+        return mix(server_seed, _GREEDY, prompt_key), True
     if seed is not None:
         return mix(server_seed, _SEEDED, seed), False
-    return mix(server_seed, _SAMPLED, text_key(prompt)), False
+    return mix(server_seed, _SAMPLED, prompt_key), False
 
 
 def choice_key(base: int, index: int, shared: bool) -> int:
@@ -135,6 +148,9 @@ class ChoiceOutput:
     never held back nor cut by a stop string."""
     key: int = 0
     """The choice's key: its logprobs are drawn from it."""
+    start: int = 0
+    """The step of the key's stream the output starts at (a continuation: the tokens
+    already given); logprobs are drawn for steps ``start + i``."""
 
     @property
     def num_tokens(self) -> int:
@@ -160,11 +176,13 @@ class TextModel:
     def _stream(self, key: int) -> _Stream:
         stream = self._streams.get(key)
         if stream is None:
-            if len(self._streams) >= self._cache_size:
-                self._streams.clear()  # cheaper than LRU bookkeeping on the hot path
-            rng = random.Random(key)
-            stream = _Stream(rng, rng.randint(NATURAL_MIN, NATURAL_MAX))
-            self._streams[key] = stream
+            stream = self._remember(key, _new_stream(key))
+        return stream
+
+    def _remember(self, key: int, stream: _Stream) -> _Stream:
+        if len(self._streams) >= self._cache_size:
+            self._streams.clear()  # cheaper than LRU bookkeeping on the hot path
+        self._streams[key] = stream
         return stream
 
     def natural_length(self, key: int) -> int:
@@ -173,48 +191,86 @@ class TextModel:
 
     def pieces(self, key: int, count: int) -> list[str]:
         """The first `count` visible tokens as text pieces (a leading space before words)."""
-        s = self._stream(key)
-        pieces = s.pieces
-        rng = s.rng
-        while len(pieces) < count:
-            r = rng.random()
-            if not s.after_punct and r < 0.07:
-                pieces.append(",")
-                s.after_punct = True
-            elif not s.after_punct and r < 0.13:
-                pieces.append(".")
-                s.after_punct = s.sentence_start = True
-            else:
-                word = WORDS[rng.getrandbits(_WORD_BITS)]
-                if s.sentence_start:
-                    word = word[0].upper() + word[1:]
-                pieces.append(word if not pieces else " " + word)
-                s.after_punct = s.sentence_start = False
+        pieces = _extend(self._stream(key), count)
         return pieces[:count] if len(pieces) > count else pieces
 
-    def generate(self, key: int, sampling: Sampling) -> ChoiceOutput:
-        out = self._generate(key, sampling)
+    def match_prefix(self, key: int, text: str, pos: int = 0) -> int | None:
+        """How many tokens of `key`'s stream spell ``text[pos:]`` exactly (0 for an empty
+        text), or None when it is no such prefix: it differs, or ends inside a token."""
+        stream = self._streams.get(key)
+        known = stream is not None
+        if stream is None:
+            stream = _new_stream(key)  # kept only if it matches: most probes do not
+        pieces = stream.pieces
+        count = 0
+        end = len(text)
+        while pos < end:
+            if count == len(pieces):
+                _extend(stream, count + 16)
+            piece = pieces[count]
+            if not text.startswith(piece, pos):
+                return None
+            pos += len(piece)
+            count += 1
+        if not known:
+            self._remember(key, stream)
+        return count
+
+    def generate(self, key: int, sampling: Sampling, start: int = 0) -> ChoiceOutput:
+        """The output of `key`'s stream from token `start` on (0: all of it; more: a
+        continuation after `start` tokens already given). `sampling` counts new tokens
+        only; the EOS stays where the whole stream has it (at once if `start` is past it)."""
+        out = self._generate(key, sampling, start)
         n = out.num_tokens
         eos = out.finish_reason == "stop" and out.stop_reason is None
-        pieces = self.pieces(key, n - 1 if eos else n)
+        pieces = self.pieces(key, start + (n - 1 if eos else n))[start:]
         tokens = (*pieces, EOS_TOKEN) if eos else tuple(pieces)
-        return dataclasses.replace(out, tokens=tokens, key=key)
+        return dataclasses.replace(out, tokens=tokens, key=key, start=start)
 
-    def _generate(self, key: int, sampling: Sampling) -> ChoiceOutput:
+    def _generate(self, key: int, sampling: Sampling, start: int) -> ChoiceOutput:
         eos_step: int | None = None
         if not sampling.ignore_eos:
-            eos_step = max(self.natural_length(key) - 1, sampling.min_tokens)
+            eos_step = max(self.natural_length(key) - 1 - start, sampling.min_tokens)
         limit = sampling.max_tokens
         if limit <= 0:
             return ChoiceOutput("", (), "length")
         visible = limit if eos_step is None else min(limit, eos_step)
-        pieces = self.pieces(key, visible)
+        pieces = self.pieces(key, start + visible)
+        if start:
+            pieces = pieces[start:]
         stops = tuple(s for s in sampling.stop if s)
         if not stops:
             if eos_step is not None and eos_step < limit:
                 return ChoiceOutput("".join(pieces), (*pieces, ""), "stop")
             return ChoiceOutput("".join(pieces), tuple(pieces), "length")
         return _with_stop_strings(pieces, stops, sampling, eos_step)
+
+
+def _new_stream(key: int) -> _Stream:
+    rng = random.Random(key)
+    return _Stream(rng, rng.randint(NATURAL_MIN, NATURAL_MAX))
+
+
+def _extend(s: _Stream, count: int) -> list[str]:
+    """Draws `s`'s pieces up to `count`: a capitalised first word, then words with a leading
+    space, commas and full stops (a capital after each)."""
+    pieces = s.pieces
+    rng = s.rng
+    while len(pieces) < count:
+        r = rng.random()
+        if not s.after_punct and r < 0.07:
+            pieces.append(",")
+            s.after_punct = True
+        elif not s.after_punct and r < 0.13:
+            pieces.append(".")
+            s.after_punct = s.sentence_start = True
+        else:
+            word = WORDS[rng.getrandbits(_WORD_BITS)]
+            if s.sentence_start:
+                word = word[0].upper() + word[1:]
+            pieces.append(word if not pieces else " " + word)
+            s.after_punct = s.sentence_start = False
+    return pieces
 
 
 def _with_stop_strings(pieces: list[str], stops: tuple[str, ...], sampling: Sampling,

@@ -4,7 +4,8 @@ in the PrefixCache, counted in vLLM's prefix cache metrics, and its KV cache eve
 whoever publishes them.
 
 What is looked up, as vLLM tokenizes it: a chat's messages under the Llama 3 template (with
-the assistant's header unless ``add_generation_prompt`` is false); a completion's every
+the assistant's header unless ``add_generation_prompt`` is false; without the final end of
+turn with ``continue_final_message``, the final message left open); a completion's every
 prompt, a string as BOS and its tokens, token ids as given; a response's whole conversation
 (its previous responses' and its own input) under the chat template.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from agent.simulator.metrics import EngineMetrics
 from agent.simulator.prefix_cache import KvEvent, PrefixCache
-from services.core.standin_tokenizer import TokenIds
+from services.core.standin_tokenizer import EOT_ID, TokenIds
 
 __all__ = ["KvCache", "completion_ids"]
 
@@ -44,10 +45,13 @@ class KvCache:
         """Called after a change that recorded events (the publisher's `schedule`)."""
 
     def chat(self, salt: str | None, messages: Iterable[tuple[str, str]], *,
-             add_generation_prompt: bool = True) -> int:
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> int:
         """Tokens found cached, for a chat (or responses) prompt."""
-        return self.query(salt, [self.token_ids.chat_prompt(
-            messages, add_generation_prompt=add_generation_prompt)])
+        ids = self.token_ids.chat_prompt(
+            messages, add_generation_prompt=add_generation_prompt and not continue_final_message)
+        if continue_final_message and ids[-1] == EOT_ID:
+            ids.pop()  # the final message left open
+        return self.query(salt, [ids])
 
     def completion(self, salt: str | None, prompt: str | list[Any] | None) -> int:
         """Tokens found cached, over all of a completion request's prompts."""

@@ -7,13 +7,13 @@ import time
 from typing import Any
 
 from agent.simulator.config import SimulatorConfig
+from agent.simulator.continuation import Keys, chat_choices, completion_choices, fresh_choices
 from agent.simulator.generation import (
     ChoiceOutput,
     Sampling,
     TextModel,
     base_key,
     chat_text,
-    choice_key,
     embedding_key,
     embedding_vector,
     relevance_score,
@@ -29,7 +29,9 @@ from agent.simulator.protocol import (
     bad_request,
     check_chat_logprobs,
     check_completion_logprobs,
+    check_continuation,
     check_logprobs_limit,
+    generation_prompt,
     model_not_found,
     validation_error_of,
 )
@@ -101,8 +103,10 @@ class Prepare:
     def chat(self, req: ChatCompletionRequest, request_id: str) -> Generation:
         self.check_model(req.model)
         messages = [(m.role, m.text()) for m in req.messages]
+        check_continuation(req, len(messages))
         prompt_tokens = chat_prompt_tokens((c for _, c in messages),
-                                           add_generation_prompt=req.add_generation_prompt)
+                                           add_generation_prompt=generation_prompt(req),
+                                           continue_final_message=req.continue_final_message)
         if req.max_completion_tokens is not None:
             max_tokens = self.check_context(prompt_tokens, req.max_completion_tokens,
                                             "max_completion_tokens")
@@ -111,7 +115,11 @@ class Prepare:
         n = 1 if req.n is None else req.n
         self.check_sampling(n, max_tokens, req.temperature, req.min_tokens)
         logprobs = check_chat_logprobs(req)
-        choices = self._choices(chat_text(messages), n, max_tokens, req)
+        if req.continue_final_message:  # the final message left open: the model goes on
+            choices = chat_choices(self.text, self._keys(req, n), messages,
+                                   self._sampling(max_tokens, req))
+        else:
+            choices = self._choices(chat_text(messages), n, max_tokens, req)
         gen = self._generation(True, req, request_id, choices, [prompt_tokens] * n,
                                prompt_tokens, None)
         gen.logprobs = logprobs
@@ -128,7 +136,11 @@ class Prepare:
         for key_text, prompt_tokens, text in completion_prompts(req.prompt):
             max_tokens = self.check_context(prompt_tokens, req.max_tokens, "max_tokens")
             self.check_sampling(n, max_tokens, req.temperature, req.min_tokens)
-            choices.extend(self._choices(key_text, n, max_tokens, req))
+            if isinstance(req.prompt, str):  # may hold a generation to go on with
+                choices.extend(completion_choices(self.text, self._keys(req, n), req.prompt,
+                                                  self._sampling(max_tokens, req)))
+            else:
+                choices.extend(self._choices(key_text, n, max_tokens, req))
             per_choice.extend([prompt_tokens] * n)
             echo.extend([text] * n)
             total += prompt_tokens
@@ -174,13 +186,17 @@ class Prepare:
 
     def _choices(self, prompt: str, n: int, max_tokens: int,
                  req: ChatCompletionRequest | CompletionRequest) -> list[ChoiceOutput]:
-        key, shared = base_key(server_seed=self.config.seed, prompt=prompt, seed=req.seed,
-                               temperature=req.temperature)
-        sampling = Sampling(max_tokens, req.stops(), req.include_stop_str_in_output,
-                            req.ignore_eos, req.min_tokens)
-        if shared:
-            return [self.text.generate(key, sampling)] * n
-        return [self.text.generate(choice_key(key, i, False), sampling) for i in range(n)]
+        return fresh_choices(self.text, self._keys(req, n), prompt,
+                             self._sampling(max_tokens, req))
+
+    def _keys(self, req: ChatCompletionRequest | CompletionRequest, n: int) -> Keys:
+        return Keys(self.config.seed, req.seed, req.temperature, n)
+
+    @staticmethod
+    def _sampling(max_tokens: int, req: ChatCompletionRequest | CompletionRequest
+                  ) -> Sampling:
+        return Sampling(max_tokens, req.stops(), req.include_stop_str_in_output,
+                        req.ignore_eos, req.min_tokens)
 
     def _generation(self, chat: bool, req: ChatCompletionRequest | CompletionRequest,
                     request_id: str, choices: list[ChoiceOutput], per_choice: list[int],
@@ -243,8 +259,10 @@ class Prepare:
     def tokenize(self, req: TokenizeRequest) -> dict[str, object]:
         self.check_model(req.model)
         if req.messages is not None:
+            check_continuation(req, len(req.messages))
             tokens = self.vocab.chat_prompt(((m.role, m.text()) for m in req.messages),
-                                            add_generation_prompt=req.add_generation_prompt)
+                                            add_generation_prompt=generation_prompt(req),
+                                            continue_final_message=req.continue_final_message)
         elif req.add_special_tokens is False:
             tokens = self.vocab.encode(req.prompt or "")
         else:

@@ -15,7 +15,7 @@ handler in vLLM answers: 400, ``type`` "Bad Request", a "N validation error(s)" 
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -108,11 +108,24 @@ class _Sampling(msgspec.Struct, kw_only=True):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class _ChatTemplate(Protocol):
+    add_generation_prompt: bool | msgspec.UnsetType
+    continue_final_message: bool
+
+
+def generation_prompt(req: _ChatTemplate) -> bool:
+    """`add_generation_prompt`: true when not given (vLLM's default). Requests keep it unset
+    then, as vLLM's checks tell the two apart (`check_generation_prompt`,
+    `check_continuation`)."""
+    return req.add_generation_prompt is not False
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[ChatMessage]
+    add_generation_prompt: bool | msgspec.UnsetType = msgspec.UNSET
+    continue_final_message: bool = False
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    add_generation_prompt: bool = True
     logprobs: bool | None = False
     top_logprobs: int | None = 0
 
@@ -198,7 +211,8 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | msgspec.UnsetType = msgspec.UNSET
+    continue_final_message: bool = False
     return_token_strs: bool | None = False
 
 
@@ -263,6 +277,8 @@ def decode_tokenize(body: bytes) -> TokenizeRequest:
     if (req.prompt is None) == (req.messages is None):
         # Neither or both: pydantic matches no member of the union.
         raise validation_error_of("missing", ("body", "prompt"), "Field required")
+    if req.messages is not None:
+        check_generation_prompt(req)
     return req
 
 
@@ -323,6 +339,33 @@ def check_stream_options(req: _Sampling) -> None:
     if req.stream_options is not None and not req.stream:
         raise model_validation_error("Stream options can only be defined when `stream=True`.",
                                      "stream_options")
+
+
+def check_generation_prompt(req: _ChatTemplate) -> None:
+    """vLLM's "before" validator of chat (and chat tokenize) requests: both given true."""
+    if req.continue_final_message and req.add_generation_prompt is True:
+        raise model_validation_error("Cannot set both `continue_final_message` and "
+                                     "`add_generation_prompt` to True.", None)
+
+
+CONTINUE_WITH_GENERATION_PROMPT = (
+    "continue_final_message and add_generation_prompt are not compatible. Use "
+    "continue_final_message when you want the model to continue the final message, and "
+    "add_generation_prompt when you want to add a header that will prompt it to start a new "
+    "assistant message instead.")
+
+
+def check_continuation(req: _ChatTemplate, messages: int) -> None:
+    """What applying the chat template (transformers, under vLLM) refuses of a final message
+    left open: `add_generation_prompt` not given, so true by default, which vLLM's validator
+    lets by (it reads the body as sent); or no message to continue. vLLM answers the
+    template's ValueError as a 400."""
+    if not req.continue_final_message:
+        return
+    if generation_prompt(req):
+        raise ApiError(400, CONTINUE_WITH_GENERATION_PROMPT, "BadRequestError")
+    if not messages:
+        raise ApiError(400, "list index out of range", "BadRequestError")
 
 
 MAX_CACHE_SALT_LENGTH = 128

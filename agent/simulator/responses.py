@@ -105,7 +105,8 @@ def text_completion(gen: Generation) -> bytes:
 def logprobs_of(choice: ChoiceOutput, top: int, steps: range | None = None
                 ) -> list[TokenLogprob]:
     tokens = choice.tokens
-    return [token_logprob(choice.key, i, tokens[i], top)
+    start = choice.start  # a continuation's steps go on from the tokens already given
+    return [token_logprob(choice.key, start + i, tokens[i], top)
             for i in (steps if steps is not None else range(len(tokens)))]
 
 

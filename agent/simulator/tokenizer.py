@@ -10,6 +10,8 @@ Prompt token counts, as a Llama 3 style template and tokenizer would give them:
 - chat: ``BOS + sum(MESSAGE_OVERHEAD + tokens(content) for each message) + GENERATION_PROMPT``
   with MESSAGE_OVERHEAD = 5 (header start, role, header end, blank line, end of turn) and
   GENERATION_PROMPT = 4 (the assistant header), dropped when ``add_generation_prompt`` is false.
+  With ``continue_final_message`` the final message is left open: its end of turn is dropped
+  too (one token less), as vLLM renders it.
   A content given as parts counts the text of its ``text`` parts; other parts count nothing.
 - embeddings: like completions.
 """
@@ -49,11 +51,18 @@ def text_prompt_tokens(text: str) -> int:
     return BOS + count_tokens(text)
 
 
-def chat_prompt_tokens(contents: Iterable[str], *, add_generation_prompt: bool = True) -> int:
-    """`contents`: each message's text, in order (an empty string for a message without one)."""
+def chat_prompt_tokens(contents: Iterable[str], *, add_generation_prompt: bool = True,
+                       continue_final_message: bool = False) -> int:
+    """`contents`: each message's text, in order (an empty string for a message without one).
+    `continue_final_message` (with `add_generation_prompt` false): the last message left
+    open, without its end of turn."""
     total = BOS
+    messages = 0
     for content in contents:
         total += MESSAGE_OVERHEAD + count_tokens(content)
+        messages += 1
+    if continue_final_message and messages:
+        return total - 1
     return total + (GENERATION_PROMPT if add_generation_prompt else 0)
 
 
@@ -97,14 +106,17 @@ class Vocabulary:
         return [(BOS_ID, SPECIAL_TOKENS[BOS_ID]), *self.encode(text)]
 
     def chat_prompt(self, messages: Iterable[tuple[str, str]], *,
-                    add_generation_prompt: bool = True) -> list[tuple[int, str]]:
+                    add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> list[tuple[int, str]]:
         """The Llama 3 template, token for token as `chat_prompt_tokens` counts it."""
         out = [(BOS_ID, SPECIAL_TOKENS[BOS_ID])]
         for role, content in messages:
             out.extend(self._header(role))
             out.extend(self.encode(content))
             out.append((EOT_ID, SPECIAL_TOKENS[EOT_ID]))
-        if add_generation_prompt:
+        if continue_final_message and len(out) > 1:
+            out.pop()  # the final message left open
+        elif add_generation_prompt:
             out.extend(self._header("assistant"))
         return out
 
