@@ -256,6 +256,9 @@ class UsageRecorded(Event, tag="usage.recorded"):
     status: int = 200
     streamed: bool = False
     price: UsagePrice | None = None
+    resumed: int = 0
+    """How many times the request went on on another node after its node failed (the
+    tokens are counted once: the original prompt and what the client received)."""
 
 
 # --------------------------------------------------------------------------- tenants

@@ -183,7 +183,8 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         table=table, balancer=balancer,
         proxy=Proxy(upstream, table, balancer, rules, metrics, node_keys, ProxySettings(
             connect_timeout=s.upstream_connect_timeout, request_timeout=s.request_timeout,
-            chunk_timeout=s.stream_chunk_timeout)),
+            chunk_timeout=s.stream_chunk_timeout, resume_attempts=s.resume_attempts,
+            resume_cutover_seconds=s.resume_cutover_seconds)),
         usage=UsagePublisher(bus, Path(s.usage_spool_dir), buffer_size=s.usage_buffer_size,
                              registry=registry),
         pricer=Pricer(parse_multipliers(s.region_multipliers)),

@@ -53,7 +53,8 @@ class PromptBlocks:
               block_size: int) -> _Head | None:
         """The first message's blocks, remembered (bounded), when it is a long one."""
         messages = body.get("messages") if endpoint == "chat" else None
-        if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict):
+        if not isinstance(messages, list) or not messages or not isinstance(messages[0], dict) \
+                or (len(messages) == 1 and body.get("continue_final_message") is True):
             return None
         first = messages[0]
         role, content = first.get("role"), first.get("content")
@@ -87,14 +88,18 @@ class PromptBlocks:
                 return
             if not after_first:
                 yield (BOS_ID,)
-            for message in messages[1:] if after_first else messages:
+            # A continued final message stays open (vLLM's continue_final_message).
+            open_last = body.get("continue_final_message") is True
+            rest = messages[1:] if after_first else messages
+            for i, message in enumerate(rest, 1):
                 if not isinstance(message, dict):
                     return
                 role = message.get("role")
                 yield self.tokenizer.header(role if isinstance(role, str) else "")
                 yield self._encode(_text(message.get("content")))
-                yield (EOT_ID,)
-            if body.get("add_generation_prompt", True) is not False:
+                if not (open_last and i == len(rest)):
+                    yield (EOT_ID,)
+            if body.get("add_generation_prompt", True) is not False and not open_last:
                 yield self.tokenizer.header("assistant")
         elif endpoint == "completions":
             prompt = body.get("prompt")

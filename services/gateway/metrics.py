@@ -37,6 +37,14 @@ class GatewayMetrics:
             "Requests admitted with what was left of a spend budget, their output limit "
             "lowered to what it pays for (the node ends them there)", ["endpoint"],
             registry=registry)
+        self.resumed = Counter(
+            "gateway_resumed_requests_total",
+            "Requests that went on on another node after theirs failed, by why (dropped, "
+            "chunk_timeout, node_leaving, http_5xx, …)", ["reason"], registry=registry)
+        self.resume_tokens = Counter(
+            "gateway_resume_tokens_total",
+            "Prompt tokens the nodes prefilled again to resume requests: the platform's cost, "
+            "never on a bill", registry=registry)
         self.kv_events = Counter(
             "gateway_kv_events_total",
             "Nodes' KV cache event messages read for kv_aware routing, by outcome "

@@ -51,6 +51,9 @@ class NodeView:
     running: float = 0.0
     waiting: float = 0.0
     kv_cache_usage: float = 0.0
+    leave_by: float | None = None
+    """When a draining node goes (Unix time, from its spot notice or drain): streams on it
+    move to another node before then."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,9 @@ class NodeTable:
                 if node is not None:
                     node.draining = True
                     node.status = NodeStatus.DRAINING
+                    if event.deadline is not None:
+                        at = event.deadline.timestamp()
+                        node.leave_by = at if node.leave_by is None else min(node.leave_by, at)
                     self._drained(node.node_id)
             case NodeDeregistered() | NodeTerminated():
                 self._end(str(event.node_id))

@@ -6,9 +6,12 @@
   leaves the gateway.
 - One retry on another node when the connection fails before any byte was sent, or when the
   node refuses the gateway's key (401/403: it did nothing with the request).
+- A node that fails after the request started (5xx, a dropped connection, silence, or its
+  spot deadline near) is replaced by another, up to `resume_attempts` times: a whole answer
+  sent again, a stream continued from where it was cut (services/gateway/resume.py).
 - Upstream errors: vLLM's 4xx keep their status and reach the client in OpenAI's shape
   (current vLLM's pass through untouched; older vLLM's flat shape is wrapped); 5xx, a dropped
-  connection or a timeout become 502/504 in OpenAI's shape.
+  connection or a timeout that cannot be resumed become 502/504 in OpenAI's shape.
 - Streams: each line is forwarded as it comes; a silent upstream times out per chunk, not per
   response; a client that hangs up cancels the upstream request and is billed what it got.
 """
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ import structlog
 from aiohttp import web
 
 from services.core.errors import ApiError, sse_error_event
+from services.core.http import REQUEST_ID
 from services.core.node_keys import NodeKeys
 from services.gateway.balancer import Balancer, RouteHint
 from services.gateway.metrics import GatewayMetrics
@@ -34,11 +39,19 @@ from services.gateway.protocol import (
     ENDPOINTS,
     InferenceRequest,
     StreamMeter,
+    _encode,
     answer_of,
     openai_error_body,
     upstream_body,
 )
 from services.gateway.responses import ResponsesStreamMeter
+from services.gateway.resume import (
+    RESUMABLE_STREAMS,
+    RESUMABLE_WHOLE,
+    Rewriter,
+    Transcript,
+    continuation_body,
+)
 from services.gateway.upstream import (
     ConnectFailed,
     Dropped,
@@ -57,11 +70,14 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 class UpstreamFailure(Exception):
     """No node could answer: `status` is what the client gets (502, 503, 504)."""
 
-    def __init__(self, status: int, message: str, *, node_id: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, node_id: str | None = None,
+                 reason: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.node_id = node_id
+        self.reason = reason
+        """Why the node failed (a loadbalancer_errors_total reason), when one did."""
 
 
 @dataclass
@@ -86,6 +102,8 @@ class Progress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     time_to_first_token: float | None = None
+    resumed: int = 0
+    """How many times the request went on on another node after its node failed."""
 
     @property
     def node_id(self) -> str | None:
@@ -94,6 +112,22 @@ class Progress:
 
 Stored = Callable[[str, str], Awaitable[None]]
 """Called with (response id, node id) when a node has stored a response (Responses API)."""
+
+
+@dataclass(slots=True)
+class _Segment:
+    """One node's part of a stream (a resumed stream has several)."""
+
+    upstream: UpstreamResponse
+    meter: StreamMeter | ResponsesStreamMeter
+    feed: Callable[[bytes], bytes]
+    transcript: Transcript | None = None
+    rewriter: Rewriter | None = None
+    failure: str | None = None
+    client_gone: bool = False
+    finished: bool = False
+    tried: set[str] = dataclasses.field(default_factory=set)
+    """The nodes this stream has been on: a resume goes to none of them."""
 
 
 class NodeRefused(Exception):
@@ -106,6 +140,10 @@ class ProxySettings:
     connect_timeout: float = 5.0
     request_timeout: float = 60.0
     chunk_timeout: float = 60.0
+    resume_attempts: int = 2
+    """How many times a request may go on on another node after its node failed (0: never)."""
+    resume_cutover_seconds: float = 5.0
+    """A stream on a node leaving at a deadline moves this long before it."""
 
 
 class Proxy:
@@ -142,7 +180,10 @@ class Proxy:
         started = time.monotonic()
         tried: set[str] = set()
         last_error = ""
-        for attempt in range(1 if pinned is not None else 2):
+        attempts = 1 if pinned is not None else 2 + max(0, self.settings.resume_attempts)
+        resend = pinned is None and req.endpoint in RESUMABLE_WHOLE
+        unreachable = 0
+        for attempt in range(attempts):
             now = time.monotonic()
             node = pinned if pinned is not None else self.balancer.choose(
                 req.model, self.table.candidates(req.model, now, self.rules), now,
@@ -162,26 +203,47 @@ class Proxy:
             self.metrics.child(self.metrics.lb_requests, req.model, node.node_id).inc()
             upstream_headers["Authorization"] = self.node_keys.authorization(node.node_id)
             try:
-                return await self._attempt(request, req, progress, path, body,
-                                           upstream_headers, headers, started, on_stored)
+                result = await self._attempt(request, req, progress, path, body,
+                                             upstream_headers, headers, started, on_stored)
+            except UpstreamFailure as exc:
+                # Failed after it started, before the client got a byte (a whole answer, or
+                # a stream refused before its first): sent again from the start, elsewhere.
+                if not resend or progress.resumed >= self.settings.resume_attempts:
+                    raise
+                progress.resumed += 1
+                self.metrics.resumed.labels(exc.reason or "failed").inc()
+                last_error = exc.message
+                log.warning("node failed mid-request; sending it again to another",
+                            node_id=node.node_id, error=last_error)
+                continue
             except ConnectFailed as exc:
-                # No byte of an answer came back: safe to send it to another node.
+                # No byte of an answer came back: safe to send it to another node (once).
                 last_error = str(exc)
                 log.warning("node unreachable; trying another", node_id=node.node_id,
                             error=last_error)
+                unreachable += 1
+                if unreachable > 1:
+                    break
                 continue
             except NodeRefused as exc:
                 last_error = str(exc)
                 log.warning("node refused the gateway's key; trying another",
                             node_id=node.node_id, error=last_error)
+                unreachable += 1
+                if unreachable > 1:
+                    break
                 continue
             except BaseException:
-                # Cut off (a deadline, a client gone) or a bug: no verdict on the node, but
-                # its slot (and a half-open probe) must not stay taken.
-                if progress.in_flight:
+                # Cut off (a deadline, a client gone) or a bug: no verdict on the node (the
+                # one it was on last, if it was resumed), but its slot (and a half-open
+                # probe) must not stay taken.
+                if progress.in_flight and progress.node is not None:
                     progress.in_flight = False
-                    self.balancer.abandoned(node.node_id)
+                    self.balancer.abandoned(progress.node.node_id)
                 raise
+            if progress.resumed and not req.stream:
+                self.metrics.resume_tokens.inc(progress.prompt_tokens)  # prefilled again
+            return result
         if pinned is not None:
             raise UpstreamFailure(502, "The node holding the previous response could not be "
                                        f"reached ({last_error}). Retry shortly.",
@@ -205,11 +267,11 @@ class Proxy:
         except ReadTimeout:
             self._failed(progress, req.model, "timeout")
             raise UpstreamFailure(504, "The model took too long to answer.",
-                                  node_id=node.node_id) from None
+                                  node_id=node.node_id, reason="timeout") from None
         except Dropped:
             self._failed(progress, req.model, "dropped")
             raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
-                                  node_id=node.node_id) from None
+                                  node_id=node.node_id, reason="dropped") from None
         try:
             if req.stream and upstream.status == 200:
                 return await self._stream(request, req, progress, upstream, headers, started,
@@ -276,15 +338,15 @@ class Proxy:
         except ReadTimeout:
             self._failed(progress, req.model, "timeout")
             raise UpstreamFailure(504, "The model took too long to answer.",
-                                  node_id=node.node_id) from None
+                                  node_id=node.node_id, reason="timeout") from None
         except UpstreamError:
             self._failed(progress, req.model, "dropped")
             raise UpstreamFailure(502, "The node dropped the connection mid-answer.",
-                                  node_id=node.node_id) from None
+                                  node_id=node.node_id, reason="dropped") from None
         if upstream.status >= 500:
             self._failed(progress, req.model, f"http_{upstream.status}")
             raise UpstreamFailure(502, f"The model server failed ({upstream.status}).",
-                                  node_id=node.node_id)
+                                  node_id=node.node_id, reason=f"http_{upstream.status}")
         if upstream.status in (401, 403):
             # Not the tenant's doing (its key never reaches a node): a node that is not ours,
             # or one launched with another NODE_API_KEY_SECRET. Counted against the node.
@@ -317,76 +379,189 @@ class Proxy:
         else:
             meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
             drains = False
-        announced = on_stored is None or not req.store
+        seg = _Segment(upstream, meter, meter.feed, tried={node.node_id})
+        if self.settings.resume_attempts and req.endpoint in RESUMABLE_STREAMS:
+            seg.transcript = Transcript()
         response = _HeldHeadersResponse(status=200, headers={**headers, **SSE_HEADERS})
-        failure: str | None = None
-        client_gone = False
         # Writes nothing yet (the headers are held): a client already gone is found by the
         # first write below, like one that leaves mid-stream.
         await response.prepare(request)
+        try:
+            while True:
+                await self._pump(seg, response, progress, started, on_stored, drains)
+                if seg.failure is None or seg.client_gone or seg.transcript is None \
+                        or progress.resumed >= self.settings.resume_attempts:
+                    break
+                resumed = await self._resume(request, req, progress, seg)
+                if resumed is None:
+                    break
+                if seg.upstream is not upstream:  # (the first is released by _attempt)
+                    seg.upstream.release()
+                self._count_resume(seg)
+                seg = resumed
+            return await self._end_stream(req, progress, seg, response, started)
+        finally:
+            self._count_resume(seg)
+            if seg.upstream is not upstream:
+                seg.upstream.release()  # (closes it, unless it was read to its end)
+
+    def _count_resume(self, seg: _Segment) -> None:
+        if seg.rewriter is not None:
+            self.metrics.resume_tokens.inc(seg.rewriter.resume_prompt_tokens)
+
+    async def _pump(self, seg: _Segment, response: web.StreamResponse, progress: Progress,
+                    started: float, on_stored: Stored | None, drains: bool) -> None:
+        """Forward one node's stream until it ends, fails, or the client leaves."""
+        node = progress.node
+        assert node is not None
+        meter, upstream = seg.meter, seg.upstream
+        announced = on_stored is None or not isinstance(meter, ResponsesStreamMeter)
         partial = b""
-        finished = False
+        cutover = self.settings.resume_cutover_seconds
         while True:
+            if node.leave_by is not None and seg.transcript is not None \
+                    and time.time() >= node.leave_by - cutover:
+                seg.failure = "node_leaving"  # before the machine goes: carry on elsewhere
+                return
             try:
                 # Whatever has arrived, however many lines: one write to the client per read.
                 data = await upstream.next_chunk()
             except ReadTimeout:
-                failure = "chunk_timeout"
-                break
+                seg.failure = "chunk_timeout"
+                return
             except UpstreamError:
-                failure = "dropped"
-                break
+                seg.failure = "dropped"
+                return
             if not data:
                 if not meter.done:
-                    failure = "dropped"  # the node closed the stream before [DONE]
-                break
+                    seg.failure = "dropped"  # the node closed the stream before [DONE]
+                return
             if progress.time_to_first_token is None:
                 progress.time_to_first_token = time.monotonic() - started
             lines = (partial + data).split(b"\n")
             partial = lines.pop()  # an incomplete last line waits for the next read
-            out = b"".join(meter.feed(line + b"\n") for line in lines)
+            out = b"".join(seg.feed(line + b"\n") for line in lines)
             if not announced and isinstance(meter, ResponsesStreamMeter) and meter.response_id:
                 announced = True
                 assert on_stored is not None
                 await on_stored(meter.response_id, node.node_id)
-            if not out or finished:
+            if not out or seg.finished:
                 continue  # (after [DONE], the read goes on to the end: the connection is reused)
             try:
                 if meter.done:
                     # The last of it: headers (if still held), data and the end in one send.
                     await response.write_eof(out)
-                    finished = True
+                    seg.finished = True
                 else:
                     await response.write(out)
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                client_gone = True
+                seg.client_gone = True
                 if drains:
-                    failure = await self._drain(upstream, meter, partial)
-                break
+                    seg.failure = await self._drain(upstream, meter, partial)
+                return
+            if seg.transcript is not None:
+                seg.transcript.add(out)
             # Billed: what the client has been sent (all of it once the stream is done).
             progress.prompt_tokens = meter.prompt_tokens
             progress.completion_tokens = meter.completion_tokens
-        if meter.done and (drains or not client_gone):
+
+    async def _end_stream(self, req: InferenceRequest, progress: Progress, seg: _Segment,
+                          response: web.StreamResponse, started: float) -> ProxyResult:
+        node = progress.node
+        assert node is not None
+        meter, upstream, failure = seg.meter, seg.upstream, seg.failure
+        drains = isinstance(meter, ResponsesStreamMeter)
+        if meter.done and (drains or not seg.client_gone):
             progress.prompt_tokens = meter.prompt_tokens
             progress.completion_tokens = meter.completion_tokens
-        if client_gone and failure is not None:
+        if seg.client_gone and failure is not None:
             upstream.close()
             self.metrics.disconnects.inc()
             self._failed(progress, req.model, failure)
-        elif client_gone:
+        elif seg.client_gone:
             upstream.close()  # vLLM sees the disconnect and stops generating
             self.metrics.disconnects.inc()
             self._succeeded(progress, req.model, started)
         elif failure is not None:
             upstream.close()
-            self._failed(progress, req.model, failure)
+            if progress.in_flight:
+                self._failed(progress, req.model, failure)
             await self._end_with_error(response, failure)
         else:
             self._succeeded(progress, req.model, started)
             await _quietly(response.write_eof())
         # The status line said 200 long ago; the record says how the stream really ended.
         status = 200 if failure is None else 504 if failure == "chunk_timeout" else 502
-        return ProxyResult(response, status, node.node_id, client_gone=client_gone)
+        return ProxyResult(response, status, node.node_id, client_gone=seg.client_gone)
+
+    async def _resume(self, request: web.Request, req: InferenceRequest, progress: Progress,
+                      seg: _Segment) -> _Segment | None:
+        """The rest of a cut stream from another node, or None when it cannot go on (the
+        stream then ends as it would have)."""
+        assert seg.transcript is not None
+        assert seg.failure is not None
+        node = progress.node
+        assert node is not None
+        sent = seg.transcript.sent()
+        body = None if sent is None else continuation_body(req, sent,
+                                                           progress.completion_tokens)
+        if sent is None or body is None or sent.done:
+            return None
+        reason = seg.failure
+        seg.upstream.close()
+        if reason == "node_leaving":
+            progress.in_flight = False
+            self.balancer.abandoned(node.node_id)  # not the node's failure
+        else:
+            self._failed(progress, req.model, reason)
+        if sent.finish_reason is not None:
+            return None  # (the end was sent; only usage and [DONE] were lost)
+        payload = upstream_body(dataclasses.replace(req, body=body, raw=_encode(body)))
+        tried = seg.tried
+        while progress.resumed < self.settings.resume_attempts:
+            now = time.monotonic()
+            other = self.balancer.choose(req.model, self.table.candidates(req.model, now,
+                                                                          self.rules),
+                                         now, frozenset(tried))
+            if other is None:
+                return None
+            tried.add(other.node_id)
+            progress.resumed += 1
+            self.metrics.resumed.labels(reason).inc()
+            self.balancer.started(other.node_id, now)
+            progress.node, progress.in_flight = other, True
+            self.metrics.child(self.metrics.lb_requests, req.model, other.node_id).inc()
+            headers = {"Content-Type": "application/json",
+                       "X-Request-Id": request.get(REQUEST_ID, "") + f"-r{progress.resumed}",
+                       "Authorization": self.node_keys.authorization(other.node_id)}
+            log.info("resuming a stream on another node", from_node=node.node_id,
+                     node_id=other.node_id, reason=reason,
+                     sent_tokens=progress.completion_tokens)
+            try:
+                upstream = await self.pool.post(other.endpoint_url, ENDPOINTS[req.endpoint],
+                                                payload, headers, self.settings.chunk_timeout)
+            except UpstreamError as exc:
+                self._failed(progress, req.model, "connect" if isinstance(exc, ConnectFailed)
+                             else "dropped")
+                continue
+            if upstream.status != 200:
+                # A 4xx is the request's, not the node's: it would fail anywhere.
+                upstream.release()
+                self._failed(progress, req.model, f"http_{upstream.status}")
+                if upstream.status < 500:
+                    return None
+                continue
+            rewriter = Rewriter(sent, progress.prompt_tokens, progress.completion_tokens)
+            meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
+
+            def feed(line: bytes, rewriter: Rewriter = rewriter,
+                     meter: StreamMeter = meter) -> bytes:
+                rewritten = rewriter.feed(line)
+                return meter.feed(rewritten) if rewritten else b""
+
+            return _Segment(upstream, meter, feed, transcript=seg.transcript, rewriter=rewriter,
+                            tried=tried)
+        return None
 
     @staticmethod
     async def _drain(upstream: UpstreamResponse, meter: ResponsesStreamMeter | StreamMeter,

@@ -419,7 +419,7 @@ def _finish(gw: Gateway, reservation: Reservation | None, req: InferenceRequest,
         completion_tokens=completion, latency_ms=round((time.monotonic() - started) * 1000, 3),
         time_to_first_token_ms=(round(progress.time_to_first_token * 1000, 3)
                                 if progress.time_to_first_token is not None else None),
-        status=status, streamed=req.stream))
+        status=status, streamed=req.stream, resumed=progress.resumed))
 
 
 def add_routes(app: web.Application) -> None:
@@ -439,7 +439,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/v1/budgets", budgets)
-
 
 
 def _route_hint(gw: Gateway, req: InferenceRequest, tenant_id: str,

@@ -99,6 +99,12 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     upstream_connect_timeout: float = 5.0
     request_timeout: float = 60.0
     stream_chunk_timeout: float = 60.0
+    resume_attempts: int = 2
+    """How many times a request goes on on another node after its node failed once it had
+    started (a stream from where it was cut, a whole answer from the start); 0: never."""
+    resume_cutover_seconds: float = 5.0
+    """A stream on a node that leaves at a deadline (spot notice, drain) moves to another
+    node this long before it."""
     response_owner_ttl_seconds: int = 7 * 86400
     """How long the gateway remembers which node stored a response (Responses API `store`):
     a follow-up or retrieval after that gets 404. vLLM keeps stored responses in a node's

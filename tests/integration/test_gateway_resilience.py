@@ -158,7 +158,9 @@ async def _routes(s: aiohttp.ClientSession, url: str, key: str) -> bool:
 async def test_circuit_breaker_moves_traffic_off_a_failing_node(platform: Platform  # noqa: F811
                                                                 ) -> None:
     p = platform
-    await p.start_gateway(circuit_min_requests=4, circuit_cooldown_seconds=60)
+    # Not sent again elsewhere (resume_attempts=0): what the client sees is the node's.
+    await p.start_gateway(circuit_min_requests=4, circuit_cooldown_seconds=60,
+                          resume_attempts=0)
     bad = await p.add_node()
     good = await p.add_node()
     await p.routable(2)
