@@ -136,6 +136,12 @@ class CircuitBreaker:
             return CircuitState.OPEN
         return CircuitState.CLOSED
 
+    def trip(self, node_id: str, now: float) -> None:
+        """Open the node's circuit at once: it refused a connection, so it is down or not
+        listening (a dead machine whose heartbeats have not yet gone stale); every request
+        sent to it until then would cost a refused connection and a retry."""
+        self._circuits[node_id] = _Circuit(opened_at=now)
+
     def abandoned(self, node_id: str) -> None:
         """A request ended with no verdict on the node (cut off by a timeout or a client
         hanging up): a half-open probe that never finished must not keep the node out."""

@@ -103,7 +103,13 @@ class Progress:
     completion_tokens: int = 0
     time_to_first_token: float | None = None
     resumed: int = 0
-    """How many times the request went on on another node after its node failed."""
+    """How many times the request went on on another node after its node failed or left."""
+    moved: int = 0
+    """Of those, moves off a node leaving at a deadline: planned, not failures, so they do
+    not count toward the resume attempts."""
+
+    def may_resume(self, attempts: int) -> bool:
+        return self.resumed - self.moved < attempts
 
     @property
     def node_id(self) -> str | None:
@@ -128,6 +134,12 @@ class _Segment:
     finished: bool = False
     tried: set[str] = dataclasses.field(default_factory=set)
     """The nodes this stream has been on: a resume goes to none of them."""
+    staying: bool = False
+    """On a leaving node that no other could relieve: it stays there to the end."""
+
+
+class _Refused(Exception):
+    """A node answered a continuation with a 4xx: the request's fault, not the node's."""
 
 
 class NodeRefused(Exception):
@@ -208,7 +220,7 @@ class Proxy:
             except UpstreamFailure as exc:
                 # Failed after it started, before the client got a byte (a whole answer, or
                 # a stream refused before its first): sent again from the start, elsewhere.
-                if not resend or progress.resumed >= self.settings.resume_attempts:
+                if not resend or not progress.may_resume(self.settings.resume_attempts):
                     raise
                 progress.resumed += 1
                 self.metrics.resumed.labels(exc.reason or "failed").inc()
@@ -263,6 +275,7 @@ class Proxy:
                 s.chunk_timeout if req.stream else s.request_timeout)
         except ConnectFailed:
             self._failed(progress, req.model, "connect")
+            self.balancer.breaker.trip(node.node_id, time.monotonic())
             raise
         except ReadTimeout:
             self._failed(progress, req.model, "timeout")
@@ -389,10 +402,15 @@ class Proxy:
         try:
             while True:
                 await self._pump(seg, response, progress, started, on_stored, drains)
-                if seg.failure is None or seg.client_gone or seg.transcript is None \
-                        or progress.resumed >= self.settings.resume_attempts:
+                if seg.failure is None or seg.client_gone or seg.transcript is None:
+                    break
+                if seg.failure != "node_leaving" \
+                        and not progress.may_resume(self.settings.resume_attempts):
                     break
                 resumed = await self._resume(request, req, progress, seg)
+                if resumed is None and seg.failure == "node_leaving":
+                    seg.failure, seg.staying = None, True  # nowhere to go: stay to the end
+                    continue
                 if resumed is None:
                     break
                 if seg.upstream is not upstream:  # (the first is released by _attempt)
@@ -419,7 +437,7 @@ class Proxy:
         partial = b""
         cutover = self.settings.resume_cutover_seconds
         while True:
-            if node.leave_by is not None and seg.transcript is not None \
+            if node.leave_by is not None and seg.transcript is not None and not seg.staying \
                     and time.time() >= node.leave_by - cutover:
                 seg.failure = "node_leaving"  # before the machine goes: carry on elsewhere
                 return
@@ -496,8 +514,8 @@ class Proxy:
 
     async def _resume(self, request: web.Request, req: InferenceRequest, progress: Progress,
                       seg: _Segment) -> _Segment | None:
-        """The rest of a cut stream from another node, or None when it cannot go on (the
-        stream then ends as it would have)."""
+        """The rest of a cut stream from another node, or None when it cannot go on there
+        (a failed stream then ends as it would have; one moving off a leaving node stays)."""
         assert seg.transcript is not None
         assert seg.failure is not None
         node = progress.node
@@ -508,49 +526,36 @@ class Proxy:
         if sent is None or body is None or sent.done:
             return None
         reason = seg.failure
-        seg.upstream.close()
-        if reason == "node_leaving":
-            progress.in_flight = False
-            self.balancer.abandoned(node.node_id)  # not the node's failure
-        else:
-            self._failed(progress, req.model, reason)
+        leaving = reason == "node_leaving"
+        if not leaving:
+            seg.upstream.close()
+            if progress.in_flight:
+                self._failed(progress, req.model, reason)
         if sent.finish_reason is not None:
-            return None  # (the end was sent; only usage and [DONE] were lost)
+            return None  # (the end was sent; only usage and [DONE] are missing)
         payload = upstream_body(dataclasses.replace(req, body=body, raw=_encode(body)))
-        tried = seg.tried
-        while progress.resumed < self.settings.resume_attempts:
+        while leaving or progress.may_resume(self.settings.resume_attempts):
             now = time.monotonic()
             other = self.balancer.choose(req.model, self.table.candidates(req.model, now,
                                                                           self.rules),
-                                         now, frozenset(tried))
+                                         now, frozenset(seg.tried))
             if other is None:
                 return None
-            tried.add(other.node_id)
+            seg.tried.add(other.node_id)
             progress.resumed += 1
+            progress.moved += leaving
             self.metrics.resumed.labels(reason).inc()
-            self.balancer.started(other.node_id, now)
-            progress.node, progress.in_flight = other, True
-            self.metrics.child(self.metrics.lb_requests, req.model, other.node_id).inc()
-            headers = {"Content-Type": "application/json",
-                       "X-Request-Id": request.get(REQUEST_ID, "") + f"-r{progress.resumed}",
-                       "Authorization": self.node_keys.authorization(other.node_id)}
-            log.info("resuming a stream on another node", from_node=node.node_id,
-                     node_id=other.node_id, reason=reason,
-                     sent_tokens=progress.completion_tokens)
             try:
-                upstream = await self.pool.post(other.endpoint_url, ENDPOINTS[req.endpoint],
-                                                payload, headers, self.settings.chunk_timeout)
-            except UpstreamError as exc:
-                self._failed(progress, req.model, "connect" if isinstance(exc, ConnectFailed)
-                             else "dropped")
+                upstream = await self._continue_on(request, req, progress, other, payload,
+                                                   node, reason)
+            except _Refused:
+                return None
+            if upstream is None:
                 continue
-            if upstream.status != 200:
-                # A 4xx is the request's, not the node's: it would fail anywhere.
-                upstream.release()
-                self._failed(progress, req.model, f"http_{upstream.status}")
-                if upstream.status < 500:
-                    return None
-                continue
+            if leaving:
+                seg.upstream.close()
+                self.balancer.abandoned(node.node_id)  # not the node's failure
+            progress.node, progress.in_flight = other, True
             rewriter = Rewriter(sent, progress.prompt_tokens, progress.completion_tokens)
             meter = StreamMeter(req.wants_usage, req.wants_continuous_usage)
 
@@ -560,8 +565,46 @@ class Proxy:
                 return meter.feed(rewritten) if rewritten else b""
 
             return _Segment(upstream, meter, feed, transcript=seg.transcript, rewriter=rewriter,
-                            tried=tried)
+                            tried=seg.tried)
         return None
+
+    async def _continue_on(self, request: web.Request, req: InferenceRequest,
+                           progress: Progress, other: NodeView, payload: bytes,
+                           previous: NodeView, reason: str) -> UpstreamResponse | None:
+        """The continuation's stream from `other`, its head read; None when `other` failed
+        (counted against it); _Refused when it refused the continuation (a 4xx)."""
+        now = time.monotonic()
+        self.balancer.started(other.node_id, now)
+        self.metrics.child(self.metrics.lb_requests, req.model, other.node_id).inc()
+        headers = {"Content-Type": "application/json",
+                   "X-Request-Id": request.get(REQUEST_ID, "") + f"-r{progress.resumed}",
+                   "Authorization": self.node_keys.authorization(other.node_id)}
+        log.info("resuming a stream on another node", from_node=previous.node_id,
+                 node_id=other.node_id, reason=reason, sent_tokens=progress.completion_tokens)
+        try:
+            upstream = await self.pool.post(other.endpoint_url, ENDPOINTS[req.endpoint],
+                                            payload, headers, self.settings.chunk_timeout)
+        except UpstreamError as exc:
+            connect = isinstance(exc, ConnectFailed)
+            self._node_failed(other.node_id, req.model, "connect" if connect else "dropped")
+            if connect:
+                self.balancer.breaker.trip(other.node_id, time.monotonic())
+            return None
+        except BaseException:
+            self.balancer.abandoned(other.node_id)
+            raise
+        if upstream.status != 200:
+            upstream.release()
+            self._node_failed(other.node_id, req.model, f"http_{upstream.status}")
+            if upstream.status < 500:
+                # A 4xx is the request's, not the node's: it would fail anywhere.
+                raise _Refused(upstream.status)
+            return None
+        return upstream
+
+    def _node_failed(self, node_id: str, model: str, reason: str) -> None:
+        self.metrics.child(self.metrics.lb_errors, model, node_id, reason).inc()
+        self.balancer.finished(node_id, ok=False, latency=None, now=time.monotonic())
 
     @staticmethod
     async def _drain(upstream: UpstreamResponse, meter: ResponsesStreamMeter | StreamMeter,

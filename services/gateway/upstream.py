@@ -41,6 +41,13 @@ class Dropped(UpstreamError):
     pass
 
 
+NEVER_TOOK = 1.0
+"""A node that closes the connection this soon after the request, without a byte of answer,
+never took it (an idle keep-alive closing as it was picked, a process going down): sending
+it again is safe. Later, it was working on the request when it went: that is a failure
+mid-request (Dropped), which the proxy resumes elsewhere as such."""
+
+
 HIGH_WATER = 1 << 20
 """Bytes of body buffered before reading from the node pauses (a slow client)."""
 
@@ -70,6 +77,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.paused = False
+        self.sent_at = 0.0
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -89,8 +97,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.complete:
             return
-        if not self.got_bytes:
+        if not self.got_bytes and self.pool.loop.time() - self.sent_at < NEVER_TOOK:
             self._fail(ConnectFailed(f"the node closed the connection: {exc or 'EOF'}"))
+        elif not self.got_bytes:
+            self._fail(Dropped(f"the node closed the connection before answering: "
+                               f"{exc or 'EOF'}"))
         else:
             self._fail(Dropped(f"the node hung up mid-answer: {exc or 'EOF'}"))
 
@@ -156,6 +167,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = loop.time() + read_timeout
         self.timer = loop.call_at(self.deadline, self._on_timer)
         self.headers_ready = loop.create_future()
+        self.sent_at = loop.time()
         self.transport.write(request)
         return self.headers_ready
 

@@ -6,6 +6,7 @@ billed the original prompt and what it received, once."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.events import NodeSpotWarning
 from tests.helpers import eventually
@@ -197,3 +199,48 @@ async def test_a_stream_moves_off_a_node_before_its_spot_deadline(platform: Plat
     [event] = await usage_events(p, 1)
     assert event.resumed == 1 and str(event.node_id) == staying.node_id
     assert event.completion_tokens == expected["usage"]["completion_tokens"]
+
+
+@pytest.mark.timeout(120)
+async def test_a_whole_answer_whose_node_dies_mid_generation_is_answered_by_another(
+        platform: Platform) -> None:
+    """vLLM sends a whole answer's head only when it is done: a node that dies while
+    generating closes the connection without a byte of answer, seconds after the request.
+    That is a failure mid-request (resumed, counted), not a node that never took it."""
+    p = platform
+    await p.start_gateway()
+    dying, healthy = await sorted_nodes(p, 2, inter_token_latency=0.05)
+    body = {"model": MODEL, "messages": STORY, "max_tokens": 60}
+    expected = await reference(healthy, body)
+
+    async def ask() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as s, s.post(
+                f"{p.gateway_url}/v1/chat/completions", json=body,
+                headers={"Authorization": f"Bearer {p.key.plaintext}"}) as r:
+            assert r.status == 200, await r.text()
+            answer: dict[str, Any] = await r.json()
+            return answer
+
+    asking = asyncio.create_task(ask())
+
+    async def generating() -> bool:
+        async with aiohttp.ClientSession() as s, s.get(f"{dying.url}/metrics") as r:
+            text = await r.text()
+        return any(sample.value >= 1 for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == "vllm:num_requests_running")
+
+    await eventually(generating, timeout=30, what="the first node generating")
+    await asyncio.sleep(1.2)  # past the gateway's "never took it" second: it was working
+    # The machine dies mid-generation: its connections cut at once, nothing more said.
+    server = dying.sim_runner.server
+    assert server is not None
+    for handler in list(server.connections):
+        if handler.transport is not None:
+            handler.transport.abort()
+    await dying.stop()
+    answer = await asking
+    assert answer["choices"][0]["message"]["content"] == \
+        expected["choices"][0]["message"]["content"]
+    [event] = await usage_events(p, 1)
+    assert event.resumed == 1 and str(event.node_id) == healthy.node_id

@@ -387,3 +387,12 @@ def test_a_seed_without_an_address_is_not_a_node() -> None:
     t.seed(NodeView(str(n), "m", "", "r", status=NodeStatus.ACTIVE))
     t.apply(beat(n), 1)
     assert t.nodes == {} and t.candidates("m", 1, RULES) == []
+
+
+def test_a_node_that_refuses_a_connection_is_out_at_once_until_a_probe() -> None:
+    breaker = CircuitBreaker()
+    breaker.trip("dead", 100.0)
+    assert breaker.state("dead", 100.0) is CircuitState.OPEN and not breaker.allow("dead", 101)
+    later = 100.0 + breaker.rules.cooldown
+    assert breaker.state("dead", later) is CircuitState.HALF_OPEN  # one probe decides
+    assert breaker.record("dead", True, later) is CircuitState.CLOSED
