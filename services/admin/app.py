@@ -3,18 +3,33 @@ middlewares, the routes, and the OpenAPI document built once at start-up."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
-from services.admin.context import ADMIN_SETTINGS, EVENT_STREAMS, OPENAPI_DOCUMENT, EventStreams
+from services.admin.console_routes import add_console_routes
+from services.admin.console_sessions import ConsoleSessions
+from services.admin.context import (
+    ADMIN_SETTINGS,
+    CONSOLE_SESSIONS,
+    EVENT_STREAMS,
+    OPENAPI_DOCUMENT,
+    EventStreams,
+)
 from services.admin.middleware import answer_errors, check_request, require_token
 from services.admin.openapi import render
 from services.admin.routes import add_routes
 from services.admin.settings import AdminSettings, check_settings
-from services.core.http import Needs, create_app
+from services.core.http import REDIS, Needs, create_app
 
 
 async def _end_event_streams(app: web.Application) -> None:
     app[EVENT_STREAMS].closing.set()
+
+
+async def _console_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[CONSOLE_SESSIONS] = ConsoleSessions(app[REDIS])
+    yield
 
 
 def create_admin_app(settings: AdminSettings) -> web.Application:
@@ -29,5 +44,7 @@ def create_admin_app(settings: AdminSettings) -> web.Application:
     app[OPENAPI_DOCUMENT] = render().encode()
     app[EVENT_STREAMS] = EventStreams()
     app.on_shutdown.append(_end_event_streams)
+    app.cleanup_ctx.append(_console_ctx)  # after the shell's: it needs Redis
     add_routes(app)
+    add_console_routes(app)
     return app

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from services.admin.console_sessions import ConsoleSessions
 from services.admin.settings import AdminSettings
 
 API_PREFIX = "/admin/v1"
@@ -25,3 +26,4 @@ class EventStreams:
 ADMIN_SETTINGS = web.AppKey("admin_settings", AdminSettings)
 OPENAPI_DOCUMENT = web.AppKey("admin_openapi", bytes)
 EVENT_STREAMS = web.AppKey("admin_event_streams", EventStreams)
+CONSOLE_SESSIONS = web.AppKey("admin_console_sessions", ConsoleSessions)

@@ -5,7 +5,8 @@
    status, time; never a header, so never the token. A body the client sent broken (a
    ``Content-Encoding`` it is not in) is a 400 and the client's error, logged as such.
 2. ``require_token``: every route under ``/admin/v1/`` but the OpenAPI document needs
-   ``X-Admin-Token``, compared in constant time.
+   ``X-Admin-Token``, compared in constant time, or a signed-in console's session cookie
+   (and, for a write, its CSRF token).
 3. ``check_request``: the route table's word on the query string (each parameter declared,
    once, not empty, its value within its bounds: `request_checks.check_query`) and on the
    body (present when the route requires one), before any handler runs. The OpenAPI
@@ -22,7 +23,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from services.admin.context import API_PREFIX, TOKEN_HEADER
+from services.admin.console_sessions import COOKIE, CSRF_HEADER
+from services.admin.context import API_PREFIX, CONSOLE_SESSIONS, TOKEN_HEADER
 from services.admin.routing import route_of
 from services.core.catalog import CatalogError, Conflict, Invalid, NotFound
 from services.core.errors import ApiError, api_error_for_http, error_response
@@ -111,6 +113,17 @@ def require_token(token: Secret) -> Middleware:
         if (path == API_PREFIX or path.startswith(API_PREFIX + "/")) \
                 and path not in PUBLIC_PATHS:
             given = request.headers.get(TOKEN_HEADER)
+            if not given and COOKIE in request.cookies:
+                # A signed-in console: its session opens the API as the token does; a write
+                # must carry the session's CSRF token too (services/admin/console_sessions.py).
+                session = await request.app[CONSOLE_SESSIONS].find(request.cookies[COOKIE])
+                if session is not None:
+                    if not session.allows(request.method, request.headers.get(CSRF_HEADER)):
+                        log.warning("console write without its csrf token", path=path)
+                        raise ApiError.permission(
+                            f"A console write needs the {CSRF_HEADER} header of its session.",
+                            code="csrf_token_missing")
+                    return await handler(request)
             if not given:
                 log.warning("admin token missing", path=path)
                 raise ApiError.authentication(
