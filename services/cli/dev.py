@@ -443,6 +443,7 @@ CrossLogic is running. Ctrl-C stops everything.
 
   gateway   {dev.gateway_url}      (OpenAI-compatible)
   admin     {dev.admin_url}/admin/v1   (X-Admin-Token: {demo.admin_token})
+  console   {dev.admin_url}/console   (sign in with the admin token above)
   postgres  {dev.database_url}
   redis     {dev.redis_url}
   nats      {dev.nats_url}   (credentials: {state / 'nats' / 'auth' / 'creds'}/)
