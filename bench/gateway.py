@@ -272,6 +272,57 @@ async def start_relay_and_monitor(stack: DevStack, services: dict[str, str]
                            (["-m", "services.monitor"], Role.MONITOR))]
 
 
+UNLIMITED = Quota(requests_per_minute=10**9, tokens_per_minute=10**12, tokens_per_day=10**12,
+                  concurrency=10_000)
+"""A benchmark's tenants: no limit in the way of the load."""
+
+
+async def unlimited_keys(pool: asyncpg.Pool, names: list[str],
+                         context_length: int = 32768) -> list[str]:
+    """A tenant, environment and key (plaintext) for each name, none of them limited, and
+    the model they call."""
+    catalog = Catalog(EventLog(pool))
+    keys = []
+    for name in names:
+        tenant = await catalog.create_tenant(name)
+        env = await catalog.create_environment(tenant, "bench", "local", UNLIMITED)
+        keys.append((await catalog.create_api_key(env, limits=UNLIMITED)).plaintext)
+    await catalog.create_model(MODEL, family="llama", vram_gb=16,
+                               input_price_per_million=Decimal("0.1"),
+                               output_price_per_million=Decimal("0.2"),
+                               context_length=context_length)
+    return keys
+
+
+async def start_node(stack: DevStack, pool: asyncpg.Pool, node_secret: str,
+                     env_base: dict[str, str], simulator_args: list[str], *,
+                     kv_events: str = "") -> tuple[uuid.UUID, str,
+                                                   list[asyncio.subprocess.Process]]:
+    """A launched node: a simulator and a real agent, as a machine runs them; `kv_events`:
+    where its vLLM publishes KV cache events (and its agent reads them). Its id, its vLLM's
+    URL and the two processes."""
+    assert stack.nats is not None
+    node_id = uuid7()
+    await launched(pool, node_id)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    kv_flag = ["--kv-events-config", json.dumps({"enable_kv_cache_events": True,
+                                                 "publisher": "zmq", "endpoint": kv_events})
+               ] if kv_events else []
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.simulator", "--port", str(port), "--model", MODEL,
+        "--max-model-len", "32768", *simulator_args, *kv_flag,
+        stdout=asyncio.subprocess.DEVNULL,
+        env={**env_base, "VLLM_API_KEY": node_api_key(node_secret, node_id)})
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", env={
+            **env_base, "NATS_URL": stack.urls.nats_url, "VLLM_URL": url, "MODEL_NAME": MODEL,
+            "NODE_ID": str(node_id), "HEARTBEAT_INTERVAL": "1",
+            "VLLM_KV_EVENTS_ENDPOINT": kv_events,
+            "NATS_CREDS": stack.nats.authority.node_credentials(node_id).text()})
+    return node_id, url, [sim, agent]
+
+
 async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoint: str,
               concurrencies: list[int], load_with: str, lb_strategy: str) -> None:
     stack = DevStack(tmp / "servers")

@@ -53,7 +53,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +61,19 @@ import msgspec
 from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.events import NodeSpotWarning, Quota, UsageRecorded, decode_event
-from schemas.ids import uuid7
+from schemas.events import NodeSpotWarning, UsageRecorded, decode_event
 from services.core.bus import Bus
-from services.core.catalog import Catalog
 from services.core.devstack import DevStack, free_port
-from services.core.eventlog import EventLog
 from services.core.natsauth.identities import Role
-from services.core.node_keys import node_api_key
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gateway import (  # (bench/gateway.py)
     MODEL,
-    launched,
     pct,
     prepared,
+    start_node,
     start_relay_and_monitor,
+    unlimited_keys,
     wait_ready,
 )
 
@@ -314,17 +310,7 @@ async def scenario(args: argparse.Namespace, mode: str, tmp: Path, logs: Path) -
     try:
         urls = stack.urls
         pool = await prepared(stack)
-        catalog = Catalog(EventLog(pool))
-        huge = 10**12
-        quota = Quota(requests_per_minute=10**9, tokens_per_minute=huge, tokens_per_day=huge,
-                      concurrency=10_000)
-        tenant = await catalog.create_tenant("bench-preemption")
-        env = await catalog.create_environment(tenant, "bench", "local", quota)
-        key = (await catalog.create_api_key(env, limits=quota)).plaintext
-        await catalog.create_model(MODEL, family="llama", vram_gb=16,
-                                   input_price_per_million=Decimal("0.1"),
-                                   output_price_per_million=Decimal("0.2"),
-                                   context_length=32768)
+        [key] = await unlimited_keys(pool, ["bench-preemption"])
         env_base = {**os.environ, "LOG_LEVEL": "warning"}
         services = {**env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
                     "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1"}
@@ -332,23 +318,11 @@ async def scenario(args: argparse.Namespace, mode: str, tmp: Path, logs: Path) -
         node_secret = secrets.token_urlsafe(48)
         nodes: list[Node] = []
         for i in range(args.nodes):
-            node_id = uuid7()
-            await launched(pool, node_id)
-            port = free_port()
-            sim = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.simulator", "--port", str(port), "--model", MODEL,
-                "--max-model-len", "32768", "--ttft", str(args.ttft), "--itl", str(args.itl),
-                stdout=asyncio.subprocess.DEVNULL,
-                env={**env_base, "VLLM_API_KEY": node_api_key(node_secret, node_id)})
-            agent = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", env={
-                    **env_base, "NATS_URL": urls.nats_url,
-                    "VLLM_URL": f"http://127.0.0.1:{port}", "MODEL_NAME": MODEL,
-                    "NODE_ID": str(node_id), "HEARTBEAT_INTERVAL": "1",
-                    "NATS_CREDS": stack.nats.authority.node_credentials(node_id).text()})
+            node_id, url, (sim, agent) = await start_node(
+                stack, pool, node_secret, env_base,
+                ["--ttft", str(args.ttft), "--itl", str(args.itl)])
             procs += [sim, agent]
-            nodes.append(Node(chr(ord("A") + i), node_id, f"http://127.0.0.1:{port}", sim,
-                              agent))
+            nodes.append(Node(chr(ord("A") + i), node_id, url, sim, agent))
             run.nodes[str(node_id)] = chr(ord("A") + i)
         await pool.close()
         for node in nodes:

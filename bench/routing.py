@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import secrets
@@ -30,27 +29,22 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.events import Quota
-from schemas.ids import uuid7
-from services.core.catalog import Catalog
 from services.core.devstack import DevStack, free_port
-from services.core.eventlog import EventLog
 from services.core.natsauth.identities import Role
-from services.core.node_keys import node_api_key
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gateway import (  # (bench/gateway.py)
     MODEL,
-    launched,
     pct,
     prepared,
+    start_node,
     start_relay_and_monitor,
+    unlimited_keys,
     wait_ready,
 )
 
@@ -222,44 +216,18 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
     try:
         urls = stack.urls
         pool = await prepared(stack)
-        catalog = Catalog(EventLog(pool))
-        huge = 10**12
-        quota = Quota(requests_per_minute=10**9, tokens_per_minute=huge, tokens_per_day=huge,
-                      concurrency=10_000)
-        keys = []
-        for t in range(args.tenants):
-            tenant = await catalog.create_tenant(f"bench-{t}")
-            env = await catalog.create_environment(tenant, "bench", "local", quota)
-            keys.append((await catalog.create_api_key(env, limits=quota)).plaintext)
-        await catalog.create_model(MODEL, family="llama", vram_gb=16,
-                                   input_price_per_million=Decimal("0.1"),
-                                   output_price_per_million=Decimal("0.2"),
-                                   context_length=32768)
+        keys = await unlimited_keys(pool, [f"bench-{t}" for t in range(args.tenants)])
         env_base = {**os.environ, "LOG_LEVEL": "warning"}
         services = {**env_base, "DATABASE_URL": urls.database_url, "REDIS_URL": urls.redis_url,
                     "NATS_URL": urls.nats_url, "HTTP_HOST": "127.0.0.1"}
         procs += await start_relay_and_monitor(stack, services)
         node_secret = secrets.token_urlsafe(48)
         nodes = []
-        for _ in range(args.nodes):
-            node_id = uuid7()
-            await launched(pool, node_id)
-            port = free_port()
-            sim = f"http://127.0.0.1:{port}"
+        for i in range(args.nodes):
             # KV cache events (kv_aware) on a local socket, as vLLM's --kv-events-config.
-            kv = f"ipc://{tmp}/kv-{len(nodes)}.sock"
-            procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.simulator", "--port", str(port), "--model", MODEL,
-                "--max-model-len", "32768", *SIM, "--kv-events-config", json.dumps({
-                    "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv}),
-                stdout=asyncio.subprocess.DEVNULL,
-                env={**env_base, "VLLM_API_KEY": node_api_key(node_secret, node_id)}))
-            procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", env={
-                    **env_base, "NATS_URL": urls.nats_url, "VLLM_URL": sim,
-                    "VLLM_KV_EVENTS_ENDPOINT": kv,
-                    "MODEL_NAME": MODEL, "NODE_ID": str(node_id), "HEARTBEAT_INTERVAL": "1",
-                    "NATS_CREDS": stack.nats.authority.node_credentials(node_id).text()}))
+            _, sim, started = await start_node(stack, pool, node_secret, env_base, SIM,
+                                               kv_events=f"ipc://{tmp}/kv-{i}.sock")
+            procs += started
             nodes.append(sim)
         await pool.close()
         for node in nodes:

@@ -35,9 +35,20 @@ PAGE_HEADERS: Final = {
 MAX_TOKEN: Final = 1024
 
 
+SIGN_IN_REFUSED: Final = {
+    401: "That token is not the admin token.",
+    429: "Too many wrong tokens from here: try again in a few minutes.",
+}
+"""The sign-in page's messages: fixed sentences, never anything the client sent."""
+
+
 def _page(name: str, status: int = 200) -> web.Response:
-    return web.Response(body=(ASSETS / name).read_bytes(), status=status,
-                        content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+    body = (ASSETS / name).read_bytes()
+    if status in SIGN_IN_REFUSED:
+        body = body.replace(b"<!-- message -->", b'<p class="error" role="alert">'
+                            + SIGN_IN_REFUSED[status].encode() + b"</p>")
+    return web.Response(body=body, status=status, content_type="text/html", charset="utf-8",
+                        headers=PAGE_HEADERS)
 
 
 async def console(request: web.Request) -> web.Response:
@@ -52,7 +63,7 @@ async def sign_in(request: web.Request) -> web.Response:
     client = request.remote or "unknown"
     if await sessions.blocked(client):
         log.warning("console sign-in refused: too many wrong tokens", client=client)
-        return _page("signin-throttled.html", 429)
+        return _page("signin.html", 429)
     form = await request.post()
     given = form.get("token")
     expected = request.app[ADMIN_SETTINGS].admin_token.reveal().encode()
@@ -60,7 +71,7 @@ async def sign_in(request: web.Request) -> web.Response:
             given.encode("utf-8", "surrogateescape"), expected):
         await sessions.failed(client)
         log.warning("console sign-in refused: wrong token", client=client)
-        return _page("signin-failed.html", 401)
+        return _page("signin.html", 401)
     session = await sessions.start()
     log.info("console signed in", client=client)
     response = web.HTTPSeeOther("/console")
