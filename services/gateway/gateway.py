@@ -29,6 +29,7 @@ from services.gateway.auth import Authenticator, auth_settings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
 from services.gateway.budget_reconciler import BudgetReconciler
 from services.gateway.budget_spend import budget_spender
+from services.gateway.forwarding import ProxySettings
 from services.gateway.kv_feed import KvFeed
 from services.gateway.kv_index import KvIndex
 from services.gateway.kv_prompt import PromptBlocks
@@ -37,7 +38,7 @@ from services.gateway.models import ModelCatalog
 from services.gateway.node_feed import NodeFeed
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
 from services.gateway.protocol import InferenceRequest, parse_request
-from services.gateway.proxy import Proxy, ProxySettings
+from services.gateway.proxy import Proxy
 from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
 from services.gateway.response_owners import ResponseOwners
 from services.gateway.settings import GatewaySettings

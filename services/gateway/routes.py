@@ -29,6 +29,7 @@ from services.gateway import spend
 from services.gateway.auth import AuthError, AuthThrottled, Principal
 from services.gateway.balancer import RouteHint
 from services.gateway.budget_spend import budget_spender
+from services.gateway.forwarding import Progress, Stored, UpstreamFailure
 from services.gateway.gateway import GATEWAY, GATEWAY_SETTINGS, Gateway
 from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline_expired
 from services.gateway.models import ModelInfo
@@ -40,7 +41,6 @@ from services.gateway.protocol import (
     limit_output,
     response_id_param,
 )
-from services.gateway.proxy import Progress, Stored, UpstreamFailure
 from services.gateway.ratelimit import (
     BudgetCap,
     Decision,
