@@ -8,8 +8,8 @@ import sys
 
 from agent.node_agent import NodeAgent
 from agent.settings import AgentSettings
-from services.core.logging import configure_logging
-from services.core.settings import SettingsError, load_settings
+from services.infra.logging import configure_logging
+from services.infra.settings import SettingsError, load_settings
 
 
 def main() -> int:

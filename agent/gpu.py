@@ -6,7 +6,7 @@ import asyncio
 import shutil
 from dataclasses import dataclass
 
-from services.core.aio import within
+from services.infra.aio import within
 
 
 @dataclass(frozen=True)

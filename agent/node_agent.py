@@ -43,9 +43,9 @@ from schemas.events import (
     encode_event,
 )
 from schemas.subjects import node_ack_subject, node_command_subject
-from services.core.aio import stop_task, stop_tasks, within
-from services.core.backoff import Backoff
-from services.core.bus import Bus, NatsAuthError
+from services.infra.aio import stop_task, stop_tasks, within
+from services.infra.backoff import Backoff
+from services.infra.bus import Bus, NatsAuthError
 
 log = structlog.get_logger("agent")
 

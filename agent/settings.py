@@ -7,7 +7,7 @@ import uuid
 import msgspec
 
 from schemas.ids import uuid7
-from services.core.settings import Secret
+from services.infra.settings import Secret
 
 AGENT_VERSION = "0.1.0"
 

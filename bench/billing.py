@@ -38,14 +38,14 @@ from aiohttp import web
 from schemas.events import UsageRecorded
 from services.billing.app import create_billing_app
 from services.billing.settings import BillingSettings
-from services.core.bus import Bus
-from services.core.catalog import Catalog
-from services.core.db import create_pool
-from services.core.devstack import DevStack
-from services.core.eventlog import EventLog
-from services.core.migrate import migrate
-from services.core.natsauth.identities import Role
-from services.core.settings import Secret
+from services.domain.catalog import Catalog
+from services.infra.bus import Bus
+from services.infra.db import create_pool
+from services.infra.devstack import DevStack
+from services.infra.eventlog import EventLog
+from services.infra.migrate import migrate
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 
 MODEL = "bench-model"
 

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from schemas.events import NodeHeartbeat, TenantCreated
-from services.core.db import Connection, create_pool
-from services.core.devstack import DevStack
-from services.core.event_stats import EventTypeStats
-from services.core.eventlog import START, EventLog, RecordedEvent
-from services.core.migrate import migrate
-from services.core.projections import Projection, ProjectionRunner
+from services.infra.db import Connection, create_pool
+from services.infra.devstack import DevStack
+from services.infra.event_stats import EventTypeStats
+from services.infra.eventlog import START, EventLog, RecordedEvent
+from services.infra.migrate import migrate
+from services.infra.projections import Projection, ProjectionRunner
 
 
 class LatestHeartbeat(Projection):

@@ -47,16 +47,16 @@ from aiohttp import web
 
 from schemas.events import NodeLaunching, Quota
 from schemas.ids import uuid7
-from services.core.budgets import Period
-from services.core.bus import Bus
-from services.core.catalog import Catalog
-from services.core.db import create_pool
-from services.core.devstack import DevStack, free_port
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
-from services.core.migrate import migrate
-from services.core.natsauth.identities import Role
-from services.core.node_keys import node_api_key
+from services.domain.budgets import Period
+from services.domain.catalog import Catalog
+from services.domain.fleet import Fleet
+from services.infra.bus import Bus
+from services.infra.db import create_pool
+from services.infra.devstack import DevStack, free_port
+from services.infra.eventlog import EventLog
+from services.infra.migrate import migrate
+from services.infra.natsauth.identities import Role
+from services.infra.node_keys import node_api_key
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say something nice."}],

@@ -52,14 +52,15 @@ from schemas.commands import RegistrationAck
 from schemas.events import NodeHeartbeat, NodeLaunching, NodeRegistered
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject
-from services.core.bus import Bus
-from services.core.db import create_pool
-from services.core.devstack import DevStack, NatsServer, die_with_parent, free_port
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
-from services.core.migrate import migrate
-from services.core.natsauth.creds import Credentials
-from services.core.natsauth.identities import Role
+from services.domain.fleet import Fleet
+from services.infra.bus import Bus
+from services.infra.db import create_pool
+from services.infra.devstack import DevStack, NatsServer, free_port
+from services.infra.eventlog import EventLog
+from services.infra.migrate import migrate
+from services.infra.natsauth.creds import Credentials
+from services.infra.natsauth.identities import Role
+from services.infra.processes import die_with_parent
 
 TICK = 0.05
 

@@ -32,9 +32,9 @@ from typing import Any
 import msgspec
 
 from schemas.events import NodeHeartbeat
-from services.core.devstack import ManagedProcess, free_port, wait_until
-from services.core.natsauth.authority import Authority, NodeIssuer
-from services.core.natsauth.keys import sign
+from services.infra.devstack import ManagedProcess, free_port, wait_until
+from services.infra.natsauth.authority import Authority, NodeIssuer
+from services.infra.natsauth.keys import sign
 
 LEAF_CONNECTIONS = 17_000
 """Nodes per leaf server: under the 20,000 files a process may open here."""
@@ -76,7 +76,7 @@ class LeafServer:
             f"{a.account}: {a.account_jwt()} }}\n"
             f'leafnodes {{ remotes: [ {{ url: "{self.hub_leaf_url}", '
             f'credentials: {json.dumps(str(creds))}, account: "{a.account}" }} ] }}\n')
-        from services.core.devstack import _venv_binary
+        from services.infra.devstack import _venv_binary
 
         # The fleet's side (its leaf servers, its nodes) stands in for machines elsewhere: it
         # runs at the lowest priority, so the platform's own processes get the CPU first.

@@ -62,9 +62,9 @@ from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.events import NodeSpotWarning, UsageRecorded, decode_event
-from services.core.bus import Bus
-from services.core.devstack import DevStack, free_port
-from services.core.natsauth.identities import Role
+from services.infra.bus import Bus
+from services.infra.devstack import DevStack, free_port
+from services.infra.natsauth.identities import Role
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gateway import (  # (bench/gateway.py)

@@ -19,13 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.core.devstack import DevStack
 from services.gateway.ratelimit import (
     Limits,
     LimitSubject,
     RedisRateLimiter,
     connect_redis,
 )
+from services.infra.devstack import DevStack
 
 EVERY_LAYER = Limits(key_requests_per_minute=10**9, global_requests_per_minute=10**12,
                      key_tokens_per_minute=10**12, key_tokens_per_day=10**13,

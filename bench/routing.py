@@ -34,8 +34,8 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.core.devstack import DevStack, free_port
-from services.core.natsauth.identities import Role
+from services.infra.devstack import DevStack, free_port
+from services.infra.natsauth.identities import Role
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gateway import (  # (bench/gateway.py)

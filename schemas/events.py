@@ -429,7 +429,7 @@ class ModelCreated(_ModelEvent, tag="model.created"):
     output_price_per_million: Decimal
     context_length: int
     weights_source: str | None = None
-    """Where the weights come from (hf://, r2://, file://: services/core/catalog/weights.py);
+    """Where the weights come from (hf://, r2://, file://: services/domain/catalog/weights.py);
     None: the Hugging Face Hub repo of the model's name."""
 
 

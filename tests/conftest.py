@@ -33,12 +33,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 
-from services.core.bus import Bus
-from services.core.devstack import DevStack, NatsServer
-from services.core.migrate import migrate
-from services.core.natsauth.authority import Authority
-from services.core.natsauth.creds import Credentials
-from services.core.natsauth.identities import Role
+from services.infra.bus import Bus
+from services.infra.devstack import DevStack, NatsServer
+from services.infra.migrate import migrate
+from services.infra.natsauth.authority import Authority
+from services.infra.natsauth.creds import Credentials
+from services.infra.natsauth.identities import Role
 
 
 @dataclass
@@ -172,7 +172,7 @@ async def database_url(servers: Servers) -> str:
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    from services.core.db import create_pool
+    from services.infra.db import create_pool
 
     p = await create_pool(database_url, min_size=1, max_size=10)
     yield p

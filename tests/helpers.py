@@ -25,11 +25,11 @@ from schemas.events import (
     TenantUpdated,
 )
 from schemas.ids import uuid7
-from services.core.catalog import catalog_projections, generate_api_key, hash_api_key
-from services.core.eventlog import NO_STREAM, EventLog
-from services.core.fleet import Fleet
-from services.core.natsauth.authority import NodeIssuer
-from services.core.node_states import Signal
+from services.domain.catalog import catalog_projections, generate_api_key, hash_api_key
+from services.domain.fleet import Fleet
+from services.domain.node_states import Signal
+from services.infra.eventlog import NO_STREAM, EventLog
+from services.infra.natsauth.authority import NodeIssuer
 
 T = TypeVar("T")
 
@@ -175,7 +175,7 @@ async def served_account(nats_url: str, issuer: NodeIssuer) -> str:
     import nats
     from nats.aio.client import RawCredentials
 
-    from services.core.natsauth.revocations import AccountResolver
+    from services.infra.natsauth.revocations import AccountResolver
 
     nc = await nats.connect(nats_url, user_credentials=RawCredentials(
         issuer.system_creds.text()))

@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.local_cloud import CloudConfig, create_cloud_app
-from services.core.logging import configure_logging
+from services.infra.logging import configure_logging
 
 
 async def serve(host: str, port: int, config: CloudConfig) -> None:

@@ -35,9 +35,9 @@ from typing import IO
 import structlog
 
 from agent.local_cloud.metadata import MetadataState
-from services.core.aio import within
-from services.core.catalog.weights import FileWeights, InvalidWeightsSource, parse_weights_source
-from services.core.devstack import die_with_parent
+from services.domain.catalog.weights import FileWeights, InvalidWeightsSource, parse_weights_source
+from services.infra.aio import within
+from services.infra.processes import die_with_parent
 
 log = structlog.get_logger("local_cloud")
 

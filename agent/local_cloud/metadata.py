@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from services.core.aio import wait_event
+from services.infra.aio import wait_event
 
 
 class MetadataState:

@@ -55,7 +55,7 @@ from agent.simulator.responses_api import (
 from agent.simulator.scheduler import Scheduler
 from agent.simulator.serving import JSON_HEADERS, Serving, error_response, json_response
 from agent.simulator.timing import GpuClock
-from services.core.standin_tokenizer import TokenIds
+from services.domain.standin_tokenizer import TokenIds
 
 VLLM_VERSION = "0.34.0"
 CRASH_EXIT_CODE = 70

@@ -20,7 +20,7 @@ from aiohttp import web
 from agent.simulator.metrics import EngineMetrics
 from agent.simulator.scheduler import Scheduler
 from agent.simulator.timing import GpuClock
-from services.core.aio import wait_event
+from services.infra.aio import wait_event
 
 DISCONNECT_POLL = 0.1
 

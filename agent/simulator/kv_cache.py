@@ -1,5 +1,5 @@
 """The prefix cache as requests reach it: each prompt as the model's token ids
-(services.core.standin_tokenizer, the ids the gateway's `kv_aware` routing hashes), looked up
+(services.domain.standin_tokenizer, the ids the gateway's `kv_aware` routing hashes), looked up
 in the PrefixCache, counted in vLLM's prefix cache metrics, and its KV cache events handed to
 whoever publishes them.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.simulator.metrics import EngineMetrics
 from agent.simulator.prefix_cache import KvEvent, PrefixCache
-from services.core.standin_tokenizer import EOT_ID, TokenIds
+from services.domain.standin_tokenizer import EOT_ID, TokenIds
 
 __all__ = ["KvCache", "completion_ids"]
 

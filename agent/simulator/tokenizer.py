@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from services.core.standin_tokenizer import (
+from services.domain.standin_tokenizer import (
     BLANK_LINE_ID,
     BOS_ID,
     END_HEADER_ID,
@@ -67,7 +67,7 @@ def chat_prompt_tokens(contents: Iterable[str], *, add_generation_prompt: bool =
 
 
 # --------------------------------------------------------------------------- token ids
-# The ids are services.core.standin_tokenizer's (the gateway's kv_aware routing hashes the
+# The ids are services.domain.standin_tokenizer's (the gateway's kv_aware routing hashes the
 # same); the simulator also remembers pieces, to decode.
 
 _BPE_SPACE = {" ": "\u0120", "\n": "\u010a", "\t": "\u0109"}  # byte-level BPE's Ġ, Ċ, ĉ

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from services.admin.app import create_admin_app
 from services.admin.settings import AdminSettings, check_settings
-from services.core.http import serve
-from services.core.logging import configure_logging
-from services.core.settings import SettingsError, load_settings
+from services.infra.http import serve
+from services.infra.logging import configure_logging
+from services.infra.settings import SettingsError, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from services.admin.middleware import answer_errors, check_request, require_toke
 from services.admin.openapi import render
 from services.admin.routes import add_routes
 from services.admin.settings import AdminSettings, check_settings
-from services.core.http import REDIS, Needs, create_app
+from services.infra.http import REDIS, Needs, create_app
 
 
 async def _end_event_streams(app: web.Application) -> None:

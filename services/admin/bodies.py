@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from services.core.catalog.bodies import (
+from services.domain.catalog.bodies import (
     INT32_MAX,
     WHOLE_NUMBER,
     AwareTime,
@@ -29,14 +29,14 @@ from services.core.catalog.bodies import (
     Role,
     Tokens,
 )
-from services.core.catalog.queries import (
+from services.domain.catalog.queries import (
     DeploymentRecord,
     ModelRecord,
     TenantRecord,
 )
-from services.core.catalog.weights import JSON_SCHEMA as WEIGHTS_SCHEMA
-from services.core.catalog.weights import MAX_LENGTH
-from services.core.request_checks import NO_NUL, PRICE_LIMIT, PRICE_PLACES, WHITE_SPACE_CLASS
+from services.domain.catalog.weights import JSON_SCHEMA as WEIGHTS_SCHEMA
+from services.domain.catalog.weights import MAX_LENGTH
+from services.infra.request_checks import NO_NUL, PRICE_LIMIT, PRICE_PLACES, WHITE_SPACE_CLASS
 
 # No white space as Python's `re` counts it: the document's pattern names the characters,
 # since JSON Schema's `\s` is another set.
@@ -64,7 +64,7 @@ Price = Annotated[Decimal, Meta(
                        "minimum": 0, "exclusiveMaximum": int(PRICE_LIMIT),
                        "multipleOf": float(Decimal(1).scaleb(-PRICE_PLACES))})]
 WeightsSource = Annotated[str, Meta(
-    # services/core/catalog/weights.py judges a source, and its JSON_SCHEMA (the document's
+    # services/domain/catalog/weights.py judges a source, and its JSON_SCHEMA (the document's
     # `pattern` and `not`) states exactly that rule. Not msgspec's `pattern=`: it would
     # replace the document's.
     min_length=1, max_length=MAX_LENGTH, extra_json_schema=WEIGHTS_SCHEMA,

@@ -26,11 +26,11 @@ from aiohttp.typedefs import Handler, Middleware
 from services.admin.console_sessions import COOKIE, CSRF_HEADER
 from services.admin.context import API_PREFIX, CONSOLE_SESSIONS, TOKEN_HEADER
 from services.admin.routing import route_of
-from services.core.catalog import CatalogError, Conflict, Invalid, NotFound
-from services.core.errors import ApiError, api_error_for_http, error_response
-from services.core.http import REQUEST_ID
-from services.core.request_checks import FieldError, check_query
-from services.core.settings import Secret
+from services.domain.catalog import CatalogError, Conflict, Invalid, NotFound
+from services.infra.errors import ApiError, api_error_for_http, error_response
+from services.infra.http import REQUEST_ID
+from services.infra.request_checks import FieldError, check_query
+from services.infra.settings import Secret
 
 log = structlog.get_logger("admin")
 

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from services.admin.context import API_PREFIX
-from services.core.request_checks import (
+from services.infra.request_checks import (
     CURSOR_PATTERN,
     DEFAULT_LIMIT,
     MAX_LIMIT,

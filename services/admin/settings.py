@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from services.core.cost_meter import DEFAULT_UNIT, parse_unit
-from services.core.settings import CoreSettings, Secret, SettingsError, require_strong_token
+from services.domain.cost_meter import DEFAULT_UNIT, parse_unit
+from services.infra.settings import CoreSettings, Secret, SettingsError, require_strong_token
 
 
 class AdminSettings(CoreSettings, kw_only=True, frozen=True):

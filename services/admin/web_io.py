@@ -9,11 +9,11 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from services.core.catalog import Catalog, NotFound
-from services.core.errors import ApiError
-from services.core.http import DB, EVENTLOG, REQUEST_ID
-from services.core.request_checks import PageQuery, decode_body, parse_id
-from services.core.request_checks import parse_page_query as _parse_page_query
+from services.domain.catalog import Catalog, NotFound
+from services.infra.errors import ApiError
+from services.infra.http import DB, EVENTLOG, REQUEST_ID
+from services.infra.request_checks import PageQuery, decode_body, parse_id
+from services.infra.request_checks import parse_page_query as _parse_page_query
 
 T = TypeVar("T")
 ACTOR = "admin-api"

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from services.billing.app import create_billing_app
 from services.billing.settings import BillingSettings
-from services.core.http import serve
-from services.core.logging import configure_logging
-from services.core.settings import SettingsError, load_settings
+from services.infra.http import serve
+from services.infra.logging import configure_logging
+from services.infra.settings import SettingsError, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

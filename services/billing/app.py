@@ -19,14 +19,16 @@ from schemas.subjects import USAGE
 from services.billing.budget_watch import BudgetWatch
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
-from services.billing.projection import UsageMetrics, UsageRecordsProjection
 from services.billing.pusher import Clock, Pusher, utcnow
 from services.billing.settings import BillingSettings, check_settings
 from services.billing.webhooks import WEBHOOKS, WebhookHandler, stripe_webhook
-from services.core.aio import stop_tasks
-from services.core.billing_ledger import BillingProjection
-from services.core.bus import ConsumerSpec
-from services.core.http import (
+from services.domain.billing_ledger import BillingProjection
+from services.domain.pricing import parse_multipliers
+from services.domain.stripe_billing import StripeBilling
+from services.domain.usage_records import UsageMetrics, UsageRecordsProjection
+from services.infra.aio import stop_tasks
+from services.infra.bus import ConsumerSpec
+from services.infra.http import (
     BUS,
     DB,
     EVENTLOG,
@@ -36,10 +38,8 @@ from services.core.http import (
     Needs,
     create_app,
 )
-from services.core.pricing import parse_multipliers
-from services.core.projections import ProjectionRunner
-from services.core.recorder import Recorder
-from services.core.stripe_billing import StripeBilling
+from services.infra.projections import ProjectionRunner
+from services.infra.recorder import Recorder
 
 log = structlog.get_logger("billing")
 

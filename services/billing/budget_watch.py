@@ -8,7 +8,7 @@ appended at the version the watcher read, so two billing replicas (or a restarte
 send one twice; the next period is a new stream, so the reset opens the thresholds again.
 
 Each look reads in a fixed number of queries however many budgets there are: the budgets,
-their spend (services/core/budget_spend.py), their streams' versions.
+their spend (services/domain/budget_spend.py), their streams' versions.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import asyncpg
 import structlog
 
 from schemas.events import BudgetExhausted, BudgetThresholdReached, Event
-from services.core.budget_spend import BUDGET_COLUMNS, BudgetPeriod, budget_period, spend
-from services.core.eventlog import ConcurrencyError, EventLog
+from services.domain.budget_spend import BUDGET_COLUMNS, BudgetPeriod, budget_period, spend
+from services.infra.eventlog import ConcurrencyError, EventLog
 
 log = structlog.get_logger("billing.budgets")
 

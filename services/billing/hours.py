@@ -4,7 +4,7 @@
   ``H + 1h + grace <= now``: usage arriving later than the grace is late usage.
 - Each closed hour of each tenant is one Stripe meter event per meter, whose value is what
   the hour holds minus what was already planned for it. The meters are the hour's cost, in
-  whole units of `BILLING_COST_UNIT` (services/core/cost_meter.py), for tenants on the cost
+  whole units of `BILLING_COST_UNIT` (services/domain/cost_meter.py), for tenants on the cost
   price from their switch on; the input and output tokens before it (and for tenants never
   switched). Never both for one hour. The first
   carries the identifier ``<tenant>:<meter>:<YYYY-MM-DDTHH>``; late usage of an hour already
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from services.core.cost_meter import Meter, fits_stripe, to_units
+from services.domain.cost_meter import Meter, fits_stripe, to_units
 
 HOUR = timedelta(hours=1)
 STRIPE_MAX_AGE = timedelta(days=35)

@@ -15,8 +15,8 @@ from schemas.events import Event, UsageRecorded
 from services.billing.key_owners import KeyOwners
 from services.billing.prices import PriceBook, UnknownModel
 from services.billing.usage_checks import UsageRefused, UsageRefusedBecause, check_usage
-from services.core.db import Connection
-from services.core.recorder import Refusal, Verdict
+from services.infra.db import Connection
+from services.infra.recorder import Refusal, Verdict
 
 log = structlog.get_logger("billing.intake")
 

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterable
 
 from services.billing.usage_checks import KeyOwner
-from services.core.db import Connection
+from services.infra.db import Connection
 
 _OWNERS = """
 SELECT k.id, k.tenant_id, k.environment_id, e.tenant_id AS environment_tenant_id,

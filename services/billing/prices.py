@@ -21,8 +21,8 @@ import asyncpg
 import msgspec
 
 from schemas.events import UsagePrice, UsageRecorded
-from services.core.db import Connection
-from services.core.pricing import cost
+from services.domain.pricing import cost
+from services.infra.db import Connection
 
 __all__ = ["PriceBook", "UnknownModel", "to_look_up"]
 

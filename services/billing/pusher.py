@@ -60,11 +60,8 @@ from services.billing.hours import (
     send_groups,
 )
 from services.billing.settings import BillingSettings
-from services.core.aio import wait_event
-from services.core.backoff import Backoff
-from services.core.billing_ledger import PLAN_LOCK_KEY, record_billing_events
-from services.core.db import Connection, connect
-from services.core.stripe_billing import (
+from services.domain.billing_ledger import PLAN_LOCK_KEY, record_billing_events
+from services.domain.stripe_billing import (
     Failure,
     MeterSend,
     StripeBilling,
@@ -72,6 +69,9 @@ from services.core.stripe_billing import (
     describe,
     may_have_reached,
 )
+from services.infra.aio import wait_event
+from services.infra.backoff import Backoff
+from services.infra.db import Connection, connect
 
 log = structlog.get_logger("billing.pusher")
 
@@ -107,7 +107,7 @@ class PusherMetrics:
 
 # Per tenant, hour and meter: what the closed hours hold, against what was planned for them.
 # `{keys}` limits the tenant hours looked at. Each hour is on the meters of its pricing
-# (services/core/cost_meter.py `meters_for`): the cost meter from the tenant's `cost_from` on,
+# (services/domain/cost_meter.py `meters_for`): the cost meter from the tenant's `cost_from` on,
 # the token meters before it; the cost is the hour's sum in the currency, made whole units in
 # Python (hours.meter_total), so the filter here only leaves out what is surely planned.
 _DUE = """

@@ -6,9 +6,9 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Literal
 
-from services.core.cost_meter import DEFAULT_UNIT, parse_unit
-from services.core.settings import CoreSettings, Secret, SettingsError
-from services.core.stripe_billing import StripeConfig
+from services.domain.cost_meter import DEFAULT_UNIT, parse_unit
+from services.domain.stripe_billing import StripeConfig
+from services.infra.settings import CoreSettings, Secret, SettingsError
 
 
 class BillingSettings(CoreSettings, kw_only=True, frozen=True):

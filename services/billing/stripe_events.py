@@ -37,7 +37,7 @@ from schemas.events import (
     PaymentFailed,
     SubscriptionChanged,
 )
-from services.core.billing_ledger import ENDED_SUBSCRIPTION
+from services.domain.billing_ledger import ENDED_SUBSCRIPTION
 
 PaymentFailedPolicy = Literal["flag", "suspend"]
 SubscriptionDeletedPolicy = Literal["suspend", "flag"]

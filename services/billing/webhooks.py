@@ -32,14 +32,14 @@ from services.billing.stripe_events import (
     effects,
     parse,
 )
-from services.core.billing_ledger import (
+from services.domain.billing_ledger import (
     get_account,
     record_billing_events,
     tenant_for_customer,
 )
-from services.core.catalog import Catalog, CatalogError
-from services.core.eventlog import EventLog
-from services.core.stripe_billing import StripeBilling, describe
+from services.domain.catalog import Catalog, CatalogError
+from services.domain.stripe_billing import StripeBilling, describe
+from services.infra.eventlog import EventLog
 
 log = structlog.get_logger("billing.webhooks")
 

@@ -31,23 +31,23 @@ from typing import IO, Any
 
 import asyncpg
 
-from services.core.bus import Bus
-from services.core.catalog import Catalog
-from services.core.db import create_pool
-from services.core.devstack import (
+from services.domain.catalog import Catalog
+from services.infra.bus import Bus
+from services.infra.db import create_pool
+from services.infra.devstack import (
     DevStack,
     DevStackError,
     NatsServer,
     PreferredPorts,
     StackURLs,
-    die_with_parent,
     free_port,
     stop_on_signals,
 )
-from services.core.eventlog import EventLog
-from services.core.logging import configure_logging
-from services.core.migrate import migrate
-from services.core.natsauth.identities import Role
+from services.infra.eventlog import EventLog
+from services.infra.logging import configure_logging
+from services.infra.migrate import migrate
+from services.infra.natsauth.identities import Role
+from services.infra.processes import die_with_parent
 
 DEFAULT_STATE_DIR = Path(".state/dev")
 URLS_FILE = "urls.json"

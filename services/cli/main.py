@@ -13,7 +13,7 @@ from pathlib import Path
 
 from services.cli.admin_commands import register_admin_commands
 from services.cli.nats_commands import register_nats_commands
-from services.core.eventlog import EventFilter
+from services.infra.eventlog import EventFilter
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -31,7 +31,7 @@ def _database_url(args: argparse.Namespace) -> str:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from services.core.migrate import migrate
+    from services.infra.migrate import migrate
 
     applied = asyncio.run(migrate(_database_url(args)))
     for m in applied:
@@ -58,10 +58,10 @@ def _cmd_tail(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     async def run() -> None:
-        from services.core.db import create_pool
-        from services.core.event_stats import EventTypeStats
-        from services.core.eventlog import EventLog
-        from services.core.projections import ProjectionRunner
+        from services.infra.db import create_pool
+        from services.infra.event_stats import EventTypeStats
+        from services.infra.eventlog import EventLog
+        from services.infra.projections import ProjectionRunner
 
         pool = await create_pool(_database_url(args), min_size=1, max_size=2)
         try:
@@ -83,7 +83,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_projections(args: argparse.Namespace) -> int:
     from services.cli.registry import all_projections
-    from services.core.projections import UnknownProjection
+    from services.infra.projections import UnknownProjection
 
     registry = all_projections()
     if args.action == "list":
@@ -102,9 +102,9 @@ def _cmd_projections(args: argparse.Namespace) -> int:
 
 async def _run_projections(database_url: str, names: Sequence[str], *, rebuild: bool) -> None:
     from services.cli.registry import all_projections
-    from services.core.db import create_pool
-    from services.core.eventlog import EventLog
-    from services.core.projections import ProjectionRunner
+    from services.infra.db import create_pool
+    from services.infra.eventlog import EventLog
+    from services.infra.projections import ProjectionRunner
 
     registry = all_projections()
     pool = await create_pool(database_url, min_size=1, max_size=2)
@@ -233,10 +233,10 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
-    from services.core.http import serve
-    from services.core.logging import configure_logging
-    from services.core.relay import RelaySettings, relay_app
-    from services.core.settings import SettingsError, load_settings
+    from services.infra.http import serve
+    from services.infra.logging import configure_logging
+    from services.infra.relay import RelaySettings, relay_app
+    from services.infra.settings import SettingsError, load_settings
 
     try:
         settings = load_settings(RelaySettings, http_port=args.port)

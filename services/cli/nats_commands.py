@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.core.natsauth.authority import Authority
-from services.core.natsauth.identities import Role
+from services.infra.natsauth.authority import Authority
+from services.infra.natsauth.identities import Role
 
 if TYPE_CHECKING:
-    from services.core.natsauth.revocations import AccountResolver
+    from services.infra.natsauth.revocations import AccountResolver
 
 __all__ = ["RevokeRaced", "register_nats_commands", "revoke_keys"]
 
@@ -65,7 +65,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
-    from services.core.bus import Bus
+    from services.infra.bus import Bus
 
     creds = os.environ.get("NATS_CREDS", "")
     if args.creds_file:
@@ -94,7 +94,7 @@ def _cmd_key(args: argparse.Namespace) -> int:
     """Whose a credential is: what `revoke` takes, to retire it after a rotation."""
     from datetime import UTC, datetime
 
-    from services.core.natsauth.creds import Credentials
+    from services.infra.natsauth.creds import Credentials
 
     creds = Credentials.parse(Path(args.file).read_text())
     expires = (datetime.fromtimestamp(creds.expires_at, UTC).isoformat()
@@ -120,7 +120,7 @@ async def revoke_keys(resolver: AccountResolver, keys: Iterable[str], *, signing
     so a push of its in flight has landed by then); merge what is missing and push again,
     at most `attempts` times in all. The revocation holds from the first push on: the wait
     only checks that it stays."""
-    from services.core.natsauth.revocations import resign, revised, revocations_of
+    from services.infra.natsauth.revocations import resign, revised, revocations_of
 
     wanted = dict.fromkeys(keys, now)
     pushes = 0
@@ -150,7 +150,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     import nats
     from nats.aio.client import RawCredentials
 
-    from services.core.natsauth.revocations import AccountResolver
+    from services.infra.natsauth.revocations import AccountResolver
 
     issuer = Authority.load(_auth_dir(args)).node_issuer()
 

@@ -5,13 +5,13 @@ The CLI is not a service: it may know each service's projections. Services never
 
 from __future__ import annotations
 
-from services.billing.projection import UsageRecordsProjection
-from services.core.billing_ledger import BillingProjection
-from services.core.catalog import catalog_projections
-from services.core.event_stats import EventTypeStats
-from services.core.fleet import NodesProjection
-from services.core.notifications.projection import NotificationSubscriptionsProjection
-from services.core.projections import ProjectionRegistry
+from services.domain.billing_ledger import BillingProjection
+from services.domain.catalog import catalog_projections
+from services.domain.fleet import NodesProjection
+from services.domain.notifications.projection import NotificationSubscriptionsProjection
+from services.domain.usage_records import UsageRecordsProjection
+from services.infra.event_stats import EventTypeStats
+from services.infra.projections import ProjectionRegistry
 
 
 def all_projections() -> ProjectionRegistry:

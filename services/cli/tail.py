@@ -9,10 +9,10 @@ from typing import TextIO
 
 import msgspec
 
-from services.core.db import create_pool
-from services.core.event_json import record_json
-from services.core.eventlog import START, EventFilter, EventLog, LogWaker, RecordedEvent
-from services.core.timeparse import parse_since
+from services.infra.db import create_pool
+from services.infra.event_json import record_json
+from services.infra.eventlog import START, EventFilter, EventLog, LogWaker, RecordedEvent
+from services.infra.timeparse import parse_since
 
 __all__ = ["format_json", "format_line", "parse_since", "tail"]
 

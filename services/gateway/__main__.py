@@ -15,15 +15,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from services.core.devstack import die_with_parent
-from services.core.http import serve
-from services.core.logging import configure_logging
-from services.core.node_keys import check_secret
-from services.core.pricing import parse_multipliers
-from services.core.settings import SettingsError, load_settings
-from services.core.tls import TlsError, server_context
+from services.domain.pricing import parse_multipliers
 from services.gateway.app import create_gateway_app
 from services.gateway.settings import GatewaySettings
+from services.infra.http import serve
+from services.infra.logging import configure_logging
+from services.infra.node_keys import check_secret
+from services.infra.processes import die_with_parent
+from services.infra.settings import SettingsError, load_settings
+from services.infra.tls import TlsError, server_context
 
 
 def _supervise(settings: GatewaySettings) -> int:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.core.http import Needs, create_app
 from services.gateway.gateway import GATEWAY_SETTINGS, gateway_ctx
 from services.gateway.middleware import MiddlewareConfig, install_middleware
 from services.gateway.routes import add_routes
 from services.gateway.self_service import add_routes as add_self_service_routes
 from services.gateway.settings import GatewaySettings
+from services.infra.http import Needs, create_app
 
 
 def csv(value: str) -> tuple[str, ...]:

@@ -44,8 +44,8 @@ from schemas.events import (
     TenantSuspended,
     TenantUpdated,
 )
-from services.core.budgets import nano
-from services.core.catalog import hash_api_key, looks_like_api_key
+from services.domain.budgets import nano
+from services.domain.catalog import hash_api_key, looks_like_api_key
 from services.gateway.ratelimit import lua
 from services.gateway.ratelimit.auth_failures import (
     Cached,

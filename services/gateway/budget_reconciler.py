@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from services.core.budget_spend import BUDGET_COLUMNS, BudgetPeriod, budget_period, spend
-from services.core.budgets import nano
+from services.domain.budget_spend import BUDGET_COLUMNS, BudgetPeriod, budget_period, spend
+from services.domain.budgets import nano
 from services.gateway.ratelimit import BudgetCap, Layer, LimitSubject, RedisRateLimiter
 from services.gateway.ratelimit.limits import Check, money_checks, redis_key
 from services.gateway.spend import LAYERS
@@ -42,7 +42,7 @@ BATCH: Final = 100
 
 
 def budget_check(b: BudgetPeriod) -> Check:
-    """A budget and its period (services/core/budget_spend.py) as the limiter's check."""
+    """A budget and its period (services/domain/budget_spend.py) as the limiter's check."""
     subject = LimitSubject(key_id=str(b.scope_id) if b.scope == "key" else "",
                            environment_id=str(b.scope_id) if b.scope == "environment" else "",
                            tenant_id=str(b.tenant_id))
@@ -100,7 +100,7 @@ class BudgetReconciler:
     async def reconcile_once(self, now: datetime) -> int:
         """Reconcile every budget's counter of the period holding `now`; the drift found.
         Reads every budget's spend in two queries however many there are
-        (services/core/budget_spend.py)."""
+        (services/domain/budget_spend.py)."""
         rows = await self.db.fetch(
             f"SELECT {BUDGET_COLUMNS} FROM budgets WHERE amount IS NOT NULL ORDER BY scope_id")
         if not rows:

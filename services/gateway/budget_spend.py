@@ -1,7 +1,7 @@
 """What billing recorded against a budget's scope in its period: the truth a budget counter
 is seeded from (its first request of a period, or after Redis lost it), reconciled with, and
 shown to the tenant (GET /v1/budgets). Off the hot path. The same grouped query as billing's
-alerts (services/core/budget_spend.py): two queries for a key's budgets, however many."""
+alerts (services/domain/budget_spend.py): two queries for a key's budgets, however many."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.core.budget_spend import BudgetPeriod, spend
-from services.core.budgets import nano
+from services.domain.budget_spend import BudgetPeriod, spend
+from services.domain.budgets import nano
 from services.gateway.ratelimit import LimitSubject
 from services.gateway.ratelimit.limits import Check
 from services.gateway.ratelimit.redis_limiter import BudgetSpent

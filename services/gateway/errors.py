@@ -1,6 +1,6 @@
-"""Moved to `services.core.errors` (the admin API shares it); kept so old imports work."""
+"""Moved to `services.infra.errors` (the admin API shares it); kept so old imports work."""
 
-from services.core.errors import (
+from services.infra.errors import (
     ERROR_TYPES,
     ApiError,
     api_error_for_http,

@@ -19,12 +19,7 @@ from nats.js.api import DeliverPolicy
 
 from schemas.events import EventDecodeError, NodeStatus, decode_event
 from schemas.subjects import CONTROL_VIEW
-from services.core.aio import stop_tasks
-from services.core.bus import Bus
-from services.core.http import BUS, DB, REDIS, REGISTRY
-from services.core.node_keys import NodeKeys
-from services.core.pipelined_redis import PipelinedRedis
-from services.core.pricing import parse_multipliers
+from services.domain.pricing import parse_multipliers
 from services.gateway.auth import Authenticator, auth_settings
 from services.gateway.balancer import Balancer, BreakerRules, CircuitBreaker
 from services.gateway.budget_reconciler import BudgetReconciler
@@ -45,6 +40,11 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.spend import CapsCache, Pricer
 from services.gateway.upstream import UpstreamPool
 from services.gateway.usage import UsagePublisher
+from services.infra.aio import stop_tasks
+from services.infra.bus import Bus
+from services.infra.http import BUS, DB, REDIS, REGISTRY
+from services.infra.node_keys import NodeKeys
+from services.infra.pipelined_redis import PipelinedRedis
 
 log = structlog.get_logger("gateway")
 

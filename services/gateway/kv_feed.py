@@ -16,10 +16,10 @@ from nats.aio.subscription import Subscription
 
 from schemas.kv_events import KvEventDecodeError, decode_batch
 from schemas.subjects import KV_SEQ_HEADER, NODE_KV_EVENTS
-from services.core.bus import Bus
 from services.gateway.kv_index import KvIndex
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.nodes import NodeTable
+from services.infra.bus import Bus
 
 log = structlog.get_logger("kv_feed")
 

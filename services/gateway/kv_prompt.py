@@ -2,7 +2,7 @@
 kv_index names the blocks it learns from the nodes (issue 15, `kv_aware`). Pure.
 
 The ids must be the node's own, so this needs the served model's tokenizer and chat
-template: here, the stand-in the simulator serves (services/core/standin_tokenizer.py). The
+template: here, the stand-in the simulator serves (services/domain/standin_tokenizer.py). The
 prompt is read lazily, a message at a time, and hashed a block at a time only as far as the
 index asks (a prompt no node has seen stops after its first block), and never past
 `max_tokens`. Each message's ids are remembered (bounded): a conversation repeats its earlier
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.core.standin_tokenizer import BOS_ID, EOT_ID, TokenIds
+from services.domain.standin_tokenizer import BOS_ID, EOT_ID, TokenIds
 from services.gateway.kv_index import ROOT, block_key
 
 __all__ = ["PromptBlocks"]

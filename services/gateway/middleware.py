@@ -19,7 +19,7 @@ docs/gateway-http.md explains the order (it differs from the reference's on purp
 
 Streaming needs nothing from handlers: a response prepared while the handler still runs is a
 stream, so the deadline switches to per-chunk mode by itself and watches the bytes that reach
-the client. Store per-request facts with typed keys: `REQUEST_ID` (from services.core.http) and
+the client. Store per-request facts with typed keys: `REQUEST_ID` (from services.infra.http) and
 `REAL_IP`; bind log fields with ``structlog.contextvars.bind_contextvars`` (not the
 ``bound_contextvars`` context manager, which would unbind them before the request's log line).
 """
@@ -39,13 +39,14 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict, istr
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.core.errors import (
+from services.gateway.real_ip import DEFAULT_TRUSTED_PROXIES, TrustedProxies, client_ip
+from services.infra.errors import (
     ApiError,
     api_error_for_http,
     error_response,
     sse_error_event,
 )
-from services.core.http import (
+from services.infra.http import (
     HTTP_METRICS,
     REGISTRY,
     REQUEST_ID,
@@ -56,9 +57,8 @@ from services.core.http import (
     request_id_of,
     route_label,
 )
-from services.core.http import count_requests as shell_count_requests
-from services.core.http import request_context as shell_request_context
-from services.gateway.real_ip import DEFAULT_TRUSTED_PROXIES, TrustedProxies, client_ip
+from services.infra.http import count_requests as shell_count_requests
+from services.infra.http import request_context as shell_request_context
 
 log = structlog.get_logger("gateway.http")
 

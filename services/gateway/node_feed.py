@@ -24,8 +24,8 @@ from nats.js.api import DeliverPolicy
 from schemas.arrival import mismatch
 from schemas.events import EventDecodeError, decode_event
 from schemas.subjects import HEARTBEATS, NODES_VIEW, StreamSpec
-from services.core.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
 from services.gateway.nodes import NodeTable
+from services.infra.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
 
 log = structlog.get_logger("node_feed")
 

@@ -2,7 +2,7 @@
 
 - Pooled keep-alive connections (one pool for all nodes).
 - Each node is called with its own vLLM API key (`Authorization: Bearer <key>`, derived from
-  NODE_API_KEY_SECRET and the node's id: services/core/node_keys.py); the tenant's key never
+  NODE_API_KEY_SECRET and the node's id: services/infra/node_keys.py); the tenant's key never
   leaves the gateway.
 - One retry on another node when the connection fails before any byte was sent, or when the
   node refuses the gateway's key (401/403: it did nothing with the request).
@@ -22,7 +22,6 @@ import time
 import structlog
 from aiohttp import web
 
-from services.core.node_keys import NodeKeys
 from services.gateway.balancer import Balancer, RouteHint
 from services.gateway.forwarding import (
     NodeOutcomes,
@@ -52,6 +51,7 @@ from services.gateway.upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
+from services.infra.node_keys import NodeKeys
 
 log = structlog.get_logger("proxy")
 

@@ -16,9 +16,7 @@ import structlog
 from aiohttp import web
 
 from schemas.events import UsageRecorded
-from services.core.errors import ApiError
-from services.core.http import DB, REQUEST_ID
-from services.core.usage_queries import (
+from services.domain.usage_queries import (
     UsageQuery,
     UsageQueryError,
     UsageReport,
@@ -55,6 +53,8 @@ from services.gateway.response_owners import Owner, OwnersUnavailable
 from services.gateway.roles import Action, allowed
 from services.gateway.roles import refusal as refusal_message
 from services.gateway.settings import GatewaySettings
+from services.infra.errors import ApiError
+from services.infra.http import DB, REQUEST_ID
 
 log = structlog.get_logger("gateway")
 

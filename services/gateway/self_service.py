@@ -1,6 +1,6 @@
 """Tenant self-service on the public API: an `admin` key manages its own tenant's API keys and
 environments (roles.py says who may do what). The same bodies as the admin API's
-(services/core/catalog/bodies.py) and the same catalog commands, so both write the same events;
+(services/domain/catalog/bodies.py) and the same catalog commands, so both write the same events;
 but every id is checked against the caller's tenant — another tenant's key or environment is
 "not found", never touched — and nothing is granted above the caller's own environment's
 quota.
@@ -30,9 +30,9 @@ import msgspec
 from aiohttp import web
 
 from schemas.events import Quota
-from services.core.catalog import Catalog
-from services.core.catalog import queries as q
-from services.core.catalog.bodies import (
+from services.domain.catalog import Catalog
+from services.domain.catalog import queries as q
+from services.domain.catalog.bodies import (
     ApiKeyList,
     EnvironmentCreate,
     EnvironmentList,
@@ -40,26 +40,26 @@ from services.core.catalog.bodies import (
     KeyRotate,
     KeyWithSecret,
 )
-from services.core.catalog.commands import (
+from services.domain.catalog.commands import (
     CatalogError,
     Conflict,
     Invalid,
     LimitReached,
     NotFound,
 )
-from services.core.errors import ApiError
-from services.core.http import DB, EVENTLOG, REQUEST_ID
-from services.core.request_checks import (
+from services.gateway.auth import Principal
+from services.gateway.gateway import GATEWAY
+from services.gateway.roles import Action, quota_above, within
+from services.gateway.routes import authenticate, off_hot_path_budget
+from services.infra.errors import ApiError
+from services.infra.http import DB, EVENTLOG, REQUEST_ID
+from services.infra.request_checks import (
     FieldError,
     decode_body,
     next_cursor,
     parse_id,
     parse_page_query,
 )
-from services.gateway.auth import Principal
-from services.gateway.gateway import GATEWAY
-from services.gateway.roles import Action, quota_above, within
-from services.gateway.routes import authenticate, off_hot_path_budget
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from services.core.settings import CoreSettings, Secret
+from services.infra.settings import CoreSettings, Secret
 
 
 class GatewaySettings(CoreSettings, kw_only=True, frozen=True):

@@ -17,9 +17,9 @@ from decimal import Decimal
 
 import msgspec
 
-from services.core.budgets import Period, nano, period_bounds, worst_case_cost
-from services.core.pricing import cost
-from services.core.usage_queries import money
+from services.domain.budgets import Period, nano, period_bounds, worst_case_cost
+from services.domain.pricing import cost
+from services.domain.usage_queries import money
 from services.gateway.auth import Principal, PrincipalBudget
 from services.gateway.models import ModelInfo
 from services.gateway.ratelimit import BudgetCap, Layer
@@ -65,7 +65,7 @@ class Pricer:
         return low
 
     def actual(self, model: ModelInfo, prompt: int, completion: int, region: str) -> int:
-        """Nano-dollars billing will charge (services/core/pricing.py)."""
+        """Nano-dollars billing will charge (services/domain/pricing.py)."""
         return nano(cost(prompt, completion, model.input_price, model.output_price,
                          self.multipliers.get(region, Decimal(1))))
 

@@ -20,9 +20,6 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from services.core.errors import ApiError, sse_error_event
-from services.core.http import REQUEST_ID
-from services.core.node_keys import NodeKeys
 from services.gateway.balancer import Balancer
 from services.gateway.forwarding import NodeOutcomes, Progress, ProxyResult, ProxySettings, Stored
 from services.gateway.metrics import GatewayMetrics
@@ -43,6 +40,9 @@ from services.gateway.upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
+from services.infra.errors import ApiError, sse_error_event
+from services.infra.http import REQUEST_ID
+from services.infra.node_keys import NodeKeys
 
 log = structlog.get_logger("proxy")
 

@@ -34,8 +34,8 @@ from nats.js import api
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.events import UsageRecorded, decode_event, encode_event
-from services.core.aio import within
-from services.core.bus import Bus
+from services.infra.aio import within
+from services.infra.bus import Bus
 
 log = structlog.get_logger("usage")
 

@@ -14,14 +14,14 @@ from aiohttp import web
 from schemas.commands import RegistrationAck
 from schemas.events import Event, NodeRegistered
 from schemas.subjects import HEARTBEATS, NODES, node_ack_subject
-from services.core.aio import stop_tasks
-from services.core.bus import Bus, ConsumerSpec
-from services.core.fleet import Fleet, NodesProjection
-from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
-from services.core.leadership import Leadership
-from services.core.natsauth.identities import MONITOR_HEARTBEATS_DLQ
-from services.core.projections import ProjectionRunner
-from services.core.recorder import Recorder
+from services.domain.fleet import Fleet, NodesProjection
+from services.infra.aio import stop_tasks
+from services.infra.bus import Bus, ConsumerSpec
+from services.infra.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
+from services.infra.leadership import Leadership
+from services.infra.natsauth.identities import MONITOR_HEARTBEATS_DLQ
+from services.infra.projections import ProjectionRunner
+from services.infra.recorder import Recorder
 from services.monitor.intake import NodeIntake
 from services.monitor.settings import MonitorSettings
 from services.monitor.watcher import NodeWatcher, WatchSettings, status_of

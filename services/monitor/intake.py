@@ -5,7 +5,7 @@ recorder, run inside the recording transaction).
   (registration.py): a registration only once `decide_registration` accepts it, with the
   `node.accepted` that gateways route by; a notice only from a launched node that has not
   ended (`decide_notice`). The node's events are read under the node's lock
-  (services/core/fleet/lock.py), held until the commit, which the orchestrator's and the
+  (services/domain/fleet/lock.py), held until the commit, which the orchestrator's and the
   monitor's own status changes take too: two replicas (or two registrations in one batch)
   cannot both settle a node's address, and a node's end cannot be committed between the read
   and the acceptance (the gateways would route to a node that is over).
@@ -29,11 +29,11 @@ from schemas.events import (
     NodeRegistered,
     NodeSpotWarning,
 )
-from services.core.db import Connection
-from services.core.eventlog import EventLog
-from services.core.fleet import lock_node
-from services.core.natsauth.identities import NODE_PUBLISHES
-from services.core.recorder import Refusal, Verdict
+from services.domain.fleet import lock_node
+from services.infra.db import Connection
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import NODE_PUBLISHES
+from services.infra.recorder import Refusal, Verdict
 from services.monitor.registration import (
     Ignored,
     Notice,

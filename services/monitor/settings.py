@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.core.settings import CoreSettings
+from services.infra.settings import CoreSettings
 
 
 class MonitorSettings(CoreSettings, kw_only=True, frozen=True):

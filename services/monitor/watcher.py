@@ -46,9 +46,9 @@ from schemas.events import (
     NodeStatusChanged,
     NodeTerminated,
 )
-from services.core.aio import stop_task
-from services.core.fleet import Fleet
-from services.core.node_states import FINAL, HealthRule, Signal, transition
+from services.domain.fleet import Fleet
+from services.domain.node_states import FINAL, HealthRule, Signal, transition
+from services.infra.aio import stop_task
 from services.monitor.sight import in_grace, watching_since
 
 log = structlog.get_logger("watcher")

@@ -6,9 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.core.http import serve
-from services.core.logging import configure_logging
-from services.core.settings import SettingsError, load_settings
+from services.infra.http import serve
+from services.infra.logging import configure_logging
+from services.infra.settings import SettingsError, load_settings
 from services.notifier.app import create_notifier_app
 from services.notifier.settings import NotifierSettings
 

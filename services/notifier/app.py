@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from services.core.aio import stop_tasks
-from services.core.errors import ApiError, error_response
-from services.core.http import (
+from services.domain.notifications import NotificationSubscriptionsProjection
+from services.domain.notifications.targets import Kind
+from services.infra.aio import stop_tasks
+from services.infra.errors import ApiError, error_response
+from services.infra.http import (
     BUS,
     DB,
     EVENTLOG,
@@ -28,9 +30,7 @@ from services.core.http import (
     Needs,
     create_app,
 )
-from services.core.notifications import NotificationSubscriptionsProjection
-from services.core.notifications.targets import Kind
-from services.core.projections import ProjectionRunner
+from services.infra.projections import ProjectionRunner
 from services.notifier import alertmanager, store
 from services.notifier.intake import Intake
 from services.notifier.policy import Rules, Schedule

@@ -29,7 +29,7 @@ from nats.js import JetStreamContext, api
 
 from schemas.arrival import raw_mismatch
 from schemas.subjects import CONTROL, NODES
-from services.core.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
+from services.infra.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
 from services.notifier import store
 from services.notifier.scheduler import DATABASE_DOWN, NotifierMetrics
 

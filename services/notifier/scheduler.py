@@ -18,9 +18,9 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.core.aio import wait_event
-from services.core.eventlog import EventLog
-from services.core.notifications.targets import Kind, scrub
+from services.domain.notifications.targets import Kind, scrub
+from services.infra.aio import wait_event
+from services.infra.eventlog import EventLog
 from services.notifier import store
 from services.notifier.policy import AttemptResult, Rules, decide
 from services.notifier.senders import Sender

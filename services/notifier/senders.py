@@ -28,7 +28,7 @@ import msgspec
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from services.core.notifications.targets import Kind, scrub
+from services.domain.notifications.targets import Kind, scrub
 from services.notifier import discord, generic, mail, slack
 from services.notifier.messages import describe
 from services.notifier.policy import AttemptResult, bucket_pause, retry_after_of

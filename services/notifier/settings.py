@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from services.core.settings import (
+from services.infra.settings import (
     MAKE_A_TOKEN,
     CoreSettings,
     Secret,

@@ -26,17 +26,17 @@ import msgspec
 
 from schemas.events import NotificationAlert, encode_event
 from schemas.ids import uuid7
-from services.core.db import Connection
-from services.core.eventlog import ANY, EventLog
-from services.core.notifications import Notifications
-from services.core.notifications.rules import (
+from services.domain.notifications import Notifications
+from services.domain.notifications.rules import (
     EventFacts,
     SubscriptionRule,
     facts_of,
     recipients,
     redact,
 )
-from services.core.notifications.targets import Kind
+from services.domain.notifications.targets import Kind
+from services.infra.db import Connection
+from services.infra.eventlog import ANY, EventLog
 from services.notifier.policy import AttemptResult, Decision
 from services.notifier.senders import Target
 

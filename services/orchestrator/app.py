@@ -16,11 +16,11 @@ from nats.aio.msg import Msg
 
 from schemas.arrival import mismatch
 from schemas.events import EventDecodeError, decode_event
-from services.core.aio import stop_task
-from services.core.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
-from services.core.leadership import Leadership
-from services.core.natsauth.authority import NodeIssuer
-from services.core.node_keys import check_secret
+from services.infra.aio import stop_task
+from services.infra.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
+from services.infra.leadership import Leadership
+from services.infra.natsauth.authority import NodeIssuer
+from services.infra.node_keys import check_secret
 from services.orchestrator.credentials import CredentialKeeper
 from services.orchestrator.launcher import Launcher
 from services.orchestrator.local_launcher import LocalLauncher

@@ -40,22 +40,22 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.core.aio import stop_task
-from services.core.bus import Bus, NatsAuthError
-from services.core.natsauth.authority import (
+from services.domain.node_states import FINAL
+from services.infra.aio import stop_task
+from services.infra.bus import Bus, NatsAuthError
+from services.infra.natsauth.authority import (
     AUTH_ERROR_ADVISORIES,
     NodeIssuer,
     disconnect_advisories,
 )
-from services.core.natsauth.creds import Credentials
-from services.core.natsauth.revocations import (
+from services.infra.natsauth.creds import Credentials
+from services.infra.natsauth.revocations import (
     AccountResolver,
     ResolverError,
     resign,
     revised,
     revocations_of,
 )
-from services.core.node_states import FINAL
 
 log = structlog.get_logger("orchestrator.credentials")
 

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.core.catalog.weights import WeightsSource
+from services.domain.catalog.weights import WeightsSource
 
 
 class ClusterState(enum.StrEnum):

@@ -52,13 +52,13 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from schemas.subjects import node_command_subject
-from services.core.aio import stop_tasks, wait_event
-from services.core.catalog.weights import InvalidWeightsSource, parse_weights_source
-from services.core.eventlog import ANY, EventLog, LogWaker
-from services.core.fleet import Fleet, NodeView
-from services.core.natsauth.authority import NodeIssuer
-from services.core.node_keys import node_api_key
-from services.core.node_states import FINAL, Signal
+from services.domain.catalog.weights import InvalidWeightsSource, parse_weights_source
+from services.domain.fleet import Fleet, NodeView
+from services.domain.node_states import FINAL, Signal
+from services.infra.aio import stop_tasks, wait_event
+from services.infra.eventlog import ANY, EventLog, LogWaker
+from services.infra.natsauth.authority import NodeIssuer
+from services.infra.node_keys import node_api_key
 from services.orchestrator.autoscaler import NodeLoad, ScaleMemory, ScalePolicy, decide_scale
 from services.orchestrator.credentials import CredentialKeeper, node_credentials
 from services.orchestrator.launcher import (

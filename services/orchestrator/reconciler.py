@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from schemas.events import NodeStatus
-from services.core.fleet import NodeView
+from services.domain.fleet import NodeView
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.core.settings import CoreSettings, Secret
+from services.infra.settings import CoreSettings, Secret
 
 
 class OrchestratorSettings(CoreSettings, kw_only=True, frozen=True):

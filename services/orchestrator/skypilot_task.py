@@ -14,7 +14,7 @@ launches) to WEIGHTS_DIR before the run starts. Either way vLLM serves the weigh
 catalog's name (`--served-model-name`), which is what clients and the gateways ask for.
 
 vLLM serves only who presents the node's own key (the gateways derive it: see
-services/core/node_keys.py). It reads the key from VLLM_API_KEY, as `vllm serve` does, rather
+services/infra/node_keys.py). It reads the key from VLLM_API_KEY, as `vllm serve` does, rather
 than from `--api-key`: vLLM logs its non-default arguments at start, and a command line is
 readable by every process on the machine. The run refuses to start vLLM without a key.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.core.catalog.weights import FileWeights, HubWeights, R2Weights
+from services.domain.catalog.weights import FileWeights, HubWeights, R2Weights
 from services.orchestrator.launcher import LaunchSpec
 
 VLLM_PORT = 8000

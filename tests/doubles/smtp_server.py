@@ -14,7 +14,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from services.core.devstack import free_port
+from services.infra.devstack import free_port
 
 
 class MailHandler:

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from services.core.devstack import free_port
+from services.infra.devstack import free_port
 from services.notifier import discord, slack
 
 

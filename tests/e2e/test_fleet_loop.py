@@ -15,8 +15,9 @@ from typing import Any
 import aiohttp
 from openai import AsyncOpenAI
 
-from services.core.devstack import die_with_parent, free_port
-from services.core.natsauth.identities import Role
+from services.infra.devstack import free_port
+from services.infra.natsauth.identities import Role
+from services.infra.processes import die_with_parent
 from tests.helpers import eventually
 from tests.integration.fleet_fixtures import MODEL, ORCHESTRATOR_TIMING, Fleet
 from tests.integration.test_admin_api import running_admin

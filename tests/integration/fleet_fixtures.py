@@ -25,17 +25,17 @@ from openai import AsyncOpenAI
 from agent.local_cloud import CLOUD, CloudConfig, LocalCloud, create_cloud_app
 from schemas.events import NodeLaunching, NodeStatus
 from schemas.ids import uuid7
-from services.core.bus import Bus
-from services.core.catalog import Catalog, NewApiKey
-from services.core.eventlog import EventLog, LogWaker
-from services.core.fleet import Fleet as FleetCommands
-from services.core.natsauth.identities import Role
-from services.core.node_states import Signal
-from services.core.relay import OutboxRelay
-from services.core.settings import Secret
+from services.domain.catalog import Catalog, NewApiKey
+from services.domain.fleet import Fleet as FleetCommands
+from services.domain.node_states import Signal
 from services.gateway.app import create_gateway_app
 from services.gateway.gateway import GATEWAY, Gateway
 from services.gateway.settings import GatewaySettings
+from services.infra.bus import Bus
+from services.infra.eventlog import EventLog, LogWaker
+from services.infra.natsauth.identities import Role
+from services.infra.relay import OutboxRelay
+from services.infra.settings import Secret
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from services.orchestrator.app import ORCHESTRATOR, create_orchestrator_app

@@ -32,17 +32,17 @@ from schemas.commands import RegistrationAck
 from schemas.events import NodeRegistered, UsageRecorded, decode_event, encode_event
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject
-from services.core.bus import Bus
-from services.core.catalog import Catalog, NewApiKey
-from services.core.devstack import free_port
-from services.core.eventlog import EventLog, LogWaker
-from services.core.natsauth.identities import Role
-from services.core.node_keys import node_api_key
-from services.core.relay import OutboxRelay
-from services.core.settings import Secret
+from services.domain.catalog import Catalog, NewApiKey
 from services.gateway.app import create_gateway_app
 from services.gateway.gateway import GATEWAY, Gateway
 from services.gateway.settings import GatewaySettings
+from services.infra.bus import Bus
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventLog, LogWaker
+from services.infra.natsauth.identities import Role
+from services.infra.node_keys import node_api_key
+from services.infra.relay import OutboxRelay
+from services.infra.settings import Secret
 from tests.conftest import Servers
 from tests.helpers import eventually, launched, node_accepted
 

@@ -23,10 +23,10 @@ from schemas.events import TenantUpdated
 from services.admin.app import create_admin_app
 from services.admin.routes import all_routes
 from services.admin.settings import AdminSettings
-from services.core.catalog import Catalog, hash_api_key
-from services.core.eventlog import EventLog
-from services.core.natsauth.identities import Role
-from services.core.settings import Secret
+from services.domain.catalog import Catalog, hash_api_key
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from tests.conftest import Servers
 from tests.helpers import eventually
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import asyncpg
 
 from services.billing.budget_watch import BudgetWatch, due_thresholds
-from services.core.budgets import Period, period_bounds
-from services.core.catalog import Catalog
-from services.core.eventlog import EventLog
+from services.domain.budgets import Period, period_bounds
+from services.domain.catalog import Catalog
+from services.infra.eventlog import EventLog
 from tests.integration.test_admin_api import TOKEN, Admin, assert_error, seed
 from tests.integration.test_admin_api import admin as admin
 from tests.integration.test_billing_stripe import BillingRig, usage

@@ -10,10 +10,10 @@ import asyncpg
 import pytest
 
 from schemas.events import EntityStatus, Quota
-from services.core.catalog import Catalog, Conflict, Invalid, NotFound, catalog_projections
-from services.core.catalog import queries as q
-from services.core.eventlog import EventLog
-from services.core.projections import ProjectionRunner
+from services.domain.catalog import Catalog, Conflict, Invalid, NotFound, catalog_projections
+from services.domain.catalog import queries as q
+from services.infra.eventlog import EventLog
+from services.infra.projections import ProjectionRunner
 
 TABLES = ("tenants", "environments", "api_keys", "models", "deployments")
 

@@ -14,8 +14,8 @@ import pytest
 
 from services.admin.bodies import EventList
 from services.cli.tail import format_json
-from services.core.eventlog import START, EventFilter, EventLog
-from services.core.natsauth.identities import Role
+from services.infra.eventlog import START, EventFilter, EventLog
+from services.infra.natsauth.identities import Role
 from tests.conftest import Servers
 from tests.helpers import node_registered, tenant_created
 from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin

@@ -21,14 +21,14 @@ from agent.simulator import SimulatorConfig, create_app
 from schemas.events import NodeHeartbeat, UsagePrice, UsageRecorded
 from schemas.ids import uuid7
 from schemas.subjects import node_command_subject
-from services.billing.projection import UsageRecordsProjection
-from services.core.bus import Bus
-from services.core.eventlog import EventLog
-from services.core.fleet.projection import NodesProjection
-from services.core.natsauth.identities import Role
-from services.core.projections import ProjectionRunner
-from services.core.settings import Secret
-from services.core.usage_queries import parse_usage_query
+from services.domain.fleet.projection import NodesProjection
+from services.domain.usage_queries import parse_usage_query
+from services.domain.usage_records import UsageRecordsProjection
+from services.infra.bus import Bus
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
+from services.infra.settings import Secret
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers

@@ -61,10 +61,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from services.admin.openapi import CHECKED_IN
-from services.core.devstack import die_with_parent, free_port
-from services.core.natsauth.identities import Role
-from services.core.timeparse import parse_since
-from services.core.usage_queries import EARLIEST, LATEST, MAX_SPAN
+from services.domain.usage_queries import EARLIEST, LATEST, MAX_SPAN
+from services.infra.devstack import die_with_parent, free_port
+from services.infra.natsauth.identities import Role
+from services.infra.timeparse import parse_since
 from tests.conftest import Servers, _truncate_all
 
 TOKEN = "admin-schemathesis-token-3c8e1f6a9b2d4e70"

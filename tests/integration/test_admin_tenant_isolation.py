@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 
 from schemas.events import UsagePrice, UsageRecorded
-from services.billing.projection import UsageRecordsProjection
-from services.core.eventlog import EventLog
-from services.core.natsauth.identities import Role
-from services.core.projections import ProjectionRunner
+from services.domain.usage_records import UsageRecordsProjection
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
 from tests.conftest import Servers
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 from tests.integration.test_admin_api import Admin, running_admin

@@ -38,12 +38,12 @@ from schemas.events import Event, NodeHeartbeat, NodeRegistered, decode_event
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject, node_command_subject
 from services.cli.nats_commands import revoke_keys
-from services.core.bus import Bus
-from services.core.devstack import free_port
-from services.core.natsauth.authority import NodeIssuer
-from services.core.natsauth.creds import Credentials
-from services.core.natsauth.revocations import AccountResolver
-from services.core.settings import Secret
+from services.infra.bus import Bus
+from services.infra.devstack import free_port
+from services.infra.natsauth.authority import NodeIssuer
+from services.infra.natsauth.creds import Credentials
+from services.infra.natsauth.revocations import AccountResolver
+from services.infra.settings import Secret
 from tests.conftest import Servers
 from tests.helpers import eventually
 

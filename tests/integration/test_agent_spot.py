@@ -12,8 +12,8 @@ from aiohttp import web
 
 from agent.local_cloud.metadata import STATE, MetadataState, create_metadata_app
 from agent.spot import GcpSpot
-from services.core.aio import within
-from services.core.devstack import free_port
+from services.infra.aio import within
+from services.infra.devstack import free_port
 from tests.helpers import eventually
 
 GOOGLE = {"Metadata-Flavor": "Google"}

@@ -18,13 +18,13 @@ from schemas.events import NodeLaunching, NodeStatus, UsagePrice, UsageRecorded
 from schemas.ids import uuid7
 from services.cli.main import _run_projections
 from services.cli.registry import all_projections
-from services.core.catalog import Catalog
-from services.core.db import create_pool
-from services.core.devstack import DevStack
-from services.core.eventlog import START, EventFilter, EventLog, LogPosition
-from services.core.fleet import Fleet
-from services.core.migrate import migrate
-from services.core.node_states import Signal
+from services.domain.catalog import Catalog
+from services.domain.fleet import Fleet
+from services.domain.node_states import Signal
+from services.infra.db import create_pool
+from services.infra.devstack import DevStack
+from services.infra.eventlog import START, EventFilter, EventLog, LogPosition
+from services.infra.migrate import migrate
 from tests.conftest import Servers
 from tests.helpers import node_registered, tenant_created
 from tests.integration.test_cli import run_cli

@@ -19,8 +19,8 @@ import pytest
 from services.cli.main import _run_projections
 from services.cli.offsite import backup_name
 from services.cli.registry import all_projections
-from services.core.db import create_pool
-from services.core.devstack import die_with_parent, free_port
+from services.infra.db import create_pool
+from services.infra.devstack import die_with_parent, free_port
 from tests.helpers import eventually
 from tests.integration.test_backup import (  # noqa: F401
     _seed,

@@ -24,12 +24,12 @@ from schemas.events import (
     UsageExportPlanned,
 )
 from services.billing.hours import floor_hour, identifier
-from services.core.billing_ledger import record_billing_events
-from services.core.catalog import Catalog
-from services.core.catalog.projections import TenantsProjection
-from services.core.eventlog import EventLog
-from services.core.natsauth.identities import Role
-from services.core.projections import ProjectionRunner
+from services.domain.billing_ledger import record_billing_events
+from services.domain.catalog import Catalog
+from services.domain.catalog.projections import TenantsProjection
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
 from tests.conftest import Servers
 from tests.doubles.stripe_server import StripeServer, running_stripe
 from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin
@@ -48,7 +48,7 @@ async def stripe_server() -> AsyncIterator[StripeServer]:
 @pytest.fixture
 async def admin(servers: Servers, database_url: str, nats_url: str, redis_url: str,
                 stripe_server: StripeServer) -> AsyncIterator[Admin]:
-    from services.core.settings import Secret
+    from services.infra.settings import Secret
 
     async with running_admin(database_url, nats_url, redis_url,
                              creds=servers.creds(Role.ADMIN_API),

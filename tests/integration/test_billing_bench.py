@@ -12,9 +12,9 @@ from decimal import Decimal
 import asyncpg
 
 from bench.billing import check_empty, wipe_refusal
-from services.core.bus import Bus
-from services.core.catalog import Catalog
-from services.core.eventlog import EventLog
+from services.domain.catalog import Catalog
+from services.infra.bus import Bus
+from services.infra.eventlog import EventLog
 from tests.conftest import Servers
 from tests.integration.test_billing_stripe import usage
 

@@ -23,18 +23,18 @@ from openai import AsyncOpenAI
 
 from schemas.events import UsageExportPlanned, UsageRecorded
 from services.billing.hours import floor_hour, identifier
-from services.billing.projection import UsageRecordsProjection
-from services.core.billing_ledger import PLAN_LOCK_KEY, record_billing_events
-from services.core.cost_meter import EPOCH
-from services.core.eventlog import EventLog
-from services.core.natsauth.identities import Role
-from services.core.projections import ProjectionRunner
-from services.core.settings import Secret
-from services.core.stripe_pricing import (
+from services.domain.billing_ledger import PLAN_LOCK_KEY, record_billing_events
+from services.domain.cost_meter import EPOCH
+from services.domain.stripe_pricing import (
     CostPriceSpec,
     ensure_cost_price,
     switch_tenant,
 )
+from services.domain.usage_records import UsageRecordsProjection
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
+from services.infra.settings import Secret
 from tests.conftest import Servers
 from tests.doubles.stripe_server import StripeServer
 from tests.helpers import eventually

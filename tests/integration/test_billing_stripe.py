@@ -29,17 +29,17 @@ from aiohttp import web
 from schemas.events import UsageRecorded, encode_event
 from services.billing.app import PUSHER, create_billing_app
 from services.billing.hours import floor_hour, identifier
-from services.billing.projection import UsageRecordsProjection
 from services.billing.pusher import Pusher
 from services.billing.settings import BillingSettings
-from services.core.bus import Bus
-from services.core.catalog import Catalog
-from services.core.devstack import free_port
-from services.core.eventlog import EventLog
-from services.core.natsauth.identities import Role
-from services.core.projections import ProjectionRunner
-from services.core.settings import Secret
-from services.core.stripe_billing import StripeBilling, StripeConfig, link_tenant
+from services.domain.catalog import Catalog
+from services.domain.stripe_billing import StripeBilling, StripeConfig, link_tenant
+from services.domain.usage_records import UsageRecordsProjection
+from services.infra.bus import Bus
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
+from services.infra.settings import Secret
 from tests.conftest import Servers
 from tests.doubles.stripe_server import StripeServer, running_stripe
 from tests.helpers import eventually, usage_owner
@@ -666,7 +666,7 @@ async def test_the_stripe_double_enforces_stripes_rules(rig: BillingRig) -> None
     fractional values, timestamps out of Stripe's window and reused identifiers."""
     import stripe
 
-    from services.core.stripe_billing import Failure, classify
+    from services.domain.stripe_billing import Failure, classify
 
     customer = rig.stripe.state.add_customer()
     client = StripeBilling(StripeConfig(Secret(rig.stripe.api_key), rig.stripe.url, 2.0))

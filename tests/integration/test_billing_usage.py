@@ -17,19 +17,19 @@ from schemas.events import UsageRecorded
 from services.billing.app import create_billing_app
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
-from services.billing.projection import UsageRecordsProjection
 from services.billing.settings import BillingSettings
-from services.core.bus import Bus
-from services.core.catalog import Catalog
-from services.core.db import Connection, create_pool
-from services.core.devstack import free_port
-from services.core.eventlog import EventLog
-from services.core.http import REGISTRY
-from services.core.natsauth.identities import Role
-from services.core.pricing import cost
-from services.core.projections import ProjectionRunner
-from services.core.recorder import Refusal
-from services.core.settings import Secret
+from services.domain.catalog import Catalog
+from services.domain.pricing import cost
+from services.domain.usage_records import UsageRecordsProjection
+from services.infra.bus import Bus
+from services.infra.db import Connection, create_pool
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventLog
+from services.infra.http import REGISTRY
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
+from services.infra.recorder import Refusal
+from services.infra.settings import Secret
 from tests.conftest import Servers
 from tests.helpers import UsageOwner, eventually, usage_owner
 

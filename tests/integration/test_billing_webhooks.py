@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 
 from services.billing.hours import identifier
-from services.core.billing_ledger import BillingProjection
-from services.core.eventlog import EventLog
-from services.core.projections import ProjectionRunner
+from services.domain.billing_ledger import BillingProjection
+from services.infra.eventlog import EventLog
+from services.infra.projections import ProjectionRunner
 from tests.doubles.stripe_server import sign, snapshot_event, thin_event
 from tests.integration.test_billing_stripe import (
     WEBHOOK_SECRET,

@@ -21,13 +21,13 @@ import pytest
 
 from schemas.events import BudgetExhausted, BudgetThresholdReached, UsageRecorded
 from services.billing.budget_watch import BudgetWatch, alert_stream, due_thresholds
-from services.core.budgets import Period, period_bounds
-from services.core.bus import Bus
-from services.core.eventlog import EventLog, LogWaker
-from services.core.natsauth.identities import Role
-from services.core.notifications import Notifications
-from services.core.notifications.targets import generate_signing_secret
-from services.core.relay import OutboxRelay
+from services.domain.budgets import Period, period_bounds
+from services.domain.notifications import Notifications
+from services.domain.notifications.targets import generate_signing_secret
+from services.infra.bus import Bus
+from services.infra.eventlog import EventLog, LogWaker
+from services.infra.natsauth.identities import Role
+from services.infra.relay import OutboxRelay
 from tests.conftest import Servers
 from tests.doubles.webhook_receivers import Endpoint, WebhookReceivers
 from tests.helpers import eventually

@@ -17,14 +17,14 @@ from aiohttp import web
 from nats.aio.client import RawCredentials
 
 from services.cli.nats_commands import revoke_keys
-from services.core.bus import Bus, NatsAuthError
-from services.core.devstack import free_port
-from services.core.http import Needs, create_app
-from services.core.natsauth.authority import NodeIssuer
-from services.core.natsauth.creds import Credentials
-from services.core.natsauth.identities import Role
-from services.core.natsauth.revocations import AccountResolver
-from services.core.settings import CoreSettings, Secret
+from services.infra.bus import Bus, NatsAuthError
+from services.infra.devstack import free_port
+from services.infra.http import Needs, create_app
+from services.infra.natsauth.authority import NodeIssuer
+from services.infra.natsauth.creds import Credentials
+from services.infra.natsauth.identities import Role
+from services.infra.natsauth.revocations import AccountResolver
+from services.infra.settings import CoreSettings, Secret
 from tests.conftest import Servers
 
 FAST = 15.0

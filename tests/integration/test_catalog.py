@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from schemas.events import Quota
-from services.core.catalog import (
+from services.domain.catalog import (
     API_KEY_PREFIX,
     Catalog,
     Conflict,
@@ -19,8 +19,8 @@ from services.core.catalog import (
     catalog_projections,
     hash_api_key,
 )
-from services.core.eventlog import EventLog
-from services.core.projections import ProjectionRunner
+from services.infra.eventlog import EventLog
+from services.infra.projections import ProjectionRunner
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.core.eventlog import EventLog
+from services.infra.eventlog import EventLog
 from tests.helpers import node_registered, tenant_created
 
 CLI = [sys.executable, "-m", "services.cli"]

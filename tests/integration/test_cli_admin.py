@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.core.natsauth.identities import Role
+from services.infra.natsauth.identities import Role
 from tests.conftest import Servers
 from tests.integration.test_admin_api import TOKEN, Admin, running_admin
 

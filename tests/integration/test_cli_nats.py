@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from schemas.subjects import STREAMS
 from services.cli.nats_commands import revoke_keys
-from services.core.bus import Bus
-from services.core.natsauth.authority import NodeIssuer
-from services.core.natsauth.creds import Credentials
-from services.core.natsauth.identities import Role
-from services.core.natsauth.revocations import AccountResolver, revocations_of
+from services.infra.bus import Bus
+from services.infra.natsauth.authority import NodeIssuer
+from services.infra.natsauth.creds import Credentials
+from services.infra.natsauth.identities import Role
+from services.infra.natsauth.revocations import AccountResolver, revocations_of
 from services.orchestrator.credentials import CredentialKeeper
 from tests.conftest import Servers
 from tests.helpers import ended_node, eventually

@@ -27,8 +27,8 @@ from services.admin.app import create_admin_app
 from services.admin.settings import AdminSettings
 from services.billing.app import create_billing_app
 from services.billing.settings import BillingSettings
-from services.core.natsauth.identities import Role
-from services.core.settings import Secret
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from tests.doubles.stripe_server import StripeServer, running_stripe
 from tests.helpers import eventually
 from tests.integration.fleet_fixtures import MODEL, Fleet

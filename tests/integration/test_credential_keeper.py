@@ -12,10 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from services.core.aio import stop_task
-from services.core.devstack import free_port
-from services.core.natsauth.authority import Authority, NodeIssuer
-from services.core.natsauth.revocations import revocations_of
+from services.infra.aio import stop_task
+from services.infra.devstack import free_port
+from services.infra.natsauth.authority import Authority, NodeIssuer
+from services.infra.natsauth.revocations import revocations_of
 from services.orchestrator.credentials import CredentialKeeper
 from tests.conftest import Servers
 from tests.helpers import ended_node, eventually, served_account

@@ -9,9 +9,9 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from services.core.db import DEFAULT_STATEMENT_TIMEOUT_MS, connect, create_pool
-from services.core.http import DB, Needs, create_app
-from services.core.settings import CoreSettings, Secret
+from services.infra.db import DEFAULT_STATEMENT_TIMEOUT_MS, connect, create_pool
+from services.infra.http import DB, Needs, create_app
+from services.infra.settings import CoreSettings, Secret
 
 
 async def test_a_pool_cancels_a_statement_longer_than_its_timeout(database_url: str) -> None:

@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 
 from schemas.events import EventMetadata, TenantSuspended
-from services.core import eventlog as eventlog_module
-from services.core.eventlog import (
+from services.infra import eventlog as eventlog_module
+from services.infra.eventlog import (
     ANY,
     NO_STREAM,
     START,

@@ -24,9 +24,9 @@ from schemas.events import (
     NodeStatusChanged,
     NodeTerminated,
 )
-from services.core.eventlog import EventLog
-from services.core.fleet import NodesProjection
-from services.core.projections import ProjectionRunner
+from services.domain.fleet import NodesProjection
+from services.infra.eventlog import EventLog
+from services.infra.projections import ProjectionRunner
 from tests.helpers import node_registered
 
 Late = Callable[[uuid.UUID], Event]

@@ -20,10 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from schemas.events import UsageRecorded
-from services.core.budgets import Period, nano, period_bounds
-from services.core.devstack import free_port
-from services.core.pricing import cost
+from services.domain.budgets import Period, nano, period_bounds
+from services.domain.pricing import cost
 from services.gateway.gateway import BUDGET_RECONCILER
+from services.infra.devstack import free_port
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, usage_events
 from tests.integration.gateway_fixtures import platform as platform

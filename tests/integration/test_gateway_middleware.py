@@ -18,11 +18,11 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
-from services.core.http import REGISTRY, REQUEST_ID, Needs, create_app
-from services.core.http import metrics as metrics_handler
-from services.core.settings import CoreSettings
 from services.gateway.errors import ApiError
 from services.gateway.middleware import REAL_IP, MiddlewareConfig, install_middleware
+from services.infra.http import REGISTRY, REQUEST_ID, Needs, create_app
+from services.infra.http import metrics as metrics_handler
+from services.infra.settings import CoreSettings
 from tests.helpers import eventually
 
 SECURITY = {

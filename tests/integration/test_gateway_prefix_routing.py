@@ -13,9 +13,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.core.devstack import free_port
 from services.gateway.app import create_gateway_app
 from services.gateway.gateway import GATEWAY
+from services.infra.devstack import free_port
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Node, Platform, usage_events
 from tests.integration.gateway_fixtures import platform as platform

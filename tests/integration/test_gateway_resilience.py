@@ -20,11 +20,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.events import NodeTerminated, Quota, UsageRecorded, decode_event
-from services.core.devstack import free_port
-from services.core.eventlog import EventLog
-from services.core.fleet.projection import NodesProjection
-from services.core.natsauth.identities import Role
-from services.core.projections import ProjectionRunner
+from services.domain.fleet.projection import NodesProjection
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
 from tests.helpers import children_of, eventually, node_registered, process_alive
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 
@@ -520,7 +520,7 @@ async def test_a_revocation_published_while_a_gateway_was_cut_off_still_reaches_
     p = platform
     link = CuttableLink(int(p.servers.nats_url.rsplit(":", 1)[1]))
     port = await link.start()
-    from services.core.settings import Secret
+    from services.infra.settings import Secret
 
     # A long local cache: only the revocation event can take the key out in time.
     await p.start_gateway(nats_url=Secret(f"nats://127.0.0.1:{port}"),
@@ -603,7 +603,7 @@ async def test_redis_down_keeps_serving_with_local_limits(platform: Platform) ->
 
 
 def _dead_redis() -> Any:
-    from services.core.settings import Secret
+    from services.infra.settings import Secret
 
     return Secret(f"redis://127.0.0.1:{free_port()}/0")
 

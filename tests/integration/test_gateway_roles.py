@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from services.core.catalog import NewApiKey
+from services.domain.catalog import NewApiKey
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 from tests.redteam.test_gateway_and_nodes import node_metrics

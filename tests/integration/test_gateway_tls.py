@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from openai import APIConnectionError, AsyncOpenAI
 
-from services.core.devstack import die_with_parent, free_port
-from services.core.natsauth.identities import Role
+from services.infra.devstack import die_with_parent, free_port
+from services.infra.natsauth.identities import Role
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 

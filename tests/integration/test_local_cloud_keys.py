@@ -12,7 +12,7 @@ import pytest
 
 from agent.local_cloud import CloudConfig, LocalCloud
 from agent.local_cloud.cloud import MachineRequest
-from services.core.devstack import free_port
+from services.infra.devstack import free_port
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 KEY = "clnk_the-launch-key-0123456789abcdefghijkl"

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.billing.app import create_billing_app
 from services.billing.settings import BillingSettings
-from services.core.natsauth.identities import Role
-from services.core.settings import Secret
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.doubles.stripe_server import running_stripe

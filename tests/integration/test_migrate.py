@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.core.migrate import MigrationError, load_migrations, migrate
+from services.infra.migrate import MigrationError, load_migrations, migrate
 from tests.conftest import Servers
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.local_cloud import CloudConfig, create_cloud_app
-from services.core.catalog import Catalog
-from services.core.catalog.weights import FileWeights, R2Weights
+from services.domain.catalog import Catalog
+from services.domain.catalog.weights import FileWeights, R2Weights
 from services.orchestrator.launcher import LaunchError, LaunchSpec
 from services.orchestrator.local_launcher import LocalLauncher
 from tests.helpers import eventually

@@ -28,12 +28,12 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from schemas.subjects import NODES, node_ack_subject
-from services.core.bus import Bus
-from services.core.devstack import free_port
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
-from services.core.natsauth.identities import Role
-from services.core.settings import Secret
+from services.domain.fleet import Fleet
+from services.infra.bus import Bus
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from services.monitor.app import NODE_RECORDER, create_monitor_app, refusal, to_remember
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers

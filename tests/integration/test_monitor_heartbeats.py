@@ -12,7 +12,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from schemas.events import NodeHeartbeat
-from services.core.bus import Bus
+from services.infra.bus import Bus
 from services.monitor.app import WATCHER
 from tests.helpers import eventually
 from tests.integration.test_monitor_outage import Node, active, status

@@ -1,5 +1,5 @@
 """The monitor's intake and the fleet's commands (the orchestrator's and the monitor's status
-changes) decide on a node's history under one lock (services/core/fleet/lock.py), against real
+changes) decide on a node's history under one lock (services/domain/fleet/lock.py), against real
 PostgreSQL: whichever takes it first commits before the other reads, so a node's end and its
 acceptance never cross (`node.accepted` after `failed` would put a dead node back in the
 gateways' rotation).
@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry
 
 from schemas.events import Event, NodeRegistered, NodeStatus
 from schemas.ids import uuid7
-from services.core.db import Connection
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
-from services.core.node_states import Signal
-from services.core.recorder import Refusal, Verdict
+from services.domain.fleet import Fleet
+from services.domain.node_states import Signal
+from services.infra.db import Connection
+from services.infra.eventlog import EventLog
+from services.infra.recorder import Refusal, Verdict
 from services.monitor.intake import NodeIntake
 from tests.helpers import eventually, launched, node_registered
 
@@ -46,7 +46,7 @@ def registration(node: uuid.UUID) -> NodeRegistered:
 
 async def record(conn: Connection, events: Sequence[Event], verdicts: Sequence[Verdict]
                  ) -> None:
-    """What the recorder writes of a batch's verdicts (services/core/recorder.py)."""
+    """What the recorder writes of a batch's verdicts (services/infra/recorder.py)."""
     log = EventLog(conn)
     for incoming, verdict in zip(events, verdicts, strict=True):
         if isinstance(verdict, Refusal):

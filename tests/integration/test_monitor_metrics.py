@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from schemas.events import NodeDeregistered, NodeHeartbeat
-from services.core.bus import Bus
-from services.core.leadership import lock_key
+from services.infra.bus import Bus
+from services.infra.leadership import lock_key
 from services.monitor.app import LEADERSHIP, WATCHER
 from tests.helpers import eventually
 from tests.integration.test_monitor_states import (  # noqa: F401  (fixtures)

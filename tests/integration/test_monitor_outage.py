@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from schemas.events import NodeHeartbeat
-from services.core.bus import Bus
-from services.core.http import BUS
+from services.infra.bus import Bus
+from services.infra.http import BUS
 from services.monitor.app import WATCHER
 from services.monitor.watcher import LAST_SEEN, WATCHED_AT
 from tests.conftest import Servers

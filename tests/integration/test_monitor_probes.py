@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from services.core.bus import Bus
-from services.core.devstack import free_port
+from services.infra.bus import Bus
+from services.infra.devstack import free_port
 from services.monitor.app import WATCHER
 from tests.helpers import eventually
 from tests.integration.test_monitor_outage import Node, active, went_stale

@@ -16,10 +16,10 @@ from agent.node_agent import NodeAgent
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
 from schemas.ids import uuid7
-from services.core.bus import Bus
-from services.core.devstack import free_port
-from services.core.natsauth.identities import Role
-from services.core.settings import Secret
+from services.infra.bus import Bus
+from services.infra.devstack import free_port
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from services.monitor.app import LEADERSHIP, WATCHER, create_monitor_app
 from services.monitor.settings import MonitorSettings
 from tests.conftest import Servers

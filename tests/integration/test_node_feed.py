@@ -10,10 +10,10 @@ import uuid
 from prometheus_client import CollectorRegistry
 
 from schemas.events import ApiKeyCreated, NodeHeartbeat, NodeStatus, NodeStatusChanged, encode_event
-from services.core.bus import Bus
-from services.core.natsauth.identities import Role
 from services.gateway.node_feed import CONSUMER, NodeFeed
 from services.gateway.nodes import NodeTable, RoutingRules
+from services.infra.bus import Bus
+from services.infra.natsauth.identities import Role
 from tests.conftest import Servers
 from tests.helpers import eventually, node_accepted, node_registered
 

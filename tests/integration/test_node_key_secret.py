@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from services.core.node_keys import NodeKeySecretError, node_api_key
-from services.core.settings import Secret
+from services.infra.node_keys import NodeKeySecretError, node_api_key
+from services.infra.settings import Secret
 from services.orchestrator.app import create_orchestrator_app
 from services.orchestrator.settings import OrchestratorSettings
 from tests.conftest import Servers

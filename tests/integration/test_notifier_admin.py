@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 
 from schemas.events import NodeStatus
-from services.core.bus import Bus
-from services.core.natsauth.identities import Role
+from services.infra.bus import Bus
+from services.infra.natsauth.identities import Role
 from tests.conftest import Servers
 from tests.doubles.webhook_receivers import Reply, WebhookReceivers
 from tests.helpers import eventually

@@ -29,13 +29,13 @@ from schemas.events import (
     PaymentFailed,
     TenantSuspended,
 )
-from services.core.bus import Bus
-from services.core.catalog import Catalog
-from services.core.devstack import free_port
-from services.core.eventlog import EventFilter, EventLog
-from services.core.natsauth.identities import Role
-from services.core.notifications import Notifications
-from services.core.settings import Secret
+from services.domain.catalog import Catalog
+from services.domain.notifications import Notifications
+from services.infra.bus import Bus
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventFilter, EventLog
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from services.notifier.app import create_notifier_app
 from services.notifier.settings import NotifierSettings
 from tests.conftest import Servers
@@ -244,7 +244,7 @@ async def test_discord_unknown_webhook_is_never_used_again(
 async def test_generic_is_signed_and_retried_on_the_schedule(
         stack: Servers, bus: Bus, pool: asyncpg.Pool, receivers: WebhookReceivers,
         notifications: Notifications) -> None:
-    from services.core.notifications.targets import generate_signing_secret
+    from services.domain.notifications.targets import generate_signing_secret
 
     secret = generate_signing_secret()
     endpoint = receivers.generic(secret, script=[Reply(500, "boom"), Reply(503)])
@@ -278,7 +278,7 @@ async def test_generic_is_signed_and_retried_on_the_schedule(
 async def test_exhausted_delivery_is_reported_and_can_be_replayed(
         stack: Servers, bus: Bus, pool: asyncpg.Pool, receivers: WebhookReceivers,
         notifications: Notifications) -> None:
-    from services.core.notifications.targets import generate_signing_secret
+    from services.domain.notifications.targets import generate_signing_secret
 
     endpoint = receivers.generic(generate_signing_secret())  # not the subscription's secret
     sub = await notifications.create_subscription(kind="generic", target=endpoint.url,
@@ -386,7 +386,7 @@ async def test_email_over_smtp_with_text_and_html(
 async def test_a_tenant_only_ever_receives_its_own_events(
         stack: Servers, bus: Bus, pool: asyncpg.Pool, receivers: WebhookReceivers,
         notifications: Notifications) -> None:
-    from services.core.notifications.targets import generate_signing_secret
+    from services.domain.notifications.targets import generate_signing_secret
 
     catalog = Catalog(EventLog(pool))
     tenant_a = await catalog.create_tenant("a")
@@ -529,7 +529,7 @@ def alertmanager_payload(n: int, *, status: str = "firing", long: int = 0) -> di
 async def test_alertmanager_payload_fans_out_to_platform_subscriptions_within_limits(
         stack: Servers, bus: Bus, pool: asyncpg.Pool, receivers: WebhookReceivers,
         notifications: Notifications) -> None:
-    from services.core.notifications.targets import generate_signing_secret
+    from services.domain.notifications.targets import generate_signing_secret
 
     tenant = await Catalog(EventLog(pool)).create_tenant("acme")
     discord_ep = receivers.discord()

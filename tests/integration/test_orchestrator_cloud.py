@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from services.core.aio import stop_task
-from services.core.node_states import Signal
+from services.domain.node_states import Signal
+from services.infra.aio import stop_task
 from services.orchestrator.launcher import LaunchError
 from tests.helpers import eventually
 from tests.integration.fleet_fixtures import Rig, rig  # noqa: F401  (fixture)

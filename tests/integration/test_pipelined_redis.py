@@ -14,8 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.core.devstack import RedisServer, free_port
-from services.core.pipelined_redis import PipelinedRedis
+from services.infra.devstack import RedisServer, free_port
+from services.infra.pipelined_redis import PipelinedRedis
 
 
 @pytest.fixture

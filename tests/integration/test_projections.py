@@ -9,9 +9,9 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.core.event_stats import EventTypeStats
-from services.core.eventlog import EventLog, LogWaker, RecordedEvent
-from services.core.projections import Projection, ProjectionMetrics, ProjectionRunner
+from services.infra.event_stats import EventTypeStats
+from services.infra.eventlog import EventLog, LogWaker, RecordedEvent
+from services.infra.projections import Projection, ProjectionMetrics, ProjectionRunner
 from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
 
 

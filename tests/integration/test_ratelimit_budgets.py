@@ -13,7 +13,6 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from services.core.pipelined_redis import PipelinedRedis
 from services.gateway.ratelimit import (
     BudgetCap,
     Decision,
@@ -23,6 +22,7 @@ from services.gateway.ratelimit import (
     connect_redis,
 )
 from services.gateway.ratelimit.limits import Check, Reservation, plan
+from services.infra.pipelined_redis import PipelinedRedis
 from tests.helpers import eventually
 from tests.integration.test_ratelimit_redis import NONE, only
 

@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from services.core.devstack import RedisServer, free_port
 from services.gateway.ratelimit import (
     Layer,
     Limits,
@@ -30,6 +29,7 @@ from services.gateway.ratelimit import (
     connect_redis,
 )
 from services.gateway.ratelimit.limits import Origin
+from services.infra.devstack import RedisServer, free_port
 
 SUBJECT = LimitSubject(key_id="k1", environment_id="e1", tenant_id="t1")
 LIMITS = Limits(key_requests_per_minute=2, key_tokens_per_minute=1000)

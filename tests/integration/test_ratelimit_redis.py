@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from services.core.pipelined_redis import PipelinedRedis
 from services.gateway.ratelimit import (
     Layer,
     Limits,
@@ -21,6 +20,7 @@ from services.gateway.ratelimit import (
     connect_redis,
 )
 from services.gateway.ratelimit.limits import MINUTE_MS, Reservation, window_start
+from services.infra.pipelined_redis import PipelinedRedis
 from tests.helpers import eventually
 
 SUBJECT = LimitSubject(key_id="k1", environment_id="e1", tenant_id="t1")

@@ -15,13 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from schemas.events import Event, decode_event, encode_event
-from services.core.bus import Bus, ConsumerSpec, Delivery
-from services.core.db import Connection
-from services.core.devstack import free_port
-from services.core.eventlog import START, EventLog, LogWaker
-from services.core.natsauth.identities import Role
-from services.core.recorder import Recorder, Refusal, Verdict
-from services.core.relay import RELAY_LOCK_KEY, OutboxRelay
+from services.infra.bus import Bus, ConsumerSpec, Delivery
+from services.infra.db import Connection
+from services.infra.devstack import free_port
+from services.infra.eventlog import START, EventLog, LogWaker
+from services.infra.natsauth.identities import Role
+from services.infra.recorder import Recorder, Refusal, Verdict
+from services.infra.relay import RELAY_LOCK_KEY, OutboxRelay
 from tests.conftest import Servers
 from tests.helpers import (
     eventually,

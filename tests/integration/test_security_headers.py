@@ -17,11 +17,11 @@ from services.admin.app import create_admin_app
 from services.admin.settings import AdminSettings
 from services.billing.app import create_billing_app
 from services.billing.settings import BillingSettings
-from services.core.devstack import free_port
-from services.core.http import SECURITY_HEADERS
-from services.core.natsauth.identities import Role
-from services.core.relay import RelaySettings, relay_app
-from services.core.settings import Secret
+from services.infra.devstack import free_port
+from services.infra.http import SECURITY_HEADERS
+from services.infra.natsauth.identities import Role
+from services.infra.relay import RelaySettings, relay_app
+from services.infra.settings import Secret
 from services.notifier.app import create_notifier_app
 from services.notifier.settings import NotifierSettings
 from tests.doubles.stripe_server import running_stripe

@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from services.core.http import BUS, DB, EVENTLOG, REDIS, REQUEST_ID, Needs, create_app
-from services.core.natsauth.identities import Role
-from services.core.settings import CoreSettings, Secret, load_settings
+from services.infra.http import BUS, DB, EVENTLOG, REDIS, REQUEST_ID, Needs, create_app
+from services.infra.natsauth.identities import Role
+from services.infra.settings import CoreSettings, Secret, load_settings
 from tests.conftest import Servers
 from tests.helpers import tenant_created
 

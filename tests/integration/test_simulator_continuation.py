@@ -12,7 +12,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from agent.simulator.tokenizer import count_tokens
-from services.core.standin_tokenizer import TokenIds
+from services.domain.standin_tokenizer import TokenIds
 from tests.integration import simulator_fixtures
 from tests.integration.simulator_fixtures import MODEL, Sim, StartSim
 

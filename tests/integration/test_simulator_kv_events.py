@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from schemas.kv_events import AllBlocksCleared, BlockStored, KVEventBatch, decode_batch
-from services.core.standin_tokenizer import TokenIds
+from services.domain.standin_tokenizer import TokenIds
 from tests.integration.simulator_fixtures import (  # noqa: F401 - fixtures
     MODEL,
     SimProcess,

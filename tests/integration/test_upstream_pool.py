@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from services.core.devstack import free_port
 from services.gateway.upstream import ConnectFailed, Dropped, ReadTimeout, UpstreamPool
+from services.infra.devstack import free_port
 
 PEERS = web.AppKey("peers", list)
 

@@ -11,10 +11,10 @@ from aiohttp import web
 
 from services.billing.app import create_billing_app
 from services.billing.settings import BillingSettings
-from services.core.devstack import free_port
-from services.core.natsauth.identities import Role
-from services.core.pricing import cost
-from services.core.settings import Secret
+from services.domain.pricing import cost
+from services.infra.devstack import free_port
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 

@@ -17,16 +17,16 @@ from aiohttp import web
 
 from schemas.events import UsagePrice, UsageRecorded
 from services.billing.app import create_billing_app
-from services.billing.projection import UsageRecordsProjection
 from services.billing.settings import BillingSettings
-from services.core.db import create_pool
-from services.core.devstack import free_port
-from services.core.eventlog import EventLog
-from services.core.migrate import MIGRATIONS_DIR, migrate
-from services.core.natsauth.identities import Role
-from services.core.pricing import cost
-from services.core.projections import ProjectionRunner
-from services.core.settings import Secret
+from services.domain.pricing import cost
+from services.domain.usage_records import UsageRecordsProjection
+from services.infra.db import create_pool
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventLog
+from services.infra.migrate import MIGRATIONS_DIR, migrate
+from services.infra.natsauth.identities import Role
+from services.infra.projections import ProjectionRunner
+from services.infra.settings import Secret
 from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform, platform  # noqa: F401
 from tests.integration.test_migrate import fresh_db  # noqa: F401

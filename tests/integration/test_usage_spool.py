@@ -11,11 +11,11 @@ import uuid
 from pathlib import Path
 
 from schemas.events import UsageRecorded, decode_event, encode_event
-from services.core.aio import stop_task
-from services.core.bus import Bus
-from services.core.devstack import NatsServer
-from services.core.natsauth.identities import Role
 from services.gateway.usage import UsagePublisher
+from services.infra.aio import stop_task
+from services.infra.bus import Bus
+from services.infra.devstack import NatsServer
+from services.infra.natsauth.identities import Role
 from tests.helpers import eventually
 
 

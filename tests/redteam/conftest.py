@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 
-from services.core.natsauth.creds import Credentials
+from services.infra.natsauth.creds import Credentials
 from tests.conftest import Servers
 from tests.helpers import eventually
 

@@ -12,8 +12,8 @@ import asyncio
 
 from schemas.events import Event
 from schemas.ids import uuid7
-from services.core.bus import MSG_ID, Bus, ConsumerSpec, Delivery, dlq_headers
-from services.core.natsauth.identities import MONITOR_HEARTBEATS_DLQ
+from services.infra.bus import MSG_ID, Bus, ConsumerSpec, Delivery, dlq_headers
+from services.infra.natsauth.identities import MONITOR_HEARTBEATS_DLQ
 from tests.conftest import Servers
 from tests.helpers import eventually
 

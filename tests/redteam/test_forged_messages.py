@@ -42,13 +42,13 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject
-from services.core.bus import Bus, dlq_headers
-from services.core.devstack import free_port
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
-from services.core.http import REGISTRY
-from services.core.natsauth.identities import Role
-from services.core.settings import Secret
+from services.domain.fleet import Fleet
+from services.infra.bus import Bus, dlq_headers
+from services.infra.devstack import free_port
+from services.infra.eventlog import EventLog
+from services.infra.http import REGISTRY
+from services.infra.natsauth.identities import Role
+from services.infra.settings import Secret
 from services.monitor.app import create_monitor_app
 from services.monitor.settings import MonitorSettings
 from services.notifier.intake import INTAKES, Intake

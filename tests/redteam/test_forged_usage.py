@@ -13,9 +13,9 @@ import msgspec
 from aiohttp import web
 
 from schemas.events import UsagePrice
-from services.core.bus import Bus
-from services.core.natsauth.identities import Role
-from services.core.pricing import cost
+from services.domain.pricing import cost
+from services.infra.bus import Bus
+from services.infra.natsauth.identities import Role
 from tests.conftest import Servers
 from tests.helpers import UsageOwner, eventually, usage_owner
 from tests.integration.test_billing_usage import records, refused, usage

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.events import Quota
 from schemas.ids import uuid7
-from services.core.node_keys import node_api_key
+from services.infra.node_keys import node_api_key
 from tests.integration.gateway_fixtures import MODEL, Node, Platform
 from tests.integration.test_gateway_api import HELLO, raw
 

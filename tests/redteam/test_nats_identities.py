@@ -18,11 +18,11 @@ from nats.js.api import AckPolicy
 
 from schemas.events import ApiKeyCreated, NodeRegistered, UsagePrice, UsageRecorded
 from schemas.subjects import CONTROL, NODES, NODES_VIEW, USAGE
-from services.core.aio import stop_task
-from services.core.bus import Bus
-from services.core.natsauth.authority import Authority
-from services.core.natsauth.identities import NODE_PUBLISHES, Role
-from services.core.natsauth.keys import KeyKind, new_seed
+from services.infra.aio import stop_task
+from services.infra.bus import Bus
+from services.infra.natsauth.authority import Authority
+from services.infra.natsauth.identities import NODE_PUBLISHES, Role
+from services.infra.natsauth.keys import KeyKind, new_seed
 from tests.conftest import Servers
 from tests.helpers import eventually, node_registered
 from tests.redteam.conftest import Connect

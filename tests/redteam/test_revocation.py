@@ -21,12 +21,12 @@ from agent.settings import AgentSettings
 from agent.simulator import SimulatorConfig, create_app
 from schemas.events import NodeLaunching
 from schemas.ids import uuid7
-from services.core.eventlog import EventLog
-from services.core.fleet import Fleet
-from services.core.natsauth.authority import NodeIssuer
-from services.core.natsauth.revocations import AccountResolver, revocations_of
-from services.core.node_states import Signal
-from services.core.settings import Secret
+from services.domain.fleet import Fleet
+from services.domain.node_states import Signal
+from services.infra.eventlog import EventLog
+from services.infra.natsauth.authority import NodeIssuer
+from services.infra.natsauth.revocations import AccountResolver, revocations_of
+from services.infra.settings import Secret
 from services.orchestrator.credentials import CredentialKeeper, node_credentials
 from tests.conftest import Servers
 from tests.helpers import eventually, served_account

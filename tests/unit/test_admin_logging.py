@@ -13,7 +13,7 @@ import textwrap
 PROGRAM = textwrap.dedent("""
     import logging
     import structlog
-    from services.core.logging import configure_logging
+    from services.infra.logging import configure_logging
 
     configure_logging("info", json={json}, service="admin")
     configure_logging("info", json={json}, service="admin")  # twice: no doubled lines

@@ -13,7 +13,7 @@ from services.admin.app import create_admin_app
 from services.admin.openapi import CHECKED_IN, build_document, render, stale
 from services.admin.routes import all_routes
 from services.admin.settings import AdminSettings
-from services.core.settings import Secret, SettingsError
+from services.infra.settings import Secret, SettingsError
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 

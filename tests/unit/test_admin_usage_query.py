@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from multidict import MultiDict, MultiDictProxy
 
-from services.core.usage_queries import (
+from services.domain.usage_queries import (
     DIMENSIONS,
     PARAMS,
     UsageQueryError,

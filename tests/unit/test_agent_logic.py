@@ -11,7 +11,7 @@ from agent.gpu import parse_nvidia_smi
 from agent.health_score import HealthInputs, health_score
 from agent.spot import parse_aws_instance_action, parse_azure_events, parse_gcp_preempted
 from agent.vllm_metrics import MetricsError, parse_vllm_metrics, tokens_per_second
-from services.core.backoff import Backoff
+from services.infra.backoff import Backoff
 
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -7,7 +7,7 @@ import pytest
 from agent.__main__ import main
 from agent.settings import AgentSettings
 from agent.spot import AwsSpot, AzureSpot, GcpSpot, detector_for
-from services.core.settings import SettingsError, load_settings
+from services.infra.settings import SettingsError, load_settings
 
 
 @pytest.mark.parametrize(("given", "provider"), [("GCP", "gcp"), (" Aws ", "aws"),

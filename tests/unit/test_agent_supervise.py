@@ -7,8 +7,8 @@ import random
 from structlog.testing import capture_logs
 
 from agent.node_agent import supervise
-from services.core.aio import within
-from services.core.backoff import Backoff
+from services.infra.aio import within
+from services.infra.backoff import Backoff
 
 
 async def test_a_failing_task_is_logged_and_restarted_until_it_returns() -> None:

@@ -1,4 +1,4 @@
-"""services.core.aio: waits that never swallow a cancellation, and stopping a task for sure."""
+"""services.infra.aio: waits that never swallow a cancellation, and stopping a task for sure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.core.aio import stop_task, wait_event, within
+from services.infra.aio import stop_task, wait_event, within
 
 
 async def _cancel_as_it_wakes(steps: int) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.catalog import generate_api_key, looks_like_api_key
+from services.domain.catalog import generate_api_key, looks_like_api_key
 from services.gateway.auth import AuthError, bearer_key
 
 

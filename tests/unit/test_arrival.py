@@ -121,7 +121,7 @@ def test_a_type_this_build_does_not_know_is_routed_by_its_stream() -> None:
 
 def test_parking_refused_observations_is_bounded() -> None:
     """A flood of bad heartbeats must not fill the dead-letter stream: a burst, then a rate."""
-    from services.core.bus import ParkBudget
+    from services.infra.bus import ParkBudget
 
     budget = ParkBudget(rate=10.0, burst=5.0)
     assert [budget.take(0.0) for _ in range(7)] == [True] * 5 + [False] * 2

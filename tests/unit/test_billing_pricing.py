@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from services.core.pricing import cost, parse_multipliers
+from services.domain.pricing import cost, parse_multipliers
 
 D = Decimal
 

@@ -18,7 +18,7 @@ from services.billing.stripe_events import (
     is_current_subscription,
     parse,
 )
-from services.core.stripe_billing import Failure, classify, may_have_reached
+from services.domain.stripe_billing import Failure, classify, may_have_reached
 
 T = uuid.UUID("0193a1b2-0000-7000-8000-0000000000aa")
 

@@ -13,7 +13,7 @@ from schemas.events import (
     UsageExported,
     UsageExportPlanned,
 )
-from services.core.billing_ledger import stripe_id_of
+from services.domain.billing_ledger import stripe_id_of
 
 TENANT = uuid.UUID(int=7)
 HOUR = datetime(2026, 12, 4, 10, tzinfo=UTC)

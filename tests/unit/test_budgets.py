@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from services.core.budgets import (
+from services.domain.budgets import (
     MAX_AMOUNT,
     Budget,
     Period,
@@ -15,7 +15,7 @@ from services.core.budgets import (
     period_bounds,
     worst_case_cost,
 )
-from services.core.pricing import cost
+from services.domain.pricing import cost
 
 
 def at(*args: int) -> datetime:

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from services.billing.hours import TOO_LARGE, HourDue, Plan, Skip, decide, meter_total
-from services.core.cost_meter import (
+from services.domain.cost_meter import (
     COST_METERS,
     EPOCH,
     LAST_HOUR,
@@ -23,7 +23,7 @@ from services.core.cost_meter import (
     to_units,
     unit_amount_decimal,
 )
-from services.core.stripe_pricing import CostPriceSpec, SetupConflict, check_meter, check_price
+from services.domain.stripe_pricing import CostPriceSpec, SetupConflict, check_meter, check_price
 
 NANO = Decimal("0.000000001")
 MICRO = Decimal("0.000001")

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from services.cli.dev import NODE_KEY_SECRET_FILE, node_key_secret
-from services.core.node_keys import check_secret
+from services.infra.node_keys import check_secret
 
 
 def test_made_once_kept_private_and_reused(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from schemas.events import Quota
-from services.core.catalog.bodies import Role
+from services.domain.catalog.bodies import Role
 from services.gateway.roles import ROLES, Action, allowed, quota_above, refusal, within
 
 

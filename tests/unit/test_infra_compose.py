@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from services.cli.main import build_parser
-from services.core.natsauth.authority import NodeIssuer
-from services.core.natsauth.creds import Credentials
+from services.infra.natsauth.authority import NodeIssuer
+from services.infra.natsauth.creds import Credentials
 from tests.unit.test_infra_metric_names import ROOT
 from tests.unit.test_infra_settings import program_of, through_entrypoint
 
@@ -35,7 +35,7 @@ COMPOSE = INFRA / "docker-compose.yml"
 ENV_EXAMPLE = INFRA / ".env.example"
 PLATFORM_IMAGE = "crosslogic:latest"
 CONTROL_PLANE = {"gateway", "admin", "relay", "monitor", "orchestrator", "billing", "notifier"}
-# Each service's NATS identity (services/core/natsauth/identities.py's Role).
+# Each service's NATS identity (services/infra/natsauth/identities.py's Role).
 NATS_ROLES = {"gateway": "gateway", "admin": "admin-api", "monitor": "monitor",
               "billing": "billing", "notifier": "notifier", "orchestrator": "orchestrator",
               "relay": "relay", "nats-setup": "provisioner"}

@@ -101,7 +101,7 @@ def test_the_build_context_holds_what_the_install_needs() -> None:
 def test_the_ignore_rule_takes_exceptions_back() -> None:
     assert ignored("infra/prometheus/alerts.yml")
     assert not ignored("infra/docker/entrypoint.sh")
-    assert not ignored("services/core/bus.py")
+    assert not ignored("services/infra/bus.py")
 
 
 def test_the_entrypoint_is_the_images_and_runs_the_command() -> None:

@@ -31,9 +31,9 @@ import pytest
 import yaml
 
 from services.cli.main import SERVICES, build_parser
-from services.core.natsauth.creds import Credentials
-from services.core.natsauth.identities import Role
-from services.core.settings import placeholder_password, weak_token_reason
+from services.infra.natsauth.creds import Credentials
+from services.infra.natsauth.identities import Role
+from services.infra.settings import placeholder_password, weak_token_reason
 from tests.unit.test_alerts import needs_promtool, promtool
 from tests.unit.test_infra_metric_names import ROOT
 from tests.unit.test_infra_settings import program_of, service_settings
@@ -47,7 +47,7 @@ CONTROL_PLANE = {*SERVICES, "relay"}
 # Custom resources (cert-manager's, the Prometheus operator's) have no schema in
 # kubernetes-validate: listed here to be skipped there, and checked by a test of their own.
 CUSTOM_KINDS: frozenset[str] = frozenset({"Certificate", "Issuer"})
-# Each control-plane service's NATS identity (services/core/natsauth/identities.py's Role).
+# Each control-plane service's NATS identity (services/infra/natsauth/identities.py's Role).
 NATS_ROLES = {"gateway": "gateway", "admin": "admin-api", "monitor": "monitor",
               "billing": "billing", "notifier": "notifier", "orchestrator": "orchestrator",
               "relay": "relay"}

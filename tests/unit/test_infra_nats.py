@@ -38,10 +38,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import RawCredentials
 
-from services.core.devstack import _venv_binary, free_port, wait_until
-from services.core.natsauth.authority import Authority
-from services.core.natsauth.identities import Role, inbox_prefix
-from services.core.natsauth.revocations import AccountResolver, resign, revocations_of
+from services.infra.devstack import _venv_binary, free_port, wait_until
+from services.infra.natsauth.authority import Authority
+from services.infra.natsauth.identities import Role, inbox_prefix
+from services.infra.natsauth.revocations import AccountResolver, resign, revocations_of
 from tests.unit.test_infra_compose import compose
 from tests.unit.test_infra_k8s import (
     K8S,

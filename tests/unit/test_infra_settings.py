@@ -21,8 +21,8 @@ import pytest
 
 from agent.settings import AgentSettings
 from services.cli.main import SERVICES, build_parser
-from services.core.relay import RelaySettings
-from services.core.settings import CoreSettings, load_settings
+from services.infra.relay import RelaySettings
+from services.infra.settings import CoreSettings, load_settings
 from tests.unit.test_infra_metric_names import ROOT
 
 # Variables the `crosslogic` CLI itself reads (an operator runs it inside any platform

@@ -20,7 +20,7 @@ from schemas.kv_events import (
     KvEventDecodeError,
     decode_batch,
 )
-from services.core.standin_tokenizer import TokenIds
+from services.domain.standin_tokenizer import TokenIds
 from services.gateway import kv_routing, prefix_routing
 from services.gateway.balancer import Balancer, RouteHint
 from services.gateway.kv_index import ROOT, KvIndex, block_key

@@ -9,8 +9,8 @@ import msgspec
 import pytest
 
 from services.cli.tail import format_json, format_line, parse_since
-from services.core.eventlog import EventFilter, LogPosition, RecordedEvent, glob_to_like
-from services.core.migrate import load_migrations
+from services.infra.eventlog import EventFilter, LogPosition, RecordedEvent, glob_to_like
+from services.infra.migrate import load_migrations
 from tests.helpers import tenant_created
 
 

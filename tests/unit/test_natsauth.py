@@ -10,10 +10,10 @@ import pytest
 
 from schemas.events import EVENT_TYPES
 from schemas.subjects import STREAMS, stream_for_subject, subject_matches
-from services.core.natsauth import identities
-from services.core.natsauth.authority import Authority, NodeIssuer
-from services.core.natsauth.creds import Credentials, CredentialsError
-from services.core.natsauth.identities import (
+from services.infra.natsauth import identities
+from services.infra.natsauth.authority import Authority, NodeIssuer
+from services.infra.natsauth.creds import Credentials, CredentialsError
+from services.infra.natsauth.identities import (
     NODE_PUBLISHES,
     NODE_SCOPE,
     SERVICES,
@@ -21,9 +21,9 @@ from services.core.natsauth.identities import (
     control_plane_subjects,
     permissions,
 )
-from services.core.natsauth.jwt import JwtError, Permissions, decode, encode, user_claims
-from services.core.natsauth.keys import KeyKind, kind_of, new_seed, public_key, sign, verify
-from services.core.natsauth.revocations import resign, revised, revocations_of
+from services.infra.natsauth.jwt import JwtError, Permissions, decode, encode, user_claims
+from services.infra.natsauth.keys import KeyKind, kind_of, new_seed, public_key, sign, verify
+from services.infra.natsauth.revocations import resign, revised, revocations_of
 from services.orchestrator.credentials import (
     EndedNode,
     RevocationPlan,

@@ -9,14 +9,14 @@ import uuid
 
 import pytest
 
-from services.core.node_keys import (
+from services.infra.node_keys import (
     KEY_PREFIX,
     NodeKeys,
     NodeKeySecretError,
     check_secret,
     node_api_key,
 )
-from services.core.settings import Secret, SettingsError
+from services.infra.settings import Secret, SettingsError
 
 SECRET = "kR3v9xQ2-mZ7pL0aT5wY8cE1nB4hJ6uF"
 NODE_A = uuid.UUID("0190f3a1-7c2e-7d4b-9a1f-1a2b3c4d5e6f")

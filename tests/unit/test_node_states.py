@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from schemas.events import NodeStatus as S
-from services.core.node_states import ALIVE, FINAL, HealthRule, Signal, transition
+from services.domain.node_states import ALIVE, FINAL, HealthRule, Signal, transition
 
 STATES: list[S | None] = [None, *S]
 

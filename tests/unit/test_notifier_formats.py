@@ -14,7 +14,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from schemas.events import encode_event
-from services.core.notifications.targets import generate_signing_secret
+from services.domain.notifications.targets import generate_signing_secret
 from services.notifier import alertmanager, discord, generic, mail, slack
 from services.notifier.messages import Field, Message, Section, Severity, describe, money
 from services.notifier.text import ELLIPSIS, one_line, truncate, units

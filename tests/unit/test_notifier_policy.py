@@ -7,7 +7,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from services.core.notifications.targets import Kind
+from services.domain.notifications.targets import Kind
 from services.notifier.app import rules_of
 from services.notifier.policy import (
     AttemptResult,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.core.notifications.rules import (
+from services.domain.notifications.rules import (
     MAX_PATTERNS,
     PATTERN_REGEX,
     EventFacts,
@@ -25,7 +25,7 @@ from services.core.notifications.rules import (
     unheard_types,
     wants,
 )
-from services.core.notifications.targets import (
+from services.domain.notifications.targets import (
     SECRET_PATTERN,
     Kind,
     TargetError,

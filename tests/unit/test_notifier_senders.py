@@ -7,7 +7,7 @@ import uuid
 import aiohttp
 import pytest
 
-from services.core.notifications.targets import Kind
+from services.domain.notifications.targets import Kind
 from services.notifier.senders import (
     PublicOnlyResolver,
     Sender,

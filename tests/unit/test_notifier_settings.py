@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from services.core.settings import Secret, SettingsError
+from services.infra.settings import Secret, SettingsError
 from services.notifier.settings import NotifierSettings, check_settings, is_loopback
 
 TOKEN = "alertmanager-unit-token-3f9a1c7e5b2d8046"

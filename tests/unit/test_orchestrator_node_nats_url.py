@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.core.settings import Secret
+from services.infra.settings import Secret
 from services.orchestrator.app import LauncherError, create_orchestrator_app, node_nats_url_error
 from services.orchestrator.settings import OrchestratorSettings
 

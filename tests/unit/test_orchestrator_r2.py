@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.core.catalog.weights import FileWeights
-from services.core.settings import Secret, load_settings
+from services.domain.catalog.weights import FileWeights
+from services.infra.settings import Secret, load_settings
 from services.orchestrator.app import LauncherError, r2_files
 from services.orchestrator.launcher import LaunchError, LaunchSpec
 from services.orchestrator.r2_credentials import (

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas.events import NodeStatus as S
-from services.core.fleet import NodeView
+from services.domain.fleet import NodeView
 from services.orchestrator.reconciler import (
     DeploymentSpec,
     Fail,

@@ -18,17 +18,17 @@ from services.admin.bodies import (
     EnvironmentPatch,
     TenantCreate,
 )
-from services.core.catalog import Invalid, merge_quota
-from services.core.catalog.bodies import (
+from services.domain.catalog import Invalid, merge_quota
+from services.domain.catalog.bodies import (
     EnvironmentCreate,
     KeyCreate,
     KeyWithSecret,
     StatusChange,
 )
-from services.core.catalog.commands import check_node_bounds
-from services.core.catalog.queries import KeyLimits, plain_decimal
-from services.core.eventlog import START, LogPosition
-from services.core.request_checks import (
+from services.domain.catalog.commands import check_node_bounds
+from services.domain.catalog.queries import KeyLimits, plain_decimal
+from services.infra.eventlog import START, LogPosition
+from services.infra.request_checks import (
     FieldError,
     check_future,
     check_price,

@@ -19,8 +19,9 @@ from services.admin.routes.subscriptions import (
     GenericSubscriptionCreate,
     NotificationSubscriptionCreate,
 )
-from services.core.catalog.bodies import KeyCreate, StatusChange
-from services.core.request_checks import (
+from services.domain.catalog.bodies import KeyCreate, StatusChange
+from services.domain.usage_queries import UsageQueryError, parse_usage_query
+from services.infra.request_checks import (
     CURSOR_PATTERN,
     INT64_MAX,
     NO_NUL,
@@ -45,8 +46,7 @@ from services.core.request_checks import (
     parse_page_query,
     parse_time,
 )
-from services.core.timeparse import DURATION_PATTERN, parse_since
-from services.core.usage_queries import UsageQueryError, parse_usage_query
+from services.infra.timeparse import DURATION_PATTERN, parse_since
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
 

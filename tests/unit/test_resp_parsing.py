@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import NoScriptError, ResponseError
 
-from services.core.pipelined_redis import _Incomplete, encode_command, parse_reply
+from services.infra.pipelined_redis import _Incomplete, encode_command, parse_reply
 
 
 def test_encode_command() -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from services.admin.settings import AdminSettings
 from services.admin.settings import check_settings as check_admin_settings
-from services.core.settings import (
+from services.gateway.settings import GatewaySettings
+from services.infra.settings import (
     MAKE_A_TOKEN,
     CoreSettings,
     Secret,
@@ -21,7 +22,6 @@ from services.core.settings import (
     require_strong_token,
     weak_token_reason,
 )
-from services.gateway.settings import GatewaySettings
 
 
 class ServiceSettings(CoreSettings, kw_only=True, frozen=True):
@@ -149,7 +149,7 @@ def test_every_pool_has_a_statement_timeout_by_default() -> None:
 def test_a_placeholder_password_in_a_url_is_refused() -> None:
     """A manifest deployed before its secrets were filled in: refused, naming the variable;
     a URL with no password (a local server) or a real one is fine."""
-    from services.core.settings import placeholder_password
+    from services.infra.settings import placeholder_password
 
     assert placeholder_password("postgresql://crosslogic:REPLACE_ME@postgres:5432/db")
     assert placeholder_password("redis://:change-me@redis:6379/0")
@@ -213,8 +213,8 @@ async def test_prometheus_enabled_false_serves_no_metrics(env: dict[str, str],
     import aiohttp
     from aiohttp.test_utils import TestClient, TestServer
 
-    from services.core.devstack import free_port
-    from services.core.http import Needs, create_app
+    from services.infra.devstack import free_port
+    from services.infra.http import Needs, create_app
 
     enabled = not env
     port = 0 if own_port else free_port()

@@ -35,7 +35,7 @@ from agent.simulator.protocol import (
 )
 from agent.simulator.responses import logprobs_of
 from agent.simulator.tokenizer import Vocabulary, chat_prompt_tokens, count_tokens
-from services.core.standin_tokenizer import EOT_ID, TokenIds
+from services.domain.standin_tokenizer import EOT_ID, TokenIds
 
 HELLO = [("system", "Be brief."), ("user", "Hello, world!")]
 PROMPT = "Write a story about a GPU: "

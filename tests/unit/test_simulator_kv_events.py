@@ -22,7 +22,7 @@ from schemas.kv_events import (
     decode_batch,
     encode_batch,
 )
-from services.core.standin_tokenizer import TokenIds
+from services.domain.standin_tokenizer import TokenIds
 
 ROOT = 777
 

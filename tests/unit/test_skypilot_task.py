@@ -16,7 +16,7 @@ import sky
 import sky.exceptions
 
 from agent.settings import AgentSettings
-from services.core.catalog.weights import parse_weights_source
+from services.domain.catalog.weights import parse_weights_source
 from services.orchestrator.launcher import (
     LaunchSpec,
     cluster_name,

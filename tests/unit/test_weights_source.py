@@ -1,5 +1,5 @@
 """A model's weights source: what the catalog accepts, in what canonical form, and what it
-refuses (services/core/catalog/weights.py)."""
+refuses (services/domain/catalog/weights.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from services.core.catalog.weights import (
+from services.domain.catalog.weights import (
     JSON_SCHEMA,
     MAX_LENGTH,
     FileWeights,

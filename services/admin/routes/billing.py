@@ -41,7 +41,7 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.billing_ledger import (
+from services.domain.billing_ledger import (
     BillingAccount,
     BillingEventRecord,
     MeterExport,
@@ -51,13 +51,9 @@ from services.core.billing_ledger import (
     recent_exports,
     record_billing_events,
 )
-from services.core.catalog import NotFound
-from services.core.catalog import queries as q
-from services.core.db import Connection
-from services.core.errors import ApiError
-from services.core.http import REQUEST_ID
-from services.core.request_checks import Choice, FieldError, Integer, parse_limit
-from services.core.stripe_billing import (
+from services.domain.catalog import NotFound
+from services.domain.catalog import queries as q
+from services.domain.stripe_billing import (
     Failure,
     MeterSend,
     StripeBilling,
@@ -69,7 +65,7 @@ from services.core.stripe_billing import (
     link_tenant,
     may_have_reached,
 )
-from services.core.stripe_pricing import (
+from services.domain.stripe_pricing import (
     CostPriceSpec,
     SetupConflict,
     SwitchOutcome,
@@ -77,6 +73,10 @@ from services.core.stripe_pricing import (
     find_cost_price,
     switch_tenant,
 )
+from services.infra.db import Connection
+from services.infra.errors import ApiError
+from services.infra.http import REQUEST_ID
+from services.infra.request_checks import Choice, FieldError, Integer, parse_limit
 
 log = structlog.get_logger("admin.billing")
 

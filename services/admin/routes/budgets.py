@@ -1,5 +1,5 @@
 """Spend budgets: at most an amount of money per period for a tenant, an environment or an
-API key (issue 21; services/core/budgets.py). Each change is a catalog event
+API key (issue 21; services/domain/budgets.py). Each change is a catalog event
 (`budget.set`, `budget.cleared`); the gateways enforce them.
 
 A body is a union tagged by `period`: `day` and `month` take only `amount`; `days` (a custom
@@ -20,11 +20,11 @@ from msgspec import Meta
 
 from services.admin.routing import Handler, Route, add
 from services.admin.web_io import catalog, db, json_response, path_id, read_body, require
-from services.core.budgets import AMOUNT_PATTERN, MAX_EVERY_DAYS, Period, Scope, period_bounds
-from services.core.catalog import NotFound
-from services.core.catalog import queries as q
-from services.core.catalog.bodies import WHOLE_NUMBER, Body
-from services.core.request_checks import FieldError
+from services.domain.budgets import AMOUNT_PATTERN, MAX_EVERY_DAYS, Period, Scope, period_bounds
+from services.domain.catalog import NotFound
+from services.domain.catalog import queries as q
+from services.domain.catalog.bodies import WHOLE_NUMBER, Body
+from services.infra.request_checks import FieldError
 
 Amount = Annotated[str, Meta(
     pattern=AMOUNT_PATTERN,

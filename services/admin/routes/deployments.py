@@ -17,11 +17,11 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.catalog import NotFound
-from services.core.catalog import queries as q
-from services.core.catalog.queries import DeploymentRecord
-from services.core.errors import ApiError
-from services.core.request_checks import check_unique, next_cursor
+from services.domain.catalog import NotFound
+from services.domain.catalog import queries as q
+from services.domain.catalog.queries import DeploymentRecord
+from services.infra.errors import ApiError
+from services.infra.request_checks import check_unique, next_cursor
 
 
 async def create_deployment(request: web.Request) -> web.Response:

@@ -20,13 +20,13 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.catalog import queries as q
-from services.core.catalog.bodies import (
+from services.domain.catalog import queries as q
+from services.domain.catalog.bodies import (
     EnvironmentCreate,
     EnvironmentList,
 )
-from services.core.catalog.queries import EnvironmentRecord
-from services.core.request_checks import next_cursor
+from services.domain.catalog.queries import EnvironmentRecord
+from services.infra.request_checks import next_cursor
 
 
 async def create_environment(request: web.Request) -> web.Response:

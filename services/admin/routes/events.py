@@ -1,6 +1,6 @@
 """The event log for operators: history as JSON pages, history-then-live as server-sent
 events, and counts per type. Each event is the object `crosslogic events tail --json` prints
-(services/core/event_json.py)."""
+(services/infra/event_json.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from services.admin.bodies import EventList, EventStats, EventTypeStat
 from services.admin.context import ADMIN_SETTINGS, EVENT_STREAMS
 from services.admin.routing import QueryParam, Route, add
 from services.admin.web_io import db, json_response
-from services.core.errors import ApiError, sse_error_event
-from services.core.event_json import record_json
-from services.core.event_stats import EventTypeStats
-from services.core.eventlog import EventLog, RecordedEvent
-from services.core.http import REQUEST_ID, WAKER
-from services.core.projections import ProjectionRunner
-from services.core.request_checks import (
+from services.infra.errors import ApiError, sse_error_event
+from services.infra.event_json import record_json
+from services.infra.event_stats import EventTypeStats
+from services.infra.eventlog import EventLog, RecordedEvent
+from services.infra.http import REQUEST_ID, WAKER
+from services.infra.projections import ProjectionRunner
+from services.infra.request_checks import (
     DEFAULT_EVENT_LIMIT,
     GLOB_PATTERN,
     INT64_MAX,

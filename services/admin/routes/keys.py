@@ -22,17 +22,17 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.catalog import NewApiKey
-from services.core.catalog import queries as q
-from services.core.catalog.bodies import (
+from services.domain.catalog import NewApiKey
+from services.domain.catalog import queries as q
+from services.domain.catalog.bodies import (
     ApiKeyList,
     KeyCreate,
     KeyRotate,
     KeyWithSecret,
     StatusChange,
 )
-from services.core.catalog.queries import ApiKeyRecord
-from services.core.request_checks import check_future, next_cursor
+from services.domain.catalog.queries import ApiKeyRecord
+from services.infra.request_checks import check_future, next_cursor
 
 
 async def _with_secret(request: web.Request, new: NewApiKey) -> web.Response:

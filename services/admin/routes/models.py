@@ -17,9 +17,9 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.catalog import queries as q
-from services.core.catalog.queries import ModelRecord
-from services.core.request_checks import check_price, next_cursor
+from services.domain.catalog import queries as q
+from services.domain.catalog.queries import ModelRecord
+from services.infra.request_checks import check_price, next_cursor
 
 
 async def create_model(request: web.Request) -> web.Response:

@@ -22,15 +22,15 @@ from schemas.events import NodeHeartbeat, NodeStatus
 from schemas.subjects import node_command_subject
 from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
 from services.admin.web_io import db, json_response, page_query, path_id, read_body
-from services.core.catalog import NotFound
-from services.core.catalog.bodies import (
+from services.domain.catalog import NotFound
+from services.domain.catalog.bodies import (
     Body,
     Reason,
 )
-from services.core.errors import ApiError
-from services.core.fleet import Fleet, UnknownNode
-from services.core.http import BUS, EVENTLOG, REDIS
-from services.core.request_checks import Choice, FieldError, Text, next_cursor
+from services.domain.fleet import Fleet, UnknownNode
+from services.infra.errors import ApiError
+from services.infra.http import BUS, EVENTLOG, REDIS
+from services.infra.request_checks import Choice, FieldError, Text, next_cursor
 
 log = structlog.get_logger("admin.nodes")
 

@@ -21,23 +21,23 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.core.catalog import NotFound
-from services.core.catalog.bodies import (
+from services.domain.catalog import NotFound
+from services.domain.catalog.bodies import (
     Body,
 )
-from services.core.errors import ApiError
-from services.core.http import EVENTLOG, REQUEST_ID
-from services.core.notifications import Notifications
-from services.core.notifications import queries as q
-from services.core.notifications.queries import (
+from services.domain.notifications import Notifications
+from services.domain.notifications import queries as q
+from services.domain.notifications.queries import (
     NotificationAttemptRecord,
     NotificationDeliveryDetail,
     NotificationDeliveryRecord,
     NotificationSubscriptionRecord,
 )
-from services.core.notifications.rules import MAX_PATTERN_LENGTH, MAX_PATTERNS, PATTERN_REGEX
-from services.core.notifications.targets import MAX_URL_LENGTH, SECRET_PATTERN
-from services.core.request_checks import (
+from services.domain.notifications.rules import MAX_PATTERN_LENGTH, MAX_PATTERNS, PATTERN_REGEX
+from services.domain.notifications.targets import MAX_URL_LENGTH, SECRET_PATTERN
+from services.infra.errors import ApiError
+from services.infra.http import EVENTLOG, REQUEST_ID
+from services.infra.request_checks import (
     NO_NUL,
     WHITE_SPACE_CLASS,
     Choice,
@@ -78,7 +78,7 @@ class _SubscriptionCreate(Body, frozen=True, kw_only=True, tag_field="kind"):
 
 
 def _target(pattern: str) -> dict[str, str]:
-    """A target's rule as the document states it. services/core/notifications/targets.py
+    """A target's rule as the document states it. services/domain/notifications/targets.py
     checks it (with messages that say what a target of the kind looks like)."""
     return {"pattern": pattern}
 
@@ -124,7 +124,7 @@ class GenericSubscriptionCreate(_SubscriptionCreate, frozen=True, kw_only=True,
 
 NotificationSubscriptionCreate = (EmailSubscriptionCreate | DiscordSubscriptionCreate
                                   | SlackSubscriptionCreate | GenericSubscriptionCreate)
-"""By `kind`: what its `target` must be (checked again by services/core/notifications)."""
+"""By `kind`: what its `target` must be (checked again by services/domain/notifications)."""
 
 
 class NotificationSubscriptionWithSecret(NotificationSubscriptionRecord, frozen=True,

@@ -1,6 +1,6 @@
 """Usage of any tenant, environment, key, model or region, per hour or day, grouped as asked,
 with the period's total (whole hours from usage_hourly, the rest from usage_records: see
-services/core/usage_queries.py)."""
+services/domain/usage_queries.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from aiohttp import web
 
 from services.admin.routing import QueryParam, Route, add
 from services.admin.web_io import db, json_response
-from services.core.errors import ApiError
-from services.core.request_checks import Choice, Text, TimeOrAgo, Uuid
-from services.core.usage_queries import (
+from services.domain.usage_queries import (
     DIMENSIONS,
     MAX_VALUE_LENGTH,
     UsageQueryError,
@@ -18,6 +16,8 @@ from services.core.usage_queries import (
     parse_usage_query,
     usage_report,
 )
+from services.infra.errors import ApiError
+from services.infra.request_checks import Choice, Text, TimeOrAgo, Uuid
 
 
 async def get_usage(request: web.Request) -> web.Response:

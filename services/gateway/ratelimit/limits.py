@@ -44,7 +44,7 @@ class Layer(StrEnum):
     KEY_BUDGET = "key_budget"
     ENVIRONMENT_BUDGET = "environment_budget"
     TENANT_BUDGET = "tenant_budget"
-    """Spend budgets in money (services/core/budgets.py): nano-dollars per period."""
+    """Spend budgets in money (services/domain/budgets.py): nano-dollars per period."""
     KEY_USAGE_REQUESTS = "key_usage_requests"
     """GET /v1/usage per key per minute: counted apart from inference (`usage_plan`)."""
     USAGE_REPORTS_IN_FLIGHT = "usage_reports_in_flight"
@@ -84,7 +84,7 @@ class LimitSubject:
 @dataclass(frozen=True, slots=True)
 class BudgetCap:
     """A spend budget over a request: at most `limit` nano-dollars in the period ending at
-    `period_end_ms` (Unix ms; the gateway computes it, services/core/budgets.py)."""
+    `period_end_ms` (Unix ms; the gateway computes it, services/domain/budgets.py)."""
 
     layer: Layer
     limit: int

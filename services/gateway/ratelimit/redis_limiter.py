@@ -20,7 +20,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from services.core.pipelined_redis import PipelinedRedis
 from services.gateway.ratelimit import lua
 from services.gateway.ratelimit.limits import (
     WINDOW_GRACE_MS,
@@ -42,6 +41,7 @@ from services.gateway.ratelimit.limits import (
     verdict,
 )
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
+from services.infra.pipelined_redis import PipelinedRedis
 
 log = structlog.get_logger("ratelimit")
 
