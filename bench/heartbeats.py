@@ -53,6 +53,7 @@ from schemas.events import NodeHeartbeat, NodeLaunching, NodeRegistered
 from schemas.ids import uuid7
 from schemas.subjects import node_ack_subject
 from services.domain.fleet import Fleet
+from services.domain.node_hot_data import status_key
 from services.infra.bus import Bus
 from services.infra.db import create_pool
 from services.infra.devstack import DevStack, NatsServer, free_port
@@ -164,7 +165,7 @@ async def run(args: argparse.Namespace, stack_urls: dict[str, str], hub: NatsSer
     # Known, active nodes: what the monitor would have cached when they went active.
     async with redis.pipeline(transaction=False) as pipe:
         for node in quiet:
-            pipe.set(f"node:{node}:status", "active", ex=3600)
+            pipe.set(status_key(node), "active", ex=3600)
         await pipe.execute()
 
     issuer = hub.authority.node_issuer()
@@ -225,7 +226,7 @@ async def run(args: argparse.Namespace, stack_urls: dict[str, str], hub: NatsSer
             if now - started >= args.silent_after:
                 for node in silent:
                     if node.id not in stale_at and node.last_beat and \
-                            await redis.get(f"node:{node.id}:status") == b"stale":
+                            await redis.get(status_key(node.id)) == b"stale":
                         stale_at[node.id] = time.monotonic()
             await asyncio.sleep(TICK)
         # The fleet stops publishing now (its workers run for the same duration): every rate
@@ -251,7 +252,7 @@ async def run(args: argparse.Namespace, stack_urls: dict[str, str], hub: NatsSer
         wait_until = max((s.last_beat for s in silent), default=started) + args.stale_after + 15
         while len(stale_at) < len(silent) and time.monotonic() < wait_until:
             for node in silent:
-                if node.id not in stale_at and await redis.get(f"node:{node.id}:status") == \
+                if node.id not in stale_at and await redis.get(status_key(node.id)) == \
                         b"stale":
                     stale_at[node.id] = time.monotonic()
             await asyncio.sleep(0.1)

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from services.admin.app import create_admin_app
-from services.admin.settings import AdminSettings, check_settings
-from services.infra.http import serve
-from services.infra.logging import configure_logging
-from services.infra.settings import SettingsError, load_settings
+from services.admin.settings import AdminSettings
+from services.infra.entry import service_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="admin", description="CrossLogic admin API")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8081)")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(AdminSettings, http_port=args.port)
-        check_settings(settings)
-    except SettingsError as exc:
-        print(f"admin: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, json=settings.log_json, service="admin")
-    serve(create_admin_app(settings), settings)
-    return 0
+    return service_main("admin", "CrossLogic admin API", AdminSettings, create_admin_app, argv)
 
 
 if __name__ == "__main__":

@@ -47,18 +47,22 @@ from schemas.events import (
     NodeTerminated,
 )
 from services.domain.fleet import Fleet
+from services.domain.node_hot_data import (
+    HEALTH,
+    HEARD,
+    LAST_SEEN,
+    health_score_key,
+    heartbeat_key,
+    heartbeat_order_key,
+    probe_failing_key,
+    status_key,
+)
 from services.domain.node_states import FINAL, HealthRule, Signal, transition
 from services.infra.aio import stop_task
 from services.monitor.sight import in_grace, watching_since
 
 log = structlog.get_logger("watcher")
 
-LAST_SEEN = "nodes:last_seen"
-"""node id → when the monitor last heard it; the sweep's set (a stale node leaves it)."""
-HEARD = "nodes:heard"
-"""node id → when the monitor last heard it, for the metrics: every node not ended yet."""
-HEALTH = "nodes:health_score"
-"""node id → its latest health score, for the metrics."""
 WATCHED_AT = "monitor:watched_at"
 """When a sweep last ran, on any replica."""
 WATCHING_SINCE = "monitor:watching_since"
@@ -279,9 +283,9 @@ class NodeWatcher:
             for event in batch:
                 node = event.node_id
                 await self._record(
-                    keys=[f"node:{node}:heartbeat", f"node:{node}:health_score",
-                          f"node:{node}:status", LAST_SEEN, f"node:{node}:probe_failing",
-                          HEARD, HEALTH, f"node:{node}:heartbeat_order"],
+                    keys=[heartbeat_key(node), health_score_key(node),
+                          status_key(node), LAST_SEEN, probe_failing_key(node),
+                          HEARD, HEALTH, heartbeat_order_key(node)],
                     args=[msgspec.json.encode(event), event.health_score, ttl, str(node), now,
                           event.sequence, repr(event.occurred_at.timestamp())],
                     client=pipe)
@@ -326,26 +330,26 @@ class NodeWatcher:
             log.info("node status changed", node_id=str(node), status=after.value,
                      reason=reason)
             await self.remember(node, after)
-        elif (await self.redis.get(f"node:{node}:status")) is None:
+        elif (await self.redis.get(status_key(node))) is None:
             # Unknown to the cache (a new node, a flushed Redis): learn it from the truth —
             # unless the node's events got there first while we read (NX): what we read may
             # already be stale (a launching node registering right now).
             truth = await self.fleet.status(node)
             if truth is not None:
-                await self.redis.set(f"node:{node}:status", truth.value, ex=7 * 86400, nx=True)
+                await self.redis.set(status_key(node), truth.value, ex=7 * 86400, nx=True)
         return after
 
     async def remember(self, node: uuid.UUID, status: NodeStatus) -> None:
         """Keep the cached status in step with the log (called for every node event)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(f"node:{node}:status", status.value, ex=7 * 86400)
+            pipe.set(status_key(node), status.value, ex=7 * 86400)
             if status in FINAL:
                 # A gone node's series go too: the labels stay bounded by the live fleet.
                 pipe.zrem(LAST_SEEN, str(node))
                 pipe.zrem(HEARD, str(node))
                 pipe.hdel(HEALTH, str(node))
-                pipe.delete(f"node:{node}:heartbeat", f"node:{node}:health_score",
-                            f"node:{node}:heartbeat_order")
+                pipe.delete(heartbeat_key(node), health_score_key(node),
+                            heartbeat_order_key(node))
             elif status == NodeStatus.REGISTERED:
                 # Silence counts from the registration until the first heartbeat.
                 pipe.zadd(LAST_SEEN, {str(node): time.time()}, nx=True)
@@ -495,7 +499,7 @@ class NodeWatcher:
         crossed: list[tuple[uuid.UUID, int]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for node, ok in zip(nodes, results, strict=True):
-                flag = f"node:{node.id}:probe_failing"
+                flag = probe_failing_key(node.id)
                 if ok:
                     self._probe_failures.pop(node.id, None)
                     pipe.delete(flag)  # heartbeats decide again

@@ -43,17 +43,15 @@ from schemas.commands import CommandKind, CommandReply, NodeCommand
 from schemas.events import (
     DeploymentNoActiveNodes,
     Event,
-    EventDecodeError,
     EventMetadata,
-    NodeHeartbeat,
     NodeLaunching,
     NodeStatus,
-    decode_event,
 )
 from schemas.ids import uuid7
 from schemas.subjects import node_command_subject
 from services.domain.catalog.weights import InvalidWeightsSource, parse_weights_source
 from services.domain.fleet import Fleet, NodeView
+from services.domain.node_hot_data import latest_heartbeats
 from services.domain.node_states import FINAL, Signal
 from services.infra.aio import stop_tasks, wait_event
 from services.infra.eventlog import ANY, EventLog, LogWaker
@@ -555,16 +553,10 @@ class Orchestrator:
         active = [n.id for n in nodes if n.status == NodeStatus.ACTIVE]
         if not active:
             return {}
-        raws = await self.redis.mget([f"node:{i}:heartbeat" for i in active])
         loads: dict[uuid.UUID, NodeLoad] = {}
-        for node_id, raw in zip(active, raws, strict=True):
-            if raw is None:
-                continue
-            try:
-                hb = decode_event(raw)
-            except EventDecodeError:
-                continue
-            if isinstance(hb, NodeHeartbeat):
+        for node_id, (hb, _) in zip(active, await latest_heartbeats(self.redis, active),
+                                    strict=True):
+            if hb is not None:
                 loads[node_id] = NodeLoad(waiting=hb.num_requests_waiting or 0.0,
                                           running=hb.num_requests_running or 0.0,
                                           kv_cache_usage=hb.kv_cache_usage or 0.0)

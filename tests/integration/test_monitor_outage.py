@@ -17,10 +17,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from schemas.events import NodeHeartbeat
+from services.domain.node_hot_data import LAST_SEEN
 from services.infra.bus import Bus
 from services.infra.http import BUS
 from services.monitor.app import WATCHER
-from services.monitor.watcher import LAST_SEEN, WATCHED_AT
+from services.monitor.watcher import WATCHED_AT
 from tests.conftest import Servers
 from tests.helpers import eventually, launched, node_registered
 from tests.integration.test_monitor_states import start_monitor  # noqa: F401  (fixture)

@@ -18,7 +18,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from schemas.commands import CommandKind, CommandReply, NodeCommand
-from schemas.events import NodeHeartbeat, NodeStatus
+from schemas.events import NodeStatus
 from schemas.subjects import node_command_subject
 from services.admin.routing import PAGE_QUERY, QueryParam, Route, add
 from services.admin.web_io import db, json_response, page_query, path_id, read_body
@@ -28,6 +28,7 @@ from services.domain.catalog.bodies import (
     Reason,
 )
 from services.domain.fleet import Fleet, UnknownNode
+from services.domain.node_hot_data import latest_heartbeats
 from services.infra.errors import ApiError
 from services.infra.http import BUS, EVENTLOG, REDIS
 from services.infra.request_checks import Choice, FieldError, Text, next_cursor
@@ -100,27 +101,14 @@ _COLUMNS = ("id, cluster_name, provider, region, instance_type, gpu_type, vram_t
             "terminate_requested_at, registered_at, updated_at")
 
 
-HEARD = "nodes:heard"
-"""The monitor's sorted set: node id → when it received the node's latest heartbeat (its
-clock, epoch seconds). The age is measured from that, not from the agent's `occurred_at`: a
-node whose clock is off must not look fresh, or stale, for it."""
-
-
 async def _with_heartbeats(request: web.Request,
                            rows: Sequence[asyncpg.Record]) -> list[NodeRecord]:
-    raw: list[bytes | None] = []
-    heard: list[float | None] = []
-    if rows:
-        async with request.app[REDIS].pipeline(transaction=False) as pipe:
-            pipe.mget([f"node:{r['id']}:heartbeat" for r in rows])
-            pipe.zmscore(HEARD, [str(r["id"]) for r in rows])
-            raw, heard = await pipe.execute()
+    beats = await latest_heartbeats(request.app[REDIS], [r["id"] for r in rows])
     now = time.time()
     out = []
-    for row, beat_raw, heard_at in zip(rows, raw, heard or [None] * len(rows), strict=True):
+    for row, (hb, heard_at) in zip(rows, beats, strict=True):
         beat = None
-        if beat_raw:
-            hb = msgspec.json.decode(beat_raw, type=NodeHeartbeat)
+        if hb is not None:
             # A heartbeat stored without a receipt time (a monitor older than the set):
             # the agent's own time is all there is.
             received = heard_at if heard_at is not None else hb.occurred_at.timestamp()
