@@ -36,6 +36,7 @@ from services.domain.catalog.queries import (
 )
 from services.domain.catalog.weights import JSON_SCHEMA as WEIGHTS_SCHEMA
 from services.domain.catalog.weights import MAX_LENGTH
+from services.infra.page import Page
 from services.infra.request_checks import NO_NUL, PRICE_LIMIT, PRICE_PLACES, WHITE_SPACE_CLASS
 
 # No white space as Python's `re` counts it: the document's pattern names the characters,
@@ -214,20 +215,16 @@ class BillingSetup(Body, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- lists
 
 
-class TenantList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[TenantRecord]
-    next_cursor: str | None = None
-    """Pass as `cursor` for the next page; null on the last one."""
+class TenantList(Page[TenantRecord], kw_only=True, frozen=True):
+    pass
 
 
-class ModelList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[ModelRecord]
-    next_cursor: str | None = None
+class ModelList(Page[ModelRecord], kw_only=True, frozen=True):
+    pass
 
 
-class DeploymentList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[DeploymentRecord]
-    next_cursor: str | None = None
+class DeploymentList(Page[DeploymentRecord], kw_only=True, frozen=True):
+    pass
 
 
 # --------------------------------------------------------------------------- events
@@ -245,10 +242,8 @@ class LoggedEvent(msgspec.Struct, kw_only=True, frozen=True):
                     "and its payload (schemas/jsonschema/events.json)")]
 
 
-class EventList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[LoggedEvent]
-    next_cursor: str | None = None
-    """Where the next page starts; null once the readable end of the log is reached."""
+class EventList(Page[LoggedEvent], kw_only=True, frozen=True):
+    pass
 
 
 class EventTypeStat(msgspec.Struct, kw_only=True, frozen=True):

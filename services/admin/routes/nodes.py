@@ -31,6 +31,7 @@ from services.domain.fleet import Fleet, UnknownNode
 from services.domain.node_hot_data import latest_heartbeats
 from services.infra.errors import ApiError
 from services.infra.http import BUS, EVENTLOG, REDIS
+from services.infra.page import Page
 from services.infra.request_checks import Choice, FieldError, Text, next_cursor
 
 log = structlog.get_logger("admin.nodes")
@@ -69,9 +70,8 @@ class NodeRecord(msgspec.Struct, kw_only=True, frozen=True):
     """The latest heartbeat (none after 5 minutes of silence)."""
 
 
-class NodeList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[NodeRecord]
-    next_cursor: str | None = None
+class NodeList(Page[NodeRecord], kw_only=True, frozen=True):
+    pass
 
 
 class DrainRequest(Body, frozen=True, kw_only=True):

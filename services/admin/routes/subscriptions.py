@@ -7,7 +7,6 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-import msgspec
 from aiohttp import web
 from msgspec import Meta
 
@@ -37,6 +36,7 @@ from services.domain.notifications.rules import MAX_PATTERN_LENGTH, MAX_PATTERNS
 from services.domain.notifications.targets import MAX_URL_LENGTH, SECRET_PATTERN
 from services.infra.errors import ApiError
 from services.infra.http import EVENTLOG, REQUEST_ID
+from services.infra.page import Page
 from services.infra.request_checks import (
     NO_NUL,
     WHITE_SPACE_CLASS,
@@ -137,19 +137,16 @@ class NotificationSubscriptionWithSecret(NotificationSubscriptionRecord, frozen=
         return f"NotificationSubscriptionWithSecret(id={self.id})"
 
 
-class NotificationSubscriptionList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[NotificationSubscriptionRecord]
-    next_cursor: str | None = None
+class NotificationSubscriptionList(Page[NotificationSubscriptionRecord], kw_only=True, frozen=True):
+    pass
 
 
-class NotificationDeliveryList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[NotificationDeliveryRecord]
-    next_cursor: str | None = None
+class NotificationDeliveryList(Page[NotificationDeliveryRecord], kw_only=True, frozen=True):
+    pass
 
 
-class NotificationAttemptList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[NotificationAttemptRecord]
-    next_cursor: str | None = None
+class NotificationAttemptList(Page[NotificationAttemptRecord], kw_only=True, frozen=True):
+    pass
 
 
 DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")

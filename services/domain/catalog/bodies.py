@@ -16,6 +16,7 @@ from msgspec import UNSET, Meta, UnsetType
 from schemas.events import Quota
 from services.domain.catalog.commands import KEEP, Keep
 from services.domain.catalog.queries import ApiKeyRecord, EnvironmentRecord
+from services.infra.page import Page
 from services.infra.request_checks import INT32_MAX, INT64_MAX, NO_NUL, check_future
 
 __all__ = ["INT32_MAX", "INT64_MAX", "WHOLE_NUMBER", "ApiKeyList", "AwareTime", "Body",
@@ -126,11 +127,9 @@ class KeyWithSecret(ApiKeyRecord, frozen=True, kw_only=True):
         return f"KeyWithSecret(id={self.id}, last_four={self.last_four!r})"
 
 
-class EnvironmentList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[EnvironmentRecord]
-    next_cursor: str | None = None
+class EnvironmentList(Page[EnvironmentRecord], kw_only=True, frozen=True):
+    pass
 
 
-class ApiKeyList(msgspec.Struct, kw_only=True, frozen=True):
-    data: list[ApiKeyRecord]
-    next_cursor: str | None = None
+class ApiKeyList(Page[ApiKeyRecord], kw_only=True, frozen=True):
+    pass
