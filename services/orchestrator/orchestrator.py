@@ -58,9 +58,9 @@ from services.infra.eventlog import ANY, EventLog, LogWaker
 from services.infra.natsauth.authority import NodeIssuer
 from services.infra.node_keys import node_api_key
 from services.orchestrator.autoscaler import NodeLoad, ScaleMemory, ScalePolicy, decide_scale
+from services.orchestrator.cloud_view import cloud_view
 from services.orchestrator.credentials import CredentialKeeper, node_credentials
 from services.orchestrator.launcher import (
-    ClusterState,
     Launcher,
     LaunchError,
     LaunchSpec,
@@ -503,31 +503,17 @@ class Orchestrator:
         except LaunchError as exc:
             log.warning("cloud status unavailable", error=str(exc))
             return set()
-        owned: set[str] = set()
-        checked: list[NodeView] = []
-        missing: list[tuple[NodeView, str]] = []
-        for n in nodes:
-            if n.deployment_id is None:
-                continue
-            owned.add(n.cluster_name)
-            if n.status == NodeStatus.LAUNCHING or n.id in self.launches:
-                continue  # not up yet: the launch deadline watches it
-            checked.append(n)
-            state = clusters.get(n.cluster_name)
-            if state in (ClusterState.UP, ClusterState.STARTING):
-                continue
-            missing.append((n, "the cloud stopped its machine" if state == ClusterState.STOPPED
-                            else "the cloud no longer has its machine"))
-        if not believable_cloud_losses(len(checked), len(missing),
+        view = cloud_view(nodes, clusters, self.launches.keys(), self._launching_clusters)
+        if not believable_cloud_losses(view.checked, len(view.missing),
                                        max_fraction=self.settings.cloud_lost_max_fraction):
             self.metrics.cloud_doubted.inc()
             log.error("the cloud says most of the fleet is gone at once; not believed "
                       "(the nodes' heartbeats will tell): check the launcher's credentials "
-                      "and user", missing=len(missing), checked=len(checked),
+                      "and user", missing=len(view.missing), checked=view.checked,
                       clusters_seen=len(clusters))
             return set()
         failed: set[uuid.UUID] = set()
-        for n, reason in missing:
+        for n, reason in view.missing:
             after = await self.fleet.signal(n.id, Signal.CLOUD_LOST, reason=reason)
             if after is not None:
                 log.warning("node lost by the cloud", node_id=str(n.id),
@@ -535,7 +521,7 @@ class Orchestrator:
                 self.metrics.cloud_lost.inc()
             if after == NodeStatus.FAILED:
                 failed.add(n.id)
-        for name in clusters.keys() - owned - self._launching_clusters:
+        for name in sorted(view.orphans):
             log.info("tearing down a machine no live node owns", cluster=name)
             with contextlib.suppress(LaunchError):
                 await self.launcher.down(name)
