@@ -60,6 +60,7 @@ from services.domain.node_hot_data import (
 from services.domain.node_states import FINAL, HealthRule, Signal, transition
 from services.infra.aio import stop_task
 from services.monitor.sight import in_grace, watching_since
+from services.monitor.verdicts import ProbeCounts, heartbeat_verdict
 
 log = structlog.get_logger("watcher")
 
@@ -239,7 +240,7 @@ class NodeWatcher:
         self.metrics = WatchMetrics(registry)
         self._record = redis.register_script(_RECORD)
         self._forget = redis.register_script(_FORGET)
-        self._probe_failures: dict[uuid.UUID, int] = {}
+        self._probes = ProbeCounts(settings.probe_failures)
         self._queue: deque[NodeHeartbeat] = deque()
         self._queued = asyncio.Event()
         self._gauges_at = 0.0
@@ -300,27 +301,11 @@ class NodeWatcher:
 
     async def _judge(self, event: NodeHeartbeat, cached: bytes | None,
                      probe_failing: bool) -> None:
-        node = event.node_id
-        if event.draining:
-            signal = Signal.DRAINING
-        elif probe_failing:
-            # The node says it is fine but we cannot reach it: the probes win until they pass.
-            signal = Signal.UNHEALTHY
-        else:
-            signal = self.rule.signal(event.vllm_healthy, event.health_score)
+        signal, reason = heartbeat_verdict(event, probe_failing, self.rule)
         status = NodeStatus(cached.decode()) if cached else None
         if status is not None and transition(status, signal) is None:
             return  # the common case: nothing changes, no database
-        if event.draining:
-            reason = "draining"
-        elif probe_failing:
-            reason = "health probes failing"
-        elif signal is Signal.HEALTHY:
-            reason = "healthy heartbeat"
-        else:
-            reason = (f"unhealthy heartbeat (vllm {'up' if event.vllm_healthy else 'down'}, "
-                      f"score {event.health_score})")
-        await self._signal(node, signal, reason, event.health_score)
+        await self._signal(event.node_id, signal, reason, event.health_score)
 
     async def _signal(self, node: uuid.UUID, signal: Signal, reason: str,
                       health_score: int | None = None) -> NodeStatus | None:
@@ -355,7 +340,7 @@ class NodeWatcher:
                 pipe.zadd(LAST_SEEN, {str(node): time.time()}, nx=True)
             await pipe.execute()
         if status in FINAL:
-            self._probe_failures.pop(node, None)
+            self._probes.forget(node)
 
     async def on_node_events(self, events: list[Event]) -> None:
         for e in events:
@@ -492,26 +477,15 @@ class NodeWatcher:
                     return False
 
         results = await asyncio.gather(*(one(n.endpoint_url) for n in nodes))
-        probed = {n.id for n in nodes}
-        for gone in self._probe_failures.keys() - probed:
-            del self._probe_failures[gone]
+        verdict = self._probes.round({n.id: ok for n, ok in zip(nodes, results, strict=True)})
         ttl = max(60, int(3 * self.settings.probe_every))
-        crossed: list[tuple[uuid.UUID, int]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for node, ok in zip(nodes, results, strict=True):
-                flag = probe_failing_key(node.id)
-                if ok:
-                    self._probe_failures.pop(node.id, None)
-                    pipe.delete(flag)  # heartbeats decide again
-                    continue
-                failures = self._probe_failures.get(node.id, 0) + 1
-                self._probe_failures[node.id] = failures
-                if failures >= self.settings.probe_failures:
-                    pipe.set(flag, failures, ex=ttl)
-                    if failures == self.settings.probe_failures:
-                        crossed.append((node.id, failures))
+            for node_id in verdict.passed:
+                pipe.delete(probe_failing_key(node_id))  # heartbeats decide again
+            for node_id, failures in verdict.failing.items():
+                pipe.set(probe_failing_key(node_id), failures, ex=ttl)
             await pipe.execute()
         self.probe_rounds += 1
-        for node_id, failures in crossed:
+        for node_id, failures in verdict.crossed:
             await self._signal(node_id, Signal.UNHEALTHY,
                                f"{failures} health probes failed in a row")
