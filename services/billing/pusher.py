@@ -41,7 +41,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas.events import (
     Event,
-    UsageExported,
     UsageExportFailed,
     UsageExportHeld,
     UsageExportPlanned,
@@ -60,6 +59,7 @@ from services.billing.hours import (
     send_groups,
 )
 from services.billing.settings import BillingSettings
+from services.domain import export_outcome as outcome
 from services.domain.billing_ledger import PLAN_LOCK_KEY, record_billing_events
 from services.domain.stripe_billing import (
     Failure,
@@ -391,10 +391,7 @@ class Pusher:
                 last_error = describe(exc)
                 if classify(exc) is Failure.PERMANENT:
                     bound.error("stripe refused a meter event; giving it up", error=last_error)
-                    await self._record(UsageExportFailed(
-                        tenant_id=plan.tenant_id, meter=plan.meter, hour=plan.hour,
-                        identifier=plan.identifier, error=last_error, retryable=False,
-                        value=plan.value))
+                    await self._record(outcome.failed(plan.tenant_id, plan, exc))
                     self.metrics.exports.labels("failed").inc()
                     return True
                 self.metrics.exports.labels("retry").inc()
@@ -404,10 +401,8 @@ class Pusher:
                 if attempt < self.settings.billing_push_attempts:
                     await asyncio.sleep(backoff.next())
                 continue
-            await self._record(UsageExported(
-                tenant_id=plan.tenant_id, meter=plan.meter, hour=plan.hour, value=plan.value,
-                identifier=plan.identifier, sequence=plan.sequence,
-                customer_id=plan.customer_id, duplicate=sent is MeterSend.DUPLICATE))
+            await self._record(outcome.exported(plan.tenant_id, plan,
+                                                duplicate=sent is MeterSend.DUPLICATE))
             self.metrics.exports.labels(
                 "duplicate" if sent is MeterSend.DUPLICATE else "exported").inc()
             return True

@@ -41,6 +41,7 @@ from services.admin.web_io import (
     read_body,
     require,
 )
+from services.domain import export_outcome as outcome
 from services.domain.billing_ledger import (
     BillingAccount,
     BillingEventRecord,
@@ -54,14 +55,11 @@ from services.domain.billing_ledger import (
 from services.domain.catalog import NotFound
 from services.domain.catalog import queries as q
 from services.domain.stripe_billing import (
-    Failure,
     MeterSend,
     StripeBilling,
     StripeConfig,
     StripeRejected,
     StripeUnavailable,
-    classify,
-    describe,
     link_tenant,
     may_have_reached,
 )
@@ -329,12 +327,9 @@ async def settle_export(request: web.Request) -> web.Response:
             if body.action == "resend":
                 assert stripe_billing is not None
                 answer = await _resend(request, conn, stripe_billing, tenant_id, export)
-            await _record(request, conn, tenant_id, UsageExported(
-                tenant_id=tenant_id, meter=export.meter, hour=export.hour, value=export.value,
-                identifier=export.identifier, sequence=export.sequence,
-                customer_id=export.customer_id or "",
-                # Recorded as exported by hand: Stripe had it (the earlier attempt arrived).
-                duplicate=answer is not MeterSend.SENT))
+            # Marked exported by hand: Stripe had it (the earlier attempt arrived).
+            await _record(request, conn, tenant_id, outcome.exported(
+                tenant_id, export, duplicate=answer is not MeterSend.SENT))
             settled = await _export(conn, tenant_id, body.identifier)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", key)
@@ -361,12 +356,9 @@ async def _resend(request: web.Request, conn: Connection, stripe_billing: Stripe
             event_name=export.event_name, customer_id=export.customer_id, value=export.value,
             identifier=export.identifier, timestamp=int(time.time()))
     except stripe.StripeError as exc:
-        error = describe(exc)
-        retryable = classify(exc) is not Failure.PERMANENT
-        await _record(request, conn, tenant_id, UsageExportFailed(
-            tenant_id=tenant_id, meter=export.meter, hour=export.hour,
-            identifier=export.identifier, error=error, retryable=retryable,
-            value=export.value, ambiguous=may_have_reached(exc)))
+        failure = outcome.failed(tenant_id, export, exc)
+        error, retryable = failure.error, failure.retryable
+        await _record(request, conn, tenant_id, failure)
         log.warning("resending a held meter export failed", identifier=export.identifier,
                     error=error, retryable=retryable)
         if retryable:
