@@ -46,23 +46,25 @@ _NOT_JSON = (msgspec.DecodeError, RecursionError)
 
 @dataclass
 class Transcript:
-    """The data lines a stream has sent (each ``data: {...}``), in order."""
+    """What a stream has sent, as written (joined and read only if the stream is cut: on the
+    hot path a chunk costs one append)."""
 
-    lines: list[bytes] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
     size: int = 0
 
     def add(self, out: bytes) -> None:
-        if self.size > MAX_TRANSCRIPT:
-            return
-        self.size += len(out)
-        self.lines.extend(line for line in out.split(b"\n") if line.startswith(b"data:"))
+        if self.size <= MAX_TRANSCRIPT:
+            self.size += len(out)
+            self.chunks.append(out)
 
     def sent(self) -> Sent | None:
         """What the client has: None when it cannot be continued."""
         if self.size > MAX_TRANSCRIPT:
             return None
         out = Sent()
-        for line in self.lines:
+        for line in b"".join(self.chunks).split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
             payload = line[5:].strip()
             if payload == b"[DONE]":
                 out.done = True

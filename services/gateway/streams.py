@@ -140,12 +140,12 @@ class StreamRelay:
         """Forward one node's stream until it ends, fails, or the client leaves."""
         node = progress.node
         assert node is not None
-        meter, upstream = seg.meter, seg.upstream
+        meter, upstream, feed, transcript = seg.meter, seg.upstream, seg.feed, seg.transcript
         announced = on_stored is None or not isinstance(meter, ResponsesStreamMeter)
         partial = b""
         cutover = self.settings.resume_cutover_seconds
         while True:
-            if node.leave_by is not None and seg.transcript is not None and not seg.staying \
+            if node.leave_by is not None and transcript is not None and not seg.staying \
                     and time.time() >= node.leave_by - cutover:
                 seg.failure = "node_leaving"  # before the machine goes: carry on elsewhere
                 return
@@ -166,7 +166,7 @@ class StreamRelay:
                 progress.time_to_first_token = time.monotonic() - started
             lines = (partial + data).split(b"\n")
             partial = lines.pop()  # an incomplete last line waits for the next read
-            out = b"".join(seg.feed(line + b"\n") for line in lines)
+            out = b"".join([feed(line + b"\n") for line in lines])
             if not announced and isinstance(meter, ResponsesStreamMeter) and meter.response_id:
                 announced = True
                 assert on_stored is not None
@@ -185,8 +185,8 @@ class StreamRelay:
                 if drains:
                     seg.failure = await self._drain(upstream, meter, partial)
                 return
-            if seg.transcript is not None:
-                seg.transcript.add(out)
+            if transcript is not None:
+                transcript.add(out)
             # Billed: what the client has been sent (all of it once the stream is done).
             progress.prompt_tokens = meter.prompt_tokens
             progress.completion_tokens = meter.completion_tokens
