@@ -87,6 +87,10 @@ class ProxySettings:
     """A stream on a node leaving at a deadline moves this long before it."""
 
 
+CONNECT = "connect"
+"""The failure reason of a node that could not be connected to."""
+
+
 class NodeOutcomes:
     def __init__(self, balancer: Balancer, metrics: GatewayMetrics) -> None:
         self.balancer = balancer
@@ -95,10 +99,8 @@ class NodeOutcomes:
     def failed(self, progress: Progress, model: str, reason: str) -> None:
         """The request's node failed it: counted against the node."""
         assert progress.node is not None
-        node_id = progress.node.node_id
         progress.in_flight = False
-        self.metrics.child(self.metrics.lb_errors, model, node_id, reason).inc()
-        self.balancer.finished(node_id, ok=False, latency=None, now=time.monotonic())
+        self.node_failed(progress.node.node_id, model, reason)
 
     def succeeded(self, progress: Progress, model: str, started: float) -> float:
         """The node answered: its latency counted; returned."""
@@ -112,6 +114,11 @@ class NodeOutcomes:
         return latency
 
     def node_failed(self, node_id: str, model: str, reason: str) -> None:
-        """A node failed a request it was not (yet) the progress's node for."""
+        """A node failed a request (`failed`: the progress's node). One that refused the
+        connection (`connect`) is out at once, until its circuit's probe: it is down or not
+        listening, and every request sent meanwhile would cost a refused connection."""
+        now = time.monotonic()
         self.metrics.child(self.metrics.lb_errors, model, node_id, reason).inc()
-        self.balancer.finished(node_id, ok=False, latency=None, now=time.monotonic())
+        self.balancer.finished(node_id, ok=False, latency=None, now=now)
+        if reason == CONNECT:
+            self.balancer.breaker.trip(node_id, now)

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from services.gateway.balancer import Balancer, RouteHint
 from services.gateway.forwarding import (
+    CONNECT,
     NodeOutcomes,
     NodeRefused,
     Progress,
@@ -178,8 +179,7 @@ class Proxy:
                 node.endpoint_url, path, body, upstream_headers,
                 s.chunk_timeout if req.stream else s.request_timeout)
         except ConnectFailed:
-            self.outcomes.failed(progress, req.model, "connect")
-            self.balancer.breaker.trip(node.node_id, time.monotonic())
+            self.outcomes.failed(progress, req.model, CONNECT)
             raise
         except ReadTimeout:
             self.outcomes.failed(progress, req.model, "timeout")

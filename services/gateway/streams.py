@@ -21,7 +21,14 @@ import structlog
 from aiohttp import web
 
 from services.gateway.balancer import Balancer
-from services.gateway.forwarding import NodeOutcomes, Progress, ProxyResult, ProxySettings, Stored
+from services.gateway.forwarding import (
+    CONNECT,
+    NodeOutcomes,
+    Progress,
+    ProxyResult,
+    ProxySettings,
+    Stored,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
 from services.gateway.protocol import (
@@ -293,10 +300,8 @@ class StreamRelay:
             upstream = await self.pool.post(other.endpoint_url, ENDPOINTS[req.endpoint],
                                             payload, headers, self.settings.chunk_timeout)
         except UpstreamError as exc:
-            connect = isinstance(exc, ConnectFailed)
-            self.outcomes.node_failed(other.node_id, req.model, "connect" if connect else "dropped")
-            if connect:
-                self.balancer.breaker.trip(other.node_id, time.monotonic())
+            self.outcomes.node_failed(other.node_id, req.model,
+                                      CONNECT if isinstance(exc, ConnectFailed) else "dropped")
             return None
         except BaseException:
             self.balancer.abandoned(other.node_id)
