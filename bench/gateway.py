@@ -272,6 +272,14 @@ async def start_relay_and_monitor(stack: DevStack, services: dict[str, str]
                            (["-m", "services.monitor"], Role.MONITOR))]
 
 
+async def stop_processes(procs: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM to each still running, then wait for all."""
+    for p in procs:
+        if p.returncode is None:
+            p.terminate()
+    await asyncio.gather(*(p.wait() for p in procs))
+
+
 UNLIMITED = Quota(requests_per_minute=10**9, tokens_per_minute=10**12, tokens_per_day=10**12,
                   concurrency=10_000)
 """A benchmark's tenants: no limit in the way of the load."""
@@ -451,10 +459,7 @@ async def run(seconds: float, tmp: Path, only: set[str], modes: set[str], endpoi
                         print(f"  {'stream' if stream else 'whole':<7} concurrency "
                               f"{concurrency:>2}: {a / b:.2f}")
     finally:
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-        await asyncio.gather(*(p.wait() for p in procs))
+        await stop_processes(procs)
         stack.stop()
 
 

@@ -73,6 +73,7 @@ from gateway import (  # (bench/gateway.py)
     prepared,
     start_node,
     start_relay_and_monitor,
+    stop_processes,
     unlimited_keys,
     wait_ready,
 )
@@ -366,10 +367,7 @@ async def scenario(args: argparse.Namespace, mode: str, tmp: Path, logs: Path) -
     finally:
         if bus is not None:
             await bus.close()
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-        await asyncio.gather(*(p.wait() for p in procs))
+        await stop_processes(procs)
         if log_file is not None:
             log_file.close()
         stack.stop()

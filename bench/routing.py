@@ -44,6 +44,7 @@ from gateway import (  # (bench/gateway.py)
     prepared,
     start_node,
     start_relay_and_monitor,
+    stop_processes,
     unlimited_keys,
     wait_ready,
 )
@@ -250,9 +251,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
                         row = await run_row(gw_urls, nodes, keys, trace, args.users,
                                             args.seconds)
                     finally:
-                        for p in gw_procs:
-                            p.terminate()
-                        await asyncio.gather(*(p.wait() for p in gw_procs))
+                        await stop_processes(gw_procs)
                     results[(count, trace, strategy)] = row
                     print(f"{count:>2} {trace:<7} {strategy:<13} "
                           f"{pct(row.ttft, 50):>8.0f} {pct(row.ttft, 90):>7.0f} "
@@ -268,10 +267,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
                   f"{(row.output_tokens / row.elapsed) / (base.output_tokens / base.elapsed):.2f}"
                   f"  hit rate {row.hit_rate:.2f} vs {base.hit_rate:.2f}")
     finally:
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-        await asyncio.gather(*(p.wait() for p in procs))
+        await stop_processes(procs)
         stack.stop()
 
 
