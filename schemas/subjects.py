@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from schemas.events import EVENT_TYPES, PLATFORM
 
 __all__ = [
+    "BILLING_SETTLE",
     "CONTROL",
     "CONTROL_VIEW",
     "DLQ",
@@ -119,6 +120,11 @@ def node_command_subject(node_id: object) -> str:
     """Core NATS request/reply: commands to one node's agent (drain)."""
     return f"node.command.{node_id}"
 
+
+BILLING_SETTLE = "command.billing.settle_export"
+"""Core NATS request/reply: the admin API's SettleExport to billing's pusher leader
+(schemas.commands). Outside every stream's subjects (CONTROL holds ``billing.>``): a stream
+would store the request and answer it with its own acknowledgment."""
 
 NODE_KV_EVENTS = "node.kv_events"
 """Not an event type: vLLM's KV cache events, relayed by a node's agent."""

@@ -36,10 +36,14 @@ ERROR_DESCRIPTIONS = {
          "allow it",
     413: "Body too large",
     415: "The body is not application/json",
-    502: "A component behind the API answered badly: a node's agent with something "
-         "unreadable (`bad_agent_reply`), Stripe with a refusal (`stripe_refused`)",
+    502: "A component behind the API answered badly: a node's agent or billing with something "
+         "unreadable (`bad_agent_reply`, `bad_billing_reply`), Stripe with a refusal "
+         "(`stripe_refused`)",
     503: "A component behind the API is missing or did not answer: Stripe is not configured "
-         "on the admin service (`stripe_not_configured`) or unreachable (`stripe_unavailable`)",
+         "on the admin service (`stripe_not_configured`) or unreachable (`stripe_unavailable`), "
+         "no billing leader (`billing_unavailable`)",
+    504: "A component behind the API did not answer in time and may still act "
+         "(`settle_timeout`): look before trying again",
 }
 
 DESCRIPTION = f"""\

@@ -36,6 +36,9 @@ class AdminSettings(CoreSettings, kw_only=True, frozen=True):
     """The cost meter's unit (billing's setting of the same name): its price is one unit."""
     billing_currency: str = "usd"
     """Currency of the cost price: the catalog's prices are in it."""
+    settle_timeout: float = 60.0
+    """Seconds the admin API waits for billing's pusher leader to settle a held export (a
+    resend waits on Stripe: billing's STRIPE_TIMEOUT, 30 s by default)."""
 
     @property
     def cost_unit(self) -> Decimal:
@@ -48,6 +51,9 @@ def check_settings(settings: AdminSettings) -> None:
                          "it opens the whole admin API; callers send it as X-Admin-Token")
     if settings.max_body_bytes <= 0:
         raise SettingsError("MAX_BODY_BYTES must be positive")
+    if not 0 < settings.settle_timeout <= 110:
+        # Under the reply window billing's NATS identity has (SETTLE_REPLY_SECONDS).
+        raise SettingsError("SETTLE_TIMEOUT must be between 0 and 110 seconds")
     if settings.event_stream_keepalive <= 0:
         raise SettingsError("EVENT_STREAM_KEEPALIVE must be positive")
     try:

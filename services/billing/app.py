@@ -3,7 +3,8 @@
 - the usage recorder: `usage.recorded` from JetStream, checked and priced from the catalog
   (intake.py), into the log once;
 - projections `usage_records` (+ `usage_hourly`) and `billing_events`;
-- the Stripe pusher (one leader across replicas) when `STRIPE_SECRET_KEY` is set;
+- the Stripe pusher (one leader across replicas) when `STRIPE_SECRET_KEY` is set; its leader
+  also settles held exports on the admin API's command (settle.py);
 - POST /webhooks/stripe when `STRIPE_WEBHOOK_SECRET` is set.
 """
 
@@ -19,8 +20,9 @@ from schemas.subjects import USAGE
 from services.billing.budget_watch import BudgetWatch
 from services.billing.intake import UsageIntake
 from services.billing.prices import PriceBook
-from services.billing.pusher import Clock, Pusher, utcnow
+from services.billing.pusher import Clock, Pusher, PusherMetrics, utcnow
 from services.billing.settings import BillingSettings, check_settings
+from services.billing.settle import SettleDesk
 from services.billing.webhooks import WEBHOOKS, WebhookHandler, stripe_webhook
 from services.domain.billing_ledger import BillingProjection
 from services.domain.pricing import parse_multipliers
@@ -46,6 +48,7 @@ log = structlog.get_logger("billing")
 BILLING_SETTINGS = web.AppKey("billing_settings", BillingSettings)
 STRIPE = web.AppKey("stripe", StripeBilling)
 PUSHER = web.AppKey("billing_pusher", Pusher)
+SETTLE_DESK = web.AppKey("billing_settle_desk", SettleDesk)
 
 USAGE_RECORDER = ConsumerSpec(durable="billing-usage", stream=USAGE.name,
                               subjects=("usage.recorded.*",), batch=512)
@@ -97,8 +100,12 @@ async def _stripe(app: web.Application, clock: Clock) -> AsyncIterator[None]:
     if s.stripe.enabled:
         stripe_billing = StripeBilling(s.stripe)
         app[STRIPE] = stripe_billing
-        pusher = Pusher(s, app[DB], stripe_billing, clock=clock, registry=app[REGISTRY])
-        app[PUSHER] = pusher
+        metrics = PusherMetrics(app[REGISTRY])
+        desk = SettleDesk(app[DB], stripe_billing, app[BUS].nc, metrics)
+        pusher = Pusher(s, app[DB], stripe_billing, clock=clock, metrics=metrics,
+                        while_leading=desk.serving)
+        desk.settled = pusher.wake
+        app[PUSHER], app[SETTLE_DESK] = pusher, desk
         task = asyncio.create_task(pusher.run(), name="stripe-pusher")
         log.info("pushing usage to Stripe", api_base=s.stripe_api_base or "api.stripe.com",
                  meters=s.meter_events, cost_unit=f"{s.cost_unit:f}",

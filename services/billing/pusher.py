@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Collection
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -197,12 +198,16 @@ class _Pending:
 class Pusher:
     def __init__(self, settings: BillingSettings, pool: asyncpg.Pool[asyncpg.Record],
                  stripe_billing: StripeBilling, *, clock: Clock = utcnow,
-                 registry: CollectorRegistry | None = None) -> None:
+                 metrics: PusherMetrics | None = None,
+                 while_leading: Callable[[], AbstractAsyncContextManager[None]] | None = None
+                 ) -> None:
         self.settings = settings
         self.pool = pool
         self.stripe = stripe_billing
         self.clock = clock
-        self.metrics = PusherMetrics(registry)
+        self.metrics = metrics or PusherMetrics(None)
+        self._while_leading = while_leading or contextlib.nullcontext
+        """What else the leader does while it leads (settle operators' commands)."""
         self.is_leader = False
         self._reported_unlinked: set[object] = set()
         self._mark: int | None = None
@@ -241,7 +246,8 @@ class Pusher:
                     self.is_leader = True
                     self.metrics.leader.set(1)
                     log.info("billing pusher is leader")
-                    await self._lead(conn)
+                    async with self._while_leading():
+                        await self._lead(conn)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("pusher lost its database connection", error=str(exc))
             finally:

@@ -5,6 +5,7 @@ where Stripe is not configured."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -13,8 +14,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import msgspec
+import nats
 import pytest
+from aiohttp import web
 
+from schemas.commands import SettleOutcome, SettleResult
 from schemas.events import (
     StripeCustomerLinked,
     SubscriptionChanged,
@@ -23,15 +28,22 @@ from schemas.events import (
     UsageExportHeld,
     UsageExportPlanned,
 )
+from schemas.subjects import BILLING_SETTLE
+from services.billing.app import SETTLE_DESK, create_billing_app
 from services.billing.hours import floor_hour, identifier
+from services.billing.settings import BillingSettings
+from services.billing.settle import SettleDesk
 from services.domain.billing_ledger import record_billing_events
 from services.domain.catalog import Catalog
 from services.domain.catalog.projections import TenantsProjection
+from services.infra.bus import Bus
 from services.infra.eventlog import EventLog
 from services.infra.natsauth.identities import Role
 from services.infra.projections import ProjectionRunner
+from services.infra.settings import Secret
 from tests.conftest import Servers
 from tests.doubles.stripe_server import StripeServer, running_stripe
+from tests.helpers import eventually
 from tests.integration.test_admin_api import TOKEN, Admin, assert_error, running_admin
 from tests.integration.test_cli_admin import Cli, base_env
 
@@ -48,14 +60,45 @@ async def stripe_server() -> AsyncIterator[StripeServer]:
 @pytest.fixture
 async def admin(servers: Servers, database_url: str, nats_url: str, redis_url: str,
                 stripe_server: StripeServer) -> AsyncIterator[Admin]:
-    from services.infra.settings import Secret
-
     async with running_admin(database_url, nats_url, redis_url,
                              creds=servers.creds(Role.ADMIN_API),
                              stripe_secret_key=Secret(stripe_server.api_key),
                              stripe_api_base=stripe_server.url, stripe_timeout=2.0,
                              **PRICES) as running:
         yield running
+
+
+@pytest.fixture
+async def billing(servers: Servers, stripe_server: StripeServer,
+                  bus: Bus) -> AsyncIterator[SettleDesk]:
+    """A billing service pushing to the Stripe double (`bus`: the platform's streams exist):
+    its pusher leader settles held exports on the admin API's command."""
+    async with running_billing(servers, stripe_server) as desk:
+        yield desk
+
+
+@contextlib.asynccontextmanager
+async def running_billing(servers: Servers,
+                          stripe_server: StripeServer) -> AsyncIterator[SettleDesk]:
+    app = create_billing_app(BillingSettings(
+        database_url=Secret(servers.database_url), nats_url=Secret(servers.nats_url),
+        nats_creds=Secret(servers.creds(Role.BILLING)), log_json=False,
+        event_poll_interval=0.2, db_min_connections=1,
+        stripe_secret_key=Secret(stripe_server.api_key), stripe_api_base=stripe_server.url,
+        stripe_timeout=2.0, billing_push_interval=0.2, billing_leader_retry=0.2))
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        desk = app[SETTLE_DESK]
+
+        async def listening() -> bool:
+            return desk.listening
+
+        # A slow machine takes a while to elect; nothing is settled before.
+        await eventually(listening, timeout=30, what="billing's leader hears settle commands")
+        yield desk
+    finally:
+        await runner.cleanup()
 
 
 async def test_link_creates_customer_and_subscription_once(admin: Admin,
@@ -231,7 +274,7 @@ def settle(ident: str, action: str = "resend") -> dict[str, str]:
 
 
 async def test_a_held_export_is_shown_listed_and_resent_once(
-        admin: Admin, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
+        admin: Admin, billing: SettleDesk, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Held")
     ident = await held_export(pool, stripe_server, tenant, value=1234)
     shown = await admin.ok("GET", f"/tenants/{tenant}/billing")
@@ -271,8 +314,8 @@ async def test_a_held_export_is_shown_listed_and_resent_once(
         "accepted"]
 
 
-async def test_concurrent_settles_send_once(admin: Admin, stripe_server: StripeServer,
-                                            pool: asyncpg.Pool) -> None:
+async def test_concurrent_settles_send_once(
+        admin: Admin, billing: SettleDesk, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Twice")
     ident = await held_export(pool, stripe_server, tenant)
     answers = await asyncio.gather(*(admin.call(
@@ -284,7 +327,7 @@ async def test_concurrent_settles_send_once(admin: Admin, stripe_server: StripeS
 
 
 async def test_an_export_stripe_has_is_marked_exported_without_sending(
-        admin: Admin, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
+        admin: Admin, billing: SettleDesk, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Had")
     customer = stripe_server.state.add_customer(str(tenant))
     inputs = await held_export(pool, stripe_server, tenant, customer=customer, value=10)
@@ -311,7 +354,7 @@ async def test_an_export_stripe_has_is_marked_exported_without_sending(
 
 
 async def test_a_resend_stripe_fails_keeps_it_held_and_one_it_refuses_fails_it(
-        admin: Admin, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
+        admin: Admin, billing: SettleDesk, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Flaky")
     ident = await held_export(pool, stripe_server, tenant)
     path = f"/tenants/{tenant}/billing/exports/settle"
@@ -335,8 +378,8 @@ async def test_a_resend_stripe_fails_keeps_it_held_and_one_it_refuses_fails_it(
     assert stripe_server.state.meter_events == {}
 
 
-async def test_settle_refuses_bad_requests(admin: Admin, stripe_server: StripeServer,
-                                           pool: asyncpg.Pool) -> None:
+async def test_settle_refuses_bad_requests(
+        admin: Admin, billing: SettleDesk, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Strict")
     other = await Catalog(EventLog(pool)).create_tenant("Other")
     ident = await held_export(pool, stripe_server, tenant)
@@ -372,8 +415,8 @@ async def test_settle_refuses_bad_requests(admin: Admin, stripe_server: StripeSe
     assert stripe_server.state.calls == []
 
 
-async def test_only_held_exports_are_settled(admin: Admin, stripe_server: StripeServer,
-                                             pool: asyncpg.Pool) -> None:
+async def test_only_held_exports_are_settled(
+        admin: Admin, billing: SettleDesk, stripe_server: StripeServer, pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Planned")
     customer = stripe_server.state.add_customer(str(tenant))
     hour = floor_hour(datetime.now(UTC) - timedelta(hours=2))
@@ -391,23 +434,66 @@ async def test_only_held_exports_are_settled(admin: Admin, stripe_server: Stripe
     assert status == 409 and "is exported, not held" in answer["error"]["message"]
 
 
-async def test_resend_needs_stripe_here_and_marking_does_not(
-        servers: Servers, database_url: str, nats_url: str, redis_url: str,
+async def test_without_a_billing_leader_nothing_is_settled(
+        admin: Admin, stripe_server: StripeServer, servers: Servers, bus: Bus,
         pool: asyncpg.Pool) -> None:
-    async with running_stripe() as stripe_server:
-        tenant = await Catalog(EventLog(pool)).create_tenant("NoStripe")
-        ident = await held_export(pool, stripe_server, tenant)
-    async with running_admin(database_url, nats_url, redis_url,
-                             creds=servers.creds(Role.ADMIN_API)) as admin:
-        path = f"/tenants/{tenant}/billing/exports/settle"
-        status, answer = await admin.call("POST", path, settle(ident, "resend"))
-        assert status == 503 and answer["error"]["code"] == "stripe_not_configured"
+    tenant = await Catalog(EventLog(pool)).create_tenant("NoBilling")
+    ident = await held_export(pool, stripe_server, tenant)
+    path = f"/tenants/{tenant}/billing/exports/settle"
+    for action in ("resend", "mark_exported"):
+        status, answer = await admin.call("POST", path, settle(ident, action))
+        assert status == 503 and answer["error"]["code"] == "billing_unavailable", answer
+    assert await pool.fetchval("SELECT status FROM meter_exports WHERE identifier = $1",
+                               ident) == "held"
+    # Billing's leader comes: the same command settles it, without Stripe for a marking.
+    async with running_billing(servers, stripe_server):
         answer = await admin.ok("POST", path, settle(ident, "mark_exported"))
         assert answer["export"]["status"] == "exported"
+    assert stripe_server.state.calls == []
 
 
-async def test_cli_lists_and_settles_held_exports(admin: Admin, stripe_server: StripeServer,
-                                                  tmp_path: Path, pool: asyncpg.Pool) -> None:
+async def test_billing_reads_settle_commands_as_untrusted(
+        billing: SettleDesk, stripe_server: StripeServer, servers: Servers, bus: Bus,
+        pool: asyncpg.Pool, tmp_path: Path) -> None:
+    tenant = await Catalog(EventLog(pool)).create_tenant("Untrusted")
+    ident = await held_export(pool, stripe_server, tenant)
+    good = {"tenant_id": str(tenant), "identifier": ident, "action": "mark_exported"}
+    for payload in (b"not json", b"{" + b" " * 5000 + b"}",
+                    json.dumps({**good, "force": True}).encode(),
+                    json.dumps({**good, "identifier": "x" * 101}).encode(),
+                    json.dumps({**good, "action": "refund"}).encode(),
+                    json.dumps({**good, "tenant_id": "acme"}).encode()):
+        msg = await bus.nc.request(BILLING_SETTLE, payload, timeout=30)
+        answer = msgspec.json.decode(msg.data, type=SettleOutcome)
+        assert answer.result is SettleResult.BAD_COMMAND, (payload[:60], answer)
+    # Another tenant's id does not reach this tenant's export.
+    other = json.dumps({**good, "tenant_id": str(uuid.uuid4())}).encode()
+    msg = await bus.nc.request(BILLING_SETTLE, other, timeout=30)
+    assert msgspec.json.decode(msg.data, type=SettleOutcome).result is SettleResult.NOT_FOUND
+
+    # Only the admin API's identity may send it: NATS refuses a gateway's.
+    creds = tmp_path / "gateway.creds"
+    creds.write_text(servers.creds(Role.GATEWAY))
+    refused = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            refused.set()
+
+    nc = await nats.connect(servers.nats_url, user_credentials=str(creds), error_cb=on_error)
+    try:
+        await nc.publish(BILLING_SETTLE, json.dumps(good).encode(), reply="_INBOX.gateway.x")
+        await asyncio.wait_for(refused.wait(), timeout=30)
+    finally:
+        await nc.close()
+    assert await pool.fetchval("SELECT status FROM meter_exports WHERE identifier = $1",
+                               ident) == "held"
+    assert stripe_server.state.calls == []
+
+
+async def test_cli_lists_and_settles_held_exports(
+        admin: Admin, billing: SettleDesk, stripe_server: StripeServer, tmp_path: Path,
+        pool: asyncpg.Pool) -> None:
     tenant = await Catalog(EventLog(pool)).create_tenant("Cli")
     ident = await held_export(pool, stripe_server, tenant, value=777)
     cli = Cli({**base_env(tmp_path), "CROSSLOGIC_ADMIN_URL": admin.url,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from schemas.events import EVENT_TYPES
-from schemas.subjects import STREAMS, stream_for_subject, subject_matches
+from schemas.subjects import BILLING_SETTLE, STREAMS, stream_for_subject, subject_matches
 from services.infra.natsauth import identities
 from services.infra.natsauth.authority import Authority, NodeIssuer
 from services.infra.natsauth.creds import Credentials, CredentialsError
@@ -206,6 +206,19 @@ def test_only_the_gateways_hear_the_nodes_kv_cache_events() -> None:
         # The orchestrator's `node.*.*` covers them; it subscribes only to what wakes it.
         assert hears == (role in (Role.GATEWAY, Role.ORCHESTRATOR)), role
         assert not may(permissions(role).pub_allow, f"node.kv_events.{NODE}"), role
+
+
+def test_only_the_admin_api_asks_billing_to_settle_and_only_billing_hears_it() -> None:
+    for role in Role:
+        if role in (Role.NODE, Role.ADMIN, Role.LEAF):
+            continue
+        p = permissions(role)
+        assert may(p.pub_allow, BILLING_SETTLE) == (role is Role.ADMIN_API), role
+        assert may(p.sub_allow, BILLING_SETTLE) == (role is Role.BILLING), role
+    assert permissions(Role.BILLING).responses == 1
+    assert not may(NODE_SCOPE.pub_allow, BILLING_SETTLE)
+    # A core request/reply subject: no stream may capture it (it would answer for billing).
+    assert stream_for_subject(BILLING_SETTLE) is None
 
 
 def test_every_identity_reads_only_its_own_inbox() -> None:

@@ -6,18 +6,15 @@ answers 503 and the rest of the API works as before. The Stripe client is opened
 
 Held meter exports (`billing.export_held`: an attempt may have reached Stripe longer ago than
 Stripe's identifier deduplication can be counted on, so the pusher no longer resends them) are
-settled here by an operator who has looked the identifier up in Stripe: resent, or recorded as
-exported. Either way the outcome is an event the pusher itself would record
-(`billing.usage_exported`, or `billing.export_failed` when a resend fails), appended and
-applied to the ledger in one transaction, caused by the hold.
+settled through here by an operator who has looked the identifier up in Stripe: resent, or
+recorded as exported. Billing's pusher leader carries the command out (NATS request/reply,
+services/billing/settle.py) and records the outcome as it records any of Stripe's answers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -25,11 +22,12 @@ from typing import Literal
 
 import asyncpg
 import msgspec
-import stripe
+import nats.errors
 import structlog
 from aiohttp import web
 
-from schemas.events import UsageExported, UsageExportFailed
+from schemas.commands import SettleAction, SettleExport, SettleOutcome, SettleResult
+from schemas.subjects import BILLING_SETTLE
 from services.admin.bodies import BillingSetup, ExportSettle
 from services.admin.context import ADMIN_SETTINGS
 from services.admin.routing import QueryParam, Route, add
@@ -41,7 +39,6 @@ from services.admin.web_io import (
     read_body,
     require,
 )
-from services.domain import export_outcome as outcome
 from services.domain.billing_ledger import (
     BillingAccount,
     BillingEventRecord,
@@ -50,18 +47,15 @@ from services.domain.billing_ledger import (
     get_account,
     recent_billing_events,
     recent_exports,
-    record_billing_events,
 )
 from services.domain.catalog import NotFound
 from services.domain.catalog import queries as q
 from services.domain.stripe_billing import (
-    MeterSend,
     StripeBilling,
     StripeConfig,
     StripeRejected,
     StripeUnavailable,
     link_tenant,
-    may_have_reached,
 )
 from services.domain.stripe_pricing import (
     CostPriceSpec,
@@ -73,7 +67,7 @@ from services.domain.stripe_pricing import (
 )
 from services.infra.db import Connection
 from services.infra.errors import ApiError
-from services.infra.http import REQUEST_ID
+from services.infra.http import BUS, REQUEST_ID
 from services.infra.request_checks import Choice, FieldError, Integer, parse_limit
 
 log = structlog.get_logger("admin.billing")
@@ -292,94 +286,72 @@ async def list_exports(request: web.Request) -> web.Response:
         truncated=len(rows) > limit))
 
 
-def _settle_lock_key(identifier: str) -> int:
-    # A signed 64-bit advisory lock key per identifier; a collision only serializes two.
-    digest = hashlib.blake2b(f"settle:{identifier}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
 async def settle_export(request: web.Request) -> web.Response:
     tenant_id = path_id(request, "tenant_id", "tenant")
     body = await read_body(request, ExportSettle)
     pool = db(request)
     require(await q.get_tenant(pool, tenant_id), "tenant", tenant_id)
-    stripe_billing = request.app.get(ADMIN_STRIPE)
-    if body.action == "resend" and stripe_billing is None:
+    # Carried out by billing's pusher leader (services/billing/settle.py), the one sender of
+    # meter events: a settling here would be a second copy of its Stripe logic.
+    command = SettleExport(tenant_id=tenant_id, identifier=body.identifier,
+                           action=SettleAction(body.action),
+                           correlation_id=request[REQUEST_ID])
+    wait = request.app[ADMIN_SETTINGS].settle_timeout
+    try:
+        msg = await request.app[BUS].nc.request(BILLING_SETTLE, msgspec.json.encode(command),
+                                                timeout=wait)
+    except nats.errors.NoRespondersError:
         raise ApiError.unavailable(
-            "Stripe is not configured on the admin service: set STRIPE_SECRET_KEY to resend "
-            "(mark_exported needs no Stripe).", code="stripe_not_configured")
-    key = _settle_lock_key(body.identifier)
-    # A session lock, not a row lock in a transaction: nothing is held open in the log (its
-    # readers wait for open writers) while Stripe answers; two operators settle one at a time.
-    async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", key)
-        try:
-            export = await _export(conn, tenant_id, body.identifier)
-            if export is None:
-                raise NotFound(f"meter export {body.identifier!r} of tenant {tenant_id} "
-                               "not found")
-            if export.status != "held":
-                raise ApiError.conflict(
-                    f"Meter export {body.identifier!r} is {export.status}, not held: only a "
-                    "held export is settled by hand.", param="identifier",
-                    code="export_not_held")
-            answer: MeterSend | None = None
-            if body.action == "resend":
-                assert stripe_billing is not None
-                answer = await _resend(request, conn, stripe_billing, tenant_id, export)
-            # Marked exported by hand: Stripe had it (the earlier attempt arrived).
-            await _record(request, conn, tenant_id, outcome.exported(
-                tenant_id, export, duplicate=answer is not MeterSend.SENT))
-            settled = await _export(conn, tenant_id, body.identifier)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            "No billing leader is pushing to Stripe now (billing is down, or runs without "
+            "STRIPE_SECRET_KEY): nothing was settled.", code="billing_unavailable") from None
+    except nats.errors.TimeoutError:
+        raise ApiError.timeout(
+            f"Billing did not answer within {wait:g} s and may still settle the export: look "
+            "at its status (GET /billing/exports) before settling it again.",
+            code="settle_timeout") from None
+    try:
+        done = msgspec.json.decode(msg.data, type=SettleOutcome)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("undecodable settle reply", error=str(exc)[:200])
+        raise ApiError.bad_gateway("Billing answered the settle command with a reply this "
+                                   "API cannot read.", code="bad_billing_reply") from None
+    _raise_unless_settled(done, body.identifier)
+    settled = await _export(pool, tenant_id, body.identifier)
     assert settled is not None
     log.info("held meter export settled by an operator", identifier=body.identifier,
-                action=body.action, stripe=answer.value if answer else None,
-                value=export.value, request_id=request[REQUEST_ID])
-    return json_response(ExportSettlement(action=body.action,
-                                          stripe=answer.value if answer else None,
+             action=body.action, stripe=done.stripe, value=settled.value,
+             request_id=request[REQUEST_ID])
+    return json_response(ExportSettlement(action=body.action, stripe=done.stripe,
                                           export=settled))
 
 
-async def _resend(request: web.Request, conn: Connection, stripe_billing: StripeBilling,
-                  tenant_id: uuid.UUID, export: ExportRecord) -> MeterSend:
-    """Send the held meter event under its own identifier (Stripe answers "duplicate" if it
-    still has it), stamped now: its hour's invoice may be final by now. A failure is recorded
-    as the pusher records one: retryable keeps it held, a refusal marks it failed."""
-    if not export.customer_id or not export.event_name:
-        raise ApiError.conflict(f"Meter export {export.identifier!r} has no Stripe customer "
-                                "or meter event name to send it with.",
-                                code="export_not_sendable")
-    try:
-        return await stripe_billing.send_meter_event(
-            event_name=export.event_name, customer_id=export.customer_id, value=export.value,
-            identifier=export.identifier, timestamp=int(time.time()))
-    except stripe.StripeError as exc:
-        failure = outcome.failed(tenant_id, export, exc)
-        error, retryable = failure.error, failure.retryable
-        await _record(request, conn, tenant_id, failure)
-        log.warning("resending a held meter export failed", identifier=export.identifier,
-                    error=error, retryable=retryable)
-        if retryable:
+def _raise_unless_settled(done: SettleOutcome, identifier: str) -> None:
+    match done.result:
+        case SettleResult.SETTLED:
+            return
+        case SettleResult.NOT_FOUND:
+            raise NotFound(done.detail)
+        case SettleResult.NOT_HELD:
+            raise ApiError.conflict(done.detail, param="identifier", code="export_not_held")
+        case SettleResult.NOT_SENDABLE:
+            raise ApiError.conflict(done.detail, code="export_not_sendable")
+        case SettleResult.STRIPE_UNAVAILABLE:
             maybe = ": Stripe may have counted it, look again before resending" \
-                if may_have_reached(exc) else ""
-            raise ApiError.unavailable(f"Stripe did not take the meter event ({error}); it "
-                                       f"stays held{maybe}.", code="stripe_unavailable") from None
-        raise ApiError.bad_gateway(f"Stripe refused the meter event ({error}); the export is "
-                                   "now failed.", code="stripe_refused") from None
-
-
-async def _record(request: web.Request, conn: Connection, tenant_id: uuid.UUID,
-                  event: UsageExported | UsageExportFailed) -> None:
-    held = await conn.fetchval(
-        """SELECT event_id FROM billing_events WHERE tenant_id = $1
-             AND type = 'billing.export_held' AND data->>'identifier' = $2
-           ORDER BY occurred_at DESC LIMIT 1""", tenant_id, event.identifier)
-    async with conn.transaction():
-        await record_billing_events(conn, [event], actor=ACTOR,
-                                    correlation_id=request[REQUEST_ID],
-                                    causation_id=str(held) if held else None)
+                if done.may_have_reached else ""
+            raise ApiError.unavailable(f"Stripe did not take the meter event ({done.detail}); "
+                                       f"it stays held{maybe}.", code="stripe_unavailable")
+        case SettleResult.STRIPE_REFUSED:
+            raise ApiError.bad_gateway(f"Stripe refused the meter event ({done.detail}); the "
+                                       "export is now failed.", code="stripe_refused")
+        case SettleResult.BAD_COMMAND:
+            log.error("billing could not read a settle command", identifier=identifier,
+                      detail=done.detail)
+            raise ApiError.bad_gateway("Billing could not read the settle command (another "
+                                       "version?): nothing was settled.",
+                                       code="billing_refused_command")
+        case SettleResult.FAILED:
+            raise ApiError.unavailable(f"Billing could not settle it: {done.detail}.",
+                                       code="billing_failed")
 
 
 async def _stripe_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -435,18 +407,22 @@ ROUTES = (
                       "identifier up in Stripe, then settle it."),
     Route("POST", "/tenants/{tenant_id}/billing/exports/settle", settle_export,
           "Settle a held meter export after checking Stripe: resend it, or mark it exported",
-          TAG, body=ExportSettle, response=ExportSettlement, errors=(502, 503),
-          description="Only a held export (`billing.export_held`) is settled; any other "
-                      "status is a 409 `export_not_held`, an identifier that is not this "
-                      "tenant's a 404. `mark_exported` records `billing.usage_exported` "
-                      "(`duplicate: true`: Stripe had it) without calling Stripe. `resend` "
-                      "sends the meter event under its identifier, stamped with the time of "
-                      "sending, and records `billing.usage_exported`; if Stripe fails "
-                      "`billing.export_failed` is recorded: a retryable failure (503 "
-                      "`stripe_unavailable`) leaves the export held, a refusal (502 "
-                      "`stripe_refused`) marks it failed. 503 `stripe_not_configured` when "
-                      "resending without STRIPE_SECRET_KEY here. The events name the admin "
-                      "API as actor, the request id as correlation and the hold as cause."),
+          TAG, body=ExportSettle, response=ExportSettlement, errors=(409, 502, 503, 504),
+          description="Carried out by billing's pusher leader (the one sender of meter "
+                      "events), asked over NATS; 503 `billing_unavailable` when no billing "
+                      "leader pushes to Stripe (nothing settled), 504 `settle_timeout` when it "
+                      "did not answer within SETTLE_TIMEOUT (look at the export before "
+                      "settling again). Only a held export (`billing.export_held`) is "
+                      "settled; any other status is a 409 `export_not_held`, an identifier "
+                      "that is not this tenant's a 404. `mark_exported` records "
+                      "`billing.usage_exported` (`duplicate: true`: Stripe had it) without "
+                      "calling Stripe. `resend` sends the meter event under its identifier, "
+                      "stamped with the time of sending, and records "
+                      "`billing.usage_exported`; if Stripe fails `billing.export_failed` is "
+                      "recorded: a retryable failure (503 `stripe_unavailable`) leaves the "
+                      "export held, a refusal (502 `stripe_refused`) marks it failed. The "
+                      "events name the admin API as actor, the request id as correlation and "
+                      "the hold as cause."),
 )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from schemas.events import EVENT_TYPES
 from schemas.subjects import (
+    BILLING_SETTLE,
     CONTROL,
     CONTROL_VIEW,
     DLQ,
@@ -45,6 +46,10 @@ NODE_PUBLISHES = ("node.registered", "node.heartbeat", "node.spot_warning", "nod
 
 NODE_PAYLOAD_LIMIT = 64 * 1024
 """A node's largest message (a registration is under 1 KiB)."""
+
+SETTLE_REPLY_SECONDS = 120.0
+"""How long billing may take to answer a settle command: a resend waits on Stripe, and
+commands are carried out one at a time."""
 
 
 class Role(enum.StrEnum):
@@ -152,14 +157,17 @@ def permissions(role: Role) -> Permissions:
             return _perms(pub=("node.command.*", *_streams_info()),
                           sub=(inbox, "node.*.*", "deployment.*.*"))
         case Role.BILLING:
+            # Its pusher leader carries out the admin API's settling of held exports.
             return _perms(pub=(*_streams_info(), *_consume(USAGE.name, "billing-usage")),
-                          sub=(inbox,))
+                          sub=(inbox, BILLING_SETTLE), responses=1,
+                          response_ttl_seconds=SETTLE_REPLY_SECONDS)
         case Role.NOTIFIER:
             return _perms(pub=(*_streams_info(), *_consume(NODES.name, "notifier-nodes"),
                                *_consume(CONTROL.name, "notifier-control")),
                           sub=(inbox,))
         case Role.ADMIN_API:
-            return _perms(pub=("node.command.*", *_streams_info()), sub=(inbox,))
+            return _perms(pub=("node.command.*", BILLING_SETTLE, *_streams_info()),
+                          sub=(inbox,))
         case Role.RELAY:
             return _perms(pub=(*control_plane_subjects(), *_streams_info()), sub=(inbox,))
         case Role.PROVISIONER:
