@@ -20,7 +20,8 @@ from schemas.events import NodeHeartbeat, TenantCreated
 from services.infra.db import Connection, create_pool
 from services.infra.devstack import DevStack
 from services.infra.event_stats import EventTypeStats
-from services.infra.eventlog import START, EventLog, RecordedEvent
+from services.infra.eventlog import EventLog
+from services.infra.log_records import START, RecordedEvent
 from services.infra.migrate import migrate
 from services.infra.projections import Projection, ProjectionRunner
 

@@ -29,7 +29,7 @@ from services.domain.pricing import parse_multipliers
 from services.domain.stripe_billing import StripeBilling
 from services.domain.usage_records import UsageMetrics, UsageRecordsProjection
 from services.infra.aio import stop_tasks
-from services.infra.bus import ConsumerSpec
+from services.infra.consumer import ConsumerSpec
 from services.infra.http import (
     BUS,
     DB,

@@ -40,7 +40,8 @@ from schemas.events import (
 )
 from services.domain.catalog.projections import TenantsProjection
 from services.infra.db import Connection
-from services.infra.eventlog import ANY, EventLog, RecordedEvent
+from services.infra.eventlog import ANY, EventLog
+from services.infra.log_records import RecordedEvent
 from services.infra.projections import Projection
 
 _json = msgspec.json.Encoder()

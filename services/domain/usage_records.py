@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from schemas.events import UsageRecorded
 from services.infra.db import Connection
-from services.infra.eventlog import RecordedEvent
+from services.infra.log_records import RecordedEvent
 from services.infra.projections import Projection
 
 _ZERO = Decimal(0)

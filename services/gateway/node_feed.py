@@ -25,7 +25,8 @@ from schemas.arrival import mismatch
 from schemas.events import EventDecodeError, decode_event
 from schemas.subjects import HEARTBEATS, NODES_VIEW, StreamSpec
 from services.gateway.nodes import NodeTable
-from services.infra.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
+from services.infra.bus import Bus
+from services.infra.bus_metrics import SUBJECT_MISMATCH, UNDECODABLE
 
 log = structlog.get_logger("node_feed")
 

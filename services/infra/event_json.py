@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from services.infra.eventlog import RecordedEvent
+from services.infra.log_records import RecordedEvent
 
 _json = msgspec.json.Encoder()
 

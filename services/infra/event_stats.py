@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from services.infra.db import Connection
-from services.infra.eventlog import RecordedEvent
+from services.infra.log_records import RecordedEvent
 from services.infra.projections import Projection
 
 

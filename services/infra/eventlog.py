@@ -11,21 +11,25 @@ anywhere in the database holds readers back until it ends.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fnmatch
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import asyncpg
 import msgspec
 import structlog
 
-from schemas.events import Event, decode_event, payload_of
-from services.infra.aio import wait_event
-from services.infra.db import Connection, connect
+from schemas.events import Event, payload_of
+from services.infra.db import Connection
+from services.infra.log_records import (
+    START,
+    EventFilter,
+    LogPosition,
+    Origin,
+    RecordedEvent,
+    filter_sql,
+)
 
 log = structlog.get_logger("eventlog")
 
@@ -33,9 +37,6 @@ ANY: Final = -1
 """Append whatever the stream's version is."""
 NO_STREAM: Final = 0
 """Append only if the stream has no events yet."""
-
-Origin = Literal["log", "bus"]
-NOTIFY_CHANNEL: Final = "crosslogic_events"
 
 
 class ConcurrencyError(Exception):
@@ -58,148 +59,6 @@ class DuplicateEventError(Exception):
                          + (f" ({detail})" if detail else ""))
         self.event_ids = list(event_ids)
         """The ids of the append (one or more of them is taken)."""
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class LogPosition:
-    """A place in the log's global order; readers resume strictly after it."""
-
-    transaction_id: int
-    position: int
-
-    def __str__(self) -> str:
-        return f"{self.transaction_id}:{self.position}"
-
-
-START: Final = LogPosition(0, 0)
-
-
-class RecordedEvent:
-    """An event as the log holds it. The payload stays the JSON text PostgreSQL returned until
-    someone asks: `data` parses it, `wire()` splices the envelope onto it without parsing, and
-    `event` decodes the typed struct from those bytes (msgspec's fast path)."""
-
-    __slots__ = ("_data", "_event", "event_id", "occurred_at", "origin", "position",
-                 "raw_data", "raw_metadata", "recorded_at", "stream", "stream_version",
-                 "transaction_id", "type")
-
-    def __init__(self, *, position: int, transaction_id: int, event_id: Any, stream: str,
-                 stream_version: int, type: str, raw_data: str, raw_metadata: str,
-                 occurred_at: datetime, recorded_at: datetime, origin: str,
-                 event: Event | None = None) -> None:
-        self.position = position
-        self.transaction_id = transaction_id
-        self.event_id = event_id
-        self.stream = stream
-        self.stream_version = stream_version
-        self.type = type
-        self.raw_data = raw_data
-        self.raw_metadata = raw_metadata
-        self.occurred_at = occurred_at
-        self.recorded_at = recorded_at
-        self.origin = origin
-        self._data: dict[str, Any] | None = None
-        self._event = event
-
-    @property
-    def checkpoint(self) -> LogPosition:
-        return LogPosition(self.transaction_id, self.position)
-
-    @property
-    def data(self) -> dict[str, Any]:
-        """The typed payload's fields, as JSON builtins."""
-        if self._data is None:
-            self._data = _json_decode(self.raw_data)
-        return self._data
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = _json_decode(self.raw_metadata)
-        return meta
-
-    def wire(self) -> bytes:
-        """The event's JSON as `encode_event` would give it (keys in another order), built
-        without decoding: the outbox relay can publish a type this build does not know."""
-        head = _json.encode({"type": self.type, "id": str(self.event_id), "stream": self.stream,
-                             "occurred_at": self.occurred_at})
-        body = self.raw_data.strip().encode()
-        meta = self.raw_metadata.encode()
-        rest = b"}" if body == b"{}" else b"," + body[1:]
-        return head[:-1] + b',"metadata":' + meta + rest
-
-    @property
-    def event(self) -> Event:
-        """The typed event. EventDecodeError for a type this code does not know (a newer
-        writer during a rolling deploy): callers that only pass events on use `wire()`."""
-        if self._event is None:
-            self._event = decode_event(self.wire())
-        return self._event
-
-    def __repr__(self) -> str:
-        return (f"RecordedEvent(position={self.position}, type={self.type!r}, "
-                f"stream={self.stream!r}, version={self.stream_version})")
-
-
-@dataclass(frozen=True)
-class EventFilter:
-    """Which events a reader wants. Non-matching events are still scanned (and passed over by
-    the reader's checkpoint) but their payload is not transferred."""
-
-    types: tuple[str, ...] = ()
-    """Glob patterns on the type: ``node.*``."""
-    stream: str | None = None
-    """A stream name, or a glob: ``node:*``."""
-    origin: Origin | None = None
-    min_position: int | None = None
-    since: datetime | None = None
-
-    def matches(self, event: RecordedEvent) -> bool:
-        """The same test as the SQL, for events already in memory."""
-        if self.types and not any(fnmatch.fnmatchcase(event.type, t) for t in self.types):
-            return False
-        if self.stream is not None and not fnmatch.fnmatchcase(event.stream, self.stream):
-            return False
-        if self.origin is not None and event.origin != self.origin:
-            return False
-        if self.min_position is not None and event.position < self.min_position:
-            return False
-        return self.since is None or event.recorded_at >= self.since
-
-
-def glob_to_like(pattern: str) -> str:
-    """``node.*`` → ``node.%``, with LIKE's own wildcards escaped."""
-    out = []
-    for ch in pattern:
-        if ch in "%_\\":
-            out.append("\\" + ch)
-        elif ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _filter_sql(flt: EventFilter, first_param: int) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-
-    def param(value: Any) -> str:
-        params.append(value)
-        return f"${first_param + len(params) - 1}"
-
-    if flt.types:
-        clauses.append(f"type LIKE ANY({param([glob_to_like(t) for t in flt.types])}::text[])")
-    if flt.stream is not None:
-        clauses.append(f"stream LIKE {param(glob_to_like(flt.stream))}")
-    if flt.origin is not None:
-        clauses.append(f"origin = {param(flt.origin)}")
-    if flt.min_position is not None:
-        clauses.append(f"position >= {param(flt.min_position)}")
-    if flt.since is not None:
-        clauses.append(f"recorded_at >= {param(flt.since)}")
-    return (" AND ".join(clauses) or "TRUE"), params
 
 
 @dataclass(frozen=True)
@@ -235,7 +94,6 @@ RETURNING {_COLUMNS}
 """
 
 _json = msgspec.json.Encoder()
-_json_decode = msgspec.json.decode
 
 
 def _row_to_recorded(row: asyncpg.Record, event: Event | None = None) -> RecordedEvent:
@@ -395,7 +253,7 @@ class EventLog:
         longer be joined by an earlier one. With a filter, non-matching events are scanned and
         skipped; `Page.next` moves past them either way."""
         flt = flt or EventFilter()
-        where, params = _filter_sql(flt, 4)
+        where, params = filter_sql(flt, 4)
         sql = f"""
             SELECT position, transaction_id, event_id, stream, stream_version, type,
                    CASE WHEN m THEN data::text END AS data, metadata::text AS metadata,
@@ -436,85 +294,3 @@ class EventLog:
                    ORDER BY transaction_id DESC, position DESC LIMIT 1""")
         return START if row is None else LogPosition(row["transaction_id"], row["position"])
 
-
-# Connecting and LISTENing can fail these ways (InterfaceError: the connection closed under
-# the listener, e.g. PostgreSQL restarting); the loop must outlive them all.
-_LISTEN_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError,
-                                                   asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
-class LogWaker:
-    """Wakes readers when the log grows: LISTEN on a dedicated connection, with polling as the
-    fallback (a missed or late notification, or the listener connection being down, costs at
-    most `poll_interval`)."""
-
-    def __init__(self, dsn: str, *, poll_interval: float = 1.0) -> None:
-        self.dsn = dsn
-        self.poll_interval = poll_interval
-        self.generation = 0
-        self._changed = asyncio.Event()
-        self._conn: Connection | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    @property
-    def listening(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed()
-
-    async def start(self) -> None:
-        with contextlib.suppress(*_LISTEN_ERRORS):
-            await self._listen()
-        self._task = asyncio.create_task(self._keep_listening(), name="log-waker")
-
-    async def _listen(self) -> None:
-        conn = await connect(self.dsn)
-        try:
-            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.close()
-            raise
-        self._conn = conn
-        self._wake()  # events may have landed while we were not listening
-
-    async def _keep_listening(self) -> None:
-        delay = 0.2
-        while not self._closed:
-            await asyncio.sleep(delay)
-            if self.listening:
-                delay = 1.0
-                continue
-            try:
-                await self._listen()
-                log.info("listening for log notifications again")
-                delay = 1.0
-            except _LISTEN_ERRORS as exc:
-                log.warning("log listener down; polling", error=str(exc) or type(exc).__name__)
-                delay = min(delay * 2, 5.0)
-
-    def _on_notify(self, *_: object) -> None:
-        self._wake()
-
-    def _wake(self) -> None:
-        self.generation += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait(self, seen_generation: int, timeout: float | None = None) -> None:
-        """Return when the log may have grown since `seen_generation` was read, or after the
-        poll interval (or `timeout`), whichever is first."""
-        if self.generation != seen_generation:
-            return
-        changed = self._changed
-        await wait_event(changed, timeout or self.poll_interval)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self._conn.close()
-            self._conn = None

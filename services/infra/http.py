@@ -34,7 +34,8 @@ from prometheus_client import (
 from services.infra.aio import stop_task, within
 from services.infra.bus import Bus
 from services.infra.db import create_pool
-from services.infra.eventlog import EventLog, LogWaker
+from services.infra.eventlog import EventLog
+from services.infra.log_waker import LogWaker
 from services.infra.projections import ProjectionMetrics
 from services.infra.settings import CoreSettings
 

@@ -25,14 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from services.infra.aio import stop_task
 from services.infra.backoff import Backoff
 from services.infra.db import Connection
-from services.infra.eventlog import (
-    START,
-    EventFilter,
-    EventLog,
-    LogPosition,
-    LogWaker,
-    RecordedEvent,
-)
+from services.infra.eventlog import EventLog
+from services.infra.log_records import START, EventFilter, LogPosition, RecordedEvent
+from services.infra.log_waker import LogWaker
 
 log = structlog.get_logger("projections")
 

@@ -26,9 +26,11 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from schemas.events import Event
-from services.infra.bus import Bus, Consumer, ConsumerSpec, Delivery, TransientError
+from services.infra.bus import Bus
+from services.infra.consumer import Consumer, ConsumerSpec, Delivery, TransientError
 from services.infra.db import Connection
-from services.infra.eventlog import EventLog, RecordedEvent
+from services.infra.eventlog import EventLog
+from services.infra.log_records import RecordedEvent
 
 log = structlog.get_logger("recorder")
 

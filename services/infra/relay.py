@@ -22,8 +22,10 @@ from schemas.events import subject_for
 from services.infra.aio import stop_task
 from services.infra.bus import Bus
 from services.infra.db import Connection, connect
-from services.infra.eventlog import START, EventFilter, EventLog, LogPosition, LogWaker
+from services.infra.eventlog import EventLog
 from services.infra.http import BUS, REGISTRY, WAKER, Needs, background, create_app
+from services.infra.log_records import START, EventFilter, LogPosition
+from services.infra.log_waker import LogWaker
 from services.infra.settings import CoreSettings
 
 log = structlog.get_logger("relay")

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
-from services.infra.eventlog import START, EventFilter, LogPosition
+from services.infra.log_records import START, EventFilter, LogPosition
 from services.infra.timeparse import DURATION_PATTERN, parse_since
 
 T = TypeVar("T")

@@ -16,7 +16,8 @@ from schemas.events import Event, NodeRegistered
 from schemas.subjects import HEARTBEATS, NODES, node_ack_subject
 from services.domain.fleet import Fleet, NodesProjection
 from services.infra.aio import stop_tasks
-from services.infra.bus import Bus, ConsumerSpec
+from services.infra.bus import Bus
+from services.infra.consumer import ConsumerSpec
 from services.infra.http import BUS, EVENTLOG, REDIS, REGISTRY, WAKER, create_app
 from services.infra.leadership import Leadership
 from services.infra.natsauth.identities import MONITOR_HEARTBEATS_DLQ

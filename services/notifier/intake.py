@@ -29,7 +29,8 @@ from nats.js import JetStreamContext, api
 
 from schemas.arrival import raw_mismatch
 from schemas.subjects import CONTROL, NODES
-from services.infra.bus import SUBJECT_MISMATCH, UNDECODABLE, Bus
+from services.infra.bus import Bus
+from services.infra.bus_metrics import SUBJECT_MISMATCH, UNDECODABLE
 from services.notifier import store
 from services.notifier.scheduler import DATABASE_DOWN, NotifierMetrics
 

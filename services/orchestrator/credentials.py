@@ -42,7 +42,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.domain.node_states import FINAL
 from services.infra.aio import stop_task
-from services.infra.bus import Bus, NatsAuthError
+from services.infra.bus import Bus
+from services.infra.nats_connection import NatsAuthError
 from services.infra.natsauth.authority import (
     AUTH_ERROR_ADVISORIES,
     NodeIssuer,

@@ -32,7 +32,8 @@ from services.gateway.app import create_gateway_app
 from services.gateway.gateway import GATEWAY, Gateway
 from services.gateway.settings import GatewaySettings
 from services.infra.bus import Bus
-from services.infra.eventlog import EventLog, LogWaker
+from services.infra.eventlog import EventLog
+from services.infra.log_waker import LogWaker
 from services.infra.natsauth.identities import Role
 from services.infra.relay import OutboxRelay
 from services.infra.settings import Secret

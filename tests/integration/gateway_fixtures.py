@@ -38,7 +38,8 @@ from services.gateway.gateway import GATEWAY, Gateway
 from services.gateway.settings import GatewaySettings
 from services.infra.bus import Bus
 from services.infra.devstack import free_port
-from services.infra.eventlog import EventLog, LogWaker
+from services.infra.eventlog import EventLog
+from services.infra.log_waker import LogWaker
 from services.infra.natsauth.identities import Role
 from services.infra.node_keys import node_api_key
 from services.infra.relay import OutboxRelay

@@ -14,7 +14,8 @@ import pytest
 
 from services.admin.bodies import EventList
 from services.cli.tail import format_json
-from services.infra.eventlog import START, EventFilter, EventLog
+from services.infra.eventlog import EventLog
+from services.infra.log_records import START, EventFilter
 from services.infra.natsauth.identities import Role
 from tests.conftest import Servers
 from tests.helpers import node_registered, tenant_created

@@ -23,7 +23,8 @@ from services.domain.fleet import Fleet
 from services.domain.node_states import Signal
 from services.infra.db import create_pool
 from services.infra.devstack import DevStack
-from services.infra.eventlog import START, EventFilter, EventLog, LogPosition
+from services.infra.eventlog import EventLog
+from services.infra.log_records import START, EventFilter, LogPosition
 from services.infra.migrate import migrate
 from tests.conftest import Servers
 from tests.helpers import node_registered, tenant_created

@@ -25,7 +25,8 @@ from services.domain.budgets import Period, period_bounds
 from services.domain.notifications import Notifications
 from services.domain.notifications.targets import generate_signing_secret
 from services.infra.bus import Bus
-from services.infra.eventlog import EventLog, LogWaker
+from services.infra.eventlog import EventLog
+from services.infra.log_waker import LogWaker
 from services.infra.natsauth.identities import Role
 from services.infra.relay import OutboxRelay
 from tests.conftest import Servers

@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry
 
 from schemas.events import ApiKeyCreated, Event, NodeHeartbeat, encode_event
 from schemas.subjects import STREAMS, stream_for_subject
-from services.infra.bus import Bus, ConsumerSpec, Delivery, TransientError, dlq_headers
+from services.infra.bus import Bus, dlq_headers
+from services.infra.consumer import ConsumerSpec, Delivery, TransientError
 from services.infra.natsauth.identities import MONITOR_HEARTBEATS_DLQ, Role
 from tests.conftest import Servers
 from tests.helpers import eventually, node_registered

@@ -17,9 +17,10 @@ from aiohttp import web
 from nats.aio.client import RawCredentials
 
 from services.cli.nats_commands import revoke_keys
-from services.infra.bus import Bus, NatsAuthError
+from services.infra.bus import Bus
 from services.infra.devstack import free_port
 from services.infra.http import Needs, create_app
+from services.infra.nats_connection import NatsAuthError
 from services.infra.natsauth.authority import NodeIssuer
 from services.infra.natsauth.creds import Credentials
 from services.infra.natsauth.identities import Role

@@ -9,18 +9,10 @@ import asyncpg
 import pytest
 
 from schemas.events import EventMetadata, TenantSuspended
-from services.infra import eventlog as eventlog_module
-from services.infra.eventlog import (
-    ANY,
-    NO_STREAM,
-    START,
-    ConcurrencyError,
-    DuplicateEventError,
-    EventFilter,
-    EventLog,
-    LogPosition,
-    LogWaker,
-)
+from services.infra import log_waker as log_waker_module
+from services.infra.eventlog import ANY, NO_STREAM, ConcurrencyError, DuplicateEventError, EventLog
+from services.infra.log_records import START, EventFilter, LogPosition
+from services.infra.log_waker import LogWaker
 from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
 
 
@@ -314,7 +306,7 @@ async def test_appending_an_event_twice_is_a_clear_error(log: EventLog,
 async def test_waker_outlives_a_connection_closed_under_it(log: EventLog, database_url: str,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
-    real = eventlog_module.connect
+    real = log_waker_module.connect
     closed = 0
 
     async def closing_twice(dsn: str) -> asyncpg.Connection:
@@ -327,7 +319,7 @@ async def test_waker_outlives_a_connection_closed_under_it(log: EventLog, databa
             await conn.close()
         return conn
 
-    monkeypatch.setattr(eventlog_module, "connect", closing_twice)
+    monkeypatch.setattr(log_waker_module, "connect", closing_twice)
     waker = LogWaker(database_url, poll_interval=30)
     await waker.start()
     try:

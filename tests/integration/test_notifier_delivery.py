@@ -33,7 +33,8 @@ from services.domain.catalog import Catalog
 from services.domain.notifications import Notifications
 from services.infra.bus import Bus
 from services.infra.devstack import free_port
-from services.infra.eventlog import EventFilter, EventLog
+from services.infra.eventlog import EventLog
+from services.infra.log_records import EventFilter
 from services.infra.natsauth.identities import Role
 from services.infra.settings import Secret
 from services.notifier.app import create_notifier_app

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from schemas.events import NodeSpotWarning, decode_event
 from services.infra.aio import stop_task
-from services.infra.eventlog import LogWaker
+from services.infra.log_waker import LogWaker
 from tests.helpers import eventually
 from tests.integration.fleet_fixtures import Rig, rig  # noqa: F401  (fixture)
 from tests.integration.test_monitor_states import start_monitor  # noqa: F401  (fixture)

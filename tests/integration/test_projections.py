@@ -10,7 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.infra.event_stats import EventTypeStats
-from services.infra.eventlog import EventLog, LogWaker, RecordedEvent
+from services.infra.eventlog import EventLog
+from services.infra.log_records import RecordedEvent
+from services.infra.log_waker import LogWaker
 from services.infra.projections import Projection, ProjectionMetrics, ProjectionRunner
 from tests.helpers import eventually, node_registered, tenant_created, tenant_renamed
 

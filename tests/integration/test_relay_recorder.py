@@ -15,10 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from schemas.events import Event, decode_event, encode_event
-from services.infra.bus import Bus, ConsumerSpec, Delivery
+from services.infra.bus import Bus
+from services.infra.consumer import ConsumerSpec, Delivery
 from services.infra.db import Connection
 from services.infra.devstack import free_port
-from services.infra.eventlog import START, EventLog, LogWaker
+from services.infra.eventlog import EventLog
+from services.infra.log_records import START
+from services.infra.log_waker import LogWaker
 from services.infra.natsauth.identities import Role
 from services.infra.recorder import Recorder, Refusal, Verdict
 from services.infra.relay import RELAY_LOCK_KEY, OutboxRelay

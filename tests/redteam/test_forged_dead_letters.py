@@ -12,7 +12,8 @@ import asyncio
 
 from schemas.events import Event
 from schemas.ids import uuid7
-from services.infra.bus import MSG_ID, Bus, ConsumerSpec, Delivery, dlq_headers
+from services.infra.bus import MSG_ID, Bus, dlq_headers
+from services.infra.consumer import ConsumerSpec, Delivery
 from services.infra.natsauth.identities import MONITOR_HEARTBEATS_DLQ
 from tests.conftest import Servers
 from tests.helpers import eventually

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.infra.bus import REFUSALS_BEFORE_GIVING_UP, RefusalStreak, auth_refusal
+from services.infra.nats_connection import REFUSALS_BEFORE_GIVING_UP, RefusalStreak, auth_refusal
 
 
 @pytest.mark.parametrize("error", [

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from services.cli.tail import format_json, format_line, parse_since
-from services.infra.eventlog import EventFilter, LogPosition, RecordedEvent, glob_to_like
+from services.infra.log_records import EventFilter, LogPosition, RecordedEvent, glob_to_like
 from services.infra.migrate import load_migrations
 from tests.helpers import tenant_created
 

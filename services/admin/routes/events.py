@@ -16,8 +16,9 @@ from services.admin.web_io import db, json_response
 from services.infra.errors import ApiError, sse_error_event
 from services.infra.event_json import record_json
 from services.infra.event_stats import EventTypeStats
-from services.infra.eventlog import EventLog, RecordedEvent
+from services.infra.eventlog import EventLog
 from services.infra.http import REQUEST_ID, WAKER
+from services.infra.log_records import RecordedEvent
 from services.infra.projections import ProjectionRunner
 from services.infra.request_checks import (
     DEFAULT_EVENT_LIMIT,

@@ -24,7 +24,7 @@ from schemas.events import (
     NodeTerminateRequested,
 )
 from services.infra.db import Connection
-from services.infra.eventlog import RecordedEvent
+from services.infra.log_records import RecordedEvent
 from services.infra.projections import Projection
 
 _FINAL = "('terminated', 'failed')"

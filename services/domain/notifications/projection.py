@@ -15,7 +15,7 @@ from schemas.events import (
     NotificationSubscriptionDeleted,
 )
 from services.infra.db import Connection
-from services.infra.eventlog import RecordedEvent
+from services.infra.log_records import RecordedEvent
 from services.infra.projections import Projection
 
 
