@@ -70,7 +70,7 @@ class AdminTarget:
 
 def read_dev_admin(state_dir: Path) -> dict[str, str]:
     """`admin_url` and `admin_token` from a running `crosslogic dev`, when it wrote them."""
-    from services.cli.dev import read_dev_urls
+    from services.cli.dev_urls import read_dev_urls
 
     dev = read_dev_urls(state_dir)
     if dev is None:

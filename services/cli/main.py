@@ -13,7 +13,7 @@ from pathlib import Path
 
 from services.cli.admin_commands import register_admin_commands
 from services.cli.nats_commands import register_nats_commands
-from services.infra.eventlog import EventFilter
+from services.infra.log_records import EventFilter
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -21,7 +21,7 @@ def _database_url(args: argparse.Namespace) -> str:
         return str(args.database_url)
     if os.environ.get("DATABASE_URL"):
         return os.environ["DATABASE_URL"]
-    from services.cli.dev import read_dev_urls
+    from services.cli.dev_urls import read_dev_urls
 
     urls = read_dev_urls(Path(os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev")))
     if urls is not None and urls.database_url:

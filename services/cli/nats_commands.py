@@ -41,7 +41,7 @@ def _nats_url(args: argparse.Namespace) -> str:
         return str(args.nats_url)
     if os.environ.get("NATS_URL"):
         return os.environ["NATS_URL"]
-    from services.cli.dev import read_dev_urls
+    from services.cli.dev_urls import read_dev_urls
 
     urls = read_dev_urls(Path(os.environ.get("CROSSLOGIC_STATE_DIR", ".state/dev")))
     if urls is not None and urls.nats_url:

@@ -11,7 +11,9 @@ import msgspec
 
 from services.infra.db import create_pool
 from services.infra.event_json import record_json
-from services.infra.eventlog import START, EventFilter, EventLog, LogWaker, RecordedEvent
+from services.infra.eventlog import EventLog
+from services.infra.log_records import START, EventFilter, RecordedEvent
+from services.infra.log_waker import LogWaker
 from services.infra.timeparse import parse_since
 
 __all__ = ["format_json", "format_line", "parse_since", "tail"]

@@ -21,7 +21,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from services.cli.dev import python_command
+from services.cli.dev_banner import python_command
 from tests.helpers import eventually, live_parents, process_alive
 
 CLI = [sys.executable, "-m", "services.cli"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from services.cli.dev import NODE_KEY_SECRET_FILE, node_key_secret
+from services.cli.dev_processes import NODE_KEY_SECRET_FILE, node_key_secret
 from services.infra.node_keys import check_secret
 
 
