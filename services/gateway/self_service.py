@@ -40,7 +40,7 @@ from services.domain.catalog.bodies import (
     KeyRotate,
     KeyWithSecret,
 )
-from services.domain.catalog.commands import (
+from services.domain.catalog.errors import (
     CatalogError,
     Conflict,
     Invalid,

@@ -11,7 +11,7 @@ Each tick (every `reconcile_every_seconds`, or sooner when a node event arrives)
    replacements (`node.replaced`), terminations (recorded as `node.terminate_requested`, then
    drained, torn down and closed with `node.terminated`, each in its own task).
 
-Launches and terminations run as tasks; the tick never waits for a cloud.
+Launches and terminations run as tasks (node_tasks); the tick never waits for a cloud.
 
 A node event seen on NATS wakes the leader at once, but the `nodes` table may not have it yet:
 an agent's spot notice is recorded by the monitor a moment later, and its projection later
@@ -27,110 +27,48 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import msgspec
 import redis.asyncio as aioredis
 import structlog
 from nats.aio.client import Client as NATS
-from nats.errors import Error as NatsError
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-from schemas.commands import CommandKind, CommandReply, NodeCommand
-from schemas.events import (
-    DeploymentNoActiveNodes,
-    Event,
-    EventMetadata,
-    NodeLaunching,
-    NodeStatus,
-)
-from schemas.ids import uuid7
-from schemas.subjects import node_command_subject
-from services.domain.catalog.weights import InvalidWeightsSource, parse_weights_source
+from schemas.events import DeploymentNoActiveNodes, Event, EventMetadata, NodeStatus
 from services.domain.fleet import Fleet, NodeView
 from services.domain.node_hot_data import latest_heartbeats
 from services.domain.node_states import FINAL, Signal
 from services.infra.aio import stop_tasks, wait_event
-from services.infra.eventlog import ANY, EventLog, LogWaker
+from services.infra.eventlog import ANY, EventLog
+from services.infra.log_waker import LogWaker
 from services.infra.natsauth.authority import NodeIssuer
-from services.infra.node_keys import node_api_key
 from services.orchestrator.autoscaler import NodeLoad, ScaleMemory, ScalePolicy, decide_scale
 from services.orchestrator.cloud_view import cloud_view
-from services.orchestrator.credentials import CredentialKeeper, node_credentials
-from services.orchestrator.launcher import (
-    Launcher,
-    LaunchError,
-    LaunchSpec,
-    cluster_name,
-    node_env,
-    split_region,
-)
+from services.orchestrator.credentials import CredentialKeeper
+from services.orchestrator.launcher import Launcher, LaunchError
+from services.orchestrator.metrics import OrchestratorMetrics
+from services.orchestrator.node_tasks import NodeTasks
 from services.orchestrator.reconciler import (
     DeploymentSpec,
-    Launch,
     Plan,
     Situation,
     Terminate,
     plan_deployment,
 )
-from services.orchestrator.safety import BackoffKey, LaunchBackoff, believable_cloud_losses
+from services.orchestrator.safety import LaunchBackoff, believable_cloud_losses
 from services.orchestrator.settings import OrchestratorSettings
 
 log = structlog.get_logger("orchestrator")
 
 LIVE = frozenset(NodeStatus) - FINAL
-DRAIN_POLL = 0.5
 AWAIT_RECORDING = 30.0
 """How long a node event seen on NATS is waited for in the log (one the monitor refused never
 arrives)."""
 
 
-class OrchestratorMetrics:
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.launches = Counter("orchestrator_launches_total", "Nodes launched",
-                                ["region", "spot"], registry=registry)
-        self.launch_failures = Counter(
-            "orchestrator_launch_failures_total",
-            "Launches that failed (capacity, error, or no registration by the deadline)",
-            ["reason"], registry=registry)
-        self.replacements = Counter("orchestrator_replacements_total",
-                                    "Lost nodes replaced", registry=registry)
-        self.terminations = Counter("orchestrator_terminations_total", "Nodes terminated",
-                                    registry=registry)
-        self.cloud_lost = Counter("orchestrator_cloud_lost_total",
-                                  "Nodes failed because the cloud no longer had their machine",
-                                  registry=registry)
-        self.cloud_doubted = Counter(
-            "orchestrator_cloud_checks_doubted_total",
-            "Looks at the cloud not acted on: they had most of the fleet gone at once",
-            registry=registry)
-        self.desired = Gauge("deployment_desired_nodes", "Nodes a deployment wants now",
-                             ["deployment"], registry=registry)
-        self.active = Gauge("deployment_active_nodes", "A deployment's active nodes",
-                            ["deployment"], registry=registry)
-        self.held = Gauge("deployment_replacements_held",
-                          "Lost nodes (stale, unhealthy) waiting to be replaced because "
-                          "enough of the deployment is being replaced already",
-                          ["deployment"], registry=registry)
-        self.leader = Gauge("orchestrator_is_leader", "1 on the replica that leads",
-                            registry=registry)
-
-    def forget_deployments(self, keep: AbstractSet[str] = frozenset()) -> None:
-        """Drop the per-deployment series of deployments not in `keep`: those that are gone,
-        or all of them when this replica stops leading (a standby exports none)."""
-        for gauge in (self.desired, self.active, self.held):
-            for (label,) in [k for k in _labels(gauge) if k[0] not in keep]:
-                gauge.remove(label)
-
-
-def _labels(gauge: Gauge) -> list[tuple[str, ...]]:
-    return [tuple(s.labels.values()) for m in gauge.collect() for s in m.samples]
-
-
-class Orchestrator:
+class Orchestrator(NodeTasks):
     def __init__(self, settings: OrchestratorSettings, *, eventlog: EventLog,
                  redis: aioredis.Redis, nc: NATS, launcher: Launcher,
                  registry: CollectorRegistry | None = None,
@@ -359,138 +297,6 @@ class Orchestrator:
                 log.warning("no capacity in any region; waiting", deployment_id=str(dep.id))
         else:
             self._waiting_logged.discard(dep.id)
-
-    # ------------------------------------------------------------------ launches
-
-    async def _launch(self, dep: DeploymentSpec, launch: Launch) -> None:
-        s = self.settings
-        try:
-            weights = (None if dep.weights_source is None
-                       else parse_weights_source(dep.weights_source))
-        except InvalidWeightsSource as exc:
-            # The catalog stores only sources it parsed: this is a row written around it.
-            log.error("the model's weights source is not one the catalog accepts; not "
-                      "launching", deployment_id=str(dep.id), model=dep.model_name,
-                      error=str(exc))
-            return
-        node_id = uuid7()
-        provider, region = split_region(launch.region, s.default_provider)
-        cluster = cluster_name(s.cluster_prefix, dep.model_name, region, node_id)
-        nats_url = (s.node_nats_url.reveal() or s.nats_url.reveal())
-        env, secrets = node_env(node_id, cluster=cluster, model_name=dep.model_name,
-                                provider=provider, region=region, gpu_type=dep.gpu_type,
-                                spot=launch.spot, heartbeat_interval=s.node_heartbeat_interval,
-                                nats_url=nats_url)
-        credential_key, credential_expires_at = "", None
-        if self.issuer is not None:
-            # Its own identity, for this node only; its key goes in the log so that it can be
-            # revoked when the node ends.
-            creds, credential_expires_at = node_credentials(
-                self.issuer, node_id, s.node_credential_ttl_seconds, datetime.now(UTC))
-            credential_key = creds.public_key
-            secrets["NATS_CREDS"] = creds.text()
-        # vLLM serves only who holds this node's key: the gateways derive it from the secret.
-        secrets["VLLM_API_KEY"] = node_api_key(s.node_api_key_secret, node_id)
-        if s.hf_token.reveal():
-            secrets["HF_TOKEN"] = s.hf_token.reveal()
-        deadline = datetime.now(UTC) + timedelta(seconds=s.launch_deadline_seconds)
-        await self.fleet.launching(NodeLaunching(
-            node_id=node_id, deployment_id=dep.id, cluster_name=cluster,
-            model_name=dep.model_name, provider=provider, region=region,
-            gpu_type=dep.gpu_type, spot=launch.spot, deadline=deadline,
-            credential_key=credential_key, credential_expires_at=credential_expires_at))
-        if launch.replaces is not None:
-            await self.fleet.replaced(launch.replaces, node_id, launch.reason, dep.id)
-            self.metrics.replacements.inc()
-        log.info("launching node", node_id=str(node_id), deployment_id=str(dep.id),
-                 cluster=cluster, region=launch.region, spot=launch.spot, reason=launch.reason,
-                 replaces=str(launch.replaces) if launch.replaces else None)
-        spec = LaunchSpec(node_id=node_id, cluster_name=cluster, model_name=dep.model_name,
-                          provider=provider, region=region, gpu_type=dep.gpu_type,
-                          spot=launch.spot, env=env, secrets=secrets, weights=weights)
-        self.metrics.launches.labels(launch.region, str(launch.spot).lower()).inc()
-        self._launching_clusters.add(cluster)
-        self.launches[node_id] = asyncio.create_task(
-            self._run_launch(spec, (dep.id, launch.region, launch.spot)),
-            name=f"launch-{cluster}")
-
-    async def _run_launch(self, spec: LaunchSpec, where: BackoffKey) -> None:
-        try:
-            async with self._launch_slots:
-                await self.launcher.launch(spec)
-            self.backoff.succeeded(where)
-        except LaunchError as exc:
-            kind = "capacity" if exc.capacity else "error"
-            self.metrics.launch_failures.labels(kind).inc()
-            _, dep_region, spot = where
-            if exc.capacity:
-                self.cooling[(dep_region, spot)] = (time.monotonic()
-                                                    + self.settings.capacity_cooldown_seconds)
-                retry_in = self.settings.capacity_cooldown_seconds
-            else:
-                # Not the cloud's capacity: the same launch would fail the same way now.
-                retry_in = self.backoff.failed(where, time.monotonic())
-            log.warning("launch failed", node_id=str(spec.node_id), cluster=spec.cluster_name,
-                        capacity=exc.capacity, error=str(exc),
-                        region_skipped_for_seconds=round(retry_in, 1))
-            await self.fleet.signal(spec.node_id, Signal.CLOUD_LOST,
-                                    reason=f"launch failed: {exc}"[:500])
-            with contextlib.suppress(LaunchError):  # whatever the cloud half-made goes
-                await self.launcher.down(spec.cluster_name)
-            self.wake.set()  # try again elsewhere now
-        finally:
-            self.launches.pop(spec.node_id, None)
-            self._launching_clusters.discard(spec.cluster_name)
-
-    # ------------------------------------------------------------------ terminations
-
-    def _start_termination(self, node: NodeView, t: Terminate) -> None:
-        if node.id in self.terminations:
-            return
-        self.terminations[node.id] = asyncio.create_task(self._terminate(node, t),
-                                                         name=f"terminate-{node.id}")
-
-    async def _terminate(self, node: NodeView, t: Terminate) -> None:
-        """Draining → out of the load balancer → in-flight done or deadline → down →
-        terminated."""
-        bound = log.bind(node_id=str(node.id), cluster=node.cluster_name, reason=t.reason)
-        try:
-            if t.drain and node.status not in FINAL:
-                # Out of every gateway's pool first, whatever the agent does next.
-                await self.fleet.signal(node.id, Signal.DRAINING, reason=t.reason)
-                if await self._send_drain(node.id, t.reason):
-                    await self._wait_ended(node.id, self.settings.drain_timeout_seconds)
-            if node.deployment_id is not None:  # only machines we launched are ours to end
-                await self.launcher.down(node.cluster_name)
-            await self.fleet.terminated(node.id, t.reason, node.cluster_name)
-            self.metrics.terminations.inc()
-            bound.info("node terminated")
-        except LaunchError as exc:
-            bound.warning("could not tear the machine down; next tick retries", error=str(exc))
-        except (OSError, asyncpg.PostgresError) as exc:
-            bound.warning("termination interrupted; next tick retries", error=str(exc))
-        finally:
-            self.terminations.pop(node.id, None)
-
-    async def _send_drain(self, node_id: uuid.UUID, reason: str) -> bool:
-        """True when the agent took the command (it will finish in-flight work and leave)."""
-        command = NodeCommand(command=CommandKind.DRAIN, reason=reason, issued_by="orchestrator",
-                              deadline_seconds=self.settings.drain_timeout_seconds)
-        try:
-            msg = await self.nc.request(node_command_subject(node_id),
-                                        msgspec.json.encode(command), timeout=3)
-            return msgspec.json.decode(msg.data, type=CommandReply).accepted
-        except (NatsError, TimeoutError, msgspec.DecodeError) as exc:
-            log.info("agent did not take the drain command", node_id=str(node_id),
-                     error=type(exc).__name__)
-            return False
-
-    async def _wait_ended(self, node_id: uuid.UUID, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if await self.fleet.status(node_id) in FINAL:
-                return
-            await asyncio.sleep(DRAIN_POLL)  # the agent's deregistration lands in the table
 
     # ------------------------------------------------------------------ observations
 

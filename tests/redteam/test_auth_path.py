@@ -19,7 +19,7 @@ from aiohttp import web
 
 from schemas.subjects import CONTROL, CONTROL_VIEW
 from services.domain.catalog import hash_api_key
-from services.domain.catalog.commands import generate_api_key
+from services.domain.catalog.api_keys import generate_api_key
 from services.gateway.app import create_gateway_app
 from services.gateway.auth import TOMBSTONE, UNKNOWN
 from services.gateway.gateway import GATEWAY
@@ -146,7 +146,7 @@ async def test_a_key_created_after_it_was_tried_works_at_once(
         status, _, _ = await gw.call("/v1/models", plaintext)
         assert status == 401
     # The catalog makes this very key (a guess that came true, or a lookup that raced it).
-    monkeypatch.setattr("services.domain.catalog.commands.generate_api_key", lambda: plaintext)
+    monkeypatch.setattr("services.domain.catalog.api_keys.generate_api_key", lambda: plaintext)
     made = await p.catalog.create_api_key(p.environment_id, name="tried before")
     assert made.plaintext == plaintext
 

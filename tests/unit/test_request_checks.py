@@ -25,9 +25,9 @@ from services.domain.catalog.bodies import (
     KeyWithSecret,
     StatusChange,
 )
-from services.domain.catalog.commands import check_node_bounds
+from services.domain.catalog.model_commands import check_node_bounds
 from services.domain.catalog.queries import KeyLimits, plain_decimal
-from services.infra.eventlog import START, LogPosition
+from services.infra.log_records import START, LogPosition
 from services.infra.request_checks import (
     FieldError,
     check_future,

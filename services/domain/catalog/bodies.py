@@ -14,7 +14,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from schemas.events import Quota
-from services.domain.catalog.commands import KEEP, Keep
+from services.domain.catalog.api_keys import KEEP, Keep
 from services.domain.catalog.queries import ApiKeyRecord, EnvironmentRecord
 from services.infra.page import Page
 from services.infra.request_checks import INT32_MAX, INT64_MAX, NO_NUL, check_future

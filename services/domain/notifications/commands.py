@@ -21,7 +21,7 @@ from schemas.events import (
     NotificationSubscriptionDeleted,
 )
 from schemas.ids import uuid7
-from services.domain.catalog.commands import Conflict, Invalid, NotFound
+from services.domain.catalog.errors import Conflict, Invalid, NotFound
 from services.domain.notifications.projection import NotificationSubscriptionsProjection
 from services.domain.notifications.rules import PatternError, check_patterns
 from services.domain.notifications.targets import (
