@@ -6,6 +6,10 @@ GPU utilisation, a health score), watches the cloud's metadata service for a spo
 answers drain commands on ``node.command.<id>``. SIGTERM, a spot notice or a drain command all
 end the same way: announce draining, let in-flight requests finish (bounded), deregister,
 exit 0. NATS or vLLM being down never stops it: it keeps retrying and says what it sees.
+
+This module holds the lifecycle (connect, drain, leave) and ties the parts together; beside it
+are agent/heartbeat.py (what a heartbeat observes and reports), agent/registration.py,
+agent/spot_watch.py, agent/commands.py and agent/announcer.py (lifecycle events through outages).
 """
 
 from __future__ import annotations
@@ -20,32 +24,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import msgspec
 import nats.errors
 import structlog
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from agent.gpu import GpuReading, read_gpu
-from agent.health_score import HealthInputs, health_score
+from agent.announcer import Announcer
+from agent.commands import answer_command
+from agent.heartbeat import NodeObserver, Observation, heartbeat_event
 from agent.kv_events import KvEventRelay
-from agent.settings import AGENT_VERSION, AgentSettings
-from agent.spot import SpotNotice, detector_for
-from agent.vllm_metrics import MetricsError, VllmLoad, parse_vllm_metrics, tokens_per_second
-from schemas.commands import CommandReply, NodeCommand, RegistrationAck
-from schemas.events import (
-    Event,
-    NodeDeregistered,
-    NodeDraining,
-    NodeHeartbeat,
-    NodeRegistered,
-    NodeSpotWarning,
-    encode_event,
-)
+from agent.registration import ask_to_record, registration_event, wait_for_ack
+from agent.settings import AgentSettings
+from agent.spot import SpotNotice
+from agent.spot_watch import watch_spot
+from schemas.events import NodeDeregistered, NodeDraining, NodeHeartbeat, NodeSpotWarning
 from schemas.subjects import node_ack_subject, node_command_subject
 from services.infra.aio import stop_task, stop_tasks, within
 from services.infra.backoff import Backoff
-from services.infra.bus import Bus, NatsAuthError
+from services.infra.bus import Bus
+from services.infra.nats_connection import NatsAuthError
 
 log = structlog.get_logger("agent")
 
@@ -54,22 +50,11 @@ EXIT_REJECTED = 3
 EXIT_REFUSED = 4
 """NATS refused or dropped this node's credential (revoked when the node ended, or expired):
 nothing it says can be heard any more."""
-MAX_DRAIN_SECONDS = 86400.0
-"""The longest drain a command may ask for (and a bound that keeps datetime arithmetic sane)."""
 
 
 @dataclass(frozen=True)
 class DrainRequest:
     reason: str
-
-
-@dataclass(frozen=True)
-class Observation:
-    vllm_healthy: bool
-    load: VllmLoad | None
-    gpu: GpuReading
-    tokens_per_second: float | None
-    score: int
 
 
 async def supervise(name: str, run: Callable[[], Awaitable[None]], *,
@@ -100,23 +85,23 @@ class NodeAgent:
         self.connecting = False
         """True while waiting for NATS to answer the first time."""
         self._drain: asyncio.Future[DrainRequest] | None = None
-        self._announcements: asyncio.Queue[Event] = asyncio.Queue()
-        """Lifecycle events (spot warning, draining, deregistered) for the announcer to publish
-        in order; the drain itself never waits on NATS."""
+        self._announcer = Announcer(lambda: self.drain_deadline)
+        """Lifecycle events (spot warning, draining, deregistered), published in order; the
+        drain itself never waits on NATS."""
         self.drain_deadline: datetime | None = None
         """When the drain ends whatever is in flight: set by the first request, and only ever
         brought earlier by later ones (a spot notice during an operator's drain)."""
-        self._leave_by: datetime | None = None
-        """Set once the drain is over: the last moment to publish what is still queued."""
         self.leave_grace = 5.0
         """After the drain, how long the agent keeps trying to tell the control plane."""
-        self.unannounced: list[str] = []
-        """Types of the lifecycle events given up on (NATS unreachable until too late)."""
-        self._registration = self.registration_event()
+        self._registration = registration_event(settings)
         """Built once: every publish of it, even from a restarted task, is the same event."""
-        self._last_tokens: tuple[float, float] | None = None
-        self._metrics_problem: str | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._observer: NodeObserver | None = None
+
+    @property
+    def unannounced(self) -> list[str]:
+        """Types of the lifecycle events given up on (NATS unreachable until too late)."""
+        return self._announcer.unannounced
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -148,6 +133,7 @@ class NodeAgent:
         timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._session = session
+            self._observer = NodeObserver(self.settings, session)
             try:
                 bus = await self._connect_unless_stopped()
             except NatsAuthError as exc:
@@ -161,7 +147,7 @@ class NodeAgent:
             self.bus = bus
             tasks = [asyncio.create_task(supervise(name, run), name=name) for name, run in (
                 ("heartbeats", self._heartbeats), ("register", self._register),
-                ("spot", self._watch_spot), ("announcer", self._announcer),
+                ("spot", self._watch_spot), ("announcer", self._announce),
                 ("credential", self._watch_credential), *self._kv_relay())]
             await self.bus.nc.subscribe(node_command_subject(self.node_id), cb=self._on_command)
             try:
@@ -261,15 +247,6 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ registration
 
-    def registration_event(self) -> NodeRegistered:
-        s = self.settings
-        return NodeRegistered(
-            node_id=self.node_id, cluster_name=s.cluster_name, provider=s.provider,
-            region=s.region, instance_type=s.instance_type, gpu_type=s.gpu_type,
-            vram_total_gb=s.vram_total_gb, model_name=s.model_name,
-            endpoint_url=s.advertised_url, spot_instance=s.spot_instance,
-            agent_version=AGENT_VERSION)
-
     async def _register(self) -> None:
         assert self.bus is not None
         event = self._registration
@@ -283,8 +260,8 @@ class NodeAgent:
                     return
                 attempt += 1
                 try:
-                    await self._ask_to_record(event, attempt)
-                    ack = await self._wait_for_ack(acks, event)
+                    await ask_to_record(self.bus, event, attempt)
+                    ack = await wait_for_ack(acks, event, self.settings.registration_timeout)
                 except (nats.errors.Error, TimeoutError, OSError) as exc:
                     delay = backoff.next()
                     log.warning("registration not acknowledged; retrying", attempt=attempt,
@@ -303,103 +280,16 @@ class NodeAgent:
             with contextlib.suppress(Exception):
                 await acks.unsubscribe()
 
-    async def _ask_to_record(self, event: NodeRegistered, attempt: int) -> None:
-        """Publish the registration so that the control plane sees it (again) and acks it.
-
-        The same event every time, under its own id as Nats-Msg-Id, so a retry of a publish
-        that never reached the stream is stored once. But when the stream says it already
-        holds that message, its duplicate window (minutes) hides the retry from the monitor:
-        either the monitor has not got to it yet, or it recorded it and its ack was lost, and
-        then nobody would ack again until the window ends. So a copy goes under a message id
-        of its own: the monitor records the event once (the log is keyed on the event id, not
-        the message) and acks it again."""
-        assert self.bus is not None
-        stored = await self.bus.publish(event)
-        if stored.duplicate:
-            await self.bus.publish_raw(event.subject, encode_event(event),
-                                       f"{event.id}.{attempt}")
-
-    async def _wait_for_ack(self, acks: Subscription,
-                            event: NodeRegistered) -> RegistrationAck:
-        deadline = time.monotonic() + self.settings.registration_timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no acknowledgment")
-            msg = await acks.next_msg(timeout=remaining)
-            try:
-                ack = msgspec.json.decode(msg.data, type=RegistrationAck)
-            except msgspec.DecodeError:
-                log.warning("ignoring a malformed acknowledgment")
-                continue
-            if ack.event_id == event.id:  # an ack of an older registration is not ours
-                return ack
-
     # ------------------------------------------------------------------ heartbeats
 
     async def observe(self) -> Observation:
         """Look at vLLM and the GPU. Never raises: what cannot be seen lowers the score."""
-        healthy, load, gpu = await asyncio.gather(self._vllm_healthy(), self._vllm_load(),
-                                                  read_gpu(self.settings.http_timeout))
-        now = time.monotonic()
-        rate = None
-        current = load.generation_tokens_total if load else None
-        if self._last_tokens is not None:
-            rate = tokens_per_second(self._last_tokens[1], current, now - self._last_tokens[0])
-        if current is not None:
-            self._last_tokens = (now, current)
-        score = health_score(HealthInputs(
-            vllm_healthy=healthy, metrics_ok=load is not None,
-            num_requests_waiting=load.waiting if load else None,
-            kv_cache_usage=load.kv_cache_usage if load else None,
-            gpu_probe_failed=gpu.failed))
-        return Observation(healthy, load, gpu, rate, score)
-
-    async def _vllm_healthy(self) -> bool:
-        assert self._session is not None
-        try:
-            async with self._session.get(f"{self.settings.vllm_url}/health") as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
-    async def _vllm_load(self) -> VllmLoad | None:
-        assert self._session is not None
-        problem: str | None = None
-        load = None
-        try:
-            async with self._session.get(f"{self.settings.vllm_url}/metrics") as resp:
-                if resp.status != 200:
-                    problem = f"HTTP {resp.status}"
-                else:
-                    load = parse_vllm_metrics(await resp.text(), self.settings.model_name)
-        except (aiohttp.ClientError, TimeoutError, MetricsError, UnicodeDecodeError) as exc:
-            problem = str(exc) or type(exc).__name__
-        if load is not None and load.model not in (None, self.settings.model_name):
-            problem = f"serves {load.model!r}, not MODEL_NAME"
-        if problem != self._metrics_problem:  # said once per change, not every heartbeat
-            if problem is None:
-                log.info("vllm metrics readable again")
-            elif load is not None:
-                # Read anyway (it is the only model), but requests routed under MODEL_NAME
-                # will find no such model: the operator should know.
-                log.warning("vllm reports another model than MODEL_NAME; reading its load",
-                            model_name=self.settings.model_name, vllm_model=load.model)
-            else:
-                log.warning("vllm metrics unreadable", problem=problem)
-            self._metrics_problem = problem
-        return load
+        assert self._observer is not None
+        return await self._observer.observe()
 
     def heartbeat_event(self, o: Observation) -> NodeHeartbeat:
         self.sequence += 1
-        return NodeHeartbeat(
-            node_id=self.node_id, sequence=self.sequence, health_score=o.score,
-            vllm_healthy=o.vllm_healthy, model_name=self.settings.model_name,
-            num_requests_running=o.load.running if o.load else None,
-            num_requests_waiting=o.load.waiting if o.load else None,
-            kv_cache_usage=o.load.kv_cache_usage if o.load else None,
-            tokens_per_second=o.tokens_per_second, gpu_utilization=o.gpu.utilization,
-            draining=self.draining)
+        return heartbeat_event(self.settings, self.sequence, o, draining=self.draining)
 
     async def send_heartbeat(self) -> None:
         assert self.bus is not None
@@ -426,99 +316,27 @@ class NodeAgent:
     # ------------------------------------------------------------------ spot and commands
 
     async def _watch_spot(self) -> None:
-        s = self.settings
-        detector = detector_for(s.provider, s.metadata_base) if s.spot_instance else None
-        if detector is None:
-            if s.spot_instance:  # settings refuse this; say so if it ever gets through
-                log.error("spot instance without spot detection", provider=s.provider)
-            return
         assert self._session is not None
-        interval = max(0.01, s.spot_poll_interval)
-        backoff = Backoff(initial=interval, maximum=max(interval, 10.0))
-        failing = False
-        while True:
-            try:
-                notice = await detector.poll(self._session)
-            except Exception as exc:  # one failed look; the next poll may well succeed
-                if not failing:  # say it once per outage, not every poll
-                    expected = isinstance(exc, aiohttp.ClientError | TimeoutError | ValueError)
-                    log.warning("metadata service unreachable or answering nonsense",
-                                provider=s.provider, error=str(exc) or type(exc).__name__,
-                                exc_info=not expected)
-                failing = True
-                await asyncio.sleep(backoff.next())
-                continue
-            if failing:
-                log.info("metadata service answering again", provider=s.provider)
-                failing = False
-                backoff.reset()
-            if notice is not None:
-                await self._on_spot_notice(notice)
-                return
-            if detector.pause_before_next:
-                await asyncio.sleep(interval)
+        await watch_spot(self.settings, self._session, self._on_spot_notice)
 
     async def _on_spot_notice(self, notice: SpotNotice) -> None:
         log.warning("spot termination notice", provider=notice.provider, action=notice.action,
                     deadline=notice.deadline.isoformat() if notice.deadline else None)
         # Queued, not awaited: with NATS down the drain must still start now. The announcer
         # publishes it before the NodeDraining the drain queues next.
-        self._announcements.put_nowait(NodeSpotWarning(
+        self._announcer.announce(NodeSpotWarning(
             node_id=self.node_id, provider=notice.provider, action=notice.action,
             deadline=notice.deadline))
         self.request_drain(f"spot {notice.action}", notice.deadline)
 
     async def _on_command(self, msg: Msg) -> None:
-        try:
-            command = msgspec.json.decode(msg.data, type=NodeCommand)
-            timeout = command.deadline_seconds
-            if timeout is not None and not 0 <= timeout <= MAX_DRAIN_SECONDS:
-                raise ValueError(f"deadline_seconds must be 0..{MAX_DRAIN_SECONDS:.0f}")
-        except (msgspec.DecodeError, ValueError) as exc:
-            reply = CommandReply(accepted=False, detail=f"bad command: {exc}")
-        else:
-            deadline = (datetime.now(UTC) + timedelta(seconds=timeout)
-                        if timeout is not None else None)
-            started = self.request_drain(f"command: {command.reason or command.command}",
-                                         deadline)
-            reply = CommandReply(accepted=True,
-                                 detail="draining" if started else "already draining")
-            log.info("command received", command=command.command, by=command.issued_by)
-        if msg.reply:
-            try:
-                await msg.respond(msgspec.json.encode(reply))
-            except (nats.errors.Error, OSError) as exc:  # the caller times out and asks again
-                log.warning("command reply not sent", error=str(exc) or type(exc).__name__)
+        await answer_command(msg, self.request_drain)
 
     # ------------------------------------------------------------------ drain
 
-    async def _announcer(self) -> None:
-        """Publish queued lifecycle events in order, each retried through a NATS outage until
-        the drain deadline (or, once drained, `_leave_by`); one that cannot make it is given
-        up, and the next is tried."""
-        while True:
-            event = await self._announcements.get()
-            try:
-                if not await self._publish_until(event):
-                    self.unannounced.append(event.type)
-            finally:
-                self._announcements.task_done()
-
-    async def _publish_until(self, event: Event) -> bool:
-        """Publish to JetStream, retrying through a NATS outage until the announcer's bound."""
+    async def _announce(self) -> None:
         assert self.bus is not None
-        backoff = Backoff(initial=0.1, maximum=2.0)
-        while True:
-            try:
-                await self.bus.publish(event, timeout=2.0)
-                return True
-            except (nats.errors.Error, TimeoutError, OSError) as exc:
-                by = self._leave_by or self.drain_deadline
-                if by is not None and datetime.now(UTC) >= by:
-                    log.error("could not publish before the deadline", type=event.type,
-                              error=str(exc) or type(exc).__name__)
-                    return False
-                await asyncio.sleep(backoff.next())
+        await self._announcer.run(self.bus)
 
     def _drain_time_left(self) -> float:
         assert self.drain_deadline is not None
@@ -527,15 +345,16 @@ class NodeAgent:
     async def _drain_and_leave(self, request: DrainRequest) -> None:
         s = self.settings
         assert self.drain_deadline is not None
+        assert self._observer is not None
         self.draining = True
         log.info("draining", reason=request.reason, deadline=self.drain_deadline.isoformat())
-        self._announcements.put_nowait(NodeDraining(
+        self._announcer.announce(NodeDraining(
             node_id=self.node_id, reason=request.reason, deadline=self.drain_deadline))
         await self.send_heartbeat()  # the load balancers see draining=True at once
         await asyncio.sleep(min(s.drain_grace, max(0.0, self._drain_time_left())))
         # The deadline is read afresh each round: a spot notice may have brought it earlier.
         while (left := self._drain_time_left()) > 0:
-            load = await self._vllm_load()
+            load = await self._observer.vllm_load()
             if load is None or load.running + load.waiting == 0:
                 break
             log.info("waiting for in-flight requests", running=load.running,
@@ -544,14 +363,13 @@ class NodeAgent:
         else:
             log.warning("drain deadline passed with requests in flight")
         # What is still queued (NATS down) gets a last few seconds, in order, then we go.
-        self._leave_by = datetime.now(UTC) + timedelta(seconds=self.leave_grace)
-        self._announcements.put_nowait(NodeDeregistered(node_id=self.node_id,
-                                                        reason=request.reason))
+        self._announcer.leave_by = datetime.now(UTC) + timedelta(seconds=self.leave_grace)
+        self._announcer.announce(NodeDeregistered(node_id=self.node_id, reason=request.reason))
         with contextlib.suppress(TimeoutError):
-            await within(self._announcements.join(), self.leave_grace + 2.5)
-        if self._announcements.empty() and not self.unannounced:
+            await within(self._announcer.join(), self.leave_grace + 2.5)
+        if self._announcer.pending() == 0 and not self.unannounced:
             log.info("deregistered")
         else:
             log.error("leaving without telling the control plane all of it: nats unreachable",
                       given_up=self.unannounced,
-                      still_queued=self._announcements.qsize())
+                      still_queued=self._announcer.pending())
