@@ -57,7 +57,7 @@ from services.gateway.ratelimit.auth_failures import (
     network_of,
 )
 from services.gateway.ratelimit.auth_failures import redis_key as failure_key
-from services.gateway.ratelimit.limits import retry_after_header
+from services.gateway.ratelimit.verdicts import retry_after_header
 from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("auth")

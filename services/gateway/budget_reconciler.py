@@ -29,7 +29,8 @@ from redis.exceptions import RedisError
 from services.domain.budget_spend import BUDGET_COLUMNS, BudgetPeriod, budget_period, spend
 from services.domain.budgets import nano
 from services.gateway.ratelimit import BudgetCap, Layer, LimitSubject, RedisRateLimiter
-from services.gateway.ratelimit.limits import Check, money_checks, redis_key
+from services.gateway.ratelimit.limits import Check
+from services.gateway.ratelimit.planning import money_checks, redis_key
 from services.gateway.spend import LAYERS
 
 log = structlog.get_logger("budgets.reconcile")

@@ -23,7 +23,7 @@ _SCOPES = {layer: scope for scope, layer in LAYERS.items()}
 
 
 def budget_period(subject: LimitSubject, check: Check) -> BudgetPeriod:
-    """A budget check (`limits.money_checks`) as the period billing's spend is read for."""
+    """A budget check (`planning.money_checks`) as the period billing's spend is read for."""
     scope = _SCOPES[check.layer]
     scope_id = {"key": subject.key_id, "environment": subject.environment_id,
                 "tenant": subject.tenant_id}[scope]

@@ -32,9 +32,10 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import ModelCatalog
 from services.gateway.node_feed import NodeFeed
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
-from services.gateway.protocol import InferenceRequest, parse_request
+from services.gateway.protocol import InferenceRequest
 from services.gateway.proxy import Proxy
 from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
+from services.gateway.request_parsing import parse_request
 from services.gateway.response_owners import ResponseOwners
 from services.gateway.settings import GatewaySettings
 from services.gateway.spend import CapsCache, Pricer

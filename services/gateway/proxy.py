@@ -34,14 +34,9 @@ from services.gateway.forwarding import (
     UpstreamFailure,
 )
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.node_answers import answer_of, openai_error_body
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
-from services.gateway.protocol import (
-    ENDPOINTS,
-    InferenceRequest,
-    answer_of,
-    openai_error_body,
-    upstream_body,
-)
+from services.gateway.protocol import ENDPOINTS, InferenceRequest, upstream_body
 from services.gateway.resume import RESUMABLE_WHOLE
 from services.gateway.streams import StreamRelay
 from services.gateway.upstream import (

@@ -33,12 +33,7 @@ from services.gateway.middleware import CLIENT_CLOSED_REQUEST, REAL_IP, deadline
 from services.gateway.models import ModelInfo
 from services.gateway.nodes import FINAL_STATUSES, NodeView
 from services.gateway.prefix_routing import SESSION_HEADER, route_key
-from services.gateway.protocol import (
-    BadRequest,
-    InferenceRequest,
-    limit_output,
-    response_id_param,
-)
+from services.gateway.protocol import BadRequest, InferenceRequest, limit_output
 from services.gateway.ratelimit import (
     BudgetCap,
     Decision,
@@ -48,7 +43,8 @@ from services.gateway.ratelimit import (
     Reservation,
 )
 from services.gateway.ratelimit.in_flight import InFlight
-from services.gateway.ratelimit.limits import money_checks
+from services.gateway.ratelimit.planning import money_checks
+from services.gateway.request_parsing import response_id_param
 from services.gateway.response_owners import Owner, OwnersUnavailable
 from services.gateway.roles import Action, allowed
 from services.gateway.roles import refusal as refusal_message

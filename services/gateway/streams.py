@@ -30,14 +30,9 @@ from services.gateway.forwarding import (
     Stored,
 )
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.node_answers import StreamMeter
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
-from services.gateway.protocol import (
-    ENDPOINTS,
-    InferenceRequest,
-    StreamMeter,
-    _encode,
-    upstream_body,
-)
+from services.gateway.protocol import ENDPOINTS, InferenceRequest, _encode, upstream_body
 from services.gateway.responses import ResponsesStreamMeter
 from services.gateway.resume import RESUMABLE_STREAMS, Rewriter, Transcript, continuation_body
 from services.gateway.upstream import (

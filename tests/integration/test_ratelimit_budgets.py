@@ -21,7 +21,8 @@ from services.gateway.ratelimit import (
     RedisRateLimiter,
     connect_redis,
 )
-from services.gateway.ratelimit.limits import Check, Reservation, plan
+from services.gateway.ratelimit.limits import Check, Reservation
+from services.gateway.ratelimit.planning import plan
 from services.infra.pipelined_redis import PipelinedRedis
 from tests.helpers import eventually
 from tests.integration.test_ratelimit_redis import NONE, only

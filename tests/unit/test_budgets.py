@@ -100,7 +100,9 @@ def test_a_request_runs_with_what_is_left_when_that_pays_for_its_prompt_and_a_to
     pays for the request's least (prompt and one output token a sequence); below that, the
     budget refuses, and the verdict names it."""
     from services.gateway.ratelimit import BudgetCap, Layer, Limits, LimitSubject
-    from services.gateway.ratelimit.limits import Kind, fits, money_grant, plan, verdict
+    from services.gateway.ratelimit.limits import Kind
+    from services.gateway.ratelimit.planning import plan
+    from services.gateway.ratelimit.verdicts import fits, money_grant, verdict
 
     subject = LimitSubject("k", "e", "t")
     limits = Limits(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, 10**13),

@@ -7,17 +7,15 @@ import json
 import msgspec
 import pytest
 
-from services.gateway.protocol import (
+from services.gateway.node_answers import StreamMeter, answer_of
+from services.gateway.protocol import BadRequest, upstream_body
+from services.gateway.request_parsing import (
     DEFAULT_MAX_BATCH_SEQUENCES,
     DEFAULT_MAX_INPUTS,
     MAX_JSON_DEPTH,
-    BadRequest,
-    StreamMeter,
-    answer_of,
     estimate_prompt_tokens,
     nests_deeper_than,
     parse_request,
-    upstream_body,
 )
 
 
@@ -111,7 +109,7 @@ def test_usage_of_whole_answers() -> None:
 
 
 def test_node_errors_reach_clients_in_openai_shape() -> None:
-    from services.gateway.protocol import openai_error_body
+    from services.gateway.node_answers import openai_error_body
 
     current = b'{"error": {"message": "too long", "type": "BadRequestError", "param": null, ' \
               b'"code": 400}}'
@@ -356,7 +354,7 @@ def test_node_answers_nested_too_deep_are_not_json_to_us() -> None:
     assert answer_of(deep)[0] == (0, 0)
     line = b"data: " + deep + b"\n"
     assert StreamMeter(wants_usage=False, wants_continuous_usage=False).feed(line) == line
-    from services.gateway.protocol import openai_error_body
+    from services.gateway.node_answers import openai_error_body
 
     error = msgspec.json.decode(openai_error_body(500, deep))["error"]
     assert error["message"].startswith("The model server refused the request (500)")

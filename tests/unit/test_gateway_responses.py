@@ -6,13 +6,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.gateway.protocol import (
-    MAX_RESPONSE_ID,
-    BadRequest,
-    answer_of,
-    parse_request,
-    upstream_body,
-)
+from services.gateway.node_answers import answer_of
+from services.gateway.protocol import BadRequest, upstream_body
+from services.gateway.request_parsing import MAX_RESPONSE_ID, parse_request
 from services.gateway.response_owners import Owner, decode_owner, encode_owner
 from services.gateway.responses import ResponsesStreamMeter
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import msgspec
 
-from services.gateway.protocol import InferenceRequest, parse_request
+from services.gateway.protocol import InferenceRequest
+from services.gateway.request_parsing import parse_request
 from services.gateway.resume import Rewriter, Transcript, continuation_body
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]

@@ -18,17 +18,10 @@ from services.gateway.ratelimit.auth_failures import (
     redis_key,
 )
 from services.gateway.ratelimit.in_flight import InFlight
-from services.gateway.ratelimit.limits import (
-    MINUTE_MS,
-    Kind,
-    Layer,
-    Limits,
-    LimitSubject,
-    plan,
-    usage_plan,
-    verdict,
-)
+from services.gateway.ratelimit.limits import MINUTE_MS, Kind, Layer, Limits, LimitSubject
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
+from services.gateway.ratelimit.planning import plan, usage_plan
+from services.gateway.ratelimit.verdicts import verdict
 
 LIMIT = FailureLimit(failures=3, window=60.0)
 

@@ -19,15 +19,17 @@ from services.gateway.ratelimit.limits import (
     Limits,
     LimitSubject,
     Origin,
+    reservation_for,
+    window_reset_ms,
+    window_start,
+)
+from services.gateway.ratelimit.planning import plan
+from services.gateway.ratelimit.verdicts import (
     fits,
     format_reset,
-    plan,
-    reservation_for,
     retry_after_header,
     unavailable,
     verdict,
-    window_reset_ms,
-    window_start,
 )
 
 SUBJECT = LimitSubject(key_id="k1", environment_id="e1", tenant_id="t1")
@@ -292,7 +294,7 @@ def test_unavailable_is_a_503() -> None:
 
 
 def test_plan_cache_gives_the_same_checks_as_plan() -> None:
-    from services.gateway.ratelimit.limits import PlanCache, plan
+    from services.gateway.ratelimit.planning import PlanCache, plan
 
     subject = LimitSubject("k", "e", "t")
     limits = Limits(key_requests_per_minute=5, key_tokens_per_minute=100,

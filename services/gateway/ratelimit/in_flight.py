@@ -8,7 +8,8 @@ rest of the pool for authentication.
 
 from __future__ import annotations
 
-from services.gateway.ratelimit.limits import Decision, Layer, retry_after_header
+from services.gateway.ratelimit.limits import Decision, Layer
+from services.gateway.ratelimit.verdicts import retry_after_header
 
 __all__ = ["InFlight"]
 

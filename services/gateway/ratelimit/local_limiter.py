@@ -22,14 +22,12 @@ from services.gateway.ratelimit.limits import (
     LimitSubject,
     Origin,
     Reservation,
-    money_grant,
-    needs_lease,
-    plan,
     reservation_for,
-    verdict,
     window_id,
     window_start,
 )
+from services.gateway.ratelimit.planning import needs_lease, plan
+from services.gateway.ratelimit.verdicts import money_grant, verdict
 
 _SWEEP_EVERY = 1024
 

@@ -30,17 +30,13 @@ from services.gateway.ratelimit.limits import (
     Limits,
     LimitSubject,
     Origin,
-    PlanCache,
-    PreparedChecks,
     Reservation,
     held_by,
-    prepare,
     reservation_for,
-    unavailable,
-    usage_plan,
-    verdict,
 )
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
+from services.gateway.ratelimit.planning import PlanCache, PreparedChecks, prepare, usage_plan
+from services.gateway.ratelimit.verdicts import unavailable, verdict
 from services.infra.pipelined_redis import PipelinedRedis
 
 log = structlog.get_logger("ratelimit")
