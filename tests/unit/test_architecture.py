@@ -11,6 +11,8 @@ tree (top-level and inside functions alike):
 - No service imports another (gateway, admin, billing, monitor, notifier, orchestrator, cli).
 - The node agent (agent/*.py, what ships to GPU machines) imports only schemas and infra; its
   simulator and local cloud (dev tools) may use the domain, never a service.
+
+And no module over 500 lines but the event catalogue.
 """
 
 from __future__ import annotations
@@ -82,3 +84,16 @@ def test_every_package_is_placed() -> None:
                 if p.is_dir() and (p / "__init__.py").exists()}
     assert packages == {"infra", "domain", *SERVICES}
 
+
+
+MAX_LINES = 500
+LONG_BY_NATURE = {"schemas/events.py"}
+"""The event catalogue: one struct per event type, read as one list."""
+
+
+def test_no_module_is_over_500_lines() -> None:
+    """A module that long holds more than one thing: split it where its parts meet."""
+    long = {str(p.relative_to(ROOT)): n
+            for top in ("services", "agent", "schemas") for p in (ROOT / top).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long.keys() <= LONG_BY_NATURE, long
