@@ -86,9 +86,12 @@ def _shots_dir() -> Path:
     return SHOTS
 
 
-async def start_billing(f: Fleet) -> None:
-    """Billing records the gateway's usage in the log: what the events page tails."""
-    _, runner = await serve(create_billing_app(BillingSettings(**f.core(Role.BILLING))))
+async def start_billing(f: Fleet, stripe: StripeServer) -> None:
+    """Billing records the gateway's usage in the log (what the events page tails), and its
+    pusher leader settles held exports."""
+    _, runner = await serve(create_billing_app(BillingSettings(
+        **f.core(Role.BILLING), stripe_secret_key=Secret(stripe.api_key),
+        stripe_api_base=stripe.url, stripe_timeout=5.0, billing_leader_retry=0.2)))
     f.runners.append(("billing", runner))
 
 
@@ -112,7 +115,7 @@ async def test_an_operator_runs_the_platform_from_the_console(
     f = fleet
     await f.start_cloud()
     await f.start_control_plane()
-    await start_billing(f)
+    await start_billing(f, stripe_server)
     admin_url = await start_admin(f, stripe_server)
     page = await browser.new_page(viewport=VIEWPORTS["desktop"])
     errors: list[str] = []
