@@ -6,6 +6,13 @@ test. `python bench/ratelimit.py [--requests 20000] [--external]`.
 Each operation is what the gateway does per request: one `acquire` (one EVALSHA checking every
 configured layer) and one `settle` (one EVALSHA, skipped by the limiter when nothing needs
 settling). A PING loop gives the floor: one bare round trip on the same client.
+
+Besides the client's view (operations/s, latency), each case at concurrency 32 prints what it
+cost Redis, from Redis's own counters: its CPU (`INFO cpu`, user + system, which includes
+reading and writing the sockets) and the time inside the scripts (`INFO commandstats`, reset
+before the case), in microseconds per request, the commands run per request (inside the
+scripts too), and the requests/s one Redis core would carry at that cost. Redis's CPU is the
+platform's ceiling: every gateway shares it.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from services.gateway.ratelimit import (
     Limits,
@@ -25,7 +34,23 @@ from services.gateway.ratelimit import (
     RedisRateLimiter,
     connect_redis,
 )
+from services.gateway.ratelimit.limits import BudgetCap, Check, Layer
 from services.infra.devstack import DevStack
+
+DAY_MS = 86_400_000
+
+
+def budgets() -> tuple[BudgetCap, ...]:
+    """A spend budget at each of the three scopes, over today (UTC)."""
+    start = int(time.time() * 1000) // DAY_MS * DAY_MS
+    return tuple(BudgetCap(layer, 10**18, start + DAY_MS, start) for layer in (
+        Layer.KEY_BUDGET, Layer.ENVIRONMENT_BUDGET, Layer.TENANT_BUDGET))
+
+
+async def nothing_spent(_: LimitSubject, checks: Sequence[Check]) -> list[int]:
+    """Billing's records for seeding a budget's counter: a bench starts from none."""
+    return [0] * len(checks)
+
 
 EVERY_LAYER = Limits(key_requests_per_minute=10**9, global_requests_per_minute=10**12,
                      key_tokens_per_minute=10**12, key_tokens_per_day=10**13,
@@ -57,16 +82,55 @@ async def run(op: Callable[[int], Awaitable[None]], total: int, concurrency: int
     return total / elapsed, percentile(latencies, 0.5), percentile(latencies, 0.99)
 
 
+@dataclass
+class RedisCost:
+    cpu_us: float
+    """Redis's CPU (user + system) per request."""
+    script_us: float
+    """Time inside the limiter's scripts per request (commandstats' EVALSHA, which includes
+    the commands the scripts call; those are counted under their own names too)."""
+    calls: dict[str, float]
+    """Commands per request, by name, most first."""
+
+
+async def redis_counters(client: Any) -> tuple[float, dict[str, tuple[int, int]]]:
+    cpu = await client.info("cpu")
+    stats = await client.info("commandstats")
+    used = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return used, {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+                  for name, v in stats.items()}
+
+
+async def measured(client: Any, work: Awaitable[tuple[float, float, float]], requests: int
+                   ) -> tuple[tuple[float, float, float], RedisCost]:
+    await client.config_resetstat()
+    cpu_before, _ = await redis_counters(client)
+    result = await work
+    cpu_after, stats = await redis_counters(client)
+    stats.pop("config|resetstat", None)
+    stats.pop("info", None)
+    calls = {name: c / requests for name, (c, _) in
+             sorted(stats.items(), key=lambda kv: -kv[1][0])}
+    return result, RedisCost(
+        cpu_us=(cpu_after - cpu_before) * 1e6 / requests,
+        script_us=sum(stats.get(s, (0, 0))[1] for s in ("evalsha", "eval")) / requests,
+        calls=calls)
+
+
 async def bench(url: str, total: int) -> None:
     client = connect_redis(url, timeout=5, max_connections=64)
-    limiter = RedisRateLimiter(client, timeout=5)
+    limiter = RedisRateLimiter(client, timeout=5, budget_spent=nothing_spent)
+
+    every_layer_and_budgets = replace(EVERY_LAYER, budgets=budgets())
 
     async def ping(_: int) -> None:
         await client.ping()
 
     def acquire_settle(limits: Limits) -> Callable[[int], Awaitable[None]]:
         async def op(i: int) -> None:
-            d = await limiter.acquire(SUBJECTS[i % len(SUBJECTS)], limits, 200)
+            subject = SUBJECTS[i % len(SUBJECTS)]
+            d = await (limiter.acquire(subject, limits, 200, 2_000, 20) if limits.budgets
+                       else limiter.acquire(subject, limits, 200))
             if not d.allowed or d.degraded or d.reservation is None:
                 raise RuntimeError(f"unexpected decision: {d}")
             await limiter.settle(d.reservation, 150)
@@ -77,15 +141,29 @@ async def bench(url: str, total: int) -> None:
         # No token layer and no concurrency limit: nothing to settle, settle costs nothing.
         ("acquire+settle, 3 request layers", acquire_settle(REQUESTS_ONLY)),
         ("acquire+settle, all 9 layers", acquire_settle(EVERY_LAYER)),
+        ("acquire+settle, 9 layers + 3 budgets", acquire_settle(every_layer_and_budgets)),
     ]
-    await run(acquire_settle(EVERY_LAYER), 500, 8)  # warm: scripts loaded, pool open
-    print(f"{'case':<36} {'conc':>4} {'ops/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    # Warm: scripts loaded, pool open, every subject's budget counters seeded.
+    await run(acquire_settle(every_layer_and_budgets), 2 * len(SUBJECTS), 8)
+    print(f"{'case':<38} {'conc':>4} {'ops/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    costs: list[tuple[str, RedisCost]] = []
     for name, op in cases:
         for concurrency in (1, 32):
             n = total if concurrency > 1 else total // 4
-            ops, p50, p99 = await run(op, n, concurrency)
-            print(f"{name:<36} {concurrency:>4} {ops:>10,.0f} {p50 * 1000:>8.3f} "
+            if concurrency > 1:
+                (ops, p50, p99), cost = await measured(client, run(op, n, concurrency), n)
+                costs.append((name, cost))
+            else:
+                ops, p50, p99 = await run(op, n, concurrency)
+            print(f"{name:<38} {concurrency:>4} {ops:>10,.0f} {p50 * 1000:>8.3f} "
                   f"{p99 * 1000:>8.3f}")
+    print()
+    print("What each request cost Redis (concurrency 32):")
+    print(f"{'case':<38} {'CPU us':>7} {'script us':>9} {'req/s per core':>15}  commands")
+    for name, cost in costs:
+        commands = ", ".join(f"{c} {n:.2g}" for c, n in list(cost.calls.items())[:6])
+        print(f"{name:<38} {cost.cpu_us:>7.1f} {cost.script_us:>9.1f} "
+              f"{1e6 / cost.cpu_us:>15,.0f}  {commands}")
     await client.aclose()
 
 
