@@ -215,6 +215,10 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [usage_task, refresher, renewer]
     if s.budget_reconcile_seconds > 0:
         tasks.append(asyncio.create_task(reconciler.run(), name="budget-reconciler"))
+    if s.global_requests_per_minute:
+        # Hands back the platform-wide limit's slices this gateway idles on, and at the end
+        # all it holds (before the limiter's Redis client closes, below).
+        tasks.append(asyncio.create_task(limiter.global_lease.keep(), name="global-share"))
     yield
     for sub in subs:
         with contextlib.suppress(Exception):

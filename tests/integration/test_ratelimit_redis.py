@@ -436,7 +436,13 @@ async def test_acquire_and_settle_are_one_evalsha_each(limiter: RedisRateLimiter
         for reservation in reservations:
             await limiter.settle(reservation, 7)
 
-    assert await client_commands(redis_url, r, acquire_five) == ["EVALSHA"] * 5
+    borrows = limiter.global_lease.metrics.borrows
+    before = borrows._value.get()
+    sent = await client_commands(redis_url, r, acquire_five)
+    # The platform-wide layer is spent from slices borrowed ahead (one more EVALSHA each):
+    # a quiet client's slice is a few requests.
+    borrowed = int(borrows._value.get() - before)
+    assert sent == ["EVALSHA"] * (5 + borrowed) and borrowed <= 2
     assert await client_commands(redis_url, r, settle_them) == ["EVALSHA"] * 5
     assert await counter(r, "tokens:env:e1:day") == 10 + 5 * 7
 

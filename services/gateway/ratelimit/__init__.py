@@ -55,12 +55,8 @@ from services.gateway.ratelimit.limits import (
     Reservation,
 )
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
-from services.gateway.ratelimit.redis_limiter import (
-    Policy,
-    RateLimitMetrics,
-    RedisRateLimiter,
-    connect_redis,
-)
+from services.gateway.ratelimit.metrics import Policy, RateLimitMetrics
+from services.gateway.ratelimit.redis_limiter import RedisRateLimiter, connect_redis
 
 
 @runtime_checkable

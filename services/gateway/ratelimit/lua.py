@@ -350,6 +350,51 @@ return back
 """)
 
 
+BORROW = _script("""
+-- A slice of the platform-wide request limit for one gateway (global_share.py).
+-- KEYS[1]: the global counter {w: window start, n: requests granted in it}.
+-- ARGV: limit, window (ms), requests wanted, window grace (ms).
+-- Reply: {granted, window start, now (ms), left ungranted after this}. Never grants past the
+-- limit: the gateways together admit at most the limit in a window.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit, window, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local start = now - (now % window)
+local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
+local n = 0
+local fresh = cur[1] and tonumber(cur[1]) == start
+if fresh then
+  n = tonumber(cur[2]) or 0
+end
+local grant = math.max(0, math.min(want, limit - n))
+if grant > 0 then
+  if fresh then
+    redis.call('HINCRBY', KEYS[1], 'n', grant)
+  else
+    redis.call('HSET', KEYS[1], 'w', start, 'n', grant)
+    redis.call('PEXPIREAT', KEYS[1], start + window + tonumber(ARGV[4]))
+  end
+end
+return {grant, start, now, math.max(0, limit - n - grant)}
+""")
+
+
+GIVE_BACK = _script("""
+-- What a gateway borrowed (BORROW) and did not use, handed back while its window is on.
+-- KEYS[1]: the global counter; ARGV: the window start it was granted in, requests.
+-- Reply: requests handed back (0: that window is over, nothing to give).
+local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
+if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[1]) then
+  return 0
+end
+local back = math.min(tonumber(ARGV[2]), tonumber(cur[2]) or 0)
+if back > 0 then
+  redis.call('HINCRBY', KEYS[1], 'n', -back)
+end
+return back
+""")
+
+
 RENEW = _script("""
 -- KEYS[1]: the key's lease set. ARGV[1]: lease id, ARGV[2]: ttl (ms).
 -- Reply: 1 renewed, 0 the lease is gone or expired (a lapsed lease is never revived: its slot

@@ -116,19 +116,25 @@ class PreparedChecks:
 
     checks: tuple[Check, ...]
     keys: tuple[str, ...]
+    """The ACQUIRE script's keys: every check's but the platform-wide one's."""
     spec: str
-    """The ACQUIRE script's check list: ``kind limit window amount`` per check."""
+    """The ACQUIRE script's check list: ``kind limit window amount`` per check it counts."""
     lease: bool
     least: int = 0
     """The budgets' `Check.least` (one for all of them: ACQUIRE's last argument)."""
+    global_at: int = -1
+    """Where the platform-wide check is in `checks` (-1: none). Not counted by ACQUIRE: each
+    gateway spends slices of it it borrowed (global_share.py)."""
 
 
 def prepare(checks: tuple[Check, ...]) -> PreparedChecks:
+    global_at = next((i for i, c in enumerate(checks) if c.layer is Layer.GLOBAL_REQUESTS), -1)
+    counted = [c for i, c in enumerate(checks) if i != global_at]
     spec = " ".join(f"{c.kind.value} {-1 if c.limit is None else c.limit} "
-                    f"{c.window_ms} {c.amount}" for c in checks)
+                    f"{c.window_ms} {c.amount}" for c in counted)
     least = next((c.least for c in checks if c.kind is Kind.MONEY), 0)
-    return PreparedChecks(checks, tuple(c.key for c in checks), spec, needs_lease(checks),
-                          least)
+    return PreparedChecks(checks, tuple(c.key for c in counted), spec, needs_lease(checks),
+                          least, global_at)
 
 
 class PlanCache:

@@ -11,22 +11,22 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from services.gateway.ratelimit import lua
+from services.gateway.ratelimit.global_lease import GlobalLease
 from services.gateway.ratelimit.limits import (
     WINDOW_GRACE_MS,
     Check,
     Decision,
     Kind,
-    Layer,
     Limits,
     LimitSubject,
     Origin,
@@ -35,14 +35,12 @@ from services.gateway.ratelimit.limits import (
     reservation_for,
 )
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
+from services.gateway.ratelimit.metrics import POLICIES, Policy, RateLimitMetrics
 from services.gateway.ratelimit.planning import PlanCache, PreparedChecks, prepare, usage_plan
 from services.gateway.ratelimit.verdicts import unavailable, verdict
 from services.infra.pipelined_redis import PipelinedRedis
 
 log = structlog.get_logger("ratelimit")
-
-Policy = Literal["local", "allow", "deny"]
-POLICIES: tuple[Policy, ...] = ("local", "allow", "deny")
 
 BudgetSpent = Callable[[LimitSubject, Sequence[Check]], Awaitable[Sequence[int]]]
 """What billing recorded against each budget check's scope in its period, in nano-dollars
@@ -62,45 +60,6 @@ def connect_redis(url: str, *, timeout: float = 0.25,
     Redis would count a request twice."""
     return aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                              retry=Retry(NoBackoff(), 0), max_connections=max_connections)
-
-
-class RateLimitMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        # No key_id label (the reference document had one): keys are unbounded, and a label
-        # per key would grow the registry with every tenant's every key.
-        self.exceeded = Counter("rate_limit_exceeded_total",
-                                "Requests refused by a rate limit, by layer", ["reason"],
-                                registry=registry)
-        self.fallback = Counter("rate_limit_fallback_total",
-                                "Requests decided without Redis, by policy", ["policy"],
-                                registry=registry)
-        self.redis_errors = Counter("rate_limit_redis_errors_total",
-                                    "Rate limiter calls to Redis that failed", registry=registry)
-        # The reference's rate_limit_remaining{key_id}, without the unbounded label: how close
-        # allowed requests run to their tightest limit, as a distribution (1 = untouched).
-        remaining = Histogram("rate_limit_remaining",
-                              "Share of the most constraining limit left after an allowed "
-                              "request", ["kind"], registry=registry,
-                              buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0))
-        self.remaining_requests = remaining.labels("requests")
-        self.remaining_tokens = remaining.labels("tokens")
-        for layer in Layer:
-            if layer is not Layer.UNAVAILABLE:
-                self.exceeded.labels(str(layer))
-        for policy in POLICIES:
-            self.fallback.labels(policy)
-        self.budget_drift = Counter(
-            "budget_drift_nano_dollars_total",
-            "Nano-dollars budget counters were raised by to match billing's records: `seed` "
-            "when a counter did not hold its period (its first request of it, a Redis that "
-            "lost it), `reconcile` when one held less than billing recorded", ["source"],
-            registry=registry)
-        for source in ("seed", "reconcile"):
-            self.budget_drift.labels(source)
-        self.budget_refunds = Counter(
-            "budget_expired_refunds_nano_dollars_total",
-            "Nano-dollars given back to budgets by reservations whose lease expired unsettled "
-            "(their gateway died mid-request), as the reconciler found them", registry=registry)
 
 
 class RedisRateLimiter:
@@ -128,7 +87,11 @@ class RedisRateLimiter:
         self._timeout = timeout
         self._clock = clock
         self._local = local if local is not None else LocalRateLimiter(lease_ttl=lease_ttl)
-        self.metrics = RateLimitMetrics(registry or CollectorRegistry())
+        registry = registry or CollectorRegistry()
+        self.metrics = RateLimitMetrics(registry)
+        self.global_lease = GlobalLease(self._run, registry, clock=clock)
+        """This gateway's slices of the platform-wide request limit; `keep()` hands back what
+        idles (the gateway runs it)."""
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._probing = False
@@ -179,20 +142,46 @@ class RedisRateLimiter:
     async def _acquire(self, prepared: PreparedChecks, limits: Limits, subject: LimitSubject,
                        estimated_tokens: int) -> Decision | None:
         """The decision; None when a budget counter must be seeded first."""
+        shared = prepared.global_at >= 0
+        if shared:
+            # The platform-wide share first: spent locally, borrowed only when none is held.
+            global_check = prepared.checks[prepared.global_at]
+            taken = await self.global_lease.take(global_check)
+            if taken is None:
+                return self._outage(limits, subject, estimated_tokens)
+            if not taken:
+                return self._global_refusal(global_check)
         lease_id = f"{self._ids.getrandbits(128):032x}" if prepared.lease else ""
-        args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS, prepared.spec]
-        if prepared.least:
-            args.append(prepared.least)
-        done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
-        if not done:
-            if limits.budgets:
-                # A budget is a promise across every gateway: per-process counting (or none)
-                # could overshoot it N times, so without Redis a request under one waits.
-                return self._fallback(None)
-            return self._fallback(lambda: self._local.decide(subject, limits, estimated_tokens))
-        if int(reply[0]) == -1:
-            return None
-        return self._judged(prepared.checks, lease_id, reply)
+        if prepared.keys:
+            args: list[str | int] = [lease_id, self._lease_ttl_ms, WINDOW_GRACE_MS,
+                                     prepared.spec]
+            if prepared.least:
+                args.append(prepared.least)
+            done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
+        else:  # the platform-wide limit alone
+            done, reply = True, (1, int(time.time() * 1000), 0)
+        if not done or int(reply[0]) == -1:
+            if shared:
+                self.global_lease.put_back()
+            return None if done else self._outage(limits, subject, estimated_tokens)
+        decision = self._judged(prepared, lease_id, reply)
+        if shared and not decision.allowed:
+            self.global_lease.put_back()  # refused elsewhere: all or nothing
+        return decision
+
+    def _outage(self, limits: Limits, subject: LimitSubject, estimated_tokens: int) -> Decision:
+        if limits.budgets:
+            # A budget is a promise across every gateway: per-process counting (or none)
+            # could overshoot it N times, so without Redis a request under one waits.
+            return self._fallback(None)
+        return self._fallback(lambda: self._local.decide(subject, limits, estimated_tokens))
+
+    def _global_refusal(self, check: Check) -> Decision:
+        assert check.limit is not None
+        result = verdict((check,), (check.limit,), int(time.time() * 1000), committed=False)
+        self.metrics.exceeded.labels(str(check.layer)).inc()
+        return Decision(allowed=False, layer=result.layer, retry_after=result.retry_after,
+                        headers=result.headers, reservation=None, degraded=False)
 
     async def _seed(self, subject: LimitSubject, prepared: PreparedChecks) -> bool:
         money = [c for c in prepared.checks if c.kind is Kind.MONEY]
@@ -258,7 +247,7 @@ class RedisRateLimiter:
         done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
         if not done:
             return self._fallback(lambda: self._local.decide_checks(prepared.checks))
-        return self._judged(prepared.checks, "", reply)
+        return self._judged(prepared, "", reply)
 
     def _usage_plan(self, subject: LimitSubject, per_minute: int | None) -> PreparedChecks:
         key = (subject.key_id, per_minute)
@@ -269,8 +258,14 @@ class RedisRateLimiter:
             found = self._usage_plans[key] = prepare(usage_plan(subject, per_minute))
         return found
 
-    def _judged(self, checks: tuple[Check, ...], lease_id: str, reply: Any) -> Decision:
+    def _judged(self, prepared: PreparedChecks, lease_id: str, reply: Any) -> Decision:
+        checks = prepared.checks
         allowed, now_ms, grant, *used = (int(x) for x in reply)
+        if prepared.global_at >= 0:
+            # Its share was taken: as used as the platform-wide limit is, as far as known here.
+            limit = checks[prepared.global_at].limit or 0
+            used.insert(prepared.global_at,
+                        max(0, limit - 1 - self.global_lease.share.remaining()))
         result = verdict(checks, used, now_ms, committed=allowed == 1)
         if not result.allowed and result.layer is not None:
             self.metrics.exceeded.labels(str(result.layer)).inc()
@@ -368,7 +363,7 @@ class RedisRateLimiter:
         NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
         try:
             for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED,
-                           lua.RECONCILE, lua.SWEEP):
+                           lua.RECONCILE, lua.SWEEP, lua.BORROW, lua.GIVE_BACK):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:
             return False
