@@ -147,7 +147,7 @@ async def test_a_registration_published_again_is_acked_and_moves_no_node_back(
         monitor: web.Application, node: dict[str, Any], bus: Bus, pool: asyncpg.Pool,
         redis_url: str) -> None:
     """An agent whose ack was lost publishes its registration again under another message id
-    (agent/node_agent.py). The monitor acks the copy too, but the node, active by then, stays
+    (agent/registration.py). The monitor acks the copy too, but the node, active by then, stays
     active in the cache: the copy is not news."""
     agent: NodeAgent = node["agent"]
     await asyncio.wait_for(agent.registered.wait(), 15)
