@@ -47,6 +47,7 @@ from schemas.events import (
     UsageExportPlanned,
     UsageExportSkipped,
 )
+from services.billing import export_outcome as outcome
 from services.billing.hours import (
     HourDue,
     Plan,
@@ -60,7 +61,6 @@ from services.billing.hours import (
     send_groups,
 )
 from services.billing.settings import BillingSettings
-from services.domain import export_outcome as outcome
 from services.domain.billing_ledger import PLAN_LOCK_KEY, record_billing_events
 from services.domain.stripe_billing import (
     Failure,

@@ -6,7 +6,7 @@ may have reached Stripe longer ago than Stripe's identifier deduplication can be
 An operator looks the identifier up in Stripe, then has it resent or recorded as exported.
 The pusher's leader carries that out, the one process that sends meter events: its Stripe
 client, its metrics, and Stripe's answer recorded as it records any
-(services/domain/export_outcome.py), appended and applied to the ledger in one transaction,
+(export_outcome.py), appended and applied to the ledger in one transaction,
 caused by the hold. The leader hears commands only while it leads (`serving`), so a command
 reaches one leader or none (the admin API answers 503: nobody pushes to Stripe now).
 
@@ -36,8 +36,8 @@ from nats.aio.msg import Msg
 from schemas.commands import SettleAction, SettleExport, SettleOutcome, SettleResult
 from schemas.events import UsageExported, UsageExportFailed
 from schemas.subjects import BILLING_SETTLE
+from services.billing import export_outcome as outcome
 from services.billing.pusher import PusherMetrics
-from services.domain import export_outcome as outcome
 from services.domain.billing_ledger import record_billing_events
 from services.domain.stripe_billing import MeterSend, StripeBilling, may_have_reached
 from services.infra.db import Connection

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import stripe
 
-from services.domain.export_outcome import exported, failed
+from services.billing.export_outcome import exported, failed
 
 TENANT = uuid.UUID(int=1)
 

@@ -1,6 +1,6 @@
 """What a meter event sent to Stripe ends as, in the billing log: the one mapping of Stripe's
-answer to `UsageExported` / `UsageExportFailed`, used by billing's pusher and by an operator's
-settling of a held export (the admin API). Pure."""
+answer to `UsageExported` / `UsageExportFailed`, used by the pusher and by its leader's
+settling of a held export on an operator's command (settle.py). Pure."""
 
 from __future__ import annotations
 
