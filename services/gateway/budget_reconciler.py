@@ -36,7 +36,7 @@ from services.gateway.spend import LAYERS
 log = structlog.get_logger("budgets.reconcile")
 
 TURN_KEY: Final = "budget:reconcile:turn"
-LEASES: Final = redis_key(Layer.KEY_CONCURRENCY, LimitSubject("*", "", ""))
+LEASES: Final = redis_key(Layer.KEY_CONCURRENCY, LimitSubject("*", "", "*"))
 """Every key's lease set, as a SCAN pattern."""
 BATCH: Final = 100
 """Budgets per script run: a run holds Redis for its length."""

@@ -146,7 +146,7 @@ async def test_a_key_budget_holds_across_two_gateway_processes(platform: Platfor
                 spent = await billed(p, budgeted.key_id, len(served))
 
                 async def settled(spent: Decimal = spent) -> bool:
-                    key = f"budget:key:{budgeted.key_id}"
+                    key = f"budget:key:{budgeted.key_id}:{{{p.tenant_id}}}"
                     return int(await r.hget(key, "n") or 0) == nano(spent)
 
                 await eventually(settled, timeout=30, what="every request settled")
@@ -280,7 +280,7 @@ async def test_the_reconciler_raises_a_counter_below_billing_and_counts_the_drif
         assert await ask(client, 3 * i + 1) == "ok"
     await rig.record([], total=3)
     spent = await billed(p, p.key.key_id, 3)
-    key = f"budget:env:{p.environment_id}"
+    key = f"budget:env:{p.environment_id}:{{{p.tenant_id}}}"
     r = aioredis.from_url(redis_url)
     try:
         async def settled() -> bool:

@@ -77,8 +77,8 @@ async def test_a_budget_admits_what_fits_and_names_itself_when_full(
     assert refused.layer is Layer.KEY_BUDGET
     assert refused.headers["x-ratelimit-scope"] == "key_budget"
     assert 3500 < refused.retry_after <= 3600  # until the period ends
-    assert await spent(r, "budget:key:k1") == 900
-    assert int(await r.hget("budget:key:k1", "w") or 0) == end
+    assert await spent(r, "budget:key:k1:{t1}") == 900
+    assert int(await r.hget("budget:key:k1:{t1}", "w") or 0) == end
 
 
 async def test_settling_charges_the_real_cost_and_gives_the_rest_back(
@@ -87,13 +87,13 @@ async def test_settling_charges_the_real_cost_and_gives_the_rest_back(
                   budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),
                            BudgetCap(Layer.TENANT_BUDGET, 5000, period_end(24))))
     first = held((await limiter.acquire(KEY, limits, 50, 600)).reservation)
-    assert await spent(r, "budget:key:k1") == 600 == await spent(r, "budget:tenant:t1")
+    assert await spent(r, "budget:key:k1:{t1}") == 600 == await spent(r, "budget:tenant:t1:{t1}")
     assert not (await limiter.acquire(KEY, limits, 50, 600)).allowed
     await limiter.settle(first, 20, 150)
-    assert await spent(r, "budget:key:k1") == 150 == await spent(r, "budget:tenant:t1")
-    assert int(await r.hget("tokens:key:k1:day", "n") or 0) == 20  # tokens apart from money
+    assert await spent(r, "budget:key:k1:{t1}") == 150 == await spent(r, "budget:tenant:t1:{t1}")
+    assert int(await r.hget("tokens:key:k1:day:{t1}", "n") or 0) == 20  # tokens apart from money
     await limiter.settle(first, 20, 999)  # settled once: nothing more
-    assert await spent(r, "budget:key:k1") == 150
+    assert await spent(r, "budget:key:k1:{t1}") == 150
     assert (await limiter.acquire(KEY, limits, 50, 600)).allowed
 
 
@@ -105,7 +105,7 @@ async def test_racing_requests_never_overshoot_a_shared_budget(
         limiter.acquire(KEY if i % 2 else SIBLING, limits, 1, 77) for i in range(60)))
     assert sum(d.allowed for d in decisions) == 10
     assert {d.layer for d in decisions if not d.allowed} == {Layer.TENANT_BUDGET}
-    assert await spent(r, "budget:tenant:t1") == 770
+    assert await spent(r, "budget:tenant:t1:{t1}") == 770
 
 
 async def test_the_last_requests_of_a_period_run_with_what_is_left(
@@ -122,13 +122,13 @@ async def test_the_last_requests_of_a_period_run_with_what_is_left(
     granted = [d.reservation.money for d in racing if d.reservation is not None]
     assert granted == [200]  # all that was left at the key, to one of them
     assert {d.layer for d in racing if not d.allowed} == {Layer.KEY_BUDGET}
-    assert await spent(r, "budget:key:k1") == 1000
+    assert await spent(r, "budget:key:k1:{t1}") == 1000
     await limiter.settle(first, 1, 300)  # 500 back at the key; the tenant has 1500 - 500
     sibling = held((await limiter.acquire(SIBLING, limits, 1, 800, 100)).reservation)
     assert sibling.money == 800  # its own key is empty; the tenant had 1000 left
     tail = held((await limiter.acquire(KEY, limits, 1, 800, 100)).reservation)
     assert tail.money == 200  # the tenant's 200 left binds now, not the key's 500
-    assert await spent(r, "budget:tenant:t1") == 1_500
+    assert await spent(r, "budget:tenant:t1:{t1}") == 1_500
     refused = await limiter.acquire(KEY, limits, 1, 800, 100)
     assert not refused.allowed and refused.layer is Layer.TENANT_BUDGET
 
@@ -141,7 +141,7 @@ async def test_a_new_period_starts_from_nothing_and_old_settles_stay_out_of_it(
     new = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 100, period_end(1.5)),))
     assert (await limiter.acquire(KEY, new, 1, 40)).allowed
     await limiter.settle(reservation, 1, 0)  # the old period's refund: not the new one's
-    assert await spent(r, "budget:key:k1") == 40
+    assert await spent(r, "budget:key:k1:{t1}") == 40
 
 
 async def test_batched_settles_charge_money_and_tokens_apart(
@@ -158,11 +158,11 @@ async def test_batched_settles_charge_money_and_tokens_apart(
         limiter.settle_nowait(reservation, 7, cost)
 
     async def released() -> bool:
-        return await r.zcard("ratelimit:key:k1:concurrency") == 0
+        return await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 0
 
     await eventually(released, what="the leases released")
-    assert await spent(r, "budget:env:e1") == 1510
-    assert int(await r.hget("tokens:key:k1:day", "n") or 0) == 21
+    assert await spent(r, "budget:env:e1:{t1}") == 1510
+    assert int(await r.hget("tokens:key:k1:day:{t1}", "n") or 0) == 21
     await pipelined.aclose()
 
 
@@ -181,15 +181,15 @@ async def test_without_redis_a_budgeted_request_is_refused_whatever_the_policy()
 async def test_a_budget_starts_from_what_billing_recorded_and_again_after_redis_lost_it(
         limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
     limits = only(budgets=(BudgetCap(Layer.KEY_BUDGET, 1000, period_end()),))
-    RECORDED["budget:key:k1"] = 700  # spent earlier this period
+    RECORDED["budget:key:k1:{t1}"] = 700  # spent earlier this period
     assert (await limiter.acquire(KEY, limits, 1, 300)).allowed
     assert not (await limiter.acquire(KEY, limits, 1, 1)).allowed
-    assert await spent(r, "budget:key:k1") == 1000
+    assert await spent(r, "budget:key:k1:{t1}") == 1000
     await r.flushdb()  # Redis lost everything; billing recorded 900 by now
-    RECORDED["budget:key:k1"] = 900
+    RECORDED["budget:key:k1:{t1}"] = 900
     assert not (await limiter.acquire(KEY, limits, 1, 101)).allowed
     assert (await limiter.acquire(KEY, limits, 1, 100)).allowed
-    assert await spent(r, "budget:key:k1") == 1000
+    assert await spent(r, "budget:key:k1:{t1}") == 1000
 
 
 async def test_reconciling_raises_a_counter_to_billing_and_never_lowers_it(
@@ -199,13 +199,13 @@ async def test_reconciling_raises_a_counter_to_billing_and_never_lowers_it(
     held((await limiter.acquire(KEY, limits, 1, 400)).reservation)  # in flight
     [check] = [c for c in plan(KEY, limits, 1, 400) if c.layer is Layer.KEY_BUDGET]
     assert await limiter.reconcile([check], [100]) == [0]  # billing is behind: kept
-    assert await spent(r, "budget:key:k1") == 400
+    assert await spent(r, "budget:key:k1:{t1}") == 400
     assert await limiter.reconcile([check], [650]) == [250]  # drift: raised
-    assert await spent(r, "budget:key:k1") == 650
+    assert await spent(r, "budget:key:k1:{t1}") == 650
     # A counter of another period (or none) is left for its next request to seed.
     stale = dataclasses.replace(check, window_ms=end + 3_600_000)
     assert await limiter.reconcile([stale], [900]) == [0]
-    assert await spent(r, "budget:key:k1") == 650
+    assert await spent(r, "budget:key:k1:{t1}") == 650
     assert limiter.metrics.budget_drift.labels("reconcile")._value.get() == 250
 
 
@@ -236,18 +236,18 @@ async def test_a_reservation_whose_gateway_died_is_given_back_when_its_lease_exp
     dead = held((await doomed.acquire(KEY, limits, 1, 800, 100)).reservation)
     alive = held((await live.acquire(KEY, limits, 1, 800, 100)).reservation)
     assert (dead.money, alive.money) == (800, 200)
-    assert "|800|budget:key:k1@" in dead.lease_id  # what the lease holds, for whoever finds it
+    assert "|800|budget:key:k1:{t1}@" in dead.lease_id  # what the lease holds, for whoever finds it
     async def admitted() -> Decision | None:
         decision = await live.acquire(KEY, limits, 1, 800, 100)
         return decision if decision.allowed else None
 
     granted = await eventually(admitted, timeout=30, what="the dead request's money given back")
     assert held(granted.reservation).money == 800  # 1000 - 200 (alive) held, not - 1000
-    assert await spent(r, "budget:key:k1") == 1000
+    assert await spent(r, "budget:key:k1:{t1}") == 1000
     await doomed.settle(dead, 1, 500)  # too late: its money is back already
-    assert await spent(r, "budget:key:k1") == 1000
+    assert await spent(r, "budget:key:k1:{t1}") == 1000
     await live.settle(alive, 1, 150)
-    assert await spent(r, "budget:key:k1") == 950
+    assert await spent(r, "budget:key:k1:{t1}") == 950
 
 
 async def test_the_reconciler_gives_back_what_an_idle_keys_dead_requests_hold(
@@ -269,8 +269,8 @@ async def test_the_reconciler_gives_back_what_an_idle_keys_dead_requests_hold(
         return await reconciler.sweep_once()
 
     back = await eventually(swept, timeout=30, what="the dead reservation swept")
-    assert back == 900 and await spent(r, "budget:tenant:t1") == 0
+    assert back == 900 and await spent(r, "budget:tenant:t1:{t1}") == 0
     assert limiter.metrics.budget_refunds._value.get() == 900
     assert (await limiter.acquire(SIBLING, limits, 1, 900)).allowed
     await limiter.settle(dead, 1, 10)
-    assert await spent(r, "budget:tenant:t1") == 900
+    assert await spent(r, "budget:tenant:t1:{t1}") == 900

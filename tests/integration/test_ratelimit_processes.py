@@ -71,7 +71,7 @@ async def test_processes_sharing_redis_allow_exactly_the_limit(redis_url: str) -
     assert sum(per_process) == limit, per_process
     refused_by = {layer for ok, layer, _ in results if not ok}
     assert refused_by <= {"key_requests", "key_tokens_minute", "key_concurrency"}
-    assert int(await r.hget("ratelimit:key:hot-key:minute", "n") or 0) == limit
-    assert int(await r.hget("tokens:key:hot-key:minute", "n") or 0) == limit * 10
-    assert await r.zcard("ratelimit:key:hot-key:concurrency") == limit
+    assert int(await r.hget("ratelimit:key:hot-key:minute:{tenant}", "n") or 0) == limit
+    assert int(await r.hget("tokens:key:hot-key:minute:{tenant}", "n") or 0) == limit * 10
+    assert await r.zcard("ratelimit:key:hot-key:concurrency:{tenant}") == limit
     await r.aclose()

@@ -148,9 +148,9 @@ async def test_a_refusal_at_one_layer_counts_at_none(limiter: RedisRateLimiter,
     refused = await limiter.acquire(SUBJECT, limits, 100)  # 300 > 250 key tokens a minute
     assert refused.layer is Layer.KEY_TOKENS_MINUTE
     assert await snapshot(r) == before
-    assert await r.zcard("ratelimit:key:k1:concurrency") == 1  # no lease taken
-    assert await counter(r, "ratelimit:key:k1:minute") == 1
-    assert await counter(r, "ratelimit:env:e1:minute") == 1
+    assert await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 1  # no lease taken
+    assert await counter(r, "ratelimit:key:k1:minute:{t1}") == 1
+    assert await counter(r, "ratelimit:env:e1:minute:{t1}") == 1
     assert first.headers["x-ratelimit-remaining-requests"] == "99"
     assert first.headers["x-ratelimit-remaining-tokens"] == "50"
 
@@ -174,23 +174,23 @@ async def test_counters_are_windowed_hashes_with_a_ttl(limiter: RedisRateLimiter
                                                        r: aioredis.Redis) -> None:
     await limiter.acquire(SUBJECT, Limits(key_tokens_per_day=10_000), 5)
     now = await redis_now_ms(r)
-    minute = await r.hgetall("ratelimit:env:e1:minute")
+    minute = await r.hgetall("ratelimit:env:e1:minute:{t1}")
     assert minute == {b"w": str(window_start(now, MINUTE_MS)).encode(), b"n": b"1"}
-    assert 0 < await r.pttl("ratelimit:env:e1:minute") <= 70_000
-    day = await r.hgetall("tokens:key:k1:day")
+    assert 0 < await r.pttl("ratelimit:env:e1:minute:{t1}") <= 70_000
+    day = await r.hgetall("tokens:key:k1:day:{t1}")
     assert day[b"n"] == b"5" and int(day[b"w"]) % 86_400_000 == 0
-    assert 0 < await r.pttl("tokens:key:k1:day") <= 86_410_000
-    assert 119_000 < await r.pttl("ratelimit:key:k1:concurrency") <= 120_000
+    assert 0 < await r.pttl("tokens:key:k1:day:{t1}") <= 86_410_000
+    assert 119_000 < await r.pttl("ratelimit:key:k1:concurrency:{t1}") <= 120_000
 
 
 async def test_a_stale_window_counts_from_zero(limiter: RedisRateLimiter,
                                                r: aioredis.Redis) -> None:
     now = await redis_now_ms(r)
     current = window_start(now, MINUTE_MS)
-    await r.hset("ratelimit:key:k1:minute", mapping={"w": current - MINUTE_MS, "n": 999})
+    await r.hset("ratelimit:key:k1:minute:{t1}", mapping={"w": current - MINUTE_MS, "n": 999})
     d = await limiter.acquire(SUBJECT, only(key_requests_per_minute=5), 0)
     assert d.allowed and d.headers["x-ratelimit-remaining-requests"] == "4"
-    assert await r.hgetall("ratelimit:key:k1:minute") == {b"w": str(current).encode(),
+    assert await r.hgetall("ratelimit:key:k1:minute:{t1}") == {b"w": str(current).encode(),
                                                            b"n": b"1"}
 
 
@@ -223,26 +223,26 @@ async def test_concurrent_requests_cannot_overspend(limiter: RedisRateLimiter,
                                        for _ in range(50)))
     assert sum(d.allowed for d in decisions) == 10
     assert {d.layer for d in decisions if not d.allowed} == {Layer.KEY_TOKENS_MINUTE}
-    assert await counter(r, "tokens:key:k1:minute") == 1000
-    assert await counter(r, "tokens:env:e1:day") == 1000
-    assert await r.zcard("ratelimit:key:k1:concurrency") == 10
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 1000
+    assert await counter(r, "tokens:env:e1:day:{t1}") == 1000
+    assert await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 10
 
 
 async def test_settle_gives_back_or_takes_more_once(limiter: RedisRateLimiter,
                                                     r: aioredis.Redis) -> None:
     a = held((await limiter.acquire(SUBJECT, TOKENS, 300)).reservation)
     b = held((await limiter.acquire(SUBJECT, TOKENS, 100)).reservation)
-    assert await counter(r, "tokens:key:k1:minute") == 400
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 400
     await limiter.settle(a, 120)  # fewer: 180 back
-    assert await counter(r, "tokens:key:k1:minute") == 220
-    assert await counter(r, "tokens:env:e1:day") == 220
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 220
+    assert await counter(r, "tokens:env:e1:day:{t1}") == 220
     await limiter.settle(b, 500)  # more: 400 more
-    assert await counter(r, "tokens:key:k1:minute") == 620
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 620
     await limiter.settle(a, 0)
     await limiter.settle(b, 10_000)  # settled already: nothing
-    assert await counter(r, "tokens:key:k1:minute") == 620
-    assert await counter(r, "tokens:env:e1:day") == 620
-    assert await r.zcard("ratelimit:key:k1:concurrency") == 0  # settling released the leases
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 620
+    assert await counter(r, "tokens:env:e1:day:{t1}") == 620
+    assert await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 0  # settling released the leases
     d = await limiter.acquire(SUBJECT, TOKENS, 380)
     assert d.allowed and d.headers["x-ratelimit-remaining-tokens"] == "0"
 
@@ -255,9 +255,9 @@ async def test_settles_of_one_loop_turn_go_as_one_script_and_each_counts_once(
     other = LimitSubject("k2", "e1", "t1")
     mine = [held((await limiter.acquire(SUBJECT, TOKENS, 100)).reservation) for _ in range(3)]
     theirs = held((await limiter.acquire(other, TOKENS, 50)).reservation)
-    assert await counter(r, "tokens:env:e1:day") == 350
+    assert await counter(r, "tokens:env:e1:day:{t1}") == 350
     # As if the minute ended for one of them: that counter must not be touched.
-    await r.hset("tokens:key:k2:minute", mapping={"w": theirs.token_windows[0].start_ms
+    await r.hset("tokens:key:k2:minute:{t1}", mapping={"w": theirs.token_windows[0].start_ms
                                                   + MINUTE_MS, "n": 7})
     before = int((await r.info("commandstats"))["cmdstat_evalsha"]["calls"])
     for reservation, actual in zip(mine, (10, 100, 250), strict=True):
@@ -266,13 +266,13 @@ async def test_settles_of_one_loop_turn_go_as_one_script_and_each_counts_once(
     limiter.settle_nowait(mine[0], 10_000)  # a second settle of the same request: nothing
 
     async def released() -> bool:
-        return (await r.zcard("ratelimit:key:k1:concurrency")
-                + await r.zcard("ratelimit:key:k2:concurrency")) == 0
+        return (await r.zcard("ratelimit:key:k1:concurrency:{t1}")
+                + await r.zcard("ratelimit:key:k2:concurrency:{t1}")) == 0
 
     await eventually(released, what="the leases released")
-    assert await counter(r, "tokens:key:k1:minute") == 10 + 100 + 250
-    assert await counter(r, "tokens:key:k2:minute") == 7
-    assert await counter(r, "tokens:env:e1:day") == 360  # 350 - 90 + 0 + 150 - 50
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 10 + 100 + 250
+    assert await counter(r, "tokens:key:k2:minute:{t1}") == 7
+    assert await counter(r, "tokens:env:e1:day:{t1}") == 360  # 350 - 90 + 0 + 150 - 50
     calls = int((await r.info("commandstats"))["cmdstat_evalsha"]["calls"]) - before
     assert calls == 1
     await pipelined.aclose()
@@ -289,10 +289,10 @@ async def test_batched_settles_survive_redis_forgetting_its_scripts(
         limiter.settle_nowait(reservation, 30)
 
     async def settled() -> bool:
-        return await r.zcard("ratelimit:key:k1:concurrency") == 0
+        return await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 0
 
     await eventually(settled, what="settled the slow way")
-    assert await counter(r, "tokens:key:k1:minute") == 60
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 60
     await pipelined.aclose()
 
 
@@ -300,23 +300,23 @@ async def test_settle_after_the_window_rolled_is_dropped(limiter: RedisRateLimit
                                                          r: aioredis.Redis) -> None:
     reservation = held((await limiter.acquire(SUBJECT, TOKENS, 300)).reservation)
     minute = reservation.token_windows[0]
-    assert minute.key == "tokens:key:k1:minute"
+    assert minute.key == "tokens:key:k1:minute:{t1}"
     # As if the minute ended and a new one already counted 7 tokens.
     await r.hset(minute.key, mapping={"w": minute.start_ms + MINUTE_MS, "n": 7})
     await limiter.settle(reservation, 0)
     assert await counter(r, minute.key) == 7
-    assert await counter(r, "tokens:env:e1:day") == 0  # the day window is still the same
-    assert await r.zcard("ratelimit:key:k1:concurrency") == 0
+    assert await counter(r, "tokens:env:e1:day:{t1}") == 0  # the day window is still the same
+    assert await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 0
 
 
 async def test_settle_of_an_expired_lease_is_dropped(limiter: RedisRateLimiter,
                                                      r: aioredis.Redis) -> None:
     reservation = held((await limiter.acquire(SUBJECT, TOKENS, 300)).reservation)
-    await r.zadd("ratelimit:key:k1:concurrency",
+    await r.zadd("ratelimit:key:k1:concurrency:{t1}",
                  {reservation.lease_id: await redis_now_ms(r) - 1})
     await limiter.settle(reservation, 0)
-    assert await counter(r, "tokens:key:k1:minute") == 300
-    assert await r.zcard("ratelimit:key:k1:concurrency") == 0
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 300
+    assert await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 0
 
 
 async def test_release_returns_the_tokens_and_the_slot(limiter: RedisRateLimiter,
@@ -324,8 +324,8 @@ async def test_release_returns_the_tokens_and_the_slot(limiter: RedisRateLimiter
     limits = dataclasses.replace(TOKENS, key_concurrency=1, key_requests_per_minute=10)
     reservation = held((await limiter.acquire(SUBJECT, limits, 300)).reservation)
     await limiter.release(reservation)
-    assert await counter(r, "tokens:key:k1:minute") == 0
-    assert await counter(r, "ratelimit:key:k1:minute") == 1  # the request stays counted
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 0
+    assert await counter(r, "ratelimit:key:k1:minute:{t1}") == 1  # the request stays counted
     assert (await limiter.acquire(SUBJECT, limits, 300)).allowed
 
 
@@ -356,13 +356,13 @@ async def test_an_expired_lease_is_reclaimed_without_release(r: aioredis.Redis) 
         return (await survivor.acquire(SUBJECT, only(key_concurrency=1), 0)).allowed
 
     await eventually(slot_freed, timeout=5, what="the lapsed lease reclaimed")
-    assert await r.zcard("ratelimit:key:k1:concurrency") == 1  # the dead one purged
+    assert await r.zcard("ratelimit:key:k1:concurrency:{t1}") == 1  # the dead one purged
 
 
 async def test_renew_keeps_a_lease_alive(limiter: RedisRateLimiter, r: aioredis.Redis) -> None:
     limits = only(key_concurrency=1)
     reservation = held((await limiter.acquire(SUBJECT, limits, 0)).reservation)
-    key = "ratelimit:key:k1:concurrency"
+    key = "ratelimit:key:k1:concurrency:{t1}"
     about_to_lapse = await redis_now_ms(r) + 200
     await r.zadd(key, {reservation.lease_id: about_to_lapse})
     assert await limiter.renew(reservation)
@@ -391,7 +391,7 @@ async def test_script_reloads_after_noscript(limiter: RedisRateLimiter,
     await r.script_flush()
     d = await limiter.acquire(SUBJECT, TOKENS, 10)
     assert d.allowed and not d.degraded
-    assert await counter(r, "tokens:key:k1:minute") == 15
+    assert await counter(r, "tokens:key:k1:minute:{t1}") == 15
 
 
 async def client_commands(redis_url: str, r: aioredis.Redis,
@@ -444,7 +444,7 @@ async def test_acquire_and_settle_are_one_evalsha_each(limiter: RedisRateLimiter
     borrowed = int(borrows._value.get() - before)
     assert sent == ["EVALSHA"] * (5 + borrowed) and borrowed <= 2
     assert await client_commands(redis_url, r, settle_them) == ["EVALSHA"] * 5
-    assert await counter(r, "tokens:env:e1:day") == 10 + 5 * 7
+    assert await counter(r, "tokens:env:e1:day:{t1}") == 10 + 5 * 7
 
 
 async def test_same_decisions_as_the_local_limiter(limiter: RedisRateLimiter) -> None:

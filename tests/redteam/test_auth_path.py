@@ -317,7 +317,7 @@ async def test_usage_has_its_own_limit_per_key(
     # Per key, and apart from inference: the key's inference counter was never touched.
     other = await p.catalog.create_api_key(p.environment_id, name="other")
     assert (await gw.call("/v1/usage", other.plaintext))[0] == 200
-    assert not await redis_client.exists(f"ratelimit:key:{p.key.key_id}:minute")
+    assert not await redis_client.exists(f"ratelimit:key:{p.key.key_id}:minute:{{{p.tenant_id}}}")
     assert (await gw.call("/v1/models", p.key.plaintext))[0] == 200
 
 

@@ -153,7 +153,7 @@ def test_usage_has_its_own_counter_per_key() -> None:
     (check,) = usage_plan(SUBJECT, 60)
     assert check.layer is Layer.KEY_USAGE_REQUESTS and check.kind is Kind.REQUESTS
     assert (check.limit, check.window_ms, check.amount) == (60, MINUTE_MS, 1)
-    assert check.key == "ratelimit:usage:key:k1:minute"
+    assert check.key == "ratelimit:usage:key:k1:minute:{t1}"
     inference = plan(SUBJECT, Limits(key_requests_per_minute=60), 0)
     assert check.key not in {c.key for c in inference}
     assert usage_plan(SUBJECT, None) == ()

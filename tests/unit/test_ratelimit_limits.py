@@ -101,7 +101,8 @@ def test_defaults_check_environment_and_tenant_only() -> None:
     checks = plan(SUBJECT, Limits(), 100)
     assert layers(checks) == [Layer.ENVIRONMENT_REQUESTS, Layer.TENANT_REQUESTS]
     assert [c.limit for c in checks] == [10_000, 50_000]
-    assert [c.key for c in checks] == ["ratelimit:env:e1:minute", "ratelimit:tenant:t1:minute"]
+    assert [c.key for c in checks] == ["ratelimit:env:e1:minute:{t1}",
+                                       "ratelimit:tenant:t1:minute:{t1}"]
 
 
 def test_every_layer_with_its_reference_key_and_order() -> None:
@@ -112,15 +113,15 @@ def test_every_layer_with_its_reference_key_and_order() -> None:
                     key_concurrency=9)
     checks = plan(SUBJECT, limits, 42)
     assert [(c.layer, c.key, c.limit) for c in checks] == [
-        (Layer.KEY_REQUESTS, "ratelimit:key:k1:minute", 1),
-        (Layer.ENVIRONMENT_REQUESTS, "ratelimit:env:e1:minute", 2),
-        (Layer.TENANT_REQUESTS, "ratelimit:tenant:t1:minute", 3),
+        (Layer.KEY_REQUESTS, "ratelimit:key:k1:minute:{t1}", 1),
+        (Layer.ENVIRONMENT_REQUESTS, "ratelimit:env:e1:minute:{t1}", 2),
+        (Layer.TENANT_REQUESTS, "ratelimit:tenant:t1:minute:{t1}", 3),
         (Layer.GLOBAL_REQUESTS, "ratelimit:global:minute", 4),
-        (Layer.KEY_TOKENS_MINUTE, "tokens:key:k1:minute", 5),
-        (Layer.KEY_TOKENS_DAY, "tokens:key:k1:day", 6),
-        (Layer.ENVIRONMENT_TOKENS_MINUTE, "tokens:env:e1:minute", 7),
-        (Layer.ENVIRONMENT_TOKENS_DAY, "tokens:env:e1:day", 8),
-        (Layer.KEY_CONCURRENCY, "ratelimit:key:k1:concurrency", 9),
+        (Layer.KEY_TOKENS_MINUTE, "tokens:key:k1:minute:{t1}", 5),
+        (Layer.KEY_TOKENS_DAY, "tokens:key:k1:day:{t1}", 6),
+        (Layer.ENVIRONMENT_TOKENS_MINUTE, "tokens:env:e1:minute:{t1}", 7),
+        (Layer.ENVIRONMENT_TOKENS_DAY, "tokens:env:e1:day:{t1}", 8),
+        (Layer.KEY_CONCURRENCY, "ratelimit:key:k1:concurrency:{t1}", 9),
     ]
     assert [c.amount for c in checks] == [1, 1, 1, 1, 42, 42, 42, 42, 1]
     assert [c.window_ms for c in checks] == [MINUTE_MS] * 5 + [DAY_MS, MINUTE_MS, DAY_MS, 0]
@@ -158,11 +159,11 @@ def test_negative_limits_are_rejected() -> None:
 def test_reservation_records_lease_and_token_windows() -> None:
     checks = plan(SUBJECT, Limits(key_tokens_per_minute=100, environment_tokens_per_day=9), 7)
     r = reservation_for(checks, NOW, "lease-1", Origin.REDIS)
-    assert r.lease_key == "ratelimit:key:k1:concurrency" and r.lease_id == "lease-1"
+    assert r.lease_key == "ratelimit:key:k1:concurrency:{t1}" and r.lease_id == "lease-1"
     assert r.tokens == 7
     assert [(w.key, w.start_ms) for w in r.token_windows] == [
-        ("tokens:key:k1:minute", window_start(NOW, MINUTE_MS)),
-        ("tokens:env:e1:day", window_start(NOW, DAY_MS)),
+        ("tokens:key:k1:minute:{t1}", window_start(NOW, MINUTE_MS)),
+        ("tokens:env:e1:day:{t1}", window_start(NOW, DAY_MS)),
     ]
     nothing = reservation_for(plan(SUBJECT, Limits(), 7), NOW, "x", Origin.REDIS)
     assert nothing.lease_key is None and nothing.lease_id == "" and nothing.token_windows == ()

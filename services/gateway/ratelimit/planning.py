@@ -21,36 +21,39 @@ from services.gateway.ratelimit.limits import (
 
 
 def redis_key(layer: Layer, subject: LimitSubject) -> str:
-    """The reference document's key names. One Redis, no Cluster: a Cluster would need hash
-    tags to put one request's keys in one slot (see docs/rate-limits.md)."""
+    """The reference document's key names, each ending in its tenant's hash tag
+    (`:{tenant_id}`): Redis Cluster puts keys with one tag in one slot, so every key one
+    request's script touches (its key's, its environment's, its tenant's) lives on one node.
+    The platform-wide counter has no tag: it is reached by slices (global_lease.py)."""
     s = subject
+    tag = f":{{{s.tenant_id}}}"
     match layer:
         case Layer.KEY_REQUESTS:
-            return f"ratelimit:key:{s.key_id}:minute"
+            return f"ratelimit:key:{s.key_id}:minute{tag}"
         case Layer.ENVIRONMENT_REQUESTS:
-            return f"ratelimit:env:{s.environment_id}:minute"
+            return f"ratelimit:env:{s.environment_id}:minute{tag}"
         case Layer.TENANT_REQUESTS:
-            return f"ratelimit:tenant:{s.tenant_id}:minute"
+            return f"ratelimit:tenant:{s.tenant_id}:minute{tag}"
         case Layer.GLOBAL_REQUESTS:
             return "ratelimit:global:minute"
         case Layer.KEY_TOKENS_MINUTE:
-            return f"tokens:key:{s.key_id}:minute"
+            return f"tokens:key:{s.key_id}:minute{tag}"
         case Layer.KEY_TOKENS_DAY:
-            return f"tokens:key:{s.key_id}:day"
+            return f"tokens:key:{s.key_id}:day{tag}"
         case Layer.ENVIRONMENT_TOKENS_MINUTE:
-            return f"tokens:env:{s.environment_id}:minute"
+            return f"tokens:env:{s.environment_id}:minute{tag}"
         case Layer.ENVIRONMENT_TOKENS_DAY:
-            return f"tokens:env:{s.environment_id}:day"
+            return f"tokens:env:{s.environment_id}:day{tag}"
         case Layer.KEY_CONCURRENCY:
-            return f"ratelimit:key:{s.key_id}:concurrency"
+            return f"ratelimit:key:{s.key_id}:concurrency{tag}"
         case Layer.KEY_USAGE_REQUESTS:
-            return f"ratelimit:usage:key:{s.key_id}:minute"
+            return f"ratelimit:usage:key:{s.key_id}:minute{tag}"
         case Layer.KEY_BUDGET:
-            return f"budget:key:{s.key_id}"
+            return f"budget:key:{s.key_id}{tag}"
         case Layer.ENVIRONMENT_BUDGET:
-            return f"budget:env:{s.environment_id}"
+            return f"budget:env:{s.environment_id}{tag}"
         case Layer.TENANT_BUDGET:
-            return f"budget:tenant:{s.tenant_id}"
+            return f"budget:tenant:{s.tenant_id}{tag}"
     raise ValueError(f"{layer} has no Redis key")
 
 
