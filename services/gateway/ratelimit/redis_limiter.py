@@ -38,6 +38,7 @@ from services.gateway.ratelimit.local_limiter import LocalRateLimiter
 from services.gateway.ratelimit.metrics import POLICIES, Policy, RateLimitMetrics
 from services.gateway.ratelimit.planning import PlanCache, PreparedChecks, prepare, usage_plan
 from services.gateway.ratelimit.verdicts import unavailable, verdict
+from services.infra.pipelined_cluster import PipelinedCluster
 from services.infra.pipelined_redis import PipelinedRedis
 
 log = structlog.get_logger("ratelimit")
@@ -69,7 +70,8 @@ class RedisRateLimiter:
     `timeout` bounds every Redis call whatever the client's own settings; `clock` (monotonic
     seconds) times the cool-down and `local` replaces the fallback limiter, both for tests."""
 
-    def __init__(self, redis: aioredis.Redis | PipelinedRedis, *, policy: Policy = "local",
+    def __init__(self, redis: aioredis.Redis | PipelinedRedis | PipelinedCluster, *,
+                 policy: Policy = "local",
                  lease_ttl: float = 120.0, registry: CollectorRegistry | None = None,
                  cooldown: float = 1.0, timeout: float = 0.25,
                  local: LocalRateLimiter | None = None,
@@ -102,8 +104,12 @@ class RedisRateLimiter:
         self._usage_plans: dict[tuple[str, int | None], PreparedChecks] = {}
         # Lease ids only need to be unique, not secret: no getrandom syscall per request.
         self._ids = random.Random()
-        # A client with its own deadlines (PipelinedRedis) spares us a timer per call.
-        self._own_deadlines = isinstance(redis, PipelinedRedis)
+        # A client with its own deadlines (a pipelined one) spares us a timer per call.
+        self._own_deadlines = isinstance(redis, PipelinedRedis | PipelinedCluster)
+        # A script may only touch keys of one slot of a Redis Cluster: work for several
+        # tenants (batched settles, reconciling) goes as one script per slot.
+        self._slot: Callable[[str], int] = (
+            redis.key_slot if isinstance(redis, PipelinedCluster) else lambda key: 0)
         retry = redis.get_retry()
         if retry is not None and retry.get_retries() > 0:
             log.warning("rate limiter redis client retries commands: a retried EVALSHA can "
@@ -212,12 +218,19 @@ class RedisRateLimiter:
         is left to its next request's seed). Returns the nano-dollars added to each: the
         drift found (counted in `budget_drift_nano_dollars_total{source="reconcile"}`).
         RedisError (or OSError, TimeoutError) when Redis cannot answer: nothing to decide."""
-        args: list[str | int] = []
-        for check, nano in zip(checks, spent, strict=True):
-            args += [check.window_ms, nano]
-        async with asyncio.timeout(self._timeout * 4):
-            reply = await self._evalsha(lua.RECONCILE, [c.key for c in checks], args)
-        added = [int(x) for x in reply]
+        groups: dict[int, list[int]] = {}
+        for i, check in enumerate(checks):
+            groups.setdefault(self._slot(check.key), []).append(i)
+        added = [0] * len(checks)
+        for indices in groups.values():
+            args: list[str | int] = []
+            for i in indices:
+                args += [checks[i].window_ms, spent[i]]
+            async with asyncio.timeout(self._timeout * 4):
+                reply = await self._evalsha(lua.RECONCILE, [checks[i].key for i in indices],
+                                            args)
+            for i, more in zip(indices, reply, strict=True):
+                added[i] = int(more)
         if sum(added):
             self.metrics.budget_drift.labels("reconcile").inc(sum(added))
         return added
@@ -313,7 +326,8 @@ class RedisRateLimiter:
         gone. With PipelinedRedis, the settles of every request that ends in this turn of the
         event loop go as one EVALSHA (SETTLE_MANY) on the next write, with no task at all."""
         if (reservation.origin is Origin.REDIS and reservation.lease_key is not None
-                and isinstance(self._redis, PipelinedRedis) and self._down_since is None):
+                and isinstance(self._redis, PipelinedRedis | PipelinedCluster)
+                and self._down_since is None):
             self._to_settle.append((reservation, actual_tokens, actual_cost))
             if len(self._to_settle) == 1:
                 asyncio.get_running_loop().call_soon(self._send_settles)
@@ -324,7 +338,15 @@ class RedisRateLimiter:
         batch, self._to_settle = self._to_settle, []
         if not batch:
             return
-        assert isinstance(self._redis, PipelinedRedis)
+        by_slot: dict[int, list[tuple[Reservation, int, int]]] = {}
+        for settle in batch:
+            assert settle[0].lease_key is not None
+            by_slot.setdefault(self._slot(settle[0].lease_key), []).append(settle)
+        for settles in by_slot.values():
+            self._send_settle_many(settles)
+
+    def _send_settle_many(self, batch: list[tuple[Reservation, int, int]]) -> None:
+        assert isinstance(self._redis, PipelinedRedis | PipelinedCluster)
         keys: list[str] = []
         args: list[str | int] = [len(batch)]
         for reservation, actual, cost in batch:
