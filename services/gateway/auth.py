@@ -31,6 +31,7 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter
+from redis.asyncio.cluster import RedisCluster
 
 from schemas.events import (
     ApiKeyCreated,
@@ -246,7 +247,7 @@ _decoder = msgspec.msgpack.Decoder(Principal)
 
 
 class Authenticator:
-    def __init__(self, db: asyncpg.Pool[asyncpg.Record], redis: aioredis.Redis,
+    def __init__(self, db: asyncpg.Pool[asyncpg.Record], redis: aioredis.Redis | RedisCluster,
                  settings: AuthSettings | None = None, *,
                  registry: CollectorRegistry | None = None) -> None:
         self.db = db
@@ -260,7 +261,9 @@ class Authenticator:
         self._ledger = FailureLedger(self.settings.failures, self.settings.local_capacity)
         self._queries: dict[str, asyncio.Task[Principal | None]] = {}
         """The PostgreSQL lookup of a key under way, shared by everyone asking meanwhile."""
-        self._read_with_failures = redis.register_script(lua.AUTH_LOOKUP.source)
+        # One script reads both on one Redis; a cluster keeps them in different slots.
+        self._read_with_failures = (self._read_from_slots if isinstance(redis, RedisCluster)
+                                    else redis.register_script(lua.AUTH_LOOKUP.source))
         self._throttling = self.settings.failures.enabled
 
     async def authenticate(self, authorization: str | None,
@@ -357,6 +360,17 @@ class Authenticator:
             query.add_done_callback(lambda done: self._query_done(hashed, done))
             source = "postgres"  # counted once per query PostgreSQL runs
         return await asyncio.shield(query), source
+
+    async def _read_from_slots(self, keys: list[str]) -> list[Any]:
+        """AUTH_LOOKUP's reply, on a Redis Cluster: one pipeline, split by the client over the
+        (at most two) primaries holding the keys."""
+        failures, entry = keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(entry)
+            pipe.get(failures)
+            pipe.pttl(failures)
+            cached, count, left_ms = await pipe.execute()
+        return [cached, int(count or 0), left_ms]
 
     def _refuse_if_throttled(self, network: str, entry: bytes | str | None, failures: int,
                              left_ms: int) -> None:

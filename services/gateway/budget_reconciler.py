@@ -24,6 +24,7 @@ from typing import Final
 import asyncpg
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from services.domain.budget_spend import BUDGET_COLUMNS, BudgetPeriod, budget_period, spend
@@ -54,7 +55,7 @@ def budget_check(b: BudgetPeriod) -> Check:
 
 
 class BudgetReconciler:
-    def __init__(self, db: asyncpg.Pool[asyncpg.Record], redis: aioredis.Redis,
+    def __init__(self, db: asyncpg.Pool[asyncpg.Record], redis: aioredis.Redis | RedisCluster,
                  limiter: RedisRateLimiter, *, interval: float) -> None:
         self.db = db
         self.redis = redis

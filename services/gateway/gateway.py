@@ -34,7 +34,8 @@ from services.gateway.node_feed import NodeFeed
 from services.gateway.nodes import NodeTable, NodeView, RoutingRules
 from services.gateway.protocol import InferenceRequest
 from services.gateway.proxy import Proxy
-from services.gateway.ratelimit import RedisRateLimiter, Reservation, connect_redis
+from services.gateway.ratelimit import RedisRateLimiter, Reservation
+from services.gateway.redis_clients import connect_limiter, connect_shared
 from services.gateway.request_parsing import parse_request
 from services.gateway.response_owners import ResponseOwners
 from services.gateway.settings import GatewaySettings
@@ -43,9 +44,8 @@ from services.gateway.upstream import UpstreamPool
 from services.gateway.usage import UsagePublisher
 from services.infra.aio import stop_tasks
 from services.infra.bus import Bus
-from services.infra.http import BUS, DB, REDIS, REGISTRY
+from services.infra.http import BUS, DB, REDIS_PING, REGISTRY
 from services.infra.node_keys import NodeKeys
-from services.infra.pipelined_redis import PipelinedRedis
 
 log = structlog.get_logger("gateway")
 
@@ -149,11 +149,13 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
     bus = app[BUS]
     # Auth's cache client: short timeouts, so a dead Redis costs milliseconds, not seconds.
-    redis = connect_redis(s.redis_url.reveal(), timeout=s.ratelimit_redis_timeout)
-    app[REDIS] = redis
-    # The limiter's: every request's EVALSHAs pipelined on one connection (the hot path), and
-    # never retried by the client (a retried EVALSHA would count a request twice).
-    limiter_redis = PipelinedRedis(s.redis_url.reveal(), timeout=s.ratelimit_redis_timeout)
+    redis = connect_shared(s.redis_url.reveal(), cluster=s.redis_cluster,
+                           timeout=s.ratelimit_redis_timeout)
+    app[REDIS_PING] = redis.ping
+    # The limiter's: every request's EVALSHAs pipelined on one connection per primary (the
+    # hot path), never retried (a retried EVALSHA would count a request twice).
+    limiter_redis = connect_limiter(s.redis_url.reveal(), cluster=s.redis_cluster,
+                                    timeout=s.ratelimit_redis_timeout)
     rules = RoutingRules(health_threshold=s.health_score_threshold,
                          heartbeat_timeout=s.node_heartbeat_timeout)
     kv_index = KvIndex(s.kv_index_blocks_per_node)

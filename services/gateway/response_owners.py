@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 log = structlog.get_logger("gateway")
@@ -47,7 +48,7 @@ def decode_owner(value: bytes | str | None) -> Owner | None:
 
 
 class ResponseOwners:
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+    def __init__(self, redis: aioredis.Redis | RedisCluster, ttl_seconds: int) -> None:
         self.redis = redis
         self.ttl_seconds = max(1, ttl_seconds)
 

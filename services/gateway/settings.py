@@ -72,6 +72,9 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     ratelimit_policy: Literal["local", "allow", "deny"] = "local"
     """When Redis is unreachable: local (per-process limits), allow, or deny."""
     ratelimit_redis_timeout: float = 0.25
+    redis_cluster: bool = False
+    """REDIS_URL names nodes of a Redis Cluster (`redis://host:port[,host:port...]`): the
+    limiter routes each request's script to its tenant's primary (docs/rate-limits.md)."""
     concurrency_lease_seconds: float = 120.0
 
     # load balancing

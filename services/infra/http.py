@@ -47,6 +47,9 @@ DB = web.AppKey("db", asyncpg.Pool)
 EVENTLOG = web.AppKey("eventlog", EventLog)
 WAKER = web.AppKey("waker", LogWaker)
 REDIS = web.AppKey("redis", aioredis.Redis)
+REDIS_PING: web.AppKey[Callable[[], Awaitable[bool]]] = web.AppKey("redis_ping")
+"""What `/ready` asks of Redis when the service keeps its own client (the gateway's may be a
+Redis Cluster's) rather than REDIS."""
 BUS = web.AppKey("bus", Bus)
 PROJECTION_METRICS = web.AppKey("projection_metrics", ProjectionMetrics)
 """One per service: every projection runner it starts reports through it (lag, failures)."""
@@ -160,7 +163,9 @@ async def ready(request: web.Request) -> web.Response:
     probes = []
     if DB in app:
         probes.append(_check("postgres", app[DB].fetchval("SELECT 1")))
-    if REDIS in app:
+    if REDIS_PING in app:
+        probes.append(_check("redis", app[REDIS_PING]()))
+    elif REDIS in app:
         probes.append(_check("redis", app[REDIS].ping()))
     if BUS in app:
         probes.append(_check("nats", _nats_probe(app[BUS])))
