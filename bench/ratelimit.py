@@ -36,6 +36,9 @@ from services.gateway.ratelimit import (
 )
 from services.gateway.ratelimit.limits import BudgetCap, Check, Layer
 from services.infra.devstack import DevStack
+from services.infra.pipelined_cluster import PipelinedCluster
+from services.infra.pipelined_redis import PipelinedRedis
+from services.infra.redis_cluster_stack import RedisClusterStack
 
 DAY_MS = 86_400_000
 
@@ -93,20 +96,27 @@ class RedisCost:
     """Commands per request, by name, most first."""
 
 
-async def redis_counters(client: Any) -> tuple[float, dict[str, tuple[int, int]]]:
-    cpu = await client.info("cpu")
-    stats = await client.info("commandstats")
-    used = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-    return used, {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
-                  for name, v in stats.items()}
+async def redis_counters(clients: Sequence[Any]) -> tuple[float, dict[str, tuple[int, int]]]:
+    """CPU seconds and commandstats, summed over `clients` (a cluster's primaries)."""
+    used, summed = 0.0, dict[str, tuple[int, int]]()
+    for client in clients:
+        cpu = await client.info("cpu")
+        stats = await client.info("commandstats")
+        used += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+        for name, v in stats.items():
+            calls, usec = summed.get(name.removeprefix("cmdstat_"), (0, 0))
+            summed[name.removeprefix("cmdstat_")] = (calls + int(v["calls"]),
+                                                     usec + int(v["usec"]))
+    return used, summed
 
 
-async def measured(client: Any, work: Awaitable[tuple[float, float, float]], requests: int
-                   ) -> tuple[tuple[float, float, float], RedisCost]:
-    await client.config_resetstat()
-    cpu_before, _ = await redis_counters(client)
+async def measured(clients: Sequence[Any], work: Awaitable[tuple[float, float, float]],
+                   requests: int) -> tuple[tuple[float, float, float], RedisCost]:
+    for client in clients:
+        await client.config_resetstat()
+    cpu_before, _ = await redis_counters(clients)
     result = await work
-    cpu_after, stats = await redis_counters(client)
+    cpu_after, stats = await redis_counters(clients)
     stats.pop("config|resetstat", None)
     stats.pop("info", None)
     calls = {name: c / requests for name, (c, _) in
@@ -151,7 +161,7 @@ async def bench(url: str, total: int) -> None:
         for concurrency in (1, 32):
             n = total if concurrency > 1 else total // 4
             if concurrency > 1:
-                (ops, p50, p99), cost = await measured(client, run(op, n, concurrency), n)
+                (ops, p50, p99), cost = await measured([client], run(op, n, concurrency), n)
                 costs.append((name, cost))
             else:
                 ops, p50, p99 = await run(op, n, concurrency)
@@ -159,12 +169,62 @@ async def bench(url: str, total: int) -> None:
                   f"{p99 * 1000:>8.3f}")
     print()
     print("What each request cost Redis (concurrency 32):")
+    print_costs(costs)
+    await client.aclose()
+
+
+def print_costs(costs: Sequence[tuple[str, RedisCost]]) -> None:
     print(f"{'case':<38} {'CPU us':>7} {'script us':>9} {'req/s per core':>15}  commands")
     for name, cost in costs:
         commands = ", ".join(f"{c} {n:.2g}" for c, n in list(cost.calls.items())[:6])
         print(f"{name:<38} {cost.cpu_us:>7.1f} {cost.script_us:>9.1f} "
               f"{1e6 / cost.cpu_us:>15,.0f}  {commands}")
-    await client.aclose()
+
+
+async def as_the_gateway(label: str, url: str, info_urls: Sequence[str], total: int) -> None:
+    """Every layer on, through the client the gateway runs (one pipelined connection per
+    Redis primary; settles sent without waiting, batched per slot as SETTLE_MANY), on one
+    Redis or on a cluster, whose CPU is summed over its primaries."""
+    hot: PipelinedRedis | PipelinedCluster = (
+        PipelinedCluster(url, timeout=5) if len(info_urls) > 1 else PipelinedRedis(url, timeout=5))
+    infos = [connect_redis(u, timeout=5) for u in info_urls]
+    limiter = RedisRateLimiter(hot, timeout=5, budget_spent=nothing_spent)
+    every_layer_and_budgets = replace(EVERY_LAYER, budgets=budgets())
+
+    def acquire_settle(limits: Limits) -> Callable[[int], Awaitable[None]]:
+        async def op(i: int) -> None:
+            subject = SUBJECTS[i % len(SUBJECTS)]
+            d = await (limiter.acquire(subject, limits, 200, 2_000, 20) if limits.budgets
+                       else limiter.acquire(subject, limits, 200))
+            if not d.allowed or d.degraded or d.reservation is None:
+                raise RuntimeError(f"unexpected decision: {d}")
+            limiter.settle_nowait(d.reservation, 150)
+        return op
+
+    async def drained(work: Awaitable[tuple[float, float, float]]
+                      ) -> tuple[float, float, float]:
+        result = await work
+        await asyncio.sleep(0)  # the last turn's settles leave
+        await hot.ping()  # answered after them: each connection keeps its order
+        return result
+
+    await run(acquire_settle(every_layer_and_budgets), 2 * len(SUBJECTS), 8)
+    costs = []
+    for name, limits in (("all 9 layers", EVERY_LAYER),
+                         ("9 layers + 3 budgets", every_layer_and_budgets)):
+        (ops, _, _), cost = await measured(
+            infos, drained(run(acquire_settle(limits), total, 32)), total)
+        costs.append((f"{label}, {name}", cost))
+        print(f"{label}, {name}: {ops:,.0f} acquire+settle/s at concurrency 32")
+    print_costs(costs)
+    if len(infos) > 1:
+        for name, cost in costs:
+            print(f"{name}: {len(infos)} primaries carry about "
+                  f"{len(infos) * 1e6 / cost.cpu_us:,.0f} requests/s at one core each")
+    await limiter.global_lease.give_back(everything=True)
+    for client in infos:
+        await client.aclose()
+    await hot.aclose()
 
 
 def main() -> None:
@@ -184,6 +244,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, \
             DevStack(Path(tmp), postgres=False, nats=False) as stack:
         asyncio.run(bench(stack.urls.redis_url, args.requests))
+        print()
+        print("As the gateway runs it (pipelined, settles batched), every layer on:")
+        asyncio.run(as_the_gateway("one Redis", stack.urls.redis_url, [stack.urls.redis_url],
+                                   args.requests))
+        cluster = RedisClusterStack(Path(tmp) / "cluster", replicas=0)
+        cluster.start()
+        try:
+            primaries = [s.url for s in cluster.servers]
+            asyncio.run(as_the_gateway("cluster of 3", cluster.url, primaries, args.requests))
+        finally:
+            cluster.stop()
 
 
 if __name__ == "__main__":
