@@ -140,22 +140,29 @@ class PipelinedCluster:
         raise RedisConnectionError(f"redis cluster: slot {slot} redirected {_REDIRECTS} times")
 
     async def _slots(self) -> SlotMap:
+        """The slot map. Only the first is waited for: later ones are fetched in the
+        background while calls keep the map they have (a primary that hangs must not slow
+        the calls to the others)."""
         current = self._map
-        if current is not None and not (
-                self._stale and time.monotonic() - self._refreshed_at >= self.timeout):
-            return current
-        if self._refreshing is None:
-            self._refreshing = asyncio.ensure_future(self._refresh())
-        refreshing = self._refreshing
-        try:
-            return await asyncio.shield(refreshing)
-        except RedisError:
-            if current is not None:
-                return current  # nobody answered: keep routing as before
-            raise
-        finally:
-            if refreshing.done() and self._refreshing is refreshing:
-                self._refreshing = None
+        if current is None:
+            if self._refreshing is None:
+                self._refreshing = asyncio.ensure_future(self._refresh())
+            refreshing = self._refreshing
+            try:
+                return await asyncio.shield(refreshing)
+            finally:
+                if refreshing.done() and self._refreshing is refreshing:
+                    self._refreshing = None
+        if (self._stale and self._refreshing is None
+                and time.monotonic() - self._refreshed_at >= self.timeout):
+            self._refreshing = task = asyncio.ensure_future(self._refresh())
+            task.add_done_callback(self._refreshed)
+        return current
+
+    def _refreshed(self, task: asyncio.Task[SlotMap]) -> None:
+        if self._refreshing is task:
+            self._refreshing = None
+        _consume(task)  # nobody answered: keep routing as before, and try again later
 
     async def _refresh(self) -> SlotMap:
         self._refreshed_at = time.monotonic()
@@ -187,6 +194,19 @@ class PipelinedCluster:
             client = self._nodes[address] = PipelinedRedis(
                 f"redis://{auth}{address.host}:{address.port}/0", timeout=self.timeout)
         return client
+
+    def node_of(self, key: str) -> str:
+        """The primary serving `key` as last known ("" before any slot map)."""
+        if self._map is None:
+            return ""
+        found = self._map.node_for(key_slot(key))
+        return "" if found is None else str(found)
+
+    def primaries(self) -> frozenset[str]:
+        """The primaries as last known ("" before any slot map)."""
+        if self._map is None:
+            return frozenset({""})
+        return frozenset(str(a) for a in self._map.primaries)
 
     @property
     def nodes(self) -> Sequence[Address]:

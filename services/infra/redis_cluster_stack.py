@@ -52,7 +52,10 @@ class RedisClusterStack:
                 "--cluster-node-timeout", str(node_timeout_ms),
                 # A replica however stale may take over: the limiter's counters are short-lived
                 # and loose-for-a-window is the documented cost of a failover.
-                "--cluster-replica-validity-factor", "0"))
+                "--cluster-replica-validity-factor", "0",
+                # The other primaries keep serving their slots while one fails over (with
+                # full coverage required, the whole cluster answers CLUSTERDOWN meanwhile).
+                "--cluster-require-full-coverage", "no"))
             for i in range(primaries * (1 + replicas))]
 
     @property

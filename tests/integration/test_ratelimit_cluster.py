@@ -257,8 +257,9 @@ def budget_check(subject: LimitSubject) -> Check:
 async def test_a_primary_killed_under_load_fails_over_to_its_replica(tmp_path: Path) -> None:
     stack = RedisClusterStack(tmp_path / "cluster")
     stack.start()
-    client = PipelinedCluster(stack.url, timeout=0.25)
-    limiter = RedisRateLimiter(client, timeout=0.25)
+    # A deadline a busy machine's healthy primaries always meet: the dead one refuses at once.
+    client = PipelinedCluster(stack.url, timeout=1.0)
+    limiter = RedisRateLimiter(client, timeout=1.0)
     try:
         tenants = tenants_on_every_primary("fo-", stack)
         victim = stack.primary_for(f"x:{{{tenants[0]}}}")
@@ -298,19 +299,24 @@ async def test_a_primary_killed_under_load_fails_over_to_its_replica(tmp_path: P
         stop.set()
         await asyncio.gather(*workers)
         owner = stack.primary_for(f"x:{{{tenants[0]}}}")
+        degraded_at_end = limiter.degraded  # the dead primary is no longer one of them
     finally:
         await client.aclose()
         stack.stop()
     before = [x for x in log if x[0] < killed_at]
     after = [x for x in log if x[0] > back_at + 1.0]  # the limiter's cool-down is 1 s
     assert before and after
-    # Nothing refused, ever: while the primary was gone the local policy decided.
+    # Nothing refused, ever: while the primary was gone the local policy decided its
+    # tenants' requests, and only theirs: the other primaries' tenants stayed exact.
     assert all(allowed for _, _, allowed, _ in log)
     assert not any(degraded for *_, degraded in before + after)
     assert any(degraded for at, *_, degraded in log if killed_at <= at <= back_at)
-    # Decided by redis again within the limiter's cool-down of the promotion (and slack for
-    # a busy machine): the client refreshes its slot map at the first failure after it.
-    assert back_at - promoted_at < 5, back_at - promoted_at
+    assert not any(degraded for _, who, _, degraded in log if who != tenants[0])
+    # Decided by redis again soon after the promotion (the slot map is fetched again within
+    # a deadline of the first failure, and the dead primary probed again after the
+    # limiter's cool-down), with slack for a busy machine.
+    assert back_at - promoted_at < 10, back_at - promoted_at
+    assert not degraded_at_end
     # Every tenant is on redis again, the victim's on its promoted replica.
     assert {who for _, who, _, _ in after} == set(tenants)
     assert owner is replica

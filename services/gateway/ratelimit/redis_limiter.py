@@ -36,6 +36,7 @@ from services.gateway.ratelimit.limits import (
 )
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
 from services.gateway.ratelimit.metrics import POLICIES, Policy, RateLimitMetrics
+from services.gateway.ratelimit.outages import Outages
 from services.gateway.ratelimit.planning import PlanCache, PreparedChecks, prepare, usage_plan
 from services.gateway.ratelimit.verdicts import unavailable, verdict
 from services.infra.pipelined_cluster import PipelinedCluster
@@ -94,10 +95,10 @@ class RedisRateLimiter:
         self.global_lease = GlobalLease(self._run, registry, clock=clock)
         """This gateway's slices of the platform-wide request limit; `keep()` hands back what
         idles (the gateway runs it)."""
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._probing = False
-        self._fallbacks = 0
+        self._outages = Outages(
+            cooldown=cooldown, policy=policy, clock=clock,
+            node_of=redis.node_of if isinstance(redis, PipelinedCluster) else None,
+            live_nodes=redis.primaries if isinstance(redis, PipelinedCluster) else None)
         self._settling: set[asyncio.Future[None]] = set()
         self._to_settle: list[tuple[Reservation, int, int]] = []
         self._plans = PlanCache()
@@ -119,7 +120,7 @@ class RedisRateLimiter:
     @property
     def degraded(self) -> bool:
         """Whether Redis is currently considered unreachable."""
-        return self._down_since is not None
+        return self._outages.degraded
 
     # ------------------------------------------------------------------- the API
 
@@ -327,7 +328,7 @@ class RedisRateLimiter:
         event loop go as one EVALSHA (SETTLE_MANY) on the next write, with no task at all."""
         if (reservation.origin is Origin.REDIS and reservation.lease_key is not None
                 and isinstance(self._redis, PipelinedRedis | PipelinedCluster)
-                and self._down_since is None):
+                and not self._outages.is_down(reservation.lease_key)):
             self._to_settle.append((reservation, actual_tokens, actual_cost))
             if len(self._to_settle) == 1:
                 asyncio.get_running_loop().call_soon(self._send_settles)
@@ -412,14 +413,12 @@ class RedisRateLimiter:
 
     async def _run(self, script: lua.Script, keys: Sequence[str],
                    args: Sequence[str | int]) -> tuple[bool, Any]:
-        """(True, reply), or (False, None) when Redis was skipped or failed."""
-        if self._down_since is not None:
-            if self._probing or self._clock() < self._retry_at:
-                return False, None
-            self._probing = True
-            probe = True
-        else:
-            probe = False
+        """(True, reply), or (False, None) when Redis (the primary holding the keys) was
+        skipped or failed."""
+        outage = self._outages.of(keys[0])
+        probe = self._outages.admit(outage)
+        if probe is None:
+            return False, None
         try:
             if self._own_deadlines:
                 reply = await self._evalsha(script, keys, args)
@@ -427,12 +426,13 @@ class RedisRateLimiter:
                 async with asyncio.timeout(self._timeout):
                     reply = await self._evalsha(script, keys, args)
         except _UNREACHABLE as exc:
-            self._failed(exc)
+            self.metrics.redis_errors.inc()
+            self._outages.failed(outage, exc)
             return False, None
         finally:
             if probe:
-                self._probing = False
-        self._recovered()
+                self._outages.done(outage)
+        self._outages.recovered(outage)
         return True, reply
 
     async def _evalsha(self, script: lua.Script, keys: Sequence[str],
@@ -444,29 +444,10 @@ class RedisRateLimiter:
             await self._redis.script_load(script.source)
             return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
 
-    def _failed(self, exc: BaseException) -> None:
-        self.metrics.redis_errors.inc()
-        now = self._clock()
-        self._retry_at = now + self._cooldown
-        if self._down_since is None:
-            self._down_since = now
-            self._fallbacks = 0
-            log.warning("rate limiter cannot reach redis; falling back to its policy",
-                        policy=self.policy, error=type(exc).__name__, detail=str(exc)[:200],
-                        cooldown=self._cooldown)
-
-    def _recovered(self) -> None:
-        if self._down_since is None:
-            return
-        log.info("rate limiter reaches redis again", policy=self.policy,
-                 outage_seconds=round(self._clock() - self._down_since, 3),
-                 decided_without_redis=self._fallbacks)
-        self._down_since = None
-
     def _fallback(self, decide_locally: Callable[[], Decision] | None) -> Decision:
         """What the policy says without Redis; `decide_locally` None: deny whatever the
         policy (a request under a budget)."""
-        self._fallbacks += 1
+        self._outages.fallbacks += 1
         self.metrics.fallback.labels(self.policy).inc()
         if self.policy == "allow" and decide_locally is not None:
             return Decision(allowed=True, layer=None, retry_after=0.0, headers={},
