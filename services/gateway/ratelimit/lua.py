@@ -62,12 +62,12 @@ local i = 0
 for kind, limit, window, amount in string.gmatch(ARGV[4], '(%a) (%-?%d+) (%d+) (%d+)') do
   i = i + 1
   kinds[i], limits[i], windows[i], amounts[i] = kind, tonumber(limit), tonumber(window), amount
-  -- As text for lease members: Lua writes numbers of 15 digits and more as 1e+15.
-  names[i] = '|' .. KEYS[i] .. '@' .. window .. '|'
   if kind == 'c' then
     lease_at = i
   elseif kind == 'm' then
     money = true
+    -- As text for lease members: Lua writes numbers of 15 digits and more as 1e+15.
+    names[i] = '|' .. KEYS[i] .. '@' .. window .. '|'
   end
 end
 if i ~= n then
