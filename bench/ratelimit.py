@@ -181,15 +181,18 @@ def print_costs(costs: Sequence[tuple[str, RedisCost]]) -> None:
               f"{1e6 / cost.cpu_us:>15,.0f}  {commands}")
 
 
-async def as_the_gateway(label: str, url: str, info_urls: Sequence[str], total: int) -> None:
+async def as_the_gateway(label: str, url: str, info_urls: Sequence[str], total: int, *,
+                         slices: bool = False) -> None:
     """Every layer on, through the client the gateway runs (one pipelined connection per
     Redis primary; settles sent without waiting, batched per slot as SETTLE_MANY), on one
     Redis or on a cluster, whose CPU is summed over its primaries."""
     hot: PipelinedRedis | PipelinedCluster = (
         PipelinedCluster(url, timeout=5) if len(info_urls) > 1 else PipelinedRedis(url, timeout=5))
     infos = [connect_redis(u, timeout=5) for u in info_urls]
-    limiter = RedisRateLimiter(hot, timeout=5, budget_spent=nothing_spent)
+    limiter = RedisRateLimiter(hot, timeout=5, budget_spent=nothing_spent, slices=slices)
     every_layer_and_budgets = replace(EVERY_LAYER, budgets=budgets())
+    if slices:
+        label += ", slices"
 
     def acquire_settle(limits: Limits) -> Callable[[int], Awaitable[None]]:
         async def op(i: int) -> None:
@@ -222,6 +225,7 @@ async def as_the_gateway(label: str, url: str, info_urls: Sequence[str], total: 
             print(f"{name}: {len(infos)} primaries carry about "
                   f"{len(infos) * 1e6 / cost.cpu_us:,.0f} requests/s at one core each")
     await limiter.global_lease.give_back(everything=True)
+    await limiter.counter_leases.give_back(everything=True)
     for client in infos:
         await client.aclose()
     await hot.aclose()
@@ -246,13 +250,16 @@ def main() -> None:
         asyncio.run(bench(stack.urls.redis_url, args.requests))
         print()
         print("As the gateway runs it (pipelined, settles batched), every layer on:")
-        asyncio.run(as_the_gateway("one Redis", stack.urls.redis_url, [stack.urls.redis_url],
-                                   args.requests))
+        for slices in (False, True):
+            asyncio.run(as_the_gateway("one Redis", stack.urls.redis_url,
+                                       [stack.urls.redis_url], args.requests, slices=slices))
         cluster = RedisClusterStack(Path(tmp) / "cluster", replicas=0)
         cluster.start()
         try:
             primaries = [s.url for s in cluster.servers]
-            asyncio.run(as_the_gateway("cluster of 3", cluster.url, primaries, args.requests))
+            for slices in (False, True):
+                asyncio.run(as_the_gateway("cluster of 3", cluster.url, primaries,
+                                           args.requests, slices=slices))
         finally:
             cluster.stop()
 

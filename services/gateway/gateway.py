@@ -175,7 +175,8 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     spent = budget_spender(app[DB])
     limiter = RedisRateLimiter(limiter_redis, policy=s.ratelimit_policy,
                                lease_ttl=s.concurrency_lease_seconds, registry=registry,
-                               timeout=s.ratelimit_redis_timeout, budget_spent=spent)
+                               timeout=s.ratelimit_redis_timeout, budget_spent=spent,
+                               slices=s.ratelimit_slices)
     reconciler = app[BUDGET_RECONCILER] = BudgetReconciler(
         app[DB], redis, limiter, interval=s.budget_reconcile_seconds)
     models = ModelCatalog(app[DB])
@@ -221,6 +222,8 @@ async def gateway_ctx(app: web.Application) -> AsyncIterator[None]:
         # Hands back the platform-wide limit's slices this gateway idles on, and at the end
         # all it holds (before the limiter's Redis client closes, below).
         tasks.append(asyncio.create_task(limiter.global_lease.keep(), name="global-share"))
+    if s.ratelimit_slices:
+        tasks.append(asyncio.create_task(limiter.counter_leases.keep(), name="counter-slices"))
     yield
     for sub in subs:
         with contextlib.suppress(Exception):

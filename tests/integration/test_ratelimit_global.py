@@ -1,6 +1,6 @@
 """The platform-wide request limit by leased slices, against a real Redis: exact across gateway
 processes, the hot key touched per slice, idle slack handed back
-(services/gateway/ratelimit/global_share.py, global_lease.py)."""
+(services/gateway/ratelimit/share.py, global_lease.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from services.gateway.ratelimit import Layer, LimitSubject, RedisRateLimiter, connect_redis
-from services.gateway.ratelimit.global_share import IDLE_SECONDS
+from services.gateway.ratelimit.share import IDLE_SECONDS
 from tests.integration.gateway_fixtures import MODEL, Platform
 from tests.integration.gateway_fixtures import platform as platform
 from tests.integration.test_ratelimit_redis import clear_of_window_end, counter, only

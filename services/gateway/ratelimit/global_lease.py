@@ -1,5 +1,5 @@
 """Borrowing and handing back this gateway's slices of the platform-wide request limit (the
-decisions are global_share.py's): one BORROW script run per slice, not a write to the global
+decisions are share.py's): one BORROW script run per slice, not a write to the global
 key per request.
 
 Concurrent requests that find the share empty wait on one borrow (sized for all of them); a
@@ -17,9 +17,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from services.gateway.ratelimit import lua
-from services.gateway.ratelimit.global_share import IDLE_SECONDS, GlobalShare
+from services.gateway.ratelimit import lua, lua_slices
 from services.gateway.ratelimit.limits import WINDOW_GRACE_MS, Check
+from services.gateway.ratelimit.share import IDLE_SECONDS, Share
 
 Run = Callable[[lua.Script, Sequence[str], Sequence[str | int]], Awaitable[tuple[bool, Any]]]
 """The limiter's Redis call with its outage bookkeeping: (done, reply)."""
@@ -47,7 +47,7 @@ class GlobalLease:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._run = run
         self._clock = clock
-        self.share = GlobalShare()
+        self.share = Share()
         self.metrics = GlobalLeaseMetrics(registry)
         self._key = ""
         self._borrowing: asyncio.Future[int | None] | None = None
@@ -89,7 +89,7 @@ class GlobalLease:
         assert check.limit is not None
         sent = self._clock()
         want = self.share.want(check.limit, self._waiting)
-        done, reply = await self._run(lua.BORROW, (check.key,),
+        done, reply = await self._run(lua_slices.BORROW, (check.key,),
                                       (check.limit, check.window_ms, want, WINDOW_GRACE_MS))
         if not done:
             return None
@@ -109,7 +109,7 @@ class GlobalLease:
         held = self.share.release(now) if everything else self.share.idle_leftover(now)
         if not held:
             return 0
-        done, back = await self._run(lua.GIVE_BACK, (self._key,), (self.share.window, held))
+        done, back = await self._run(lua_slices.GIVE_BACK, (self._key,), (self.share.window, held))
         if not done:
             return 0  # lost with the window at worst: limits tighter, never looser
         self.metrics.returned.inc(int(back))

@@ -151,6 +151,16 @@ class TokenWindow:
     start_ms: int
 
 
+@dataclass(slots=True)
+class SlicedTokens:
+    """The tokens a request reserved from this gateway's slices (RATELIMIT_SLICES), to settle
+    into them once."""
+
+    windows: tuple[TokenWindow, ...]
+    reserved: int
+    settled: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """What an allowed request holds until `settle`: its lease and its reserved tokens."""
@@ -166,6 +176,8 @@ class Reservation:
     """The budget counters the reservation added to (`start_ms`: the period's end)."""
     money: int = 0
     """Nano-dollars reserved at every budget layer."""
+    sliced: SlicedTokens | None = None
+    """Tokens reserved from slices rather than in Redis (settled in the gateway)."""
 
 
 @dataclass(frozen=True, slots=True)

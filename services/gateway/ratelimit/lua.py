@@ -22,11 +22,11 @@ class Script:
     sha: str
 
 
-def _script(source: str) -> Script:
+def script(source: str) -> Script:
     return Script(source, hashlib.sha1(source.encode()).hexdigest())
 
 
-ACQUIRE = _script("""
+ACQUIRE = script("""
 -- KEYS: one per check, in plan order.
 -- ARGV: lease id, lease ttl (ms), window grace (ms), and the checks as one string,
 --       "kind limit window amount" per check, space-separated: kind 'r' requests, 't' tokens,
@@ -185,7 +185,7 @@ return reply
 """)
 
 
-SETTLE = _script("""
+SETTLE = script("""
 -- KEYS[1]: the key's lease set; KEYS[2..]: the counters the reservation added to, its token
 -- counters first, then its budget counters.
 -- ARGV[1]: lease id, ARGV[2]: tokens to add (negative gives back), ARGV[3]: nano-dollars to
@@ -222,7 +222,7 @@ return 1
 """)
 
 
-SETTLE_MANY = _script("""
+SETTLE_MANY = script("""
 -- SETTLE for several reservations in one call: the gateway gathers the settles of requests
 -- that finish in the same turn of its event loop (one script run, one reply, instead of one
 -- each). KEYS: for each reservation its lease set, then its counters (tokens, then budgets).
@@ -265,7 +265,7 @@ return settled
 """)
 
 
-SEED = _script("""
+SEED = script("""
 -- Budget counters from billing's records: KEYS: the counters; ARGV[1]: window grace (ms),
 -- then per counter its period's end (ms) and the nano-dollars billing recorded in the period.
 -- A counter of that period is raised to the recorded spend, never lowered (it also holds the
@@ -292,7 +292,7 @@ return added
 """)
 
 
-RECONCILE = _script("""
+RECONCILE = script("""
 -- Budget counters against billing's records, for the periodic reconciler: KEYS: the
 -- counters; ARGV: per counter its period's end (ms) and the nano-dollars billing recorded in
 -- the period. A counter of that period below the records is raised to them (never lowered:
@@ -317,7 +317,7 @@ return out
 """)
 
 
-SWEEP = _script("""
+SWEEP = script("""
 -- Give back what budgeted leases that expired unsettled held (their gateway died), for the
 -- periodic reconciler: ACQUIRE does it for the key it admits, this for keys nobody asks with
 -- any more, whose reservations may hold their environment's or tenant's budget.
@@ -350,52 +350,7 @@ return back
 """)
 
 
-BORROW = _script("""
--- A slice of the platform-wide request limit for one gateway (global_share.py).
--- KEYS[1]: the global counter {w: window start, n: requests granted in it}.
--- ARGV: limit, window (ms), requests wanted, window grace (ms).
--- Reply: {granted, window start, now (ms), left ungranted after this}. Never grants past the
--- limit: the gateways together admit at most the limit in a window.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit, window, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local start = now - (now % window)
-local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
-local n = 0
-local fresh = cur[1] and tonumber(cur[1]) == start
-if fresh then
-  n = tonumber(cur[2]) or 0
-end
-local grant = math.max(0, math.min(want, limit - n))
-if grant > 0 then
-  if fresh then
-    redis.call('HINCRBY', KEYS[1], 'n', grant)
-  else
-    redis.call('HSET', KEYS[1], 'w', start, 'n', grant)
-    redis.call('PEXPIREAT', KEYS[1], start + window + tonumber(ARGV[4]))
-  end
-end
-return {grant, start, now, math.max(0, limit - n - grant)}
-""")
-
-
-GIVE_BACK = _script("""
--- What a gateway borrowed (BORROW) and did not use, handed back while its window is on.
--- KEYS[1]: the global counter; ARGV: the window start it was granted in, requests.
--- Reply: requests handed back (0: that window is over, nothing to give).
-local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
-if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[1]) then
-  return 0
-end
-local back = math.min(tonumber(ARGV[2]), tonumber(cur[2]) or 0)
-if back > 0 then
-  redis.call('HINCRBY', KEYS[1], 'n', -back)
-end
-return back
-""")
-
-
-RENEW = _script("""
+RENEW = script("""
 -- KEYS[1]: the key's lease set. ARGV[1]: lease id, ARGV[2]: ttl (ms).
 -- Reply: 1 renewed, 0 the lease is gone or expired (a lapsed lease is never revived: its slot
 -- may already be someone else's).
@@ -414,7 +369,7 @@ return 1
 """)
 
 
-AUTH_LOOKUP = _script("""
+AUTH_LOOKUP = script("""
 -- The authenticator's read for a key not known to be good in its process, in one round trip:
 -- the key's cache entry, and its client network's failures with the window's time left.
 -- KEYS[1]: the network's failure counter; KEYS[2]: the key's cache entry (api_key:{hash}).

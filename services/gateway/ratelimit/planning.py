@@ -127,17 +127,38 @@ class PreparedChecks:
     """The budgets' `Check.least` (one for all of them: ACQUIRE's last argument)."""
     global_at: int = -1
     """Where the platform-wide check is in `checks` (-1: none). Not counted by ACQUIRE: each
-    gateway spends slices of it it borrowed (global_share.py)."""
+    gateway spends slices of it it borrowed (share.py)."""
+    counted_at: tuple[int, ...] = ()
+    """Where the checks ACQUIRE counts are in `checks`, in `keys` order."""
+    sliced_at: tuple[int, ...] = ()
+    """Where the checks spent from this gateway's slices are (RATELIMIT_SLICES:
+    counter_leases.py), in `checks`."""
+
+    @property
+    def sliced(self) -> tuple[Check, ...]:
+        return tuple(self.checks[i] for i in self.sliced_at)
+
+    @property
+    def counted(self) -> tuple[Check, ...]:
+        return tuple(self.checks[i] for i in self.counted_at)
 
 
-def prepare(checks: tuple[Check, ...]) -> PreparedChecks:
+def prepare(checks: tuple[Check, ...], slices: bool = False) -> PreparedChecks:
+    """With `slices`, the request and token counters are spent from slices, and a lease is
+    taken only for a concurrency limit or a budget (the tokens settle into the slices)."""
     global_at = next((i for i, c in enumerate(checks) if c.layer is Layer.GLOBAL_REQUESTS), -1)
-    counted = [c for i, c in enumerate(checks) if i != global_at]
+    money = any(c.kind is Kind.MONEY for c in checks)
+    sliced_at = tuple(i for i, c in enumerate(checks)
+                      if slices and i != global_at and c.kind in (Kind.REQUESTS, Kind.TOKENS))
+    counted_at = tuple(
+        i for i, c in enumerate(checks) if i != global_at and i not in sliced_at
+        and not (sliced_at and c.kind is Kind.CONCURRENCY and c.limit is None and not money))
+    counted = [checks[i] for i in counted_at]
     spec = " ".join(f"{c.kind.value} {-1 if c.limit is None else c.limit} "
                     f"{c.window_ms} {c.amount}" for c in counted)
     least = next((c.least for c in checks if c.kind is Kind.MONEY), 0)
-    return PreparedChecks(checks, tuple(c.key for c in counted), spec, needs_lease(checks),
-                          least, global_at)
+    return PreparedChecks(checks, tuple(c.key for c in counted), spec, needs_lease(counted),
+                          least, global_at, counted_at, sliced_at)
 
 
 class PlanCache:
@@ -145,8 +166,9 @@ class PlanCache:
     and on the token estimate, which a client mostly keeps the same (its max_tokens). Each
     (subject, limits, estimate) is planned and prepared once; a request then builds nothing."""
 
-    def __init__(self, capacity: int = 50_000) -> None:
+    def __init__(self, capacity: int = 50_000, *, slices: bool = False) -> None:
         self.capacity = capacity
+        self.slices = slices
         self._plans: dict[tuple[LimitSubject, Limits, int, int, int], PreparedChecks] = {}
 
     def prepared(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,
@@ -158,7 +180,8 @@ class PlanCache:
         if found is None:
             if len(self._plans) >= self.capacity:
                 self._plans.clear()  # rare; cheaper than bookkeeping an LRU per request
-            found = self._plans[key] = prepare(plan(subject, limits, tokens, cost, least))
+            found = self._plans[key] = prepare(plan(subject, limits, tokens, cost, least),
+                                               self.slices)
         return found
 
     def plan(self, subject: LimitSubject, limits: Limits, estimated_tokens: int,

@@ -20,7 +20,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from services.gateway.ratelimit import lua
+from services.gateway.ratelimit import lua, lua_slices
+from services.gateway.ratelimit.budget_upkeep import BudgetUpkeep
+from services.gateway.ratelimit.counter_leases import CounterLeases, Taken, sliced_reservation
 from services.gateway.ratelimit.global_lease import GlobalLease
 from services.gateway.ratelimit.limits import (
     WINDOW_GRACE_MS,
@@ -31,7 +33,6 @@ from services.gateway.ratelimit.limits import (
     LimitSubject,
     Origin,
     Reservation,
-    held_by,
     reservation_for,
 )
 from services.gateway.ratelimit.local_limiter import LocalRateLimiter
@@ -77,7 +78,7 @@ class RedisRateLimiter:
                  cooldown: float = 1.0, timeout: float = 0.25,
                  local: LocalRateLimiter | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 budget_spent: BudgetSpent | None = None) -> None:
+                 budget_spent: BudgetSpent | None = None, slices: bool = False) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
         if lease_ttl <= 0 or cooldown < 0 or timeout <= 0:
@@ -101,7 +102,7 @@ class RedisRateLimiter:
             live_nodes=redis.primaries if isinstance(redis, PipelinedCluster) else None)
         self._settling: set[asyncio.Future[None]] = set()
         self._to_settle: list[tuple[Reservation, int, int]] = []
-        self._plans = PlanCache()
+        self._plans = PlanCache(slices=slices)
         self._usage_plans: dict[tuple[str, int | None], PreparedChecks] = {}
         # Lease ids only need to be unique, not secret: no getrandom syscall per request.
         self._ids = random.Random()
@@ -111,6 +112,10 @@ class RedisRateLimiter:
         # tenants (batched settles, reconciling) goes as one script per slot.
         self._slot: Callable[[str], int] = (
             redis.key_slot if isinstance(redis, PipelinedCluster) else lambda key: 0)
+        self.counter_leases = CounterLeases(self._run, registry, slot=self._slot, clock=clock)
+        self._upkeep = BudgetUpkeep(self._evalsha, self._slot, self.metrics, timeout * 4)
+        """With `slices`, this gateway's slices of the request and token counters; `keep()`
+        hands back what idles (the gateway runs it)."""
         retry = redis.get_retry()
         if retry is not None and retry.get_retries() > 0:
             log.warning("rate limiter redis client retries commands: a retried EVALSHA can "
@@ -149,14 +154,23 @@ class RedisRateLimiter:
     async def _acquire(self, prepared: PreparedChecks, limits: Limits, subject: LimitSubject,
                        estimated_tokens: int) -> Decision | None:
         """The decision; None when a budget counter must be seeded first."""
-        shared = prepared.global_at >= 0
-        if shared:
-            # The platform-wide share first: spent locally, borrowed only when none is held.
-            global_check = prepared.checks[prepared.global_at]
-            taken = await self.global_lease.take(global_check)
+        taken: Taken | None = None
+        if prepared.sliced_at:
+            # The slices first: spent locally, borrowed only when short.
+            taken = await self.counter_leases.take(prepared.sliced)
             if taken is None:
                 return self._outage(limits, subject, estimated_tokens)
-            if not taken:
+            if not taken.allowed:
+                return self._sliced_refusal(prepared, taken)
+        shared = prepared.global_at >= 0
+        if shared:
+            # The platform-wide share: spent locally, borrowed only when none is held.
+            global_check = prepared.checks[prepared.global_at]
+            held = await self.global_lease.take(global_check)
+            if not held:
+                self._put_back(prepared, global_share=False)
+                if held is None:
+                    return self._outage(limits, subject, estimated_tokens)
                 return self._global_refusal(global_check)
         lease_id = f"{self._ids.getrandbits(128):032x}" if prepared.lease else ""
         if prepared.keys:
@@ -165,16 +179,28 @@ class RedisRateLimiter:
             if prepared.least:
                 args.append(prepared.least)
             done, reply = await self._run(lua.ACQUIRE, prepared.keys, args)
-        else:  # the platform-wide limit alone
+        else:  # slices alone
             done, reply = True, (1, int(time.time() * 1000), 0)
         if not done or int(reply[0]) == -1:
-            if shared:
-                self.global_lease.put_back()
+            self._put_back(prepared)
             return None if done else self._outage(limits, subject, estimated_tokens)
-        decision = self._judged(prepared, lease_id, reply)
-        if shared and not decision.allowed:
-            self.global_lease.put_back()  # refused elsewhere: all or nothing
+        decision = self._judged(prepared, lease_id, reply, taken)
+        if not decision.allowed:
+            self._put_back(prepared)  # refused elsewhere: all or nothing
         return decision
+
+    def _put_back(self, prepared: PreparedChecks, *, global_share: bool = True) -> None:
+        if prepared.sliced_at:
+            self.counter_leases.put_back(prepared.sliced)
+        if global_share and prepared.global_at >= 0:
+            self.global_lease.put_back()
+
+    def _sliced_refusal(self, prepared: PreparedChecks, taken: Taken) -> Decision:
+        result = verdict(prepared.sliced, taken.used, int(time.time() * 1000), committed=False)
+        if result.layer is not None:
+            self.metrics.exceeded.labels(str(result.layer)).inc()
+        return Decision(allowed=False, layer=result.layer, retry_after=result.retry_after,
+                        headers=result.headers, reservation=None, degraded=False)
 
     def _outage(self, limits: Limits, subject: LimitSubject, estimated_tokens: int) -> Decision:
         if limits.budgets:
@@ -214,41 +240,12 @@ class RedisRateLimiter:
                         headers=result.headers, reservation=None, degraded=True)
 
     async def reconcile(self, checks: Sequence[Check], spent: Sequence[int]) -> list[int]:
-        """Raise budget counters of their current period to what billing recorded (never
-        lower them: they also hold reservations in flight; a counter not holding the period
-        is left to its next request's seed). Returns the nano-dollars added to each: the
-        drift found (counted in `budget_drift_nano_dollars_total{source="reconcile"}`).
-        RedisError (or OSError, TimeoutError) when Redis cannot answer: nothing to decide."""
-        groups: dict[int, list[int]] = {}
-        for i, check in enumerate(checks):
-            groups.setdefault(self._slot(check.key), []).append(i)
-        added = [0] * len(checks)
-        for indices in groups.values():
-            args: list[str | int] = []
-            for i in indices:
-                args += [checks[i].window_ms, spent[i]]
-            async with asyncio.timeout(self._timeout * 4):
-                reply = await self._evalsha(lua.RECONCILE, [checks[i].key for i in indices],
-                                            args)
-            for i, more in zip(indices, reply, strict=True):
-                added[i] = int(more)
-        if sum(added):
-            self.metrics.budget_drift.labels("reconcile").inc(sum(added))
-        return added
+        """BudgetUpkeep.reconcile, through this limiter's client."""
+        return await self._upkeep.reconcile(checks, spent)
 
     async def sweep(self, lease_key: str, members: Sequence[str]) -> int:
-        """Give back what the budgeted leases `members` of `lease_key` held, those that are
-        still there and expired (their gateway died before settling: SWEEP re-checks, so a
-        lease settled or renewed since stays). Returns the nano-dollars given back, counted
-        in `budget_expired_refunds_nano_dollars_total`. Raises when Redis cannot answer."""
-        counters = sorted({key for m in members for key in held_by(m)[1]})
-        if not counters:
-            return 0
-        async with asyncio.timeout(self._timeout * 4):
-            back = int(await self._evalsha(lua.SWEEP, [lease_key, *counters], list(members)))
-        if back:
-            self.metrics.budget_refunds.inc(back)
-        return back
+        """BudgetUpkeep.sweep, through this limiter's client."""
+        return await self._upkeep.sweep(lease_key, members)
 
     async def acquire_usage(self, subject: LimitSubject, per_minute: int | None) -> Decision:
         """GET /v1/usage's own per-key limit (`usage_plan`), counted apart from inference:
@@ -272,25 +269,36 @@ class RedisRateLimiter:
             found = self._usage_plans[key] = prepare(usage_plan(subject, per_minute))
         return found
 
-    def _judged(self, prepared: PreparedChecks, lease_id: str, reply: Any) -> Decision:
+    def _judged(self, prepared: PreparedChecks, lease_id: str, reply: Any,
+                taken: Taken | None = None) -> Decision:
         checks = prepared.checks
-        allowed, now_ms, grant, *used = (int(x) for x in reply)
+        allowed, now_ms, grant, *counted = (int(x) for x in reply)
+        used = counted
+        if prepared.global_at >= 0 or taken is not None:
+            used = [0] * len(checks)
+            for j, i in enumerate(prepared.counted_at):
+                used[i] = counted[j]
         if prepared.global_at >= 0:
             # Its share was taken: as used as the platform-wide limit is, as far as known here.
             limit = checks[prepared.global_at].limit or 0
-            used.insert(prepared.global_at,
-                        max(0, limit - 1 - self.global_lease.share.remaining()))
+            used[prepared.global_at] = max(0, limit - 1 - self.global_lease.share.remaining())
+        if taken is not None:
+            for j, i in enumerate(prepared.sliced_at):
+                used[i] = taken.used[j]
         result = verdict(checks, used, now_ms, committed=allowed == 1)
         if not result.allowed and result.layer is not None:
             self.metrics.exceeded.labels(str(result.layer)).inc()
         elif result.allowed:
             self._observe_remaining(result.headers)
-        return Decision(
-            allowed=result.allowed, layer=result.layer, retry_after=result.retry_after,
-            headers=result.headers,
-            reservation=reservation_for(checks, now_ms, lease_id, Origin.REDIS, grant)
-            if result.allowed else None,
-            degraded=False)
+        reservation = None
+        if result.allowed:
+            reservation = reservation_for(prepared.counted if taken else checks, now_ms,
+                                          lease_id, Origin.REDIS, grant)
+            if taken is not None:
+                reservation = sliced_reservation(reservation, prepared.sliced, taken)
+        return Decision(allowed=result.allowed, layer=result.layer,
+                        retry_after=result.retry_after, headers=result.headers,
+                        reservation=reservation, degraded=False)
 
     def _observe_remaining(self, headers: dict[str, str]) -> None:
         limit = headers.get("x-ratelimit-limit-requests")
@@ -310,6 +318,8 @@ class RedisRateLimiter:
         if reservation.origin is Origin.LOCAL:
             self._local.settle_now(reservation, actual_tokens, actual_cost)
             return
+        if reservation.sliced is not None:
+            self.counter_leases.settle(reservation.sliced, actual_tokens)
         if reservation.origin is not Origin.REDIS or reservation.lease_key is None:
             return
         counters = (*reservation.token_windows, *reservation.money_windows)
@@ -326,6 +336,10 @@ class RedisRateLimiter:
         """`settle` without waiting for Redis's answer, for when the response has already
         gone. With PipelinedRedis, the settles of every request that ends in this turn of the
         event loop go as one EVALSHA (SETTLE_MANY) on the next write, with no task at all."""
+        if reservation.sliced is not None:
+            self.counter_leases.settle(reservation.sliced, actual_tokens)
+            if reservation.lease_key is None:
+                return
         if (reservation.origin is Origin.REDIS and reservation.lease_key is not None
                 and isinstance(self._redis, PipelinedRedis | PipelinedCluster)
                 and not self._outages.is_down(reservation.lease_key)):
@@ -386,7 +400,8 @@ class RedisRateLimiter:
         NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
         try:
             for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED,
-                           lua.RECONCILE, lua.SWEEP, lua.BORROW, lua.GIVE_BACK):
+                           lua.RECONCILE, lua.SWEEP, lua_slices.BORROW, lua_slices.GIVE_BACK,
+                           lua_slices.BORROW_MANY, lua_slices.GIVE_BACK_MANY):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:
             return False

@@ -1,0 +1,129 @@
+"""The scripts of slices (share.py): a gateway borrows part of a counter's window ahead and
+hands back what it did not use, so the counter is written per slice, not per request.
+`BORROW`/`GIVE_BACK`: the platform-wide counter (global_lease.py); `BORROW_MANY`/
+`GIVE_BACK_MANY`: a tenant's request and token counters, several at once (counter_leases.py).
+"""
+
+from __future__ import annotations
+
+from services.gateway.ratelimit.lua import script
+
+BORROW = script("""
+-- A slice of the platform-wide request limit for one gateway (share.py).
+-- KEYS[1]: the global counter {w: window start, n: requests granted in it}.
+-- ARGV: limit, window (ms), requests wanted, window grace (ms).
+-- Reply: {granted, window start, now (ms), left ungranted after this}. Never grants past the
+-- limit: the gateways together admit at most the limit in a window.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit, window, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local start = now - (now % window)
+local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
+local n = 0
+local fresh = cur[1] and tonumber(cur[1]) == start
+if fresh then
+  n = tonumber(cur[2]) or 0
+end
+local grant = math.max(0, math.min(want, limit - n))
+if grant > 0 then
+  if fresh then
+    redis.call('HINCRBY', KEYS[1], 'n', grant)
+  else
+    redis.call('HSET', KEYS[1], 'w', start, 'n', grant)
+    redis.call('PEXPIREAT', KEYS[1], start + window + tonumber(ARGV[4]))
+  end
+end
+return {grant, start, now, math.max(0, limit - n - grant)}
+""")
+
+
+GIVE_BACK = script("""
+-- What a gateway borrowed (BORROW) and did not use, handed back while its window is on.
+-- KEYS[1]: the global counter; ARGV: the window start it was granted in, requests.
+-- Reply: requests handed back (0: that window is over, nothing to give).
+local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
+if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[1]) then
+  return 0
+end
+local back = math.min(tonumber(ARGV[2]), tonumber(cur[2]) or 0)
+if back > 0 then
+  redis.call('HINCRBY', KEYS[1], 'n', -back)
+end
+return back
+""")
+
+
+BORROW_MANY = script("""
+-- Slices of one tenant's request and token counters for one gateway (counter_leases.py), all
+-- or nothing. KEYS: the counters {w: window start, n: granted in it}.
+-- ARGV[1]: window grace (ms); then per counter: limit, window (ms), amount wanted, amount
+-- needed (what the request waiting for it lacks).
+-- Reply: {1 granted or 0 (some counter has less left than needed: nothing granted), now (ms),
+-- then per counter: its window start, granted, left ungranted after this, granted before}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local grace = tonumber(ARGV[1])
+local starts, before, fresh = {}, {}, {}
+local ok = 1
+for i = 1, #KEYS do
+  local a = 4 * i - 2
+  local limit, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local s = now - (now % window)
+  starts[i] = s
+  local cur = redis.call('HMGET', KEYS[i], 'w', 'n')
+  local u = 0
+  if cur[1] and tonumber(cur[1]) == s then
+    u = tonumber(cur[2]) or 0
+    fresh[i] = true
+  end
+  before[i] = u
+  if limit - u < tonumber(ARGV[a + 3]) then
+    ok = 0
+  end
+end
+local reply = {ok, now}
+for i = 1, #KEYS do
+  local a = 4 * i - 2
+  local limit, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local grant = 0
+  if ok == 1 then
+    grant = math.max(0, math.min(tonumber(ARGV[a + 2]), limit - before[i]))
+    if grant > 0 then
+      if fresh[i] then
+        redis.call('HINCRBY', KEYS[i], 'n', grant)
+      else
+        redis.call('HSET', KEYS[i], 'w', starts[i], 'n', grant)
+        redis.call('PEXPIREAT', KEYS[i], starts[i] + window + grace)
+      end
+    end
+  end
+  local j = 4 * i - 1
+  reply[j], reply[j + 1] = starts[i], grant
+  reply[j + 2], reply[j + 3] = math.max(0, limit - before[i] - grant), before[i]
+end
+return reply
+""")
+
+
+GIVE_BACK_MANY = script("""
+-- What a gateway holds of counters' slices (BORROW_MANY) and did not use, handed back while
+-- their windows are on; a negative amount is a debt (its requests used more than they had
+-- reserved), recorded whatever the limit, as a settle in Redis would.
+-- KEYS: the counters (one tenant's); ARGV: per counter the window start it was granted in and
+-- the amount. Reply: the amount handed back, debts taken off.
+local back = 0
+for i = 1, #KEYS do
+  local cur = redis.call('HMGET', KEYS[i], 'w', 'n')
+  if cur[1] and tonumber(cur[1]) == tonumber(ARGV[2 * i - 1]) then
+    local amount = tonumber(ARGV[2 * i])
+    if amount > 0 then
+      amount = math.min(amount, tonumber(cur[2]) or 0)
+    end
+    if amount ~= 0 then
+      redis.call('HINCRBY', KEYS[i], 'n', -amount)
+      back = back + amount
+    end
+  end
+end
+return back
+""")

@@ -1,0 +1,193 @@
+"""RATELIMIT_SLICES against a real Redis: the request and token counters spent from slices a
+gateway borrows (services/gateway/ratelimit/counter_leases.py, share.py) — the same decisions
+as counting each request, far fewer scripts, tokens settled into the slices, idle slack and
+debts handed back."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from services.gateway.ratelimit import Layer, LimitSubject, RedisRateLimiter
+from services.gateway.ratelimit.planning import redis_key
+from services.gateway.ratelimit.share import IDLE_SECONDS
+from tests.integration.gateway_fixtures import MODEL, Platform
+from tests.integration.gateway_fixtures import platform as platform
+from tests.integration.test_ratelimit_redis import (
+    SUBJECT,
+    clear_of_window_end,
+    counter,
+    held,
+    only,
+)
+from tests.integration.test_ratelimit_redis import r as r
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def sliced(r: aioredis.Redis, clock: Clock) -> RedisRateLimiter:
+    # Counting tests: clear of a minute's end on Redis's clock, a busy machine included.
+    await clear_of_window_end(r, 15)
+    return RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, slices=True,
+                            clock=clock)
+
+
+def key(layer: Layer, subject: LimitSubject = SUBJECT) -> str:
+    return redis_key(layer, subject)
+
+
+def borrows(limiter: RedisRateLimiter) -> float:
+    return limiter.counter_leases.metrics.borrows._value.get()
+
+
+async def test_requests_are_refused_exactly_at_the_limit(
+        r: aioredis.Redis, sliced: RedisRateLimiter) -> None:
+    limits = only(key_requests_per_minute=200, environment_requests_per_minute=1000,
+                  tenant_requests_per_minute=5000)
+    decisions = [await sliced.acquire(SUBJECT, limits, 0) for _ in range(203)]
+    assert [d.allowed for d in decisions] == [True] * 200 + [False] * 3
+    assert {d.layer for d in decisions[200:]} == {Layer.KEY_REQUESTS}
+    assert decisions[199].headers["x-ratelimit-remaining-requests"] == "0"
+    assert decisions[0].headers["x-ratelimit-limit-requests"] == "200"
+    assert 0 < decisions[200].retry_after <= 60
+    # What was granted and not spent goes back; then Redis counts exactly what was admitted.
+    await sliced.counter_leases.give_back(everything=True)
+    assert await counter(r, key(Layer.KEY_REQUESTS)) == 200
+    assert await counter(r, key(Layer.ENVIRONMENT_REQUESTS)) == 200
+    assert await counter(r, key(Layer.TENANT_REQUESTS)) == 200
+
+
+async def test_far_from_the_limits_most_requests_make_no_redis_call(
+        r: aioredis.Redis, sliced: RedisRateLimiter, clock: Clock) -> None:
+    limits = only(key_requests_per_minute=10**6, environment_requests_per_minute=10**6,
+                  key_tokens_per_minute=10**9, key_tokens_per_day=10**10)
+    async def requests(n: int) -> None:
+        for _ in range(n):
+            d = await sliced.acquire(SUBJECT, limits, 100)
+            await sliced.settle(held(d.reservation), 80)
+            clock.now += 0.001  # 1,000 requests a second
+
+    await requests(1000)  # the observed rate takes a second or two to be known
+    before = borrows(sliced)
+    await requests(1000)
+    # Slices sized by the rate (about 100 requests' worth), the counters topped up together:
+    # a borrow every few dozen requests, not one per request.
+    assert borrows(sliced) - before <= 1000 / 40, borrows(sliced) - before
+    await sliced.counter_leases.give_back(everything=True)
+    assert await counter(r, key(Layer.KEY_REQUESTS)) == 2000
+    assert await counter(r, key(Layer.KEY_TOKENS_DAY)) == 2000 * 80
+
+
+async def test_tokens_settle_into_the_slices_and_decide_as_redis_would(
+        r: aioredis.Redis, sliced: RedisRateLimiter) -> None:
+    limits = only(key_tokens_per_minute=1000, environment_tokens_per_day=10_000)
+    admitted = 0
+    while True:
+        d = await sliced.acquire(SUBJECT, limits, 100)
+        if not d.allowed:
+            break
+        admitted += 1
+        await sliced.settle(held(d.reservation), 40)
+    # Room for the estimate (100) while used <= 900, each using 40: as counting each would.
+    assert admitted == 23
+    assert d.layer is Layer.KEY_TOKENS_MINUTE
+    await sliced.counter_leases.give_back(everything=True)
+    assert await counter(r, key(Layer.KEY_TOKENS_MINUTE)) == 23 * 40
+    assert await counter(r, key(Layer.ENVIRONMENT_TOKENS_DAY)) == 23 * 40
+    assert not await r.exists(key(Layer.KEY_CONCURRENCY))  # no lease: nothing in Redis to settle
+
+
+async def test_a_request_using_more_than_it_reserved_is_owed_and_recorded(
+        r: aioredis.Redis, sliced: RedisRateLimiter, clock: Clock) -> None:
+    limits = only(key_tokens_per_minute=100_000)
+    for _ in range(3):
+        d = await sliced.acquire(SUBJECT, limits, 100)
+        reservation = held(d.reservation)
+        await sliced.settle(reservation, 250)
+        await sliced.settle(reservation, 250)  # settling twice counts once
+    clock.now += IDLE_SECONDS
+    await sliced.counter_leases.give_back()  # idle: slack back, the debt recorded
+    assert await counter(r, key(Layer.KEY_TOKENS_MINUTE)) == 750
+
+
+async def test_refused_at_a_counted_layer_a_request_puts_its_slices_back(
+        r: aioredis.Redis, sliced: RedisRateLimiter) -> None:
+    limits = only(key_requests_per_minute=100, key_tokens_per_minute=10_000,
+                  key_concurrency=1)
+    first = await sliced.acquire(SUBJECT, limits, 10)
+    assert first.allowed and held(first.reservation).lease_key is not None
+    shares = sliced.counter_leases.shares
+    left = {k: s.left for k, s in shares.items()}
+    refused = await sliced.acquire(SUBJECT, limits, 10)
+    assert refused.layer is Layer.KEY_CONCURRENCY
+    assert {k: s.left for k, s in shares.items()} == left
+    await sliced.settle(held(first.reservation), 4)
+    assert await r.zcard(key(Layer.KEY_CONCURRENCY)) == 0
+    await sliced.counter_leases.give_back(everything=True)
+    assert await counter(r, key(Layer.KEY_REQUESTS)) == 1
+    assert await counter(r, key(Layer.KEY_TOKENS_MINUTE)) == 4
+
+
+async def test_two_gateways_share_a_limit_through_slices(
+        r: aioredis.Redis, clock: Clock) -> None:
+    await clear_of_window_end(r, 15)
+    a = RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, slices=True, clock=clock)
+    b = RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, slices=True, clock=clock)
+    limits = only(key_requests_per_minute=100)
+    assert sum([(await a.acquire(SUBJECT, limits, 0)).allowed for _ in range(60)]) == 60
+    # b gets what a has not been granted; a's slack is a's until it idles.
+    admitted_b = 0
+    while (await b.acquire(SUBJECT, limits, 0)).allowed:
+        admitted_b += 1
+    slack = a.counter_leases.shares[key(Layer.KEY_REQUESTS)].left
+    assert admitted_b == 40 - slack
+    clock.now += IDLE_SECONDS
+    await a.counter_leases.give_back()
+    while (await b.acquire(SUBJECT, limits, 0)).allowed:
+        admitted_b += 1
+    assert 60 + admitted_b == 100
+    await b.counter_leases.give_back(everything=True)
+    assert await counter(r, key(Layer.KEY_REQUESTS)) == 100
+
+
+async def test_a_gateway_with_slices_limits_exactly_and_hands_back_when_it_stops(
+        platform: Platform, r: aioredis.Redis) -> None:
+    p = platform
+    await clear_of_window_end(r, 30)
+    await p.start_gateway(ratelimit_slices=True, environment_requests_per_minute=6)
+    await p.add_node()
+    await p.routable(1)
+
+    async def ask(s: aiohttp.ClientSession) -> tuple[int, str | None]:
+        async with s.post(f"{p.gateway_url}/v1/chat/completions", json={
+                "model": MODEL, "max_tokens": 1,
+                "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {p.key.plaintext}"}) as resp:
+            return resp.status, resp.headers.get("x-ratelimit-scope")
+
+    async with aiohttp.ClientSession() as s:
+        answers = [await ask(s) for _ in range(8)]
+    assert answers == [(200, None)] * 6 + [(429, "environment_requests")] * 2, answers
+    subject = LimitSubject(str(p.key.key_id), str(p.environment_id), str(p.tenant_id))
+    tenant_counter = key(Layer.TENANT_REQUESTS, subject)
+    assert await counter(r, tenant_counter) >= 6  # the tenant's slice: borrowed ahead
+    assert p.gateway_runner is not None
+    await p.gateway_runner.cleanup()
+    p.gateway_runner = None
+    # Stopped: what it held is back, and Redis counts exactly the requests admitted.
+    assert await counter(r, key(Layer.ENVIRONMENT_REQUESTS, subject)) == 6
+    assert await counter(r, tenant_counter) == 6
