@@ -28,7 +28,7 @@ from services.domain.billing_ledger import BillingProjection
 from services.domain.pricing import parse_multipliers
 from services.domain.stripe_billing import StripeBilling
 from services.domain.usage_records import UsageMetrics, UsageRecordsProjection
-from services.infra.aio import stop_tasks
+from services.infra.aio import stop_task, stop_tasks
 from services.infra.consumer import ConsumerSpec
 from services.infra.http import (
     BUS,
@@ -118,8 +118,9 @@ async def _stripe(app: web.Application, clock: Clock) -> AsyncIterator[None]:
                                    registry=app[REGISTRY])
     yield
     if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        # Not cancel() then gather(): as it becomes leader the pusher waits for NATS to hear
+        # its settle subscription (nats-py's flush, a wait_for), which can swallow a cancel.
+        await stop_task(task)
     if stripe_billing is not None:
         await stripe_billing.close()
 
