@@ -142,10 +142,11 @@ class CounterLeases:
         return tuple(out)
 
     def _low(self, check: Check) -> bool:
-        """Whether a share has less than half a slice left."""
+        """Whether a share has less than a slice left: it comes along when another counter of
+        the request is borrowed for (one script run instead of two later)."""
         share = self.shares[check.key]
         need = max(check.amount, 1)
-        return check.limit is not None and share.left < share.want(check.limit, need, need) // 2
+        return check.limit is not None and share.left < share.want(check.limit, need, need)
 
     async def _borrow(self, checks: Sequence[Check], short: set[str]
                       ) -> tuple[bool, list[int]] | None:

@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass
 
 HORIZON_SECONDS = 0.1
-MIN_SLICE = 4
-"""A quiet gateway's slice: a few requests, so that a trickle does not cost two round trips
-each (the borrow and the request's own script)."""
+MIN_SLICE = 8
+"""A quiet gateway's slice: a few requests, so that a trickle (a key sending a few requests a
+second) costs a borrow every second or so, not every other request."""
 FAIR_DIVISOR = 8
 IDLE_SECONDS = 1.0
 RATE_TIME_CONSTANT = 1.0
