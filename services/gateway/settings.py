@@ -73,9 +73,9 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     """When Redis is unreachable: local (per-process limits), allow, or deny."""
     ratelimit_redis_timeout: float = 0.25
     ratelimit_slices: bool = False
-    """Spend the request and token limits of keys, environments and tenants from slices this
-    gateway borrows ahead, as the platform-wide limit always is: most requests then make one
-    Redis call or none (docs/rate-limits.md#slices)."""
+    """Spend the request, token and concurrency limits of keys, environments and tenants from
+    slices this gateway borrows ahead, as the platform-wide limit always is: most requests then
+    make no Redis call (docs/rate-limits.md#slices)."""
     redis_cluster: bool = False
     """REDIS_URL names nodes of a Redis Cluster (`redis://host:port[,host:port...]`): the
     limiter routes each request's script to its tenant's primary (docs/rate-limits.md)."""

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from services.gateway.ratelimit import Layer, LimitSubject, RedisRateLimiter
 from services.gateway.ratelimit.planning import redis_key
 from services.gateway.ratelimit.share import IDLE_SECONDS
+from tests.helpers import eventually
 from tests.integration.gateway_fixtures import MODEL, Platform
 from tests.integration.gateway_fixtures import platform as platform
 from tests.integration.test_ratelimit_redis import (
@@ -124,22 +125,66 @@ async def test_a_request_using_more_than_it_reserved_is_owed_and_recorded(
     assert await counter(r, key(Layer.KEY_TOKENS_MINUTE)) == 750
 
 
-async def test_refused_at_a_counted_layer_a_request_puts_its_slices_back(
+async def test_refused_at_another_layer_a_request_puts_its_slices_back(
         r: aioredis.Redis, sliced: RedisRateLimiter) -> None:
     limits = only(key_requests_per_minute=100, key_tokens_per_minute=10_000,
-                  key_concurrency=1)
+                  key_concurrency=5, global_requests_per_minute=1)
     first = await sliced.acquire(SUBJECT, limits, 10)
-    assert first.allowed and held(first.reservation).lease_key is not None
-    shares = sliced.counter_leases.shares
-    left = {k: s.left for k, s in shares.items()}
+    assert first.allowed
     refused = await sliced.acquire(SUBJECT, limits, 10)
-    assert refused.layer is Layer.KEY_CONCURRENCY
-    assert {k: s.left for k, s in shares.items()} == left
+    assert refused.layer is Layer.GLOBAL_REQUESTS
+    assert sliced.counter_leases.slots[key(Layer.KEY_CONCURRENCY)].in_use == 1
     await sliced.settle(held(first.reservation), 4)
-    assert await r.zcard(key(Layer.KEY_CONCURRENCY)) == 0
     await sliced.counter_leases.give_back(everything=True)
     assert await counter(r, key(Layer.KEY_REQUESTS)) == 1
     assert await counter(r, key(Layer.KEY_TOKENS_MINUTE)) == 4
+    assert await r.zcard(key(Layer.KEY_CONCURRENCY)) == 0
+
+
+async def test_concurrency_is_held_in_slots_the_gateway_borrows(
+        r: aioredis.Redis, sliced: RedisRateLimiter, clock: Clock) -> None:
+    limits = only(key_concurrency=3)
+    running = [held((await sliced.acquire(SUBJECT, limits, 0)).reservation)
+               for _ in range(3)]
+    refused = await sliced.acquire(SUBJECT, limits, 0)
+    assert refused.layer is Layer.KEY_CONCURRENCY and refused.retry_after == 1.0
+    assert all(r_.lease_key is None for r_ in running)  # no lease per request
+    assert await r.zcard(key(Layer.KEY_CONCURRENCY)) == 3  # the gateway's slots
+    await sliced.settle(running.pop(), 0)
+    before = borrows(sliced)
+    again = await sliced.acquire(SUBJECT, limits, 0)
+    assert again.allowed and borrows(sliced) == before  # the freed slot, held here
+    running.append(held(again.reservation))
+    for reservation in running:
+        await sliced.release(reservation)
+    clock.now += IDLE_SECONDS
+    await sliced.counter_leases.give_back()
+    assert await r.zcard(key(Layer.KEY_CONCURRENCY)) == 0
+
+
+async def test_slots_are_renewed_while_held_and_lapse_when_their_gateway_dies(
+        r: aioredis.Redis) -> None:
+    await clear_of_window_end(r, 15)
+    clock = Clock()
+    a = RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, slices=True, clock=clock,
+                         lease_ttl=1.0)
+    b = RedisRateLimiter(r, registry=CollectorRegistry(), timeout=5, slices=True,
+                         lease_ttl=1.0)
+    limits = only(key_concurrency=2)
+    assert all([(await a.acquire(SUBJECT, limits, 0)).allowed for _ in range(2)])
+    assert (await b.acquire(SUBJECT, limits, 0)).layer is Layer.KEY_CONCURRENCY
+    before = await r.zrange(key(Layer.KEY_CONCURRENCY), 0, -1, withscores=True)
+    clock.now += 0.5  # past two thirds of the TTL's margin: a renews what it holds
+    await a.counter_leases.renew()
+    after = await r.zrange(key(Layer.KEY_CONCURRENCY), 0, -1, withscores=True)
+    assert [m for m, _ in after] == [m for m, _ in before]
+    assert all(new >= old for (_, old), (_, new) in zip(before, after, strict=True))
+    # a dies holding both: within the TTL, on Redis's clock, b gets them.
+
+    async def freed() -> bool:
+        return bool((await b.acquire(SUBJECT, limits, 0)).allowed)
+
+    await eventually(freed, timeout=10, what="a dead gateway's slots lapsed")
 
 
 async def test_two_gateways_share_a_limit_through_slices(

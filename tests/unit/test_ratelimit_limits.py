@@ -12,6 +12,7 @@ from services.gateway.ratelimit.limits import (
     DAY_MS,
     MINUTE_MS,
     UNREACHABLE,
+    BudgetCap,
     Check,
     Decision,
     Kind,
@@ -23,7 +24,7 @@ from services.gateway.ratelimit.limits import (
     window_reset_ms,
     window_start,
 )
-from services.gateway.ratelimit.planning import plan
+from services.gateway.ratelimit.planning import plan, prepare
 from services.gateway.ratelimit.verdicts import (
     fits,
     format_reset,
@@ -315,3 +316,28 @@ def test_plan_cache_gives_the_same_checks_as_plan() -> None:
             if words[i] == "t"] == [["t", "100", "60000", "7"], ["t", "1000", "86400000", "7"]]
     assert words[-4:] == ["c", "2", "0", "1"]
     assert prepared.lease
+
+
+def test_with_slices_only_a_budget_is_counted_per_request() -> None:
+    subject = LimitSubject("k1", "e1", "t1")
+    every = Limits(key_requests_per_minute=1, environment_requests_per_minute=2,
+                   tenant_requests_per_minute=3, global_requests_per_minute=4,
+                   key_tokens_per_minute=5, key_tokens_per_day=6,
+                   environment_tokens_per_minute=7, environment_tokens_per_day=8,
+                   key_concurrency=9)
+    checks = plan(subject, every, 10)
+    counted = prepare(checks)
+    assert counted.lease and not counted.sliced_at and len(counted.keys) == len(checks) - 1
+    sliced = prepare(checks, slices=True)
+    assert not sliced.keys and not sliced.lease  # no script, no lease per request
+    assert {c.layer for c in sliced.sliced} == {c.layer for c in checks} - {
+        Layer.GLOBAL_REQUESTS}
+    # Tokens without a concurrency limit: no lease either (they settle into the slices).
+    tokens_only = prepare(plan(subject, Limits(key_tokens_per_minute=5), 10), slices=True)
+    assert not tokens_only.keys and not tokens_only.lease
+    # A budget: its lease holds the money, and counts the request's concurrency too.
+    budgeted = dataclasses.replace(every, budgets=(
+        BudgetCap(Layer.KEY_BUDGET, 10**9, 1_800_000_000_000),))
+    with_money = prepare(plan(subject, budgeted, 10, 100), slices=True)
+    assert {c.layer for c in with_money.counted} == {Layer.KEY_CONCURRENCY, Layer.KEY_BUDGET}
+    assert with_money.lease

@@ -153,12 +153,15 @@ class TokenWindow:
 
 @dataclass(slots=True)
 class SlicedTokens:
-    """The tokens a request reserved from this gateway's slices (RATELIMIT_SLICES), to settle
-    into them once."""
+    """What a request holds of this gateway's slices (RATELIMIT_SLICES): tokens reserved and a
+    concurrency slot, to settle into them once."""
 
     windows: tuple[TokenWindow, ...]
     reserved: int
     settled: bool = False
+    slot: str | None = None
+    """The key's lease set, when the request holds one of this gateway's concurrency slots
+    there (freed at settle)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,12 +144,15 @@ class PreparedChecks:
 
 
 def prepare(checks: tuple[Check, ...], slices: bool = False) -> PreparedChecks:
-    """With `slices`, the request and token counters are spent from slices, and a lease is
-    taken only for a concurrency limit or a budget (the tokens settle into the slices)."""
+    """With `slices`, the request and token counters and the concurrency limit are spent from
+    slices, and a lease is taken only for a budget (the tokens settle into the slices)."""
     global_at = next((i for i, c in enumerate(checks) if c.layer is Layer.GLOBAL_REQUESTS), -1)
     money = any(c.kind is Kind.MONEY for c in checks)
-    sliced_at = tuple(i for i, c in enumerate(checks)
-                      if slices and i != global_at and c.kind in (Kind.REQUESTS, Kind.TOKENS))
+    sliced_at = tuple(i for i, c in enumerate(checks) if slices and i != global_at and (
+        c.kind in (Kind.REQUESTS, Kind.TOKENS)
+        # A concurrency limit by slots, but for a request that holds money: its lease is
+        # what gives the money back should its gateway die.
+        or (c.kind is Kind.CONCURRENCY and c.limit is not None and not money)))
     counted_at = tuple(
         i for i, c in enumerate(checks) if i != global_at and i not in sliced_at
         and not (sliced_at and c.kind is Kind.CONCURRENCY and c.limit is None and not money))

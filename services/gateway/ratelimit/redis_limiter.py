@@ -112,7 +112,9 @@ class RedisRateLimiter:
         # tenants (batched settles, reconciling) goes as one script per slot.
         self._slot: Callable[[str], int] = (
             redis.key_slot if isinstance(redis, PipelinedCluster) else lambda key: 0)
-        self.counter_leases = CounterLeases(self._run, registry, slot=self._slot, clock=clock)
+        self.counter_leases = CounterLeases(self._run, registry,
+                                            lease_ttl_ms=self._lease_ttl_ms, slot=self._slot,
+                                            clock=clock)
         self._upkeep = BudgetUpkeep(self._evalsha, self._slot, self.metrics, timeout * 4)
         """With `slices`, this gateway's slices of the request and token counters; `keep()`
         hands back what idles (the gateway runs it)."""
@@ -401,7 +403,8 @@ class RedisRateLimiter:
         try:
             for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED,
                            lua.RECONCILE, lua.SWEEP, lua_slices.BORROW, lua_slices.GIVE_BACK,
-                           lua_slices.BORROW_MANY, lua_slices.GIVE_BACK_MANY):
+                           lua_slices.BORROW_MANY, lua_slices.GIVE_BACK_MANY,
+                           lua_slices.RENEW_SLOTS, lua_slices.GIVE_BACK_SLOTS):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:
             return False
