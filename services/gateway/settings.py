@@ -75,7 +75,8 @@ class GatewaySettings(CoreSettings, kw_only=True, frozen=True):
     ratelimit_slices: bool = False
     """Spend the request, token and concurrency limits of keys, environments and tenants from
     slices this gateway borrows ahead, as the platform-wide limit always is: most requests then
-    make no Redis call (docs/rate-limits.md#slices)."""
+    make no Redis call, but a burst can find the slack of a limit held by another gateway for
+    up to a second (docs/rate-limits.md#slices). Off: every request counted in Redis."""
     redis_cluster: bool = False
     """REDIS_URL names nodes of a Redis Cluster (`redis://host:port[,host:port...]`): the
     limiter routes each request's script to its tenant's primary (docs/rate-limits.md)."""

@@ -35,9 +35,9 @@ from services.gateway.ratelimit.limits import (
 from services.gateway.ratelimit.share import IDLE_SECONDS, Share
 from services.gateway.ratelimit.slot_share import SlotShare
 
-_TRIES = 4
-"""Borrows a request makes before it is refused: another request may spend what one brought
-before this one takes it."""
+_TRIES = 8
+"""Borrows a request makes before it is refused: other requests here may spend what one
+brought before this one takes it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,23 +86,33 @@ class CounterLeases:
             now = self._clock()
             short = self._take_all(checks, now)
             if not short:
-                return Taken(True, self._used(checks), tuple(
-                    0 if c.kind is Kind.CONCURRENCY else self.shares[c.key].window
-                    for c in checks))
+                return Taken(True, self._used(checks), self._windows(checks))
             # The others running low come along: one borrow tops up all of them.
             lacking = {checks[i].key for i in short}
             wanted = [c for c in checks if c.key in lacking or self._low(c)]
             borrowed = await self._borrow(wanted, lacking)
             if borrowed is None:
                 return None
-            if not borrowed[0]:
-                # Refused by a counter this request lacked: as used as Redis says it is.
-                known = {c.key: before for c, before in zip(wanted, borrowed[1], strict=True)
-                         if c.key in lacking}
-                return Taken(False, self._used(checks, known))
+            ok, before, spent = borrowed
+            if not ok:
+                # Some counter has too little left to grant; but borrows of other requests
+                # here may have brought what this one lacks meanwhile: those come first.
+                short = self._take_all(checks, self._clock())
+                if not short:
+                    return Taken(True, self._used(checks), self._windows(checks))
+                if any(checks[i].key in spent for i in short):
+                    # Refused by a counter spent in Redis: as used as Redis says it is.
+                    known = {c.key: used for c, used in zip(wanted, before, strict=True)
+                             if c.key in spent}
+                    return Taken(False, self._used(checks, known))
+                # Short only where Redis has room (the spent counter is held here): again.
         # Others spent each slice borrowed for this one before it could: as good as spent.
         return Taken(False, self._used(checks, {checks[i].key: checks[i].limit or 0
                                                 for i in short}))
+
+    def _windows(self, checks: Sequence[Check]) -> tuple[int, ...]:
+        return tuple(0 if c.kind is Kind.CONCURRENCY else self.shares[c.key].window
+                     for c in checks)
 
     def put_back(self, checks: Sequence[Check]) -> None:
         """A request that took its amounts was refused at another layer."""
@@ -177,33 +187,39 @@ class CounterLeases:
         return check.limit is not None and share.left < share.want(check.limit, need, need)
 
     async def _borrow(self, checks: Sequence[Check], short: set[str]
-                      ) -> tuple[bool, list[int]] | None:
-        """Slices of `checks`' counters; those in `short` must cover the request waiting."""
+                      ) -> tuple[bool, list[int], set[str]] | None:
+        """Slices of `checks`' counters; those in `short` must cover the request waiting.
+        (granted, what each had granted before, the counters too spent to cover it)."""
         sent = self._clock()
         args: list[str | int] = [WINDOW_GRACE_MS]
         prefixes: list[str] = []
+        needs: list[int] = []
         for c in checks:
             assert c.limit is not None
             if c.kind is Kind.CONCURRENCY:
                 self._borrowed += 1
                 prefixes.append(f"{self._me}:{self._borrowed}:")
+                needs.append(1)
                 args += ["s", c.limit, self._lease_ttl_ms,
                          self.slots[c.key].want(c.limit), 1, prefixes[-1]]
                 continue
             prefixes.append("")
             share = self.shares[c.key]
             need = max(c.amount, 1)
-            args += ["w", c.limit, c.window_ms, share.want(c.limit, need, need),
-                     max(1, need - share.left) if c.key in short else 0, ""]
+            needs.append(max(1, need - share.left) if c.key in short else 0)
+            args += ["w", c.limit, c.window_ms, share.want(c.limit, need, need), needs[-1], ""]
         done, reply = await self._run(lua_slices.BORROW_MANY, [c.key for c in checks], args)
         if not done:
             return None
         ok, now_ms, *rest = (int(x) for x in reply)
         self.metrics.borrows.inc()
         before = []
+        spent = set()
         for i, c in enumerate(checks):
             window, grant, ungranted, used = rest[4 * i:4 * i + 4]
             before.append(used)
+            if (c.limit or 0) - used < needs[i]:
+                spent.add(c.key)
             if not ok:
                 continue
             if c.kind is Kind.CONCURRENCY:
@@ -214,7 +230,7 @@ class CounterLeases:
             else:
                 ends = sent + (window + c.window_ms - now_ms) / 1000
                 self.shares[c.key].granted(grant, window, ends, ungranted)
-        return bool(ok), before
+        return bool(ok), before, spent
 
     async def give_back(self, everything: bool = False) -> int:
         """Hand back what idles (IDLE_SECONDS without a request), or `everything`
