@@ -96,6 +96,23 @@ class RedisCost:
     """Commands per request, by name, most first."""
 
 
+def acquire_settle_op(limiter: RedisRateLimiter, limits: Limits, *, wait: bool
+                      ) -> Callable[[int], Awaitable[None]]:
+    """What the gateway does per request: acquire, then settle (`wait`: for Redis's answer;
+    else as the gateway does once its response has gone, without waiting)."""
+    async def op(i: int) -> None:
+        subject = SUBJECTS[i % len(SUBJECTS)]
+        d = await (limiter.acquire(subject, limits, 200, 2_000, 20) if limits.budgets
+                   else limiter.acquire(subject, limits, 200))
+        if not d.allowed or d.degraded or d.reservation is None:
+            raise RuntimeError(f"unexpected decision: {d}")
+        if wait:
+            await limiter.settle(d.reservation, 150)
+        else:
+            limiter.settle_nowait(d.reservation, 150)
+    return op
+
+
 async def redis_counters(clients: Sequence[Any]) -> tuple[float, dict[str, tuple[int, int]]]:
     """CPU seconds and commandstats, summed over `clients` (a cluster's primaries)."""
     used, summed = 0.0, dict[str, tuple[int, int]]()
@@ -137,14 +154,7 @@ async def bench(url: str, total: int) -> None:
         await client.ping()
 
     def acquire_settle(limits: Limits) -> Callable[[int], Awaitable[None]]:
-        async def op(i: int) -> None:
-            subject = SUBJECTS[i % len(SUBJECTS)]
-            d = await (limiter.acquire(subject, limits, 200, 2_000, 20) if limits.budgets
-                       else limiter.acquire(subject, limits, 200))
-            if not d.allowed or d.degraded or d.reservation is None:
-                raise RuntimeError(f"unexpected decision: {d}")
-            await limiter.settle(d.reservation, 150)
-        return op
+        return acquire_settle_op(limiter, limits, wait=True)
 
     cases: list[tuple[str, Callable[[int], Awaitable[None]]]] = [
         ("PING (one bare round trip)", ping),
@@ -195,14 +205,7 @@ async def as_the_gateway(label: str, url: str, info_urls: Sequence[str], total: 
         label += ", slices"
 
     def acquire_settle(limits: Limits) -> Callable[[int], Awaitable[None]]:
-        async def op(i: int) -> None:
-            subject = SUBJECTS[i % len(SUBJECTS)]
-            d = await (limiter.acquire(subject, limits, 200, 2_000, 20) if limits.budgets
-                       else limiter.acquire(subject, limits, 200))
-            if not d.allowed or d.degraded or d.reservation is None:
-                raise RuntimeError(f"unexpected decision: {d}")
-            limiter.settle_nowait(d.reservation, 150)
-        return op
+        return acquire_settle_op(limiter, limits, wait=False)
 
     async def drained(work: Awaitable[tuple[float, float, float]]
                       ) -> tuple[float, float, float]:

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import msgspec
 import pytest
@@ -247,3 +248,13 @@ async def usage_events(p: Platform, count: int, *, timeout: float = 30.0
                 for seq in range(info.state.first_seq, info.state.last_seq + 1)]
 
     return await eventually(enough, timeout=timeout, what=f"{count} usage events")
+
+
+async def chat_scope(p: Platform, session: aiohttp.ClientSession,
+                     key: str | None = None) -> tuple[int, str | None]:
+    """A one-token chat completion through the gateway with `key` (the platform's own by
+    default): its status and `x-ratelimit-scope`."""
+    async with session.post(f"{p.gateway_url}/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {key or p.key.plaintext}"}) as resp:
+        return resp.status, resp.headers.get("x-ratelimit-scope")

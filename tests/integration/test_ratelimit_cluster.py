@@ -27,7 +27,7 @@ from services.infra.pipelined_cluster import PipelinedCluster
 from services.infra.redis_cluster_stack import RedisClusterStack
 from services.infra.settings import Secret
 from tests.helpers import eventually
-from tests.integration.gateway_fixtures import MODEL, Platform
+from tests.integration.gateway_fixtures import Platform, chat_scope
 from tests.integration.gateway_fixtures import platform as platform
 from tests.integration.test_ratelimit_redis import held, only
 
@@ -331,16 +331,9 @@ async def test_a_gateway_keeps_its_redis_data_on_the_cluster(
     await p.add_node()
     await p.routable(1)
 
-    async def ask(s: aiohttp.ClientSession, key: str) -> tuple[int, str | None]:
-        async with s.post(f"{p.gateway_url}/v1/chat/completions", json={
-                "model": MODEL, "max_tokens": 1,
-                "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {key}"}) as resp:
-            return resp.status, resp.headers.get("x-ratelimit-scope")
-
     async with aiohttp.ClientSession() as s:
-        assert (await ask(s, "sk-not-a-real-key"))[0] == 401
-        answers = [await ask(s, p.key.plaintext) for _ in range(8)]
+        assert (await chat_scope(p, s, "sk-not-a-real-key"))[0] == 401
+        answers = [await chat_scope(p, s) for _ in range(8)]
         async with s.get(f"{p.gateway_url}/ready") as resp:
             ready = await resp.json()
     assert answers == [(200, None)] * 6 + [(429, "environment_requests")] * 2, answers
@@ -351,6 +344,7 @@ async def test_a_gateway_keeps_its_redis_data_on_the_cluster(
     assert await rc.exists(f"api_key:{hash_api_key(p.key.plaintext)}") == 1
     assert int(await rc.get("authfail:127.0.0.1") or 0) >= 1
     # The budget reconciler's turn, sweep (a SCAN of every primary) and reconcile run there.
+    assert p.gateway_app is not None
     reconciler = p.gateway_app[BUDGET_RECONCILER]
     assert await reconciler.sweep_once() == 0
     assert await reconciler.reconcile_once(datetime.now(UTC)) == 0

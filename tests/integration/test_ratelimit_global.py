@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from services.gateway.ratelimit import Layer, LimitSubject, RedisRateLimiter, connect_redis
 from services.gateway.ratelimit.share import IDLE_SECONDS
-from tests.integration.gateway_fixtures import MODEL, Platform
+from tests.integration.gateway_fixtures import Platform, chat_scope
 from tests.integration.gateway_fixtures import platform as platform
 from tests.integration.test_ratelimit_redis import clear_of_window_end, counter, only
 
@@ -183,13 +183,6 @@ async def test_a_gateway_returns_its_slack_when_it_stops_and_the_limit_holds_acr
     p = platform
     r = connect_redis(redis_url, timeout=5)
 
-    async def ask(s: aiohttp.ClientSession) -> tuple[int, str | None]:
-        async with s.post(f"{p.gateway_url}/v1/chat/completions", json={
-                "model": MODEL, "max_tokens": 1,
-                "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {p.key.plaintext}"}) as resp:
-            return resp.status, resp.headers.get("x-ratelimit-scope")
-
     async def stop_gateway() -> None:
         assert p.gateway_runner is not None
         await p.gateway_runner.cleanup()
@@ -201,7 +194,7 @@ async def test_a_gateway_returns_its_slack_when_it_stops_and_the_limit_holds_acr
         await p.add_node()
         await p.routable(1)
         async with aiohttp.ClientSession() as s:
-            assert [await ask(s) for _ in range(5)] == [(200, None)] * 5
+            assert [await chat_scope(p, s) for _ in range(5)] == [(200, None)] * 5
         held = p.gw.limiter.global_lease.share.left  # borrowed ahead, a few at a time
         assert await counter(r, GLOBAL_KEY) == 5 + held
         await stop_gateway()
@@ -210,7 +203,7 @@ async def test_a_gateway_returns_its_slack_when_it_stops_and_the_limit_holds_acr
         # Another gateway, a tighter limit, the same window: 5 are spent already.
         await p.start_gateway(global_requests_per_minute=12)
         async with aiohttp.ClientSession() as s:
-            answers = [await ask(s) for _ in range(9)]
+            answers = [await chat_scope(p, s) for _ in range(9)]
         assert answers == [(200, None)] * 7 + [(429, "global_requests")] * 2, answers
         await stop_gateway()
         assert await counter(r, GLOBAL_KEY) == 12

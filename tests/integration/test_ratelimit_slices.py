@@ -14,7 +14,7 @@ from services.gateway.ratelimit import Layer, LimitSubject, RedisRateLimiter
 from services.gateway.ratelimit.planning import redis_key
 from services.gateway.ratelimit.share import IDLE_SECONDS
 from tests.helpers import eventually
-from tests.integration.gateway_fixtures import MODEL, Platform
+from tests.integration.gateway_fixtures import Platform, chat_scope
 from tests.integration.gateway_fixtures import platform as platform
 from tests.integration.test_ratelimit_redis import (
     SUBJECT,
@@ -217,15 +217,8 @@ async def test_a_gateway_with_slices_limits_exactly_and_hands_back_when_it_stops
     await p.add_node()
     await p.routable(1)
 
-    async def ask(s: aiohttp.ClientSession) -> tuple[int, str | None]:
-        async with s.post(f"{p.gateway_url}/v1/chat/completions", json={
-                "model": MODEL, "max_tokens": 1,
-                "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {p.key.plaintext}"}) as resp:
-            return resp.status, resp.headers.get("x-ratelimit-scope")
-
     async with aiohttp.ClientSession() as s:
-        answers = [await ask(s) for _ in range(8)]
+        answers = [await chat_scope(p, s) for _ in range(8)]
     assert answers == [(200, None)] * 6 + [(429, "environment_requests")] * 2, answers
     subject = LimitSubject(str(p.key.key_id), str(p.environment_id), str(p.tenant_id))
     tenant_counter = key(Layer.TENANT_REQUESTS, subject)
