@@ -1,8 +1,9 @@
-"""The scripts of slices (share.py): a gateway borrows part of a counter's window ahead and
-hands back what it did not use, so the counter is written per slice, not per request.
-`BORROW`/`GIVE_BACK`: the platform-wide counter (global_lease.py); `BORROW_MANY`/
-`GIVE_BACK_MANY`: a tenant's request and token counters and a key's concurrency slots, several
-at once (counter_leases.py); `RENEW_SLOTS`/`GIVE_BACK_SLOTS`: the slots a gateway holds.
+"""The scripts of slices (share.py, slot_share.py): a gateway borrows part of a counter's
+window ahead and hands back what it did not use, so the counter is written per slice, not per
+request. `BORROW`/`GIVE_BACK`: the platform-wide counter (global_lease.py). For a tenant's
+counters (counter_leases.py): `BORROW_MANY` borrows for several at once, request and token
+counters and a key's concurrency slots; `GIVE_BACK_MANY` hands back request and token
+counters; `RENEW_SLOTS`/`GIVE_BACK_SLOTS` keep and hand back the slots a gateway holds.
 """
 
 from __future__ import annotations
