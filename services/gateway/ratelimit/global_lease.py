@@ -1,5 +1,5 @@
 """Borrowing and handing back this gateway's slices of the platform-wide request limit (the
-decisions are share.py's): one BORROW script run per slice, not a write to the global
+decisions are share.py's): one BORROW_MANY script run per slice, not a write to the global
 key per request.
 
 Concurrent requests that find the share empty wait on one borrow (sized for all of them); a
@@ -89,11 +89,12 @@ class GlobalLease:
         assert check.limit is not None
         sent = self._clock()
         want = self.share.want(check.limit, self._waiting)
-        done, reply = await self._run(lua_slices.BORROW, (check.key,),
-                                      (check.limit, check.window_ms, want, WINDOW_GRACE_MS))
+        # A slice of one counter, needing nothing: whatever is left, up to `want`.
+        done, reply = await self._run(lua_slices.BORROW_MANY, (check.key,), (
+            WINDOW_GRACE_MS, "w", check.limit, check.window_ms, want, 0, ""))
         if not done:
             return None
-        grant, window, now_ms, ungranted = (int(x) for x in reply)
+        _, now_ms, window, grant, ungranted, _ = (int(x) for x in reply)
         # Timed from before the call: the slice lapses no later than its window in Redis.
         ends = sent + (window + check.window_ms - now_ms) / 1000
         self._key = check.key
@@ -109,7 +110,8 @@ class GlobalLease:
         held = self.share.release(now) if everything else self.share.idle_leftover(now)
         if not held:
             return 0
-        done, back = await self._run(lua_slices.GIVE_BACK, (self._key,), (self.share.window, held))
+        done, back = await self._run(lua_slices.GIVE_BACK_MANY, (self._key,),
+                                     (self.share.window, held))
         if not done:
             return 0  # lost with the window at worst: limits tighter, never looser
         self.metrics.returned.inc(int(back))

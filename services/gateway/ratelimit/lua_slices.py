@@ -1,59 +1,14 @@
 """The scripts of slices (share.py, slot_share.py): a gateway borrows part of a counter's
 window ahead and hands back what it did not use, so the counter is written per slice, not per
-request. `BORROW`/`GIVE_BACK`: the platform-wide counter (global_lease.py). For a tenant's
-counters (counter_leases.py): `BORROW_MANY` borrows for several at once, request and token
-counters and a key's concurrency slots; `GIVE_BACK_MANY` hands back request and token
-counters; `RENEW_SLOTS`/`GIVE_BACK_SLOTS` keep and hand back the slots a gateway holds.
+request. `BORROW_MANY` borrows for one counter (the platform-wide one: global_lease.py) or
+several of a tenant at once, request and token counters and a key's concurrency slots
+(counter_leases.py); `GIVE_BACK_MANY` hands back request and token counters;
+`RENEW_SLOTS`/`GIVE_BACK_SLOTS` keep and hand back the slots a gateway holds.
 """
 
 from __future__ import annotations
 
 from services.gateway.ratelimit.lua import script
-
-BORROW = script("""
--- A slice of the platform-wide request limit for one gateway (share.py).
--- KEYS[1]: the global counter {w: window start, n: requests granted in it}.
--- ARGV: limit, window (ms), requests wanted, window grace (ms).
--- Reply: {granted, window start, now (ms), left ungranted after this}. Never grants past the
--- limit: the gateways together admit at most the limit in a window.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit, window, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local start = now - (now % window)
-local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
-local n = 0
-local fresh = cur[1] and tonumber(cur[1]) == start
-if fresh then
-  n = tonumber(cur[2]) or 0
-end
-local grant = math.max(0, math.min(want, limit - n))
-if grant > 0 then
-  if fresh then
-    redis.call('HINCRBY', KEYS[1], 'n', grant)
-  else
-    redis.call('HSET', KEYS[1], 'w', start, 'n', grant)
-    redis.call('PEXPIREAT', KEYS[1], start + window + tonumber(ARGV[4]))
-  end
-end
-return {grant, start, now, math.max(0, limit - n - grant)}
-""")
-
-
-GIVE_BACK = script("""
--- What a gateway borrowed (BORROW) and did not use, handed back while its window is on.
--- KEYS[1]: the global counter; ARGV: the window start it was granted in, requests.
--- Reply: requests handed back (0: that window is over, nothing to give).
-local cur = redis.call('HMGET', KEYS[1], 'w', 'n')
-if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[1]) then
-  return 0
-end
-local back = math.min(tonumber(ARGV[2]), tonumber(cur[2]) or 0)
-if back > 0 then
-  redis.call('HINCRBY', KEYS[1], 'n', -back)
-end
-return back
-""")
-
 
 BORROW_MANY = script("""
 -- Slices of one tenant's counters for one gateway (counter_leases.py), all or nothing.

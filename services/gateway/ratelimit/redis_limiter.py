@@ -115,9 +115,9 @@ class RedisRateLimiter:
         self.counter_leases = CounterLeases(self._run, registry,
                                             lease_ttl_ms=self._lease_ttl_ms, slot=self._slot,
                                             clock=clock)
+        """With `slices`, this gateway's slices of the request, token and concurrency limits;
+        `keep()` hands back what idles and renews held slots (the gateway runs it)."""
         self._upkeep = BudgetUpkeep(self._evalsha, self._slot, self.metrics, timeout * 4)
-        """With `slices`, this gateway's slices of the request and token counters; `keep()`
-        hands back what idles (the gateway runs it)."""
         retry = redis.get_retry()
         if retry is not None and retry.get_retries() > 0:
             log.warning("rate limiter redis client retries commands: a retried EVALSHA can "
@@ -402,8 +402,8 @@ class RedisRateLimiter:
         NOSCRIPT; False when Redis is unreachable (they load on first use instead)."""
         try:
             for script in (lua.ACQUIRE, lua.SETTLE, lua.SETTLE_MANY, lua.RENEW, lua.SEED,
-                           lua.RECONCILE, lua.SWEEP, lua_slices.BORROW, lua_slices.GIVE_BACK,
-                           lua_slices.BORROW_MANY, lua_slices.GIVE_BACK_MANY,
+                           lua.RECONCILE, lua.SWEEP, lua_slices.BORROW_MANY,
+                           lua_slices.GIVE_BACK_MANY,
                            lua_slices.RENEW_SLOTS, lua_slices.GIVE_BACK_SLOTS):
                 await self._redis.script_load(script.source)
         except _UNREACHABLE:

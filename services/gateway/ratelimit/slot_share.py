@@ -54,9 +54,10 @@ class SlotShare:
 
     def granted(self, members: list[str], valid_until: float, ungranted: int) -> None:
         if members:
+            # Slots held already lapse at their own time (renewed together from now on).
+            self.valid_until = (min(self.valid_until, valid_until) if self.held
+                                else valid_until)
             self.held.extend(members)
-            self.valid_until = min(self.valid_until, valid_until) if len(self.held) > len(
-                members) else valid_until
         self.ungranted = ungranted
 
     def renewed(self, valid_until: float) -> None:
